@@ -1,0 +1,137 @@
+"""Configuration as plain data: defaults below, a YAML file on top, dotted overrides on top of that.
+
+Every key a user can set is in DEFAULTS; an unknown key or a value of the wrong type fails at
+start-up with the key's name (and, for a typo, the closest valid key).
+"""
+from __future__ import annotations
+
+import copy
+import difflib
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from common.io import write_text
+
+_TRAIN = {
+    "epochs": 10,
+    "max_minutes": 0.0,  # wall-clock budget; 0 = none
+    "batch_size": 4,
+    "accum": 1,  # gradient accumulation steps
+    "optimizer": "adam",  # adam | sgd
+    "lr": 1e-3,
+    "momentum": 0.9,  # SGD only; the seed used 0.99 with lr 3e-4 and batch 1
+    "weight_decay": 0.0,
+    "schedule": "cosine",  # constant | step | cosine
+    "step_every": 10,  # epochs, for schedule=step
+    "edge_weight": 0.0,  # extra BCE weight on pixels near the mask boundary; 0 = plain BCE
+    "depth": 5,  # U-Net levels
+    "width": 16,  # channels of the first level, doubled per level
+    "dropout": 0.0,  # in the two deepest levels
+    "augment": True,  # flip, scale/shift, brightness/contrast/hue
+    "workers": 2,  # data-loader processes
+    "resume": False,
+}
+
+DEFAULTS: dict[str, Any] = {
+    "data": {
+        "root": "data/sample",
+        "val_cars": 4,  # a list of car ids, a count (the first N cars), or "k/K" (fold k of K)
+        "hq": False,  # read train_hq/ and test_hq/
+        "max_bad_share": 0.01,  # training refuses to start if more pairs than this are unreadable
+        "limit_test": 0,  # predict on the first N test images only; 0 = all
+    },
+    "output": {"dir": "outputs/run"},
+    "device": "auto",  # auto | cpu | cuda | cuda:N
+    "seed": 0,
+    "stage1": {**_TRAIN, "size": 256, "margin": 32, "checkpoint": ""},
+    "stage2": {
+        **_TRAIN,
+        "tile": 1024,
+        "min_overlap": 64,
+        "crop": 384,  # training crop size
+        "box_jitter": 32,  # pixels of random box jitter in training
+        "train_boxes": "truth",  # truth | stage1
+        "coarse_channel": True,  # feed the stage-1 probability as a 4th input channel
+        "blend": "smooth",  # mean | smooth
+        "checkpoint": "",
+        "val_images": 0,  # validate on this many held-out images per epoch; 0 = all
+    },
+    "bboxes": {"path": ""},  # a bboxes.csv from another run; empty = <output.dir>/bboxes.csv
+    "predict": {"threshold": 0.5, "batch_size": 2, "tta_flip": False},
+}
+
+# Keys whose value may take more than the default's type.
+_ALTERNATIVES: dict[str, tuple[type, ...]] = {"data.val_cars": (int, list, str)}
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(_flatten(value, name + "."))
+        else:
+            out[name] = value
+    return out
+
+
+_VALID = _flatten(DEFAULTS)
+
+
+def _check(key: str, value: Any) -> Any:
+    if key not in _VALID:
+        close = difflib.get_close_matches(key, _VALID, n=1, cutoff=0.6)
+        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        raise ConfigError(f"unknown config key '{key}'{hint}")
+    default = _VALID[key]
+    allowed = _ALTERNATIVES.get(key, (type(default),))
+    if float in allowed and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if isinstance(value, bool) and bool not in allowed or not isinstance(value, allowed):
+        names = " or ".join(t.__name__ for t in allowed)
+        raise ConfigError(f"config key '{key}' must be {names}, got {value!r}")
+    return value
+
+
+def _set(tree: dict, key: str, value: Any) -> None:
+    *parents, leaf = key.split(".")
+    for p in parents:
+        tree = tree[p]
+    tree[leaf] = value
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> dict:
+    """Defaults <- YAML file <- `key=value` overrides (values parsed as YAML: 3, 0.5, true, [a, b])."""
+    cfg = copy.deepcopy(DEFAULTS)
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            tree = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML ({e})") from None
+        if not isinstance(tree, dict):
+            raise ConfigError(f"{path}: expected a mapping of settings at the top level")
+        for key, value in _flatten(tree).items():
+            try:
+                _set(cfg, key, _check(key, value))
+            except ConfigError as e:
+                raise ConfigError(f"{path}: {e}") from None
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        if not sep:
+            raise ConfigError(f"override '{item}' must look like key=value")
+        _set(cfg, key.strip(), _check(key.strip(), yaml.safe_load(text) if text.strip() else ""))
+    return cfg
+
+
+def save_config(cfg: dict, path: str | Path) -> None:
+    write_text(path, yaml.safe_dump(cfg, sort_keys=False))
+

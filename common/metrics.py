@@ -1,0 +1,22 @@
+"""Dice as Kaggle scored Carvana: per image, then the mean over images."""
+from __future__ import annotations
+
+from typing import Iterable
+
+import numpy as np
+
+
+def dice(pred: np.ndarray, truth: np.ndarray) -> float:
+    """Dice of two boolean masks; two empty masks agree perfectly (1.0)."""
+    pred, truth = np.asarray(pred, bool), np.asarray(truth, bool)
+    if pred.shape != truth.shape:
+        raise ValueError(f"shapes differ: {pred.shape} vs {truth.shape}")
+    total = int(pred.sum()) + int(truth.sum())
+    if total == 0:
+        return 1.0
+    return 2.0 * int(np.logical_and(pred, truth).sum()) / total
+
+
+def mean_dice(pairs: Iterable[tuple[np.ndarray, np.ndarray]]) -> float:
+    scores = [dice(p, t) for p, t in pairs]
+    return float(np.mean(scores)) if scores else float("nan")

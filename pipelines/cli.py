@@ -1,0 +1,89 @@
+"""`carvana`: one entry point over the stage scripts, evaluation and the pipeline runner."""
+from __future__ import annotations
+
+import argparse
+import sys
+import warnings
+
+from common.config import ConfigError
+from common.data import DataError
+from common.io import ImageReadError
+
+
+def _config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", default=None, help="YAML config file (defaults apply where it is silent)")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. stage1.epochs=3 data.root=/data/carvana")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="carvana", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("sample-data", help="write a synthetic Kaggle-layout data set")
+    p.add_argument("--out", required=True)
+    p.add_argument("--cars", type=int, default=6)
+    p.add_argument("--test-cars", type=int, default=2)
+    p.add_argument("--seed", type=int, default=0)
+
+    for stage in ("stage1", "stage2"):
+        p = sub.add_parser(stage, help=f"{stage}: train or predict")
+        p.add_argument("action", choices=["train", "predict"])
+        _config_args(p)
+
+    p = sub.add_parser("evaluate", help="per-image Dice of stage 1 and the cascade on the validation cars")
+    _config_args(p)
+
+    p = sub.add_parser("plot", help="redraw learning_curves.png of a training run")
+    p.add_argument("run_dir")
+
+    p = sub.add_parser("run", help="run a pipeline YAML, skipping finished steps")
+    p.add_argument("config")
+    p.add_argument("--force", action="append", default=[], help="rerun this step and what depends on it")
+    p.add_argument("overrides", nargs="*")
+    return parser
+
+
+def dispatch(args: argparse.Namespace) -> int:
+    if args.command == "sample-data":
+        from common.synth import write_sample_data
+
+        out = write_sample_data(args.out, cars=args.cars, test_cars=args.test_cars, seed=args.seed)
+        print(f"wrote {args.cars} training and {args.test_cars} test cars to {out}")
+        return 0
+    if args.command == "plot":
+        from common.trainer import plot_history
+
+        print(plot_history(args.run_dir))
+        return 0
+    if args.command == "run":
+        from pipelines.run import run_pipeline
+
+        return run_pipeline(args.config, args.overrides, force=args.force)
+
+    from common.config import load_config
+
+    cfg = load_config(args.config, args.overrides)
+    if args.command == "evaluate":
+        from pipelines.evaluate import evaluate
+
+        evaluate(cfg)
+        return 0
+    module = __import__(f"{'stage1_lowres' if args.command == 'stage1' else 'stage2_fullres'}.{args.action}", fromlist=["main"])
+    return module.main(cfg) or 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    warnings.formatwarning = lambda msg, cat, *a, **k: f"warning: {msg}\n"
+    try:
+        return dispatch(args)
+    except (ConfigError, DataError, ImageReadError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted; finished work is saved, rerun the same command to continue", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,56 @@
+import pytest
+import yaml
+
+from common.config import DEFAULTS, ConfigError, load_config, save_config
+
+
+def test_overrides_parse_types():
+    cfg = load_config(None, ["stage1.epochs=3", "predict.threshold=0.4", "data.root=/data/carvana", "data.val_cars=[a, b]"])
+    assert cfg["stage1"]["epochs"] == 3
+    assert cfg["predict"]["threshold"] == 0.4
+    assert cfg["data"]["root"] == "/data/carvana"
+    assert cfg["data"]["val_cars"] == ["a", "b"]
+    assert load_config(None, ["data.val_cars=2/5"])["data"]["val_cars"] == "2/5"
+    assert load_config(None, ["stage1.max_minutes=2"])["stage1"]["max_minutes"] == 2.0
+
+
+def test_unknown_key_suggests_closest():
+    with pytest.raises(ConfigError, match=r"unknown config key 'stage1.epoch'.*'stage1.epochs'"):
+        load_config(None, ["stage1.epoch=3"])
+
+
+def test_wrong_type_names_key():
+    with pytest.raises(ConfigError, match="stage1.epochs.*must be int"):
+        load_config(None, ["stage1.epochs=many"])
+    with pytest.raises(ConfigError, match="stage2.coarse_channel"):
+        load_config(None, ["stage2.coarse_channel=3"])
+
+
+def test_yaml_file_errors_name_the_file(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("stage1:\n  sise: 256\n")
+    with pytest.raises(ConfigError, match=r"c.yaml.*stage1.sise.*stage1.size"):
+        load_config(f)
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "missing.yaml")
+    with pytest.raises(ConfigError, match="key=value"):
+        load_config(None, ["stage1.epochs"])
+
+
+def test_file_then_overrides_and_saved_round_trip(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("stage1:\n  epochs: 7\n  size: 512\n")
+    cfg = load_config(f, ["stage1.epochs=2"])
+    assert (cfg["stage1"]["epochs"], cfg["stage1"]["size"]) == (2, 512)
+    save_config(cfg, tmp_path / "out" / "config.yaml")
+    assert yaml.safe_load((tmp_path / "out" / "config.yaml").read_text()) == cfg
+    assert DEFAULTS["stage1"]["epochs"] != 2  # defaults untouched
+
+
+def test_required_key_names_exist():
+    cfg = load_config()
+    for key in ["data.root", "data.val_cars", "output.dir", "device", "stage1.size", "stage1.epochs", "stage1.max_minutes",
+                "stage2.tile", "stage2.epochs", "stage2.max_minutes", "predict.threshold"]:
+        node = cfg
+        for part in key.split("."):
+            node = node[part]
