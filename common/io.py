@@ -92,7 +92,7 @@ def read_image(path: str | os.PathLike, size: Size | None = None) -> np.ndarray:
         im = im.convert("RGB")
     if size is not None and im.size != tuple(size):
         im = im.resize(tuple(size), Image.BILINEAR)
-    return np.asarray(im)
+    return np.array(im)  # writable, so torch can wrap it without a copy warning
 
 
 def image_size(path: str | os.PathLike) -> Size:

@@ -1,0 +1,50 @@
+"""Augmentations on a batch, on the training device, keeping masks aligned with images.
+
+Geometric changes (flip, small scale/shift) apply to every input channel and the mask; photometric
+ones (brightness, contrast, hue) to the RGB channels only, so a coarse-mask channel stays a mask.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+
+def augment_batch(x: torch.Tensor, y: torch.Tensor, gen: torch.Generator,
+                  scale: float = 0.1, shift: float = 0.06, colour: float = 0.15, hue_deg: float = 10.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """x: (N, C, H, W) in [0, 1] with RGB first; y: (N, 1, H, W) in {0, 1}."""
+    n = x.shape[0]
+
+    def rand(*shape):
+        return torch.rand(*shape, generator=gen).to(x.device)
+
+    flip = torch.where(rand(n) < 0.5, -1.0, 1.0)
+    s = 1 + (rand(n) * 2 - 1) * scale
+    tx, ty = (rand(n) * 2 - 1) * shift, (rand(n) * 2 - 1) * shift
+    theta = torch.zeros(n, 2, 3, device=x.device)
+    theta[:, 0, 0], theta[:, 1, 1] = flip / s, 1 / s
+    theta[:, 0, 2], theta[:, 1, 2] = tx, ty
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    x = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    y = (F.grid_sample(y, grid, mode="bilinear", padding_mode="border", align_corners=False) > 0.5).to(y.dtype)
+
+    rgb = x[:, :3]
+    bright = 1 + (rand(n, 1, 1, 1) * 2 - 1) * colour
+    contrast = 1 + (rand(n, 1, 1, 1) * 2 - 1) * colour
+    mean = rgb.mean((1, 2, 3), keepdim=True)
+    rgb = (rgb - mean) * contrast + mean * bright
+    rgb = _rotate_hue(rgb, (rand(n) * 2 - 1) * math.radians(hue_deg))
+    return torch.cat([rgb.clamp(0, 1), x[:, 3:]], 1), y
+
+
+def _rotate_hue(rgb: torch.Tensor, angle: torch.Tensor) -> torch.Tensor:
+    """Rotate chroma in YIQ space by `angle` radians per image."""
+    to_yiq = torch.tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]], device=rgb.device)
+    to_rgb = torch.linalg.inv(to_yiq)
+    cos, sin = torch.cos(angle), torch.sin(angle)
+    rot = torch.zeros(len(angle), 3, 3, device=rgb.device)
+    rot[:, 0, 0] = 1
+    rot[:, 1, 1], rot[:, 1, 2], rot[:, 2, 1], rot[:, 2, 2] = cos, -sin, sin, cos
+    m = to_rgb @ rot @ to_yiq  # (N, 3, 3)
+    return torch.einsum("nij,njhw->nihw", m, rgb)

@@ -1,0 +1,51 @@
+"""Test-image order, the submission file and errors.csv, shared by both stages' predict."""
+from __future__ import annotations
+
+import gzip
+from pathlib import Path
+
+import pandas as pd
+
+from common.chunks import ChunkStore
+from common.data import Sample, index_split
+from common.io import atomic_path, write_csv
+
+
+def test_samples(cfg: dict) -> list[Sample]:
+    """Test images in sample_submission.csv order when the data has that file (else by name), limited by data.limit_test."""
+    samples = index_split(cfg["data"]["root"], "test", cfg["data"]["hq"])
+    path = Path(cfg["data"]["root"]) / "sample_submission.csv"
+    if path.is_file():
+        order = {name: i for i, name in enumerate(pd.read_csv(path, usecols=["img"])["img"])}
+        samples.sort(key=lambda s: (order.get(s.img, len(order)), s.img))
+    limit = cfg["data"]["limit_test"]
+    return samples[:limit] if limit else samples
+
+
+def write_submission(path: Path, store: ChunkStore, order: list[str]) -> int:
+    """Stream the rows of `store` (img, rle_mask, error) into a gzipped submission in `order`.
+
+    Chunks hold images in processing order, which is `order`, so this reads one chunk at a time:
+    memory does not grow with the number of test images. Returns the number of rows written.
+    """
+    position = {img: i for i, img in enumerate(order)}
+    written = 0
+    with atomic_path(path) as tmp, open(tmp, "wb") as raw, gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0) as gz:
+        gz.write(b"img,rle_mask\n")
+        for part in store.parts():
+            rows = part[(part["error"] == "") & part["img"].isin(position)]
+            rows = rows.assign(pos=rows["img"].map(position)).sort_values("pos")
+            if len(rows) and rows["pos"].iloc[0] < written:
+                raise RuntimeError(f"{store.folder}: chunks are not in submission order; delete the folder and rerun")
+            gz.write(rows[["img", "rle_mask"]].to_csv(index=False, header=False).encode())
+            written += len(rows)
+    return written
+
+
+def write_errors(out: Path, errors: pd.DataFrame, stage: str) -> None:
+    """Put this stage's unreadable images (img, reason) into `<out>/errors.csv`, keeping other stages' rows."""
+    path = out / "errors.csv"
+    old = pd.read_csv(path, dtype=str, keep_default_na=False) if path.is_file() else pd.DataFrame(columns=["img", "stage", "reason"])
+    merged = pd.concat([old[old["stage"] != stage], errors.assign(stage=stage)[["img", "stage", "reason"]]], ignore_index=True)
+    if len(merged) or path.is_file():
+        write_csv(path, merged.sort_values(["stage", "img"]))

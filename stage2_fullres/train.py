@@ -1,0 +1,119 @@
+"""`carvana stage2 train`: the refiner on random full-resolution crops inside jittered car boxes.
+
+The net is fully convolutional, so it trains on crops (stage2.crop) and predicts on whole tiles.
+Validation runs `refine` on whole held-out images, as prediction does.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from common.boxes import Box, expand_box, jitter_box
+from common.config import save_config
+from common.data import DataError, Pair, index_split, report_skipped, scan_pairs, split_by_car
+from common.inference import to_input
+from common.io import read_image, read_mask
+from common.losses import bce_dice_loss
+from common.metrics import dice
+from common.trainer import build_model, pick_device, train
+from stage1_lowres.predict import CoarseModel, upsample
+from stage2_fullres.boxes import stage1_boxes
+from stage2_fullres.refine import refine
+from stage2_fullres.tiles import cut_tiles
+
+
+def crop_window(box: Box, crop: int, width: int, height: int, rng: np.random.Generator) -> tuple[int, int]:
+    """Top-left corner of a random crop x crop window centred somewhere inside `box`, kept inside the image where it fits."""
+    x0, y0, x1, y1 = box
+    cx, cy = rng.integers(x0, x1), rng.integers(y0, y1)
+    left = int(min(max(cx - crop // 2, 0), max(width - crop, 0)))
+    top = int(min(max(cy - crop // 2, 0), max(height - crop, 0)))
+    return left, top
+
+
+class CropDataset(Dataset):
+    """Random crops of full-resolution pairs, with the coarse probability as a 4th channel if given."""
+
+    def __init__(self, pairs: list[Pair], boxes: dict[str, Box], settings: dict, coarse: dict[str, np.ndarray] | None):
+        self.pairs, self.boxes, self.s, self.coarse = pairs, boxes, settings, coarse
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        rng = np.random.default_rng(int(torch.randint(2**31, (1,))))  # seeded per worker by the loader
+        p = self.pairs[i]
+        box = jitter_box(self.boxes[p.sample.img], self.s["box_jitter"], rng, p.width, p.height)
+        crop = self.s["crop"]
+        left, top = crop_window(box, crop, p.width, p.height, rng)
+        window = [(left, top, left + crop, top + crop)]
+        image = cut_tiles(read_image(p.sample.image), window)
+        mask = cut_tiles(read_mask(p.sample.mask), window)
+        extra = None
+        if self.coarse is not None:
+            extra = cut_tiles(upsample(self.coarse[p.sample.img].astype(np.float32) / 255, p.width, p.height), window)
+        return to_input(image, extra)[0], torch.from_numpy(mask.astype(np.float32))
+
+
+def full_res_validator(pairs: list[Pair], boxes: dict[str, Box], coarse_model: CoarseModel | None, cfg: dict, device):
+    """Loss on the stitched probability and mean Dice of whole images, predicted as `stage2 predict` does."""
+    s, batch = cfg["stage2"], cfg["predict"]["batch_size"]
+
+    def validate(model) -> dict:
+        losses, scores = [], []
+        for p in pairs:
+            image, truth = read_image(p.sample.image), read_mask(p.sample.mask)
+            coarse = None
+            if coarse_model is not None:
+                coarse = upsample(coarse_model.probs(coarse_model.read(p.sample.image)[None])[0], p.width, p.height)
+            prob = refine(model, image, coarse, boxes[p.sample.img], s, device, batch)
+            scores.append(dice(prob > cfg["predict"]["threshold"], truth))
+            logit = torch.logit(torch.from_numpy(prob).clamp(1e-6, 1 - 1e-6))[None, None]
+            losses.append(bce_dice_loss(logit, torch.from_numpy(truth.astype(np.float32))[None, None]).item())
+        return {"val_loss": float(np.mean(losses)), "val_dice": float(np.mean(scores))}
+
+    return validate
+
+
+def main(cfg: dict) -> int:
+    s, data = cfg["stage2"], cfg["data"]
+    out = Path(cfg["output"]["dir"])
+    run_dir = out / "stage2"
+    device = pick_device(cfg["device"])
+    samples = index_split(data["root"], "train", data["hq"])
+    _, val_samples = split_by_car(samples, data["val_cars"])
+    if not val_samples:
+        raise DataError("stage 2 needs validation cars; set data.val_cars to a count, a list or k/K")
+    pairs, bad = scan_pairs(samples, keep=False, max_bad_share=data["max_bad_share"], jobs=max(s["workers"], 1) * 2)
+    cached = stage1_boxes(cfg)
+    val_ids = {v.id for v in val_samples}
+    train_pairs = [p for p in pairs if p.sample.id not in val_ids and p.box is not None]
+    val_pairs = [p for p in pairs if p.sample.id in val_ids and p.sample.img in cached]
+    if s["val_images"]:
+        val_pairs = val_pairs[:: max(len(val_pairs) // s["val_images"], 1)][: s["val_images"]]
+    if s["train_boxes"] == "truth":
+        train_box = {p.sample.img: expand_box(p.box, cfg["stage1"]["margin"], p.width, p.height) for p in train_pairs}
+    elif s["train_boxes"] == "stage1":
+        train_pairs = [p for p in train_pairs if p.sample.img in cached]
+        train_box = {p.sample.img: cached[p.sample.img] for p in train_pairs}
+    else:
+        raise DataError(f"stage2.train_boxes must be 'truth' or 'stage1', got {s['train_boxes']!r}")
+    coarse_model, coarse = None, None
+    if s["coarse_channel"]:
+        coarse_model = CoarseModel(cfg, device)
+        images = np.stack([coarse_model.read(p.sample.image) for p in train_pairs])
+        probs = coarse_model.probs(images)
+        coarse = {p.sample.img: (prob * 255).round().astype(np.uint8) for p, prob in zip(train_pairs, probs)}
+    save_config(cfg, run_dir / "config.yaml")
+    print(f"stage 2: {len(train_pairs)} training images ({s['crop']}px crops, {s['train_boxes']} boxes), "
+          f"{len(val_pairs)} validation images on {s['tile']}px tiles, on {device}")
+    model = build_model(s, in_channels=4 if s["coarse_channel"] else 3)
+    history = train(model, CropDataset(train_pairs, train_box, s, coarse),
+                    full_res_validator(val_pairs, cached, coarse_model, cfg, device), s, run_dir, cfg, device, seed=cfg["seed"])
+    report_skipped(run_dir, bad)
+    best = max((h["val_dice"] for h in history), default=float("nan"))
+    print(f"stage 2 done: best val Dice {best:.4f}; checkpoints in {run_dir}")
+    return 0
