@@ -43,6 +43,8 @@ DEFAULTS: dict[str, Any] = {
         "limit_test": 0,  # predict on the first N test images only; 0 = all
     },
     "output": {"dir": "outputs/run"},
+    # `carvana run` generates synthetic data into data.root when it holds no train/ folder and cars > 0
+    "sample": {"cars": 0, "test_cars": 2, "seed": 0},
     "device": "auto",  # auto | cpu | cuda | cuda:N
     "seed": 0,
     "stage1": {**_TRAIN, "size": 256, "margin": 32, "checkpoint": ""},
@@ -54,6 +56,7 @@ DEFAULTS: dict[str, Any] = {
         "box_jitter": 32,  # pixels of random box jitter in training
         "train_boxes": "truth",  # truth | stage1
         "coarse_channel": True,  # feed the stage-1 probability as a 4th input channel
+        "prior_skip": True,  # with coarse_channel: add its logit to the output, so the net learns a correction
         "blend": "smooth",  # mean | smooth
         "checkpoint": "",
         "val_images": 0,  # validate on this many held-out images per epoch; 0 = all

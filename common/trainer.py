@@ -35,10 +35,10 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def build_model(settings: dict, in_channels: int) -> nn.Module:
+def build_model(settings: dict, in_channels: int, prior_skip: bool = False) -> nn.Module:
     from common.model import UNet
 
-    return UNet(in_channels, settings["depth"], settings["width"], settings["dropout"])
+    return UNet(in_channels, settings["depth"], settings["width"], settings["dropout"], prior_skip)
 
 
 def load_checkpoint(path: str | Path, device: torch.device, expect: dict | None = None) -> dict:
@@ -66,9 +66,10 @@ def load_model(path: str | Path, device: torch.device, expect: dict | None = Non
     return model.eval(), ckpt
 
 
-def _lr_factor(schedule: str, epoch: int, epochs: int, step_every: int) -> float:
+def _lr_factor(schedule: str, epoch: int, epochs: int, step_every: int, time_spent: float = 0.0) -> float:
+    """`time_spent` is the share of the time budget used: a cosine follows whichever of epochs and time runs out first."""
     if schedule == "cosine":
-        return 0.5 * (1 + math.cos(math.pi * epoch / max(epochs, 1)))
+        return 0.5 * (1 + math.cos(math.pi * min(max(epoch / max(epochs, 1), time_spent), 1.0)))
     if schedule == "step":
         return 0.1 ** (epoch // max(step_every, 1))
     if schedule == "constant":
@@ -117,7 +118,8 @@ def train(model: nn.Module, dataset: Dataset, validate: Validate, settings: dict
     accum = max(settings["accum"], 1)
     val_seconds = 0.0
     while epoch < settings["epochs"]:
-        lr = settings["lr"] * _lr_factor(settings["schedule"], epoch, settings["epochs"], settings["step_every"])
+        spent = (time.monotonic() - started) / budget
+        lr = settings["lr"] * _lr_factor(settings["schedule"], epoch, settings["epochs"], settings["step_every"], spent)
         for group in opt.param_groups:
             group["lr"] = lr
         model.train()

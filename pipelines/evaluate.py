@@ -1,0 +1,94 @@
+"""`carvana evaluate`: per-image Dice of stage 1 alone and of the cascade on the validation cars,
+the ten worst images, and overlays showing where each stage is wrong."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from PIL import Image
+
+from common.boxes import Box
+from common.data import index_split, split_by_car
+from common.io import atomic_path, read_image, read_mask, write_csv, write_text
+from common.metrics import dice
+from common.trainer import pick_device
+from stage1_lowres.predict import CoarseModel, upsample
+from stage2_fullres.boxes import stage1_boxes
+from stage2_fullres.predict import load_refiner
+from stage2_fullres.refine import refine
+from stage2_fullres.tiles import plan_tiles
+
+FALSE_POSITIVE = np.array([255, 40, 40], np.uint8)  # predicted car, truly background
+FALSE_NEGATIVE = np.array([40, 120, 255], np.uint8)  # missed car
+BOX, SEAM = np.array([255, 220, 0], np.uint8), np.array([0, 230, 230], np.uint8)
+
+
+def overlay(image: np.ndarray, pred: np.ndarray, truth: np.ndarray, box: Box | None, windows: list, title_px: int = 0) -> np.ndarray:
+    """The image dimmed, errors in two colours, the box and the tile edges drawn."""
+    out = (image * 0.55).astype(np.uint8)
+    out[pred & ~truth] = FALSE_POSITIVE
+    out[~pred & truth] = FALSE_NEGATIVE
+    h, w = pred.shape
+
+    def rect(x0, y0, x1, y1, colour, t=3):
+        x0, y0, x1, y1 = max(x0, 0), max(y0, 0), min(x1, w), min(y1, h)
+        out[y0 : y0 + t, x0:x1] = colour
+        out[max(y1 - t, 0) : y1, x0:x1] = colour
+        out[y0:y1, x0 : x0 + t] = colour
+        out[y0:y1, max(x1 - t, 0) : x1] = colour
+
+    for win in windows:
+        rect(*win, SEAM, 2)
+    if box is not None:
+        rect(*box, BOX, 4)
+    return out
+
+
+def evaluate(cfg: dict) -> pd.DataFrame:
+    out = Path(cfg["output"]["dir"])
+    report = out / "report"
+    device = pick_device(cfg["device"])
+    samples = index_split(cfg["data"]["root"], "train", cfg["data"]["hq"])
+    _, val = split_by_car(samples, cfg["data"]["val_cars"])
+    boxes = stage1_boxes(cfg)
+    model, coarse = load_refiner(cfg, device)
+    coarse = coarse or CoarseModel(cfg, device)  # stage 1 alone is scored even when the refiner ignores it
+    s, thr = cfg["stage2"], cfg["predict"]["threshold"]
+    rows, keep = [], {}
+    for sample in val:
+        image, truth = read_image(sample.image), read_mask(sample.mask)
+        height, width = truth.shape
+        prior = upsample(coarse.probs(coarse.read(sample.image)[None])[0], width, height)
+        box = boxes[sample.img]
+        with torch.no_grad():
+            prob = refine(model, image, prior if s["coarse_channel"] else None, box, s, device,
+                          cfg["predict"]["batch_size"], cfg["predict"]["tta_flip"])
+        stage1, cascade = prior > thr, prob > thr
+        x0, y0, x1, y1 = box
+        rows.append({"img": sample.img, "car": sample.car, "dice_stage1": dice(stage1, truth), "dice_cascade": dice(cascade, truth),
+                     "x0": x0, "y0": y0, "x1": x1, "y1": y1, "car_pixels_outside_box": int(truth.sum() - truth[y0:y1, x0:x1].sum())})
+        keep[sample.img] = (image, truth, stage1, cascade, box)
+        if len(keep) > 12:  # keep only the worst few in memory for the overlays
+            worst = sorted(rows, key=lambda r: r["dice_cascade"])[:12]
+            keep = {r["img"]: keep[r["img"]] for r in worst if r["img"] in keep}
+    metrics = pd.DataFrame(rows)
+    write_csv(report / "metrics.csv", metrics)
+    worst = metrics.nsmallest(10, "dice_cascade")
+    summary = {"images": len(metrics), "mean_dice_stage1": float(metrics.dice_stage1.mean()),
+               "mean_dice_cascade": float(metrics.dice_cascade.mean()), "worst": worst.img.tolist()}
+    write_text(report / "summary.json", json.dumps(summary, indent=2))
+    for img in worst.img[:6]:
+        if img not in keep:
+            continue
+        image, truth, stage1, cascade, box = keep[img]
+        windows = plan_tiles(truth.shape[1], truth.shape[0], box, s["tile"], s["min_overlap"])
+        panels = np.concatenate([overlay(image, stage1, truth, box, []), overlay(image, cascade, truth, box, windows)], 1)
+        small = Image.fromarray(panels).resize((panels.shape[1] // 2, panels.shape[0] // 2), Image.BILINEAR)
+        with atomic_path(report / "overlays" / f"{Path(img).stem}.png") as tmp:
+            small.save(tmp, format="PNG")
+    print(f"evaluate: {len(metrics)} validation images; mean Dice stage 1 {summary['mean_dice_stage1']:.4f}, "
+          f"cascade {summary['mean_dice_cascade']:.4f}; {report / 'metrics.csv'}")
+    return metrics

@@ -1,0 +1,62 @@
+"""`<output.dir>/report/index.html`: one self-contained page (images inlined) for a person to read."""
+from __future__ import annotations
+
+import base64
+import html
+import json
+from pathlib import Path
+
+import pandas as pd
+import yaml
+
+from common.io import write_text
+
+STYLE = """body{font-family:system-ui,sans-serif;margin:2em auto;max-width:1200px;color:#222}
+table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:4px 10px;text-align:right}
+th{background:#f3f3f3}td:first-child{text-align:left}img{max-width:100%;border:1px solid #ddd;margin:4px 0}
+pre{background:#f7f7f7;padding:1em;overflow:auto;max-height:24em}.key span{padding:0 8px;margin-right:8px;color:#fff}"""
+
+
+def _img(path: Path, alt: str) -> str:
+    if not path.is_file():
+        return f"<p><em>{html.escape(alt)}: not available ({html.escape(str(path))})</em></p>"
+    data = base64.b64encode(path.read_bytes()).decode()
+    return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{data}">'
+
+
+def _table(frame: pd.DataFrame) -> str:
+    return frame.to_html(index=False, float_format=lambda v: f"{v:.4f}", border=0, escape=True)
+
+
+def write_report(cfg: dict, steps: list[dict] | None = None) -> Path:
+    out = Path(cfg["output"]["dir"])
+    report = out / "report"
+    parts = [f"<h1>Carvana cascade: {html.escape(str(out))}</h1>"]
+    summary_path = report / "summary.json"
+    if summary_path.is_file():
+        summary = json.loads(summary_path.read_text())
+        parts.append(f"<h2>Validation Dice</h2><table><tr><th>model</th><th>mean Dice</th><th>images</th></tr>"
+                     f"<tr><td>stage 1 alone (upsampled)</td><td>{summary['mean_dice_stage1']:.4f}</td><td>{summary['images']}</td></tr>"
+                     f"<tr><td>cascade</td><td>{summary['mean_dice_cascade']:.4f}</td><td>{summary['images']}</td></tr></table>")
+    if steps:
+        parts.append("<h2>Steps</h2>" + _table(pd.DataFrame(steps)))
+    parts.append("<h2>Learning curves</h2>")
+    for stage in ("stage1", "stage2"):
+        parts.append(f"<h3>{stage}</h3>" + _img(out / stage / "learning_curves.png", f"{stage} learning curves"))
+    metrics_path = report / "metrics.csv"
+    if metrics_path.is_file():
+        metrics = pd.read_csv(metrics_path)
+        parts.append("<h2>Worst validation images (by cascade Dice)</h2>" + _table(metrics.nsmallest(10, "dice_cascade")))
+        parts.append('<h2>Overlays: stage 1 (left) vs cascade (right)</h2><p class="key">'
+                     '<span style="background:#ff2828">false positive</span><span style="background:#2878ff">false negative</span>'
+                     '<span style="background:#ffdc00;color:#000">stage-1 box</span><span style="background:#00e6e6;color:#000">tile edges</span></p>')
+        for png in sorted((report / "overlays").glob("*.png")):
+            row = metrics[metrics.img == png.stem + ".jpg"]
+            caption = (f"{png.stem}: stage 1 {row.dice_stage1.item():.4f}, cascade {row.dice_cascade.item():.4f}" if len(row) else png.stem)
+            parts.append(f"<h4>{html.escape(caption)}</h4>" + _img(png, png.stem))
+        parts.append("<h2>All validation images</h2>" + _table(metrics))
+    parts.append("<h2>Configuration</h2><pre>" + html.escape(yaml.safe_dump(cfg, sort_keys=False)) + "</pre>")
+    page = f"<!doctype html><html><head><meta charset='utf-8'><title>Carvana report</title><style>{STYLE}</style></head><body>{''.join(parts)}</body></html>"
+    path = report / "index.html"
+    write_text(path, page)
+    return path

@@ -1,0 +1,138 @@
+"""`carvana run CONFIG`: every step of the cascade, skipping the steps already done.
+
+Each step's fingerprint hashes the settings it reads and the fingerprints of the steps it depends
+on. A step whose outputs exist and whose fingerprint is unchanged is skipped; a step recorded as
+started but not finished with the same fingerprint was interrupted, and training resumes from its
+last checkpoint. State lives in `<output.dir>/pipeline_state.json`, written atomically.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from pathlib import Path
+from typing import Callable
+
+from common.config import ConfigError, load_config, save_config
+from common.io import write_text
+
+
+def _data_fingerprint(cfg: dict) -> str:
+    """Names and sizes of the data files: cheap even for 100k images, changes when the data does."""
+    root = Path(cfg["data"]["root"])
+    h = hashlib.sha256()
+    for folder in sorted(p for p in root.iterdir() if p.is_dir()) if root.is_dir() else []:
+        for f in sorted(folder.iterdir()):
+            h.update(f"{folder.name}/{f.name}:{f.stat().st_size}\n".encode())
+    return h.hexdigest()
+
+
+def _steps(cfg: dict) -> list[tuple[str, list[str], Callable[[], dict], Callable[[dict], int | None], list[Path]]]:
+    """(name, upstream steps, settings it reads, action, outputs)."""
+    from common.synth import write_sample_data
+    from pipelines.evaluate import evaluate
+    from stage1_lowres import predict as s1_predict
+    from stage1_lowres import train as s1_train
+    from stage2_fullres import predict as s2_predict
+    from stage2_fullres import train as s2_train
+
+    out = Path(cfg["output"]["dir"])
+    data = {k: cfg["data"][k] for k in ("root", "val_cars", "hq", "max_bad_share")}
+    s1, s2, pr = cfg["stage1"], cfg["stage2"], cfg["predict"]
+    no_resume = {"resume", "workers", "max_minutes"}  # how a run proceeds, not what it computes
+
+    def sample(c):
+        sc = c["sample"]
+        print(f"generating {sc['cars']} training and {sc['test_cars']} test cars into {c['data']['root']}")
+        write_sample_data(c["data"]["root"], sc["cars"], sc["test_cars"], sc["seed"])
+
+    return [
+        ("sample_data", [], lambda: {"root": data["root"], **cfg["sample"]}, sample, [Path(data["root"]) / "train"]),
+        ("stage1_train", ["sample_data"], lambda: {"data": data, "files": _data_fingerprint(cfg), "seed": cfg["seed"],
+                                                   "stage1": {k: v for k, v in s1.items() if k not in no_resume | {"margin", "checkpoint"}}},
+         s1_train.main, [out / "stage1" / "best.pt"]),
+        ("stage1_predict", ["stage1_train"], lambda: {"size": s1["size"], "margin": s1["margin"], "threshold": pr["threshold"],
+                                                      "limit_test": cfg["data"]["limit_test"]},
+         s1_predict.main, [out / "bboxes.csv", out / "stage1_submission.csv.gz"]),
+        ("stage2_train", ["stage1_predict"], lambda: {"seed": cfg["seed"], "stage2": {k: v for k, v in s2.items() if k not in no_resume | {"checkpoint"}}},
+         s2_train.main, [out / "stage2" / "best.pt"]),
+        ("stage2_predict", ["stage2_train"], lambda: {"predict": pr, "limit_test": cfg["data"]["limit_test"]},
+         s2_predict.main, [out / "submission.csv.gz"]),
+        ("evaluate", ["stage2_train"], lambda: {"predict": pr}, lambda c: evaluate(c) is None, [out / "report" / "metrics.csv"]),
+    ]
+
+
+def run_pipeline(config: str, overrides: list[str], force: list[str] = ()) -> int:
+    cfg = load_config(config, overrides)
+    out = Path(cfg["output"]["dir"])
+    state_path = out / "pipeline_state.json"
+    state = json.loads(state_path.read_text()) if state_path.is_file() else {}
+    steps = _steps(cfg)
+    names = [s[0] for s in steps]
+    unknown = [f for f in force if f not in names + ["report"]]
+    if unknown:
+        raise ConfigError(f"--force {unknown[0]}: not a step; steps are {', '.join(names + ['report'])}")
+    if cfg["sample"]["cars"] == 0:  # real data: nothing to generate
+        steps = [s for s in steps if s[0] != "sample_data"]
+    save_config(cfg, out / "config.yaml")
+    fingerprints: dict[str, str] = {}
+    forced: set[str] = set(force)
+    table, status = [], 0
+
+    def save_state():
+        write_text(state_path, json.dumps(state, indent=2))
+
+    for name, upstream, settings, action, outputs in steps:
+        if any(u in forced for u in upstream):
+            forced.add(name)
+        fp = hashlib.sha256(json.dumps([settings(), [fingerprints.get(u, "") for u in upstream]], sort_keys=True, default=str).encode()).hexdigest()[:16]
+        fingerprints[name] = fp
+        record = state.get(name, {})
+        missing = [str(p) for p in outputs if not p.exists()]
+        if name == "sample_data" and not missing:
+            reason = None  # a data root that has data is never overwritten
+        elif name in forced:
+            reason = "forced"
+        elif record.get("finished") != fp:
+            reason = "settings or inputs changed" if record.get("finished") else "not run before"
+        elif missing:
+            reason = f"output missing: {missing[0]}"
+        else:
+            reason = None
+        if reason is None:
+            print(f"[skip] {name}: outputs present and fingerprint {fp} unchanged")
+            table.append({"step": name, "state": "skipped", "seconds": 0.0})
+            continue
+        resume = record.get("started") == fp and reason != "forced"
+        print(f"[run]  {name}: {reason}" + (" (resuming an interrupted run)" if resume else ""))
+        state[name] = {"started": fp}
+        save_state()
+        step_cfg = json.loads(json.dumps(cfg))
+        for stage in ("stage1", "stage2"):
+            step_cfg[stage]["resume"] = resume
+        t0 = time.monotonic()
+        code = action(step_cfg) or 0
+        seconds = time.monotonic() - t0
+        status = max(status, code)
+        state[name] = {"started": fp, "finished": fp, "seconds": round(seconds, 1)}
+        save_state()
+        table.append({"step": name, "state": "ran" if code == 0 else f"ran (exit {code})", "seconds": round(seconds, 1)})
+
+    from pipelines.report import write_report
+
+    report = write_report(cfg, table)
+    table.append({"step": "report", "state": "ran", "seconds": 0.0})
+    _print_summary(cfg, table, report)
+    return status
+
+
+def _print_summary(cfg: dict, table: list[dict], report: Path) -> None:
+    out = Path(cfg["output"]["dir"])
+    print("\nstep             state      seconds")
+    for row in table:
+        print(f"{row['step']:<16} {row['state']:<10} {row['seconds']:>7.1f}")
+    summary = out / "report" / "summary.json"
+    if summary.is_file():
+        s = json.loads(summary.read_text())
+        print(f"\nvalidation Dice ({s['images']} images): stage 1 alone {s['mean_dice_stage1']:.4f}   cascade {s['mean_dice_cascade']:.4f}")
+    print(f"submission: {out / 'submission.csv.gz'}\nreport:     {report}")
