@@ -62,7 +62,8 @@ DEFAULTS: dict[str, Any] = {
         "val_images": 0,  # validate on this many held-out images per epoch; 0 = all
     },
     "bboxes": {"path": ""},  # a bboxes.csv from another run; empty = <output.dir>/bboxes.csv
-    "predict": {"threshold": 0.5, "batch_size": 2, "tta_flip": False},
+    "predict": {"threshold": 0.5, "batch_size": 2, "tta_flip": False,
+                "chunk": 16},  # images per resumable chunk of prediction results
 }
 
 # Keys whose value may take more than the default's type.

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import gzip
+import warnings
 from pathlib import Path
 
 import pandas as pd
@@ -12,7 +13,14 @@ from common.io import atomic_path, write_csv
 
 
 def test_samples(cfg: dict) -> list[Sample]:
-    """Test images in sample_submission.csv order when the data has that file (else by name), limited by data.limit_test."""
+    """Test images in sample_submission.csv order when the data has that file (else by name), limited by data.limit_test.
+
+    A data root without a test folder (training data only, e.g. for `evaluate`) has none.
+    """
+    folder = Path(cfg["data"]["root"]) / ("test_hq" if cfg["data"]["hq"] else "test")
+    if not folder.is_dir():
+        warnings.warn(f"{folder} not found: no test images, so no submission", stacklevel=2)
+        return []
     samples = index_split(cfg["data"]["root"], "test", cfg["data"]["hq"])
     path = Path(cfg["data"]["root"]) / "sample_submission.csv"
     if path.is_file():

@@ -7,7 +7,6 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import torch
 from PIL import Image
 
 from common.boxes import Box
@@ -17,6 +16,7 @@ from common.metrics import dice
 from common.trainer import pick_device
 from stage1_lowres.predict import CoarseModel, upsample
 from stage2_fullres.boxes import stage1_boxes
+from stage2_fullres.predict import checkpoint_path as s2_checkpoint
 from stage2_fullres.predict import load_refiner
 from stage2_fullres.refine import refine
 from stage2_fullres.tiles import plan_tiles
@@ -54,7 +54,10 @@ def evaluate(cfg: dict) -> pd.DataFrame:
     samples = index_split(cfg["data"]["root"], "train", cfg["data"]["hq"])
     _, val = split_by_car(samples, cfg["data"]["val_cars"])
     boxes = stage1_boxes(cfg)
-    model, coarse = load_refiner(cfg, device)
+    has_refiner = s2_checkpoint(cfg).is_file()
+    if not has_refiner:
+        print(f"evaluate: no stage-2 checkpoint at {s2_checkpoint(cfg)}; scoring stage 1 alone")
+    model, coarse = load_refiner(cfg, device) if has_refiner else (None, None)
     coarse = coarse or CoarseModel(cfg, device)  # stage 1 alone is scored even when the refiner ignores it
     s, thr = cfg["stage2"], cfg["predict"]["threshold"]
     rows, keep = [], {}
@@ -63,20 +66,22 @@ def evaluate(cfg: dict) -> pd.DataFrame:
         height, width = truth.shape
         prior = upsample(coarse.probs(coarse.read(sample.image)[None])[0], width, height)
         box = boxes[sample.img]
-        with torch.no_grad():
+        stage1, cascade = prior > thr, prior > thr
+        if model is not None:
             prob = refine(model, image, prior if s["coarse_channel"] else None, box, s, device,
                           cfg["predict"]["batch_size"], cfg["predict"]["tta_flip"])
-        stage1, cascade = prior > thr, prob > thr
+            cascade = prob > thr
         x0, y0, x1, y1 = box
-        rows.append({"img": sample.img, "car": sample.car, "dice_stage1": dice(stage1, truth), "dice_cascade": dice(cascade, truth),
+        rows.append({"img": sample.img, "car": sample.car, "dice_stage1": dice(stage1, truth),
+                     "dice_cascade": dice(cascade, truth) if model is not None else float("nan"),
                      "x0": x0, "y0": y0, "x1": x1, "y1": y1, "car_pixels_outside_box": int(truth.sum() - truth[y0:y1, x0:x1].sum())})
         keep[sample.img] = (image, truth, stage1, cascade, box)
         if len(keep) > 12:  # keep only the worst few in memory for the overlays
-            worst = sorted(rows, key=lambda r: r["dice_cascade"])[:12]
+            worst = sorted(rows, key=lambda r: r["dice_cascade"] if model is not None else r["dice_stage1"])[:12]
             keep = {r["img"]: keep[r["img"]] for r in worst if r["img"] in keep}
     metrics = pd.DataFrame(rows)
     write_csv(report / "metrics.csv", metrics)
-    worst = metrics.nsmallest(10, "dice_cascade")
+    worst = metrics.nsmallest(10, "dice_cascade" if has_refiner else "dice_stage1")
     summary = {"images": len(metrics), "mean_dice_stage1": float(metrics.dice_stage1.mean()),
                "mean_dice_cascade": float(metrics.dice_cascade.mean()), "worst": worst.img.tolist()}
     write_text(report / "summary.json", json.dumps(summary, indent=2))

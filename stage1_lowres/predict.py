@@ -28,7 +28,6 @@ from common.rle import rle_encode
 from common.trainer import load_model, pick_device
 
 BOX_COLUMNS = ["img", "split", "width", "height", "x0", "y0", "x1", "y1", "found", "key"]
-CHUNK = 32  # images per resumable chunk
 
 
 def checkpoint_path(cfg: dict) -> Path:
@@ -117,8 +116,8 @@ def main(cfg: dict) -> int:
     done = store.done()
     todo = [(x, "train") for x in train if x.img not in done] + [(x, "test") for x in test if x.img not in done]
     print(f"stage 1 predict: {len(todo)} images to do, {len(done)} already done (key {key})")
-    for start in range(0, len(todo), CHUNK):
-        chunk = todo[start : start + CHUNK]
+    for start in range(0, len(todo), cfg["predict"]["chunk"]):
+        chunk = todo[start : start + cfg["predict"]["chunk"]]
         read = Parallel(n_jobs=4, prefer="threads")(delayed(_try_read)(coarse, x) for x, _ in chunk)
         ok = [i for i, (img, _) in enumerate(read) if not isinstance(img, str)]
         probs = dict(zip(ok, coarse.probs(np.stack([read[i][0] for i in ok])))) if ok else {}

@@ -1,6 +1,6 @@
 """`carvana stage2 predict`: the cascade's submission.
 
-Test images stream through in chunks of CHUNK: read, stage-1 probability, tiles of the cached box,
+Test images stream through in chunks of predict.chunk: read, stage-1 probability, tiles of the cached box,
 refiner, blend, paste, threshold, RLE. Each chunk is written atomically, so a killed run continues
 where it stopped and ends with the same bytes as an uninterrupted one.
 """
@@ -11,12 +11,12 @@ import json
 import sys
 from pathlib import Path
 
-import numpy as np
 import torch
 from joblib import Parallel, delayed
 
 from common.chunks import ChunkStore
 from common.config import ConfigError
+from common.data import DataError
 from common.io import ImageReadError, read_image
 from common.rle import rle_encode
 from common.submission import test_samples, write_errors, write_submission
@@ -25,7 +25,6 @@ from stage1_lowres.predict import CoarseModel, file_hash, upsample
 from stage2_fullres.boxes import stage1_boxes
 from stage2_fullres.refine import refine
 
-CHUNK = 8
 
 
 def checkpoint_path(cfg: dict) -> Path:
@@ -61,11 +60,13 @@ def main(cfg: dict) -> int:
                                     sort_keys=True).encode()).hexdigest()[:16]
     store = ChunkStore(out / "stage2_chunks", key, ["img", "rle_mask", "error"])
     test = test_samples(cfg)
+    if not test:
+        raise DataError(f"no test images under {cfg['data']['root']}: nothing to predict")
     done = store.done()
     todo = [x for x in test if x.img not in done]
     print(f"stage 2 predict: {len(todo)} test images to do, {len(test) - len(todo)} already done (key {key})")
-    for start in range(0, len(todo), CHUNK):
-        chunk = todo[start : start + CHUNK]
+    for start in range(0, len(todo), cfg["predict"]["chunk"]):
+        chunk = todo[start : start + cfg["predict"]["chunk"]]
         images = Parallel(n_jobs=4, prefer="threads")(delayed(_read)(x) for x in chunk)
         rows = []
         for sample, image in zip(chunk, images):

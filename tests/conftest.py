@@ -20,3 +20,29 @@ def sample_root(tmp_path_factory) -> Path:
     from common.synth import write_sample_data
 
     return write_sample_data(tmp_path_factory.mktemp("sample"), cars=3, test_cars=1, seed=1, jobs=2)
+
+
+TINY = ["data.val_cars=1", "stage1.size=64", "stage1.epochs=2", "stage1.depth=3", "stage1.width=4", "stage1.batch_size=8",
+        "stage1.workers=1", "stage2.epochs=1", "stage2.depth=3", "stage2.width=4", "stage2.crop=128", "stage2.batch_size=4",
+        "stage2.val_images=1", "stage2.workers=0", "predict.batch_size=2", "device=cpu"]
+
+
+def tiny_config(root, out, *more):
+    from common.config import load_config
+
+    return load_config(None, [f"data.root={root}", f"output.dir={out}", *TINY, *more])
+
+
+@pytest.fixture(scope="session")
+def tiny_run(sample_root, tmp_path_factory):
+    """Both stages trained for a moment on the shared sample data, plus the stage-1 cache."""
+    from stage1_lowres import predict as s1_predict
+    from stage1_lowres import train as s1_train
+    from stage2_fullres import train as s2_train
+
+    out = tmp_path_factory.mktemp("run")
+    cfg = tiny_config(sample_root, out)
+    s1_train.main(cfg)
+    assert s1_predict.main(cfg) == 0
+    s2_train.main(cfg)
+    return cfg

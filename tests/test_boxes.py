@@ -1,0 +1,58 @@
+import numpy as np
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from common.boxes import expand_box, jitter_box, largest_component, mask_extent, scale_box
+from stage1_lowres.predict import box_from_probability
+
+
+def test_extent_and_empty():
+    m = np.zeros((10, 12), bool)
+    assert mask_extent(m) is None
+    m[2:5, 3:9] = True
+    assert mask_extent(m) == (3, 2, 9, 5)
+
+
+def test_largest_component_drops_stray_blobs():
+    m = np.zeros((20, 20), bool)
+    m[5:15, 5:15] = True
+    m[0, 0] = m[19, 19] = True
+    assert mask_extent(largest_component(m)) == (5, 5, 15, 15)
+
+
+def test_box_from_probability_margin_and_clamp():
+    prob = np.zeros((64, 64), np.float32)
+    prob[20:40, 10:50] = 0.9
+    prob[2, 2] = 0.9  # a stray blob stage 1 hallucinated on the wall
+    # 64 -> 1918x1280: x scales by 29.97, y by 20
+    assert box_from_probability(prob, 1918, 1280, margin=32, threshold=0.5) == (
+        int(np.floor(10 * 1918 / 64)) - 32, 20 * 20 - 32, int(np.ceil(50 * 1918 / 64)) + 32, 40 * 20 + 32)
+    assert box_from_probability(np.zeros((64, 64)), 1918, 1280, 32, 0.5) is None
+
+
+def test_car_touching_left_and_right_edges_is_clamped():
+    prob = np.zeros((64, 64), np.float32)
+    prob[20:40, 0:64] = 0.9
+    assert box_from_probability(prob, 1918, 1280, margin=32, threshold=0.5) == (0, 368, 1918, 832)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.integers(1, 300), st.integers(1, 300), st.data())
+def test_scaled_expanded_box_covers_the_object_and_stays_inside(w, h, data):
+    x0 = data.draw(st.integers(0, w - 1))
+    y0 = data.draw(st.integers(0, h - 1))
+    x1 = data.draw(st.integers(x0 + 1, w))
+    y1 = data.draw(st.integers(y0 + 1, h))
+    W, H = data.draw(st.integers(w, 4 * w)), data.draw(st.integers(h, 4 * h))
+    sx, sy = W / w, H / h
+    bx0, by0, bx1, by1 = expand_box(scale_box((x0, y0, x1, y1), sx, sy), data.draw(st.integers(0, 50)), W, H)
+    assert 0 <= bx0 <= x0 * sx and bx1 >= min(x1 * sx, W) - 1e-9 and bx1 <= W
+    assert 0 <= by0 <= y0 * sy and by1 >= min(y1 * sy, H) - 1e-9 and by1 <= H
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.integers(0, 100), st.integers(0, 2**32 - 1))
+def test_jittered_box_is_valid(amount, seed):
+    rng = np.random.default_rng(seed)
+    x0, y0, x1, y1 = jitter_box((10, 20, 60, 50), amount, rng, 80, 70)
+    assert 0 <= x0 < x1 <= 80 and 0 <= y0 < y1 <= 70

@@ -1,0 +1,35 @@
+import pytest
+import torch
+
+from common.losses import bce_dice_loss, edge_band
+from common.model import UNet
+
+
+@pytest.mark.parametrize("shape", [(1, 3, 64, 64), (2, 3, 37, 90), (1, 4, 130, 70)])
+def test_unet_keeps_any_spatial_size(shape):
+    net = UNet(in_channels=shape[1], depth=4, width=4).eval()
+    assert net(torch.rand(shape)).shape == (shape[0], 1, *shape[2:])
+
+
+def test_prior_skip_starts_from_the_coarse_mask():
+    net = UNet(in_channels=4, depth=3, width=4, prior_skip=True).eval()
+    x = torch.rand(1, 4, 32, 32)
+    x[:, 3] = (torch.rand(32, 32) > 0.5).float() * 0.98 + 0.01
+    prob = torch.sigmoid(net(x))[0, 0]
+    assert torch.allclose(prob, x[0, 3], atol=1e-4)
+
+
+def test_edge_band_marks_the_boundary_only():
+    t = torch.zeros(1, 1, 20, 20)
+    t[..., 5:15, 5:15] = 1
+    band = edge_band(t, radius=1)
+    assert band[0, 0, 10, 10] == 0 and band[0, 0, 0, 0] == 0
+    assert band[0, 0, 5, 10] == 1 and band[0, 0, 4, 10] == 1
+
+
+def test_loss_is_low_for_right_and_high_for_wrong_logits():
+    t = torch.zeros(1, 1, 8, 8)
+    t[..., 2:6, 2:6] = 1
+    good, bad = (t * 2 - 1) * 10, (1 - 2 * t) * 10
+    assert bce_dice_loss(good, t) < 0.01 < 5 < bce_dice_loss(bad, t)
+    assert bce_dice_loss(bad, t, edge_weight=5) > bce_dice_loss(bad, t)

@@ -1,0 +1,58 @@
+"""`carvana run`: steps skipped when done, reruns limited to what changed, --force, resume after a kill."""
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import yaml
+
+from conftest import TINY
+
+CLI = [sys.executable, "-m", "pipelines", "run"]
+
+
+def _states(stdout: str) -> dict[str, str]:
+    return {line.split()[1].rstrip(":"): line.split()[0] for line in stdout.splitlines() if line.startswith(("[run]", "[skip]"))}
+
+
+def test_pipeline_caches_steps(sample_root, tmp_path):
+    config = tmp_path / "p.yaml"
+    config.write_text(yaml.safe_dump({"data": {"root": str(sample_root)}, "output": {"dir": str(tmp_path / "out")}}))
+    args = [*CLI, str(config), *TINY, "data.limit_test=4"]
+    first = subprocess.run(args, capture_output=True, text=True, check=True).stdout
+    assert set(_states(first).values()) == {"[run]"} and len(_states(first)) == 5
+    assert "validation Dice" in first and "stage 1 alone" in first and "cascade" in first
+    assert (tmp_path / "out" / "report" / "index.html").stat().st_size > 10_000
+    assert (tmp_path / "out" / "config.yaml").is_file()
+
+    again = subprocess.run(args, capture_output=True, text=True, check=True).stdout
+    assert set(_states(again).values()) == {"[skip]"}
+
+    changed = subprocess.run([*args, "stage2.blend=mean"], capture_output=True, text=True, check=True).stdout
+    states = _states(changed)
+    assert states["stage1_train"] == states["stage1_predict"] == "[skip]"
+    assert states["stage2_train"] == states["stage2_predict"] == states["evaluate"] == "[run]"
+
+    forced = subprocess.run([*args, "stage2.blend=mean", "--force", "stage1_predict"], capture_output=True, text=True, check=True).stdout
+    states = _states(forced)
+    assert states["stage1_train"] == "[skip]" and states["stage1_predict"] == states["stage2_train"] == "[run]"
+    assert "reusing" in forced  # the forced stage-1 predict still reuses its valid box cache
+
+
+def test_killed_pipeline_resumes_training_from_its_checkpoint(sample_root, tmp_path):
+    out = tmp_path / "out"
+    config = tmp_path / "p.yaml"
+    config.write_text(yaml.safe_dump({"data": {"root": str(sample_root)}, "output": {"dir": str(out)}}))
+    args = [*CLI, str(config), *TINY, "stage2.epochs=3", "data.limit_test=2"]
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and not (out / "stage2" / "last.pt").exists():
+        time.sleep(0.1)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    rerun = subprocess.run(args, capture_output=True, text=True, check=True).stdout
+    states = _states(rerun)
+    assert states["stage1_train"] == states["stage1_predict"] == "[skip]"
+    assert "resuming an interrupted run" in rerun and "resuming" in rerun and "after epoch" in rerun
+    assert (out / "submission.csv.gz").is_file()

@@ -1,0 +1,177 @@
+"""Bad input, interrupted runs and atomic outputs (the reliability issue), each case tested."""
+import gzip
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from common.data import DataError, index_split, scan_pairs
+from pipelines.cli import main as cli
+from stage1_lowres import predict as s1_predict
+from stage2_fullres import predict as s2_predict
+
+from conftest import tiny_config
+
+CLI = [sys.executable, "-m", "pipelines"]
+
+
+def _copy(src, dst):
+    shutil.copytree(src, dst)
+    return dst
+
+
+def _break_training_pairs(root: Path) -> dict[str, str]:
+    """One of each kind of bad training pair; returns img -> the reason expected in the warning."""
+    train = sorted((root / "train").glob("*.jpg"))
+    masks = root / "train_masks"
+    bad = {}
+    data = train[0].read_bytes()
+    train[0].write_bytes(data[: len(data) // 3])
+    bad[train[0].name] = "truncated"
+    train[1].write_bytes(b"")
+    bad[train[1].name] = "empty file"
+    train[2].write_bytes(b"GIF89a but not really an image")
+    bad[train[2].name] = "not a readable image"
+    Image.new("L", (100, 80)).convert("P").save(masks / f"{train[3].stem}_mask.gif")
+    bad[train[3].name] = "mask is 100x80"
+    (masks / f"{train[4].stem}_mask.gif").unlink()
+    values = np.zeros((1280, 1918), np.uint8)
+    values[100:200, 100:300] = 7
+    Image.fromarray(values).save(masks / f"{train[4].stem}_mask.png")
+    bad[train[4].name] = "mask values"
+    return bad
+
+
+def test_bad_training_pairs_are_skipped_with_reasons_or_stop_training(sample_root, tmp_path):
+    root = _copy(sample_root, tmp_path / "data")
+    bad = _break_training_pairs(root)
+    # grayscale and RGBA images, and a stray copy, are fine
+    gray = sorted((root / "train").glob("*.jpg"))[5]
+    Image.open(gray).convert("L").save(gray, format="JPEG")
+    shutil.copy(gray, root / "train" / f"{gray.stem}(1).jpg")
+    samples = index_split(root, "train")
+    with pytest.raises(DataError, match=r"5 of 48 training pairs are unreadable.*max_bad_share"):
+        scan_pairs(samples, (64, 64), max_bad_share=0.01, jobs=2)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        pairs, skipped = scan_pairs(samples, (64, 64), max_bad_share=0.2, jobs=2)
+    assert len(pairs) == 43 and {img for img, _ in skipped} == set(bad)
+    for img, reason in skipped:
+        assert Path(img).stem in reason and bad[img] in reason  # names the file (image or mask) and why
+    assert sum("skipping training pair" in str(w.message) for w in caught) == 5
+
+
+def test_training_run_lists_skipped_pairs(sample_root, tmp_path, capsys):
+    root = _copy(sample_root, tmp_path / "data")
+    bad = _break_training_pairs(root)
+    out = tmp_path / "out"
+    code = cli(["stage1", "train", f"data.root={root}", f"output.dir={out}", "data.max_bad_share=0.2", "stage1.epochs=1",
+                "stage1.size=32", "stage1.depth=2", "stage1.width=4", "data.val_cars=1", "device=cpu"])
+    assert code == 0
+    listed = pd.read_csv(out / "stage1" / "skipped.csv")
+    assert set(listed.img) == set(bad)
+    printed = capsys.readouterr().out
+    assert all(Path(name).stem in printed for name in bad)
+
+
+def test_unreadable_test_images_do_not_stop_prediction(tiny_run, tmp_path):
+    root = _copy(tiny_run["data"]["root"], tmp_path / "data")
+    tests = sorted((root / "test").glob("*.jpg"))
+    tests[0].write_bytes(b"")
+    data = tests[1].read_bytes()
+    tests[1].write_bytes(data[: len(data) // 2])
+    out = tmp_path / "out"
+    cfg = tiny_config(root, out, f"stage1.checkpoint={tiny_run['output']['dir']}/stage1/best.pt",
+                      f"stage2.checkpoint={tiny_run['output']['dir']}/stage2/best.pt")
+    assert s2_predict.main(cfg) == 1  # scripts notice
+    sub = pd.read_csv(gzip.open(out / "submission.csv.gz"), dtype=str, keep_default_na=False)
+    errors = pd.read_csv(out / "errors.csv")
+    assert len(sub) + len(errors[errors.stage == "stage2"]) == len(tests)  # no silent drops
+    assert set(errors.img) == {tests[0].name, tests[1].name} and set(errors.stage) == {"stage1", "stage2"}
+    assert errors.reason.str.contains("empty file").any()
+    # the same from the command line: exit status 1 and a count
+    proc = subprocess.run([*CLI, "stage2", "predict", *[f"{k}={v}" for k, v in _flat(cfg)]], capture_output=True, text=True)
+    assert proc.returncode == 1 and "2 of 16 test image(s) failed" in proc.stderr
+
+
+def _flat(cfg, prefix=""):
+    for k, v in cfg.items():
+        if isinstance(v, dict):
+            yield from _flat(v, f"{prefix}{k}.")
+        elif not isinstance(v, list):
+            yield f"{prefix}{k}", v
+
+
+def test_empty_prediction_and_no_car_found(tiny_run, tmp_path, recwarn):
+    out = tmp_path / "out"
+    cfg = tiny_config(tiny_run["data"]["root"], out, f"stage1.checkpoint={tiny_run['output']['dir']}/stage1/best.pt",
+                      "predict.threshold=1.0", "data.limit_test=2")
+    assert s1_predict.main(cfg) == 0
+    boxes = pd.read_csv(out / "bboxes.csv")
+    assert (boxes.found == 0).all() and (boxes.x1 == 1918).all() and (boxes.x0 == 0).all()
+    assert any("found no car" in str(w.message) for w in recwarn)
+    sub = pd.read_csv(gzip.open(out / "stage1_submission.csv.gz"), dtype=str, keep_default_na=False)
+    assert len(sub) == 2 and (sub.rle_mask == "").all()
+
+
+def test_image_smaller_than_a_tile_is_refined(tmp_path):
+    import torch
+
+    from common.model import UNet
+    from stage2_fullres.refine import refine
+
+    image = np.random.default_rng(0).integers(0, 255, (300, 500, 3), dtype=np.uint8)
+    settings = {"tile": 1024, "min_overlap": 64, "blend": "smooth"}
+    prob = refine(UNet(3, 3, 4), image, None, (10, 20, 480, 290), settings, torch.device("cpu"), 1)
+    assert prob.shape == (300, 500) and (prob[:20] == 0).all() and (prob[20:290, 10:480] > 0).all()
+
+
+def test_config_mistakes_fail_at_start_with_one_line(tmp_path, capsys):
+    for args, expected in [
+        (["stage1", "train", "stage1.epoch=3"], "did you mean 'stage1.epochs'"),
+        (["stage1", "train", "stage1.epochs=x"], "must be int"),
+        (["stage1", "train", f"data.root={tmp_path}/nowhere"], "data folder not found"),
+        (["stage2", "predict", f"data.root={tmp_path}", f"bboxes.path={tmp_path}/b.csv"], "does not exist"),
+    ]:
+        assert cli(args) == 2
+        err = capsys.readouterr().err.strip()
+        assert expected in err and len(err.splitlines()) == 1, err
+    (tmp_path / "train").mkdir()
+    assert cli(["stage1", "train", f"data.root={tmp_path}"]) == 2
+    assert "no images" in capsys.readouterr().err
+
+
+def test_killed_prediction_resumes_to_identical_bytes(tiny_run, tmp_path):
+    """SIGKILL a real `stage2 predict` after its first chunk; the rerun finishes the rest and the
+    submission equals an uninterrupted run byte for byte."""
+    src = tiny_run["output"]["dir"]
+    args = [f"data.root={tiny_run['data']['root']}", f"stage1.checkpoint={src}/stage1/best.pt", f"stage2.checkpoint={src}/stage2/best.pt",
+            f"bboxes.path={src}/bboxes.csv", "predict.chunk=2", "stage2.depth=3", "stage2.width=4", "stage1.size=64", "device=cpu"]
+    t0 = time.monotonic()
+    subprocess.run([*CLI, "stage2", "predict", f"output.dir={tmp_path / 'full'}", *args], check=True, capture_output=True)
+    full_seconds = time.monotonic() - t0
+
+    out = tmp_path / "killed"
+    proc = subprocess.Popen([*CLI, "stage2", "predict", f"output.dir={out}", *args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and len(list(out.glob("stage2_chunks/*/part-*.csv"))) < 3:
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    finished = len(list(out.glob("stage2_chunks/*/part-*.csv")))
+    assert 3 <= finished < 8 and not (out / "submission.csv.gz").exists()
+    t0 = time.monotonic()
+    rerun = subprocess.run([*CLI, "stage2", "predict", f"output.dir={out}", *args], check=True, capture_output=True, text=True)
+    rerun_seconds = time.monotonic() - t0
+    assert f"{16 - 2 * finished} test images to do, {2 * finished} already done" in rerun.stdout
+    assert (out / "submission.csv.gz").read_bytes() == (tmp_path / "full" / "submission.csv.gz").read_bytes()
+    print(f"full run {full_seconds:.1f}s, rerun after kill at {finished}/8 chunks {rerun_seconds:.1f}s")

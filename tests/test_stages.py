@@ -1,0 +1,93 @@
+"""Stage 1 boxes and cache, stage 2 submission: on a tiny run over the synthetic sample data."""
+import gzip
+import shutil
+
+import pandas as pd
+import pytest
+
+from common.rle import rle_decode
+from stage1_lowres import predict as s1_predict
+from stage2_fullres import predict as s2_predict
+
+from conftest import tiny_config
+
+
+def _submission(path):
+    return pd.read_csv(gzip.open(path), dtype=str, keep_default_na=False)
+
+
+def test_stage1_writes_boxes_for_train_and_test_and_a_submission(tiny_run, sample_root):
+    out = tiny_run["output"]["dir"]
+    boxes = pd.read_csv(f"{out}/bboxes.csv")
+    assert list(boxes.columns[:9]) == ["img", "split", "width", "height", "x0", "y0", "x1", "y1", "found"]
+    assert sorted(boxes.split.unique()) == ["test", "train"] and len(boxes) == 64
+    assert ((boxes.x0 >= 0) & (boxes.x1 <= 1918) & (boxes.x0 < boxes.x1) & (boxes.y0 < boxes.y1) & (boxes.y1 <= 1280)).all()
+    sub = _submission(f"{out}/stage1_submission.csv.gz")
+    order = pd.read_csv(sample_root / "sample_submission.csv").img.tolist()
+    assert list(sub.columns) == ["img", "rle_mask"] and sub.img.tolist() == order
+    assert rle_decode(sub.rle_mask[0], (1280, 1918)).shape == (1280, 1918)
+
+
+def test_stage1_cache_is_reused_without_the_model_and_invalidated_by_settings(tiny_run, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "run"
+    shutil.copytree(tiny_run["output"]["dir"], out)
+    cfg = tiny_config(tiny_run["data"]["root"], out)
+    before = (out / "bboxes.csv").read_bytes()
+    monkeypatch.setattr(s1_predict, "CoarseModel", lambda *a: pytest.fail("the model must not be loaded"))
+    assert s1_predict.main(cfg) == 0
+    assert "reusing" in capsys.readouterr().out and (out / "bboxes.csv").read_bytes() == before
+    monkeypatch.undo()
+    wider = tiny_config(tiny_run["data"]["root"], out, "stage1.margin=80")
+    assert s1_predict.main(wider) == 0
+    assert "reusing" not in capsys.readouterr().out
+    old, new = pd.read_csv(pd.io.common.BytesIO(before)), pd.read_csv(out / "bboxes.csv")
+    assert (new.x1 - new.x0 >= old.x1 - old.x0).all() and (new.key != old.key).all()
+
+
+def test_changed_checkpoint_invalidates_the_cache(tiny_run, tmp_path, capsys):
+    out = tmp_path / "run"
+    shutil.copytree(tiny_run["output"]["dir"], out)
+    cfg = tiny_config(tiny_run["data"]["root"], out)
+    import torch
+
+    ckpt = torch.load(out / "stage1" / "best.pt", weights_only=False)
+    ckpt["epoch"] += 100  # same net, different bytes: a different checkpoint
+    torch.save(ckpt, out / "stage1" / "best.pt")
+    assert s1_predict.main(cfg) == 0
+    assert "reusing" not in capsys.readouterr().out
+
+
+def test_stage2_submission_format_and_order(tiny_run, sample_root):
+    assert s2_predict.main(tiny_run) == 0
+    out = tiny_run["output"]["dir"]
+    sub = _submission(f"{out}/submission.csv.gz")
+    assert list(sub.columns) == ["img", "rle_mask"]
+    assert sub.img.tolist() == pd.read_csv(sample_root / "sample_submission.csv").img.tolist()
+    for rle in sub.rle_mask[:3]:
+        assert rle_decode(rle, (1280, 1918)).sum() > 0
+
+
+def test_boxes_from_another_run_skip_stage1(tiny_run, tmp_path):
+    cfg = tiny_config(tiny_run["data"]["root"], tmp_path / "other", f"bboxes.path={tiny_run['output']['dir']}/bboxes.csv",
+                      f"stage1.checkpoint={tiny_run['output']['dir']}/stage1/best.pt",
+                      f"stage2.checkpoint={tiny_run['output']['dir']}/stage2/best.pt", "data.limit_test=2")
+    assert s2_predict.main(cfg) == 0
+    assert not (tmp_path / "other" / "bboxes.csv").exists()
+    assert len(_submission(tmp_path / "other" / "submission.csv.gz")) == 2
+
+
+def test_coarse_channel_mismatch_is_a_clear_error(tiny_run):
+    from common.config import ConfigError
+
+    cfg = tiny_config(tiny_run["data"]["root"], tiny_run["output"]["dir"], "stage2.coarse_channel=false")
+    with pytest.raises(ConfigError, match="input channels"):
+        s2_predict.main(cfg)
+
+
+def test_evaluate_scores_both_stages(tiny_run):
+    from pipelines.evaluate import evaluate
+
+    metrics = evaluate(tiny_run)
+    assert len(metrics) == 16 and metrics.dice_stage1.between(0, 1).all() and metrics.dice_cascade.between(0, 1).all()
+    report = tiny_run["output"]["dir"] + "/report"
+    assert len(list(__import__("pathlib").Path(report, "overlays").glob("*.png"))) == 6

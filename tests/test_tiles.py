@@ -1,0 +1,111 @@
+import math
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from stage2_fullres.tiles import blend_weights, cut_tiles, plan_axis, plan_tiles, stitch
+
+
+@st.composite
+def image_and_box(draw):
+    w, h = draw(st.integers(16, 5000)), draw(st.integers(16, 3000))
+    x0, y0 = draw(st.integers(0, w - 1)), draw(st.integers(0, h - 1))
+    x1, y1 = draw(st.integers(x0 + 1, w)), draw(st.integers(y0 + 1, h))
+    tile = draw(st.sampled_from([64, 256, 1024]))
+    overlap = draw(st.integers(0, tile // 2))
+    return w, h, (x0, y0, x1, y1), tile, overlap
+
+
+def _min_tiles(span, tile, overlap):
+    return 1 if span <= tile else 1 + math.ceil((span - tile) / (tile - overlap))
+
+
+@settings(max_examples=500, deadline=None)
+@given(image_and_box())
+def test_planner_invariants(case):
+    w, h, box, tile, overlap = case
+    windows = plan_tiles(w, h, box, tile, overlap)
+    covered = np.zeros((h, w), bool)
+    for x0, y0, x1, y1 in windows:
+        assert x1 - x0 == tile and y1 - y0 == tile
+        if w >= tile:
+            assert 0 <= x0 and x1 <= w  # inside the image along axes it covers
+        else:
+            assert x0 == 0  # padded
+        if h >= tile:
+            assert 0 <= y0 and y1 <= h
+        else:
+            assert y0 == 0
+        covered[max(y0, 0) : y1, max(x0, 0) : x1] = True
+    bx0, by0, bx1, by1 = box
+    assert covered[by0:by1, bx0:bx1].all()
+    xs = sorted({x0 for x0, _, _, _ in windows})
+    ys = sorted({y0 for _, y0, _, _ in windows})
+    assert all(b - a <= tile - overlap for a, b in zip(xs, xs[1:]))  # overlap at least the minimum
+    assert all(b - a <= tile - overlap for a, b in zip(ys, ys[1:]))
+    nx = 1 if w <= tile else _min_tiles(bx1 - bx0, tile, overlap)
+    ny = 1 if h <= tile else _min_tiles(by1 - by0, tile, overlap)
+    assert (len(xs), len(ys)) == (nx, ny) and len(windows) == nx * ny  # as few as possible
+
+
+def test_real_sized_boxes_need_at_most_two_tiles():
+    # widths from the real data: 543..1918 px, heights 428..1018
+    for width in (543, 1024, 1236, 1778, 1918):
+        x0 = (1918 - width) // 2
+        windows = plan_tiles(1918, 1280, (x0, 200, x0 + width, 1218), 1024, 64)
+        assert len(windows) == (1 if width <= 1024 else 2)
+    assert len(plan_axis(0, 3000, 3000, 1024, 64)) == 4  # wider than 2T - overlap: 3 or more
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError):
+        plan_tiles(100, 100, (10, 10, 10, 20), 64, 8)
+    with pytest.raises(ValueError):
+        plan_axis(0, 10, 100, 64, 64)
+
+
+@settings(max_examples=60, deadline=None)
+@given(image_and_box(), st.sampled_from(["mean", "smooth"]))
+def test_identity_model_stitches_back_exactly(case, blend):
+    w, h, box, tile, overlap = case
+    if w * h > 2_000_000:
+        w, h = min(w, 1500), min(h, 1000)
+        box = (min(box[0], w - 1), min(box[1], h - 1), min(max(box[2], box[0] + 1), w), min(max(box[3], box[1] + 1), h))
+    rng = np.random.default_rng(0)
+    prob = rng.random((h, w), dtype=np.float32)
+    windows = plan_tiles(w, h, box, tile, overlap)
+    tiles = cut_tiles(prob, windows)  # the "model" returns its input channel
+    out = stitch(tiles, windows, box, w, h, blend_weights(tile, blend))
+    x0, y0, x1, y1 = box
+    np.testing.assert_allclose(out[y0:y1, x0:x1], prob[y0:y1, x0:x1], rtol=1e-5, atol=1e-6)
+    outside = np.ones((h, w), bool)
+    outside[y0:y1, x0:x1] = False
+    assert (out[outside] == 0).all()
+
+
+def test_blending_weights_sum_correctly_in_overlaps():
+    """Two tiles predicting constants a and b: the overlap gets their weighted mean."""
+    w, h, tile = 300, 100, 100
+    box = (0, 0, 180, 100)
+    windows = plan_tiles(w, h, box, tile, 20)
+    assert len(windows) == 2
+    tiles = np.stack([np.full((tile, tile), 0.2, np.float32), np.full((tile, tile), 0.8, np.float32)])
+    mean = stitch(tiles, windows, box, w, h, blend_weights(tile, "mean"))
+    overlap_cols = range(windows[1][0], windows[0][2])
+    assert np.allclose(mean[:, overlap_cols], 0.5) and np.allclose(mean[:, :windows[1][0]], 0.2)
+    smooth = stitch(tiles, windows, box, w, h, blend_weights(tile, "smooth"))
+    row = smooth[50, overlap_cols]
+    assert (np.diff(row) >= -1e-6).all() and 0.2 < row[0] < row[-1] < 0.8  # fades from one tile to the other
+    assert np.allclose(smooth[:, : windows[1][0]], 0.2)
+
+
+def test_image_smaller_than_tile_is_reflect_padded():
+    img = np.arange(30 * 40, dtype=np.float32).reshape(30, 40)
+    windows = plan_tiles(40, 30, (0, 0, 40, 30), 64, 8)
+    assert windows == [(0, 0, 64, 64)]
+    tile = cut_tiles(img, windows)[0]
+    assert tile.shape == (64, 64) and (tile[:30, :40] == img).all() and tile[30, 0] == img[28, 0]
+    out = stitch(tile[None], windows, (0, 0, 40, 30), 40, 30, blend_weights(64))
+    assert np.allclose(out, img)

@@ -1,0 +1,94 @@
+import time
+
+import pandas as pd
+import pytest
+import torch
+from torch.utils.data import TensorDataset
+
+from common.config import ConfigError, load_config
+from common.model import UNet
+from common.trainer import load_checkpoint, load_model, plot_history, train
+
+
+def _blobs(n=16, size=32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    y = torch.zeros(n, 1, size, size)
+    for i in range(n):
+        r, c = torch.randint(4, size - 12, (2,), generator=g)
+        y[i, :, r : r + 10, c : c + 10] = 1
+    x = torch.rand(n, 3, size, size, generator=g) * 0.3 + y * 0.5  # bright squares on noise
+    return TensorDataset(x, y)
+
+
+def _settings(**kw):
+    s = load_config(None)["stage1"] | {"depth": 3, "width": 8, "batch_size": 4, "workers": 0, "augment": False, "lr": 3e-3}
+    return s | kw
+
+
+def _validator(data):
+    x, y = data.tensors
+
+    def validate(model):
+        with torch.no_grad():
+            logits = model(x)
+        from common.losses import bce_dice_loss
+        from common.metrics import dice
+
+        return {"val_loss": bce_dice_loss(logits, y).item(),
+                "val_dice": float(sum(dice(p, t) for p, t in zip(logits[:, 0] > 0, y[:, 0] > 0.5)) / len(y))}
+
+    return validate
+
+
+def test_loss_falls_and_outputs_are_written(tmp_path):
+    data = _blobs()
+    history = train(UNet(3, 3, 8), data, _validator(data), _settings(epochs=6), tmp_path, {"k": 1}, torch.device("cpu"))
+    assert history[-1]["train_loss"] < 0.6 * history[0]["train_loss"]
+    assert history[-1]["val_dice"] > history[0]["val_dice"]
+    for name in ("last.pt", "best.pt", "history.csv", "learning_curves.png"):
+        assert (tmp_path / name).is_file()
+    frame = pd.read_csv(tmp_path / "history.csv")
+    assert list(frame.columns) == ["epoch", "train_loss", "val_loss", "val_dice", "lr", "seconds"] and len(frame) == 6
+    assert load_checkpoint(tmp_path / "last.pt", torch.device("cpu"))["config"] == {"k": 1}
+
+
+def test_resume_continues_exactly(tmp_path):
+    data = _blobs()
+    cpu = torch.device("cpu")
+    full = train(UNet(3, 3, 8), data, _validator(data), _settings(epochs=4, schedule="constant"), tmp_path / "a", {}, cpu)
+    train(UNet(3, 3, 8), data, _validator(data), _settings(epochs=2, schedule="constant"), tmp_path / "b", {}, cpu)
+    stopped = load_checkpoint(tmp_path / "b" / "last.pt", cpu)
+    assert stopped["epoch"] == 2 and stopped["optimizer"]["state"]
+    resumed = train(UNet(3, 3, 8), data, _validator(data), _settings(epochs=4, schedule="constant", resume=True), tmp_path / "b", {}, cpu)
+    assert [h["epoch"] for h in resumed] == [1, 2, 3, 4]
+    assert [round(h["train_loss"], 5) for h in resumed] == [round(h["train_loss"], 5) for h in full]
+
+
+def test_max_minutes_stops_in_time_and_keeps_best(tmp_path):
+    data = _blobs()
+    t0 = time.monotonic()
+    history = train(UNet(3, 3, 8), data, _validator(data), _settings(epochs=1000, max_minutes=0.05), tmp_path, {}, torch.device("cpu"))
+    assert len(history) < 1000 and time.monotonic() - t0 < 60
+    assert (tmp_path / "best.pt").is_file()
+
+
+def test_checkpoint_of_another_architecture_is_refused(tmp_path):
+    data = _blobs(n=4)
+    train(UNet(3, 3, 8), data, _validator(data), _settings(epochs=1), tmp_path, {}, torch.device("cpu"))
+    with pytest.raises(ConfigError, match="trained with"):
+        load_model(tmp_path / "last.pt", torch.device("cpu"), expect=UNet(3, 4, 8).args)
+    with pytest.raises(ConfigError, match="trained with"):
+        train(UNet(3, 4, 8), data, _validator(data), _settings(epochs=2, resume=True), tmp_path, {}, torch.device("cpu"))
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(ConfigError, match="junk.pt.*not a checkpoint"):
+        load_model(tmp_path / "junk.pt", torch.device("cpu"))
+
+
+def test_plot_command_redraws(tmp_path):
+    from pipelines.cli import main
+
+    data = _blobs(n=4)
+    train(UNet(3, 3, 8), data, _validator(data), _settings(epochs=1), tmp_path, {}, torch.device("cpu"))
+    (tmp_path / "learning_curves.png").unlink()
+    assert main(["plot", str(tmp_path)]) == 0 and (tmp_path / "learning_curves.png").is_file()
+    assert plot_history(tmp_path).stat().st_size > 1000
