@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import gzip
+import sys
 import warnings
 from pathlib import Path
 
@@ -57,3 +58,16 @@ def write_errors(out: Path, errors: pd.DataFrame, stage: str) -> None:
     merged = pd.concat([old[old["stage"] != stage], errors.assign(stage=stage)[["img", "stage", "reason"]]], ignore_index=True)
     if len(merged) or path.is_file():
         write_csv(path, merged.sort_values(["stage", "img"]))
+
+
+def finish_predictions(out: Path, store: ChunkStore, images: list[Sample], test: list[Sample], stage: str, submission: str) -> int:
+    """Write the submission and errors.csv from the chunks; exit status 1 if any image failed, so scripts notice."""
+    frame = store.frame(["img", "error"])
+    errors = frame[(frame["error"] != "") & frame["img"].isin({x.img for x in images})].rename(columns={"error": "reason"})
+    rows = write_submission(out / submission, store, [x.img for x in test])
+    write_errors(out, errors, stage)
+    print(f"{stage}: wrote {out / submission} ({rows} rows)")
+    if len(errors):
+        print(f"{stage}: {len(errors)} of {len(images)} image(s) failed, listed in {out / 'errors.csv'}", file=sys.stderr)
+        return 1
+    return 0

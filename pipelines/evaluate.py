@@ -14,7 +14,7 @@ from common.data import index_split, split_by_car
 from common.io import atomic_path, read_image, read_mask, write_csv, write_text
 from common.metrics import dice
 from common.trainer import pick_device
-from stage1_lowres.predict import CoarseModel, upsample
+from stage1_lowres.predict import CoarseModel
 from stage2_fullres.boxes import stage1_boxes
 from stage2_fullres.predict import checkpoint_path as s2_checkpoint
 from stage2_fullres.predict import load_refiner
@@ -64,7 +64,7 @@ def evaluate(cfg: dict) -> pd.DataFrame:
     for sample in val:
         image, truth = read_image(sample.image), read_mask(sample.mask)
         height, width = truth.shape
-        prior = upsample(coarse.probs(coarse.read(sample.image)[None])[0], width, height)
+        prior = coarse.full_res(sample.image, width, height)
         box = boxes[sample.img]
         stage1, cascade = prior > thr, prior > thr
         if model is not None:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import sys
 import warnings
 from pathlib import Path
 
@@ -23,7 +22,7 @@ from common.chunks import ChunkStore
 from common.data import DataError, Sample, index_split
 from common.inference import predict_probs, to_input
 from common.io import ImageReadError, image_size, read_image, write_csv
-from common.submission import test_samples, write_errors, write_submission
+from common.submission import finish_predictions, test_samples
 from common.rle import rle_encode
 from common.trainer import load_model, pick_device
 
@@ -80,6 +79,10 @@ class CoarseModel:
 
     def probs(self, images: np.ndarray) -> np.ndarray:
         return predict_probs(self.model, to_input(images), self.device, self.batch)
+
+    def full_res(self, path: Path, width: int, height: int) -> np.ndarray:
+        """The coarse probability of one image, upsampled to its full size: stage 2's prior."""
+        return upsample(self.probs(self.read(path)[None])[0], width, height)
 
 
 def _try_read(coarse: CoarseModel, sample: Sample):
@@ -142,16 +145,8 @@ def main(cfg: dict) -> int:
 
 
 def _finish(cfg: dict, out: Path, store: ChunkStore, train: list[Sample], test: list[Sample]) -> int:
-    wanted = {x.img for x in train + test}
     frame = store.frame(BOX_COLUMNS + ["error"])
-    frame = frame[frame["img"].isin(wanted)]
-    errors = frame[frame["error"] != ""].rename(columns={"error": "reason"})
-    good = frame[frame["error"] == ""]
+    good = frame[(frame["error"] == "") & frame["img"].isin({x.img for x in train + test})]
     write_csv(out / "bboxes.csv", good.sort_values("img")[BOX_COLUMNS])
-    rows = write_submission(out / "stage1_submission.csv.gz", store, [x.img for x in test])
-    write_errors(out, errors, "stage1")
-    print(f"stage 1: wrote {out / 'bboxes.csv'} ({len(good)} boxes) and {out / 'stage1_submission.csv.gz'} ({rows} rows)")
-    if len(errors):
-        print(f"stage 1: {len(errors)} image(s) could not be read, listed in {out / 'errors.csv'}", file=sys.stderr)
-        return 1
-    return 0
+    print(f"stage1: wrote {out / 'bboxes.csv'} ({len(good)} boxes)")
+    return finish_predictions(out, store, train + test, test, "stage1", "stage1_submission.csv.gz")

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import sys
 from pathlib import Path
 
 import torch
@@ -19,9 +18,9 @@ from common.config import ConfigError
 from common.data import DataError
 from common.io import ImageReadError, read_image
 from common.rle import rle_encode
-from common.submission import test_samples, write_errors, write_submission
+from common.submission import finish_predictions, test_samples
 from common.trainer import load_model, pick_device
-from stage1_lowres.predict import CoarseModel, file_hash, upsample
+from stage1_lowres.predict import CoarseModel, file_hash
 from stage2_fullres.boxes import stage1_boxes
 from stage2_fullres.refine import refine
 
@@ -77,18 +76,8 @@ def main(cfg: dict) -> int:
                 rows.append({"img": sample.img, "rle_mask": "", "error": f"{sample.image}: no stage-1 box in the cache"})
                 continue
             height, width = image.shape[:2]
-            prior = None
-            if coarse is not None:
-                prior = upsample(coarse.probs(coarse.read(sample.image)[None])[0], width, height)
+            prior = None if coarse is None else coarse.full_res(sample.image, width, height)
             prob = refine(model, image, prior, boxes[sample.img], s, device, cfg["predict"]["batch_size"], cfg["predict"]["tta_flip"])
             rows.append({"img": sample.img, "rle_mask": rle_encode(prob > cfg["predict"]["threshold"]), "error": ""})
         store.write(rows)
-    frame = store.frame(["img", "error"])
-    errors = frame[(frame["error"] != "") & frame["img"].isin({x.img for x in test})].rename(columns={"error": "reason"})
-    n = write_submission(out / "submission.csv.gz", store, [x.img for x in test])
-    write_errors(out, errors, "stage2")
-    print(f"stage 2: wrote {out / 'submission.csv.gz'} ({n} rows)")
-    if len(errors):
-        print(f"stage 2: {len(errors)} of {len(test)} test image(s) failed, listed in {out / 'errors.csv'}", file=sys.stderr)
-        return 1
-    return 0
+    return finish_predictions(out, store, test, test, "stage2", "submission.csv.gz")

@@ -66,9 +66,7 @@ def full_res_validator(pairs: list[Pair], boxes: dict[str, Box], coarse_model: C
         losses, scores = [], []
         for p in pairs:
             image, truth = read_image(p.sample.image), read_mask(p.sample.mask)
-            coarse = None
-            if coarse_model is not None:
-                coarse = upsample(coarse_model.probs(coarse_model.read(p.sample.image)[None])[0], p.width, p.height)
+            coarse = None if coarse_model is None else coarse_model.full_res(p.sample.image, p.width, p.height)
             prob = refine(model, image, coarse, boxes[p.sample.img], s, device, batch)
             scores.append(dice(prob > cfg["predict"]["threshold"], truth))
             logit = torch.logit(torch.from_numpy(prob).clamp(1e-6, 1 - 1e-6))[None, None]

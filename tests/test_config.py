@@ -54,3 +54,24 @@ def test_required_key_names_exist():
         node = cfg
         for part in key.split("."):
             node = node[part]
+
+
+def test_shipped_pipelines_load():
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1] / "pipelines"
+    demo = load_config(root / "demo.yaml")
+    full = load_config(root / "pipeline.yaml")
+    assert demo["sample"]["cars"] > 0 and full["sample"]["cars"] == 0
+    assert full["stage1"]["size"] == 512 and full["stage2"]["tile"] == 1024 and full["data"]["root"] == "data/carvana"
+
+
+def test_readme_documents_every_key():
+    from pathlib import Path
+
+    from common.config import _VALID
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    for key in _VALID:
+        stage, _, leaf = key.partition(".")
+        assert f"`{key}`" in readme or (stage in ("stage1", "stage2") and f"| `{leaf}` |" in readme), key

@@ -100,7 +100,7 @@ def test_unreadable_test_images_do_not_stop_prediction(tiny_run, tmp_path):
     assert errors.reason.str.contains("empty file").any()
     # the same from the command line: exit status 1 and a count
     proc = subprocess.run([*CLI, "stage2", "predict", *[f"{k}={v}" for k, v in _flat(cfg)]], capture_output=True, text=True)
-    assert proc.returncode == 1 and "2 of 16 test image(s) failed" in proc.stderr
+    assert proc.returncode == 1 and "2 of 16 image(s) failed" in proc.stderr
 
 
 def _flat(cfg, prefix=""):
