@@ -65,10 +65,10 @@ def load_model(path: str | Path, device: torch.device, expect: dict | None = Non
     return model.eval(), ckpt
 
 
-def _lr_factor(schedule: str, epoch: int, epochs: int, step_every: int, time_spent: float = 0.0) -> float:
-    """`time_spent` is the share of the time budget used: a cosine follows whichever of epochs and time runs out first."""
+def _lr_factor(schedule: str, epoch: int, epochs: int, step_every: int) -> float:
+    """Per epoch, never per second: a run is reproducible whatever the machine's speed."""
     if schedule == "cosine":
-        return 0.5 * (1 + math.cos(math.pi * min(max(epoch / max(epochs, 1), time_spent), 1.0)))
+        return 0.5 * (1 + math.cos(math.pi * epoch / max(epochs, 1)))
     if schedule == "step":
         return 0.1 ** (epoch // max(step_every, 1))
     if schedule == "constant":
@@ -117,8 +117,7 @@ def train(model: nn.Module, dataset: Dataset, validate: Validate, settings: dict
     accum = max(settings["accum"], 1)
     val_seconds = 0.0
     while epoch < settings["epochs"]:
-        spent = (time.monotonic() - started) / budget
-        lr = settings["lr"] * _lr_factor(settings["schedule"], epoch, settings["epochs"], settings["step_every"], spent)
+        lr = settings["lr"] * _lr_factor(settings["schedule"], epoch, settings["epochs"], settings["step_every"])
         for group in opt.param_groups:
             group["lr"] = lr
         model.train()

@@ -175,3 +175,23 @@ def test_killed_prediction_resumes_to_identical_bytes(tiny_run, tmp_path):
     assert f"{16 - 2 * finished} test images to do, {2 * finished} already done" in rerun.stdout
     assert (out / "submission.csv.gz").read_bytes() == (tmp_path / "full" / "submission.csv.gz").read_bytes()
     print(f"full run {full_seconds:.1f}s, rerun after kill at {finished}/8 chunks {rerun_seconds:.1f}s")
+
+
+def test_ctrl_c_stops_cleanly_and_the_rerun_completes(tiny_run, tmp_path):
+    src = tiny_run["output"]["dir"]
+    out = tmp_path / "out"
+    args = [*CLI, "stage2", "predict", f"output.dir={out}", f"data.root={tiny_run['data']['root']}", f"bboxes.path={src}/bboxes.csv",
+            f"stage1.checkpoint={src}/stage1/best.pt", f"stage2.checkpoint={src}/stage2/best.pt", "predict.chunk=2",
+            "stage2.depth=3", "stage2.width=4", "stage1.size=64", "device=cpu"]
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and not list(out.glob("stage2_chunks/*/part-*.csv")):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and "interrupted" in err
+    for part in out.glob("stage2_chunks/*/part-*.csv"):  # every chunk on disk is whole
+        assert len(pd.read_csv(part)) == 2
+    assert not list(out.glob("stage2_chunks/*/part-*.tmp"))
+    subprocess.run(args, check=True, capture_output=True)
+    assert len(pd.read_csv(gzip.open(out / "submission.csv.gz"))) == 16

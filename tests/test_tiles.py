@@ -109,3 +109,18 @@ def test_image_smaller_than_tile_is_reflect_padded():
     assert tile.shape == (64, 64) and (tile[:30, :40] == img).all() and tile[30, 0] == img[28, 0]
     out = stitch(tile[None], windows, (0, 0, 40, 30), 40, 30, blend_weights(64))
     assert np.allclose(out, img)
+
+
+def test_real_photo_round_trips_through_tiles(real_samples):
+    """A real 1918x1280 test photo cut into the planned tiles and stitched back is unchanged inside the box."""
+    from common.io import read_image
+
+    image = read_image(sorted((real_samples / "test_fullres").glob("*.jpg"))[4])
+    assert image.shape == (1280, 1918, 3)
+    box = (60, 300, 1860, 1100)  # a wide side view: two tiles
+    windows = plan_tiles(1918, 1280, box, 1024, 64)
+    assert len(windows) == 2
+    for channel in range(3):
+        plane = image[..., channel].astype(np.float32)
+        out = stitch(cut_tiles(plane, windows), windows, box, 1918, 1280, blend_weights(1024, "smooth"))
+        np.testing.assert_allclose(out[300:1100, 60:1860], plane[300:1100, 60:1860], atol=1e-3)
