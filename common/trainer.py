@@ -22,6 +22,7 @@ from common.augment import augment_batch
 from common.config import ConfigError
 from common.io import save_torch, write_csv
 from common.losses import bce_dice_loss
+from common.model import UNet
 
 Validate = Callable[[nn.Module], dict]  # model -> {"val_loss": float, "val_dice": float}
 
@@ -34,9 +35,9 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def build_model(settings: dict, in_channels: int, prior_skip: bool = False) -> nn.Module:
-    from common.model import UNet
-
+def build_model(settings: dict, in_channels: int, prior_skip: bool = False, seed: int = 0) -> nn.Module:
+    """A fresh U-Net whose initial weights depend only on `seed`."""
+    torch.manual_seed(seed)
     return UNet(in_channels, settings["depth"], settings["width"], settings["dropout"], prior_skip)
 
 
@@ -57,8 +58,6 @@ def load_checkpoint(path: str | Path, device: torch.device, expect: dict | None 
 
 def load_model(path: str | Path, device: torch.device, expect: dict | None = None) -> tuple[nn.Module, dict]:
     """Rebuild the net a checkpoint was trained with, in eval mode."""
-    from common.model import UNet
-
     ckpt = load_checkpoint(path, device, expect)
     model = UNet(**ckpt["model_args"]).to(device)
     model.load_state_dict(ckpt["model"])

@@ -61,7 +61,7 @@ def main(cfg: dict) -> int:
     save_config(cfg, run_dir / "config.yaml")
     print(f"stage 1: {len(train_pairs)} training and {len(val_pairs)} validation images "
           f"({len({p.sample.car for p in val_pairs})} cars) at {size[0]}x{size[1]} on {device}")
-    model = build_model(s, in_channels=3)
+    model = build_model(s, in_channels=3, seed=cfg["seed"])
     history = train(model, LowResDataset(train_pairs), low_res_validator(val_pairs, device, cfg["predict"]["batch_size"] * 4),
                  {**s, "workers": 0}, run_dir, cfg, device, seed=cfg["seed"])
     report_skipped(run_dir, bad)

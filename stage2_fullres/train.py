@@ -108,7 +108,7 @@ def main(cfg: dict) -> int:
     save_config(cfg, run_dir / "config.yaml")
     print(f"stage 2: {len(train_pairs)} training images ({s['crop']}px crops, {s['train_boxes']} boxes), "
           f"{len(val_pairs)} validation images on {s['tile']}px tiles, on {device}")
-    model = build_model(s, in_channels=4 if s["coarse_channel"] else 3, prior_skip=s["coarse_channel"] and s["prior_skip"])
+    model = build_model(s, in_channels=4 if s["coarse_channel"] else 3, prior_skip=s["coarse_channel"] and s["prior_skip"], seed=cfg["seed"])
     history = train(model, CropDataset(train_pairs, train_box, s, coarse),
                     full_res_validator(val_pairs, cached, coarse_model, cfg, device), s, run_dir, cfg, device, seed=cfg["seed"])
     report_skipped(run_dir, bad)

@@ -91,3 +91,14 @@ def test_evaluate_scores_both_stages(tiny_run):
     assert len(metrics) == 16 and metrics.dice_stage1.between(0, 1).all() and metrics.dice_cascade.between(0, 1).all()
     report = tiny_run["output"]["dir"] + "/report"
     assert len(list(__import__("pathlib").Path(report, "overlays").glob("*.png"))) == 6
+
+
+def test_stage1_training_is_reproducible_on_cpu(sample_root, tmp_path):
+    from stage1_lowres import train as s1_train
+
+    histories = []
+    for run in ("a", "b"):
+        cfg = tiny_config(sample_root, tmp_path / run, "stage1.epochs=1")
+        s1_train.main(cfg)
+        histories.append(pd.read_csv(tmp_path / run / "stage1" / "history.csv").drop(columns="seconds"))
+    pd.testing.assert_frame_equal(histories[0], histories[1])
