@@ -33,3 +33,30 @@ def test_loss_is_low_for_right_and_high_for_wrong_logits():
     good, bad = (t * 2 - 1) * 10, (1 - 2 * t) * 10
     assert bce_dice_loss(good, t) < 0.01 < 5 < bce_dice_loss(bad, t)
     assert bce_dice_loss(bad, t, edge_weight=5) > bce_dice_loss(bad, t)
+
+
+def test_augmentations_keep_mask_and_extra_channel_aligned():
+    from common.augment import augment_batch
+
+    y = torch.zeros(4, 1, 64, 64)
+    y[:, :, 20:40, 5:30] = 1
+    x = torch.cat([torch.rand(4, 3, 64, 64), y.clone()], 1)  # 4th channel = the mask itself
+    gen = torch.Generator().manual_seed(0)
+    xa, ya = augment_batch(x, y, gen, scale=0.2, shift=0.2)
+    assert not torch.equal(ya, y)  # something moved
+    agree = ((xa[:, 3:] > 0.5).float() == ya).float().mean()
+    assert agree > 0.995  # geometry applied identically (bilinear edges aside)
+    assert xa[:, :3].min() >= 0 and xa[:, :3].max() <= 1
+
+
+def test_flip_tta_averages_with_the_mirrored_prediction():
+    from common.inference import predict_probs
+
+    class Ramp(torch.nn.Module):  # predicts a left-to-right ramp whatever the input
+        def forward(self, x):
+            return torch.linspace(-3, 3, x.shape[-1]).expand(x.shape[0], 1, *x.shape[-2:])
+
+    x = torch.rand(2, 3, 8, 10)
+    plain = predict_probs(Ramp(), x, torch.device("cpu"), 1)
+    tta = predict_probs(Ramp(), x, torch.device("cpu"), 1, flip=True)
+    assert plain[0, 0, 0] < 0.1 and torch.allclose(torch.from_numpy(tta), torch.full_like(torch.from_numpy(tta), 0.5), atol=1e-6)
