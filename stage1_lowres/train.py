@@ -54,7 +54,7 @@ def main(cfg: dict) -> int:
     if not val_samples:
         raise DataError("stage 1 needs validation cars; set data.val_cars to a count, a list or k/K")
     size = (s["size"], s["size"])
-    pairs, bad = scan_pairs(samples, size, keep=True, max_bad_share=data["max_bad_share"], jobs=max(s["workers"], 1) * 2)
+    pairs, bad = scan_pairs(samples, size, keep=True, max_bad_share=data["max_bad_share"], jobs=max(s["workers"], 1))
     val_ids = {v.id for v in val_samples}
     train_pairs = [p for p in pairs if p.sample.id not in val_ids]
     val_pairs = [p for p in pairs if p.sample.id in val_ids]

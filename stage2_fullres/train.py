@@ -85,7 +85,7 @@ def main(cfg: dict) -> int:
     _, val_samples = split_by_car(samples, data["val_cars"])
     if not val_samples:
         raise DataError("stage 2 needs validation cars; set data.val_cars to a count, a list or k/K")
-    pairs, bad = scan_pairs(samples, keep=False, max_bad_share=data["max_bad_share"], jobs=max(s["workers"], 1) * 2)
+    pairs, bad = scan_pairs(samples, keep=False, max_bad_share=data["max_bad_share"], jobs=max(s["workers"], 1))
     cached = stage1_boxes(cfg)
     val_ids = {v.id for v in val_samples}
     train_pairs = [p for p in pairs if p.sample.id not in val_ids and p.box is not None]
