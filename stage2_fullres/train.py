@@ -85,7 +85,9 @@ def main(cfg: dict) -> int:
     _, val_samples = split_by_car(samples, data["val_cars"])
     if not val_samples:
         raise DataError("stage 2 needs validation cars; set data.val_cars to a count, a list or k/K")
-    pairs, bad = scan_pairs(samples, keep=False, max_bad_share=data["max_bad_share"], jobs=max(s["workers"], 1))
+    # the scan decodes every image once at stage-1 size; keep those only when the coarse channel needs them
+    small = (cfg["stage1"]["size"], cfg["stage1"]["size"])
+    pairs, bad = scan_pairs(samples, small, keep=s["coarse_channel"], max_bad_share=data["max_bad_share"], jobs=max(s["workers"], 1))
     cached = stage1_boxes(cfg)
     val_ids = {v.id for v in val_samples}
     train_pairs = [p for p in pairs if p.sample.id not in val_ids and p.box is not None]
@@ -102,9 +104,10 @@ def main(cfg: dict) -> int:
     coarse_model, coarse = None, None
     if s["coarse_channel"]:
         coarse_model = CoarseModel(cfg, device)
-        images = np.stack([coarse_model.read(p.sample.image) for p in train_pairs])
-        probs = coarse_model.probs(images)
+        probs = coarse_model.probs(np.stack([p.image for p in train_pairs]))
         coarse = {p.sample.img: (prob * 255).round().astype(np.uint8) for p, prob in zip(train_pairs, probs)}
+        for p in pairs:
+            p.image = p.mask = None  # the crops read full-resolution files
     save_config(cfg, run_dir / "config.yaml")
     print(f"stage 2: {len(train_pairs)} training images ({s['crop']}px crops, {s['train_boxes']} boxes), "
           f"{len(val_pairs)} validation images on {s['tile']}px tiles, on {device}")
