@@ -120,7 +120,7 @@ def train(model: nn.Module, dataset: Dataset, validate: Validate, settings: dict
         for group in opt.param_groups:
             group["lr"] = lr
         model.train()
-        t0, seen, total = time.monotonic(), 0, 0.0
+        t0, seen, total = time.monotonic(), 0, torch.zeros((), device=device)
         out_of_time = False
         bar = tqdm(loader, desc=f"epoch {epoch + 1}/{settings['epochs']}", leave=False, mininterval=1.0, disable=None)
         opt.zero_grad(set_to_none=True)
@@ -136,8 +136,9 @@ def train(model: nn.Module, dataset: Dataset, validate: Validate, settings: dict
                 scaler.update()
                 opt.zero_grad(set_to_none=True)
             seen += len(x)
-            total += loss.item() * len(x)
-            bar.set_postfix(loss=f"{total / seen:.4f}", img_s=f"{seen / (time.monotonic() - t0):.1f}")
+            total += loss.detach() * len(x)  # stays on the device: no GPU sync per step
+            if i % 20 == 0 and not bar.disable:
+                bar.set_postfix(loss=f"{total.item() / seen:.4f}", img_s=f"{seen / (time.monotonic() - t0):.1f}")
             if time.monotonic() - started + val_seconds > budget:
                 out_of_time = True
                 break
@@ -148,7 +149,7 @@ def train(model: nn.Module, dataset: Dataset, validate: Validate, settings: dict
             val = validate(model)
         val_seconds = time.monotonic() - v0
         epoch += 1
-        row = {"epoch": epoch, "train_loss": total / max(seen, 1), "val_loss": val["val_loss"], "val_dice": val["val_dice"],
+        row = {"epoch": epoch, "train_loss": total.item() / max(seen, 1), "val_loss": val["val_loss"], "val_dice": val["val_dice"],
                "lr": lr, "seconds": round(time.monotonic() - t0, 2)}
         history.append(row)
         state = {"model": model.state_dict(), "model_args": model.args, "optimizer": opt.state_dict(),

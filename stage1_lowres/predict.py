@@ -58,10 +58,20 @@ def box_from_probability(prob: np.ndarray, width: int, height: int, margin: int,
     return expand_box(scale_box(extent, width / small_w, height / small_h), margin, width, height)
 
 
-def upsample(prob: np.ndarray, width: int, height: int) -> np.ndarray:
-    """Low-resolution probability -> full-resolution probability (bilinear)."""
+def upsample(prob: np.ndarray, width: int, height: int, window: Box | None = None) -> np.ndarray:
+    """Low-resolution probability -> full-resolution probability (bilinear, half-pixel centres).
+
+    With `window` (inside the image), only that part of the full-resolution map is computed: a
+    training crop then costs its own pixels, not a whole 1918x1280 upsample.
+    """
+    x0, y0, x1, y1 = window or (0, 0, width, height)
     t = torch.from_numpy(np.ascontiguousarray(prob, dtype=np.float32))[None, None]
-    return F.interpolate(t, size=(height, width), mode="bilinear", align_corners=False)[0, 0].numpy()
+    if window is None:
+        return F.interpolate(t, size=(height, width), mode="bilinear", align_corners=False)[0, 0].numpy()
+    gx = torch.arange(x0, x1, dtype=torch.float32).add_(0.5).mul_(2 / width).sub_(1)
+    gy = torch.arange(y0, y1, dtype=torch.float32).add_(0.5).mul_(2 / height).sub_(1)
+    grid = torch.stack(torch.meshgrid(gx, gy, indexing="xy"), -1)[None]
+    return F.grid_sample(t, grid, mode="bilinear", padding_mode="border", align_corners=False)[0, 0].numpy()
 
 
 class CoarseModel:

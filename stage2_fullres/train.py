@@ -54,7 +54,11 @@ class CropDataset(Dataset):
         mask = cut_tiles(read_mask(p.sample.mask), window)
         extra = None
         if self.coarse is not None:
-            extra = cut_tiles(upsample(self.coarse[p.sample.img].astype(np.float32) / 255, p.width, p.height), window)
+            prob = self.coarse[p.sample.img].astype(np.float32) / 255
+            if left + crop <= p.width and top + crop <= p.height:
+                extra = upsample(prob, p.width, p.height, window[0])[None]
+            else:  # an image smaller than the crop: reflect-pad the full map, as prediction does
+                extra = cut_tiles(upsample(prob, p.width, p.height), window)
         return to_input(image, extra)[0], torch.from_numpy(mask.astype(np.float32))
 
 

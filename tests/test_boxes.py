@@ -56,3 +56,13 @@ def test_jittered_box_is_valid(amount, seed):
     rng = np.random.default_rng(seed)
     x0, y0, x1, y1 = jitter_box((10, 20, 60, 50), amount, rng, 80, 70)
     assert 0 <= x0 < x1 <= 80 and 0 <= y0 < y1 <= 70
+
+
+def test_windowed_upsample_equals_the_full_one():
+    from stage1_lowres.predict import upsample
+
+    prob = np.random.default_rng(0).random((64, 64), dtype=np.float32)
+    full = upsample(prob, 1918, 1280)
+    for window in [(0, 0, 256, 256), (1662, 1024, 1918, 1280), (700, 300, 1084, 684)]:
+        x0, y0, x1, y1 = window
+        np.testing.assert_allclose(upsample(prob, 1918, 1280, window), full[y0:y1, x0:x1], atol=1e-5)

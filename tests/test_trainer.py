@@ -1,5 +1,3 @@
-import time
-
 import pandas as pd
 import pytest
 import torch
@@ -66,10 +64,10 @@ def test_resume_continues_exactly(tmp_path):
 
 def test_max_minutes_stops_in_time_and_keeps_best(tmp_path):
     data = _blobs()
-    t0 = time.monotonic()
     history = train(UNet(3, 3, 8), data, _validator(data), _settings(epochs=1000, max_minutes=0.05), tmp_path, {}, torch.device("cpu"))
-    assert len(history) < 1000 and time.monotonic() - t0 < 60
-    assert (tmp_path / "best.pt").is_file()
+    assert 1 <= len(history) < 1000  # stopped by the budget, not by the epoch count
+    saved = load_checkpoint(tmp_path / "best.pt", torch.device("cpu"))
+    assert saved["best_dice"] == max(h["val_dice"] for h in history)
 
 
 def test_checkpoint_of_another_architecture_is_refused(tmp_path):
