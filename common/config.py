@@ -62,8 +62,14 @@ DEFAULTS: dict[str, Any] = {
         "val_images": 0,  # validate on this many held-out images per epoch; 0 = all
     },
     "bboxes": {"path": ""},  # a bboxes.csv from another run; empty = <output.dir>/bboxes.csv
-    "predict": {"threshold": 0.5, "batch_size": 2, "tta_flip": False,
-                "chunk": 16},  # images per resumable chunk of prediction results
+    "predict": {
+        "threshold": 0.5,
+        "batch_size": 2,  # tiles per forward pass, across images (mirrored copies ride along with tta_flip)
+        "tta_flip": False,
+        "chunk": 16,  # images per resumable chunk of prediction results
+        "workers": 2,  # reader processes decoding images ahead of the device
+        "compile": False,  # torch.compile the nets: faster on a GPU after a compilation of a minute or so
+    },
 }
 
 # Keys whose value may take more than the default's type.

@@ -1,4 +1,5 @@
-"""Running a net over batches of images: the same code for validation and prediction, both stages."""
+"""Nets at inference time: the low-resolution batch helpers stage-1 validation uses, and `prepare`,
+which puts a net in the layout the GPU runs fastest."""
 from __future__ import annotations
 
 from typing import Iterator
@@ -25,10 +26,12 @@ def forward_batches(model: nn.Module, x: torch.Tensor, device: torch.device, bat
             yield model(x[i : i + batch_size].to(device)).float().cpu()
 
 
-def predict_probs(model: nn.Module, x: torch.Tensor, device: torch.device, batch_size: int, flip: bool = False) -> np.ndarray:
-    """Probabilities (N, H, W); with `flip`, the mean with the prediction on the mirrored input."""
-    probs = torch.cat([torch.sigmoid(z) for z in forward_batches(model, x, device, batch_size)])
-    if flip:
-        mirrored = torch.cat([torch.sigmoid(z) for z in forward_batches(model, x.flip(-1), device, batch_size)])
-        probs = (probs + mirrored.flip(-1)) / 2
-    return probs[:, 0].numpy()
+def prepare(model: nn.Module, device: torch.device, compile: bool = False) -> nn.Module:
+    """Eval mode; on CUDA channels_last (tensor-core convolutions without layout transposes) and
+    cudnn benchmark mode (tile shapes are fixed, so the fastest kernels are picked once); optionally
+    torch.compile, worth it for long runs (the first batches pay for the compilation)."""
+    model.eval()
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+        model = model.to(memory_format=torch.channels_last)
+    return torch.compile(model, dynamic=False) if compile else model

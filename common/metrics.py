@@ -4,17 +4,19 @@ from __future__ import annotations
 from typing import Iterable
 
 import numpy as np
+import torch
 
 
-def dice(pred: np.ndarray, truth: np.ndarray) -> float:
-    """Dice of two boolean masks; two empty masks agree perfectly (1.0)."""
-    pred, truth = np.asarray(pred, bool), np.asarray(truth, bool)
+def dice(pred: np.ndarray | torch.Tensor, truth: np.ndarray | torch.Tensor) -> float:
+    """Dice of two boolean masks (arrays, or tensors on any device); two empty masks agree perfectly (1.0)."""
+    if not isinstance(pred, torch.Tensor):
+        pred, truth = np.asarray(pred, bool), np.asarray(truth, bool)
     if pred.shape != truth.shape:
         raise ValueError(f"shapes differ: {pred.shape} vs {truth.shape}")
     total = int(pred.sum()) + int(truth.sum())
     if total == 0:
         return 1.0
-    return 2.0 * int(np.logical_and(pred, truth).sum()) / total
+    return 2.0 * int((pred & truth).sum()) / total
 
 
 def mean_dice(pairs: Iterable[tuple[np.ndarray, np.ndarray]]) -> float:

@@ -10,15 +10,12 @@ import pandas as pd
 from PIL import Image
 
 from common.boxes import Box
-from common.data import index_split, split_by_car
+from common.data import DataError, index_split, split_by_car
 from common.io import atomic_path, read_image, read_mask, write_csv, write_text
 from common.metrics import dice
 from common.trainer import pick_device
-from stage1_lowres.predict import CoarseModel
-from stage2_fullres.boxes import stage1_boxes
-from stage2_fullres.predict import checkpoint_path as s2_checkpoint
-from stage2_fullres.predict import load_refiner
-from stage2_fullres.refine import refine
+from stage1_lowres.coarse import cached_boxes
+from stage2_fullres.cascade import Cascade, checkpoint_path
 from stage2_fullres.tiles import plan_tiles
 
 FALSE_POSITIVE = np.array([255, 40, 40], np.uint8)  # predicted car, truly background
@@ -53,31 +50,27 @@ def evaluate(cfg: dict) -> pd.DataFrame:
     device = pick_device(cfg["device"])
     samples = index_split(cfg["data"]["root"], "train", cfg["data"]["hq"])
     _, val = split_by_car(samples, cfg["data"]["val_cars"])
-    boxes = stage1_boxes(cfg)
-    has_refiner = s2_checkpoint(cfg).is_file()
+    boxes = cached_boxes(cfg)
+    has_refiner = checkpoint_path(cfg).is_file()
     if not has_refiner:
-        print(f"evaluate: no stage-2 checkpoint at {s2_checkpoint(cfg)}; scoring stage 1 alone")
-    model, coarse = load_refiner(cfg, device) if has_refiner else (None, None)
-    coarse = coarse or CoarseModel(cfg, device)  # stage 1 alone is scored even when the refiner ignores it
+        print(f"evaluate: no stage-2 checkpoint at {checkpoint_path(cfg)}; scoring stage 1 alone")
+    cascade = Cascade.from_config(cfg, device, refiner=has_refiner)  # stage 1 is scored even when the refiner ignores it
     s, thr = cfg["stage2"], cfg["predict"]["threshold"]
     rows, keep = [], {}
-    for sample in val:
-        image, truth = read_image(sample.image), read_mask(sample.mask)
-        height, width = truth.shape
-        prior = coarse.full_res(sample.image, width, height)
-        box = boxes[sample.img]
-        stage1, cascade = prior > thr, prior > thr
-        if model is not None:
-            prob = refine(model, image, prior if s["coarse_channel"] else None, box, s, device,
-                          cfg["predict"]["batch_size"], cfg["predict"]["tta_flip"])
-            cascade = prob > thr
-        x0, y0, x1, y1 = box
+    for i, pred in cascade.run([x.image for x in val], [boxes[x.img] for x in val], desc="evaluate"):
+        sample = val[i]
+        if isinstance(pred, str):
+            raise DataError(f"validation image unreadable: {pred}")
+        truth = read_mask(sample.mask, expect_size=(pred.width, pred.height))
+        stage1 = (pred.coarse > thr).cpu().numpy()
+        cascade_mask = (pred.prob > thr).cpu().numpy() if has_refiner else stage1
+        x0, y0, x1, y1 = pred.box
         rows.append({"img": sample.img, "car": sample.car, "dice_stage1": dice(stage1, truth),
-                     "dice_cascade": dice(cascade, truth) if model is not None else float("nan"),
+                     "dice_cascade": dice(cascade_mask, truth) if has_refiner else float("nan"),
                      "x0": x0, "y0": y0, "x1": x1, "y1": y1, "car_pixels_outside_box": int(truth.sum() - truth[y0:y1, x0:x1].sum())})
-        keep[sample.img] = (image, truth, stage1, cascade, box)
+        keep[sample.img] = (sample, truth, stage1, cascade_mask, pred.box)
         if len(keep) > 12:  # keep only the worst few in memory for the overlays
-            worst = sorted(rows, key=lambda r: r["dice_cascade"] if model is not None else r["dice_stage1"])[:12]
+            worst = sorted(rows, key=lambda r: r["dice_cascade"] if has_refiner else r["dice_stage1"])[:12]
             keep = {r["img"]: keep[r["img"]] for r in worst if r["img"] in keep}
     metrics = pd.DataFrame(rows)
     write_csv(report / "metrics.csv", metrics)
@@ -88,9 +81,10 @@ def evaluate(cfg: dict) -> pd.DataFrame:
     for img in worst.img[:6]:
         if img not in keep:
             continue
-        image, truth, stage1, cascade, box = keep[img]
+        sample, truth, stage1, cascade_mask, box = keep[img]
+        image = read_image(sample.image)
         windows = plan_tiles(truth.shape[1], truth.shape[0], box, s["tile"], s["min_overlap"])
-        panels = np.concatenate([overlay(image, stage1, truth, box, []), overlay(image, cascade, truth, box, windows)], 1)
+        panels = np.concatenate([overlay(image, stage1, truth, box, []), overlay(image, cascade_mask, truth, box, windows)], 1)
         small = Image.fromarray(panels).resize((panels.shape[1] // 2, panels.shape[0] // 2), Image.BILINEAR)
         with atomic_path(report / "overlays" / f"{Path(img).stem}.png") as tmp:
             small.save(tmp, format="PNG")

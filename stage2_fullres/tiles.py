@@ -1,14 +1,15 @@
-"""Tile planning, cutting, blending and stitching: pure functions on arrays, property-tested.
+"""Tile planning (pure functions, property-tested) and cutting, blending and stitching on tensors.
 
 A window is (x0, y0, x1, y1) with x1 - x0 == y1 - y0 == tile. Along an axis at least as long as
 the tile, windows lie inside the image; along a shorter axis the one window starts at 0 and the
-image is reflect-padded to fill it.
+image is reflect-padded to fill it. Cutting and stitching run wherever their tensors are (the GPU
+in prediction, the CPU in the tests and data loaders); tests/reference.py holds numpy references.
 """
 from __future__ import annotations
 
 import math
 
-import numpy as np
+import torch
 
 from common.boxes import Box
 
@@ -38,32 +39,42 @@ def plan_tiles(width: int, height: int, box: Box, tile: int = 1024, min_overlap:
     return [(x, y, x + tile, y + tile) for y in ys for x in xs]
 
 
-def cut_tiles(image: np.ndarray, windows: list[Window]) -> np.ndarray:
-    """(N, tile, tile, ...) crops of an (H, W, ...) array; reflect-padded where a window leaves it."""
-    h, w = image.shape[:2]
+def _reflect(n: int, length: int, device: torch.device) -> torch.Tensor:
+    """Indices 0..length-1 folded into [0, n) by mirror reflection without repeating the edge (numpy's 'reflect')."""
+    i = torch.arange(length, device=device)
+    if n == 1:
+        return torch.zeros_like(i)
+    i = i % (2 * (n - 1))
+    return torch.where(i >= n, 2 * (n - 1) - i, i)
+
+
+def cut_tiles(image: torch.Tensor, windows: list[Window]) -> torch.Tensor:
+    """(N, C, tile, tile) crops of a (C, H, W) tensor; reflect-padded where a window leaves it."""
+    h, w = image.shape[-2:]
     tile = windows[0][2] - windows[0][0]
-    pad_y, pad_x = max(tile - h, 0), max(tile - w, 0)
-    if pad_y or pad_x:
-        image = np.pad(image, [(0, pad_y), (0, pad_x)] + [(0, 0)] * (image.ndim - 2), mode="reflect")
-    return np.stack([image[y0:y1, x0:x1] for x0, y0, x1, y1 in windows])
+    if h < tile:
+        image = image.index_select(-2, _reflect(h, tile, image.device))
+    if w < tile:
+        image = image.index_select(-1, _reflect(w, tile, image.device))
+    return torch.stack([image[..., y0:y1, x0:x1] for x0, y0, x1, y1 in windows])
 
 
-def blend_weights(tile: int, kind: str = "smooth") -> np.ndarray:
+def blend_weights(tile: int, kind: str = "smooth", device: torch.device | str = "cpu") -> torch.Tensor:
     """Per-pixel tile weights: `mean` (flat) or `smooth` (a sine window fading towards the edges)."""
     if kind == "mean":
-        return np.ones((tile, tile), np.float32)
+        return torch.ones(tile, tile, device=device)
     if kind == "smooth":
-        ramp = np.sin(np.pi * (np.arange(tile) + 0.5) / tile).astype(np.float32) + 1e-3
-        return np.outer(ramp, ramp)
+        ramp = torch.sin(math.pi * (torch.arange(tile, device=device, dtype=torch.float64) + 0.5) / tile).float() + 1e-3
+        return torch.outer(ramp, ramp)
     raise ValueError(f"stage2.blend must be 'mean' or 'smooth', got {kind!r}")
 
 
-def stitch(tile_probs: np.ndarray, windows: list[Window], box: Box, width: int, height: int,
-           weights: np.ndarray) -> np.ndarray:
-    """Blend tile predictions into a full (height, width) canvas; outside `box` is background (0)."""
+def stitch(tile_probs: torch.Tensor, windows: list[Window], box: Box, width: int, height: int,
+           weights: torch.Tensor) -> torch.Tensor:
+    """Blend (N, tile, tile) predictions into a full (height, width) canvas; outside `box` is background (0)."""
     x0, y0, x1, y1 = box
-    acc = np.zeros((y1 - y0, x1 - x0), np.float32)
-    total = np.zeros_like(acc)
+    acc = tile_probs.new_zeros((y1 - y0, x1 - x0), dtype=torch.float32)
+    total = torch.zeros_like(acc)
     for prob, (wx0, wy0, wx1, wy1) in zip(tile_probs, windows):
         # the part of this window that lies inside the box, in box and in tile coordinates
         bx0, by0, bx1, by1 = max(wx0, x0), max(wy0, y0), min(wx1, x1), min(wy1, y1)
@@ -73,8 +84,6 @@ def stitch(tile_probs: np.ndarray, windows: list[Window], box: Box, width: int, 
         box_part = (slice(by0 - y0, by1 - y0), slice(bx0 - x0, bx1 - x0))
         acc[box_part] += prob[tile_part] * weights[tile_part]
         total[box_part] += weights[tile_part]
-    if (total == 0).any():
-        raise ValueError("the windows do not cover the box")
-    canvas = np.zeros((height, width), np.float32)
-    canvas[y0:y1, x0:x1] = acc / total
+    canvas = acc.new_zeros((height, width))
+    canvas[y0:y1, x0:x1] = acc / total  # plan_tiles covers the box, so total > 0 (no device sync to check it)
     return canvas

@@ -1,7 +1,7 @@
 """`carvana stage2 train`: the refiner on random full-resolution crops inside jittered car boxes.
 
 The net is fully convolutional, so it trains on crops (stage2.crop) and predicts on whole tiles.
-Validation runs `refine` on whole held-out images, as prediction does.
+Validation runs the `Cascade` on whole held-out images, as prediction does.
 """
 from __future__ import annotations
 
@@ -14,14 +14,12 @@ from torch.utils.data import Dataset
 from common.boxes import Box, expand_box, jitter_box
 from common.config import save_config
 from common.data import DataError, Pair, index_split, report_skipped, scan_pairs, split_by_car
-from common.inference import to_input
 from common.io import read_image, read_mask
 from common.losses import bce_dice_loss
 from common.metrics import dice
 from common.trainer import build_model, pick_device, train
-from stage1_lowres.predict import CoarseModel, upsample
-from stage2_fullres.boxes import stage1_boxes
-from stage2_fullres.refine import refine
+from stage1_lowres.coarse import Coarse, cached_boxes, upsample
+from stage2_fullres.cascade import Cascade
 from stage2_fullres.tiles import cut_tiles
 
 
@@ -50,31 +48,35 @@ class CropDataset(Dataset):
         crop = self.s["crop"]
         left, top = crop_window(box, crop, p.width, p.height, rng)
         window = [(left, top, left + crop, top + crop)]
-        image = cut_tiles(read_image(p.sample.image), window)
-        mask = cut_tiles(read_mask(p.sample.mask), window)
-        extra = None
+        image = cut_tiles(torch.from_numpy(read_image(p.sample.image)).permute(2, 0, 1), window)[0]
+        mask = cut_tiles(torch.from_numpy(read_mask(p.sample.mask))[None], window)[0]
+        x = image.float().div_(255)
         if self.coarse is not None:
-            prob = self.coarse[p.sample.img].astype(np.float32) / 255
+            prob = torch.from_numpy(self.coarse[p.sample.img]).float().div_(255)
             if left + crop <= p.width and top + crop <= p.height:
                 extra = upsample(prob, p.width, p.height, window[0])[None]
             else:  # an image smaller than the crop: reflect-pad the full map, as prediction does
-                extra = cut_tiles(upsample(prob, p.width, p.height), window)
-        return to_input(image, extra)[0], torch.from_numpy(mask.astype(np.float32))
+                extra = cut_tiles(upsample(prob, p.width, p.height)[None], window)[0]
+            x = torch.cat([x, extra])
+        return x, mask.float()
 
 
-def full_res_validator(pairs: list[Pair], boxes: dict[str, Box], coarse_model: CoarseModel | None, cfg: dict, device):
-    """Loss on the stitched probability and mean Dice of whole images, predicted as `stage2 predict` does."""
-    s, batch = cfg["stage2"], cfg["predict"]["batch_size"]
+def full_res_validator(pairs: list[Pair], boxes: dict[str, Box], coarse: Coarse | None, cfg: dict, device: torch.device):
+    """Loss on the stitched probability and mean Dice of whole images, predicted by the `Cascade` as
+    `stage2 predict` does (flip TTA included)."""
+    truths = [torch.from_numpy(read_mask(p.sample.mask)) for p in pairs]  # read once, not every epoch
+    paths, val_boxes = [p.sample.image for p in pairs], [boxes[p.sample.img] for p in pairs]
 
     def validate(model) -> dict:
+        cascade = Cascade(coarse, model, cfg, device)
         losses, scores = [], []
-        for p in pairs:
-            image, truth = read_image(p.sample.image), read_mask(p.sample.mask)
-            coarse = None if coarse_model is None else coarse_model.full_res(p.sample.image, p.width, p.height)
-            prob = refine(model, image, coarse, boxes[p.sample.img], s, device, batch)
-            scores.append(dice(prob > cfg["predict"]["threshold"], truth))
-            logit = torch.logit(torch.from_numpy(prob).clamp(1e-6, 1 - 1e-6))[None, None]
-            losses.append(bce_dice_loss(logit, torch.from_numpy(truth.astype(np.float32))[None, None]).item())
+        for i, pred in cascade.run(paths, val_boxes):
+            if isinstance(pred, str):
+                raise DataError(f"validation image became unreadable: {pred}")
+            truth = truths[i].to(device)
+            scores.append(dice(pred.prob > cfg["predict"]["threshold"], truth))
+            logit = torch.logit(pred.prob.clamp(1e-6, 1 - 1e-6))[None, None]
+            losses.append(bce_dice_loss(logit, truth.float()[None, None]).item())
         return {"val_loss": float(np.mean(losses)), "val_dice": float(np.mean(scores))}
 
     return validate
@@ -92,7 +94,7 @@ def main(cfg: dict) -> int:
     # the scan decodes every image once at stage-1 size; keep those only when the coarse channel needs them
     small = (cfg["stage1"]["size"], cfg["stage1"]["size"])
     pairs, bad = scan_pairs(samples, small, keep=s["coarse_channel"], max_bad_share=data["max_bad_share"], jobs=max(s["workers"], 1))
-    cached = stage1_boxes(cfg)
+    cached = cached_boxes(cfg)
     val_ids = {v.id for v in val_samples}
     train_pairs = [p for p in pairs if p.sample.id not in val_ids and p.box is not None]
     val_pairs = [p for p in pairs if p.sample.id in val_ids and p.sample.img in cached]
@@ -107,9 +109,12 @@ def main(cfg: dict) -> int:
         raise DataError(f"stage2.train_boxes must be 'truth' or 'stage1', got {s['train_boxes']!r}")
     coarse_model, coarse = None, None
     if s["coarse_channel"]:
-        coarse_model = CoarseModel(cfg, device)
-        probs = coarse_model.probs(np.stack([p.image for p in train_pairs]))
-        coarse = {p.sample.img: (prob * 255).round().astype(np.uint8) for p, prob in zip(train_pairs, probs)}
+        coarse_model = Coarse.from_config(cfg, device)
+        coarse = {}
+        for k in range(0, len(train_pairs), 32):  # the scan's stage-1-size images, no second decode
+            batch = train_pairs[k : k + 32]
+            probs = coarse_model.probs([torch.from_numpy(p.image).permute(2, 0, 1).to(device) for p in batch])
+            coarse |= {p.sample.img: (prob * 255).round().byte().cpu().numpy() for p, prob in zip(batch, probs)}
         for p in pairs:
             p.image = p.mask = None  # the crops read full-resolution files
     save_config(cfg, run_dir / "config.yaml")

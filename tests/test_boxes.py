@@ -3,7 +3,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from common.boxes import expand_box, jitter_box, largest_component, mask_extent, scale_box
-from stage1_lowres.predict import box_from_probability
+from stage1_lowres.coarse import box_from_probability
 
 
 def test_extent_and_empty():
@@ -59,10 +59,12 @@ def test_jittered_box_is_valid(amount, seed):
 
 
 def test_windowed_upsample_equals_the_full_one():
-    from stage1_lowres.predict import upsample
+    import torch
 
-    prob = np.random.default_rng(0).random((64, 64), dtype=np.float32)
+    from stage1_lowres.coarse import upsample
+
+    prob = torch.rand(64, 64, generator=torch.Generator().manual_seed(0))
     full = upsample(prob, 1918, 1280)
     for window in [(0, 0, 256, 256), (1662, 1024, 1918, 1280), (700, 300, 1084, 684)]:
         x0, y0, x1, y1 = window
-        np.testing.assert_allclose(upsample(prob, 1918, 1280, window), full[y0:y1, x0:x1], atol=1e-5)
+        torch.testing.assert_close(upsample(prob, 1918, 1280, window), full[y0:y1, x0:x1], atol=1e-5, rtol=0)

@@ -50,13 +50,18 @@ def test_augmentations_keep_mask_and_extra_channel_aligned():
 
 
 def test_flip_tta_averages_with_the_mirrored_prediction():
-    from common.inference import predict_probs
+    """Mirrored tiles ride in the same forward pass and are flipped back before averaging."""
+    from common.config import load_config
+    from stage2_fullres.cascade import Cascade
 
     class Ramp(torch.nn.Module):  # predicts a left-to-right ramp whatever the input
         def forward(self, x):
             return torch.linspace(-3, 3, x.shape[-1]).expand(x.shape[0], 1, *x.shape[-2:])
 
-    x = torch.rand(2, 3, 8, 10)
-    plain = predict_probs(Ramp(), x, torch.device("cpu"), 1)
-    tta = predict_probs(Ramp(), x, torch.device("cpu"), 1, flip=True)
-    assert plain[0, 0, 0] < 0.1 and torch.allclose(torch.from_numpy(tta), torch.full_like(torch.from_numpy(tta), 0.5), atol=1e-6)
+    image = torch.randint(0, 255, (3, 40, 50), dtype=torch.uint8)
+    probs = {}
+    for flip in (False, True):
+        cfg = load_config(None, ["stage2.tile=32", "stage2.min_overlap=8", "stage2.coarse_channel=false", f"predict.tta_flip={flip}"])
+        probs[flip] = Cascade(None, Ramp(), cfg, torch.device("cpu")).predict([image], [(0, 0, 50, 40)])[0].prob
+    assert probs[False][0, 0] < 0.1 and probs[False][0, -1] > 0.9  # the ramp, stitched over two tiles
+    torch.testing.assert_close(probs[True], torch.full((40, 50), 0.5), atol=1e-6, rtol=0)

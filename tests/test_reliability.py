@@ -92,7 +92,8 @@ def test_unreadable_test_images_do_not_stop_prediction(tiny_run, tmp_path):
     out = tmp_path / "out"
     cfg = tiny_config(root, out, f"stage1.checkpoint={tiny_run['output']['dir']}/stage1/best.pt",
                       f"stage2.checkpoint={tiny_run['output']['dir']}/stage2/best.pt")
-    assert s2_predict.main(cfg) == 1  # scripts notice
+    assert s1_predict.main(cfg) == 1  # scripts notice
+    assert s2_predict.main(cfg) == 1
     sub = pd.read_csv(gzip.open(out / "submission.csv.gz"), dtype=str, keep_default_na=False)
     errors = pd.read_csv(out / "errors.csv")
     assert len(sub) + len(errors[errors.stage == "stage2"]) == len(tests)  # no silent drops
@@ -126,12 +127,13 @@ def test_empty_prediction_and_no_car_found(tiny_run, tmp_path, recwarn):
 def test_image_smaller_than_a_tile_is_refined(tmp_path):
     import torch
 
+    from common.config import load_config
     from common.model import UNet
-    from stage2_fullres.refine import refine
+    from stage2_fullres.cascade import Cascade
 
-    image = np.random.default_rng(0).integers(0, 255, (300, 500, 3), dtype=np.uint8)
-    settings = {"tile": 1024, "min_overlap": 64, "blend": "smooth"}
-    prob = refine(UNet(3, 3, 4), image, None, (10, 20, 480, 290), settings, torch.device("cpu"), 1)
+    image = torch.randint(0, 255, (3, 300, 500), dtype=torch.uint8)
+    cfg = load_config(None, ["stage2.coarse_channel=false", "predict.batch_size=1"])
+    prob = Cascade(None, UNet(3, 3, 4).eval(), cfg, torch.device("cpu")).predict([image], [(10, 20, 480, 290)])[0].prob
     assert prob.shape == (300, 500) and (prob[:20] == 0).all() and (prob[20:290, 10:480] > 0).all()
 
 

@@ -33,7 +33,7 @@ def test_stage1_cache_is_reused_without_the_model_and_invalidated_by_settings(ti
     shutil.copytree(tiny_run["output"]["dir"], out)
     cfg = tiny_config(tiny_run["data"]["root"], out)
     before = (out / "bboxes.csv").read_bytes()
-    monkeypatch.setattr(s1_predict, "CoarseModel", lambda *a: pytest.fail("the model must not be loaded"))
+    monkeypatch.setattr(s1_predict.Cascade, "from_config", lambda *a, **k: pytest.fail("the model must not be loaded"))
     assert s1_predict.main(cfg) == 0
     assert "reusing" in capsys.readouterr().out and (out / "bboxes.csv").read_bytes() == before
     monkeypatch.undo()

@@ -5,6 +5,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import torch
+
+import reference
 from stage2_fullres.tiles import blend_weights, cut_tiles, plan_axis, plan_tiles, stitch
 
 
@@ -73,16 +76,36 @@ def test_identity_model_stitches_back_exactly(case, blend):
     if w * h > 2_000_000:
         w, h = min(w, 1500), min(h, 1000)
         box = (min(box[0], w - 1), min(box[1], h - 1), min(max(box[2], box[0] + 1), w), min(max(box[3], box[1] + 1), h))
-    rng = np.random.default_rng(0)
-    prob = rng.random((h, w), dtype=np.float32)
+    prob = torch.rand(h, w, generator=torch.Generator().manual_seed(0))
     windows = plan_tiles(w, h, box, tile, overlap)
-    tiles = cut_tiles(prob, windows)  # the "model" returns its input channel
+    tiles = cut_tiles(prob[None], windows)[:, 0]  # the "model" returns its input channel
     out = stitch(tiles, windows, box, w, h, blend_weights(tile, blend))
     x0, y0, x1, y1 = box
-    np.testing.assert_allclose(out[y0:y1, x0:x1], prob[y0:y1, x0:x1], rtol=1e-5, atol=1e-6)
-    outside = np.ones((h, w), bool)
+    torch.testing.assert_close(out[y0:y1, x0:x1], prob[y0:y1, x0:x1], rtol=1e-5, atol=1e-6)
+    outside = torch.ones(h, w, dtype=torch.bool)
     outside[y0:y1, x0:x1] = False
     assert (out[outside] == 0).all()
+
+
+@settings(max_examples=80, deadline=None)
+@given(image_and_box(), st.sampled_from(["mean", "smooth"]))
+def test_device_tiles_match_the_numpy_reference(case, blend):
+    """Cutting (reflect padding at the edges of images smaller than a tile included), blending and
+    stitching on tensors give what the numpy reference gives."""
+    w, h, box, tile, overlap = case
+    w, h = min(w, 700), min(h, 500)
+    box = (min(box[0], w - 1), min(box[1], h - 1), min(max(box[2], box[0] + 1), w), min(max(box[3], box[1] + 1), h))
+    tile = min(tile, 256)
+    overlap = min(overlap, tile - 1)
+    rng = np.random.default_rng(1)
+    image = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+    windows = plan_tiles(w, h, box, tile, overlap)
+    cut = cut_tiles(torch.from_numpy(image).permute(2, 0, 1), windows)
+    np.testing.assert_array_equal(cut.permute(0, 2, 3, 1).numpy(), reference.cut_tiles(image, windows))
+    np.testing.assert_allclose(blend_weights(tile, blend).numpy(), reference.blend_weights(tile, blend), rtol=1e-6)
+    probs = rng.random((len(windows), tile, tile), dtype=np.float32)
+    got = stitch(torch.from_numpy(probs), windows, box, w, h, blend_weights(tile, blend)).numpy()
+    np.testing.assert_allclose(got, reference.stitch(probs, windows, box, w, h, reference.blend_weights(tile, blend)), atol=1e-6)
 
 
 def test_blending_weights_sum_correctly_in_overlaps():
@@ -91,36 +114,36 @@ def test_blending_weights_sum_correctly_in_overlaps():
     box = (0, 0, 180, 100)
     windows = plan_tiles(w, h, box, tile, 20)
     assert len(windows) == 2
-    tiles = np.stack([np.full((tile, tile), 0.2, np.float32), np.full((tile, tile), 0.8, np.float32)])
-    mean = stitch(tiles, windows, box, w, h, blend_weights(tile, "mean"))
+    tiles = torch.stack([torch.full((tile, tile), 0.2), torch.full((tile, tile), 0.8)])
+    mean = stitch(tiles, windows, box, w, h, blend_weights(tile, "mean")).numpy()
     overlap_cols = range(windows[1][0], windows[0][2])
     assert np.allclose(mean[:, overlap_cols], 0.5) and np.allclose(mean[:, :windows[1][0]], 0.2)
-    smooth = stitch(tiles, windows, box, w, h, blend_weights(tile, "smooth"))
+    smooth = stitch(tiles, windows, box, w, h, blend_weights(tile, "smooth")).numpy()
     row = smooth[50, overlap_cols]
     assert (np.diff(row) >= -1e-6).all() and 0.2 < row[0] < row[-1] < 0.8  # fades from one tile to the other
     assert np.allclose(smooth[:, : windows[1][0]], 0.2)
 
 
 def test_image_smaller_than_tile_is_reflect_padded():
-    img = np.arange(30 * 40, dtype=np.float32).reshape(30, 40)
+    img = torch.arange(30 * 40, dtype=torch.float32).reshape(30, 40)
     windows = plan_tiles(40, 30, (0, 0, 40, 30), 64, 8)
     assert windows == [(0, 0, 64, 64)]
-    tile = cut_tiles(img, windows)[0]
+    tile = cut_tiles(img[None], windows)[0, 0]
     assert tile.shape == (64, 64) and (tile[:30, :40] == img).all() and tile[30, 0] == img[28, 0]
     out = stitch(tile[None], windows, (0, 0, 40, 30), 40, 30, blend_weights(64))
-    assert np.allclose(out, img)
+    torch.testing.assert_close(out, img)
 
 
 def test_real_photo_round_trips_through_tiles(real_samples):
     """A real 1918x1280 test photo cut into the planned tiles and stitched back is unchanged inside the box."""
     from common.io import read_image
 
-    image = read_image(sorted((real_samples / "test_fullres").glob("*.jpg"))[4])
-    assert image.shape == (1280, 1918, 3)
+    image = torch.from_numpy(read_image(sorted((real_samples / "test_fullres").glob("*.jpg"))[4])).permute(2, 0, 1)
+    assert image.shape == (3, 1280, 1918)
     box = (60, 300, 1860, 1100)  # a wide side view: two tiles
     windows = plan_tiles(1918, 1280, box, 1024, 64)
     assert len(windows) == 2
+    tiles = cut_tiles(image.float(), windows)
     for channel in range(3):
-        plane = image[..., channel].astype(np.float32)
-        out = stitch(cut_tiles(plane, windows), windows, box, 1918, 1280, blend_weights(1024, "smooth"))
-        np.testing.assert_allclose(out[300:1100, 60:1860], plane[300:1100, 60:1860], atol=1e-3)
+        out = stitch(tiles[:, channel], windows, box, 1918, 1280, blend_weights(1024, "smooth"))
+        torch.testing.assert_close(out[300:1100, 60:1860], image[channel, 300:1100, 60:1860].float(), atol=1e-3, rtol=0)

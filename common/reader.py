@@ -1,0 +1,101 @@
+"""The prediction reader: every image decoded once, in parallel, ahead of the device.
+
+Loader worker processes read the files and decode them with PIL (`read_image`) into pinned uint8
+tensors. On CUDA with torchvision installed, JPEG files travel as bytes instead and nvjpeg decodes
+a whole batch on the GPU. Any failure becomes an error record naming the file: never a crash,
+never a silent drop.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable, Iterator
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from common.io import ImageReadError, read_image
+
+JpegDecoder = Callable[[list[torch.Tensor], torch.device], list[torch.Tensor]]  # encoded bytes -> uint8 (3, H, W)
+Item = tuple[int, torch.Tensor | None, bool, str]  # index, pixels (H, W, 3) or JPEG bytes, encoded?, error
+Decoded = tuple[int, torch.Tensor | None, str]  # index, uint8 (3, H, W) on the device, error
+
+
+def whole_jpeg(data: bytes) -> bool:
+    """Starts with SOI and ends with EOI: a truncated JPEG goes to PIL, which names the problem."""
+    return data[:2] == b"\xff\xd8" and b"\xff\xd9" in data[-16:]
+
+
+class ImageFiles(Dataset):
+    """Item i of `paths`: decoded pixels, or the raw bytes of a whole JPEG when `encoded`."""
+
+    def __init__(self, paths: list[Path], encoded: bool = False):
+        self.paths, self.encoded = paths, encoded
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int) -> Item:
+        path = Path(self.paths[i])
+        try:
+            if self.encoded:
+                try:
+                    data = path.read_bytes()
+                except OSError:
+                    data = b""  # read_image below says why
+                if whole_jpeg(data):
+                    return i, torch.frombuffer(bytearray(data), dtype=torch.uint8), True, ""
+            return i, torch.from_numpy(read_image(path)), False, ""
+        except ImageReadError as e:
+            return i, None, False, str(e)
+
+
+def _as_list(items: list[Item]) -> list[Item]:
+    return items  # images differ in size: no stacking
+
+
+def nvjpeg_decoder(device: torch.device) -> JpegDecoder | None:
+    """torchvision's batched GPU JPEG decoder on CUDA, when torchvision is installed."""
+    if device.type != "cuda":
+        return None
+    try:
+        from torchvision.io import ImageReadMode, decode_jpeg
+    except ImportError:
+        return None
+    return lambda data, dev: decode_jpeg(data, mode=ImageReadMode.RGB, device=dev)
+
+
+def to_device(items: list[Item], paths: list[Path], device: torch.device, decode: JpegDecoder | None) -> list[Decoded]:
+    """Move a loader batch to the device: pixels by an async copy from pinned memory, JPEG bytes through `decode`."""
+    out: dict[int, Decoded] = {}
+    for i, data, encoded, error in items:
+        if not encoded:
+            out[i] = (i, None if data is None else data.to(device, non_blocking=True).permute(2, 0, 1), error)
+    jpegs = [(i, data) for i, data, encoded, _ in items if encoded]
+    if jpegs:
+        try:
+            decoded = decode([d for _, d in jpegs], device)
+        except RuntimeError:  # one bad file fails the batch: decode one by one, PIL for the rest
+            decoded = [_decode_one(decode, d, device, paths[i]) for i, d in jpegs]
+        for (i, _), image in zip(jpegs, decoded):
+            out[i] = (i, image, "") if isinstance(image, torch.Tensor) else (i, None, image)
+    return [out[i] for i, *_ in items]
+
+
+def _decode_one(decode: JpegDecoder, data: torch.Tensor, device: torch.device, path: Path) -> torch.Tensor | str:
+    try:
+        return decode([data], device)[0]
+    except RuntimeError:
+        try:  # nvjpeg cannot do every JPEG (e.g. CMYK); PIL can, or names the problem
+            return torch.from_numpy(read_image(path)).to(device).permute(2, 0, 1)
+        except ImageReadError as e:
+            return str(e)
+
+
+def read_batches(paths: list[Path], device: torch.device, batch_size: int, workers: int) -> Iterator[list[Decoded]]:
+    """Batches of decoded images on `device`, in the order of `paths`, read `workers` processes ahead."""
+    decode = nvjpeg_decoder(device)
+    loader = DataLoader(ImageFiles(paths, encoded=decode is not None), batch_size=batch_size, num_workers=workers,
+                        collate_fn=_as_list, pin_memory=device.type == "cuda",  # pinned: the copy to the GPU is async
+                        prefetch_factor=4 if workers else None)
+    for items in loader:
+        yield to_device(items, paths, device, decode)

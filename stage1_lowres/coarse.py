@@ -1,0 +1,128 @@
+"""Stage 1 as a library: the coarse net on decoded images, its probability at full resolution, the
+car box, and the box cache (`bboxes.csv`) with its key. Stage 2 and evaluation import this module,
+never the `stage1 predict` command.
+
+Prediction feeds stage 1 from the one full-resolution decode of each image, resized on the device
+(antialiased bilinear). Training decodes at reduced size with the JPEG decoder (`read_image` with a
+size); the two differ by less than JPEG noise, and tests/test_cascade.py measures that boxes and
+masks agree.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from common.boxes import Box, expand_box, largest_component, mask_extent, scale_box
+from common.config import ConfigError
+from common.trainer import load_model
+
+BOX_COLUMNS = ["img", "split", "width", "height", "x0", "y0", "x1", "y1", "found", "key"]
+INPUT_VERSION = "full-decode, antialiased bilinear on the device"  # part of the cache key: changes how boxes are made
+
+
+def checkpoint_path(cfg: dict) -> Path:
+    return Path(cfg["stage1"]["checkpoint"] or Path(cfg["output"]["dir"]) / "stage1" / "best.pt")
+
+
+def file_hash(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def cache_key(cfg: dict) -> str:
+    """Checkpoint content + the settings a box depends on."""
+    s = cfg["stage1"]
+    parts = {"checkpoint": file_hash(checkpoint_path(cfg)), "size": s["size"], "margin": s["margin"],
+             "threshold": cfg["predict"]["threshold"], "hq": cfg["data"]["hq"], "input": INPUT_VERSION}
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def boxes_path(cfg: dict) -> Path:
+    given = cfg["bboxes"]["path"]
+    return Path(given) if given else Path(cfg["output"]["dir"]) / "bboxes.csv"
+
+
+def load_boxes(path: Path) -> pd.DataFrame:
+    return pd.read_csv(path, dtype={"img": str, "split": str, "key": str}, keep_default_na=False)
+
+
+def cached_boxes(cfg: dict) -> dict[str, Box]:
+    """img -> box from `bboxes.path` (else `<output.dir>/bboxes.csv`), written by `stage1 predict`."""
+    path = boxes_path(cfg)
+    if not path.is_file():
+        if cfg["bboxes"]["path"]:
+            raise ConfigError(f"bboxes.path={cfg['bboxes']['path']} does not exist")
+        raise ConfigError(f"{path} not found: run `carvana stage1 predict` with the same config first "
+                          "(or set bboxes.path to the bboxes.csv of another run)")
+    frame = load_boxes(path)
+    return {r.img: (int(r.x0), int(r.y0), int(r.x1), int(r.y1)) for r in frame.itertuples()}
+
+
+def box_from_probability(prob: np.ndarray, width: int, height: int, margin: int, threshold: float) -> Box | None:
+    """Largest component of the coarse mask -> full-resolution box with a margin, clamped to the image."""
+    extent = mask_extent(largest_component(prob > threshold))
+    if extent is None:
+        return None
+    small_h, small_w = prob.shape
+    return expand_box(scale_box(extent, width / small_w, height / small_h), margin, width, height)
+
+
+def upsample(prob: torch.Tensor, width: int, height: int, window: Box | None = None) -> torch.Tensor:
+    """Low-resolution probability (h, w) -> full-resolution (height, width): bilinear, half-pixel centres.
+
+    With `window` (inside the image), only that part of the full-resolution map is computed: a
+    training crop then costs its own pixels, not a whole 1918x1280 upsample.
+    """
+    t = prob.float()[None, None]
+    if window is None:
+        return F.interpolate(t, size=(height, width), mode="bilinear", align_corners=False)[0, 0]
+    x0, y0, x1, y1 = window
+    gx = torch.arange(x0, x1, dtype=torch.float32, device=t.device).add_(0.5).mul_(2 / width).sub_(1)
+    gy = torch.arange(y0, y1, dtype=torch.float32, device=t.device).add_(0.5).mul_(2 / height).sub_(1)
+    grid = torch.stack(torch.meshgrid(gx, gy, indexing="xy"), -1)[None]
+    return F.grid_sample(t, grid, mode="bilinear", padding_mode="border", align_corners=False)[0, 0]
+
+
+def to_stage1_input(images: list[torch.Tensor], size: int) -> torch.Tensor:
+    """uint8 (3, H, W) images of any sizes -> float (N, 3, size, size) in [0, 1], on their device.
+
+    Antialiased, so a 1918x1280 photo squashed to 256 averages its pixels as the JPEG draft
+    decoding used in training does, instead of sampling them.
+    """
+    return torch.cat([F.interpolate(im[None].float().div_(255), size=(size, size), mode="bilinear",
+                                    antialias=True, align_corners=False) for im in images])
+
+
+class Coarse:
+    """The stage-1 net as a function on decoded images: low-resolution car probabilities."""
+
+    def __init__(self, model: nn.Module, size: int, device: torch.device):
+        self.model, self.size, self.device = model, size, device
+
+    @classmethod
+    def from_config(cls, cfg: dict, device: torch.device) -> "Coarse":
+        path = checkpoint_path(cfg)
+        model, ckpt = load_model(path, device)
+        size = ckpt["config"]["stage1"]["size"]
+        if size != cfg["stage1"]["size"]:
+            raise ConfigError(f"{path} was trained at stage1.size={size}, the config says {cfg['stage1']['size']}")
+        return cls(model, size, device)
+
+    @torch.no_grad()
+    def probs(self, images: list[torch.Tensor]) -> torch.Tensor:
+        """(N, size, size) probabilities, float32 on the device; fp16 autocast on CUDA."""
+        x = to_stage1_input(images, self.size)
+        if self.device.type == "cuda":
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(self.device.type, dtype=torch.float16, enabled=self.device.type == "cuda"):
+            return torch.sigmoid(self.model(x).float())[:, 0]

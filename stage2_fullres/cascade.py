@@ -1,0 +1,148 @@
+"""The one predictor of the project: decoded images -> stage-1 probability -> box -> tiles ->
+refiner -> blended full-resolution probability, batched across images, on the device.
+
+`stage2 predict`, stage-2 validation, `carvana evaluate`, `stage1 predict` (without a refiner) and
+benchmarks/bench_predict.py all go through `Cascade.run`, so validation predicts exactly the way the
+submission is made. Its shape is Lightning's prediction loop: reader (common/reader.py, decoding
+ahead of the device) -> `predict` on a batch of images -> the caller's writer, given each result
+with its index.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from common.boxes import Box
+from common.config import ConfigError
+from common.inference import prepare
+from common.reader import read_batches
+from common.trainer import load_model
+from stage1_lowres.coarse import Coarse, box_from_probability, upsample
+from stage2_fullres.tiles import blend_weights, cut_tiles, plan_tiles, stitch
+
+
+@dataclass
+class Prediction:
+    """One image's result; the maps are float32 (height, width) tensors on the device."""
+
+    width: int
+    height: int
+    box: Box  # the region the refiner saw, full-resolution pixels, x1/y1 exclusive
+    found: bool  # stage 1 saw a car (False: the box is the whole image)
+    coarse: torch.Tensor | None  # stage-1 probability upsampled (None when neither box nor refiner needs stage 1)
+    prob: torch.Tensor | None  # the cascade's probability, 0 outside the box (None without a refiner)
+
+    @property
+    def final(self) -> torch.Tensor:
+        return self.coarse if self.prob is None else self.prob
+
+
+def checkpoint_path(cfg: dict) -> Path:
+    return Path(cfg["stage2"]["checkpoint"] or Path(cfg["output"]["dir"]) / "stage2" / "best.pt")
+
+
+def load_refiner(cfg: dict, device: torch.device) -> nn.Module:
+    path = checkpoint_path(cfg)
+    model, ckpt = load_model(path, device)
+    wants = 4 if cfg["stage2"]["coarse_channel"] else 3
+    if ckpt["model_args"]["in_channels"] != wants:
+        raise ConfigError(f"{path} takes {ckpt['model_args']['in_channels']} input channels but stage2.coarse_channel="
+                          f"{cfg['stage2']['coarse_channel']} needs {wants}; set it to match the checkpoint or retrain")
+    return model
+
+
+class Cascade:
+    """Stage 1 (optional when boxes are given and the refiner takes no coarse channel) + refiner (optional)."""
+
+    def __init__(self, coarse: Coarse | None, refiner: nn.Module | None, cfg: dict, device: torch.device):
+        s, p = cfg["stage2"], cfg["predict"]
+        self.coarse, self.refiner, self.device = coarse, refiner, device
+        self.tile, self.min_overlap, self.coarse_channel = s["tile"], s["min_overlap"], s["coarse_channel"]
+        self.margin, self.threshold = cfg["stage1"]["margin"], p["threshold"]
+        self.batch_size, self.flip, self.compiled, self.workers = p["batch_size"], p["tta_flip"], p["compile"], p["workers"]
+        self.weights = blend_weights(self.tile, s["blend"], device)
+
+    @classmethod
+    def from_config(cls, cfg: dict, device: torch.device, refiner: bool = True, need_stage1: bool = True) -> "Cascade":
+        """The nets the config names, ready for inference (channels_last on CUDA, compiled if predict.compile)."""
+        net = load_refiner(cfg, device) if refiner else None
+        need_stage1 = need_stage1 or net is None or cfg["stage2"]["coarse_channel"]
+        coarse = Coarse.from_config(cfg, device) if need_stage1 else None
+        if coarse is not None:
+            coarse.model = prepare(coarse.model, device, cfg["predict"]["compile"])
+        return cls(coarse, None if net is None else prepare(net, device, cfg["predict"]["compile"]), cfg, device)
+
+    @torch.no_grad()
+    def predict(self, images: list[torch.Tensor], boxes: list[Box | None]) -> list[Prediction]:
+        """uint8 (3, H, W) images on the device and their boxes (None: from stage 1) -> predictions."""
+        small = self.coarse.probs(images) if self.coarse is not None else None
+        preds = []
+        for k, image in enumerate(images):
+            height, width = image.shape[-2:]
+            box, found = boxes[k], True
+            if box is None:
+                box = box_from_probability(small[k].cpu().numpy(), width, height, self.margin, self.threshold)  # a sync point
+                found = box is not None
+                box = box or (0, 0, width, height)
+            coarse = None if small is None else upsample(small[k], width, height)
+            preds.append(Prediction(width, height, box, found, coarse, None))
+        if self.refiner is not None:
+            self._refine(images, preds)
+        return preds
+
+    def _refine(self, images: list[torch.Tensor], preds: list[Prediction]) -> None:
+        """Tiles of all images in one queue, `predict.batch_size` tiles per forward pass, then stitched per image."""
+        plans = [plan_tiles(p.width, p.height, p.box, self.tile, self.min_overlap) for p in preds]
+        rgb = torch.cat([cut_tiles(image, windows) for image, windows in zip(images, plans)])  # uint8, cut on the device
+        prior = torch.cat([cut_tiles(p.coarse[None], windows) for p, windows in zip(preds, plans)]) if self.coarse_channel else None
+        probs = torch.cat([self._forward(rgb[i : i + self.batch_size], None if prior is None else prior[i : i + self.batch_size])
+                           for i in range(0, len(rgb), self.batch_size)])
+        start = 0
+        for p, windows in zip(preds, plans):
+            p.prob = stitch(probs[start : start + len(windows)], windows, p.box, p.width, p.height, self.weights)
+            start += len(windows)
+
+    def _forward(self, rgb: torch.Tensor, prior: torch.Tensor | None) -> torch.Tensor:
+        """(n, tile, tile) probabilities of n tiles; with flip TTA the mirrored tiles ride in the same pass."""
+        x = rgb.float().div_(255)
+        if prior is not None:
+            x = torch.cat([x, prior], 1)
+        n = len(x)
+        if self.compiled and n < self.batch_size:  # one static shape: a partial batch would recompile
+            x = torch.cat([x, x.new_zeros(self.batch_size - n, *x.shape[1:])])
+        if self.flip:
+            x = torch.cat([x, x.flip(-1)])
+        if self.device.type == "cuda":
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(self.device.type, dtype=torch.float16, enabled=self.device.type == "cuda"):
+            out = torch.sigmoid(self.refiner(x).float())[:, 0]
+        if self.flip:
+            half = len(out) // 2
+            out = (out[:half] + out[half:].flip(-1)) / 2
+        return out[:n]
+
+    def run(self, paths: list[Path], boxes: list[Box | None] | None = None, desc: str = "") -> Iterator[tuple[int, Prediction | str]]:
+        """(index into `paths`, prediction or the reason it failed), in order, reading ahead of the device.
+
+        With `desc`, a progress bar (images/s, ETA) and a summary line with the measured rate.
+        """
+        boxes = boxes or [None] * len(paths)
+        started, done = time.monotonic(), 0
+        bar = tqdm(total=len(paths), desc=desc, unit="img", disable=None if desc else True, mininterval=1.0)
+        for batch in read_batches(paths, self.device, max(self.batch_size, 1), self.workers):
+            ok = [(i, image) for i, image, _ in batch if image is not None]
+            preds = dict(zip([i for i, _ in ok], self.predict([image for _, image in ok], [boxes[i] for i, _ in ok]))) if ok else {}
+            for i, _, error in batch:
+                yield i, preds.get(i, error)
+            done += len(batch)
+            bar.update(len(batch))
+        bar.close()
+        if desc and done:
+            seconds = time.monotonic() - started
+            print(f"{desc}: {done} images in {seconds:.1f} s ({done / seconds:.1f} images/s on {self.device})")

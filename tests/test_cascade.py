@@ -1,0 +1,162 @@
+"""The streaming `Cascade` predictor: the same masks as the old per-image path (tests/reference.py),
+every image accounted for, the GPU-only code paths (nvjpeg bytes, static compiled batches) exercised
+on the CPU, and the writer that keeps submission order."""
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import reference
+from common.chunks import ChunkStore, ChunkWriter
+from common.config import ConfigError
+from common.metrics import dice
+from common.model import UNet
+from common.trainer import load_model
+from stage1_lowres.coarse import Coarse, cached_boxes
+from stage2_fullres import predict as s2_predict
+from stage2_fullres.cascade import Cascade
+from conftest import tiny_config
+
+CPU = torch.device("cpu")
+
+
+def _nets(run_cfg):
+    out = run_cfg["output"]["dir"]
+    return load_model(f"{out}/stage1/best.pt", CPU)[0], load_model(f"{out}/stage2/best.pt", CPU)[0]
+
+
+def _agreement(run_cfg, paths, boxes, flip=False):
+    """Per-image Dice between the old path's masks and the Cascade's: (stage 1, cascade) lists."""
+    stage1, refiner = _nets(run_cfg)
+    cfg = tiny_config(run_cfg["data"]["root"], run_cfg["output"]["dir"], f"predict.tta_flip={flip}", "predict.workers=0")
+    cascade = Cascade(Coarse(stage1, cfg["stage1"]["size"], CPU), refiner, cfg, CPU)
+    s1, s2 = [], []
+    for i, pred in cascade.run(paths, boxes):
+        old = reference.old_predict(stage1, refiner, paths[i], cfg["stage1"]["size"], boxes[i], flip=flip,
+                                    batch=cfg["predict"]["batch_size"])
+        s1.append(dice(pred.coarse.numpy() > 0.5, old["coarse"] > 0.5))
+        s2.append(dice(pred.prob.numpy() > 0.5, old["prob"] > 0.5))
+    return s1, s2
+
+
+def test_cascade_masks_match_the_old_per_image_path(tiny_run):
+    """One decode and a device resize for stage 1, tiles of several images per pass: image by image
+    the masks match the old path (two decodes, numpy tiles) to Dice >= 0.9995."""
+    boxes = cached_boxes(tiny_run)
+    paths = sorted(Path(tiny_run["data"]["root"], "test").glob("*.jpg"))[:6]
+    s1, s2 = _agreement(tiny_run, paths, [boxes[p.name] for p in paths], flip=True)
+    print(f"Dice new vs old path: stage 1 min {min(s1):.5f}, cascade min {min(s2):.5f}")
+    assert min(s2) >= 0.9995 and min(s1) >= 0.9995
+
+
+def test_cascade_matches_the_old_path_on_real_photos(tiny_run, real_samples):
+    paths = sorted((real_samples / "test_fullres").glob("*.jpg"))[::8]
+    box = (60, 300, 1860, 1100)
+    s1, s2 = _agreement(tiny_run, paths, [box] * len(paths))
+    print(f"real photos, Dice new vs old path: stage 1 min {min(s1):.5f}, cascade min {min(s2):.5f}")
+    assert min(s2) >= 0.9995 and min(s1) >= 0.9995
+
+
+def test_untrained_residual_refiner_reproduces_the_coarse_mask():
+    """With the prior skip and a zero last layer, the whole path (cut on the device, forward, blend,
+    stitch) gives back stage 1's probability inside the box and background outside."""
+    cfg = tiny_config("unused", "unused", "stage2.tile=64", "stage2.min_overlap=16", "predict.batch_size=3")
+    torch.manual_seed(0)
+    cascade = Cascade(Coarse(UNet(3, 2, 4).eval(), 32, CPU), UNet(4, 3, 4, prior_skip=True).eval(), cfg, CPU)
+    image = torch.randint(0, 256, (3, 90, 150), dtype=torch.uint8)
+    box = (5, 10, 140, 85)
+    pred = cascade.predict([image, image], [box, None])
+    x0, y0, x1, y1 = box
+    torch.testing.assert_close(pred[0].prob[y0:y1, x0:x1], pred[0].coarse[y0:y1, x0:x1].clamp(1e-4, 1 - 1e-4), atol=1e-5, rtol=0)
+    assert pred[0].prob[:y0].eq(0).all() and pred[0].prob[:, x1:].eq(0).all()
+
+
+def test_every_image_comes_back_in_order_with_errors_named(tmp_path):
+    paths = []
+    for k in range(7):
+        path = tmp_path / f"photo{k}.jpg"
+        Image.fromarray(np.full((40 + k, 60, 3), 30 * k, np.uint8)).save(path)
+        paths.append(path)
+    paths[2].write_bytes(b"")
+    paths[5] = tmp_path / "missing.jpg"
+    cfg = tiny_config("unused", "unused", "predict.batch_size=3", "predict.workers=2")
+    cascade = Cascade(Coarse(UNet(3, 2, 4).eval(), 32, CPU), None, cfg, CPU)
+    results = list(cascade.run(paths))
+    assert [i for i, _ in results] == list(range(7))
+    assert "empty file" in results[2][1] and "missing.jpg" in results[5][1]
+    assert all(pred.coarse.shape == (40 + i, 60) for i, pred in results if i not in (2, 5))
+
+
+def test_jpeg_bytes_path_decodes_on_the_device_and_falls_back(tiny_run, tmp_path, monkeypatch):
+    """The nvjpeg path (JPEG bytes read by the workers, decoded in batches on the device) runs here
+    with a stand-in decoder: same predictions as the PIL path; a truncated JPEG is decoded by PIL,
+    which names the problem; a JPEG the device decoder rejects falls back to PIL."""
+    from common import reader
+
+    calls = []
+
+    def fake_decode(data, device):
+        calls.append(len(data))
+        out = []
+        for d in data:
+            im = Image.open(io.BytesIO(d.numpy().tobytes()))
+            if im.mode == "L":
+                raise RuntimeError("unsupported")  # like nvjpeg on a JPEG it cannot do
+            out.append(torch.from_numpy(np.array(im.convert("RGB"))).permute(2, 0, 1).to(device))
+        return out
+
+    paths = sorted(Path(tiny_run["data"]["root"], "test").glob("*.jpg"))[:3]
+    bad, gray = tmp_path / "bad.jpg", tmp_path / "gray.jpg"
+    bad.write_bytes(paths[0].read_bytes()[:5000])
+    Image.open(paths[1]).convert("L").save(gray)
+    stage1, _ = _nets(tiny_run)
+    cfg = tiny_config("unused", "unused", "predict.batch_size=4", "predict.workers=1")
+    cascade = Cascade(Coarse(stage1, cfg["stage1"]["size"], CPU), None, cfg, CPU)
+    plain = [pred for _, pred in cascade.run(paths)]
+    monkeypatch.setattr(reader, "nvjpeg_decoder", lambda device: fake_decode)
+    got = [pred for _, pred in cascade.run([paths[0], gray, paths[1], bad, paths[2]])]
+    assert calls == [3, 1, 1, 1, 1]  # the gray JPEG fails the batch of three: one by one; the truncated one never comes
+    for a, b in zip(plain, [got[0], got[2], got[4]]):
+        torch.testing.assert_close(a.coarse, b.coarse)
+    assert isinstance(got[3], str) and "bad.jpg" in got[3] and "truncated" in got[3]
+    assert got[1].coarse.shape == (1280, 1918)
+
+
+def test_static_batches_for_compile_do_not_change_results(tiny_run):
+    """With predict.compile, partial batches are padded to one shape; the padding must not leak."""
+    stage1, refiner = _nets(tiny_run)
+    paths = sorted(Path(tiny_run["data"]["root"], "test").glob("*.jpg"))[:1]
+    box = [cached_boxes(tiny_run)[paths[0].name]]
+    cfg = tiny_config("unused", "unused", "predict.batch_size=3", "predict.tta_flip=true", "predict.workers=0")
+    cascade = Cascade(Coarse(stage1, cfg["stage1"]["size"], CPU), refiner, cfg, CPU)
+    plain = next(cascade.run(paths, box))[1].prob
+    cascade.compiled = True  # the padding path, without paying for a compilation on the CPU
+    torch.testing.assert_close(next(cascade.run(paths, box))[1].prob, plain, atol=1e-5, rtol=0)
+
+
+def test_writer_keeps_order_and_chunks(tmp_path):
+    store = ChunkStore(tmp_path, "k", ["img", "n"])
+    with ChunkWriter(store, 4) as writer:
+        for n in range(10):
+            writer.add(lambda n=n: {"img": f"{n}.jpg", "n": n})
+    assert [len(p) for p in store.parts()] == [4, 4, 2]
+    assert store.frame()["img"].tolist() == [f"{n}.jpg" for n in range(10)]
+
+    def boom():
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        with ChunkWriter(ChunkStore(tmp_path, "k2", ["img"]), 4) as writer:
+            writer.add(boom)
+            writer.close()
+
+
+def test_stage2_needs_the_stage1_boxes_first(tiny_run, tmp_path):
+    cfg = tiny_config(tiny_run["data"]["root"], tmp_path / "fresh")
+    with pytest.raises(ConfigError, match="run `carvana stage1 predict`"):
+        s2_predict.main(cfg)
