@@ -1,66 +1,144 @@
-"""Where the time of one stage-2 prediction goes, per 1918x1280 image, with an untrained refiner of
-the given size (weights do not change the cost). Ratios are against the whole per-image time
-measured in the same process.
+"""Prediction speed: the real `stage2 predict` (streaming `Cascade`: reader -> device -> writer)
+against the old per-image path (tests/reference.py) in the same process, on real 1918x1280 photos
+linked under N names, with untrained nets of the given size (weights do not change the cost).
+Then what each stage of the Cascade costs alone, and peak memory of whole runs at two sizes.
 
-    .venv/bin/python benchmarks/bench_predict.py [depth width]
+    .venv/bin/python benchmarks/bench_predict.py [images=64] [depth=6] [width=16] [batch] [old_images=8]
+
+batch (tiles per forward pass) defaults to 8 on CUDA and 2 on the CPU, where 2 measured fastest.
+    .venv/bin/python benchmarks/bench_predict.py memory      # peak RSS at 32 and 320 images, tiny nets
 """
 from __future__ import annotations
 
+import resource
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
-from common.inference import predict_probs, to_input
-from common.io import read_image
-from common.model import UNet
-from common.rle import rle_encode
-from stage1_lowres.predict import upsample
-from stage2_fullres.tiles import blend_weights, cut_tiles, plan_tiles, stitch
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+import reference  # noqa: E402  the old per-image path
+from common.config import load_config  # noqa: E402
+from common.model import UNet  # noqa: E402
+from common.reader import read_batches  # noqa: E402
+from common.rle import rle_encode  # noqa: E402
+from stage1_lowres.coarse import Coarse, upsample  # noqa: E402
+from stage2_fullres import predict as s2_predict  # noqa: E402
+from stage2_fullres.cascade import Cascade  # noqa: E402
+from stage2_fullres.tiles import cut_tiles, plan_tiles, stitch  # noqa: E402
 
-REAL = Path(__file__).resolve().parents[1].parent / "shared" / "carvana_samples" / "test_fullres"
+REAL = Path(__file__).resolve().parents[2] / "shared" / "carvana_samples" / "test_fullres"
+BOX = (60, 300, 1860, 1100)  # a wide car: two 1024 tiles, as 69% of real cars need
 
 
-def timed(fn, *args):
+def make_run(root: Path, n: int, depth: int, width: int, size: int, extra: list[str]) -> dict:
+    """A data root of n test images (links to the real photos), untrained checkpoints, cached boxes."""
+    photos = sorted(REAL.glob("*.jpg"))
+    if not photos:
+        sys.exit(f"needs the real test photos in {REAL}")
+    (root / "data" / "test").mkdir(parents=True)
+    names = [f"{k:012x}_{k % 16 + 1:02d}.jpg" for k in range(n)]
+    for k, name in enumerate(names):
+        (root / "data" / "test" / name).symlink_to(photos[k % len(photos)])
+    out = root / "out"
+    cfg = load_config(None, [f"data.root={root / 'data'}", f"output.dir={out}", f"stage1.size={size}", f"stage1.depth={depth}",
+                             f"stage1.width={width}", f"stage2.depth={depth}", f"stage2.width={width}", *extra])
+    for stage, net in (("stage1", UNet(3, depth, width)), ("stage2", UNet(4, depth, width, prior_skip=True))):
+        (out / stage).mkdir(parents=True)
+        torch.save({"model": net.state_dict(), "model_args": net.args, "config": cfg}, out / stage / "best.pt")
+    rows = "\n".join(f"{name},test,1918,1280,{BOX[0]},{BOX[1]},{BOX[2]},{BOX[3]},1,bench" for name in names)
+    (out / "bboxes.csv").write_text("img,split,width,height,x0,y0,x1,y1,found,key\n" + rows + "\n")
+    return cfg
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()  # timings must include the queued device work
+
+
+@torch.no_grad()
+def timed(device, fn, *args):
+    sync(device)
     t = time.perf_counter()
     out = fn(*args)
+    sync(device)
     return out, time.perf_counter() - t
 
 
-def main(depth: int = 5, width: int = 16) -> None:
+def compare(n: int, depth: int, width: int, batch: int, old_n: int) -> None:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    paths = sorted(REAL.glob("*.jpg"))[:6] if REAL.is_dir() else []
-    if not paths:
-        sys.exit(f"needs the real test photos in {REAL}")
-    stage1 = UNet(3, depth, width).to(device).eval()
-    refiner = UNet(4, depth, width, prior_skip=True).to(device).eval()
-    box = (60, 300, 1860, 1100)  # a wide car: two 1024 tiles
-    steps: dict[str, list[float]] = {}
-    for i, path in enumerate(paths):
-        image, t_read = timed(read_image, path)
-        small, t_small = timed(read_image, path, (256, 256))
-        prob, t_s1 = timed(predict_probs, stage1, to_input(small[None]), device, 1)
-        prior, t_up = timed(upsample, prob[0], 1918, 1280)
-        windows = plan_tiles(1918, 1280, box, 1024, 64)
-        x, t_cut = timed(lambda: to_input(cut_tiles(image, windows), cut_tiles(prior, windows)))
-        tiles, t_net = timed(predict_probs, refiner, x, device, 2)
-        full, t_stitch = timed(stitch, tiles, windows, box, 1918, 1280, blend_weights(1024))
-        _, t_rle = timed(rle_encode, full > 0.5)
-        if i == 0:
-            continue  # warm-up
-        for name, t in [("read full JPEG", t_read), ("read at 256 (draft)", t_small), ("stage-1 net", t_s1),
-                        ("upsample prior", t_up), ("cut tiles", t_cut), ("refiner, 2 tiles", t_net),
-                        ("stitch + blend", t_stitch), ("threshold + RLE", t_rle)]:
-            steps.setdefault(name, []).append(t)
-    total = sum(np.mean(v) for v in steps.values())
-    print(f"device {device}, U-Net depth {depth} width {width}, {len(paths) - 1} images after warm-up")
-    print(f"{'step':22} {'ms/image':>9} {'share':>7}")
-    for name, v in steps.items():
-        print(f"{name:22} {np.mean(v) * 1e3:9.1f} {np.mean(v) / total:7.1%}")
-    print(f"{'total':22} {total * 1e3:9.1f} {1:7.1%}   -> {100_064 * total / 3600:.1f} h for the 100,064 real test images")
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = make_run(Path(tmp), n, depth, width, 512, [f"predict.batch_size={batch}", "predict.chunk=64",
+                                                         f"predict.workers={min(8, max(1, len(__import__('os').sched_getaffinity(0)) - 1))}"])
+        s2_predict.main({**cfg, "data": {**cfg["data"], "limit_test": 2}})  # warm-up: cudnn benchmark, allocator, page cache
+        for part in Path(cfg["output"]["dir"], "stage2_chunks").glob("*/*"):
+            part.unlink()
+        _, new_s = timed(device, s2_predict.main, cfg)
+
+        paths = sorted(Path(cfg["data"]["root"], "test").glob("*.jpg"))
+        cascade = Cascade.from_config(cfg, device)
+        stage1 = cascade.coarse.model
+        old_s = 0.0
+        for path in paths[:old_n]:
+            out, t = timed(device, reference.old_predict, stage1.cpu() if device.type == "cpu" else stage1, cascade.refiner, path, 512, BOX)
+            old_s += t + timed(device, rle_encode, out["prob"] > 0.5)[1] if device.type == "cpu" else t
+
+        # each stage alone, on one reader batch of decoded images
+        steps: dict[str, float] = {}
+        batches, t_read = timed(device, lambda: [b for b in read_batches(paths, device, batch, cascade.workers)])
+        steps["read + decode (workers, overlapped)"] = t_read / n
+        images = [im for _, im, _ in batches[0]]
+        k = len(images)
+        small, t = timed(device, cascade.coarse.probs, images)
+        steps["stage-1 net (resize on device)"] = t / k
+        windows = plan_tiles(1918, 1280, BOX, cfg["stage2"]["tile"], cfg["stage2"]["min_overlap"])
+        coarse, t = timed(device, lambda: [upsample(p, 1918, 1280) for p in small])
+        steps["upsample prior"] = t / k
+        tiles, t = timed(device, lambda: (torch.cat([cut_tiles(im, windows) for im in images]),
+                                          torch.cat([cut_tiles(c[None], windows) for c in coarse])))
+        steps["cut tiles"] = t / k
+        probs, t = timed(device, lambda: torch.cat([cascade._forward(tiles[0][i : i + batch], tiles[1][i : i + batch])
+                                                    for i in range(0, len(tiles[0]), batch)]))
+        steps[f"refiner, {len(windows)} tiles"] = t / k
+        full, t = timed(device, lambda: [stitch(probs[2 * j : 2 * j + 2], windows, BOX, 1918, 1280, cascade.weights) for j in range(k)])
+        steps["stitch + blend"] = t / k
+        masks, t = timed(device, lambda: [(f > 0.5).cpu().numpy() for f in full])
+        steps["threshold + copy to host"] = t / k
+        _, t = timed(device, lambda: [rle_encode(m) for m in masks])
+        steps["RLE (writer thread)"] = t / k
+
+    print(f"\ndevice {device}, U-Net depth {depth} width {width}, 1918x1280 real photos, box of two 1024 tiles, batch {batch} tiles")
+    print(f"{'path':44} {'images':>6} {'ms/image':>9} {'images/s':>9}")
+    print(f"{'old: per image, two decodes, numpy tiles':44} {old_n:6d} {old_s / old_n * 1e3:9.1f} {old_n / old_s:9.2f}")
+    print(f"{'new: stage2 predict (Cascade), end to end':44} {n:6d} {new_s / n * 1e3:9.1f} {n / new_s:9.2f}")
+    print(f"speed-up {old_s / old_n / (new_s / n):.2f}x; 100,064 test images: {100_064 * new_s / n / 3600:.2f} h\n")
+    total = sum(steps.values())
+    print(f"{'Cascade stage, timed alone':44} {'ms/image':>9} {'share':>7}")
+    for name, t in steps.items():
+        print(f"{name:44} {t * 1e3:9.1f} {t / total:7.1%}")
+
+
+def memory() -> None:
+    """Peak RSS of a whole `stage2 predict` process at 32 and 320 images (tiny nets): flat if nothing
+    grows with the number of images."""
+    print(f"{'images':>6} {'seconds':>8} {'peak RSS MiB':>13}")
+    for n in (32, 320):
+        code = (f"import sys, resource, time; sys.path.insert(0, {str(Path(__file__).parent)!r}); import bench_predict as b; "
+                f"import tempfile, pathlib; from stage2_fullres import predict as p; d = tempfile.mkdtemp(); "
+                f"cfg = b.make_run(pathlib.Path(d), {n}, 3, 4, 64, ['predict.batch_size=4', 'predict.chunk=16', 'predict.workers=1']); "
+                f"t = time.perf_counter(); p.main(cfg); "
+                f"print('RESULT', time.perf_counter() - t, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)")
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+        seconds, rss = map(float, out.split("RESULT")[1].split())
+        print(f"{n:6d} {seconds:8.1f} {rss:13.0f}")
 
 
 if __name__ == "__main__":
-    main(*(int(a) for a in sys.argv[1:3]))
+    if sys.argv[1:2] == ["memory"]:
+        memory()
+    else:
+        args = [int(a) for a in sys.argv[1:6]]
+        compare(*(args + [64, 6, 16, 8 if torch.cuda.is_available() else 2, 8][len(args):]))

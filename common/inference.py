@@ -27,11 +27,11 @@ def forward_batches(model: nn.Module, x: torch.Tensor, device: torch.device, bat
 
 
 def prepare(model: nn.Module, device: torch.device, compile: bool = False) -> nn.Module:
-    """Eval mode; on CUDA channels_last (tensor-core convolutions without layout transposes) and
-    cudnn benchmark mode (tile shapes are fixed, so the fastest kernels are picked once); optionally
-    torch.compile, worth it for long runs (the first batches pay for the compilation)."""
-    model.eval()
+    """Eval mode, channels_last weights (inputs are channels_last too: tensor-core convolutions
+    without layout transposes on CUDA; measured 1.5-2x faster on the CPU as well, see the README),
+    cudnn benchmark mode on CUDA (tile shapes are fixed, so the fastest kernels are picked once);
+    optionally torch.compile, worth it for long runs (the first batches pay for the compilation)."""
+    model = model.eval().to(memory_format=torch.channels_last)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
-        model = model.to(memory_format=torch.channels_last)
     return torch.compile(model, dynamic=False) if compile else model

@@ -121,8 +121,6 @@ class Coarse:
     @torch.no_grad()
     def probs(self, images: list[torch.Tensor]) -> torch.Tensor:
         """(N, size, size) probabilities, float32 on the device; fp16 autocast on CUDA."""
-        x = to_stage1_input(images, self.size)
-        if self.device.type == "cuda":
-            x = x.contiguous(memory_format=torch.channels_last)
+        x = to_stage1_input(images, self.size).contiguous(memory_format=torch.channels_last)
         with torch.autocast(self.device.type, dtype=torch.float16, enabled=self.device.type == "cuda"):
             return torch.sigmoid(self.model(x).float())[:, 0]

@@ -118,8 +118,7 @@ class Cascade:
             x = torch.cat([x, x.new_zeros(self.batch_size - n, *x.shape[1:])])
         if self.flip:
             x = torch.cat([x, x.flip(-1)])
-        if self.device.type == "cuda":
-            x = x.contiguous(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=torch.channels_last)
         with torch.autocast(self.device.type, dtype=torch.float16, enabled=self.device.type == "cuda"):
             out = torch.sigmoid(self.refiner(x).float())[:, 0]
         if self.flip:
