@@ -10,7 +10,7 @@ batch (tiles per forward pass) defaults to 8 on CUDA and 2 on the CPU, where 2 m
 """
 from __future__ import annotations
 
-import resource
+import os
 import subprocess
 import sys
 import tempfile
@@ -72,7 +72,7 @@ def compare(n: int, depth: int, width: int, batch: int, old_n: int) -> None:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     with tempfile.TemporaryDirectory() as tmp:
         cfg = make_run(Path(tmp), n, depth, width, 512, [f"predict.batch_size={batch}", "predict.chunk=64",
-                                                         f"predict.workers={min(8, max(1, len(__import__('os').sched_getaffinity(0)) - 1))}"])
+                                                         f"predict.workers={min(12, len(os.sched_getaffinity(0)) - 1) if device.type == 'cuda' else 0}"])
         s2_predict.main({**cfg, "data": {**cfg["data"], "limit_test": 2}})  # warm-up: cudnn benchmark, allocator, page cache
         for part in Path(cfg["output"]["dir"], "stage2_chunks").glob("*/*"):
             part.unlink()
@@ -128,7 +128,7 @@ def memory() -> None:
     for n in (32, 320):
         code = (f"import sys, resource, time; sys.path.insert(0, {str(Path(__file__).parent)!r}); import bench_predict as b; "
                 f"import tempfile, pathlib; from stage2_fullres import predict as p; d = tempfile.mkdtemp(); "
-                f"cfg = b.make_run(pathlib.Path(d), {n}, 3, 4, 64, ['predict.batch_size=4', 'predict.chunk=16', 'predict.workers=1']); "
+                f"cfg = b.make_run(pathlib.Path(d), {n}, 3, 4, 64, ['predict.batch_size=4', 'predict.chunk=16', 'predict.workers=0']); "
                 f"t = time.perf_counter(); p.main(cfg); "
                 f"print('RESULT', time.perf_counter() - t, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)")
         out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout

@@ -67,7 +67,7 @@ DEFAULTS: dict[str, Any] = {
         "batch_size": 2,  # tiles per forward pass, across images (mirrored copies ride along with tta_flip)
         "tta_flip": False,
         "chunk": 16,  # images per resumable chunk of prediction results
-        "workers": 2,  # reader processes decoding images ahead of the device
+        "workers": 0,  # reader processes decoding ahead of the device; 0 = in the main process (fastest on a CPU-only machine)
         "compile": False,  # torch.compile the nets: faster on a GPU after a compilation of a minute or so
     },
 }

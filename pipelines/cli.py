@@ -72,8 +72,22 @@ def dispatch(args: argparse.Namespace) -> int:
     return module.main(cfg) or 0
 
 
+def parse(argv: list[str] | None = None) -> argparse.Namespace:
+    """Overrides (`key=value`) may come before or after `--config`: argparse alone takes positionals
+    in one run, so the ones after an option arrive as unknown arguments and are collected here."""
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    overrides = [e for e in extra if "=" in e and not e.startswith("-")]
+    unknown = [e for e in extra if e not in overrides]
+    if unknown or (overrides and not hasattr(args, "overrides")):
+        parser.error(f"unrecognized arguments: {' '.join(unknown or overrides)}")
+    if overrides:
+        args.overrides = [*args.overrides, *overrides]
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse(argv)
     warnings.formatwarning = lambda msg, cat, *a, **k: f"warning: {msg}\n"
     try:
         return dispatch(args)
