@@ -75,3 +75,18 @@ def test_readme_documents_every_key():
     for key in _VALID:
         stage, _, leaf = key.partition(".")
         assert f"`{key}`" in readme or (stage in ("stage1", "stage2") and f"| `{leaf}` |" in readme), key
+
+
+def test_overrides_parse_before_or_after_config_and_junk_is_refused(capsys):
+    """The README writes `carvana stage1 train --config FILE key=value ...`; both orders must work."""
+    from pipelines.cli import parse
+
+    after = parse(["stage1", "train", "--config", "pipelines/pipeline.yaml", "stage1.epochs=3", "data.root=/data/carvana"])
+    before = parse(["stage1", "train", "stage1.epochs=3", "--config", "pipelines/pipeline.yaml", "data.root=/data/carvana"])
+    assert after.overrides == before.overrides == ["stage1.epochs=3", "data.root=/data/carvana"]
+    assert after.config == before.config == "pipelines/pipeline.yaml"
+    assert parse(["run", "p.yaml", "--force", "stage2_train", "stage2.epochs=1"]).overrides == ["stage2.epochs=1"]
+    for bad in (["stage1", "train", "--bogus"], ["plot", "outputs/x", "stage1.epochs=3"]):
+        with pytest.raises(SystemExit):
+            parse(bad)
+        assert "unrecognized arguments" in capsys.readouterr().err
