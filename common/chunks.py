@@ -1,15 +1,22 @@
-"""Resumable prediction results: rows written in small atomic chunk files under a keyed folder.
+"""Resumable prediction results: rows written in small atomic chunk files on a fixed grid.
 
-A run killed at any point leaves only whole chunks; the rerun skips the images they hold and the
-final files are assembled from all chunks in a fixed order, so they are byte-identical to those of
-an uninterrupted run. A folder for another key (checkpoint, settings) is never read.
+Chunk k holds the rows of images [k * size, (k + 1) * size) of the run's image order, in a file
+named for k. A run killed at any point leaves only whole chunks; the rerun skips the chunks whose
+files exist (one directory listing), whoever wrote them and in whatever order they were finished
+(Dask workers on other machines included), and the final files read the chunks in k order, so
+they are byte-identical to those of an uninterrupted run. The folder's name holds the key
+(checkpoint, settings), the chunk size and a hash of the image list: another run's chunks are
+never read.
 """
 from __future__ import annotations
 
+import hashlib
+import os
+import signal
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import pandas as pd
@@ -17,67 +24,90 @@ import torch
 
 from common.io import write_csv
 
+Chunk = tuple[int, list]  # chunk number, its items in order
+
 
 class ChunkStore:
-    def __init__(self, root: str | Path, key: str, columns: list[str]):
-        self.folder = Path(root) / key
-        self.columns = columns
-        self.folder.mkdir(parents=True, exist_ok=True)
+    def __init__(self, root: str | Path, key: str, columns: list[str], size: int, names: Sequence[str]):
+        listing = hashlib.sha256("\n".join(names).encode()).hexdigest()[:8]
+        self.folder = Path(root) / f"{key}-{size}-{listing}"  # created by the first write: nothing on disk before work
+        self.columns, self.size = columns, size
 
-    def _parts(self) -> list[Path]:
-        return sorted(self.folder.glob("part-*.csv"))
+    def path(self, k: int) -> Path:
+        return self.folder / f"part-{k:06d}.csv"
 
-    def parts(self) -> Iterator[pd.DataFrame]:
-        """The chunks one at a time, in the order they were written."""
-        for path in self._parts():
-            yield pd.read_csv(path, dtype=str, keep_default_na=False)
+    def done(self) -> set[int]:
+        """Numbers of the finished chunks, from the file names alone."""
+        return {int(p.name[5:11]) for p in self.folder.glob("part-*.csv")} if self.folder.is_dir() else set()
+
+    def todo(self, items: list) -> list[Chunk]:
+        """The chunks of `items` (the run's whole image order) not yet written."""
+        done = self.done()
+        return [(k, items[k * self.size : (k + 1) * self.size]) for k in range(-(-len(items) // self.size)) if k not in done]
+
+    def parts(self, columns: list[str] | None = None) -> Iterator[pd.DataFrame]:
+        """The chunks one at a time, in chunk order; `columns` reads only those (not the RLE strings)."""
+        for path in sorted(self.folder.glob("part-*.csv")) if self.folder.is_dir() else []:
+            yield pd.read_csv(path, dtype=str, keep_default_na=False, usecols=columns)
 
     def frame(self, columns: list[str] | None = None) -> pd.DataFrame:
-        """All chunks as one frame; pass `columns` to leave out large ones (RLE strings)."""
-        parts = [p[columns] if columns else p for p in self.parts()]
+        parts = list(self.parts(columns))
         return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=columns or self.columns, dtype=str)
 
-    def done(self) -> set[str]:
-        return set(self.frame(["img"])["img"])
+    def write(self, k: int, rows: list[dict]) -> None:
+        _test_kill_point(k)
+        write_csv(self.path(k), pd.DataFrame(rows, columns=self.columns))
 
-    def write(self, rows: list[dict]) -> None:
-        if rows:
-            n = len(self._parts())
-            write_csv(self.folder / f"part-{n:06d}.csv", pd.DataFrame(rows, columns=self.columns))
+
+def _test_kill_point(k: int) -> None:
+    """For tests that must interrupt a run at an exact point, never by racing it: with
+    CARVANA_TEST_KILL_AT_CHUNK=k (or k:MARKER, which kills only while the file MARKER does not
+    exist, and creates it) the process dies by SIGKILL just before it writes chunk k."""
+    spec = os.environ.get("CARVANA_TEST_KILL_AT_CHUNK")
+    if not spec:
+        return
+    at, _, marker = spec.partition(":")
+    if int(at) == k and not (marker and Path(marker).exists()):
+        if marker:
+            Path(marker).touch()
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 class ChunkWriter:
     """The prediction writer: rows built in one background thread (RLE strings from masks already
-    on their way to the host) while the device works on the next batch, written `chunk` rows at a
-    time. One thread keeps the rows in the order they were added, which is submission order.
+    on their way to the host) while the device works on the next batch; each planned chunk is
+    written as soon as its rows are in. One thread keeps the rows in the order they were added.
     """
 
-    def __init__(self, store: ChunkStore, chunk: int):
-        self.store, self.chunk, self.rows = store, chunk, []
+    def __init__(self, store: ChunkStore, chunks: list[Chunk]):
+        self.store, self.rows = store, []
+        self.plan = deque((k, len(items)) for k, items in chunks)  # which chunk the next rows fill, and how many
         self.pool = ThreadPoolExecutor(1, thread_name_prefix="chunk-writer")
         self.pending: deque[Future] = deque()
 
     def add(self, make_row: Callable[[], dict]) -> None:
-        """Queue one row; `make_row` runs in the writer thread."""
+        """Queue the next row of the planned chunks; `make_row` runs in the writer thread."""
         self.pending.append(self.pool.submit(self._add, make_row))
         while self.pending and self.pending[0].done():
             self.pending.popleft().result()  # raise a writer error here, in the caller's thread
-        if len(self.pending) > 4 * self.chunk:  # bounded: results waiting for the writer hold device memory
+        if len(self.pending) > 4 * self.store.size:  # bounded: rows waiting for the writer hold host memory
             self.pending.popleft().result()
 
     def _add(self, make_row: Callable[[], dict]) -> None:
         self.rows.append(make_row())
-        if len(self.rows) >= self.chunk:
-            self.store.write(self.rows)
+        k, n = self.plan[0]
+        if len(self.rows) == n:
+            self.store.write(k, self.rows)
+            self.plan.popleft()
             self.rows = []
 
     def close(self) -> None:
-        """Wait for every queued row and write the last, partial chunk."""
+        """Wait for every queued row; every planned chunk must then be written."""
         while self.pending:
             self.pending.popleft().result()
-        self.pool.submit(lambda: self.store.write(self.rows)).result()
-        self.rows = []
         self.pool.shutdown()
+        if self.plan:
+            raise RuntimeError(f"{self.store.folder}: chunks {[k for k, _ in self.plan]} got fewer rows than planned")
 
     def __enter__(self) -> "ChunkWriter":
         return self

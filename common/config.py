@@ -69,6 +69,7 @@ DEFAULTS: dict[str, Any] = {
         "chunk": 16,  # images per resumable chunk of prediction results
         "workers": 0,  # reader processes decoding ahead of the device; 0 = in the main process (fastest on a CPU-only machine)
         "compile": False,  # torch.compile the nets: faster on a GPU after a compilation of a minute or so
+        "cluster": "",  # "" = this process; "local:N" = a Dask LocalCluster of N workers; "tcp://host:8786" = a Dask scheduler
     },
 }
 

@@ -7,6 +7,7 @@ never a silent drop.
 """
 from __future__ import annotations
 
+import multiprocessing
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -94,6 +95,8 @@ def _decode_one(decode: JpegDecoder, data: torch.Tensor, device: torch.device, p
 def read_batches(paths: list[Path], device: torch.device, batch_size: int, workers: int) -> Iterator[list[Decoded]]:
     """Batches of decoded images on `device`, in the order of `paths`, read `workers` processes ahead."""
     decode = nvjpeg_decoder(device)
+    if multiprocessing.current_process().daemon:
+        workers = 0  # a daemonic process (e.g. a Dask worker left at its default) may not start reader processes
     loader = DataLoader(ImageFiles(paths, encoded=decode is not None), batch_size=batch_size, num_workers=workers,
                         collate_fn=_as_list, pin_memory=device.type == "cuda",  # pinned: the copy to the GPU is async
                         prefetch_factor=4 if workers else None)

@@ -10,7 +10,8 @@ from __future__ import annotations
 import warnings
 from pathlib import Path
 
-from common.chunks import ChunkStore, ChunkWriter, mask_to_host
+from common.chunks import Chunk, ChunkStore, ChunkWriter, mask_to_host
+from common.cluster import cached, predict_chunks_anywhere, worker_device
 from common.data import Sample, index_split
 from common.io import write_csv
 from common.rle import rle_encode
@@ -18,6 +19,9 @@ from common.submission import finish_predictions, test_samples
 from common.trainer import pick_device
 from stage1_lowres.coarse import BOX_COLUMNS, cache_key, load_boxes
 from stage2_fullres.cascade import Cascade
+
+COLUMNS = BOX_COLUMNS + ["rle_mask", "error"]
+Item = tuple[str, str, str]  # img, path, split
 
 
 def _cache_is_valid(out: Path, key: str, wanted: set[str]) -> bool:
@@ -28,6 +32,32 @@ def _cache_is_valid(out: Path, key: str, wanted: set[str]) -> bool:
     return set(frame["key"]) == {key} and wanted <= set(frame["img"])
 
 
+def _store(cfg: dict, key: str, names: list[str]) -> ChunkStore:
+    return ChunkStore(Path(cfg["output"]["dir"]) / "stage1_chunks", key, COLUMNS, cfg["predict"]["chunk"], names)
+
+
+def predict_chunks(chunks: list[Chunk], cfg: dict, key: str, names: list[str], cascade: Cascade | None = None) -> int:
+    """Boxes (and, for test images, coarse masks) of the items of `chunks`, each chunk's file written;
+    returns the number of images. Without `cascade` (a Dask worker), the net is loaded once per worker."""
+    cascade = cascade or cached(key, lambda: Cascade.from_config(cfg, worker_device(cfg["device"]), refiner=False))
+    items: list[Item] = [item for _, chunk in chunks for item in chunk]
+    threshold = cfg["predict"]["threshold"]
+    with ChunkWriter(_store(cfg, key, names), chunks) as writer:
+        for i, pred in cascade.run([Path(path) for _, path, _ in items], desc="stage 1 predict"):
+            img, path, split = items[i]
+            row = dict.fromkeys(COLUMNS, "") | {"img": img, "split": split, "key": key}
+            if isinstance(pred, str):
+                writer.add(lambda row=row, error=pred: row | {"error": error})
+                continue
+            if not pred.found:
+                warnings.warn(f"{path}: stage 1 found no car; using the whole image as its box", stacklevel=1)
+            x0, y0, x1, y1 = pred.box
+            row |= {"width": pred.width, "height": pred.height, "x0": x0, "y0": y0, "x1": x1, "y1": y1, "found": int(pred.found)}
+            mask = mask_to_host(pred.coarse > threshold) if split == "test" else None
+            writer.add(lambda row=row, mask=mask: row | {"rle_mask": rle_encode(mask()) if mask else ""})
+    return len(items)
+
+
 def main(cfg: dict) -> int:
     s, out = cfg["stage1"], Path(cfg["output"]["dir"])
     train = index_split(cfg["data"]["root"], "train", cfg["data"]["hq"])
@@ -36,25 +66,14 @@ def main(cfg: dict) -> int:
     if _cache_is_valid(out, key, {x.img for x in train + test}):
         print(f"stage 1: reusing {out / 'bboxes.csv'} (same checkpoint content, size {s['size']}, margin {s['margin']}); model not loaded")
         return 0
-    cascade = Cascade.from_config(cfg, pick_device(cfg["device"]), refiner=False)
-    store = ChunkStore(out / "stage1_chunks", key, BOX_COLUMNS + ["rle_mask", "error"])
-    done = store.done()
-    todo = [(x, "train") for x in train if x.img not in done] + [(x, "test") for x in test if x.img not in done]
-    print(f"stage 1 predict: {len(todo)} images to do, {len(done)} already done (key {key})")
-    threshold = cfg["predict"]["threshold"]
-    with ChunkWriter(store, cfg["predict"]["chunk"]) as writer:
-        for i, pred in cascade.run([x.image for x, _ in todo], desc="stage 1 predict"):
-            sample, split = todo[i]
-            row = dict.fromkeys(BOX_COLUMNS + ["rle_mask", "error"], "") | {"img": sample.img, "split": split, "key": key}
-            if isinstance(pred, str):
-                writer.add(lambda row=row, error=pred: row | {"error": error})
-                continue
-            if not pred.found:
-                warnings.warn(f"{sample.image}: stage 1 found no car; using the whole image as its box", stacklevel=1)
-            x0, y0, x1, y1 = pred.box
-            row |= {"width": pred.width, "height": pred.height, "x0": x0, "y0": y0, "x1": x1, "y1": y1, "found": int(pred.found)}
-            mask = mask_to_host(pred.coarse > threshold) if split == "test" else None
-            writer.add(lambda row=row, mask=mask: row | {"rle_mask": rle_encode(mask()) if mask else ""})
+    items = [(x.img, str(x.image), "train") for x in train] + [(x.img, str(x.image), "test") for x in test]
+    names = [img for img, _, _ in items]
+    store = _store(cfg, key, names)
+    chunks = store.todo(items)
+    todo = sum(len(chunk) for _, chunk in chunks)
+    print(f"stage 1 predict: {todo} images to do, {len(items) - todo} already done (key {key})")
+    predict_chunks_anywhere(cfg, predict_chunks, chunks, (cfg, key, names),
+                            lambda: Cascade.from_config(cfg, pick_device(cfg["device"]), refiner=False), "stage 1 predict")
     return _finish(cfg, out, store, train, test)
 
 

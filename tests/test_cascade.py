@@ -139,19 +139,29 @@ def test_static_batches_for_compile_do_not_change_results(tiny_run):
     torch.testing.assert_close(next(cascade.run(paths, box))[1].prob, plain, atol=1e-5, rtol=0)
 
 
-def test_writer_keeps_order_and_chunks(tmp_path):
-    store = ChunkStore(tmp_path, "k", ["img", "n"])
-    with ChunkWriter(store, 4) as writer:
-        for n in range(10):
-            writer.add(lambda n=n: {"img": f"{n}.jpg", "n": n})
-    assert [len(p) for p in store.parts()] == [4, 4, 2]
-    assert store.frame()["img"].tolist() == [f"{n}.jpg" for n in range(10)]
+def test_writer_and_store_keep_a_fixed_chunk_grid(tmp_path):
+    """Chunk k holds items [k*size, (k+1)*size) whatever was written before; the rows of a chunk
+    arrive in order through the writer thread; chunks read back in chunk order."""
+    names = [f"{n}.jpg" for n in range(10)]
+    store = ChunkStore(tmp_path, "k", ["img", "n"], 4, names)
+    assert not store.folder.exists()  # nothing on disk before work
+    items = list(zip(names, range(10)))
+    store.write(1, [{"img": img, "n": n} for img, n in items[4:8]])  # finished first, e.g. by another worker
+    todo = store.todo(items)
+    assert [k for k, _ in todo] == [0, 2] and todo[1][1] == items[8:]
+    with ChunkWriter(store, todo) as writer:
+        for _, chunk in todo:
+            for img, n in chunk:
+                writer.add(lambda img=img, n=n: {"img": img, "n": n})
+    assert [len(p) for p in store.parts()] == [4, 4, 2] and store.todo(items) == []
+    assert store.frame(["img"])["img"].tolist() == names
+    assert ChunkStore(tmp_path, "k", ["img", "n"], 4, names[:9]).folder != store.folder  # another image list: other chunks
 
     def boom():
         raise OSError("disk full")
 
     with pytest.raises(OSError, match="disk full"):
-        with ChunkWriter(ChunkStore(tmp_path, "k2", ["img"]), 4) as writer:
+        with ChunkWriter(ChunkStore(tmp_path, "k2", ["img"], 4, names), [(0, items[:4])]) as writer:
             writer.add(boom)
             writer.close()
 

@@ -1,0 +1,91 @@
+"""Prediction across GPUs and machines on Dask distributed (optional: `pip install '.[cluster]'`).
+
+`predict.cluster` is empty (this process predicts), `local:N` (a LocalCluster of N worker
+processes on this machine, one per GPU where there are GPUs) or a scheduler address such as
+`tcp://host:8786` (a cluster the user runs: SSH, Kubernetes, SLURM through dask-jobqueue,
+dask-cuda). The unit of work is one chunk of images: a task predicts it with the same code as a
+local run and writes its chunk file atomically into the shared output folder, so a resumed or
+retried run skips what is on disk and the final files do not depend on who finished first.
+Checkpoints and boxes travel as paths and small tuples, never as arrays through the scheduler.
+"""
+from __future__ import annotations
+
+import time
+from typing import Any, Callable
+
+import torch
+from tqdm import tqdm
+
+from common.chunks import Chunk
+from common.config import ConfigError
+
+_LOADED: dict[str, Any] = {}  # per worker process: models loaded once, kept for all its tasks
+
+
+def cached(key: str, build: Callable[[], Any]) -> Any:
+    if key not in _LOADED:
+        _LOADED.clear()  # another checkpoint: drop the old nets first
+        _LOADED[key] = build()
+    return _LOADED[key]
+
+
+def worker_device(name: str) -> torch.device:
+    """`auto` on a Dask worker of a LocalCluster: GPU number = worker number, so N workers use N GPUs."""
+    if name != "auto" or not torch.cuda.is_available():
+        return torch.device("cpu" if name == "auto" else name)
+    try:
+        from distributed import get_worker
+
+        index = int(get_worker().name)
+    except (ImportError, ValueError, TypeError):
+        index = 0
+    return torch.device(f"cuda:{index % torch.cuda.device_count()}")
+
+
+def connect(spec: str):
+    """A Dask client for `predict.cluster`; an unreachable scheduler is one clear error, before any work."""
+    try:
+        import dask
+        from distributed import Client, LocalCluster
+    except ImportError:
+        raise ConfigError(f"predict.cluster={spec} needs Dask distributed: pip install '.[cluster]'") from None
+    if spec.startswith("local:"):
+        # workers may start reader processes of their own, which daemonic processes cannot
+        dask.config.set({"distributed.worker.daemon": False})
+        cluster = LocalCluster(n_workers=int(spec[6:]), threads_per_worker=1, processes=True, dashboard_address=None)
+        return Client(cluster)
+    try:
+        return Client(spec, timeout="10s")
+    except (OSError, TimeoutError) as e:
+        raise ConfigError(f"predict.cluster={spec}: cannot reach the Dask scheduler ({e})") from None
+
+
+def predict_chunks_anywhere(cfg: dict, task: Callable[..., int], chunks: list[Chunk], args: tuple,
+                            build: Callable[[], Any], desc: str) -> None:
+    """task(chunks, *args, predictor) in this process, or task([chunk], *args) per chunk on the
+    cluster of `predict.cluster`, where each worker builds its own predictor once."""
+    if chunks and cfg["predict"]["cluster"]:
+        run_chunks(cfg["predict"]["cluster"], task, chunks, args, desc)
+    elif chunks:
+        task(chunks, *args, build())
+
+
+def run_chunks(spec: str, task: Callable[..., int], chunks: list[Chunk], args: tuple, desc: str) -> None:
+    """task([chunk], *args) -> images done, for every chunk, on the cluster. Dask retries a task whose
+    worker died; one bar over all chunks shows the rate across the cluster."""
+    from distributed import as_completed
+
+    with connect(spec) as client:
+        workers = len(client.scheduler_info()["workers"])
+        started, done = time.monotonic(), 0
+        futures = [client.submit(task, [chunk], *args, key=f"{desc.replace(' ', '-')}-{chunk[0]}", pure=False, retries=2)
+                   for chunk in chunks]
+        with tqdm(total=sum(len(items) for _, items in chunks), desc=f"{desc} ({workers} workers)", unit="img", disable=None) as bar:
+            for future in as_completed(futures):
+                n = future.result()
+                done += n
+                bar.update(n)
+        seconds = time.monotonic() - started
+        print(f"{desc}: {done} images in {seconds:.1f} s ({done / seconds:.1f} images/s on {workers} Dask workers)")
+        if spec.startswith("local:"):
+            client.cluster.close()

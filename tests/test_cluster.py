@@ -1,0 +1,49 @@
+"""Prediction on Dask distributed (predict.cluster): the bytes of a local run, a worker killed by
+SIGKILL mid-run retried by Dask, an unreachable scheduler refused before any work."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from conftest import tiny_config
+from pipelines.cli import main as cli
+from stage1_lowres import predict as s1_predict
+from stage2_fullres import predict as s2_predict
+
+pytest.importorskip("distributed", reason="Dask distributed is not installed (pip install '.[cluster]')")
+
+OUTPUTS = ["bboxes.csv", "stage1_submission.csv.gz", "submission.csv.gz"]
+
+
+def _config(tiny_run, out, *more):
+    src = tiny_run["output"]["dir"]
+    return tiny_config(tiny_run["data"]["root"], out, f"stage1.checkpoint={src}/stage1/best.pt",
+                       f"stage2.checkpoint={src}/stage2/best.pt", "predict.chunk=3", *more)
+
+
+def _predict(cfg) -> dict[str, bytes]:
+    assert s1_predict.main(cfg) == 0 and s2_predict.main(cfg) == 0
+    return {name: (Path(cfg["output"]["dir"]) / name).read_bytes() for name in OUTPUTS}
+
+
+def test_local_cluster_gives_the_bytes_of_a_local_run_even_when_a_worker_dies(tiny_run, tmp_path, monkeypatch, capsys):
+    local = _predict(_config(tiny_run, tmp_path / "local"))
+    # every worker inherits this: the first one to reach stage-2 chunk 2 dies by SIGKILL before writing it
+    monkeypatch.setenv("CARVANA_TEST_KILL_AT_CHUNK", f"2:{tmp_path / 'killed-once'}")
+    cluster = _predict(_config(tiny_run, tmp_path / "cluster", "predict.cluster=local:2"))
+    assert (tmp_path / "killed-once").exists()  # a worker did die mid-run, and Dask retried its chunk
+    assert cluster == local
+    printed = capsys.readouterr().out
+    assert "on 2 Dask workers" in printed and "stage 1 predict" in printed
+
+
+def test_unreachable_scheduler_is_one_line_and_nothing_is_written(tiny_run, tmp_path, capsys):
+    out = tmp_path / "out"
+    src = tiny_run["output"]["dir"]
+    code = cli(["stage2", "predict", f"data.root={tiny_run['data']['root']}", f"output.dir={out}", f"bboxes.path={src}/bboxes.csv",
+                f"stage2.checkpoint={src}/stage2/best.pt", f"stage1.checkpoint={src}/stage1/best.pt", "stage1.size=64",
+                "predict.cluster=tcp://127.0.0.1:9", "device=cpu"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "cannot reach the Dask scheduler" in err and len(err.splitlines()) == 1, err
+    assert not out.exists()
