@@ -48,7 +48,7 @@ def test_cascade_masks_match_the_old_per_image_path(tiny_run):
     """One decode and a device resize for stage 1, tiles of several images per pass: image by image
     the masks match the old path (two decodes, numpy tiles) to Dice >= 0.9995."""
     boxes = cached_boxes(tiny_run)
-    paths = sorted(Path(tiny_run["data"]["root"], "test").glob("*.jpg"))[:6]
+    paths = sorted(Path(tiny_run["data"]["root"], "test").glob("*.jpg"))[:3]
     s1, s2 = _agreement(tiny_run, paths, [boxes[p.name] for p in paths], flip=True)
     print(f"Dice new vs old path: stage 1 min {min(s1):.5f}, cascade min {min(s2):.5f}")
     assert min(s2) >= 0.9995 and min(s1) >= 0.9995

@@ -19,7 +19,7 @@ OUTPUTS = ["bboxes.csv", "stage1_submission.csv.gz", "submission.csv.gz"]
 def _config(tiny_run, out, *more):
     src = tiny_run["output"]["dir"]
     return tiny_config(tiny_run["data"]["root"], out, f"stage1.checkpoint={src}/stage1/best.pt",
-                       f"stage2.checkpoint={src}/stage2/best.pt", "predict.chunk=3", *more)
+                       f"stage2.checkpoint={src}/stage2/best.pt", "predict.chunk=3", "data.limit_test=8", *more)
 
 
 def _predict(cfg) -> dict[str, bytes]:

@@ -157,7 +157,8 @@ def test_killed_prediction_resumes_to_identical_bytes(tiny_run, tmp_path):
     the rerun finishes the rest and the submission equals an uninterrupted run byte for byte."""
     src = tiny_run["output"]["dir"]
     args = [f"data.root={tiny_run['data']['root']}", f"stage1.checkpoint={src}/stage1/best.pt", f"stage2.checkpoint={src}/stage2/best.pt",
-            f"bboxes.path={src}/bboxes.csv", "predict.chunk=2", "stage2.depth=3", "stage2.width=4", "stage1.size=64", "device=cpu"]
+            f"bboxes.path={src}/bboxes.csv", "predict.chunk=1", "data.limit_test=6", "stage2.depth=3", "stage2.width=4",
+            "stage1.size=64", "device=cpu"]
     t0 = time.monotonic()
     subprocess.run([*CLI, "stage2", "predict", f"output.dir={tmp_path / 'full'}", *args], check=True, capture_output=True)
     full_seconds = time.monotonic() - t0
@@ -166,14 +167,14 @@ def test_killed_prediction_resumes_to_identical_bytes(tiny_run, tmp_path):
     killed = subprocess.run([*CLI, "stage2", "predict", f"output.dir={out}", *args], capture_output=True,
                             env={**os.environ, "CARVANA_TEST_KILL_AT_CHUNK": "3"})
     assert killed.returncode == -signal.SIGKILL
-    assert len(list(out.glob("stage2_chunks/*/part-*.csv"))) == 3 and not (out / "submission.csv.gz").exists()
+    assert len(list(out.glob("stage2_chunks/*/part-*.csv"))) == 3 and not (out / "submission.csv.gz").exists()  # chunks 0-2
     assert not list(out.glob("stage2_chunks/*/.part-*"))  # no partial file left behind
     t0 = time.monotonic()
     rerun = subprocess.run([*CLI, "stage2", "predict", f"output.dir={out}", *args], check=True, capture_output=True, text=True)
     rerun_seconds = time.monotonic() - t0
-    assert "10 test images to do, 6 already done" in rerun.stdout
+    assert "3 test images to do, 3 already done" in rerun.stdout
     assert (out / "submission.csv.gz").read_bytes() == (tmp_path / "full" / "submission.csv.gz").read_bytes()
-    print(f"full run {full_seconds:.1f}s, rerun after a kill at chunk 3 of 8: {rerun_seconds:.1f}s")
+    print(f"full run {full_seconds:.1f}s, rerun after a kill at chunk 3 of 6: {rerun_seconds:.1f}s")
 
 
 def test_ctrl_c_stops_cleanly_and_the_rerun_completes(tiny_run, tmp_path):
