@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import difflib
+import re
 from pathlib import Path
 from typing import Any
 
@@ -76,6 +77,17 @@ DEFAULTS: dict[str, Any] = {
 # Keys whose value may take more than the default's type.
 _ALTERNATIVES: dict[str, tuple[type, ...]] = {"data.val_cars": (int, list, str)}
 
+# Allowed values, checked when the config loads (a name: one of these; a pair: lo <= value, or lo <= value <= hi).
+_CHOICES = {"optimizer": ("adam", "sgd"), "schedule": ("constant", "step", "cosine"),
+            "stage2.blend": ("mean", "smooth"), "stage2.train_boxes": ("truth", "stage1")}
+_RANGES = {"epochs": (1, None), "batch_size": (1, None), "accum": (1, None), "step_every": (1, None), "depth": (1, None),
+           "width": (1, None), "workers": (0, None), "lr": (1e-12, None), "momentum": (0, 1), "weight_decay": (0, None),
+           "edge_weight": (0, None), "dropout": (0, 0.99), "max_minutes": (0, None), "stage1.size": (16, None),
+           "stage1.margin": (0, None), "stage2.tile": (16, None), "stage2.min_overlap": (0, None), "stage2.crop": (16, None),
+           "stage2.box_jitter": (0, None), "stage2.val_images": (0, None), "data.max_bad_share": (0, 1),
+           "data.limit_test": (0, None), "predict.threshold": (1e-6, 1 - 1e-6), "predict.batch_size": (1, None),
+           "predict.chunk": (1, None), "predict.workers": (0, None), "sample.cars": (0, None), "sample.test_cars": (0, None)}
+
 
 class ConfigError(ValueError):
     pass
@@ -140,7 +152,28 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         if not sep:
             raise ConfigError(f"override '{item}' must look like key=value")
         _set(cfg, key.strip(), _check(key.strip(), yaml.safe_load(text) if text.strip() else ""))
+    _validate(cfg)
     return cfg
+
+
+def _validate(cfg: dict) -> None:
+    """Every setting with a fixed set of values or a range, checked before any work starts."""
+    for key, value in _flatten(cfg).items():
+        short = key.split(".", 1)[-1] if key.startswith(("stage1.", "stage2.")) else key
+        choices = _CHOICES.get(key) or _CHOICES.get(short)
+        if choices and value not in choices:
+            raise ConfigError(f"config key '{key}' must be one of {', '.join(choices)}; got {value!r}")
+        bounds = _RANGES.get(key) or _RANGES.get(short)
+        if bounds and not (bounds[0] <= value and (bounds[1] is None or value <= bounds[1])):
+            where = f">= {bounds[0]}" if bounds[1] is None else f"in [{bounds[0]}, {bounds[1]}]"
+            raise ConfigError(f"config key '{key}' must be {where}; got {value!r}")
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", cfg["device"]):
+        raise ConfigError(f"config key 'device' must be auto, cpu, cuda or cuda:N; got {cfg['device']!r}")
+    if cfg["stage2"]["min_overlap"] >= cfg["stage2"]["tile"]:
+        raise ConfigError(f"stage2.min_overlap={cfg['stage2']['min_overlap']} must be smaller than stage2.tile={cfg['stage2']['tile']}")
+    cluster = cfg["predict"]["cluster"]
+    if cluster and not (re.fullmatch(r"local:[1-9]\d*", cluster) or "://" in cluster):
+        raise ConfigError(f"config key 'predict.cluster' must be empty, local:N or a scheduler address such as tcp://host:8786; got {cluster!r}")
 
 
 def save_config(cfg: dict, path: str | Path) -> None:

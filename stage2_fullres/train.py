@@ -102,11 +102,9 @@ def main(cfg: dict) -> int:
         val_pairs = val_pairs[:: max(len(val_pairs) // s["val_images"], 1)][: s["val_images"]]
     if s["train_boxes"] == "truth":
         train_box = {p.sample.img: expand_box(p.box, cfg["stage1"]["margin"], p.width, p.height) for p in train_pairs}
-    elif s["train_boxes"] == "stage1":
+    else:  # stage1 (the config allows nothing else)
         train_pairs = [p for p in train_pairs if p.sample.img in cached]
         train_box = {p.sample.img: cached[p.sample.img] for p in train_pairs}
-    else:
-        raise DataError(f"stage2.train_boxes must be 'truth' or 'stage1', got {s['train_boxes']!r}")
     coarse_model, coarse = None, None
     if s["coarse_channel"]:
         coarse_model = Coarse.from_config(cfg, device)

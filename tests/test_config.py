@@ -1,3 +1,6 @@
+import re
+from pathlib import Path
+
 import pytest
 import yaml
 
@@ -90,3 +93,39 @@ def test_overrides_parse_before_or_after_config_and_junk_is_refused(capsys):
         with pytest.raises(SystemExit):
             parse(bad)
         assert "unrecognized arguments" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("override, message", [
+    ("stage2.blend=soft", "'stage2.blend' must be one of mean, smooth; got 'soft'"),
+    ("stage2.train_boxes=gt", "'stage2.train_boxes' must be one of truth, stage1"),
+    ("stage1.optimizer=rmsprop", "'stage1.optimizer' must be one of adam, sgd"),
+    ("stage2.schedule=linear", "'stage2.schedule' must be one of constant, step, cosine"),
+    ("device=gpu", "'device' must be auto, cpu, cuda or cuda:N"),
+    ("stage1.batch_size=0", "'stage1.batch_size' must be >= 1"),
+    ("predict.threshold=1.5", "'predict.threshold' must be in"),
+    ("stage2.min_overlap=1024", "stage2.min_overlap=1024 must be smaller than stage2.tile=1024"),
+    ("predict.cluster=host:8786", "'predict.cluster' must be empty, local:N or a scheduler address"),
+])
+def test_settings_with_fixed_values_fail_when_the_config_loads(override, message):
+    """Checked at load, naming the allowed values: not minutes later, at first use."""
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_config(None, [override])
+
+
+def test_shipped_configs_are_valid():
+    for name in ("pipeline.yaml", "demo.yaml"):
+        load_config(Path(__file__).resolve().parents[1] / "pipelines" / name)
+
+
+def test_unexpected_errors_are_one_line_unless_debug(monkeypatch, capsys):
+    from pipelines import cli
+
+    def broken(args):
+        raise RuntimeError("chunks are not in submission order")
+
+    monkeypatch.setattr(cli, "dispatch", broken)
+    assert cli.main(["stage2", "predict"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err == "error: RuntimeError: chunks are not in submission order (run with --debug for the traceback)"
+    with pytest.raises(RuntimeError):
+        cli.main(["--debug", "stage2", "predict"])

@@ -112,10 +112,15 @@ def _flat(cfg, prefix=""):
             yield f"{prefix}{k}", v
 
 
-def test_empty_prediction_and_no_car_found(tiny_run, tmp_path, recwarn):
+def test_empty_prediction_and_no_car_found(tiny_run, tmp_path, recwarn, monkeypatch):
+    import torch
+
+    from stage1_lowres.coarse import Coarse
+
     out = tmp_path / "out"
     cfg = tiny_config(tiny_run["data"]["root"], out, f"stage1.checkpoint={tiny_run['output']['dir']}/stage1/best.pt",
-                      "predict.threshold=1.0", "data.limit_test=2")
+                      "data.limit_test=2")
+    monkeypatch.setattr(Coarse, "probs", lambda self, images: torch.zeros(len(images), self.size, self.size))  # sees no car
     assert s1_predict.main(cfg) == 0
     boxes = pd.read_csv(out / "bboxes.csv")
     assert (boxes.found == 0).all() and (boxes.x1 == 1918).all() and (boxes.x0 == 0).all()
