@@ -25,7 +25,7 @@ def test_samples(cfg: dict) -> list[Sample]:
     samples = index_split(cfg["data"]["root"], "test", cfg["data"]["hq"])
     path = Path(cfg["data"]["root"]) / "sample_submission.csv"
     if path.is_file():
-        order = {name: i for i, name in enumerate(pd.read_csv(path, usecols=["img"])["img"])}
+        order = {name: i for i, name in enumerate(pd.read_csv(path, usecols=["img"], dtype=str)["img"])}
         samples.sort(key=lambda s: (order.get(s.img, len(order)), s.img))
     limit = cfg["data"]["limit_test"]
     return samples[:limit] if limit else samples

@@ -2,12 +2,16 @@
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 import warnings
 
 from common.config import ConfigError
 from common.data import DataError
 from common.io import ImageReadError
+
+
+OVERRIDE = re.compile(r"^[A-Za-z_]\w*(\.\w+)*=")  # stage1.epochs=3 or device=cpu, not a photo
 
 
 def _config_args(p: argparse.ArgumentParser) -> None:
@@ -33,6 +37,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("evaluate", help="per-image Dice of stage 1 and the cascade on the validation cars")
     _config_args(p)
+
+    p = sub.add_parser("cutout", help="cut the car out of any photos: NAME_mask.png, NAME.png (RGBA), optional composite")
+    p.add_argument("photos", nargs="+", help="JPEG/PNG/WebP files or folders; key=value words among them are overrides")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--composite", default=None, help="also write NAME_on_COLOUR.jpg on this flat colour (e.g. white, #00ff00)")
+    p.add_argument("--config", default=None, help="YAML config naming the checkpoints (defaults apply where it is silent)")
 
     p = sub.add_parser("plot", help="redraw learning_curves.png of a training run")
     p.add_argument("run_dir")
@@ -64,6 +74,10 @@ def dispatch(args: argparse.Namespace) -> int:
     from common.config import load_config
 
     cfg = load_config(args.config, args.overrides)
+    if args.command == "cutout":
+        from pipelines.cutout import cutout
+
+        return cutout(args.photos, args.out, cfg, args.composite)
     if args.command == "evaluate":
         from pipelines.evaluate import evaluate
 
@@ -78,6 +92,11 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     in one run, so the ones after an option arrive as unknown arguments and are collected here."""
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
+    if args.command == "cutout":  # photos and overrides share the positionals
+        extra += [w for w in args.photos if OVERRIDE.match(w)]
+        args.photos, args.overrides = [w for w in args.photos if not OVERRIDE.match(w)], []
+        if not args.photos:
+            parser.error("cutout: name at least one photo or folder")
     overrides = [e for e in extra if "=" in e and not e.startswith("-")]
     unknown = [e for e in extra if e not in overrides]
     if unknown or (overrides and not hasattr(args, "overrides")):

@@ -45,7 +45,7 @@ def write_report(cfg: dict, steps: list[dict] | None = None) -> Path:
         parts.append(f"<h3>{stage}</h3>" + _img(out / stage / "learning_curves.png", f"{stage} learning curves"))
     metrics_path = report / "metrics.csv"
     if metrics_path.is_file():
-        metrics = pd.read_csv(metrics_path)
+        metrics = pd.read_csv(metrics_path, dtype={"img": str, "car": str})  # ids such as 02159e548029 stay strings
         parts.append("<h2>Worst validation images (by cascade Dice)</h2>" + _table(metrics.nsmallest(10, "dice_cascade")))
         parts.append('<h2>Overlays: stage 1 (left) vs cascade (right)</h2><p class="key">'
                      '<span style="background:#ff2828">false positive</span><span style="background:#2878ff">false negative</span>'

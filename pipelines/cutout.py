@@ -1,0 +1,105 @@
+"""`carvana cutout PHOTOS... --out DIR`: background removal for any photos with the trained cascade.
+
+Photos are JPEG, PNG or WebP files of any name and size (folders are searched); stage 1 finds each
+car's box on the fly (photos are no data set, so nothing is cached), the refiner works on tiles of
+it. For each photo NAME: `NAME_mask.png` (8-bit, 0/255, the photo's size), `NAME.png` (RGBA, the
+background transparent) and with `--composite COLOUR` `NAME_on_COLOUR.jpg`. Every file is written
+atomically; a photo whose outputs all exist is skipped; an unreadable photo goes to
+`DIR/errors.csv` and the command exits 1 after finishing the rest.
+"""
+from __future__ import annotations
+
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import pandas as pd
+from PIL import Image, ImageColor
+
+from common.chunks import mask_to_host
+from common.config import ConfigError
+from common.io import atomic_path, read_image, write_csv
+from common.trainer import pick_device
+from stage2_fullres.cascade import Cascade
+
+SUFFIXES = {".jpg", ".jpeg", ".png", ".webp"}
+
+
+def find_photos(inputs: list[str]) -> list[Path]:
+    """Files as given, folders searched (recursively) for photos; two photos of one name are an error."""
+    photos = []
+    for item in map(Path, inputs):
+        if item.is_dir():
+            photos += sorted(p for p in item.rglob("*") if p.suffix.lower() in SUFFIXES and not p.name.startswith("."))
+        elif item.exists() or item.suffix.lower() in SUFFIXES:
+            photos.append(item)  # a missing or unreadable file becomes a row of errors.csv
+        else:
+            raise ConfigError(f"{item}: no such photo or folder")
+    stems: dict[str, Path] = {}
+    for p in photos:
+        if p.stem in stems and stems[p.stem] != p:
+            raise ConfigError(f"{stems[p.stem]} and {p} would write the same outputs ({p.stem}.png); rename one")
+        stems[p.stem] = p
+    if not photos:
+        raise ConfigError(f"no JPEG, PNG or WebP photos in {', '.join(inputs)}")
+    return list(stems.values())
+
+
+def outputs(out: Path, photo: Path, composite: str | None) -> list[Path]:
+    names = [f"{photo.stem}_mask.png", f"{photo.stem}.png"] + ([f"{photo.stem}_on_{composite}.jpg"] if composite else [])
+    return [out / name for name in names]
+
+
+def _save(image: Image.Image, path: Path, fmt: str) -> None:
+    with atomic_path(path) as tmp:
+        image.save(tmp, format=fmt)
+
+
+def _write(photo: Path, mask: Callable[[], np.ndarray], paths: list[Path], colour: tuple | None) -> None:
+    """In the writer thread: the photo's pixels are decoded again here, on the host, instead of
+    copying the decoded image back from the device."""
+    alpha = mask().astype(np.uint8) * 255
+    rgb = read_image(photo)
+    _save(Image.fromarray(alpha), paths[0], "PNG")
+    _save(Image.fromarray(np.dstack([rgb, alpha])), paths[1], "PNG")
+    if colour is not None:
+        flat = np.broadcast_to(np.array(colour[:3], np.uint8), rgb.shape)
+        _save(Image.fromarray(np.where(alpha[..., None] > 0, rgb, flat)), paths[2], "JPEG")
+
+
+def cutout(inputs: list[str], out: str, cfg: dict, composite: str | None = None) -> int:
+    try:
+        colour = ImageColor.getrgb(composite) if composite else None
+    except ValueError:
+        raise ConfigError(f"--composite {composite}: not a colour (a name such as white, or #rrggbb)") from None
+    tag = composite.lstrip("#") if composite else None
+    out = Path(out)
+    photos = find_photos(inputs)
+    todo = [p for p in photos if not all(path.exists() for path in outputs(out, p, tag))]
+    print(f"cutout: {len(todo)} photos to do, {len(photos) - len(todo)} already done")
+    errors, pending = [], []
+    if todo:
+        cascade = Cascade.from_config(cfg, pick_device(cfg["device"]))
+        threshold = cfg["predict"]["threshold"]
+        with ThreadPoolExecutor(1, thread_name_prefix="cutout-writer") as pool:
+            for i, pred in cascade.run(todo, desc="cutout"):
+                if isinstance(pred, str):
+                    errors.append({"photo": str(todo[i]), "reason": pred})
+                    continue
+                pending.append(pool.submit(_write, todo[i], mask_to_host(pred.prob > threshold), outputs(out, todo[i], tag), colour))
+                _drain(pending, keep=8)
+            _drain(pending, keep=0)
+    if errors or (out / "errors.csv").exists():
+        write_csv(out / "errors.csv", pd.DataFrame(errors, columns=["photo", "reason"]))
+    print(f"cutout: {len(todo) - len(errors)} photos cut out into {out}")
+    if errors:
+        print(f"cutout: {len(errors)} photo(s) could not be read, listed in {out / 'errors.csv'}", flush=True)
+        return 1
+    return 0
+
+
+def _drain(pending: list[Future], keep: int) -> None:
+    """Wait until at most `keep` photos are being written (bounded memory), raising a writer's error."""
+    while len(pending) > keep:
+        pending.pop(0).result()
