@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import torch
 from PIL import Image
 
 from common.boxes import Box
@@ -21,6 +22,27 @@ from stage2_fullres.tiles import plan_tiles
 FALSE_POSITIVE = np.array([255, 40, 40], np.uint8)  # predicted car, truly background
 FALSE_NEGATIVE = np.array([40, 120, 255], np.uint8)  # missed car
 BOX, SEAM = np.array([255, 220, 0], np.uint8), np.array([0, 230, 230], np.uint8)
+THRESHOLDS = np.round(np.arange(0.1, 0.91, 0.05), 2)  # the sweep of validation Dice against the mask threshold
+
+
+def plot_sweep(sweep: pd.DataFrame, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.4))
+    for column, label in (("dice_stage1", "stage 1 alone"), ("dice_cascade", "cascade")):
+        if sweep[column].notna().any():
+            best = sweep.loc[sweep[column].idxmax()]
+            ax.plot(sweep.threshold, sweep[column], "o-", ms=3, label=f"{label} (best {best[column]:.4f} at {best.threshold:.2f})")
+    ax.set(xlabel="mask threshold", ylabel="mean validation Dice")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=90, format="png")
+    plt.close(fig)
 
 
 def overlay(image: np.ndarray, pred: np.ndarray, truth: np.ndarray, box: Box | None, windows: list, title_px: int = 0) -> np.ndarray:
@@ -56,12 +78,15 @@ def evaluate(cfg: dict) -> pd.DataFrame:
         print(f"evaluate: no stage-2 checkpoint at {checkpoint_path(cfg)}; scoring stage 1 alone")
     cascade = Cascade.from_config(cfg, device, refiner=has_refiner)  # stage 1 is scored even when the refiner ignores it
     s, thr = cfg["stage2"], cfg["predict"]["threshold"]
-    rows, keep = [], {}
+    rows, keep, sweeps = [], {}, []
     for i, pred in cascade.run([x.image for x in val], [boxes[x.img] for x in val], desc="evaluate"):
         sample = val[i]
         if isinstance(pred, str):
             raise DataError(f"validation image unreadable: {pred}")
         truth = read_mask(sample.mask, expect_size=(pred.width, pred.height))
+        on_device = torch.from_numpy(truth).to(pred.coarse.device)
+        sweeps.append([[dice(pred.coarse > t, on_device), dice(pred.prob > t, on_device) if has_refiner else float("nan")]
+                       for t in THRESHOLDS])
         stage1 = (pred.coarse > thr).cpu().numpy()
         cascade_mask = (pred.prob > thr).cpu().numpy() if has_refiner else stage1
         x0, y0, x1, y1 = pred.box
@@ -74,6 +99,10 @@ def evaluate(cfg: dict) -> pd.DataFrame:
             keep = {r["img"]: keep[r["img"]] for r in worst if r["img"] in keep}
     metrics = pd.DataFrame(rows)
     write_csv(report / "metrics.csv", metrics)
+    mean = np.mean(sweeps, axis=0)
+    sweep = pd.DataFrame({"threshold": THRESHOLDS, "dice_stage1": mean[:, 0], "dice_cascade": mean[:, 1]})
+    write_csv(report / "threshold_sweep.csv", sweep)
+    plot_sweep(sweep, report / "threshold_sweep.png")
     worst = metrics.nsmallest(10, "dice_cascade" if has_refiner else "dice_stage1")
     summary = {"images": len(metrics), "mean_dice_stage1": float(metrics.dice_stage1.mean()),
                "mean_dice_cascade": float(metrics.dice_cascade.mean()), "worst": worst.img.tolist()}

@@ -40,6 +40,7 @@ def write_report(cfg: dict, steps: list[dict] | None = None) -> Path:
                      f"<tr><td>cascade</td><td>{summary['mean_dice_cascade']:.4f}</td><td>{summary['images']}</td></tr></table>")
     if steps:
         parts.append("<h2>Steps</h2>" + _table(pd.DataFrame(steps).assign(seconds=lambda f: f.seconds.map("{:.1f}".format))))
+    parts.append("<h2>Validation Dice against the mask threshold</h2>" + _img(report / "threshold_sweep.png", "threshold sweep"))
     parts.append("<h2>Learning curves</h2>")
     for stage in ("stage1", "stage2"):
         parts.append(f"<h3>{stage}</h3>" + _img(out / stage / "learning_curves.png", f"{stage} learning curves"))

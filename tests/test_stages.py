@@ -91,6 +91,11 @@ def test_evaluate_scores_both_stages(tiny_run):
     assert len(metrics) == 16 and metrics.dice_stage1.between(0, 1).all() and metrics.dice_cascade.between(0, 1).all()
     report = tiny_run["output"]["dir"] + "/report"
     assert len(list(__import__("pathlib").Path(report, "overlays").glob("*.png"))) == 6
+    sweep = pd.read_csv(f"{report}/threshold_sweep.csv").set_index("threshold")
+    assert len(sweep) == 17 and __import__("pathlib").Path(report, "threshold_sweep.png").is_file()
+    # at the configured threshold the sweep is the mean of the per-image scores
+    assert sweep.loc[0.5, "dice_stage1"] == pytest.approx(metrics.dice_stage1.mean())
+    assert sweep.loc[0.5, "dice_cascade"] == pytest.approx(metrics.dice_cascade.mean())
 
 
 def test_stage1_training_is_reproducible_on_cpu(sample_root, tmp_path):
