@@ -39,11 +39,12 @@ def _store(cfg: dict, key: str, names: list[str]) -> ChunkStore:
 def predict_chunks(chunks: list[Chunk], cfg: dict, key: str, names: list[str], cascade: Cascade | None = None) -> int:
     """Boxes (and, for test images, coarse masks) of the items of `chunks`, each chunk's file written;
     returns the number of images. Without `cascade` (a Dask worker), the net is loaded once per worker."""
+    desc = "stage 1 predict" if cascade else ""  # on a Dask worker the client's bar reports the rate
     cascade = cascade or cached(key, lambda: Cascade.from_config(cfg, worker_device(cfg["device"]), refiner=False))
     items: list[Item] = [item for _, chunk in chunks for item in chunk]
     threshold = cfg["predict"]["threshold"]
     with ChunkWriter(_store(cfg, key, names), chunks) as writer:
-        for i, pred in cascade.run([Path(path) for _, path, _ in items], desc="stage 1 predict"):
+        for i, pred in cascade.run([Path(path) for _, path, _ in items], desc=desc):
             img, path, split = items[i]
             row = dict.fromkeys(COLUMNS, "") | {"img": img, "split": split, "key": key}
             if isinstance(pred, str):

@@ -32,10 +32,11 @@ def _store(cfg: dict, key: str, names: list[str]) -> ChunkStore:
 def predict_chunks(chunks: list[Chunk], cfg: dict, key: str, names: list[str], cascade: Cascade | None = None) -> int:
     """Predict the items of `chunks` and write each chunk's file; returns the number of images.
     Without `cascade` (a Dask worker), the nets are loaded once per worker process and kept."""
+    desc = "stage 2 predict" if cascade else ""  # on a Dask worker the client's bar reports the rate
     cascade = cascade or cached(key, lambda: Cascade.from_config(cfg, worker_device(cfg["device"]), need_stage1=False))
     items: list[Item] = [item for _, chunk in chunks for item in chunk]
     known = [(path, box) for _, path, box in items if box is not None]
-    results = cascade.run([Path(p) for p, _ in known], [b for _, b in known], desc="stage 2 predict")
+    results = cascade.run([Path(p) for p, _ in known], [b for _, b in known], desc=desc)
     threshold = cfg["predict"]["threshold"]
     with ChunkWriter(_store(cfg, key, names), chunks) as writer:
         for img, path, box in items:  # in submission order; an image without a box is an error row in its place

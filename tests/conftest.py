@@ -24,13 +24,22 @@ def sample_root(tmp_path_factory) -> Path:
 
 TINY = ["data.val_cars=1", "stage1.size=64", "stage1.epochs=2", "stage1.depth=3", "stage1.width=4", "stage1.batch_size=8",
         "stage1.workers=1", "stage2.epochs=1", "stage2.depth=3", "stage2.width=4", "stage2.crop=128", "stage2.batch_size=4",
-        "stage2.val_images=1", "stage2.workers=0", "predict.batch_size=2", "device=cpu"]
+        "stage2.val_images=1", "stage2.workers=0", "predict.batch_size=2", "device=cpu",
+        "stage2.tile=512", "stage2.min_overlap=32"]  # 512 tiles hug a ~700 px tall box: half the CPU time of 1024
 
 
 def tiny_config(root, out, *more):
     from common.config import load_config
 
     return load_config(None, [f"data.root={root}", f"output.dir={out}", *TINY, *more])
+
+
+@pytest.fixture(scope="session")
+def evaluated(tiny_run):
+    """`carvana evaluate` once on the tiny run (per-image metrics); tests read its report folder."""
+    from pipelines.evaluate import evaluate
+
+    return evaluate(tiny_run)
 
 
 @pytest.fixture(scope="session")

@@ -38,7 +38,8 @@ def _agreement(run_cfg, paths, boxes, flip=False):
     s1, s2 = [], []
     for i, pred in cascade.run(paths, boxes):
         old = reference.old_predict(stage1, refiner, paths[i], cfg["stage1"]["size"], boxes[i], flip=flip,
-                                    batch=cfg["predict"]["batch_size"])
+                                    batch=cfg["predict"]["batch_size"], tile=cfg["stage2"]["tile"],
+                                    min_overlap=cfg["stage2"]["min_overlap"])
         s1.append(dice(pred.coarse.numpy() > 0.5, old["coarse"] > 0.5))
         s2.append(dice(pred.prob.numpy() > 0.5, old["prob"] > 0.5))
     return s1, s2

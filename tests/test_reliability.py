@@ -163,7 +163,7 @@ def test_killed_prediction_resumes_to_identical_bytes(tiny_run, tmp_path):
     src = tiny_run["output"]["dir"]
     args = [f"data.root={tiny_run['data']['root']}", f"stage1.checkpoint={src}/stage1/best.pt", f"stage2.checkpoint={src}/stage2/best.pt",
             f"bboxes.path={src}/bboxes.csv", "predict.chunk=1", "data.limit_test=6", "stage2.depth=3", "stage2.width=4",
-            "stage1.size=64", "device=cpu"]
+            "stage2.tile=512", "stage1.size=64", "device=cpu"]
     t0 = time.monotonic()
     subprocess.run([*CLI, "stage2", "predict", f"output.dir={tmp_path / 'full'}", *args], check=True, capture_output=True)
     full_seconds = time.monotonic() - t0
@@ -186,8 +186,8 @@ def test_ctrl_c_stops_cleanly_and_the_rerun_completes(tiny_run, tmp_path):
     src = tiny_run["output"]["dir"]
     out = tmp_path / "out"
     args = [*CLI, "stage2", "predict", f"output.dir={out}", f"data.root={tiny_run['data']['root']}", f"bboxes.path={src}/bboxes.csv",
-            f"stage1.checkpoint={src}/stage1/best.pt", f"stage2.checkpoint={src}/stage2/best.pt", "predict.chunk=2",
-            "stage2.depth=3", "stage2.width=4", "stage1.size=64", "device=cpu"]
+            f"stage1.checkpoint={src}/stage1/best.pt", f"stage2.checkpoint={src}/stage2/best.pt", "predict.chunk=1",
+            "data.limit_test=8", "stage2.depth=3", "stage2.width=4", "stage2.tile=512", "stage1.size=64", "device=cpu"]
     # SIGINT as a terminal sends it, even when this test runs under a parent that ignores it (a background job)
     proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
@@ -198,7 +198,7 @@ def test_ctrl_c_stops_cleanly_and_the_rerun_completes(tiny_run, tmp_path):
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130 and "interrupted" in err
     for part in out.glob("stage2_chunks/*/part-*.csv"):  # every chunk on disk is whole
-        assert len(pd.read_csv(part)) == 2
+        assert len(pd.read_csv(part)) == 1
     assert not list(out.glob("stage2_chunks/*/part-*.tmp"))
     subprocess.run(args, check=True, capture_output=True)
-    assert len(pd.read_csv(gzip.open(out / "submission.csv.gz"))) == 16
+    assert len(pd.read_csv(gzip.open(out / "submission.csv.gz"))) == 8

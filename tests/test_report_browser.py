@@ -19,11 +19,9 @@ PROBE = """<script>window.addEventListener('load', () => {
 
 
 @pytest.mark.skipif(CHROMIUM is None, reason="Chromium is not installed (apt-get install chromium)")
-def test_report_renders_in_chromium_with_every_image_and_the_dice_table(tiny_run, tmp_path):
-    from pipelines.evaluate import evaluate
+def test_report_renders_in_chromium_with_every_image_and_the_dice_table(tiny_run, evaluated, tmp_path):
     from pipelines.report import write_report
 
-    evaluate(tiny_run)
     page = write_report(tiny_run).read_text()
     probe = tmp_path / "index.html"
     probe.write_text(page.replace("</body>", PROBE + "</body>"))

@@ -84,10 +84,8 @@ def test_coarse_channel_mismatch_is_a_clear_error(tiny_run):
         s2_predict.main(cfg)
 
 
-def test_evaluate_scores_both_stages(tiny_run):
-    from pipelines.evaluate import evaluate
-
-    metrics = evaluate(tiny_run)
+def test_evaluate_scores_both_stages(tiny_run, evaluated):
+    metrics = evaluated
     assert len(metrics) == 16 and metrics.dice_stage1.between(0, 1).all() and metrics.dice_cascade.between(0, 1).all()
     report = tiny_run["output"]["dir"] + "/report"
     assert len(list(__import__("pathlib").Path(report, "overlays").glob("*.png"))) == 6
