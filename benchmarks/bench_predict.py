@@ -80,11 +80,10 @@ def compare(n: int, depth: int, width: int, batch: int, old_n: int) -> None:
 
         paths = sorted(Path(cfg["data"]["root"], "test").glob("*.jpg"))
         cascade = Cascade.from_config(cfg, device)
-        stage1 = cascade.coarse.model
         old_s = 0.0
         for path in paths[:old_n]:
-            out, t = timed(device, reference.old_predict, stage1.cpu() if device.type == "cpu" else stage1, cascade.refiner, path, 512, BOX)
-            old_s += t + timed(device, rle_encode, out["prob"] > 0.5)[1] if device.type == "cpu" else t
+            out, t = timed(device, reference.old_predict, cascade.coarse.model, cascade.refiner, path, 512, BOX)
+            old_s += t + timed(device, rle_encode, out["prob"] > 0.5)[1]  # the old path encoded in series
 
         # each stage alone, on one reader batch of decoded images
         steps: dict[str, float] = {}

@@ -22,3 +22,14 @@ def dice(pred: np.ndarray | torch.Tensor, truth: np.ndarray | torch.Tensor) -> f
 def mean_dice(pairs: Iterable[tuple[np.ndarray, np.ndarray]]) -> float:
     scores = [dice(p, t) for p, t in pairs]
     return float(np.mean(scores)) if scores else float("nan")
+
+
+def dice_sweep(prob: torch.Tensor, truth: torch.Tensor, thresholds) -> list[float]:
+    """Dice of `prob > t` against `truth` for every t, in one pass over the pixels (not one per
+    threshold): count each pixel once by how many thresholds lie below its probability."""
+    bounds = torch.as_tensor(thresholds, dtype=prob.dtype, device=prob.device)
+    bins = torch.bucketize(prob, bounds)  # thresholds strictly below each probability
+    above = lambda b: torch.bincount(b, minlength=len(bounds) + 1).flip(0).cumsum(0).flip(0)[1:]  # noqa: E731
+    predicted, hits = above(bins.flatten()), above(bins[truth])
+    total = predicted + int(truth.sum())
+    return torch.where(total > 0, 2 * hits / total.clamp(min=1), 1.0).tolist()

@@ -13,7 +13,7 @@ from PIL import Image
 from common.boxes import Box
 from common.data import DataError, index_split, split_by_car
 from common.io import atomic_path, read_image, read_mask, write_csv, write_text
-from common.metrics import dice
+from common.metrics import dice, dice_sweep
 from common.trainer import pick_device
 from stage1_lowres.coarse import cached_boxes
 from stage2_fullres.cascade import Cascade, checkpoint_path
@@ -85,8 +85,8 @@ def evaluate(cfg: dict) -> pd.DataFrame:
             raise DataError(f"validation image unreadable: {pred}")
         truth = read_mask(sample.mask, expect_size=(pred.width, pred.height))
         on_device = torch.from_numpy(truth).to(pred.coarse.device)
-        sweeps.append([[dice(pred.coarse > t, on_device), dice(pred.prob > t, on_device) if has_refiner else float("nan")]
-                       for t in THRESHOLDS])
+        sweeps.append(list(zip(dice_sweep(pred.coarse, on_device, THRESHOLDS),
+                               dice_sweep(pred.prob, on_device, THRESHOLDS) if has_refiner else [float("nan")] * len(THRESHOLDS))))
         stage1 = (pred.coarse > thr).cpu().numpy()
         cascade_mask = (pred.prob > thr).cpu().numpy() if has_refiner else stage1
         x0, y0, x1, y1 = pred.box

@@ -49,12 +49,13 @@ def stitch(tile_probs: np.ndarray, windows: list, box, width: int, height: int, 
 
 @torch.no_grad()
 def _probs(model, x: np.ndarray, batch: int, flip: bool = False) -> np.ndarray:
-    """uint8/float NHWC(+C) -> (N, H, W) probabilities, one batch at a time, on the CPU."""
+    """uint8/float NHWC(+C) -> (N, H, W) probabilities, one batch at a time, on the model's device."""
     t = torch.from_numpy(np.ascontiguousarray(x)).permute(0, 3, 1, 2).float()
     t[:, :3] /= 255
-    out = torch.cat([torch.sigmoid(model(t[i : i + batch])) for i in range(0, len(t), batch)])
+    device = next(model.parameters()).device
+    out = torch.cat([torch.sigmoid(model(t[i : i + batch].to(device)).float()).cpu() for i in range(0, len(t), batch)])
     if flip:
-        mirrored = torch.cat([torch.sigmoid(model(t[i : i + batch].flip(-1))) for i in range(0, len(t), batch)])
+        mirrored = torch.cat([torch.sigmoid(model(t[i : i + batch].flip(-1).to(device)).float()).cpu() for i in range(0, len(t), batch)])
         out = (out + mirrored.flip(-1)) / 2
     return out[:, 0].numpy()
 

@@ -26,3 +26,18 @@ def test_mean_is_over_images_not_pixels():
 def test_shape_mismatch_is_an_error():
     with pytest.raises(ValueError, match="shapes differ"):
         dice(np.zeros((2, 2), bool), np.zeros((3, 2), bool))
+
+
+def test_dice_sweep_equals_dice_at_each_threshold():
+    import torch
+
+    from common.metrics import dice_sweep
+
+    g = torch.Generator().manual_seed(0)
+    prob = torch.rand(60, 80, generator=g)
+    prob[0, :4] = torch.tensor([0.1, 0.35, 0.5, 0.9])  # exactly on thresholds: strict >, as the masks use
+    truth = torch.rand(60, 80, generator=g) > 0.5
+    thresholds = [0.1, 0.35, 0.5, 0.9]
+    assert dice_sweep(prob, truth, thresholds) == pytest.approx([dice(prob > t, truth) for t in thresholds], abs=1e-6)
+    empty = torch.zeros(5, 5, dtype=torch.bool)
+    assert dice_sweep(torch.zeros(5, 5), empty, thresholds) == [1.0] * 4  # nothing predicted, nothing true
