@@ -11,8 +11,6 @@ never read.
 from __future__ import annotations
 
 import hashlib
-import os
-import signal
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -22,6 +20,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from common.faults import kill_point
 from common.io import write_csv
 
 Chunk = tuple[int, list]  # chunk number, its items in order
@@ -55,22 +54,8 @@ class ChunkStore:
         return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=columns or self.columns, dtype=str)
 
     def write(self, k: int, rows: list[dict]) -> None:
-        _test_kill_point(k)
+        kill_point("chunk", k)
         write_csv(self.path(k), pd.DataFrame(rows, columns=self.columns))
-
-
-def _test_kill_point(k: int) -> None:
-    """For tests that must interrupt a run at an exact point, never by racing it: with
-    CARVANA_TEST_KILL_AT_CHUNK=k (or k:MARKER, which kills only while the file MARKER does not
-    exist, and creates it) the process dies by SIGKILL just before it writes chunk k."""
-    spec = os.environ.get("CARVANA_TEST_KILL_AT_CHUNK")
-    if not spec:
-        return
-    at, _, marker = spec.partition(":")
-    if int(at) == k and not (marker and Path(marker).exists()):
-        if marker:
-            Path(marker).touch()
-        os.kill(os.getpid(), signal.SIGKILL)
 
 
 class ChunkWriter:

@@ -20,6 +20,7 @@ from tqdm import tqdm
 
 from common.augment import augment_batch
 from common.config import ConfigError
+from common.faults import kill_point
 from common.io import save_torch, write_csv
 from common.losses import bce_dice_loss
 from common.model import UNet
@@ -157,6 +158,7 @@ def train(model: nn.Module, dataset: Dataset, validate: Validate, settings: dict
         save_torch(last, state)
         write_csv(run_dir / "history.csv", pd.DataFrame(history))
         plot_history(run_dir)
+        kill_point(f"{run_dir.name}.epoch", epoch)
         print(f"epoch {epoch}/{settings['epochs']}: train loss {row['train_loss']:.4f}  val loss {row['val_loss']:.4f}  "
               f"val Dice {row['val_dice']:.4f}  lr {lr:.2e}  {row['seconds']:.0f}s")
         if out_of_time:

@@ -30,7 +30,7 @@ def _predict(cfg) -> dict[str, bytes]:
 def test_local_cluster_gives_the_bytes_of_a_local_run_even_when_a_worker_dies(tiny_run, tmp_path, monkeypatch, capsys):
     local = _predict(_config(tiny_run, tmp_path / "local"))
     # every worker inherits this: the first one to reach chunk 2 (of stage 1: 7 chunks of 8) dies by SIGKILL before writing it
-    monkeypatch.setenv("CARVANA_TEST_KILL_AT_CHUNK", f"2:{tmp_path / 'killed-once'}")
+    monkeypatch.setenv("CARVANA_TEST_KILL_AT", f"chunk:2:{tmp_path / 'killed-once'}")
     cluster = _predict(_config(tiny_run, tmp_path / "cluster", "predict.cluster=local:2"))
     assert (tmp_path / "killed-once").exists()  # a worker did die mid-run, and Dask retried its chunk
     assert cluster == local
