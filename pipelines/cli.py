@@ -8,7 +8,7 @@ import warnings
 
 from common.config import ConfigError
 from common.data import DataError
-from common.io import ImageReadError
+from common.io import ImageReadError, OutputError
 
 
 OVERRIDE = re.compile(r"^[A-Za-z_]\w*(\.\w+)*=")  # stage1.epochs=3 or device=cpu, not a photo
@@ -72,19 +72,22 @@ def dispatch(args: argparse.Namespace) -> int:
         return run_pipeline(args.config, args.overrides, force=args.force)
 
     from common.config import load_config
+    from common.lock import output_lock
 
     cfg = load_config(args.config, args.overrides)
-    if args.command == "cutout":
-        from pipelines.cutout import cutout
+    command = " ".join(["carvana", args.command] + ([args.action] if hasattr(args, "action") else []))
+    with output_lock(args.out if args.command == "cutout" else cfg["output"]["dir"], command):
+        if args.command == "cutout":
+            from pipelines.cutout import cutout
 
-        return cutout(args.photos, args.out, cfg, args.composite)
-    if args.command == "evaluate":
-        from pipelines.evaluate import evaluate
+            return cutout(args.photos, args.out, cfg, args.composite)
+        if args.command == "evaluate":
+            from pipelines.evaluate import evaluate
 
-        evaluate(cfg)
-        return 0
-    module = __import__(f"{'stage1_lowres' if args.command == 'stage1' else 'stage2_fullres'}.{args.action}", fromlist=["main"])
-    return module.main(cfg) or 0
+            evaluate(cfg)
+            return 0
+        module = __import__(f"{'stage1_lowres' if args.command == 'stage1' else 'stage2_fullres'}.{args.action}", fromlist=["main"])
+        return module.main(cfg) or 0
 
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
@@ -99,6 +102,9 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
             parser.error("cutout: name at least one photo or folder")
     overrides = [e for e in extra if "=" in e and not e.startswith("-")]
     unknown = [e for e in extra if e not in overrides]
+    for word in unknown:
+        if not word.startswith("-"):  # a setting without its value: say so in one line, not with the usage
+            parser.exit(2, f"error: override '{word}' must look like key=value\n")
     if unknown or (overrides and not hasattr(args, "overrides")):
         parser.error(f"unrecognized arguments: {' '.join(unknown or overrides)}")
     if overrides:
@@ -114,6 +120,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, DataError, ImageReadError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except OutputError as e:  # full disk, no permission: the file and the cause; finished work stays
+        print(f"error: {e.strerror}; finished work is saved, rerun the same command once it can write", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("interrupted; finished work is saved, rerun the same command to continue", file=sys.stderr)
         return 130

@@ -15,6 +15,7 @@ from typing import Callable
 
 from common.config import ConfigError, load_config, save_config
 from common.io import write_text
+from common.lock import output_lock
 
 
 def _data_fingerprint(cfg: dict) -> str:
@@ -64,6 +65,11 @@ def _steps(cfg: dict) -> list[tuple[str, list[str], Callable[[], dict], Callable
 
 def run_pipeline(config: str, overrides: list[str], force: list[str] = ()) -> int:
     cfg = load_config(config, overrides)
+    with output_lock(cfg["output"]["dir"], f"carvana run {config}"):  # the steps run in this process, under this one lock
+        return _run_steps(cfg, force)
+
+
+def _run_steps(cfg: dict, force: list[str]) -> int:
     out = Path(cfg["output"]["dir"])
     state_path = out / "pipeline_state.json"
     state = json.loads(state_path.read_text()) if state_path.is_file() else {}
