@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import gzip
 import io
 import os
@@ -19,23 +20,40 @@ class ImageReadError(ValueError):
     """An image or mask that cannot be used; the message names the file and the reason."""
 
 
+class OutputError(OSError):
+    """A result that could not be written (full disk, no permission, read-only place); names the file."""
+
+
+# Failures of the place, not of the program: reported as one line naming the file, no traceback.
+PLACE_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOTDIR, errno.EFBIG}
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside `path`; rename it into place only if the block succeeds.
 
-    A reader (or the next pipeline step) then never sees a half-written file, even after SIGKILL.
+    A reader (or the next pipeline step) then never sees a half-written file, even after SIGKILL;
+    a write that fails (full disk) leaves no file at `path` and no temporary one, and raises
+    OutputError naming `path` and the cause.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        os.close(fd)
         yield Path(tmp)
         with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
+            os.fsync(f.fileno())  # the bytes are on disk before the name points at them
         os.replace(tmp, path)
+    except OSError as e:
+        if isinstance(e, OutputError) or e.errno not in PLACE_ERRORS | {errno.EEXIST}:
+            raise
+        cause = "a file is in the way of its folder" if e.errno in (errno.EEXIST, errno.ENOTDIR) else os.strerror(e.errno)
+        raise OutputError(e.errno, f"cannot write {path}: {cause}") from None
     finally:
-        Path(tmp).unlink(missing_ok=True)
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
 
 
 def write_bytes(path: str | os.PathLike, data: bytes) -> None:
@@ -59,10 +77,13 @@ def write_csv(path: str | os.PathLike, frame) -> None:
 
 
 def save_torch(path: str | os.PathLike, obj) -> None:
+    """torch.save, atomically. Serialised in memory first: torch's own file writer turns a full
+    disk into a RuntimeError without the cause, a Python write keeps the OSError."""
     import torch
 
-    with atomic_path(path) as tmp:
-        torch.save(obj, tmp)
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    write_bytes(path, buf.getbuffer())
 
 
 def _open(path: Path, kind: str, draft: Size | None = None) -> Image.Image:
