@@ -139,7 +139,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         try:
             tree = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError as e:
-            raise ConfigError(f"{path}: not valid YAML ({e})") from None
+            mark = getattr(e, "problem_mark", None)
+            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+            raise ConfigError(f"{path}: not valid YAML{where}: {getattr(e, 'problem', None) or e}") from None
         if not isinstance(tree, dict):
             raise ConfigError(f"{path}: expected a mapping of settings at the top level")
         for key, value in _flatten(tree).items():

@@ -9,7 +9,7 @@ from pathlib import Path
 import pandas as pd
 
 from common.chunks import ChunkStore
-from common.data import Sample, index_split
+from common.data import DataError, Sample, index_split
 from common.io import atomic_path, write_csv
 
 
@@ -25,7 +25,11 @@ def test_samples(cfg: dict) -> list[Sample]:
     samples = index_split(cfg["data"]["root"], "test", cfg["data"]["hq"])
     path = Path(cfg["data"]["root"]) / "sample_submission.csv"
     if path.is_file():
-        order = {name: i for i, name in enumerate(pd.read_csv(path, usecols=["img"], dtype=str)["img"])}
+        try:
+            names = pd.read_csv(path, usecols=["img"], dtype=str)["img"]
+        except (ValueError, UnicodeDecodeError, pd.errors.ParserError) as e:
+            raise DataError(f"{path}: needs an 'img' column of test image names, as Kaggle's file has ({e})") from None
+        order = {name: i for i, name in enumerate(names)}
         samples.sort(key=lambda s: (order.get(s.img, len(order)), s.img))
     limit = cfg["data"]["limit_test"]
     return samples[:limit] if limit else samples

@@ -21,6 +21,7 @@ from torch import nn
 
 from common.boxes import Box, expand_box, largest_component, mask_extent, scale_box
 from common.config import ConfigError
+from common.data import DataError
 from common.trainer import load_model
 
 BOX_COLUMNS = ["img", "split", "width", "height", "x0", "y0", "x1", "y1", "found", "key"]
@@ -53,7 +54,24 @@ def boxes_path(cfg: dict) -> Path:
 
 
 def load_boxes(path: Path) -> pd.DataFrame:
-    return pd.read_csv(path, dtype={"img": str, "split": str, "key": str}, keep_default_na=False)
+    """Read a bboxes.csv, refusing one that would crop the wrong pixels: DataError naming the file,
+    the first bad row and what is wrong."""
+    try:
+        frame = pd.read_csv(path, dtype={"img": str, "split": str, "key": str}, keep_default_na=False)
+    except (ValueError, UnicodeDecodeError, pd.errors.ParserError) as e:
+        raise DataError(f"{path}: not a readable CSV ({e})") from None
+    missing = [c for c in BOX_COLUMNS if c not in frame.columns]
+    if missing:
+        raise DataError(f"{path}: missing column(s) {', '.join(missing)}; expected {', '.join(BOX_COLUMNS)} "
+                        "(written by `carvana stage1 predict`)")
+    numbers = frame[["width", "height", "x0", "y0", "x1", "y1"]].apply(pd.to_numeric, errors="coerce")
+    bad = numbers.isna().any(axis=1) | ~((0 <= numbers.x0) & (numbers.x0 < numbers.x1) & (numbers.x1 <= numbers.width)
+                                         & (0 <= numbers.y0) & (numbers.y0 < numbers.y1) & (numbers.y1 <= numbers.height))
+    if bad.any():
+        r = frame[bad].iloc[0]
+        raise DataError(f"{path}: {bad.sum()} box(es) not inside their image, e.g. {r.img}: x0={r.x0} y0={r.y0} x1={r.x1} "
+                        f"y1={r.y1} in {r.width}x{r.height}; rerun `carvana stage1 predict` to rebuild it")
+    return frame
 
 
 def cached_boxes(cfg: dict) -> dict[str, Box]:

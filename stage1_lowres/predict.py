@@ -12,7 +12,7 @@ from pathlib import Path
 
 from common.chunks import Chunk, ChunkStore, ChunkWriter, mask_to_host
 from common.cluster import cached, predict_chunks_anywhere, worker_device
-from common.data import Sample, index_split
+from common.data import DataError, Sample, index_split
 from common.io import write_csv
 from common.rle import rle_encode
 from common.submission import finish_predictions, test_samples
@@ -28,7 +28,11 @@ def _cache_is_valid(out: Path, key: str, wanted: set[str]) -> bool:
     boxes, sub = out / "bboxes.csv", out / "stage1_submission.csv.gz"
     if not (boxes.is_file() and sub.is_file()):
         return False
-    frame = load_boxes(boxes)
+    try:
+        frame = load_boxes(boxes)
+    except DataError as e:
+        warnings.warn(f"{e}; making a new one", stacklevel=2)
+        return False
     return set(frame["key"]) == {key} and wanted <= set(frame["img"])
 
 
