@@ -34,12 +34,25 @@ def tiny_config(root, out, *more):
     return load_config(None, [f"data.root={root}", f"output.dir={out}", *TINY, *more])
 
 
+def copy_run(cfg: dict, out: Path) -> dict:
+    """A copy of a run folder and its config pointing at the copy: a test that writes into a run
+    works on its own copy, never on a fixture other tests read."""
+    import copy
+    import shutil
+
+    shutil.copytree(cfg["output"]["dir"], out)
+    cfg = copy.deepcopy(cfg)
+    cfg["output"]["dir"] = str(out)
+    return cfg
+
+
 @pytest.fixture(scope="session")
-def evaluated(tiny_run):
-    """`carvana evaluate` once on the tiny run (per-image metrics); tests read its report folder."""
+def evaluated(tiny_run, tmp_path_factory):
+    """`carvana evaluate` once on a copy of the tiny run: (its config, the per-image metrics)."""
     from pipelines.evaluate import evaluate
 
-    return evaluate(tiny_run)
+    cfg = copy_run(tiny_run, tmp_path_factory.mktemp("evaluated") / "run")
+    return cfg, evaluate(cfg)
 
 
 @pytest.fixture(scope="session")

@@ -47,16 +47,8 @@ def test_file_then_overrides_and_saved_round_trip(tmp_path):
     assert (cfg["stage1"]["epochs"], cfg["stage1"]["size"]) == (2, 512)
     save_config(cfg, tmp_path / "out" / "config.yaml")
     assert yaml.safe_load((tmp_path / "out" / "config.yaml").read_text()) == cfg
+    assert load_config(tmp_path / "out" / "config.yaml") == cfg  # how a user reruns a run folder's settings
     assert DEFAULTS["stage1"]["epochs"] != 2  # defaults untouched
-
-
-def test_required_key_names_exist():
-    cfg = load_config()
-    for key in ["data.root", "data.val_cars", "output.dir", "device", "stage1.size", "stage1.epochs", "stage1.max_minutes",
-                "stage2.tile", "stage2.epochs", "stage2.max_minutes", "predict.threshold"]:
-        node = cfg
-        for part in key.split("."):
-            node = node[part]
 
 
 def test_shipped_pipelines_load():

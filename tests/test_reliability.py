@@ -1,4 +1,5 @@
 """Bad input, interrupted runs and atomic outputs (the reliability issue), each case tested."""
+import errno
 import gzip
 import os
 import shutil
@@ -129,17 +130,31 @@ def test_empty_prediction_and_no_car_found(tiny_run, tmp_path, recwarn, monkeypa
     assert len(sub) == 2 and (sub.rle_mask == "").all()
 
 
-def test_image_smaller_than_a_tile_is_refined(tmp_path):
+@pytest.mark.parametrize("height,width,box", [(300, 500, (10, 20, 480, 290)), (700, 1300, (40, 30, 1250, 690))])
+def test_untrained_residual_refiner_reproduces_the_coarse_mask(height, width, box):
+    """The refiner's last layer starts at zero and adds its output to the coarse logit, so before any
+    training the whole refine path (tiles cut, reflect-padded where the image is smaller than a tile,
+    forward, blended, stitched) must give back stage 1's probability inside the box and 0 outside."""
     import torch
 
     from common.config import load_config
     from common.model import UNet
+    from stage1_lowres.coarse import Coarse
     from stage2_fullres.cascade import Cascade
 
-    image = torch.randint(0, 255, (3, 300, 500), dtype=torch.uint8)
-    cfg = load_config(None, ["stage2.coarse_channel=false", "predict.batch_size=1"])
-    prob = Cascade(None, UNet(3, 3, 4).eval(), cfg, torch.device("cpu")).predict([image], [(10, 20, 480, 290)])[0].prob
-    assert prob.shape == (300, 500) and (prob[:20] == 0).all() and (prob[20:290, 10:480] > 0).all()
+    torch.manual_seed(0)
+    image = torch.randint(0, 255, (3, height, width), dtype=torch.uint8)
+    cfg = load_config(None, ["stage2.tile=512", "stage2.min_overlap=32", "predict.batch_size=2"])
+    coarse = Coarse(UNet(3, 2, 4).eval(), 64, torch.device("cpu"))
+    yy, xx = torch.meshgrid(torch.arange(64.0), torch.arange(64.0), indexing="ij")
+    blob = torch.where((yy - 30) ** 2 / 400 + (xx - 34) ** 2 / 700 < 1, 0.97, 0.02)  # a coarse car mask
+    coarse.probs = lambda images: blob.expand(len(images), 64, 64)
+    pred = Cascade(coarse, UNet(4, 3, 4, prior_skip=True).eval(), cfg, torch.device("cpu")).predict([image], [box])[0]
+    x0, y0, x1, y1 = box
+    inside = torch.zeros(height, width, dtype=torch.bool)
+    inside[y0:y1, x0:x1] = True
+    torch.testing.assert_close(pred.prob[inside], pred.coarse[inside], atol=2e-4, rtol=0)
+    assert (pred.prob[~inside] == 0).all()
 
 
 def test_config_mistakes_fail_at_start_with_one_line(tmp_path, capsys):
@@ -170,7 +185,7 @@ def test_killed_prediction_resumes_to_identical_bytes(tiny_run, tmp_path):
 
     out = tmp_path / "killed"
     killed = subprocess.run([*CLI, "stage2", "predict", f"output.dir={out}", *args], capture_output=True,
-                            env={**os.environ, "CARVANA_TEST_KILL_AT_CHUNK": "3"})
+                            env={**os.environ, "CARVANA_TEST_KILL_AT": "chunk:3"})
     assert killed.returncode == -signal.SIGKILL
     assert len(list(out.glob("stage2_chunks/*/part-*.csv"))) == 3 and not (out / "submission.csv.gz").exists()  # chunks 0-2
     assert not list(out.glob("stage2_chunks/*/.part-*"))  # no partial file left behind
@@ -183,22 +198,148 @@ def test_killed_prediction_resumes_to_identical_bytes(tiny_run, tmp_path):
 
 
 def test_ctrl_c_stops_cleanly_and_the_rerun_completes(tiny_run, tmp_path):
+    """SIGINT (what Ctrl-C sends) arrives at an exact point, right before chunk 2 is written (a test
+    hook, not a race): exit 130, only whole chunks on disk, and the rerun does only the rest."""
     src = tiny_run["output"]["dir"]
     out = tmp_path / "out"
     args = [*CLI, "stage2", "predict", f"output.dir={out}", f"data.root={tiny_run['data']['root']}", f"bboxes.path={src}/bboxes.csv",
             f"stage1.checkpoint={src}/stage1/best.pt", f"stage2.checkpoint={src}/stage2/best.pt", "predict.chunk=1",
             "data.limit_test=8", "stage2.depth=3", "stage2.width=4", "stage2.tile=512", "stage1.size=64", "device=cpu"]
-    # SIGINT as a terminal sends it, even when this test runs under a parent that ignores it (a background job)
-    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline and not list(out.glob("stage2_chunks/*/part-*.csv")):
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 130 and "interrupted" in err
-    for part in out.glob("stage2_chunks/*/part-*.csv"):  # every chunk on disk is whole
-        assert len(pd.read_csv(part)) == 1
-    assert not list(out.glob("stage2_chunks/*/part-*.tmp"))
-    subprocess.run(args, check=True, capture_output=True)
+    # SIGINT handled as in a terminal, even when this test runs under a parent that ignores it (a background job)
+    proc = subprocess.run(args, capture_output=True, text=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+                          env={**os.environ, "CARVANA_TEST_KILL_AT": "chunk:2", "CARVANA_TEST_KILL_SIGNAL": "INT"})
+    assert proc.returncode == 130 and "interrupted" in proc.stderr
+    parts = list(out.glob("stage2_chunks/*/part-*.csv"))
+    assert len(parts) >= 2 and all(len(pd.read_csv(part)) == 1 for part in parts)  # every chunk on disk is whole
+    assert not list(out.glob("stage2_chunks/*/.part-*")) and not (out / "submission.csv.gz").exists()
+    rerun = subprocess.run(args, check=True, capture_output=True, text=True)
+    assert f"{8 - len(parts)} test images to do, {len(parts)} already done" in rerun.stdout
     assert len(pd.read_csv(gzip.open(out / "submission.csv.gz"))) == 8
+
+
+def _predict_args(tiny_run, out, *more):
+    src = tiny_run["output"]["dir"]
+    return ["stage2", "predict", f"output.dir={out}", f"data.root={tiny_run['data']['root']}", f"bboxes.path={src}/bboxes.csv",
+            f"stage1.checkpoint={src}/stage1/best.pt", f"stage2.checkpoint={src}/stage2/best.pt", "predict.chunk=1",
+            "data.limit_test=4", "stage2.depth=3", "stage2.width=4", "stage2.tile=512", "stage1.size=64", "device=cpu", *more]
+
+
+def test_one_run_per_output_folder_and_a_stale_lock_is_taken_over(tiny_run, tmp_path):
+    """Two real processes: the first holds the folder (stopped by a test hook right before chunk 1,
+    so it is alive and mid-run); a second command on the same folder refuses, naming the holder.
+    After the holder is killed (SIGKILL: no clean-up), the next run takes the stale lock over and finishes."""
+    out = tmp_path / "out"
+    holder = subprocess.Popen([*CLI, *_predict_args(tiny_run, out)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                              env={**os.environ, "CARVANA_TEST_KILL_AT": "chunk:1", "CARVANA_TEST_KILL_SIGNAL": "STOP"})
+    try:
+        _, status = os.waitpid(holder.pid, os.WUNTRACED)  # returns once the hook has stopped it
+        assert os.WIFSTOPPED(status)
+        second = subprocess.run([*CLI, "stage1", "predict", f"output.dir={out}", f"data.root={tiny_run['data']['root']}"],
+                                capture_output=True, text=True)
+        assert second.returncode == 2 and len(second.stderr.strip().splitlines()) == 1
+        assert f"in use by pid {holder.pid} on " in second.stderr and "carvana stage2 predict" in second.stderr
+        assert not (out / "bboxes.csv").exists() and not list(out.glob("stage1_chunks"))  # the refused run wrote nothing
+    finally:
+        holder.kill()
+        holder.wait()
+    third = subprocess.run([*CLI, *_predict_args(tiny_run, out)], capture_output=True, text=True)
+    assert third.returncode == 0, third.stderr
+    assert f"taking over the lock of pid {holder.pid}" in third.stderr
+    assert "3 test images to do, 1 already done" in third.stdout
+    assert (out / ".carvana.lock").read_text() == ""  # released cleanly this time
+
+
+def _fail_writes(monkeypatch, name: str, code: int = errno.ENOSPC):
+    """Make the atomic writer's write of files named `name` fail as a full disk does: half the bytes
+    reach the temporary file, then the OS error."""
+    import common.io
+
+    real = os.fsync
+
+    def fsync(fd):
+        path = os.readlink(f"/proc/self/fd/{fd}")
+        if Path(path).name.startswith(f".{name}."):
+            os.ftruncate(fd, os.fstat(fd).st_size // 2)
+            raise OSError(code, os.strerror(code))
+        real(fd)
+
+    monkeypatch.setattr(common.io.os, "fsync", fsync)
+
+
+def test_full_disk_during_prediction_ends_with_one_line_and_the_rerun_gives_the_same_bytes(tiny_run, tmp_path, monkeypatch, capsys):
+    assert cli(_predict_args(tiny_run, tmp_path / "clean")) == 0
+    capsys.readouterr()
+    out = tmp_path / "out"
+    _fail_writes(monkeypatch, "part-000002.csv")
+    assert cli(_predict_args(tiny_run, out)) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "part-000002.csv" in err and "No space left on device" in err, err
+    assert sorted(p.name for p in out.glob("stage2_chunks/*/*")) == ["part-000000.csv", "part-000001.csv"]  # no partial file
+    assert not (out / "submission.csv.gz").exists()
+    monkeypatch.undo()  # space freed
+    assert cli(_predict_args(tiny_run, out)) == 0
+    assert "2 test images to do, 2 already done" in capsys.readouterr().out
+    assert (out / "submission.csv.gz").read_bytes() == (tmp_path / "clean" / "submission.csv.gz").read_bytes()
+
+
+@pytest.mark.parametrize("name,code", [("best.pt", errno.ENOSPC), ("history.csv", errno.EACCES)])
+def test_failed_checkpoint_or_history_write_ends_training_with_one_line(sample_root, tmp_path, monkeypatch, capsys, name, code):
+    out = tmp_path / "out"
+    args = ["stage1", "train", f"data.root={sample_root}", f"output.dir={out}", "stage1.epochs=1", "stage1.size=32",
+            "stage1.depth=2", "stage1.width=4", "data.val_cars=1", "device=cpu"]
+    _fail_writes(monkeypatch, name, code)
+    assert cli(args) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and str(out / "stage1" / name) in err and os.strerror(code) in err, err
+    assert not (out / "stage1" / name).exists() and not list(out.glob("stage1/.*.tmp"))
+    monkeypatch.undo()
+    assert cli(args) == 0 and (out / "stage1" / name).is_file()
+
+
+def test_unwritable_output_folder_is_an_error_before_any_work(tiny_run, tmp_path, capsys, monkeypatch):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    import stage2_fullres.predict
+
+    monkeypatch.setattr(stage2_fullres.predict, "main", lambda cfg: pytest.fail("work started"))
+    assert cli(_predict_args(tiny_run, blocker / "out")) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and f"output folder {blocker / 'out'} cannot be written" in err, err
+
+
+def _malformed_cases(tiny_run, tmp_path):
+    src, root = Path(tiny_run["output"]["dir"]), Path(tiny_run["data"]["root"])
+    boxes = pd.read_csv(src / "bboxes.csv", dtype=str, keep_default_na=False)
+    (tmp_path / "nocols.csv").write_text(boxes.drop(columns=["x1", "y1"]).to_csv(index=False))
+    outside = boxes.copy()
+    outside.loc[3, "x1"] = "2500"
+    (tmp_path / "outside.csv").write_text(outside.to_csv(index=False))
+    data = tmp_path / "data"
+    data.mkdir()
+    for folder in ("train", "train_masks", "test"):
+        (data / folder).symlink_to(root / folder)
+    (data / "sample_submission.csv").write_text("id,rle_mask\nx,1 2\n")
+    ckpt = (src / "stage2" / "best.pt").read_bytes()
+    (tmp_path / "torn.pt").write_bytes(ckpt[: len(ckpt) // 2])
+    (tmp_path / "bad.yaml").write_text("stage1: {epochs: 3\n")
+    (tmp_path / "list.yaml").write_text("- stage1.epochs=3\n")
+    return [
+        (["--config", str(tmp_path / "bad.yaml")], "bad.yaml: not valid YAML at line 2"),
+        (["--config", str(tmp_path / "list.yaml")], "list.yaml: expected a mapping"),
+        ([f"bboxes.path={tmp_path / 'nocols.csv'}"], "nocols.csv: missing column(s) x1, y1"),
+        ([f"bboxes.path={tmp_path / 'outside.csv'}"], f"outside.csv: 1 box(es) not inside their image, e.g. {boxes.img[3]}"),
+        ([f"data.root={data}"], "sample_submission.csv: needs an 'img' column"),
+        ([f"stage2.checkpoint={tmp_path / 'torn.pt'}"], "torn.pt: not a checkpoint of this project"),
+    ]
+
+
+def test_malformed_inputs_beyond_images_are_one_line_exit_2_and_nothing_written(tiny_run, tmp_path, capsys):
+    for i, (more, expected) in enumerate(_malformed_cases(tiny_run, tmp_path)):
+        out = tmp_path / f"out{i}"
+        assert cli(_predict_args(tiny_run, out, *more)) == 2, expected
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and expected in err, err
+        assert not out.exists()
+    with pytest.raises(SystemExit) as stop:
+        cli(["stage2", "predict", "--config", str(tmp_path / "list.yaml"), "stage1.epochs"])
+    assert stop.value.code == 2 and capsys.readouterr().err.strip() == "error: override 'stage1.epochs' must look like key=value"

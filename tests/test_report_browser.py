@@ -8,6 +8,8 @@ import subprocess
 
 import pytest
 
+from conftest import copy_run
+
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
          "--disable-sync", "--no-first-run", "--disable-quic"]
@@ -19,10 +21,10 @@ PROBE = """<script>window.addEventListener('load', () => {
 
 
 @pytest.mark.skipif(CHROMIUM is None, reason="Chromium is not installed (apt-get install chromium)")
-def test_report_renders_in_chromium_with_every_image_and_the_dice_table(tiny_run, evaluated, tmp_path):
+def test_report_renders_in_chromium_with_every_image_and_the_dice_table(evaluated, tmp_path):
     from pipelines.report import write_report
 
-    page = write_report(tiny_run).read_text()
+    page = write_report(copy_run(evaluated[0], tmp_path / "run")).read_text()
     probe = tmp_path / "index.html"
     probe.write_text(page.replace("</body>", PROBE + "</body>"))
     dom = subprocess.run([CHROMIUM, *FLAGS, f"--user-data-dir={tmp_path / 'profile'}", "--virtual-time-budget=10000",

@@ -1,6 +1,5 @@
 """Stage 1 boxes and cache, stage 2 submission: on a tiny run over the synthetic sample data."""
 import gzip
-import shutil
 
 import pandas as pd
 import pytest
@@ -9,7 +8,7 @@ from common.rle import rle_decode
 from stage1_lowres import predict as s1_predict
 from stage2_fullres import predict as s2_predict
 
-from conftest import tiny_config
+from conftest import copy_run, tiny_config
 
 
 def _submission(path):
@@ -29,9 +28,8 @@ def test_stage1_writes_boxes_for_train_and_test_and_a_submission(tiny_run, sampl
 
 
 def test_stage1_cache_is_reused_without_the_model_and_invalidated_by_settings(tiny_run, tmp_path, capsys, monkeypatch):
+    cfg = copy_run(tiny_run, tmp_path / "run")
     out = tmp_path / "run"
-    shutil.copytree(tiny_run["output"]["dir"], out)
-    cfg = tiny_config(tiny_run["data"]["root"], out)
     before = (out / "bboxes.csv").read_bytes()
     monkeypatch.setattr(s1_predict.Cascade, "from_config", lambda *a, **k: pytest.fail("the model must not be loaded"))
     assert s1_predict.main(cfg) == 0
@@ -45,9 +43,8 @@ def test_stage1_cache_is_reused_without_the_model_and_invalidated_by_settings(ti
 
 
 def test_changed_checkpoint_invalidates_the_cache(tiny_run, tmp_path, capsys):
+    cfg = copy_run(tiny_run, tmp_path / "run")
     out = tmp_path / "run"
-    shutil.copytree(tiny_run["output"]["dir"], out)
-    cfg = tiny_config(tiny_run["data"]["root"], out)
     import torch
 
     ckpt = torch.load(out / "stage1" / "best.pt", weights_only=False)
@@ -57,9 +54,10 @@ def test_changed_checkpoint_invalidates_the_cache(tiny_run, tmp_path, capsys):
     assert "reusing" not in capsys.readouterr().out
 
 
-def test_stage2_submission_format_and_order(tiny_run, sample_root):
-    assert s2_predict.main(tiny_run) == 0
-    out = tiny_run["output"]["dir"]
+def test_stage2_submission_format_and_order(tiny_run, sample_root, tmp_path):
+    cfg = copy_run(tiny_run, tmp_path / "run")
+    assert s2_predict.main(cfg) == 0
+    out = cfg["output"]["dir"]
     sub = _submission(f"{out}/submission.csv.gz")
     assert list(sub.columns) == ["img", "rle_mask"]
     assert sub.img.tolist() == pd.read_csv(sample_root / "sample_submission.csv").img.tolist()
@@ -84,10 +82,10 @@ def test_coarse_channel_mismatch_is_a_clear_error(tiny_run):
         s2_predict.main(cfg)
 
 
-def test_evaluate_scores_both_stages(tiny_run, evaluated):
-    metrics = evaluated
+def test_evaluate_scores_both_stages(evaluated):
+    cfg, metrics = evaluated
     assert len(metrics) == 16 and metrics.dice_stage1.between(0, 1).all() and metrics.dice_cascade.between(0, 1).all()
-    report = tiny_run["output"]["dir"] + "/report"
+    report = cfg["output"]["dir"] + "/report"
     assert len(list(__import__("pathlib").Path(report, "overlays").glob("*.png"))) == 6
     sweep = pd.read_csv(f"{report}/threshold_sweep.csv").set_index("threshold")
     assert len(sweep) == 17 and __import__("pathlib").Path(report, "threshold_sweep.png").is_file()
