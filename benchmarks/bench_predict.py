@@ -34,7 +34,7 @@ REAL = Path(__file__).resolve().parents[2] / "shared" / "carvana_samples" / "tes
 BOX = (60, 300, 1860, 1100)  # a wide car: two 1024 tiles, as 69% of real cars need
 
 
-def make_run(root: Path, n: int, depth: int, width: int, size: int, extra: list[str]) -> dict:
+def make_run(root: Path, n: int, depth: int, width: int, size: int, extra: list[str], box: tuple = BOX) -> dict:
     """A data root of n test images (links to the real photos), untrained checkpoints, cached boxes."""
     photos = sorted(REAL.glob("*.jpg"))
     if not photos:
@@ -49,7 +49,7 @@ def make_run(root: Path, n: int, depth: int, width: int, size: int, extra: list[
     for stage, net in (("stage1", UNet(3, depth, width)), ("stage2", UNet(4, depth, width, prior_skip=True))):
         (out / stage).mkdir(parents=True)
         torch.save({"model": net.state_dict(), "model_args": net.args, "config": cfg}, out / stage / "best.pt")
-    rows = "\n".join(f"{name},test,1918,1280,{BOX[0]},{BOX[1]},{BOX[2]},{BOX[3]},1,bench" for name in names)
+    rows = "\n".join(f"{name},test,1918,1280,{box[0]},{box[1]},{box[2]},{box[3]},1,bench" for name in names)
     (out / "bboxes.csv").write_text("img,split,width,height,x0,y0,x1,y1,found,key\n" + rows + "\n")
     return cfg
 
