@@ -101,7 +101,7 @@ def measure(fn, *args) -> dict:
 if __name__ == "__main__":
     rows = int(sys.argv[1]) if len(sys.argv) > 1 else 100_064
     chunk = int(sys.argv[2]) if len(sys.argv) > 2 else 16
-    with tempfile.TemporaryDirectory(dir=".") as root:
+    with tempfile.TemporaryDirectory() as root:
         w = measure(_write, root, rows, chunk)
         print(f"{rows} rows in {w['chunks']} chunks of {chunk} ({w['mb']:.0f} MiB of CSV), written in {w['total_s']:.1f} s, "
               f"peak RSS {w['peak_mib']:.0f} MiB")

@@ -67,7 +67,7 @@ def check(out: Path, names: list[str]) -> str:
 
 
 def soak(n: int) -> dict:
-    with tempfile.TemporaryDirectory(dir=".") as tmp:
+    with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         config, names = setup(root, n)
         out = root / "out"

@@ -75,7 +75,7 @@ class ChunkWriter:
         self.pending.append(self.pool.submit(self._add, make_row))
         while self.pending and self.pending[0].done():
             self.pending.popleft().result()  # raise a writer error here, in the caller's thread
-        if len(self.pending) > 4 * self.store.size:  # bounded: rows waiting for the writer hold host memory
+        while len(self.pending) > 8:  # bounded: each row waiting for the writer holds a full-resolution mask in host memory
             self.pending.popleft().result()
 
     def _add(self, make_row: Callable[[], dict]) -> None:
