@@ -33,6 +33,10 @@ _TRAIN = {
     "augment": True,  # flip, scale/shift, brightness/contrast/hue
     "workers": 2,  # data-loader processes
     "resume": False,
+    "precision": "auto",  # auto (bf16 on cards that have it, else fp16 + loss scaling; fp32 on the CPU) | bf16 | fp16 | fp32
+    "compile": False,  # torch.compile the training step: faster on a GPU after a compilation of a minute or so
+    "sync_bn": False,  # under torchrun: batch-norm statistics over the global batch (small per-GPU batches)
+    "max_bad_steps": 20,  # this many optimizer steps in a row with a non-finite loss stop training with an error
 }
 
 DEFAULTS: dict[str, Any] = {
@@ -54,6 +58,7 @@ DEFAULTS: dict[str, Any] = {
         "tile": 1024,
         "min_overlap": 64,
         "crop": 384,  # training crop size
+        "crops_per_image": 1,  # crops cut from each decoded training image (batch_size counts crops); more = less decoding per crop
         "box_jitter": 32,  # pixels of random box jitter in training
         "train_boxes": "truth",  # truth | stage1
         "coarse_channel": True,  # feed the stage-1 probability as a 4th input channel
@@ -79,12 +84,12 @@ _ALTERNATIVES: dict[str, tuple[type, ...]] = {"data.val_cars": (int, list, str)}
 
 # Allowed values, checked when the config loads (a name: one of these; a pair: lo <= value, or lo <= value <= hi).
 _CHOICES = {"optimizer": ("adam", "sgd"), "schedule": ("constant", "step", "cosine"),
-            "stage2.blend": ("mean", "smooth"), "stage2.train_boxes": ("truth", "stage1")}
+            "stage2.blend": ("mean", "smooth"), "precision": ("auto", "bf16", "fp16", "fp32"), "stage2.train_boxes": ("truth", "stage1")}
 _RANGES = {"epochs": (1, None), "batch_size": (1, None), "accum": (1, None), "step_every": (1, None), "depth": (1, None),
            "width": (1, None), "workers": (0, None), "lr": (1e-12, None), "momentum": (0, 1), "weight_decay": (0, None),
            "edge_weight": (0, None), "dropout": (0, 0.99), "max_minutes": (0, None), "stage1.size": (16, None),
            "stage1.margin": (0, None), "stage2.tile": (16, None), "stage2.min_overlap": (0, None), "stage2.crop": (16, None),
-           "stage2.box_jitter": (0, None), "stage2.val_images": (0, None), "data.max_bad_share": (0, 1),
+           "stage2.box_jitter": (0, None), "stage2.crops_per_image": (1, None), "max_bad_steps": (1, None), "stage2.val_images": (0, None), "data.max_bad_share": (0, 1),
            "data.limit_test": (0, None), "predict.threshold": (1e-6, 1 - 1e-6), "predict.batch_size": (1, None),
            "predict.chunk": (1, None), "predict.workers": (0, None), "sample.cars": (0, None), "sample.test_cars": (0, None)}
 
@@ -173,6 +178,9 @@ def _validate(cfg: dict) -> None:
         raise ConfigError(f"config key 'device' must be auto, cpu, cuda or cuda:N; got {cfg['device']!r}")
     if cfg["stage2"]["min_overlap"] >= cfg["stage2"]["tile"]:
         raise ConfigError(f"stage2.min_overlap={cfg['stage2']['min_overlap']} must be smaller than stage2.tile={cfg['stage2']['tile']}")
+    if cfg["stage2"]["batch_size"] % cfg["stage2"]["crops_per_image"]:
+        raise ConfigError(f"stage2.batch_size={cfg['stage2']['batch_size']} counts crops: make it a multiple of "
+                          f"stage2.crops_per_image={cfg['stage2']['crops_per_image']}")
     cluster = cfg["predict"]["cluster"]
     if cluster and not (re.fullmatch(r"local:[1-9]\d*", cluster) or "://" in cluster):
         raise ConfigError(f"config key 'predict.cluster' must be empty, local:N or a scheduler address such as tcp://host:8786; got {cluster!r}")

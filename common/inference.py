@@ -4,17 +4,8 @@ from __future__ import annotations
 
 from typing import Iterator
 
-import numpy as np
 import torch
 from torch import nn
-
-
-def to_input(images: np.ndarray, coarse: np.ndarray | None = None) -> torch.Tensor:
-    """uint8 (N, H, W, 3) [+ float (N, H, W) coarse probability] -> float (N, C, H, W) in [0, 1]."""
-    x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float().div_(255)
-    if coarse is not None:
-        x = torch.cat([x, torch.from_numpy(np.ascontiguousarray(coarse, dtype=np.float32))[:, None]], 1)
-    return x
 
 
 @torch.no_grad()

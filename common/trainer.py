@@ -1,68 +1,58 @@
-"""The one training loop both stages use.
+"""The one training loop both stages use: `train` over `train_one_epoch`, `evaluate` and
+`save_epoch`, in the shape of torchvision's references/segmentation.
 
 Checkpoints (`last.pt` every epoch, `best.pt` on the best validation Dice) hold the weights, the
-optimiser, scaler and RNG state, the epoch, the history and the resolved config, so `resume`
-continues exactly where a stopped run ended. `max_minutes` bounds wall-clock time per invocation,
-validation included. Mixed precision on CUDA, full precision on CPU.
+optimiser and scaler state, the epoch, the history and the resolved config; the data order and
+augmentations are seeded by (seed, epoch, rank), so `resume` continues exactly where a stopped run
+ended. `max_minutes` bounds wall-clock time per invocation, validation included.
+
+On the device: channels_last (tensor-core convolutions without transposes), cudnn benchmark,
+bf16 autocast where the card has it (fp16 + GradScaler otherwise, fp32 on the CPU), optional
+torch.compile. Under torchrun: DDP (gradients averaged over ranks in backward), optional
+SyncBatchNorm, rank 0 validates and writes, and its time-budget decision is shared.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Protocol
 
 import pandas as pd
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
+from common import distributed
 from common.augment import augment_batch
+from common.checkpoints import load_checkpoint, plot_history
 from common.config import ConfigError
+from common.distributed import Ranks
 from common.faults import kill_point
 from common.io import save_torch, write_csv
 from common.losses import bce_dice_loss
-from common.model import UNet
 
 Validate = Callable[[nn.Module], dict]  # model -> {"val_loss": float, "val_dice": float}
 
 
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"device={name} but CUDA is not available here; use device=cpu or device=auto")
-    return torch.device(name)
+class Batches(Protocol):  # common/batches.py
+    def __len__(self) -> int: ...
+    def epoch(self, e: int): ...
 
 
-def build_model(settings: dict, in_channels: int, prior_skip: bool = False, seed: int = 0) -> nn.Module:
-    """A fresh U-Net whose initial weights depend only on `seed`."""
-    torch.manual_seed(seed)
-    return UNet(in_channels, settings["depth"], settings["width"], settings["dropout"], prior_skip)
+class TrainingError(RuntimeError):
+    """Training cannot go on (the loss diverged); the message says what to change."""
 
 
-def load_checkpoint(path: str | Path, device: torch.device, expect: dict | None = None) -> dict:
-    """Read a checkpoint; `expect` (model args) must match the net it holds, if given."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"checkpoint not found: {path} (train first, or set the stage's checkpoint key)")
-    try:
-        ckpt = torch.load(path, map_location=device, weights_only=False)
-        args = ckpt["model_args"]
-    except Exception as e:  # a torn or foreign file: name it, do not dump a traceback
-        raise ConfigError(f"{path}: not a checkpoint of this project ({type(e).__name__}: {e})") from None
-    if expect is not None and args != expect:
-        raise ConfigError(f"{path} was trained with {args}, the config asks for {expect}; change the config or retrain")
-    return ckpt
-
-
-def load_model(path: str | Path, device: torch.device, expect: dict | None = None) -> tuple[nn.Module, dict]:
-    """Rebuild the net a checkpoint was trained with, in eval mode."""
-    ckpt = load_checkpoint(path, device, expect)
-    model = UNet(**ckpt["model_args"]).to(device)
-    model.load_state_dict(ckpt["model"])
-    return model.eval(), ckpt
+def amp_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast type: None (fp32) on the CPU or when asked; bf16 on cards that have it (no
+    loss scaling needed, no fp16 overflow to NaN); fp16 with a GradScaler on older cards."""
+    if device.type != "cuda" or precision == "fp32":
+        return None
+    if precision == "auto":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}[precision]
 
 
 def _lr_factor(schedule: str, epoch: int, epochs: int, step_every: int) -> float:
@@ -80,120 +70,158 @@ def _optimizer(model: nn.Module, s: dict) -> torch.optim.Optimizer:
     return torch.optim.Adam(model.parameters(), lr=s["lr"], weight_decay=s["weight_decay"])  # adam
 
 
-def train(model: nn.Module, dataset: Dataset, validate: Validate, settings: dict, run_dir: str | Path,
-          config: dict, device: torch.device, seed: int = 0) -> list[dict]:
-    """Train `model` on `dataset` ((x, y) pairs) per the stage `settings`; returns the history, one row an epoch."""
-    run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    started = time.monotonic()
-    budget = settings["max_minutes"] * 60 or math.inf
+class Clock:
+    """The wall-clock budget of one invocation; rank 0's clock decides for every rank."""
+
+    def __init__(self, minutes: float, ranks: Ranks, device: torch.device):
+        self.started, self.budget = time.monotonic(), minutes * 60 or math.inf
+        self.val_seconds, self.ranks, self.device = 0.0, ranks, device
+
+    def out_of_time(self, step: int) -> bool:
+        """Would another step plus the next validation overrun? Shared every 10 steps under DDP
+        (a broadcast is a sync point), every step alone."""
+        if self.budget == math.inf or (self.ranks.on and step % 10):
+            return False
+        late = time.monotonic() - self.started + self.val_seconds > self.budget
+        return distributed.broadcast_flag(late, self.device)
+
+
+def train_one_epoch(net: nn.Module, opt: torch.optim.Optimizer, scaler: torch.amp.GradScaler, data: Batches, epoch: int,
+                    s: dict, device: torch.device, dtype: torch.dtype | None, clock: Clock, ranks: Ranks, seed: int) -> dict:
+    """One pass over this rank's shard. Returns the mean training loss over all ranks, the counts,
+    and whether the budget ran out. A step whose loss is not finite on any rank is skipped on all."""
+    net.train()
+    aug_gen = torch.Generator().manual_seed(seed * 1_000_003 + epoch * 1009 + ranks.rank)  # resume needs no saved state
+    accum = s["accum"]
+    total, seen, skipped, bad_run, out_of_time = torch.zeros((), device=device), 0, 0, 0, False
+    data_s, step_s, t0, t = 0.0, 0.0, time.monotonic(), time.monotonic()
+    bar = tqdm(total=len(data), desc=f"epoch {epoch + 1}/{s['epochs']}", leave=False, mininterval=1.0,
+               disable=None if ranks.main else True)
+    opt.zero_grad(set_to_none=True)
+    for i, (x, y) in enumerate(data.epoch(epoch)):
+        t_data = time.monotonic()
+        data_s += t_data - t
+        if s["augment"]:
+            x, y = augment_batch(x, y, aug_gen)
+        x = x.contiguous(memory_format=torch.channels_last)
+        boundary = (i + 1) % accum == 0 or i + 1 == len(data)
+        sync = net.no_sync() if ranks.on and not boundary else contextlib.nullcontext()  # DDP: average gradients once per optimizer step
+        with sync:
+            with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+                loss = bce_dice_loss(net(x), y, s["edge_weight"])
+            scaler.scale(loss / accum).backward()
+        finite = bool(torch.isfinite(loss))  # a sync point, once per step, after the backward pass is queued
+        if boundary:
+            if distributed.all_agree(finite, device):
+                scaler.step(opt)
+                scaler.update()
+                bad_run = 0
+            else:
+                skipped, bad_run = skipped + 1, bad_run + 1
+                if bad_run >= s["max_bad_steps"]:
+                    raise TrainingError(f"{bad_run} optimizer steps in a row had a non-finite loss (epoch {epoch + 1}, step {i + 1}); "
+                                        f"lower lr (now {opt.param_groups[0]['lr']:.2e}) or set precision=fp32; "
+                                        "best.pt still holds the last good model")
+            opt.zero_grad(set_to_none=True)
+        if finite:
+            total += loss.detach() * len(x)  # stays on the device: no GPU sync per step
+            seen += len(x)
+        t = time.monotonic()
+        step_s += t - t_data
+        bar.update()
+        if i % 20 == 0 and not bar.disable:
+            bar.set_postfix(loss=f"{total.item() / max(seen, 1):.4f}", img_s=f"{seen / (t - t0):.1f}")
+        if clock.out_of_time(i + 1):
+            out_of_time = True
+            break
+    bar.close()
+    sums = distributed.total(torch.stack([total.float(), torch.tensor(float(seen), device=device)]))
+    return {"train_loss": (sums[0] / sums[1].clamp(min=1)).item(), "images": int(sums[1].item()), "skipped": skipped,
+            "data_s": data_s, "step_s": step_s, "out_of_time": out_of_time}
+
+
+def evaluate(model: nn.Module, validate: Validate, ranks: Ranks) -> dict:
+    """Validation on rank 0 (the other ranks wait at the next collective); eval mode, no grad."""
+    model.eval()
+    if not ranks.main:
+        return {"val_loss": math.nan, "val_dice": math.nan}
+    with torch.no_grad():
+        return validate(model)
+
+
+def save_epoch(run_dir: Path, model: nn.Module, opt, scaler, history: list[dict], best: float, config: dict) -> float:
+    """last.pt always; best.pt when this epoch's Dice is finite and the best so far (a NaN never
+    becomes best.pt); history.csv and the plot. Returns the new best."""
+    row = history[-1]
+    state = {"model": model.state_dict(), "model_args": model.args, "optimizer": opt.state_dict(), "scaler": scaler.state_dict(),
+             "epoch": row["epoch"], "best_dice": best, "history": history, "config": config}
+    finite = math.isfinite(row["val_dice"]) and math.isfinite(row["val_loss"])
+    if finite and row["val_dice"] > best and all(torch.isfinite(p).all() for p in model.parameters()):
+        best = state["best_dice"] = row["val_dice"]
+        save_torch(run_dir / "best.pt", state)
+    save_torch(run_dir / "last.pt", state)
+    write_csv(run_dir / "history.csv", pd.DataFrame(history))
+    plot_history(run_dir)
+    return best
+
+
+def train(model: nn.Module, data: Batches, validate: Validate, settings: dict, run_dir: str | Path,
+          config: dict, device: torch.device, seed: int = 0, ranks: Ranks = Ranks()) -> list[dict]:
+    """Train `model` on `data` per the stage `settings`; returns the history, one row an epoch."""
+    s, run_dir = settings, Path(run_dir)
+    clock = Clock(s["max_minutes"], ranks, device)
     torch.manual_seed(seed)
-    model.to(device)
-    opt = _optimizer(model, settings)
-    amp = device.type == "cuda"
-    scaler = torch.amp.GradScaler("cuda", enabled=amp)
-    shuffle_gen = torch.Generator().manual_seed(seed)
-    aug_gen = torch.Generator().manual_seed(seed + 1)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # fixed input sizes: the fastest kernels are picked once
+    model.to(device).to(memory_format=torch.channels_last)
+    if ranks.on and s["sync_bn"]:
+        if device.type != "cuda":
+            raise ConfigError("sync_bn needs CUDA (PyTorch's SyncBatchNorm has no CPU kernel); set it false on the CPU")
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # batch statistics over the global batch
+    opt = _optimizer(model, s)
+    dtype = amp_dtype(s["precision"], device)
+    scaler = torch.amp.GradScaler("cuda", enabled=dtype == torch.float16)  # bf16 and fp32 need no loss scaling
     epoch, best, history = 0, -1.0, []
 
     last = run_dir / "last.pt"
-    if settings["resume"] and last.is_file():
+    if s["resume"] and last.is_file():
         ckpt = load_checkpoint(last, device, expect=model.args)
         model.load_state_dict(ckpt["model"])
         opt.load_state_dict(ckpt["optimizer"])
         scaler.load_state_dict(ckpt["scaler"])
-        shuffle_gen.set_state(ckpt["rng"]["shuffle"])
-        aug_gen.set_state(ckpt["rng"]["augment"])
         epoch, best, history = ckpt["epoch"], ckpt["best_dice"], ckpt["history"]
-        print(f"resuming {last} after epoch {epoch} (best val Dice {best:.4f})")
+        if ranks.main:
+            print(f"resuming {last} after epoch {epoch} (best val Dice {best:.4f})")
 
-    loader = DataLoader(dataset, batch_size=settings["batch_size"], shuffle=True, drop_last=len(dataset) > settings["batch_size"],
-                        num_workers=settings["workers"], generator=shuffle_gen, pin_memory=amp,
-                        persistent_workers=settings["workers"] > 0)
-    accum = max(settings["accum"], 1)
-    val_seconds = 0.0
-    while epoch < settings["epochs"]:
-        lr = settings["lr"] * _lr_factor(settings["schedule"], epoch, settings["epochs"], settings["step_every"])
+    net = model
+    if ranks.on:
+        net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    if s["compile"]:
+        net = torch.compile(net)  # the first steps pay for the compilation
+    while epoch < s["epochs"]:
+        lr = s["lr"] * _lr_factor(s["schedule"], epoch, s["epochs"], s["step_every"])
         for group in opt.param_groups:
             group["lr"] = lr
-        model.train()
-        t0, seen, total = time.monotonic(), 0, torch.zeros((), device=device)
-        out_of_time = False
-        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{settings['epochs']}", leave=False, mininterval=1.0, disable=None)
-        opt.zero_grad(set_to_none=True)
-        for i, (x, y) in enumerate(bar):
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            if settings["augment"]:
-                x, y = augment_batch(x, y, aug_gen)
-            with torch.autocast(device.type, dtype=torch.float16, enabled=amp):
-                loss = bce_dice_loss(model(x), y, settings["edge_weight"])
-            scaler.scale(loss / accum).backward()
-            if (i + 1) % accum == 0 or i + 1 == len(loader):
-                scaler.step(opt)
-                scaler.update()
-                opt.zero_grad(set_to_none=True)
-            seen += len(x)
-            total += loss.detach() * len(x)  # stays on the device: no GPU sync per step
-            if i % 20 == 0 and not bar.disable:
-                bar.set_postfix(loss=f"{total.item() / seen:.4f}", img_s=f"{seen / (time.monotonic() - t0):.1f}")
-            if time.monotonic() - started + val_seconds > budget:
-                out_of_time = True
-                break
-        bar.close()
+        t0 = time.monotonic()
+        stats = train_one_epoch(net, opt, scaler, data, epoch, s, device, dtype, clock, ranks, seed)
         v0 = time.monotonic()
-        model.eval()
-        with torch.no_grad():
-            val = validate(model)
-        val_seconds = time.monotonic() - v0
+        val = evaluate(model, validate, ranks)
+        clock.val_seconds = time.monotonic() - v0
         epoch += 1
-        row = {"epoch": epoch, "train_loss": total.item() / max(seen, 1), "val_loss": val["val_loss"], "val_dice": val["val_dice"],
-               "lr": lr, "seconds": round(time.monotonic() - t0, 2)}
-        history.append(row)
-        state = {"model": model.state_dict(), "model_args": model.args, "optimizer": opt.state_dict(),
-                 "scaler": scaler.state_dict(), "rng": {"shuffle": shuffle_gen.get_state(), "augment": aug_gen.get_state()},
-                 "epoch": epoch, "best_dice": max(best, row["val_dice"]), "history": history, "config": config}
-        if row["val_dice"] > best:
-            best = row["val_dice"]
-            save_torch(run_dir / "best.pt", state)
-        save_torch(last, state)
-        write_csv(run_dir / "history.csv", pd.DataFrame(history))
-        plot_history(run_dir)
+        history.append({"epoch": epoch, "train_loss": stats["train_loss"], "val_loss": val["val_loss"], "val_dice": val["val_dice"],
+                        "lr": lr, "seconds": round(time.monotonic() - t0, 2), "images": stats["images"],
+                        "skipped_steps": stats["skipped"], "data_seconds": round(stats["data_s"], 2)})
+        if ranks.main:
+            best = save_epoch(run_dir, model, opt, scaler, history, best, config)
+            row = history[-1]
+            print(f"epoch {epoch}/{s['epochs']}: train loss {row['train_loss']:.4f}  val loss {row['val_loss']:.4f}  "
+                  f"val Dice {row['val_dice']:.4f}  lr {lr:.2e}  {row['seconds']:.0f}s "
+                  f"({stats['images'] / max(stats['data_s'] + stats['step_s'], 1e-9):.1f} img/s, data wait {stats['data_s']:.1f}s)"
+                  + (f"  skipped {stats['skipped']} non-finite steps" if stats["skipped"] else ""))
         kill_point(f"{run_dir.name}.epoch", epoch)
-        print(f"epoch {epoch}/{settings['epochs']}: train loss {row['train_loss']:.4f}  val loss {row['val_loss']:.4f}  "
-              f"val Dice {row['val_dice']:.4f}  lr {lr:.2e}  {row['seconds']:.0f}s")
-        if out_of_time:
-            print(f"time budget of {settings['max_minutes']} min spent; stopping after epoch {epoch} (best val Dice {best:.4f})")
+        if stats["out_of_time"]:
+            if ranks.main:
+                print(f"time budget of {s['max_minutes']} min spent; stopping after epoch {epoch} (best val Dice {best:.4f})")
             break
+    distributed.barrier()  # every rank leaves with rank 0's files written
     return history
-
-
-def plot_history(run_dir: str | Path) -> Path:
-    """Redraw `learning_curves.png` from `history.csv`."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from common.io import atomic_path
-
-    run_dir = Path(run_dir)
-    csv = run_dir / "history.csv"
-    if not csv.is_file():
-        raise ConfigError(f"no history.csv in {run_dir}: not a training run folder")
-    h = pd.read_csv(csv)
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.6))
-    ax1.plot(h.epoch, h.train_loss, "o-", label="train")
-    ax1.plot(h.epoch, h.val_loss, "o-", label="validation")
-    ax1.set(xlabel="epoch", ylabel="loss (BCE + 1 - Dice)", yscale="log")
-    ax1.legend()
-    ax2.plot(h.epoch, h.val_dice, "o-", color="C2")
-    ax2.set(xlabel="epoch", ylabel="validation Dice", title=f"best {h.val_dice.max():.4f}")
-    for ax in (ax1, ax2):
-        ax.grid(alpha=0.3)
-    fig.suptitle(run_dir.name)
-    fig.tight_layout()
-    out = run_dir / "learning_curves.png"
-    with atomic_path(out) as tmp:
-        fig.savefig(tmp, dpi=90, format="png")
-    plt.close(fig)
-    return out

@@ -62,7 +62,7 @@ def dispatch(args: argparse.Namespace) -> int:
         print(f"wrote {args.cars} training and {args.test_cars} test cars to {out}")
         return 0
     if args.command == "plot":
-        from common.trainer import plot_history
+        from common.checkpoints import plot_history
 
         print(plot_history(args.run_dir))
         return 0

@@ -20,7 +20,7 @@ from PIL import Image, ImageColor
 from common.chunks import mask_to_host
 from common.config import ConfigError
 from common.io import atomic_path, read_image, write_csv
-from common.trainer import pick_device
+from common.checkpoints import pick_device
 from stage2_fullres.cascade import Cascade
 
 SUFFIXES = {".jpg", ".jpeg", ".png", ".webp"}

@@ -14,7 +14,7 @@ from common.boxes import Box
 from common.data import DataError, index_split, split_by_car
 from common.io import atomic_path, read_image, read_mask, write_csv, write_text
 from common.metrics import dice, dice_sweep
-from common.trainer import pick_device
+from common.checkpoints import pick_device
 from stage1_lowres.coarse import cached_boxes
 from stage2_fullres.cascade import Cascade, checkpoint_path
 from stage2_fullres.tiles import plan_tiles

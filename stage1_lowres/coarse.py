@@ -22,7 +22,7 @@ from torch import nn
 from common.boxes import Box, expand_box, largest_component, mask_extent, scale_box
 from common.config import ConfigError
 from common.data import DataError
-from common.trainer import load_model
+from common.checkpoints import load_model
 
 BOX_COLUMNS = ["img", "split", "width", "height", "x0", "y0", "x1", "y1", "found", "key"]
 INPUT_VERSION = "full-decode, antialiased bilinear on the device"  # part of the cache key: changes how boxes are made

@@ -16,7 +16,7 @@ from common.data import DataError, Sample, index_split
 from common.io import write_csv
 from common.rle import rle_encode
 from common.submission import finish_predictions, test_samples
-from common.trainer import pick_device
+from common.checkpoints import pick_device
 from stage1_lowres.coarse import BOX_COLUMNS, cache_key, load_boxes
 from stage2_fullres.cascade import Cascade
 

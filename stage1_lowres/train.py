@@ -5,34 +5,30 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset
 
+from common import distributed
+from common.batches import TensorBatches
+from common.checkpoints import build_model
 from common.config import save_config
 from common.data import DataError, Pair, index_split, report_skipped, scan_pairs, split_by_car
-from common.inference import forward_batches, to_input
+from common.inference import forward_batches
 from common.losses import bce_dice_loss
 from common.metrics import dice
-from common.trainer import build_model, pick_device, train
+from common.trainer import train
 
 
-class LowResDataset(Dataset):
-    """Images and masks already decoded at low resolution, held in memory: no loader can starve the net."""
-
-    def __init__(self, pairs: list[Pair]):
-        self.images = np.stack([p.image for p in pairs])
-        self.masks = np.stack([p.mask for p in pairs])
-
-    def __len__(self) -> int:
-        return len(self.images)
-
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return to_input(self.images[i : i + 1])[0], torch.from_numpy(self.masks[i : i + 1].astype(np.float32))
+def as_tensors(pairs: list[Pair]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The decoded pairs as uint8 (N, 3, H, W) images and (N, 1, H, W) masks: the whole training
+    set in two tensors, which `TensorBatches` keeps on the device."""
+    images = torch.from_numpy(np.stack([p.image for p in pairs])).permute(0, 3, 1, 2).contiguous()
+    masks = torch.from_numpy(np.stack([p.mask for p in pairs]))[:, None].to(torch.uint8)
+    return images, masks
 
 
 def low_res_validator(pairs: list[Pair], device: torch.device, batch_size: int):
     """Validation loss and mean per-image Dice at the training resolution."""
-    data = LowResDataset(pairs)
-    x, y = to_input(data.images), torch.from_numpy(data.masks[:, None].astype(np.float32))
+    images, masks = as_tensors(pairs)
+    x, y = images.float().div_(255), masks.float()
 
     def validate(model) -> dict:
         losses, scores = [], []
@@ -48,7 +44,7 @@ def low_res_validator(pairs: list[Pair], device: torch.device, batch_size: int):
 def main(cfg: dict) -> int:
     s, data = cfg["stage1"], cfg["data"]
     run_dir = Path(cfg["output"]["dir"]) / "stage1"
-    device = pick_device(cfg["device"])
+    ranks, device = distributed.init(cfg["device"])
     samples = index_split(data["root"], "train", data["hq"])
     train_samples, val_samples = split_by_car(samples, data["val_cars"])
     if not val_samples:
@@ -58,13 +54,17 @@ def main(cfg: dict) -> int:
     val_ids = {v.id for v in val_samples}
     train_pairs = [p for p in pairs if p.sample.id not in val_ids]
     val_pairs = [p for p in pairs if p.sample.id in val_ids]
-    save_config(cfg, run_dir / "config.yaml")
-    print(f"stage 1: {len(train_pairs)} training and {len(val_pairs)} validation images "
-          f"({len({p.sample.car for p in val_pairs})} cars) at {size[0]}x{size[1]} on {device}")
+    if ranks.main:
+        save_config(cfg, run_dir / "config.yaml")
+        print(f"stage 1: {len(train_pairs)} training and {len(val_pairs)} validation images "
+              f"({len({p.sample.car for p in val_pairs})} cars) at {size[0]}x{size[1]} on {device}"
+              + (f", {ranks.world} ranks" if ranks.on else ""))
     model = build_model(s, in_channels=3, seed=cfg["seed"])
-    history = train(model, LowResDataset(train_pairs), low_res_validator(val_pairs, device, cfg["predict"]["batch_size"] * 4),
-                 {**s, "workers": 0}, run_dir, cfg, device, seed=cfg["seed"])
-    report_skipped(run_dir, bad)
-    best = max((h["val_dice"] for h in history), default=float("nan"))
-    print(f"stage 1 done: best val Dice {best:.4f}; checkpoints in {run_dir}")
+    batches = TensorBatches(*as_tensors(train_pairs), s["batch_size"], device, ranks, seed=cfg["seed"])
+    history = train(model, batches, low_res_validator(val_pairs, device, cfg["predict"]["batch_size"] * 4),
+                    s, run_dir, cfg, device, seed=cfg["seed"], ranks=ranks)
+    if ranks.main:
+        report_skipped(run_dir, bad)
+        best = max((h["val_dice"] for h in history), default=float("nan"))
+        print(f"stage 1 done: best val Dice {best:.4f}; checkpoints in {run_dir}")
     return 0

@@ -22,7 +22,7 @@ from common.boxes import Box
 from common.config import ConfigError
 from common.inference import prepare
 from common.reader import read_batches
-from common.trainer import load_model
+from common.checkpoints import load_model
 from stage1_lowres.coarse import Coarse, box_from_probability, upsample
 from stage2_fullres.tiles import blend_weights, cut_tiles, plan_tiles, stitch
 

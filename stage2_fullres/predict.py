@@ -17,7 +17,7 @@ from common.cluster import cached, predict_chunks_anywhere, worker_device
 from common.data import DataError
 from common.rle import rle_encode
 from common.submission import finish_predictions, test_samples
-from common.trainer import pick_device
+from common.checkpoints import pick_device
 from stage1_lowres.coarse import INPUT_VERSION, cached_boxes, file_hash
 from stage2_fullres.cascade import Cascade, checkpoint_path
 

@@ -11,13 +11,16 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from common import distributed
+from common.batches import LoaderBatches
 from common.boxes import Box, expand_box, jitter_box
+from common.checkpoints import build_model
 from common.config import save_config
 from common.data import DataError, Pair, index_split, report_skipped, scan_pairs, split_by_car
-from common.io import read_image, read_mask
+from common.io import read_image, read_mask, read_mask_cached
 from common.losses import bce_dice_loss
 from common.metrics import dice
-from common.trainer import build_model, pick_device, train
+from common.trainer import train
 from stage1_lowres.coarse import Coarse, cached_boxes, upsample
 from stage2_fullres.cascade import Cascade
 from stage2_fullres.tiles import cut_tiles
@@ -33,32 +36,43 @@ def crop_window(box: Box, crop: int, width: int, height: int, rng: np.random.Gen
 
 
 class CropDataset(Dataset):
-    """Random crops of full-resolution pairs, with the coarse probability as a 4th channel if given."""
+    """Random crops of full-resolution pairs, with the coarse probability as a 4th channel if given.
 
-    def __init__(self, pairs: list[Pair], boxes: dict[str, Box], settings: dict, coarse: dict[str, np.ndarray] | None):
+    An item is `crops` crops of one image: the JPEG is decoded once for all of them and the mask
+    comes from the compact mask cache after its first read. Keys are (index, epoch), and an item's
+    randomness is seeded from its key, so crops do not depend on the worker that cuts them.
+    """
+
+    def __init__(self, pairs: list[Pair], boxes: dict[str, Box], settings: dict, coarse: dict[str, np.ndarray] | None,
+                 mask_cache: Path, seed: int = 0):
         self.pairs, self.boxes, self.s, self.coarse = pairs, boxes, settings, coarse
+        self.mask_cache, self.seed = mask_cache, seed
 
     def __len__(self) -> int:
         return len(self.pairs)
 
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        rng = np.random.default_rng(int(torch.randint(2**31, (1,))))  # seeded per worker by the loader
-        p = self.pairs[i]
-        box = jitter_box(self.boxes[p.sample.img], self.s["box_jitter"], rng, p.width, p.height)
-        crop = self.s["crop"]
-        left, top = crop_window(box, crop, p.width, p.height, rng)
-        window = [(left, top, left + crop, top + crop)]
-        image = cut_tiles(torch.from_numpy(read_image(p.sample.image)).permute(2, 0, 1), window)[0]
-        mask = cut_tiles(torch.from_numpy(read_mask(p.sample.mask))[None], window)[0]
-        x = image.float().div_(255)
-        if self.coarse is not None:
-            prob = torch.from_numpy(self.coarse[p.sample.img]).float().div_(255)
-            if left + crop <= p.width and top + crop <= p.height:
-                extra = upsample(prob, p.width, p.height, window[0])[None]
-            else:  # an image smaller than the crop: reflect-pad the full map, as prediction does
-                extra = cut_tiles(upsample(prob, p.width, p.height)[None], window)[0]
-            x = torch.cat([x, extra])
-        return x, mask.float()
+    def __getitem__(self, key: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+        i, epoch = key
+        rng = np.random.default_rng([self.seed, epoch, i])
+        p, crop = self.pairs[i], self.s["crop"]
+        image = torch.from_numpy(read_image(p.sample.image)).permute(2, 0, 1)
+        mask = torch.from_numpy(read_mask_cached(p.sample.mask, self.mask_cache))[None]
+        prob = None if self.coarse is None else torch.from_numpy(self.coarse[p.sample.img]).float().div_(255)
+        xs, ys = [], []
+        for _ in range(self.s["crops_per_image"]):
+            box = jitter_box(self.boxes[p.sample.img], self.s["box_jitter"], rng, p.width, p.height)
+            left, top = crop_window(box, crop, p.width, p.height, rng)
+            window = [(left, top, left + crop, top + crop)]
+            x = cut_tiles(image, window)[0].float().div_(255)
+            if prob is not None:
+                if left + crop <= p.width and top + crop <= p.height:
+                    extra = upsample(prob, p.width, p.height, window[0])[None]
+                else:  # an image smaller than the crop: reflect-pad the full map, as prediction does
+                    extra = cut_tiles(upsample(prob, p.width, p.height)[None], window)[0]
+                x = torch.cat([x, extra])
+            xs.append(x)
+            ys.append(cut_tiles(mask, window)[0].float())
+        return torch.stack(xs), torch.stack(ys)
 
 
 def full_res_validator(pairs: list[Pair], boxes: dict[str, Box], coarse: Coarse | None, cfg: dict, device: torch.device):
@@ -86,7 +100,7 @@ def main(cfg: dict) -> int:
     s, data = cfg["stage2"], cfg["data"]
     out = Path(cfg["output"]["dir"])
     run_dir = out / "stage2"
-    device = pick_device(cfg["device"])
+    ranks, device = distributed.init(cfg["device"])
     samples = index_split(data["root"], "train", data["hq"])
     _, val_samples = split_by_car(samples, data["val_cars"])
     if not val_samples:
@@ -115,13 +129,18 @@ def main(cfg: dict) -> int:
             coarse |= {p.sample.img: (prob * 255).round().byte().cpu().numpy() for p, prob in zip(batch, probs)}
         for p in pairs:
             p.image = p.mask = None  # the crops read full-resolution files
-    save_config(cfg, run_dir / "config.yaml")
-    print(f"stage 2: {len(train_pairs)} training images ({s['crop']}px crops, {s['train_boxes']} boxes), "
-          f"{len(val_pairs)} validation images on {s['tile']}px tiles, on {device}")
+    if ranks.main:
+        save_config(cfg, run_dir / "config.yaml")
+        print(f"stage 2: {len(train_pairs)} training images ({s['crops_per_image']} x {s['crop']}px crops each, {s['train_boxes']} "
+              f"boxes), {len(val_pairs)} validation images on {s['tile']}px tiles, on {device}"
+              + (f", {ranks.world} ranks" if ranks.on else ""))
     model = build_model(s, in_channels=4 if s["coarse_channel"] else 3, prior_skip=s["coarse_channel"] and s["prior_skip"], seed=cfg["seed"])
-    history = train(model, CropDataset(train_pairs, train_box, s, coarse),
-                    full_res_validator(val_pairs, cached, coarse_model, cfg, device), s, run_dir, cfg, device, seed=cfg["seed"])
-    report_skipped(run_dir, bad)
-    best = max((h["val_dice"] for h in history), default=float("nan"))
-    print(f"stage 2 done: best val Dice {best:.4f}; checkpoints in {run_dir}")
+    crops = CropDataset(train_pairs, train_box, s, coarse, out / "cache" / "masks", seed=cfg["seed"])
+    batches = LoaderBatches(crops, s["batch_size"], s["workers"], device, ranks, seed=cfg["seed"], per_item=s["crops_per_image"])
+    history = train(model, batches, full_res_validator(val_pairs, cached, coarse_model, cfg, device), s, run_dir, cfg, device,
+                    seed=cfg["seed"], ranks=ranks)
+    if ranks.main:
+        report_skipped(run_dir, bad)
+        best = max((h["val_dice"] for h in history), default=float("nan"))
+        print(f"stage 2 done: best val Dice {best:.4f}; checkpoints in {run_dir}")
     return 0

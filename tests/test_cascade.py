@@ -16,7 +16,7 @@ from common.chunks import ChunkStore, ChunkWriter
 from common.config import ConfigError
 from common.metrics import dice
 from common.model import UNet
-from common.trainer import load_model
+from common.checkpoints import load_model
 from stage1_lowres.coarse import Coarse, cached_boxes
 from stage2_fullres import predict as s2_predict
 from stage2_fullres.cascade import Cascade

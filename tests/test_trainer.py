@@ -1,21 +1,30 @@
 import pandas as pd
 import pytest
 import torch
-from torch.utils.data import TensorDataset
 
+from common.batches import TensorBatches
+from common.checkpoints import load_checkpoint, load_model, plot_history
 from common.config import ConfigError, load_config
 from common.model import UNet
-from common.trainer import load_checkpoint, load_model, plot_history, train
+from common.trainer import train
 
 
-def _blobs(n=16, size=32, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    y = torch.zeros(n, 1, size, size)
-    for i in range(n):
-        r, c = torch.randint(4, size - 12, (2,), generator=g)
-        y[i, :, r : r + 10, c : c + 10] = 1
-    x = torch.rand(n, 3, size, size, generator=g) * 0.3 + y * 0.5  # bright squares on noise
-    return TensorDataset(x, y)
+class Blobs(TensorBatches):
+    """Bright squares on noise, as uint8 images; `tensors` is the float view the validator uses."""
+
+    def __init__(self, n=16, size=32, seed=0, batch_size=4):
+        g = torch.Generator().manual_seed(seed)
+        y = torch.zeros(n, 1, size, size)
+        for i in range(n):
+            r, c = torch.randint(4, size - 12, (2,), generator=g)
+            y[i, :, r : r + 10, c : c + 10] = 1
+        x = ((torch.rand(n, 3, size, size, generator=g) * 0.3 + y * 0.5) * 255).round().byte()
+        super().__init__(x, y.byte(), batch_size, torch.device("cpu"))
+        self.tensors = (x.float() / 255, y)
+
+
+def _blobs(n=16):
+    return Blobs(n)
 
 
 def _settings(**kw):
@@ -46,7 +55,8 @@ def test_loss_falls_and_outputs_are_written(tmp_path):
     for name in ("last.pt", "best.pt", "history.csv", "learning_curves.png"):
         assert (tmp_path / name).is_file()
     frame = pd.read_csv(tmp_path / "history.csv")
-    assert list(frame.columns) == ["epoch", "train_loss", "val_loss", "val_dice", "lr", "seconds"] and len(frame) == 6
+    assert list(frame.columns[:6]) == ["epoch", "train_loss", "val_loss", "val_dice", "lr", "seconds"] and len(frame) == 6
+    assert (frame.images == 16).all() and (frame.skipped_steps == 0).all()
     assert load_checkpoint(tmp_path / "last.pt", torch.device("cpu"))["config"] == {"k": 1}
 
 
@@ -90,3 +100,31 @@ def test_plot_command_redraws(tmp_path):
     (tmp_path / "learning_curves.png").unlink()
     assert main(["plot", str(tmp_path)]) == 0 and (tmp_path / "learning_curves.png").is_file()
     assert plot_history(tmp_path).stat().st_size > 1000
+
+
+def test_non_finite_steps_are_skipped_counted_and_never_reach_best(tmp_path, monkeypatch):
+    import math
+
+    import common.trainer as trainer
+    from common.losses import bce_dice_loss
+
+    data = _blobs()
+    train(UNet(3, 3, 8), data, _validator(data), _settings(epochs=1), tmp_path, {}, torch.device("cpu"))
+    calls = []
+
+    def sometimes_nan(logits, target, edge_weight=0.0):
+        calls.append(1)
+        loss = bce_dice_loss(logits, target, edge_weight)
+        return loss * math.nan if len(calls) % 2 else loss  # every other step overflows
+
+    monkeypatch.setattr(trainer, "bce_dice_loss", sometimes_nan)
+    history = train(UNet(3, 3, 8), data, _validator(data), _settings(epochs=2, resume=True), tmp_path, {}, torch.device("cpu"))
+    assert history[-1]["skipped_steps"] == 2 and math.isfinite(history[-1]["train_loss"])
+    assert all(torch.isfinite(p).all() for p in load_checkpoint(tmp_path / "last.pt", torch.device("cpu"))["model"].values())
+
+    monkeypatch.setattr(trainer, "bce_dice_loss", lambda logits, target, edge_weight=0.0: logits.sum() * math.nan)
+    with pytest.raises(trainer.TrainingError, match="3 optimizer steps in a row had a non-finite loss"):
+        train(UNet(3, 3, 8), data, _validator(data), _settings(epochs=3, resume=True, max_bad_steps=3), tmp_path, {}, torch.device("cpu"))
+    saved = load_checkpoint(tmp_path / "best.pt", torch.device("cpu"))
+    assert math.isfinite(saved["best_dice"]) and all(torch.isfinite(p).all() for p in saved["model"].values())
+    assert load_checkpoint(tmp_path / "last.pt", torch.device("cpu"))["epoch"] == 2  # the diverged epoch wrote nothing

@@ -1,0 +1,97 @@
+"""Many GPUs or machines: PyTorch DDP as torchrun launches it, nothing home-made.
+
+    torchrun --nproc_per_node=8 -m stage1_lowres train --config pipelines/pipeline.yaml
+
+torchrun sets RANK, LOCAL_RANK and WORLD_SIZE; without them this is one process and every helper
+is a no-op. NCCL on CUDA, gloo on the CPU (which is how the tests run two ranks for real).
+Rank 0 alone prints, writes checkpoints, history, plots and pipeline state.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+from common.checkpoints import pick_device
+from common.config import ConfigError
+
+
+@dataclass(frozen=True)
+class Ranks:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def on(self) -> bool:
+        return self.world > 1
+
+
+def ranks() -> Ranks:
+    """This process's place in a torchrun job (0 of 1 outside one)."""
+    return Ranks(int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_RANK", 0)))
+
+
+def init(device_name: str) -> tuple[Ranks, torch.device]:
+    """Join the torchrun job (once per process) and pick this rank's device: cuda:LOCAL_RANK on a
+    GPU machine, the CPU otherwise."""
+    r = ranks()
+    device = pick_device(device_name)
+    if not r.on:
+        return r, device
+    if device.type == "cuda":
+        if device_name not in ("auto", "cuda"):
+            raise ConfigError(f"device={device_name} under torchrun: use device=auto (each rank takes cuda:LOCAL_RANK)")
+        device = torch.device("cuda", r.local_rank)
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        # long timeout: under `carvana run` the other ranks wait while rank 0 alone predicts and evaluates
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timedelta(hours=12))
+    return r, device
+
+
+def broadcast_flag(flag: bool, device: torch.device) -> bool:
+    """Rank 0's decision, the same on every rank (e.g. "out of time": every rank stops after the same step)."""
+    if not dist.is_initialized():
+        return flag
+    t = torch.tensor([int(flag)], device=device)
+    dist.broadcast(t, 0)
+    return bool(t.item())  # a sync point: call it every few steps, not every kernel
+
+
+def all_agree(flag: bool, device: torch.device) -> bool:
+    """True only if `flag` is true on every rank (e.g. "this step's loss is finite")."""
+    if not dist.is_initialized():
+        return flag
+    t = torch.tensor([int(flag)], device=device)
+    dist.all_reduce(t, dist.ReduceOp.MIN)
+    return bool(t.item())
+
+
+def total(value: torch.Tensor) -> torch.Tensor:
+    """Sum of a tensor over the ranks (epoch loss sums and counts)."""
+    if dist.is_initialized():
+        value = value.clone()
+        dist.all_reduce(value)
+    return value
+
+
+def from_main(value):
+    """Rank 0's value of a small picklable object, on every rank."""
+    if not dist.is_initialized():
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, 0)
+    return box[0]
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()

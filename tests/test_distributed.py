@@ -1,0 +1,79 @@
+"""DDP under torchrun, for real: two CPU processes with the gloo backend."""
+import copy
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import torch
+from torch.utils.data import DistributedSampler
+
+from common.distributed import Ranks
+from common.losses import bce_dice_loss
+from common.model import UNet
+from conftest import TINY
+from test_trainer import Blobs
+
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+HERE = Path(__file__).parent
+
+
+def _torchrun(args, **kw):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(HERE.parent)}
+    return subprocess.run([*TORCHRUN, *args], capture_output=True, text=True, env=env, timeout=600, **kw)
+
+
+def test_gradients_are_averaged_over_ranks(tmp_path):
+    """After one step under DDP both ranks hold the same parameters, equal to one process taking
+    the step with the mean of the two shards' gradients (each shard with its own batch statistics,
+    as DDP without SyncBatchNorm computes them)."""
+    proc = _torchrun([str(HERE / "ddp_step.py"), str(tmp_path)])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
+    weights = [k for k in rank0 if "running_" not in k and "num_batches" not in k]  # BN running stats stay per rank until
+    for name in weights:  # DDP broadcasts rank 0's at the next forward
+        torch.testing.assert_close(rank0[name], rank1[name], rtol=0, atol=0)
+
+    data = Blobs(n=8)
+    x, y = data.tensors
+    x = (x * 255).round().byte().float() / 255  # what the uint8 set gives back
+    torch.manual_seed(0)
+    model = UNet(3, 3, 8).to(memory_format=torch.channels_last).train()
+    before = copy.deepcopy(model.state_dict())
+    loss = 0
+    for r in (0, 1):
+        sampler = DistributedSampler(range(8), num_replicas=2, rank=r, shuffle=True, seed=0, drop_last=True)
+        sampler.set_epoch(0)
+        idx = torch.tensor(list(sampler))
+        loss = loss + bce_dice_loss(model(x[idx].contiguous(memory_format=torch.channels_last)), y[idx]) / 2
+    loss.backward()
+    with torch.no_grad():
+        for p in model.parameters():
+            p -= 0.5 * p.grad
+    expected = model.state_dict()
+    changed = [k for k in expected if expected[k].is_floating_point() and not torch.equal(expected[k], before[k])]
+    assert len(changed) > 10
+    for name in weights:
+        torch.testing.assert_close(rank0[name], expected[name], rtol=1e-4, atol=1e-5)
+
+
+def test_torchrun_stage1_train_writes_one_loadable_checkpoint(sample_root, tmp_path):
+    out = tmp_path / "out"
+    proc = _torchrun(["-m", "stage1_lowres", "train", f"data.root={sample_root}", f"output.dir={out}", *TINY, "stage1.epochs=2",
+                      "stage1.max_minutes=5"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("stage 1 done") == 1 and "2 ranks" in proc.stdout  # rank 0 alone prints
+    history = pd.read_csv(out / "stage1" / "history.csv")
+    assert list(history.epoch) == [1, 2] and (history.images == 2 * (36 // 2 // 8) * 8).all()  # each rank its own shard
+    from common.checkpoints import load_model
+
+    model, ckpt = load_model(out / "stage1" / "best.pt", torch.device("cpu"))
+    assert ckpt["epoch"] in (1, 2) and sorted(p.name for p in (out / "stage1").iterdir() if p.suffix == ".pt") == ["best.pt", "last.pt"]
+    # resume under torchrun: one more epoch from last.pt
+    proc = _torchrun(["-m", "stage1_lowres", "train", f"data.root={sample_root}", f"output.dir={out}", *TINY, "stage1.epochs=3",
+                      "stage1.resume=true"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "resuming" in proc.stdout and "after epoch 2" in proc.stdout
+    assert list(pd.read_csv(out / "stage1" / "history.csv").epoch) == [1, 2, 3]
