@@ -4,6 +4,9 @@ Each step's fingerprint hashes the settings it reads and the fingerprints of the
 on. A step whose outputs exist and whose fingerprint is unchanged is skipped; a step recorded as
 started but not finished with the same fingerprint was interrupted, and training resumes from its
 last checkpoint. State lives in `<output.dir>/pipeline_state.json`, written atomically.
+
+Under torchrun (`torchrun --nproc_per_node=8 -m pipelines run CONFIG`), the training steps run on
+every rank (DDP); the other steps and all files belong to rank 0 while the other ranks wait.
 """
 from __future__ import annotations
 
@@ -13,9 +16,13 @@ import time
 from pathlib import Path
 from typing import Callable
 
+from common import distributed
 from common.config import ConfigError, load_config, save_config
 from common.io import write_text
 from common.lock import output_lock
+
+
+DISTRIBUTED_STEPS = {"stage1_train", "stage2_train"}  # the steps every torchrun rank runs (DDP)
 
 
 def _data_fingerprint(cfg: dict) -> str:
@@ -72,7 +79,6 @@ def run_pipeline(config: str, overrides: list[str], force: list[str] = ()) -> in
 def _run_steps(cfg: dict, force: list[str]) -> int:
     out = Path(cfg["output"]["dir"])
     state_path = out / "pipeline_state.json"
-    state = json.loads(state_path.read_text()) if state_path.is_file() else {}
     steps = _steps(cfg)
     names = [s[0] for s in steps]
     unknown = [f for f in force if f not in names + ["report"]]
@@ -80,13 +86,19 @@ def _run_steps(cfg: dict, force: list[str]) -> int:
         raise ConfigError(f"--force {unknown[0]}: not a step; steps are {', '.join(names + ['report'])}")
     if cfg["sample"]["cars"] == 0:  # real data: nothing to generate
         steps = [s for s in steps if s[0] != "sample_data"]
-    save_config(cfg, out / "config.yaml")
+    ranks = distributed.ranks()
+    if ranks.on:  # under torchrun: training steps on every rank, the others on rank 0 while the rest wait
+        distributed.init(cfg["device"])
+    state = distributed.from_main(json.loads(state_path.read_text()) if ranks.main and state_path.is_file() else {})
+    if ranks.main:
+        save_config(cfg, out / "config.yaml")
     fingerprints: dict[str, str] = {}
     forced: set[str] = set(force)
     table, status = [], 0
 
     def save_state():
-        write_text(state_path, json.dumps(state, indent=2))
+        if ranks.main:
+            write_text(state_path, json.dumps(state, indent=2))
 
     for name, upstream, settings, action, outputs in steps:
         if any(u in forced for u in upstream):
@@ -105,25 +117,31 @@ def _run_steps(cfg: dict, force: list[str]) -> int:
             reason = f"output missing: {missing[0]}"
         else:
             reason = None
+        reason = distributed.from_main(reason)  # rank 0's view of the outputs decides for every rank
         if reason is None:
-            print(f"[skip] {name}: outputs present and fingerprint {fp} unchanged")
+            if ranks.main:
+                print(f"[skip] {name}: outputs present and fingerprint {fp} unchanged")
             table.append({"step": name, "state": "skipped", "seconds": 0.0})
             continue
         resume = record.get("started") == fp and reason != "forced"
-        print(f"[run]  {name}: {reason}" + (" (resuming an interrupted run)" if resume else ""))
+        if ranks.main:
+            print(f"[run]  {name}: {reason}" + (" (resuming an interrupted run)" if resume else ""))
         state[name] = {"started": fp}
         save_state()
         step_cfg = json.loads(json.dumps(cfg))
         for stage in ("stage1", "stage2"):
             step_cfg[stage]["resume"] = resume
         t0 = time.monotonic()
-        code = action(step_cfg) or 0
+        code = (action(step_cfg) or 0) if ranks.main or name in DISTRIBUTED_STEPS else 0
+        distributed.barrier()
         seconds = time.monotonic() - t0
         status = max(status, code)
         state[name] = {"started": fp, "finished": fp, "seconds": round(seconds, 1)}
         save_state()
         table.append({"step": name, "state": "ran" if code == 0 else f"ran (exit {code})", "seconds": round(seconds, 1)})
 
+    if not ranks.main:
+        return status
     from pipelines.report import write_report
 
     report = write_report(cfg, table)
