@@ -1,4 +1,4 @@
-"""The README's commands work as written: every `carvana ...` and `python -m ...` line of its code
+"""The README's commands work as written: every `carvana ...`, `python -m ...` and `torchrun ... -m` line of its code
 blocks parses, and its config file and overrides load (keys, types and allowed values checked)."""
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ def readme_commands() -> list[str]:
     for block in re.findall(r"```\n(.*?)```", text, flags=re.S):
         for line in block.replace("\\\n", " ").splitlines():
             line = line.split(" #")[0].strip()
-            if re.match(r"(\.venv/bin/)?carvana |python -m (pipelines|stage1_lowres|stage2_fullres) ", line):
+            if re.match(r"(\.venv/bin/)?carvana |(python|torchrun .*) -m (pipelines|stage1_lowres|stage2_fullres) ", line):
                 lines.append(line)
     return lines
 
@@ -34,7 +34,11 @@ def test_the_readme_has_commands_to_check():
 def test_readme_command_parses_and_its_config_loads(line, monkeypatch):
     monkeypatch.chdir(ROOT)
     words = shlex.split(line)
-    argv = words[1:] if words[0].endswith("carvana") else MODULES[words[2]] + words[3:]
+    if words[0].endswith("carvana"):
+        argv = words[1:]
+    else:  # python -m MODULE ... or torchrun [its options] -m MODULE ...
+        m = words.index("-m")
+        argv = MODULES[words[m + 1]] + words[m + 2 :]
     args = parse(argv)
     if hasattr(args, "overrides"):
         load_config(args.config, args.overrides)
