@@ -1,5 +1,7 @@
-"""`carvana evaluate`: per-image Dice of stage 1 alone and of the cascade on the validation cars,
-the ten worst images, and overlays showing where each stage is wrong."""
+"""`carvana evaluate`: per-image Dice of stage 1 alone and of the cascade on the validation cars
+(whole image, and within a few pixels of the true boundary, where the refiner earns its keep), the
+share of car pixels inside the stage-1 box, the threshold sweep, the ten worst images, and
+overlays showing where each stage is wrong."""
 from __future__ import annotations
 
 import json
@@ -11,10 +13,12 @@ import torch
 from PIL import Image
 
 from common.boxes import Box
+from common.checkpoints import pick_device
 from common.data import DataError, index_split, split_by_car
 from common.io import atomic_path, read_image, read_mask, write_csv, write_text
+from common.losses import edge_band
 from common.metrics import dice, dice_sweep
-from common.checkpoints import pick_device
+from common.submission import mask_threshold
 from stage1_lowres.coarse import cached_boxes
 from stage2_fullres.cascade import Cascade, checkpoint_path
 from stage2_fullres.tiles import plan_tiles
@@ -23,6 +27,7 @@ FALSE_POSITIVE = np.array([255, 40, 40], np.uint8)  # predicted car, truly backg
 FALSE_NEGATIVE = np.array([40, 120, 255], np.uint8)  # missed car
 BOX, SEAM = np.array([255, 220, 0], np.uint8), np.array([0, 230, 230], np.uint8)
 THRESHOLDS = np.round(np.arange(0.1, 0.91, 0.05), 2)  # the sweep of validation Dice against the mask threshold
+EDGE_RADIUS = 3  # edge Dice: pixels within this distance of the true boundary
 
 
 def plot_sweep(sweep: pd.DataFrame, path: Path) -> None:
@@ -77,7 +82,7 @@ def evaluate(cfg: dict) -> pd.DataFrame:
     if not has_refiner:
         print(f"evaluate: no stage-2 checkpoint at {checkpoint_path(cfg)}; scoring stage 1 alone")
     cascade = Cascade.from_config(cfg, device, refiner=has_refiner)  # stage 1 is scored even when the refiner ignores it
-    s, thr = cfg["stage2"], cfg["predict"]["threshold"]
+    s, thr1, thr = cfg["stage2"], cfg["stage1"]["threshold"], mask_threshold(cfg, strict=False)
     rows, keep, sweeps = [], {}, []
     for i, pred in cascade.run([x.image for x in val], [boxes[x.img] for x in val], desc="evaluate"):
         sample = val[i]
@@ -87,12 +92,18 @@ def evaluate(cfg: dict) -> pd.DataFrame:
         on_device = torch.from_numpy(truth).to(pred.coarse.device)
         sweeps.append(list(zip(dice_sweep(pred.coarse, on_device, THRESHOLDS),
                                dice_sweep(pred.prob, on_device, THRESHOLDS) if has_refiner else [float("nan")] * len(THRESHOLDS))))
-        stage1 = (pred.coarse > thr).cpu().numpy()
-        cascade_mask = (pred.prob > thr).cpu().numpy() if has_refiner else stage1
+        band = edge_band(on_device[None, None].float(), EDGE_RADIUS)[0, 0] > 0  # where the refiner must earn its keep
+        stage1_t = pred.coarse > thr1
+        cascade_t = pred.prob > thr if has_refiner else stage1_t
+        stage1, cascade_mask = stage1_t.cpu().numpy(), cascade_t.cpu().numpy()
         x0, y0, x1, y1 = pred.box
+        inside = int(truth[y0:y1, x0:x1].sum())
         rows.append({"img": sample.img, "car": sample.car, "dice_stage1": dice(stage1, truth),
                      "dice_cascade": dice(cascade_mask, truth) if has_refiner else float("nan"),
-                     "x0": x0, "y0": y0, "x1": x1, "y1": y1, "car_pixels_outside_box": int(truth.sum() - truth[y0:y1, x0:x1].sum())})
+                     "edge_dice_stage1": dice(stage1_t[band], on_device[band]),
+                     "edge_dice_cascade": dice(cascade_t[band], on_device[band]) if has_refiner else float("nan"),
+                     "x0": x0, "y0": y0, "x1": x1, "y1": y1, "car_pixels_outside_box": int(truth.sum()) - inside,
+                     "box_coverage": inside / max(int(truth.sum()), 1)})
         keep[sample.img] = (sample, truth, stage1, cascade_mask, pred.box)
         if len(keep) > 12:  # keep only the worst few in memory for the overlays
             worst = sorted(rows, key=lambda r: r["dice_cascade"] if has_refiner else r["dice_stage1"])[:12]
@@ -104,8 +115,13 @@ def evaluate(cfg: dict) -> pd.DataFrame:
     write_csv(report / "threshold_sweep.csv", sweep)
     plot_sweep(sweep, report / "threshold_sweep.png")
     worst = metrics.nsmallest(10, "dice_cascade" if has_refiner else "dice_stage1")
+    cut = metrics[metrics.car_pixels_outside_box > 0].nsmallest(10, "box_coverage")
     summary = {"images": len(metrics), "mean_dice_stage1": float(metrics.dice_stage1.mean()),
-               "mean_dice_cascade": float(metrics.dice_cascade.mean()), "worst": worst.img.tolist()}
+               "mean_dice_cascade": float(metrics.dice_cascade.mean()),
+               "mean_edge_dice_stage1": float(metrics.edge_dice_stage1.mean()),
+               "mean_edge_dice_cascade": float(metrics.edge_dice_cascade.mean()), "edge_radius": EDGE_RADIUS,
+               "min_box_coverage": float(metrics.box_coverage.min()), "images_losing_car_pixels_to_the_box": int(len(cut)),
+               "worst_box_coverage": cut.img.tolist(), "worst": worst.img.tolist()}
     write_text(report / "summary.json", json.dumps(summary, indent=2))
     for img in worst.img[:6]:
         if img not in keep:
@@ -118,5 +134,7 @@ def evaluate(cfg: dict) -> pd.DataFrame:
         with atomic_path(report / "overlays" / f"{Path(img).stem}.png") as tmp:
             small.save(tmp, format="PNG")
     print(f"evaluate: {len(metrics)} validation images; mean Dice stage 1 {summary['mean_dice_stage1']:.4f}, "
-          f"cascade {summary['mean_dice_cascade']:.4f}; {report / 'metrics.csv'}")
+          f"cascade {summary['mean_dice_cascade']:.4f}; within {EDGE_RADIUS} px of the boundary: stage 1 "
+          f"{summary['mean_edge_dice_stage1']:.4f}, cascade {summary['mean_edge_dice_cascade']:.4f}; box coverage min "
+          f"{summary['min_box_coverage']:.5f} ({len(cut)} image(s) lose car pixels to the box); {report / 'metrics.csv'}")
     return metrics

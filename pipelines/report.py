@@ -38,6 +38,11 @@ def write_report(cfg: dict, steps: list[dict] | None = None) -> Path:
         parts.append(f"<h2>Validation Dice</h2><table><tr><th>model</th><th>mean Dice</th><th>images</th></tr>"
                      f"<tr><td>stage 1 alone (upsampled)</td><td>{summary['mean_dice_stage1']:.4f}</td><td>{summary['images']}</td></tr>"
                      f"<tr><td>cascade</td><td>{summary['mean_dice_cascade']:.4f}</td><td>{summary['images']}</td></tr></table>")
+        if "mean_edge_dice_stage1" in summary:
+            parts.append(f"<p>Within {summary['edge_radius']} px of the true boundary: stage 1 {summary['mean_edge_dice_stage1']:.4f}, "
+                         f"cascade {summary['mean_edge_dice_cascade']:.4f}. Stage-1 box coverage (share of car pixels inside the box): "
+                         f"min {summary['min_box_coverage']:.5f}; {summary['images_losing_car_pixels_to_the_box']} image(s) lose car "
+                         f"pixels to the box{': ' + html.escape(', '.join(summary['worst_box_coverage'])) if summary['worst_box_coverage'] else ''}.</p>")
     if steps:
         parts.append("<h2>Steps</h2>" + _table(pd.DataFrame(steps).assign(seconds=lambda f: f.seconds.map("{:.1f}".format))))
     parts.append("<h2>Validation Dice against the mask threshold</h2>" + _img(report / "threshold_sweep.png", "threshold sweep"))
