@@ -33,9 +33,14 @@ def scale_box(box: Box, sx: float, sy: float) -> Box:
     return math.floor(x0 * sx), math.floor(y0 * sy), math.ceil(x1 * sx), math.ceil(y1 * sy)
 
 
-def expand_box(box: Box, margin: int, width: int, height: int) -> Box:
+Margin = int | tuple[int, int, int, int] | list[int]  # one for every side, or (left, top, right, bottom)
+
+
+def expand_box(box: Box, margin: Margin, width: int, height: int) -> Box:
+    """Grow each side by its margin, clamped to the image."""
+    left, top, right, bottom = (margin,) * 4 if isinstance(margin, int) else margin
     x0, y0, x1, y1 = box
-    return max(x0 - margin, 0), max(y0 - margin, 0), min(x1 + margin, width), min(y1 + margin, height)
+    return max(x0 - left, 0), max(y0 - top, 0), min(x1 + right, width), min(y1 + bottom, height)
 
 
 def jitter_box(box: Box, amount: int, rng: np.random.Generator, width: int, height: int) -> Box:

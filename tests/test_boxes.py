@@ -50,6 +50,17 @@ def test_scaled_expanded_box_covers_the_object_and_stays_inside(w, h, data):
     assert 0 <= by0 <= y0 * sy and by1 >= min(y1 * sy, H) - 1e-9 and by1 <= H
 
 
+@given(st.lists(st.integers(0, 2000), min_size=4, max_size=4), st.lists(st.integers(0, 300), min_size=4, max_size=4))
+def test_each_side_grows_by_its_own_margin_within_the_image(corners, margin):
+    x0, x1 = sorted(corners[:2])
+    y0, y1 = sorted(corners[2:])
+    box = (x0, y0, x1 + 1, y1 + 1)
+    left, top, right, bottom = margin
+    assert expand_box(box, margin, 2100, 2100) == (max(x0 - left, 0), max(y0 - top, 0), min(x1 + 1 + right, 2100),
+                                                   min(y1 + 1 + bottom, 2100))
+    assert expand_box(box, left, 2100, 2100) == expand_box(box, [left] * 4, 2100, 2100)
+
+
 @settings(max_examples=200, deadline=None)
 @given(st.integers(0, 100), st.integers(0, 2**32 - 1))
 def test_jittered_box_is_valid(amount, seed):
