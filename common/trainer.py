@@ -4,7 +4,8 @@
 Checkpoints (`last.pt` every epoch, `best.pt` on the best validation Dice) hold the weights, the
 optimiser and scaler state, the epoch, the history and the resolved config; the data order and
 augmentations are seeded by (seed, epoch, rank), so `resume` continues exactly where a stopped run
-ended. `max_minutes` bounds wall-clock time per invocation, validation included.
+ended. `max_minutes` bounds wall-clock time per invocation, validation included; with
+`epochs: auto` the epoch count is fixed from the first epoch's pace so the schedule fits the budget.
 
 On the device: channels_last (tensor-core convolutions without transposes), cudnn benchmark,
 bf16 autocast where the card has it (fp16 + GradScaler otherwise, fp32 on the CPU), optional
@@ -86,6 +87,16 @@ class Clock:
         return distributed.broadcast_flag(late, self.device)
 
 
+def planned_epochs(clock: Clock, ranks: Ranks, device: torch.device) -> int:
+    """epochs=auto: after the first epoch (set-up, training and validation), as many epochs as the
+    budget holds at that pace, less 3% for the plot and checkpoint writes, so the learning-rate
+    schedule runs to its end instead of being cut off. Rank 0's count, recorded in history.csv and
+    the checkpoints: a resumed run keeps it."""
+    first = time.monotonic() - clock.started
+    count = max(1, int(0.97 * clock.budget / first))
+    return int(distributed.from_main(count))
+
+
 def train_one_epoch(net: nn.Module, opt: torch.optim.Optimizer, scaler: torch.amp.GradScaler, data: Batches, epoch: int,
                     s: dict, device: torch.device, dtype: torch.dtype | None, clock: Clock, ranks: Ranks, seed: int) -> dict:
     """One pass over this rank's shard. Returns the mean training loss over all ranks, the counts,
@@ -95,7 +106,7 @@ def train_one_epoch(net: nn.Module, opt: torch.optim.Optimizer, scaler: torch.am
     accum = s["accum"]
     total, seen, skipped, bad_run, out_of_time = torch.zeros((), device=device), 0, 0, 0, False
     data_s, step_s, t0, t = 0.0, 0.0, time.monotonic(), time.monotonic()
-    bar = tqdm(total=len(data), desc=f"epoch {epoch + 1}/{s['epochs']}", leave=False, mininterval=1.0,
+    bar = tqdm(total=len(data), desc=f"epoch {epoch + 1}/{s['epochs']}", leave=False, mininterval=1.0,  # "auto" in epoch 1
                disable=None if ranks.main else True)
     opt.zero_grad(set_to_none=True)
     for i, (x, y) in enumerate(data.epoch(epoch)):
@@ -198,8 +209,9 @@ def train(model: nn.Module, data: Batches, validate: Validate, settings: dict, r
         net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     if s["compile"]:
         net = torch.compile(net)  # the first steps pay for the compilation
-    while epoch < s["epochs"]:
-        lr = s["lr"] * _lr_factor(s["schedule"], epoch, s["epochs"], s["step_every"])
+    epochs = s["epochs"] if s["epochs"] != "auto" else history[-1].get("planned_epochs") if history else None
+    while epochs is None or epoch < epochs:
+        lr = s["lr"] * _lr_factor(s["schedule"], epoch, epochs or 1, s["step_every"])  # epoch 0: factor 1 for every schedule
         for group in opt.param_groups:
             group["lr"] = lr
         t0 = time.monotonic()
@@ -208,13 +220,18 @@ def train(model: nn.Module, data: Batches, validate: Validate, settings: dict, r
         val = evaluate(model, validate, ranks)
         clock.val_seconds = time.monotonic() - v0
         epoch += 1
+        if epochs is None:
+            epochs = planned_epochs(clock, ranks, device)
+            if ranks.main:
+                print(f"epochs=auto: epoch 1 took {time.monotonic() - clock.started:.0f} s of the {s['max_minutes']} min budget, "
+                      f"so the {s['schedule']} schedule runs over {epochs} epochs")
         history.append({"epoch": epoch, "train_loss": stats["train_loss"], "val_loss": val["val_loss"], "val_dice": val["val_dice"],
                         "lr": lr, "seconds": round(time.monotonic() - t0, 2), "images": stats["images"],
-                        "skipped_steps": stats["skipped"], "data_seconds": round(stats["data_s"], 2)})
+                        "skipped_steps": stats["skipped"], "data_seconds": round(stats["data_s"], 2), "planned_epochs": epochs})
         if ranks.main:
             best = save_epoch(run_dir, model, opt, scaler, history, best, config)
             row = history[-1]
-            print(f"epoch {epoch}/{s['epochs']}: train loss {row['train_loss']:.4f}  val loss {row['val_loss']:.4f}  "
+            print(f"epoch {epoch}/{epochs}: train loss {row['train_loss']:.4f}  val loss {row['val_loss']:.4f}  "
                   f"val Dice {row['val_dice']:.4f}  lr {lr:.2e}  {row['seconds']:.0f}s "
                   f"({stats['images'] / max(stats['data_s'] + stats['step_s'], 1e-9):.1f} img/s, data wait {stats['data_s']:.1f}s)"
                   + (f"  skipped {stats['skipped']} non-finite steps" if stats["skipped"] else ""))

@@ -128,3 +128,36 @@ def test_non_finite_steps_are_skipped_counted_and_never_reach_best(tmp_path, mon
     saved = load_checkpoint(tmp_path / "best.pt", torch.device("cpu"))
     assert math.isfinite(saved["best_dice"]) and all(torch.isfinite(p).all() for p in saved["model"].values())
     assert load_checkpoint(tmp_path / "last.pt", torch.device("cpu"))["epoch"] == 2  # the diverged epoch wrote nothing
+
+
+def test_epochs_auto_fits_the_schedule_to_the_budget_and_resume_keeps_the_count(tmp_path, monkeypatch):
+    import time
+
+    import common.trainer as trainer
+    from common.distributed import Ranks
+
+    clock = trainer.Clock(1.0, Ranks(), torch.device("cpu"))  # a 60 s budget whose first epoch took 10 s
+    clock.started = time.monotonic() - 10
+    assert trainer.planned_epochs(clock, Ranks(), torch.device("cpu")) == 5  # 0.97 * 60 / 10
+
+    monkeypatch.setattr(trainer, "planned_epochs", lambda *a: 3)
+    data = _blobs()
+    s = _settings(epochs="auto", max_minutes=10.0)
+    history = train(UNet(3, 3, 8), data, _validator(data), s, tmp_path / "a", {}, torch.device("cpu"))
+    assert [h["planned_epochs"] for h in history] == [3, 3, 3]
+    assert [round(h["lr"] / s["lr"], 4) for h in history] == [1.0, 0.75, 0.25]  # the whole cosine, not a cut-off half
+
+    class Killed(Exception):
+        pass
+
+    def kill_after_epoch_1(event, n):
+        if n == 1:
+            raise Killed  # as SIGKILL right after epoch 1's checkpoints are written
+
+    monkeypatch.setattr(trainer, "kill_point", kill_after_epoch_1)
+    with pytest.raises(Killed):
+        train(UNet(3, 3, 8), data, _validator(data), s, tmp_path / "b", {}, torch.device("cpu"))
+    monkeypatch.setattr(trainer, "kill_point", lambda *a: None)
+    monkeypatch.setattr(trainer, "planned_epochs", lambda *a: pytest.fail("a resumed run must keep its recorded count"))
+    resumed = train(UNet(3, 3, 8), data, _validator(data), s | {"resume": True}, tmp_path / "b", {}, torch.device("cpu"))
+    assert [h["epoch"] for h in resumed] == [1, 2, 3] and [h["lr"] for h in resumed] == [h["lr"] for h in history]
