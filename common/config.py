@@ -16,7 +16,7 @@ import yaml
 from common.io import write_text
 
 _TRAIN = {
-    "epochs": 10,
+    "epochs": 10,  # or "auto": fixed after the first epoch so the schedule fits max_minutes
     "max_minutes": 0.0,  # wall-clock budget; 0 = none
     "batch_size": 4,
     "accum": 1,  # gradient accumulation steps
@@ -52,7 +52,9 @@ DEFAULTS: dict[str, Any] = {
     "sample": {"cars": 0, "test_cars": 2, "seed": 0},
     "device": "auto",  # auto | cpu | cuda | cuda:N
     "seed": 0,
-    "stage1": {**_TRAIN, "size": 256, "margin": 32, "checkpoint": ""},
+    # margin: pixels added around the stage-1 box, one number or [left, top, right, bottom]; more on top for antennas
+    # threshold: of the stage-1 probability, for its boxes and its baseline submission
+    "stage1": {**_TRAIN, "size": 256, "margin": [32, 96, 32, 32], "threshold": 0.5, "checkpoint": ""},
     "stage2": {
         **_TRAIN,
         "tile": 1024,
@@ -69,7 +71,7 @@ DEFAULTS: dict[str, Any] = {
     },
     "bboxes": {"path": ""},  # a bboxes.csv from another run; empty = <output.dir>/bboxes.csv
     "predict": {
-        "threshold": 0.5,
+        "threshold": 0.5,  # of the cascade's probability; "auto": the best of the last `carvana evaluate` sweep
         "batch_size": 2,  # tiles per forward pass, across images (mirrored copies ride along with tta_flip)
         "tta_flip": False,
         "chunk": 16,  # images per resumable chunk of prediction results
@@ -80,7 +82,9 @@ DEFAULTS: dict[str, Any] = {
 }
 
 # Keys whose value may take more than the default's type.
-_ALTERNATIVES: dict[str, tuple[type, ...]] = {"data.val_cars": (int, list, str)}
+_ALTERNATIVES: dict[str, tuple[type, ...]] = {"data.val_cars": (int, list, str), "stage1.margin": (int, list),
+                                              "stage1.epochs": (int, str), "stage2.epochs": (int, str),
+                                              "predict.threshold": (float, str)}
 
 # Allowed values, checked when the config loads (a name: one of these; a pair: lo <= value, or lo <= value <= hi).
 _CHOICES = {"optimizer": ("adam", "sgd"), "schedule": ("constant", "step", "cosine"),
@@ -88,9 +92,9 @@ _CHOICES = {"optimizer": ("adam", "sgd"), "schedule": ("constant", "step", "cosi
 _RANGES = {"epochs": (1, None), "batch_size": (1, None), "accum": (1, None), "step_every": (1, None), "depth": (1, None),
            "width": (1, None), "workers": (0, None), "lr": (1e-12, None), "momentum": (0, 1), "weight_decay": (0, None),
            "edge_weight": (0, None), "dropout": (0, 0.99), "max_minutes": (0, None), "stage1.size": (16, None),
-           "stage1.margin": (0, None), "stage2.tile": (16, None), "stage2.min_overlap": (0, None), "stage2.crop": (16, None),
+           "stage2.tile": (16, None), "stage2.min_overlap": (0, None), "stage2.crop": (16, None),
            "stage2.box_jitter": (0, None), "stage2.crops_per_image": (1, None), "max_bad_steps": (1, None), "stage2.val_images": (0, None), "data.max_bad_share": (0, 1),
-           "data.limit_test": (0, None), "predict.threshold": (1e-6, 1 - 1e-6), "predict.batch_size": (1, None),
+           "data.limit_test": (0, None), "predict.threshold": (1e-6, 1 - 1e-6), "stage1.threshold": (1e-6, 1 - 1e-6), "predict.batch_size": (1, None),
            "predict.chunk": (1, None), "predict.workers": (0, None), "sample.cars": (0, None), "sample.test_cars": (0, None)}
 
 
@@ -170,7 +174,16 @@ def _validate(cfg: dict) -> None:
         choices = _CHOICES.get(key) or _CHOICES.get(short)
         if choices and value not in choices:
             raise ConfigError(f"config key '{key}' must be one of {', '.join(choices)}; got {value!r}")
+        if key == "predict.threshold" and value == "auto":
+            continue
+        if short == "epochs" and value == "auto":
+            if not cfg[key.split(".")[0]]["max_minutes"]:
+                raise ConfigError(f"config key '{key}' is auto, which fits the schedule to a budget: set {key.split('.')[0]}.max_minutes too")
+            continue
         bounds = _RANGES.get(key) or _RANGES.get(short)
+        if isinstance(value, str) and bounds:
+            auto = " or auto" if short == "epochs" or key == "predict.threshold" else ""
+            raise ConfigError(f"config key '{key}' must be a number{auto}; got {value!r}")
         if bounds and not (bounds[0] <= value and (bounds[1] is None or value <= bounds[1])):
             where = f">= {bounds[0]}" if bounds[1] is None else f"in [{bounds[0]}, {bounds[1]}]"
             raise ConfigError(f"config key '{key}' must be {where}; got {value!r}")
@@ -178,6 +191,10 @@ def _validate(cfg: dict) -> None:
         raise ConfigError(f"config key 'device' must be auto, cpu, cuda or cuda:N; got {cfg['device']!r}")
     if cfg["stage2"]["min_overlap"] >= cfg["stage2"]["tile"]:
         raise ConfigError(f"stage2.min_overlap={cfg['stage2']['min_overlap']} must be smaller than stage2.tile={cfg['stage2']['tile']}")
+    margin = cfg["stage1"]["margin"]
+    sides = [margin] if isinstance(margin, int) else margin
+    if len(sides) not in (1, 4) or not all(isinstance(m, int) and not isinstance(m, bool) and m >= 0 for m in sides):
+        raise ConfigError(f"config key 'stage1.margin' must be pixels >= 0, one number or [left, top, right, bottom]; got {margin!r}")
     if cfg["stage2"]["batch_size"] % cfg["stage2"]["crops_per_image"]:
         raise ConfigError(f"stage2.batch_size={cfg['stage2']['batch_size']} counts crops: make it a multiple of "
                           f"stage2.crops_per_image={cfg['stage2']['crops_per_image']}")

@@ -9,6 +9,7 @@ from pathlib import Path
 import pandas as pd
 
 from common.chunks import ChunkStore
+from common.config import ConfigError
 from common.data import DataError, Sample, index_split
 from common.io import atomic_path, write_csv
 
@@ -33,6 +34,23 @@ def test_samples(cfg: dict) -> list[Sample]:
         samples.sort(key=lambda s: (order.get(s.img, len(order)), s.img))
     limit = cfg["data"]["limit_test"]
     return samples[:limit] if limit else samples
+
+
+def mask_threshold(cfg: dict, strict: bool = True) -> float:
+    """The cascade's mask threshold: `predict.threshold`, or with `auto` the one that gave the best
+    mean validation Dice in the last `carvana evaluate` (report/threshold_sweep.csv). `strict=False`
+    (training, evaluation itself) falls back to 0.5 while no sweep exists yet."""
+    value = cfg["predict"]["threshold"]
+    if value != "auto":
+        return float(value)
+    path = Path(cfg["output"]["dir"]) / "report" / "threshold_sweep.csv"
+    if not path.is_file():
+        if strict:
+            raise ConfigError(f"predict.threshold=auto uses the best threshold of `carvana evaluate`, and {path} does not "
+                              "exist yet: run `carvana evaluate` with the same config first, or set a number")
+        return 0.5
+    sweep = pd.read_csv(path)
+    return float(sweep.threshold[sweep.dice_cascade.idxmax()])
 
 
 def write_submission(path: Path, store: ChunkStore, order: list[str]) -> int:

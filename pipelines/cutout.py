@@ -17,10 +17,11 @@ import numpy as np
 import pandas as pd
 from PIL import Image, ImageColor
 
+from common.checkpoints import pick_device
 from common.chunks import mask_to_host
 from common.config import ConfigError
 from common.io import atomic_path, read_image, write_csv
-from common.checkpoints import pick_device
+from common.submission import mask_threshold
 from stage2_fullres.cascade import Cascade
 
 SUFFIXES = {".jpg", ".jpeg", ".png", ".webp"}
@@ -81,7 +82,7 @@ def cutout(inputs: list[str], out: str, cfg: dict, composite: str | None = None)
     errors, pending = [], []
     if todo:
         cascade = Cascade.from_config(cfg, pick_device(cfg["device"]))
-        threshold = cfg["predict"]["threshold"]
+        threshold = mask_threshold(cfg)
         with ThreadPoolExecutor(1, thread_name_prefix="cutout-writer") as pool:
             for i, pred in cascade.run(todo, desc="cutout"):
                 if isinstance(pred, str):

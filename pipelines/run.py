@@ -57,17 +57,25 @@ def _steps(cfg: dict) -> list[tuple[str, list[str], Callable[[], dict], Callable
     return [
         ("sample_data", [], lambda: {"root": data["root"], **cfg["sample"]}, sample, [Path(data["root"]) / "train"]),
         ("stage1_train", ["sample_data"], lambda: {"data": data, "files": _data_fingerprint(cfg), "seed": cfg["seed"],
-                                                   "stage1": {k: v for k, v in s1.items() if k not in no_resume | {"margin", "checkpoint"}}},
+                                                   "stage1": _training(s1, no_resume | {"margin", "threshold", "checkpoint"})},
          s1_train.main, [out / "stage1" / "best.pt"]),
-        ("stage1_predict", ["stage1_train"], lambda: {"size": s1["size"], "margin": s1["margin"], "threshold": pr["threshold"],
+        ("stage1_predict", ["stage1_train"], lambda: {"size": s1["size"], "margin": s1["margin"], "threshold": s1["threshold"],
                                                       "limit_test": cfg["data"]["limit_test"]},
          s1_predict.main, [out / "bboxes.csv", out / "stage1_submission.csv.gz"]),
-        ("stage2_train", ["stage1_predict"], lambda: {"seed": cfg["seed"], "stage2": {k: v for k, v in s2.items() if k not in no_resume | {"checkpoint"}}},
+        ("stage2_train", ["stage1_predict"], lambda: {"seed": cfg["seed"], "stage2": _training(s2, no_resume | {"checkpoint"})},
          s2_train.main, [out / "stage2" / "best.pt"]),
-        ("stage2_predict", ["stage2_train"], lambda: {"predict": pr, "limit_test": cfg["data"]["limit_test"]},
-         s2_predict.main, [out / "submission.csv.gz"]),
-        ("evaluate", ["stage2_train"], lambda: {"predict": pr}, lambda c: evaluate(c) is None, [out / "report" / "metrics.csv"]),
+        ("evaluate", ["stage2_train"], lambda: {"predict": pr, "stage1_threshold": s1["threshold"]}, lambda c: evaluate(c) is None,
+         [out / "report" / "metrics.csv"]),
+        # with predict.threshold=auto the submission uses the threshold evaluate found best
+        ("stage2_predict", ["stage2_train"] + (["evaluate"] if pr["threshold"] == "auto" else []),
+         lambda: {"predict": pr, "limit_test": cfg["data"]["limit_test"]}, s2_predict.main, [out / "submission.csv.gz"]),
     ]
+
+
+def _training(settings: dict, ignore: set[str]) -> dict:
+    """The settings that change what a training step computes; the budget does only with epochs=auto."""
+    ignore = ignore - {"max_minutes"} if settings["epochs"] == "auto" else ignore
+    return {k: v for k, v in settings.items() if k not in ignore}
 
 
 def run_pipeline(config: str, overrides: list[str], force: list[str] = ()) -> int:

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from common.boxes import Box, expand_box, largest_component, mask_extent, scale_box
+from common.boxes import Box, Margin, expand_box, largest_component, mask_extent, scale_box
 from common.config import ConfigError
 from common.data import DataError
 from common.checkpoints import load_model
@@ -44,7 +44,7 @@ def cache_key(cfg: dict) -> str:
     """Checkpoint content + the settings a box depends on."""
     s = cfg["stage1"]
     parts = {"checkpoint": file_hash(checkpoint_path(cfg)), "size": s["size"], "margin": s["margin"],
-             "threshold": cfg["predict"]["threshold"], "hq": cfg["data"]["hq"], "input": INPUT_VERSION}
+             "threshold": s["threshold"], "hq": cfg["data"]["hq"], "input": INPUT_VERSION}
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -86,7 +86,7 @@ def cached_boxes(cfg: dict) -> dict[str, Box]:
     return {r.img: (int(r.x0), int(r.y0), int(r.x1), int(r.y1)) for r in frame.itertuples()}
 
 
-def box_from_probability(prob: np.ndarray, width: int, height: int, margin: int, threshold: float) -> Box | None:
+def box_from_probability(prob: np.ndarray, width: int, height: int, margin: Margin, threshold: float) -> Box | None:
     """Largest component of the coarse mask -> full-resolution box with a margin, clamped to the image."""
     extent = mask_extent(largest_component(prob > threshold))
     if extent is None:

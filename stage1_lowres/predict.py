@@ -46,7 +46,7 @@ def predict_chunks(chunks: list[Chunk], cfg: dict, key: str, names: list[str], c
     desc = "stage 1 predict" if cascade else ""  # on a Dask worker the client's bar reports the rate
     cascade = cascade or cached(key, lambda: Cascade.from_config(cfg, worker_device(cfg["device"]), refiner=False))
     items: list[Item] = [item for _, chunk in chunks for item in chunk]
-    threshold = cfg["predict"]["threshold"]
+    threshold = cfg["stage1"]["threshold"]
     with ChunkWriter(_store(cfg, key, names), chunks) as writer:
         for i, pred in cascade.run([Path(path) for _, path, _ in items], desc=desc):
             img, path, split = items[i]

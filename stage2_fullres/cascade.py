@@ -64,7 +64,7 @@ class Cascade:
         s, p = cfg["stage2"], cfg["predict"]
         self.coarse, self.refiner, self.device = coarse, refiner, device
         self.tile, self.min_overlap, self.coarse_channel = s["tile"], s["min_overlap"], s["coarse_channel"]
-        self.margin, self.threshold = cfg["stage1"]["margin"], p["threshold"]
+        self.margin, self.box_threshold = cfg["stage1"]["margin"], cfg["stage1"]["threshold"]
         self.batch_size, self.flip, self.compiled, self.workers = p["batch_size"], p["tta_flip"], p["compile"], p["workers"]
         self.weights = blend_weights(self.tile, s["blend"], device)
 
@@ -87,7 +87,7 @@ class Cascade:
             height, width = image.shape[-2:]
             box, found = boxes[k], True
             if box is None:
-                box = box_from_probability(small[k].cpu().numpy(), width, height, self.margin, self.threshold)  # a sync point
+                box = box_from_probability(small[k].cpu().numpy(), width, height, self.margin, self.box_threshold)  # a sync point
                 found = box is not None
                 box = box or (0, 0, width, height)
             coarse = None if small is None else upsample(small[k], width, height)

@@ -16,7 +16,7 @@ from common.chunks import Chunk, ChunkStore, ChunkWriter, mask_to_host
 from common.cluster import cached, predict_chunks_anywhere, worker_device
 from common.data import DataError
 from common.rle import rle_encode
-from common.submission import finish_predictions, test_samples
+from common.submission import finish_predictions, mask_threshold, test_samples
 from common.checkpoints import pick_device
 from stage1_lowres.coarse import INPUT_VERSION, cached_boxes, file_hash
 from stage2_fullres.cascade import Cascade, checkpoint_path
@@ -37,7 +37,7 @@ def predict_chunks(chunks: list[Chunk], cfg: dict, key: str, names: list[str], c
     items: list[Item] = [item for _, chunk in chunks for item in chunk]
     known = [(path, box) for _, path, box in items if box is not None]
     results = cascade.run([Path(p) for p, _ in known], [b for _, b in known], desc=desc)
-    threshold = cfg["predict"]["threshold"]
+    threshold = mask_threshold(cfg)
     with ChunkWriter(_store(cfg, key, names), chunks) as writer:
         for img, path, box in items:  # in submission order; an image without a box is an error row in its place
             pred = next(results)[1] if box is not None else f"{path}: no stage-1 box in the cache"
@@ -58,7 +58,7 @@ def main(cfg: dict) -> int:
         raise DataError(f"no test images under {cfg['data']['root']}: nothing to predict")
     settings = {k: s[k] for k in ("tile", "min_overlap", "blend", "coarse_channel")}
     key = hashlib.sha256(json.dumps({"stage2": file_hash(checkpoint_path(cfg)), "boxes": sorted(boxes.items()), **settings,
-                                     "threshold": cfg["predict"]["threshold"], "tta": cfg["predict"]["tta_flip"],
+                                     "threshold": mask_threshold(cfg), "tta": cfg["predict"]["tta_flip"],
                                      "stage1_input": INPUT_VERSION}, sort_keys=True).encode()).hexdigest()[:16]
     names = [x.img for x in test]
     store = _store(cfg, key, names)

@@ -20,6 +20,7 @@ from common.data import DataError, Pair, index_split, report_skipped, scan_pairs
 from common.io import read_image, read_mask, read_mask_cached
 from common.losses import bce_dice_loss
 from common.metrics import dice
+from common.submission import mask_threshold
 from common.trainer import train
 from stage1_lowres.coarse import Coarse, cached_boxes, upsample
 from stage2_fullres.cascade import Cascade
@@ -79,6 +80,7 @@ def full_res_validator(pairs: list[Pair], boxes: dict[str, Box], coarse: Coarse 
     """Loss on the stitched probability and mean Dice of whole images, predicted by the `Cascade` as
     `stage2 predict` does (flip TTA included)."""
     truths = [torch.from_numpy(read_mask(p.sample.mask)) for p in pairs]  # read once, not every epoch
+    threshold = mask_threshold(cfg, strict=False)
     paths, val_boxes = [p.sample.image for p in pairs], [boxes[p.sample.img] for p in pairs]
 
     def validate(model) -> dict:
@@ -88,7 +90,7 @@ def full_res_validator(pairs: list[Pair], boxes: dict[str, Box], coarse: Coarse 
             if isinstance(pred, str):
                 raise DataError(f"validation image became unreadable: {pred}")
             truth = truths[i].to(device)
-            scores.append(dice(pred.prob > cfg["predict"]["threshold"], truth))
+            scores.append(dice(pred.prob > threshold, truth))
             logit = torch.logit(pred.prob.clamp(1e-6, 1 - 1e-6))[None, None]
             losses.append(bce_dice_loss(logit, truth.float()[None, None]).item())
         return {"val_loss": float(np.mean(losses)), "val_dice": float(np.mean(scores))}

@@ -23,8 +23,16 @@ def test_unknown_key_suggests_closest():
 
 
 def test_wrong_type_names_key():
-    with pytest.raises(ConfigError, match="stage1.epochs.*must be int"):
+    with pytest.raises(ConfigError, match="stage1.epochs.*must be a number or auto; got 'many'"):
         load_config(None, ["stage1.epochs=many"])
+    with pytest.raises(ConfigError, match="stage1.batch_size.*must be int"):
+        load_config(None, ["stage1.batch_size=many"])
+    with pytest.raises(ConfigError, match="stage1.max_minutes too"):
+        load_config(None, ["stage1.epochs=auto"])
+    with pytest.raises(ConfigError, match="predict.threshold.*must be a number or auto"):
+        load_config(None, ["predict.threshold=best"])
+    with pytest.raises(ConfigError, match=r"stage1.margin.*\[left, top, right, bottom\]"):
+        load_config(None, ["stage1.margin=[1, 2]"])
     with pytest.raises(ConfigError, match="stage2.coarse_channel"):
         load_config(None, ["stage2.coarse_channel=3"])
 

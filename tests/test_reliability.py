@@ -160,7 +160,7 @@ def test_untrained_residual_refiner_reproduces_the_coarse_mask(height, width, bo
 def test_config_mistakes_fail_at_start_with_one_line(tmp_path, capsys):
     for args, expected in [
         (["stage1", "train", "stage1.epoch=3"], "did you mean 'stage1.epochs'"),
-        (["stage1", "train", "stage1.epochs=x"], "must be int"),
+        (["stage1", "train", "stage1.batch_size=x"], "must be int"),
         (["stage1", "train", f"data.root={tmp_path}/nowhere"], "data folder not found"),
         (["stage2", "predict", f"data.root={tmp_path}", f"bboxes.path={tmp_path}/b.csv"], "does not exist"),
     ]:
