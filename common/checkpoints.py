@@ -2,6 +2,7 @@
 learning-curve plot. What the trainer writes and what prediction reads, in one place."""
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import pandas as pd
@@ -48,6 +49,51 @@ def load_model(path: str | Path, device: torch.device, expect: dict | None = Non
     model = UNet(**ckpt["model_args"]).to(device)
     model.load_state_dict(ckpt["model"])
     return model.eval(), ckpt
+
+
+def checkpoint_paths(cfg: dict, stage: str) -> list[Path]:
+    """`<stage>.checkpoint`: empty = `<output.dir>/<stage>/best.pt`; one path; or a list of paths,
+    an ensemble (e.g. the K folds of `carvana folds`)."""
+    value = cfg[stage]["checkpoint"]
+    if not value:
+        return [Path(cfg["output"]["dir"]) / stage / "best.pt"]
+    return [Path(v) for v in (value if isinstance(value, list) else [value])]
+
+
+def checkpoints_hash(paths: list[Path]) -> str:
+    """Content hash of every checkpoint of an ensemble, in order: cache keys cover them all."""
+    h = hashlib.sha256()
+    for path in paths:
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+        h.update(b"|")
+    return h.hexdigest()
+
+
+class Ensemble(nn.Module):
+    """Nets whose probabilities are averaged, as the competition's winners averaged their folds.
+    Returns the logit of the mean probability, so it stands in for one net everywhere."""
+
+    def __init__(self, models: list[nn.Module]):
+        super().__init__()
+        self.models = nn.ModuleList(models)
+        self.args = models[0].args
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        prob = torch.stack([torch.sigmoid(m(x).float()) for m in self.models]).mean(0)
+        return torch.logit(prob, eps=1e-6)
+
+
+def load_models(paths: list[Path], device: torch.device) -> tuple[nn.Module, list[dict]]:
+    """One net, or the ensemble of several with the same inputs; and their checkpoints."""
+    loaded = [load_model(p, device) for p in paths]
+    first = loaded[0][1]
+    for path, (_, ckpt) in zip(paths[1:], loaded[1:]):
+        if ckpt["model_args"]["in_channels"] != first["model_args"]["in_channels"]:
+            raise ConfigError(f"{path} takes {ckpt['model_args']['in_channels']} input channels, {paths[0]} "
+                              f"{first['model_args']['in_channels']}: an ensemble's nets must take the same inputs")
+    return (loaded[0][0] if len(loaded) == 1 else Ensemble([m for m, _ in loaded]).eval()), [c for _, c in loaded]
 
 
 def plot_history(run_dir: str | Path) -> Path:

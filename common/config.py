@@ -84,7 +84,8 @@ DEFAULTS: dict[str, Any] = {
 # Keys whose value may take more than the default's type.
 _ALTERNATIVES: dict[str, tuple[type, ...]] = {"data.val_cars": (int, list, str), "stage1.margin": (int, list),
                                               "stage1.epochs": (int, str), "stage2.epochs": (int, str),
-                                              "predict.threshold": (float, str)}
+                                              "predict.threshold": (float, str), "stage1.checkpoint": (str, list),
+                                              "stage2.checkpoint": (str, list)}
 
 # Allowed values, checked when the config loads (a name: one of these; a pair: lo <= value, or lo <= value <= hi).
 _CHOICES = {"optimizer": ("adam", "sgd"), "schedule": ("constant", "step", "cosine"),
@@ -191,6 +192,10 @@ def _validate(cfg: dict) -> None:
         raise ConfigError(f"config key 'device' must be auto, cpu, cuda or cuda:N; got {cfg['device']!r}")
     if cfg["stage2"]["min_overlap"] >= cfg["stage2"]["tile"]:
         raise ConfigError(f"stage2.min_overlap={cfg['stage2']['min_overlap']} must be smaller than stage2.tile={cfg['stage2']['tile']}")
+    for stage in ("stage1", "stage2"):
+        value = cfg[stage]["checkpoint"]
+        if isinstance(value, list) and not (value and all(isinstance(v, str) and v for v in value)):
+            raise ConfigError(f"config key '{stage}.checkpoint' must be a path or a non-empty list of paths (an ensemble); got {value!r}")
     margin = cfg["stage1"]["margin"]
     sides = [margin] if isinstance(margin, int) else margin
     if len(sides) not in (1, 4) or not all(isinstance(m, int) and not isinstance(m, bool) and m >= 0 for m in sides):

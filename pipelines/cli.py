@@ -35,6 +35,11 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("action", choices=["train", "predict"])
         _config_args(p)
 
+    p = sub.add_parser("folds", help="train a stage on each of K folds of the cars (an ensemble for prediction)")
+    p.add_argument("stage", choices=["stage1", "stage2"])
+    p.add_argument("k", type=int, help="number of folds")
+    _config_args(p)
+
     p = sub.add_parser("evaluate", help="per-image Dice of stage 1 and the cascade on the validation cars")
     _config_args(p)
 
@@ -81,6 +86,10 @@ def dispatch(args: argparse.Namespace) -> int:
             from pipelines.cutout import cutout
 
             return cutout(args.photos, args.out, cfg, args.composite)
+        if args.command == "folds":
+            from pipelines.folds import train_folds
+
+            return train_folds(args.stage, args.k, cfg)
         if args.command == "evaluate":
             from pipelines.evaluate import evaluate
 

@@ -13,14 +13,14 @@ import torch
 from PIL import Image
 
 from common.boxes import Box
-from common.checkpoints import pick_device
+from common.checkpoints import checkpoint_paths, pick_device
 from common.data import DataError, index_split, split_by_car
 from common.io import atomic_path, read_image, read_mask, write_csv, write_text
 from common.losses import edge_band
 from common.metrics import dice, dice_sweep
 from common.submission import mask_threshold
 from stage1_lowres.coarse import cached_boxes
-from stage2_fullres.cascade import Cascade, checkpoint_path
+from stage2_fullres.cascade import Cascade
 from stage2_fullres.tiles import plan_tiles
 
 FALSE_POSITIVE = np.array([255, 40, 40], np.uint8)  # predicted car, truly background
@@ -78,9 +78,10 @@ def evaluate(cfg: dict) -> pd.DataFrame:
     samples = index_split(cfg["data"]["root"], "train", cfg["data"]["hq"])
     _, val = split_by_car(samples, cfg["data"]["val_cars"])
     boxes = cached_boxes(cfg)
-    has_refiner = checkpoint_path(cfg).is_file()
+    refiners = checkpoint_paths(cfg, "stage2")
+    has_refiner = all(p.is_file() for p in refiners)
     if not has_refiner:
-        print(f"evaluate: no stage-2 checkpoint at {checkpoint_path(cfg)}; scoring stage 1 alone")
+        print(f"evaluate: no stage-2 checkpoint at {', '.join(map(str, refiners))}; scoring stage 1 alone")
     cascade = Cascade.from_config(cfg, device, refiner=has_refiner)  # stage 1 is scored even when the refiner ignores it
     s, thr1, thr = cfg["stage2"], cfg["stage1"]["threshold"], mask_threshold(cfg, strict=False)
     rows, keep, sweeps = [], {}, []

@@ -22,28 +22,16 @@ from torch import nn
 from common.boxes import Box, Margin, expand_box, largest_component, mask_extent, scale_box
 from common.config import ConfigError
 from common.data import DataError
-from common.checkpoints import load_model
+from common.checkpoints import checkpoint_paths, checkpoints_hash, load_models
 
 BOX_COLUMNS = ["img", "split", "width", "height", "x0", "y0", "x1", "y1", "found", "key"]
 INPUT_VERSION = "full-decode, antialiased bilinear on the device"  # part of the cache key: changes how boxes are made
 
 
-def checkpoint_path(cfg: dict) -> Path:
-    return Path(cfg["stage1"]["checkpoint"] or Path(cfg["output"]["dir"]) / "stage1" / "best.pt")
-
-
-def file_hash(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def cache_key(cfg: dict) -> str:
     """Checkpoint content + the settings a box depends on."""
     s = cfg["stage1"]
-    parts = {"checkpoint": file_hash(checkpoint_path(cfg)), "size": s["size"], "margin": s["margin"],
+    parts = {"checkpoint": checkpoints_hash(checkpoint_paths(cfg, "stage1")), "size": s["size"], "margin": s["margin"],
              "threshold": s["threshold"], "hq": cfg["data"]["hq"], "input": INPUT_VERSION}
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -129,12 +117,13 @@ class Coarse:
 
     @classmethod
     def from_config(cls, cfg: dict, device: torch.device) -> "Coarse":
-        path = checkpoint_path(cfg)
-        model, ckpt = load_model(path, device)
-        size = ckpt["config"]["stage1"]["size"]
-        if size != cfg["stage1"]["size"]:
-            raise ConfigError(f"{path} was trained at stage1.size={size}, the config says {cfg['stage1']['size']}")
-        return cls(model, size, device)
+        paths = checkpoint_paths(cfg, "stage1")
+        model, ckpts = load_models(paths, device)
+        for path, ckpt in zip(paths, ckpts):
+            size = ckpt["config"]["stage1"]["size"]
+            if size != cfg["stage1"]["size"]:
+                raise ConfigError(f"{path} was trained at stage1.size={size}, the config says {cfg['stage1']['size']}")
+        return cls(model, cfg["stage1"]["size"], device)
 
     @torch.no_grad()
     def probs(self, images: list[torch.Tensor]) -> torch.Tensor:

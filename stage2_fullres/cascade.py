@@ -19,10 +19,10 @@ from torch import nn
 from tqdm import tqdm
 
 from common.boxes import Box
+from common.checkpoints import checkpoint_paths, load_models
 from common.config import ConfigError
 from common.inference import prepare
 from common.reader import read_batches
-from common.checkpoints import load_model
 from stage1_lowres.coarse import Coarse, box_from_probability, upsample
 from stage2_fullres.tiles import blend_weights, cut_tiles, plan_tiles, stitch
 
@@ -43,16 +43,12 @@ class Prediction:
         return self.coarse if self.prob is None else self.prob
 
 
-def checkpoint_path(cfg: dict) -> Path:
-    return Path(cfg["stage2"]["checkpoint"] or Path(cfg["output"]["dir"]) / "stage2" / "best.pt")
-
-
 def load_refiner(cfg: dict, device: torch.device) -> nn.Module:
-    path = checkpoint_path(cfg)
-    model, ckpt = load_model(path, device)
+    paths = checkpoint_paths(cfg, "stage2")
+    model, ckpts = load_models(paths, device)
     wants = 4 if cfg["stage2"]["coarse_channel"] else 3
-    if ckpt["model_args"]["in_channels"] != wants:
-        raise ConfigError(f"{path} takes {ckpt['model_args']['in_channels']} input channels but stage2.coarse_channel="
+    if ckpts[0]["model_args"]["in_channels"] != wants:
+        raise ConfigError(f"{paths[0]} takes {ckpts[0]['model_args']['in_channels']} input channels but stage2.coarse_channel="
                           f"{cfg['stage2']['coarse_channel']} needs {wants}; set it to match the checkpoint or retrain")
     return model
 

@@ -17,9 +17,9 @@ from common.cluster import cached, predict_chunks_anywhere, worker_device
 from common.data import DataError
 from common.rle import rle_encode
 from common.submission import finish_predictions, mask_threshold, test_samples
-from common.checkpoints import pick_device
-from stage1_lowres.coarse import INPUT_VERSION, cached_boxes, file_hash
-from stage2_fullres.cascade import Cascade, checkpoint_path
+from common.checkpoints import checkpoint_paths, checkpoints_hash, pick_device
+from stage1_lowres.coarse import INPUT_VERSION, cached_boxes
+from stage2_fullres.cascade import Cascade
 
 COLUMNS = ["img", "rle_mask", "error"]
 Item = tuple[str, str, tuple | None]  # img, path, cached box (None: stage 1 wrote no box for it)
@@ -57,7 +57,7 @@ def main(cfg: dict) -> int:
     if not test:
         raise DataError(f"no test images under {cfg['data']['root']}: nothing to predict")
     settings = {k: s[k] for k in ("tile", "min_overlap", "blend", "coarse_channel")}
-    key = hashlib.sha256(json.dumps({"stage2": file_hash(checkpoint_path(cfg)), "boxes": sorted(boxes.items()), **settings,
+    key = hashlib.sha256(json.dumps({"stage2": checkpoints_hash(checkpoint_paths(cfg, "stage2")), "boxes": sorted(boxes.items()), **settings,
                                      "threshold": mask_threshold(cfg), "tta": cfg["predict"]["tta_flip"],
                                      "stage1_input": INPUT_VERSION}, sort_keys=True).encode()).hexdigest()[:16]
     names = [x.img for x in test]

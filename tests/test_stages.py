@@ -103,3 +103,46 @@ def test_stage1_training_is_reproducible_on_cpu(sample_root, tmp_path):
         s1_train.main(cfg)
         histories.append(pd.read_csv(tmp_path / run / "stage1" / "history.csv").drop(columns=["seconds", "data_seconds"]))  # timings
     pd.testing.assert_frame_equal(histories[0], histories[1])
+
+
+def test_threshold_auto_takes_the_best_of_the_evaluate_sweep(tmp_path):
+    from common.config import ConfigError
+    from common.submission import mask_threshold
+
+    cfg = tiny_config(tmp_path / "data", tmp_path / "out", "predict.threshold=auto")
+    with pytest.raises(ConfigError, match="run `carvana evaluate` with the same config first"):
+        mask_threshold(cfg)
+    assert mask_threshold(cfg, strict=False) == 0.5  # training and evaluation itself, before any sweep
+    (tmp_path / "out" / "report").mkdir(parents=True)
+    pd.DataFrame({"threshold": [0.3, 0.35, 0.4], "dice_stage1": [0.99, 0.98, 0.97],
+                  "dice_cascade": [0.995, 0.997, 0.996]}).to_csv(tmp_path / "out" / "report" / "threshold_sweep.csv", index=False)
+    assert mask_threshold(cfg) == 0.35  # the cascade's best, not stage 1's
+    assert mask_threshold(tiny_config(tmp_path / "data", tmp_path / "out", "predict.threshold=0.6")) == 0.6
+
+
+def test_fold_ensemble_trains_k_runs_and_predicts_with_their_mean(sample_root, tmp_path, capsys):
+    import torch
+
+    from common.checkpoints import Ensemble
+    from common.model import UNet
+    from pipelines.cli import main as cli
+    from stage1_lowres.coarse import cache_key
+
+    a, b = UNet(3, 2, 4).eval(), UNet(3, 2, 4).eval()
+    x = torch.rand(2, 3, 32, 32)
+    expected = torch.logit((torch.sigmoid(a(x)) + torch.sigmoid(b(x))) / 2, eps=1e-6)
+    torch.testing.assert_close(Ensemble([a, b])(x), expected)
+
+    out = tmp_path / "out"
+    args = [f"data.root={sample_root}", f"output.dir={out}", "data.val_cars=1", "stage1.size=64", "stage1.depth=3",
+            "stage1.width=4", "stage1.epochs=1", "stage1.workers=1", "device=cpu"]
+    assert cli(["folds", "stage1", "2", *args]) == 0
+    folds = [out / "folds" / str(k) / "stage1" / "best.pt" for k in (1, 2)]
+    assert all(p.is_file() for p in folds)
+    histories = [pd.read_csv(p.parent / "history.csv") for p in folds]
+    assert histories[0].val_dice.iloc[0] != histories[1].val_dice.iloc[0]  # different held-out cars
+    ensemble = [*args, f"stage1.checkpoint=[{folds[0]}, {folds[1]}]", "data.limit_test=2", f"output.dir={tmp_path / 'pred'}"]
+    assert cli(["stage1", "predict", *ensemble]) == 0
+    boxes = pd.read_csv(tmp_path / "pred" / "bboxes.csv")
+    single = tiny_config(sample_root, tmp_path / "pred", f"stage1.checkpoint={folds[0]}")
+    assert set(boxes.key) == {cache_key(tiny_config(sample_root, tmp_path / "pred", ensemble[-3]))} != {cache_key(single)}
