@@ -87,13 +87,14 @@ class Clock:
         return distributed.broadcast_flag(late, self.device)
 
 
-def planned_epochs(clock: Clock, ranks: Ranks, device: torch.device) -> int:
-    """epochs=auto: after the first epoch (set-up, training and validation), as many epochs as the
-    budget holds at that pace, less 3% for the plot and checkpoint writes, so the learning-rate
-    schedule runs to its end instead of being cut off. Rank 0's count, recorded in history.csv and
-    the checkpoints: a resumed run keeps it."""
-    first = time.monotonic() - clock.started
-    count = max(1, int(0.97 * clock.budget / first))
+def planned_epochs(clock: Clock, done: int, last_seconds: float, ranks: Ranks, device: torch.device) -> int:
+    """epochs=auto: the `done` epochs plus as many as the rest of the budget holds at the pace of
+    the last one (less 3% for plots and checkpoint writes), so the learning-rate schedule runs to
+    its end instead of being cut off. Planned after epoch 1 (whose time includes set-up and
+    warm-up) and fixed after epoch 2, at the steady pace. Rank 0's count, recorded in history.csv
+    and the checkpoints: a resumed run keeps it."""
+    left = 0.97 * clock.budget - (time.monotonic() - clock.started)
+    count = done + max(int(left / max(last_seconds, 1e-9)), 0)
     return int(distributed.from_main(count))
 
 
@@ -209,7 +210,8 @@ def train(model: nn.Module, data: Batches, validate: Validate, settings: dict, r
         net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     if s["compile"]:
         net = torch.compile(net)  # the first steps pay for the compilation
-    epochs = s["epochs"] if s["epochs"] != "auto" else history[-1].get("planned_epochs") if history else None
+    auto = s["epochs"] == "auto"
+    epochs = history[-1]["planned_epochs"] if auto and history else None if auto else s["epochs"]
     while epochs is None or epoch < epochs:
         lr = s["lr"] * _lr_factor(s["schedule"], epoch, epochs or 1, s["step_every"])  # epoch 0: factor 1 for every schedule
         for group in opt.param_groups:
@@ -220,11 +222,11 @@ def train(model: nn.Module, data: Batches, validate: Validate, settings: dict, r
         val = evaluate(model, validate, ranks)
         clock.val_seconds = time.monotonic() - v0
         epoch += 1
-        if epochs is None:
-            epochs = planned_epochs(clock, ranks, device)
+        if auto and epoch <= 2 and len(history) < 2:  # plan after epoch 1, fix after epoch 2
+            epochs = planned_epochs(clock, epoch, time.monotonic() - (clock.started if epoch == 1 else t0), ranks, device)
             if ranks.main:
-                print(f"epochs=auto: epoch 1 took {time.monotonic() - clock.started:.0f} s of the {s['max_minutes']} min budget, "
-                      f"so the {s['schedule']} schedule runs over {epochs} epochs")
+                print(f"epochs=auto: {time.monotonic() - clock.started:.0f} s of the {s['max_minutes']} min budget spent after "
+                      f"epoch {epoch}, so the {s['schedule']} schedule runs over {epochs} epochs")
         history.append({"epoch": epoch, "train_loss": stats["train_loss"], "val_loss": val["val_loss"], "val_dice": val["val_dice"],
                         "lr": lr, "seconds": round(time.monotonic() - t0, 2), "images": stats["images"],
                         "skipped_steps": stats["skipped"], "data_seconds": round(stats["data_s"], 2), "planned_epochs": epochs})

@@ -138,7 +138,9 @@ def test_epochs_auto_fits_the_schedule_to_the_budget_and_resume_keeps_the_count(
 
     clock = trainer.Clock(1.0, Ranks(), torch.device("cpu"))  # a 60 s budget whose first epoch took 10 s
     clock.started = time.monotonic() - 10
-    assert trainer.planned_epochs(clock, Ranks(), torch.device("cpu")) == 5  # 0.97 * 60 / 10
+    assert trainer.planned_epochs(clock, 1, 10.0, Ranks(), torch.device("cpu")) == 5  # 1 + (0.97 * 60 - 10) // 10
+    clock.started = time.monotonic() - 16  # a second epoch of 6 s: the steady pace fixes the count
+    assert trainer.planned_epochs(clock, 2, 6.0, Ranks(), torch.device("cpu")) == 9  # 2 + (58.2 - 16) // 6
 
     monkeypatch.setattr(trainer, "planned_epochs", lambda *a: 3)
     data = _blobs()
@@ -150,11 +152,11 @@ def test_epochs_auto_fits_the_schedule_to_the_budget_and_resume_keeps_the_count(
     class Killed(Exception):
         pass
 
-    def kill_after_epoch_1(event, n):
-        if n == 1:
-            raise Killed  # as SIGKILL right after epoch 1's checkpoints are written
+    def kill_after_epoch_2(event, n):
+        if n == 2:
+            raise Killed  # as SIGKILL right after epoch 2's checkpoints are written (the count is fixed by then)
 
-    monkeypatch.setattr(trainer, "kill_point", kill_after_epoch_1)
+    monkeypatch.setattr(trainer, "kill_point", kill_after_epoch_2)
     with pytest.raises(Killed):
         train(UNet(3, 3, 8), data, _validator(data), s, tmp_path / "b", {}, torch.device("cpu"))
     monkeypatch.setattr(trainer, "kill_point", lambda *a: None)
