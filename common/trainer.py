@@ -106,6 +106,7 @@ def train_one_epoch(net: nn.Module, opt: torch.optim.Optimizer, scaler: torch.am
     aug_gen = torch.Generator().manual_seed(seed * 1_000_003 + epoch * 1009 + ranks.rank)  # resume needs no saved state
     accum = s["accum"]
     total, seen, skipped, bad_run, out_of_time = torch.zeros((), device=device), 0, 0, 0, False
+    window_finite = True  # every micro-step of the optimizer step being accumulated had a finite loss
     data_s, step_s, t0, t = 0.0, 0.0, time.monotonic(), time.monotonic()
     bar = tqdm(total=len(data), desc=f"epoch {epoch + 1}/{s['epochs']}", leave=False, mininterval=1.0,  # "auto" in epoch 1
                disable=None if ranks.main else True)
@@ -123,8 +124,9 @@ def train_one_epoch(net: nn.Module, opt: torch.optim.Optimizer, scaler: torch.am
                 loss = bce_dice_loss(net(x), y, s["edge_weight"])
             scaler.scale(loss / accum).backward()
         finite = bool(torch.isfinite(loss))  # a sync point, once per step, after the backward pass is queued
+        window_finite = window_finite and finite
         if boundary:
-            if distributed.all_agree(finite, device):
+            if distributed.all_agree(window_finite, device):
                 scaler.step(opt)
                 scaler.update()
                 bad_run = 0
@@ -135,8 +137,9 @@ def train_one_epoch(net: nn.Module, opt: torch.optim.Optimizer, scaler: torch.am
                                         f"lower lr (now {opt.param_groups[0]['lr']:.2e}) or set precision=fp32; "
                                         "best.pt still holds the last good model")
             opt.zero_grad(set_to_none=True)
+            window_finite = True
         if finite:
-            total += loss.detach() * len(x)  # stays on the device: no GPU sync per step
+            total += loss.detach() * len(x)  # summed on the device; read once per epoch
             seen += len(x)
         t = time.monotonic()
         step_s += t - t_data

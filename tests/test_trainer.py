@@ -122,12 +122,20 @@ def test_non_finite_steps_are_skipped_counted_and_never_reach_best(tmp_path, mon
     assert history[-1]["skipped_steps"] == 2 and math.isfinite(history[-1]["train_loss"])
     assert all(torch.isfinite(p).all() for p in load_checkpoint(tmp_path / "last.pt", torch.device("cpu"))["model"].values())
 
+    # with accumulation, one non-finite micro-step spoils the whole optimizer step: skipped, weights untouched
+    calls.clear()
+    before = {k: v.clone() for k, v in load_checkpoint(tmp_path / "last.pt", torch.device("cpu"))["model"].items()}
+    accum = train(UNet(3, 3, 8), data, _validator(data), _settings(epochs=3, resume=True, accum=2), tmp_path, {}, torch.device("cpu"))
+    assert accum[-1]["skipped_steps"] == 2  # 4 micro-steps, 2 optimizer steps, each with one NaN half
+    after = load_checkpoint(tmp_path / "last.pt", torch.device("cpu"))["model"]
+    assert all(torch.equal(before[k], after[k]) for k in before if "running" not in k and "num_batches" not in k)
+
     monkeypatch.setattr(trainer, "bce_dice_loss", lambda logits, target, edge_weight=0.0: logits.sum() * math.nan)
     with pytest.raises(trainer.TrainingError, match="3 optimizer steps in a row had a non-finite loss"):
-        train(UNet(3, 3, 8), data, _validator(data), _settings(epochs=3, resume=True, max_bad_steps=3), tmp_path, {}, torch.device("cpu"))
+        train(UNet(3, 3, 8), data, _validator(data), _settings(epochs=4, resume=True, max_bad_steps=3), tmp_path, {}, torch.device("cpu"))
     saved = load_checkpoint(tmp_path / "best.pt", torch.device("cpu"))
     assert math.isfinite(saved["best_dice"]) and all(torch.isfinite(p).all() for p in saved["model"].values())
-    assert load_checkpoint(tmp_path / "last.pt", torch.device("cpu"))["epoch"] == 2  # the diverged epoch wrote nothing
+    assert load_checkpoint(tmp_path / "last.pt", torch.device("cpu"))["epoch"] == 3  # the diverged epoch wrote nothing
 
 
 def test_epochs_auto_fits_the_schedule_to_the_budget_and_resume_keeps_the_count(tmp_path, monkeypatch):
