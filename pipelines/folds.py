@@ -9,6 +9,7 @@ import copy
 from pathlib import Path
 
 from common.checkpoints import checkpoint_paths
+from common.config import ConfigError
 from common.data import index_split
 
 
@@ -18,8 +19,6 @@ def train_folds(stage: str, k: int, cfg: dict) -> int:
 
     cars = len({s.car for s in index_split(cfg["data"]["root"], "train", cfg["data"]["hq"])})
     if not 2 <= k <= cars:
-        from common.config import ConfigError
-
         raise ConfigError(f"folds: K={k} must be between 2 and the number of training cars ({cars})")
     out = Path(cfg["output"]["dir"])
     main = s1_train.main if stage == "stage1" else s2_train.main
