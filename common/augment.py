@@ -1,7 +1,9 @@
 """Augmentations on a batch, on the training device, keeping masks aligned with images.
 
-Geometric changes (flip, small scale/shift) apply to every input channel and the mask; photometric
-ones (brightness, contrast, hue) to the RGB channels only, so a coarse-mask channel stays a mask.
+Two levels: "flip" mirrors half the images, moving no pixel off the grid; "full" adds a small
+scale/shift (bilinear resampling, so a mask edge moves by up to half a pixel against its photo) and
+brightness/contrast/hue. Geometric changes apply to every input channel and the mask; photometric
+ones to the RGB channels only, so a coarse-mask channel stays a mask.
 """
 from __future__ import annotations
 
@@ -11,14 +13,17 @@ import torch
 import torch.nn.functional as F
 
 
-def augment_batch(x: torch.Tensor, y: torch.Tensor, gen: torch.Generator,
+def augment_batch(x: torch.Tensor, y: torch.Tensor, gen: torch.Generator, level: str = "full",
                   scale: float = 0.1, shift: float = 0.06, colour: float = 0.15, hue_deg: float = 10.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """x: (N, C, H, W) in [0, 1] with RGB first; y: (N, 1, H, W) in {0, 1}."""
+    """x: (N, C, H, W) in [0, 1] with RGB first; y: (N, 1, H, W) in {0, 1}; level "flip" or "full"."""
     n = x.shape[0]
 
     def rand(*shape):
         return torch.rand(*shape, generator=gen).to(x.device)
 
+    if level == "flip":
+        mirror = (rand(n) < 0.5)[:, None, None, None]
+        return torch.where(mirror, x.flip(-1), x), torch.where(mirror, y.flip(-1), y)
     flip = torch.where(rand(n) < 0.5, -1.0, 1.0)
     s = 1 + (rand(n) * 2 - 1) * scale
     tx, ty = (rand(n) * 2 - 1) * shift, (rand(n) * 2 - 1) * shift

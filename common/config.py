@@ -30,10 +30,10 @@ _TRAIN = {
     "depth": 5,  # U-Net levels
     "width": 16,  # channels of the first level, doubled per level
     "dropout": 0.0,  # in the two deepest levels
-    "augment": True,  # flip, scale/shift, brightness/contrast/hue
+    "augment": "full",  # full (flip, scale/shift, brightness/contrast/hue) | flip | none
     "workers": 2,  # data-loader processes
     "resume": False,
-    "precision": "auto",  # auto (bf16 on cards that have it, else fp16 + loss scaling; fp32 on the CPU) | bf16 | fp16 | fp32
+    "precision": "auto",  # auto (CUDA: bf16 on cards that have it, else fp16 + loss scaling; CPU: bf16 where native, else fp32) | bf16 | fp16 | fp32
     "compile": False,  # torch.compile the training step: faster on a GPU after a compilation of a minute or so
     "sync_bn": False,  # under torchrun: batch-norm statistics over the global batch (small per-GPU batches)
     "max_bad_steps": 20,  # this many optimizer steps in a row with a non-finite loss stop training with an error
@@ -85,11 +85,11 @@ DEFAULTS: dict[str, Any] = {
 _ALTERNATIVES: dict[str, tuple[type, ...]] = {"data.val_cars": (int, list, str), "stage1.margin": (int, list),
                                               "stage1.epochs": (int, str), "stage2.epochs": (int, str),
                                               "predict.threshold": (float, str), "stage1.checkpoint": (str, list),
-                                              "stage2.checkpoint": (str, list)}
+                                              "stage2.checkpoint": (str, list), "stage1.augment": (str, bool), "stage2.augment": (str, bool)}
 
 # Allowed values, checked when the config loads (a name: one of these; a pair: lo <= value, or lo <= value <= hi).
 _CHOICES = {"optimizer": ("adam", "sgd"), "schedule": ("constant", "step", "cosine"),
-            "stage2.blend": ("mean", "smooth"), "precision": ("auto", "bf16", "fp16", "fp32"), "stage2.train_boxes": ("truth", "stage1")}
+            "stage2.blend": ("mean", "smooth"), "augment": ("full", "flip", "none"), "precision": ("auto", "bf16", "fp16", "fp32"), "stage2.train_boxes": ("truth", "stage1")}
 _RANGES = {"epochs": (1, None), "batch_size": (1, None), "accum": (1, None), "step_every": (1, None), "depth": (1, None),
            "width": (1, None), "workers": (0, None), "lr": (1e-12, None), "momentum": (0, 1), "weight_decay": (0, None),
            "edge_weight": (0, None), "dropout": (0, 0.99), "max_minutes": (0, None), "stage1.size": (16, None),
@@ -129,6 +129,8 @@ def _check(key: str, value: Any) -> Any:
     if isinstance(value, bool) and bool not in allowed or not isinstance(value, allowed):
         names = " or ".join(t.__name__ for t in allowed)
         raise ConfigError(f"config key '{key}' must be {names}, got {value!r}")
+    if key.endswith(".augment") and isinstance(value, bool):  # true/false of earlier versions
+        value = "full" if value else "none"
     return value
 
 

@@ -1,19 +1,33 @@
-"""Nets at inference time: the low-resolution batch helpers stage-1 validation uses, and `prepare`,
-which puts a net in the layout the GPU runs fastest."""
+"""Nets at inference time: the precision they run in (`autocast`), the low-resolution batch helper
+stage-1 validation uses, and `prepare`, which puts a net in the layout the GPU runs fastest."""
 from __future__ import annotations
 
+import functools
 from typing import Iterator
 
 import torch
 from torch import nn
 
 
+@functools.cache
+def cpu_has_bf16() -> bool:
+    """Does this CPU multiply bf16 natively (AVX512-BF16 or AMX)? Elsewhere oneDNN emulates it,
+    slower than fp32."""
+    return any(getattr(torch.cpu, f, lambda: False)() for f in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
+
+
+def autocast(device: torch.device) -> torch.autocast:
+    """Inference precision: fp16 on CUDA (tensor cores), bf16 on CPUs with native bf16, else fp32."""
+    dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
+    return torch.autocast(device.type, dtype=dtype, enabled=device.type == "cuda" or (device.type == "cpu" and cpu_has_bf16()))
+
+
 @torch.no_grad()
 def forward_batches(model: nn.Module, x: torch.Tensor, device: torch.device, batch_size: int) -> Iterator[torch.Tensor]:
-    """Logits (float32, on the CPU) for `x` in batches; fp16 autocast on CUDA."""
+    """Logits (float32, on the CPU) for `x` in batches, under `autocast`."""
     model.eval()
     for i in range(0, len(x), batch_size):
-        with torch.autocast(device.type, dtype=torch.float16, enabled=device.type == "cuda"):
+        with autocast(device):
             yield model(x[i : i + batch_size].to(device)).float().cpu()
 
 

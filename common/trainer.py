@@ -8,7 +8,7 @@ ended. `max_minutes` bounds wall-clock time per invocation, validation included;
 `epochs: auto` the epoch count is fixed from the first epoch's pace so the schedule fits the budget.
 
 On the device: channels_last (tensor-core convolutions without transposes), cudnn benchmark,
-bf16 autocast where the card has it (fp16 + GradScaler otherwise, fp32 on the CPU), optional
+bf16 autocast where the card has it (fp16 + GradScaler otherwise; on the CPU bf16 where it is native), optional
 torch.compile. Under torchrun: DDP (gradients averaged over ranks in backward), optional
 SyncBatchNorm, rank 0 validates and writes, and its time-budget decision is shared.
 """
@@ -31,6 +31,7 @@ from common.checkpoints import load_checkpoint, plot_history
 from common.config import ConfigError
 from common.distributed import Ranks
 from common.faults import kill_point
+from common.inference import cpu_has_bf16
 from common.io import save_torch, write_csv
 from common.losses import bce_dice_loss
 
@@ -47,10 +48,14 @@ class TrainingError(RuntimeError):
 
 
 def amp_dtype(precision: str, device: torch.device) -> torch.dtype | None:
-    """The autocast type: None (fp32) on the CPU or when asked; bf16 on cards that have it (no
-    loss scaling needed, no fp16 overflow to NaN); fp16 with a GradScaler on older cards."""
-    if device.type != "cuda" or precision == "fp32":
+    """The autocast type, None for fp32. CUDA: bf16 on cards that have it (no loss scaling needed,
+    no fp16 overflow to NaN), fp16 with a GradScaler on older cards. CPU: bf16 where the CPU has
+    native bf16 (measured 1.4-1.8x faster training on a 2-core AVX512-BF16 machine, see the
+    README), else fp32; fp16 is for CUDA only and means fp32 on the CPU."""
+    if precision == "fp32":
         return None
+    if device.type != "cuda":
+        return torch.bfloat16 if precision in ("auto", "bf16") and device.type == "cpu" and cpu_has_bf16() else None
     if precision == "auto":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     return {"bf16": torch.bfloat16, "fp16": torch.float16}[precision]
@@ -114,8 +119,8 @@ def train_one_epoch(net: nn.Module, opt: torch.optim.Optimizer, scaler: torch.am
     for i, (x, y) in enumerate(data.epoch(epoch)):
         t_data = time.monotonic()
         data_s += t_data - t
-        if s["augment"]:
-            x, y = augment_batch(x, y, aug_gen)
+        if s["augment"] != "none":
+            x, y = augment_batch(x, y, aug_gen, s["augment"])
         x = x.contiguous(memory_format=torch.channels_last)
         boundary = (i + 1) % accum == 0 or i + 1 == len(data)
         sync = net.no_sync() if ranks.on and not boundary else contextlib.nullcontext()  # DDP: average gradients once per optimizer step

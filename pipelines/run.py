@@ -60,7 +60,7 @@ def _steps(cfg: dict) -> list[tuple[str, list[str], Callable[[], dict], Callable
                                                    "stage1": _training(s1, no_resume | {"margin", "threshold", "checkpoint"})},
          s1_train.main, [out / "stage1" / "best.pt"]),
         ("stage1_predict", ["stage1_train"], lambda: {"size": s1["size"], "margin": s1["margin"], "threshold": s1["threshold"],
-                                                      "limit_test": cfg["data"]["limit_test"]},
+                                                      "tta_flip": pr["tta_flip"], "limit_test": cfg["data"]["limit_test"]},
          s1_predict.main, [out / "bboxes.csv", out / "stage1_submission.csv.gz"]),
         ("stage2_train", ["stage1_predict"], lambda: {"seed": cfg["seed"], "stage2": _training(s2, no_resume | {"checkpoint"})},
          s2_train.main, [out / "stage2" / "best.pt"]),

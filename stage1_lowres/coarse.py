@@ -23,6 +23,7 @@ from common.boxes import Box, Margin, expand_box, largest_component, mask_extent
 from common.config import ConfigError
 from common.data import DataError
 from common.checkpoints import checkpoint_paths, checkpoints_hash, load_models
+from common.inference import autocast
 
 BOX_COLUMNS = ["img", "split", "width", "height", "x0", "y0", "x1", "y1", "found", "key"]
 INPUT_VERSION = "full-decode, antialiased bilinear on the device"  # part of the cache key: changes how boxes are made
@@ -32,7 +33,8 @@ def cache_key(cfg: dict) -> str:
     """Checkpoint content + the settings a box depends on."""
     s = cfg["stage1"]
     parts = {"checkpoint": checkpoints_hash(checkpoint_paths(cfg, "stage1")), "size": s["size"], "margin": s["margin"],
-             "threshold": s["threshold"], "hq": cfg["data"]["hq"], "input": INPUT_VERSION}
+             "threshold": s["threshold"], "hq": cfg["data"]["hq"], "input": INPUT_VERSION,
+             "tta_flip": cfg["predict"]["tta_flip"]}
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -112,8 +114,8 @@ def to_stage1_input(images: list[torch.Tensor], size: int) -> torch.Tensor:
 class Coarse:
     """The stage-1 net as a function on decoded images: low-resolution car probabilities."""
 
-    def __init__(self, model: nn.Module, size: int, device: torch.device):
-        self.model, self.size, self.device = model, size, device
+    def __init__(self, model: nn.Module, size: int, device: torch.device, flip: bool = False):
+        self.model, self.size, self.device, self.flip = model, size, device, flip
 
     @classmethod
     def from_config(cls, cfg: dict, device: torch.device) -> "Coarse":
@@ -123,11 +125,16 @@ class Coarse:
             size = ckpt["config"]["stage1"]["size"]
             if size != cfg["stage1"]["size"]:
                 raise ConfigError(f"{path} was trained at stage1.size={size}, the config says {cfg['stage1']['size']}")
-        return cls(model, cfg["stage1"]["size"], device)
+        return cls(model, cfg["stage1"]["size"], device, flip=cfg["predict"]["tta_flip"])
 
     @torch.no_grad()
     def probs(self, images: list[torch.Tensor]) -> torch.Tensor:
-        """(N, size, size) probabilities, float32 on the device; fp16 autocast on CUDA."""
-        x = to_stage1_input(images, self.size).contiguous(memory_format=torch.channels_last)
-        with torch.autocast(self.device.type, dtype=torch.float16, enabled=self.device.type == "cuda"):
-            return torch.sigmoid(self.model(x).float())[:, 0]
+        """(N, size, size) probabilities, float32 on the device, computed under `autocast`; with
+        flip TTA the mirrored images ride in the same pass and the two predictions are averaged."""
+        x = to_stage1_input(images, self.size)
+        n = len(x)
+        if self.flip:
+            x = torch.cat([x, x.flip(-1)])
+        with autocast(self.device):
+            p = torch.sigmoid(self.model(x.contiguous(memory_format=torch.channels_last)).float())[:, 0]
+        return (p[:n] + p[n:].flip(-1)) / 2 if self.flip else p

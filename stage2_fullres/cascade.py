@@ -21,7 +21,7 @@ from tqdm import tqdm
 from common.boxes import Box
 from common.checkpoints import checkpoint_paths, load_models
 from common.config import ConfigError
-from common.inference import prepare
+from common.inference import autocast, prepare
 from common.reader import read_batches
 from stage1_lowres.coarse import Coarse, box_from_probability, upsample
 from stage2_fullres.tiles import blend_weights, cut_tiles, plan_tiles, stitch
@@ -115,7 +115,7 @@ class Cascade:
         if self.flip:
             x = torch.cat([x, x.flip(-1)])
         x = x.contiguous(memory_format=torch.channels_last)
-        with torch.autocast(self.device.type, dtype=torch.float16, enabled=self.device.type == "cuda"):
+        with autocast(self.device):
             out = torch.sigmoid(self.refiner(x).float())[:, 0]
         if self.flip:
             half = len(out) // 2

@@ -15,6 +15,8 @@ def test_overrides_parse_types():
     assert cfg["data"]["val_cars"] == ["a", "b"]
     assert load_config(None, ["data.val_cars=2/5"])["data"]["val_cars"] == "2/5"
     assert load_config(None, ["stage1.max_minutes=2"])["stage1"]["max_minutes"] == 2.0
+    # the true/false of earlier versions still mean full/none
+    assert [load_config(None, [f"stage2.augment={v}"])["stage2"]["augment"] for v in ("true", "false", "flip")] == ["full", "none", "flip"]
 
 
 def test_unknown_key_suggests_closest():
@@ -99,6 +101,7 @@ def test_overrides_parse_before_or_after_config_and_junk_is_refused(capsys):
     ("stage2.blend=soft", "'stage2.blend' must be one of mean, smooth; got 'soft'"),
     ("stage2.train_boxes=gt", "'stage2.train_boxes' must be one of truth, stage1"),
     ("stage1.optimizer=rmsprop", "'stage1.optimizer' must be one of adam, sgd"),
+    ("stage1.augment=heavy", "'stage1.augment' must be one of full, flip, none"),
     ("stage2.schedule=linear", "'stage2.schedule' must be one of constant, step, cosine"),
     ("device=gpu", "'device' must be auto, cpu, cuda or cuda:N"),
     ("stage1.batch_size=0", "'stage1.batch_size' must be >= 1"),

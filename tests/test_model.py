@@ -49,9 +49,23 @@ def test_augmentations_keep_mask_and_extra_channel_aligned():
     assert xa[:, :3].min() >= 0 and xa[:, :3].max() <= 1
 
 
+def test_flip_augmentation_only_mirrors():
+    """augment=flip moves no pixel off the grid: each image and its mask are both kept or both mirrored."""
+    from common.augment import augment_batch
+
+    x, y = torch.rand(16, 4, 8, 12), (torch.rand(16, 1, 8, 12) > 0.5).float()
+    xa, ya = augment_batch(x, y, torch.Generator().manual_seed(0), "flip")
+    mirrored = [bool(torch.equal(xa[i], x[i].flip(-1))) for i in range(16)]
+    assert 0 < sum(mirrored) < 16
+    for i in range(16):
+        assert torch.equal(xa[i], x[i].flip(-1) if mirrored[i] else x[i])
+        assert torch.equal(ya[i], y[i].flip(-1) if mirrored[i] else y[i])
+
+
 def test_flip_tta_averages_with_the_mirrored_prediction():
-    """Mirrored tiles ride in the same forward pass and are flipped back before averaging."""
+    """Both stages: mirrored inputs ride in the same forward pass and are flipped back before averaging."""
     from common.config import load_config
+    from stage1_lowres.coarse import Coarse
     from stage2_fullres.cascade import Cascade
 
     class Ramp(torch.nn.Module):  # predicts a left-to-right ramp whatever the input
@@ -65,3 +79,6 @@ def test_flip_tta_averages_with_the_mirrored_prediction():
         probs[flip] = Cascade(None, Ramp(), cfg, torch.device("cpu")).predict([image], [(0, 0, 50, 40)])[0].prob
     assert probs[False][0, 0] < 0.1 and probs[False][0, -1] > 0.9  # the ramp, stitched over two tiles
     torch.testing.assert_close(probs[True], torch.full((40, 50), 0.5), atol=1e-6, rtol=0)
+    coarse = {flip: Coarse(Ramp(), 16, torch.device("cpu"), flip=flip).probs([image])[0] for flip in (False, True)}
+    assert coarse[False][0, 0] < 0.1 and coarse[False][0, -1] > 0.9
+    torch.testing.assert_close(coarse[True], torch.full((16, 16), 0.5), atol=1e-6, rtol=0)

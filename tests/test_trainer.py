@@ -28,7 +28,7 @@ def _blobs(n=16):
 
 
 def _settings(**kw):
-    s = load_config(None)["stage1"] | {"depth": 3, "width": 8, "batch_size": 4, "workers": 0, "augment": False, "lr": 3e-3}
+    s = load_config(None)["stage1"] | {"depth": 3, "width": 8, "batch_size": 4, "workers": 0, "augment": "none", "lr": 3e-3}
     return s | kw
 
 
