@@ -171,3 +171,15 @@ def test_epochs_auto_fits_the_schedule_to_the_budget_and_resume_keeps_the_count(
     monkeypatch.setattr(trainer, "planned_epochs", lambda *a: pytest.fail("a resumed run must keep its recorded count"))
     resumed = train(UNet(3, 3, 8), data, _validator(data), s | {"resume": True}, tmp_path / "b", {}, torch.device("cpu"))
     assert [h["epoch"] for h in resumed] == [1, 2, 3] and [h["lr"] for h in resumed] == [h["lr"] for h in history]
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_cpu_precision_is_bf16_only_where_the_cpu_has_it(monkeypatch, native):
+    """precision=auto/bf16 trains in bf16 on CPUs with native bf16 and in fp32 elsewhere (emulated
+    bf16 is slower than fp32); fp16 is CUDA-only; fp32 always turns autocast off."""
+    from common import trainer
+
+    monkeypatch.setattr(trainer, "cpu_has_bf16", lambda: native)
+    cpu = torch.device("cpu")
+    expected = torch.bfloat16 if native else None
+    assert [trainer.amp_dtype(p, cpu) for p in ("auto", "bf16", "fp16", "fp32")] == [expected, expected, None, None]
