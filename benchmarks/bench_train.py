@@ -3,6 +3,9 @@ included) against the same net's forward + backward + optimizer step on tensors 
 device, in one process, as a ratio. The goal on a GPU is >= 80% of the net's own rate.
 
     .venv/bin/python benchmarks/bench_train.py [stage1|stage2|both] [steps=20] [depth=6] [width=16]
+    .venv/bin/python benchmarks/bench_train.py precision [steps] [depth] [width] [batch=4]
+        the net's step at stage-1 size in fp32 against `precision: auto` (bf16 on CUDA cards and
+        CPUs that have it), same process
 
 Stage 1: the real 512x512 training photos (../shared/carvana_samples/train_512) at stage1.size
 (512 on CUDA, 256 on the CPU), in a device-resident uint8 tensor. Stage 2: synthetic full-resolution
@@ -134,8 +137,27 @@ def stage2(steps: int, depth: int, width: int) -> list[tuple]:
     return rows
 
 
+def precision(steps: int, depth: int, width: int, batch: int) -> None:
+    size = 512 if CUDA else 256
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(batch, 3, size, size, generator=g).to(DEVICE)
+    y = (torch.rand(batch, 1, size, size, generator=g) > 0.5).float().to(DEVICE)
+    rates = {}
+    for name in ("fp32", "auto"):
+        s = load_config(None, [f"stage1.precision={name}"])["stage1"]
+        torch.manual_seed(0)
+        rates[name] = net_rate(UNet(3, depth, width).to(DEVICE).to(memory_format=torch.channels_last), s, x, y, steps)
+    auto = amp_dtype("auto", DEVICE)
+    print(f"U-Net depth {depth} width {width}, {size}px, batch {batch}, {steps} timed steps on the {DEVICE.type}: "
+          f"fp32 {rates['fp32']:.1f} images/s, auto ({auto or 'fp32'}) {rates['auto']:.1f}, ratio {rates['auto'] / rates['fp32']:.2f}")
+
+
 if __name__ == "__main__":
     which = sys.argv[1] if len(sys.argv) > 1 else "both"
+    if which == "precision":
+        args = [int(a) for a in sys.argv[2:6]]
+        precision(*(args + [20, 6, 16, 4][len(args):]))
+        sys.exit(0)
     steps, depth, width = (int(a) for a in (sys.argv[2:5] + ["20", "6", "16"][len(sys.argv[2:5]):]))
     if which in ("stage1", "both") and not REAL.is_dir():
         sys.exit(f"stage 1 needs the real samples in {REAL}")

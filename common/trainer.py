@@ -50,8 +50,8 @@ class TrainingError(RuntimeError):
 def amp_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     """The autocast type, None for fp32. CUDA: bf16 on cards that have it (no loss scaling needed,
     no fp16 overflow to NaN), fp16 with a GradScaler on older cards. CPU: bf16 where the CPU has
-    native bf16 (measured 1.4-1.8x faster training on a 2-core AVX512-BF16 machine, see the
-    README), else fp32; fp16 is for CUDA only and means fp32 on the CPU."""
+    native bf16 (a training step 1.5-1.7x faster on a 2-core AVX512-BF16 machine,
+    `benchmarks/bench_train.py precision`), else fp32; fp16 is for CUDA only and means fp32 on the CPU."""
     if precision == "fp32":
         return None
     if device.type != "cuda":
