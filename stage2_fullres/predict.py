@@ -57,8 +57,10 @@ def main(cfg: dict) -> int:
     if not test:
         raise DataError(f"no test images under {cfg['data']['root']}: nothing to predict")
     settings = {k: s[k] for k in ("tile", "min_overlap", "blend", "coarse_channel")}
-    # stage 1 counts too: its probability is the refiner's coarse channel
-    key = hashlib.sha256(json.dumps({"stage1": checkpoints_hash(checkpoint_paths(cfg, "stage1")),
+    # with a coarse channel stage 1 counts too (its probability is a refiner input); without one,
+    # stage 2 needs no stage-1 checkpoint here, only the cached boxes
+    stage1 = checkpoints_hash(checkpoint_paths(cfg, "stage1")) if s["coarse_channel"] else None
+    key = hashlib.sha256(json.dumps({"stage1": stage1,
                                      "stage2": checkpoints_hash(checkpoint_paths(cfg, "stage2")), "boxes": sorted(boxes.items()), **settings,
                                      "threshold": mask_threshold(cfg), "tta": cfg["predict"]["tta_flip"],
                                      "stage1_input": INPUT_VERSION}, sort_keys=True).encode()).hexdigest()[:16]

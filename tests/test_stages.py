@@ -84,6 +84,27 @@ def test_coarse_channel_mismatch_is_a_clear_error(tiny_run):
         s2_predict.main(cfg)
 
 
+def test_refiner_without_coarse_channel_needs_only_the_cached_boxes(tiny_run, sample_root, tmp_path):
+    """With stage2.coarse_channel=false, stage 2 predicts from bboxes.csv alone: no stage-1
+    checkpoint is read, not even for the chunk key."""
+    import torch
+
+    from common.model import UNet
+
+    cfg = copy_run(tiny_run, tmp_path / "run")
+    out = tmp_path / "run"
+    ckpt = torch.load(out / "stage2" / "best.pt", weights_only=False)
+    torch.manual_seed(0)
+    rgb_only = UNet(3, ckpt["model_args"]["depth"], ckpt["model_args"]["width"])
+    torch.save(ckpt | {"model": rgb_only.state_dict(), "model_args": rgb_only.args}, out / "stage2" / "best.pt")
+    (out / "stage1" / "best.pt").unlink()
+    cfg["stage2"]["coarse_channel"] = False
+    assert s2_predict.main(cfg) == 0
+    sub = _submission(out / "submission.csv.gz")
+    assert sub.img.tolist() == pd.read_csv(sample_root / "sample_submission.csv").img.tolist()
+    assert (sub.rle_mask != "").all()
+
+
 def test_evaluate_scores_both_stages(evaluated):
     cfg, metrics = evaluated
     assert len(metrics) == 16 and metrics.dice_stage1.between(0, 1).all() and metrics.dice_cascade.between(0, 1).all()
