@@ -8,13 +8,15 @@ ended. `max_minutes` bounds wall-clock time per invocation, validation included;
 `epochs: auto` the epoch count is fixed from the first epoch's pace so the schedule fits the budget.
 
 On the device: channels_last (tensor-core convolutions without transposes), cudnn benchmark,
-bf16 autocast where the card has it (fp16 + GradScaler otherwise; on the CPU bf16 where it is native), optional
+bf16 autocast where the card has it (fp16 + GradScaler otherwise; on the CPU bf16 where it is native and
+faster than fp32 for this net, timed once per run), optional
 torch.compile. Under torchrun: DDP (gradients averaged over ranks in backward), optional
 SyncBatchNorm, rank 0 validates and writes, and its time-budget decision is shared.
 """
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
 import time
 from pathlib import Path
@@ -50,8 +52,8 @@ class TrainingError(RuntimeError):
 def amp_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     """The autocast type, None for fp32. CUDA: bf16 on cards that have it (no loss scaling needed,
     no fp16 overflow to NaN), fp16 with a GradScaler on older cards. CPU: bf16 where the CPU has
-    native bf16 (a training step 1.5-1.7x faster on a 2-core AVX512-BF16 machine,
-    `benchmarks/bench_train.py precision`), else fp32; fp16 is for CUDA only and means fp32 on the CPU."""
+    native bf16, else fp32 (emulated bf16 is slower); for `auto` that bf16 is only a candidate, which
+    `train` times against fp32 (`faster_cpu_dtype`). fp16 is for CUDA only and means fp32 on the CPU."""
     if precision == "fp32":
         return None
     if device.type != "cuda":
@@ -59,6 +61,39 @@ def amp_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     if precision == "auto":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     return {"bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+
+_DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", None: "fp32"}
+
+
+def step_seconds(model: nn.Module, s: dict, dtype: torch.dtype | None) -> float:
+    """One forward + backward of a copy of `model` on a random batch of the training shape, on the
+    CPU: the best of two after a warm-up. The weights, the global RNG and the data stay untouched."""
+    side = s["crop"] if "crop" in s else s["size"]  # stage 2 trains on crops, stage 1 on whole squashed images
+    x = torch.rand(s["batch_size"], model.args["in_channels"], side, side, generator=torch.Generator().manual_seed(0))
+    x, y = x.contiguous(memory_format=torch.channels_last), (x[:, :1] > 0.5).float()
+    probe, times = copy.deepcopy(model).train(), []
+    for _ in range(3):
+        t = time.perf_counter()
+        with torch.autocast("cpu", dtype=dtype or torch.float32, enabled=dtype is not None):
+            bce_dice_loss(probe(x), y).backward()
+        times.append(time.perf_counter() - t)
+    return min(times[1:])
+
+
+def faster_cpu_dtype(model: nn.Module, s: dict, history: list[dict], ranks: Ranks) -> torch.dtype | None:
+    """precision=auto on a CPU with native bf16: bf16 or fp32, whichever trains this net faster here.
+    The flag does not predict it: a training step at 256 px was 1.5x faster in bf16 on a 2-core AMD
+    EPYC and 0.85x on a 2-core Intel Xeon reporting the same AVX512-BF16 (`bench_train.py precision`).
+    Rank 0 times it; history.csv records the pick, so a resumed run keeps it."""
+    if history and history[-1].get("precision") in ("bf16", "fp32"):
+        return torch.bfloat16 if history[-1]["precision"] == "bf16" else None
+    seconds = {name: step_seconds(model, s, dtype) for name, dtype in (("bf16", torch.bfloat16), ("fp32", None))} if ranks.main else {}
+    name = distributed.from_main(min(seconds, key=seconds.get) if ranks.main else None)
+    if ranks.main:
+        print(f"precision=auto: a training step takes {seconds['bf16'] * 1000:.0f} ms in bf16 and {seconds['fp32'] * 1000:.0f} ms "
+              f"in fp32 on this CPU; training in {name}")
+    return torch.bfloat16 if name == "bf16" else None
 
 
 def _lr_factor(schedule: str, epoch: int, epochs: int, step_every: int) -> float:
@@ -212,6 +247,8 @@ def train(model: nn.Module, data: Batches, validate: Validate, settings: dict, r
         epoch, best, history = ckpt["epoch"], ckpt["best_dice"], ckpt["history"]
         if ranks.main:
             print(f"resuming {last} after epoch {epoch} (best val Dice {best:.4f})")
+    if dtype == torch.bfloat16 and device.type == "cpu" and s["precision"] == "auto":
+        dtype = faster_cpu_dtype(model, s, history, ranks)
 
     net = model
     if ranks.on:
@@ -237,7 +274,8 @@ def train(model: nn.Module, data: Batches, validate: Validate, settings: dict, r
                       f"epoch {epoch}, so the {s['schedule']} schedule runs over {epochs} epochs")
         history.append({"epoch": epoch, "train_loss": stats["train_loss"], "val_loss": val["val_loss"], "val_dice": val["val_dice"],
                         "lr": lr, "seconds": round(time.monotonic() - t0, 2), "images": stats["images"],
-                        "skipped_steps": stats["skipped"], "data_seconds": round(stats["data_s"], 2), "planned_epochs": epochs})
+                        "skipped_steps": stats["skipped"], "data_seconds": round(stats["data_s"], 2), "planned_epochs": epochs,
+                        "precision": _DTYPE_NAMES[dtype]})
         if ranks.main:
             best = save_epoch(run_dir, model, opt, scaler, history, best, config)
             row = history[-1]

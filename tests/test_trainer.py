@@ -63,11 +63,12 @@ def test_loss_falls_and_outputs_are_written(tmp_path):
 def test_resume_continues_exactly(tmp_path):
     data = _blobs()
     cpu = torch.device("cpu")
-    full = train(UNet(3, 3, 8), data, _validator(data), _settings(epochs=4, schedule="constant"), tmp_path / "a", {}, cpu)
-    train(UNet(3, 3, 8), data, _validator(data), _settings(epochs=2, schedule="constant"), tmp_path / "b", {}, cpu)
+    s = _settings(schedule="constant", precision="fp32")  # not auto: the two runs could time bf16 against fp32 differently
+    full = train(UNet(3, 3, 8), data, _validator(data), s | {"epochs": 4}, tmp_path / "a", {}, cpu)
+    train(UNet(3, 3, 8), data, _validator(data), s | {"epochs": 2}, tmp_path / "b", {}, cpu)
     stopped = load_checkpoint(tmp_path / "b" / "last.pt", cpu)
     assert stopped["epoch"] == 2 and stopped["optimizer"]["state"]
-    resumed = train(UNet(3, 3, 8), data, _validator(data), _settings(epochs=4, schedule="constant", resume=True), tmp_path / "b", {}, cpu)
+    resumed = train(UNet(3, 3, 8), data, _validator(data), s | {"epochs": 4, "resume": True}, tmp_path / "b", {}, cpu)
     assert [h["epoch"] for h in resumed] == [1, 2, 3, 4]
     assert [round(h["train_loss"], 5) for h in resumed] == [round(h["train_loss"], 5) for h in full]
 
@@ -175,11 +176,43 @@ def test_epochs_auto_fits_the_schedule_to_the_budget_and_resume_keeps_the_count(
 
 @pytest.mark.parametrize("native", [True, False])
 def test_cpu_precision_is_bf16_only_where_the_cpu_has_it(monkeypatch, native):
-    """precision=auto/bf16 trains in bf16 on CPUs with native bf16 and in fp32 elsewhere (emulated
-    bf16 is slower than fp32); fp16 is CUDA-only; fp32 always turns autocast off."""
+    """precision=bf16 trains in bf16 on CPUs with native bf16 and in fp32 elsewhere (emulated bf16 is
+    slower than fp32), and auto considers bf16 only there; fp16 is CUDA-only; fp32 always turns autocast off."""
     from common import trainer
 
     monkeypatch.setattr(trainer, "cpu_has_bf16", lambda: native)
     cpu = torch.device("cpu")
     expected = torch.bfloat16 if native else None
     assert [trainer.amp_dtype(p, cpu) for p in ("auto", "bf16", "fp16", "fp32")] == [expected, expected, None, None]
+
+
+@pytest.mark.parametrize("faster", ["bf16", "fp32"])
+def test_cpu_precision_auto_trains_in_the_faster_one_and_resume_keeps_it(tmp_path, monkeypatch, capsys, faster):
+    """On a CPU with native bf16, precision=auto times both on this net and trains in the faster
+    (bf16 measured 1.5x faster on one such CPU and slower on another); the pick is in history.csv
+    and a resumed run keeps it without timing again; an explicit bf16 is never second-guessed."""
+    from common import trainer
+
+    monkeypatch.setattr(trainer, "cpu_has_bf16", lambda: True)
+    monkeypatch.setattr(trainer, "step_seconds", lambda model, s, dtype: 1.0 if (dtype is None) == (faster == "fp32") else 2.0)
+    data, cpu = _blobs(), torch.device("cpu")
+    history = train(UNet(3, 3, 8), data, _validator(data), _settings(epochs=1), tmp_path, {}, cpu)
+    assert history[0]["precision"] == faster and f"training in {faster}" in capsys.readouterr().out
+    assert pd.read_csv(tmp_path / "history.csv").precision.tolist() == [faster]
+    monkeypatch.setattr(trainer, "step_seconds", lambda *a: pytest.fail("a resumed run must keep its recorded precision"))
+    resumed = train(UNet(3, 3, 8), data, _validator(data), _settings(epochs=2, resume=True), tmp_path, {}, cpu)
+    assert [h["precision"] for h in resumed] == [faster, faster]
+    explicit = train(UNet(3, 3, 8), data, _validator(data), _settings(epochs=1, precision="bf16"), tmp_path / "b", {}, cpu)
+    assert explicit[0]["precision"] == "bf16"
+
+
+def test_timing_the_precision_leaves_the_weights_and_the_random_stream_alone():
+    """The bf16/fp32 probe works on a copy with its own generator: a seeded run trains the same
+    weights on the same data order whichever precision the timing picks."""
+    from common.trainer import step_seconds
+
+    model = UNet(3, 3, 8)
+    before, rng = {k: v.clone() for k, v in model.state_dict().items()}, torch.random.get_rng_state()
+    assert step_seconds(model, _settings(size=32), torch.bfloat16) > 0
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert torch.equal(torch.random.get_rng_state(), rng) and all(p.grad is None for p in model.parameters())
