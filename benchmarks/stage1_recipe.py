@@ -3,8 +3,8 @@ the baseline a user would write, and any checkpoint scored the way prediction se
 
     .venv/bin/python benchmarks/stage1_recipe.py plain [minutes=8]
         the plain loop of issue 11 on the same split: U-Net depth 5 width 16, Adam 1e-3 constant,
-        batch 4, BCE + soft Dice, horizontal flip only, 256 px, in the same precision the trainer
-        picks (bf16 on CPUs with native bf16); prints its held-out Dice at 256
+        batch 4, BCE + soft Dice, horizontal flip only, 256 px, in the precision the trainer's
+        `auto` picks on this CPU (bf16 or fp32, timed); prints its held-out Dice at 256
     .venv/bin/python benchmarks/stage1_recipe.py score CHECKPOINT...
         held-out Dice of each checkpoint through `Coarse` (antialiased resize, autocast, bilinear
         upsample) against the 512x512 masks, without and with flip TTA, and where its wrong pixels
@@ -24,10 +24,12 @@ import torch
 
 from common.checkpoints import load_model
 from common.data import Pair, index_split, scan_pairs, split_by_car
+from common.distributed import Ranks
 from common.inference import autocast, prepare
 from common.losses import bce_dice_loss, edge_band
 from common.metrics import dice
 from common.model import UNet
+from common.trainer import amp_dtype, faster_cpu_dtype
 from stage1_lowres.coarse import Coarse, upsample
 from stage1_lowres.train import as_tensors
 
@@ -50,13 +52,14 @@ def plain(minutes: float) -> None:
     torch.manual_seed(0)
     model = UNet(3, 5, 16)
     opt = torch.optim.Adam(model.parameters(), 1e-3)
+    dtype = faster_cpu_dtype(model, {"size": 256, "batch_size": 4}, [], Ranks()) if amp_dtype("auto", CPU) else None
     t0, steps = time.monotonic(), 0
     while time.monotonic() - t0 < minutes * 60:
         for idx in torch.randperm(len(xt)).split(4):
             x, y = xt[idx].clone(), yt[idx].clone()
             mirror = torch.rand(len(idx)) < 0.5
             x[mirror], y[mirror] = x[mirror].flip(-1), y[mirror].flip(-1)
-            with autocast(CPU):
+            with torch.autocast("cpu", dtype=dtype or torch.float32, enabled=dtype is not None):
                 loss = bce_dice_loss(model(x), y)
             opt.zero_grad()
             loss.backward()
