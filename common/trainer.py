@@ -83,9 +83,8 @@ def step_seconds(model: nn.Module, s: dict, dtype: torch.dtype | None) -> float:
 
 def faster_cpu_dtype(model: nn.Module, s: dict, history: list[dict], ranks: Ranks) -> torch.dtype | None:
     """precision=auto on a CPU with native bf16: bf16 or fp32, whichever trains this net faster here.
-    Neither the flag nor the CPU alone predicts it: the demo net's step at 256 px was 1.5x faster in
-    bf16 on a 2-core AMD EPYC and 0.88x on a 2-core Intel Xeon with the same AVX512-BF16
-    (`bench_train.py precision`), where a width-16 net's step was 1.14x faster in bf16.
+    The CPU flag does not predict it: the demo net's step at 256 px was 1.5x faster in bf16 on a
+    2-core AMD EPYC and 0.88x on a 2-core Intel Xeon with the same AVX512-BF16 (`bench_train.py precision`).
     Rank 0 times it; history.csv records the pick, so a resumed run keeps it."""
     if history and history[-1].get("precision") in ("bf16", "fp32"):
         return torch.bfloat16 if history[-1]["precision"] == "bf16" else None
