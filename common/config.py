@@ -33,7 +33,7 @@ _TRAIN = {
     "augment": "full",  # full (flip, scale/shift, brightness/contrast/hue) | flip | none
     "workers": 2,  # data-loader processes
     "resume": False,
-    "precision": "auto",  # auto (CUDA: bf16 on cards that have it, else fp16 + loss scaling; CPU: where bf16 is native, the faster of bf16 and fp32, timed when training starts; else fp32) | bf16 | fp16 | fp32
+    "precision": "auto",  # auto (CUDA: bf16 on cards that have it, else fp16 + loss scaling; CPU: where bf16 is native, bf16 if timed >= 10% faster than fp32 when training starts; else fp32) | bf16 | fp16 | fp32
     "compile": False,  # torch.compile the training step: faster on a GPU after a compilation of a minute or so
     "sync_bn": False,  # under torchrun: batch-norm statistics over the global batch (small per-GPU batches)
     "max_bad_steps": 20,  # this many optimizer steps in a row with a non-finite loss stop training with an error
