@@ -5,7 +5,7 @@ device, in one process, as a ratio. The goal on a GPU is >= 80% of the net's own
     .venv/bin/python benchmarks/bench_train.py [stage1|stage2|both] [steps=20] [depth=6] [width=16]
     .venv/bin/python benchmarks/bench_train.py precision [steps] [depth] [width] [batch=4]
         the net's step at stage-1 size in fp32 against bf16, same process (on a CPU with native bf16,
-        `precision: auto` times the same two when training starts and keeps the faster)
+        `precision: auto` times the same two when training starts and takes bf16 if >= 10% faster)
 
 Stage 1: the real 512x512 training photos (../shared/carvana_samples/train_512) at stage1.size
 (512 on CUDA, 256 on the CPU), in a device-resident uint8 tensor. Stage 2: synthetic full-resolution

@@ -49,6 +49,9 @@ class TrainingError(RuntimeError):
     """Training cannot go on (the loss diverged); the message says what to change."""
 
 
+_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
+
+
 def amp_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     """The autocast type, None for fp32. CUDA: bf16 on cards that have it (no loss scaling needed,
     no fp16 overflow to NaN), fp16 with a GradScaler on older cards. CPU: bf16 where the CPU has
@@ -60,25 +63,25 @@ def amp_dtype(precision: str, device: torch.device) -> torch.dtype | None:
         return torch.bfloat16 if precision in ("auto", "bf16") and device.type == "cpu" and cpu_has_bf16() else None
     if precision == "auto":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return {"bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    return _DTYPES[precision]
 
 
-_DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", None: "fp32"}
-
-
-def step_seconds(model: nn.Module, s: dict, dtype: torch.dtype | None) -> float:
-    """One forward + backward of a copy of `model` on a random batch of the training shape, on the
-    CPU: the best of two after a warm-up. The weights, the global RNG and the data stay untouched."""
+def step_seconds(model: nn.Module, s: dict, dtypes: tuple[torch.dtype | None, ...], rounds: int = 3) -> dict:
+    """Seconds of one forward + backward of a copy of `model` on a random batch of the training
+    shape, on the CPU, per autocast type: the best of `rounds` after a warm-up round, the types
+    interleaved so that a passing load (a finishing reader process) slows them alike. The weights,
+    the global RNG and the data stay untouched."""
     side = s["crop"] if "crop" in s else s["size"]  # stage 2 trains on crops, stage 1 on whole squashed images
     x = torch.rand(s["batch_size"], model.args["in_channels"], side, side, generator=torch.Generator().manual_seed(0))
     x, y = x.contiguous(memory_format=torch.channels_last), (x[:, :1] > 0.5).float()
-    probe, times = copy.deepcopy(model).train(), []
-    for _ in range(3):
-        t = time.perf_counter()
-        with torch.autocast("cpu", dtype=dtype or torch.float32, enabled=dtype is not None):
-            bce_dice_loss(probe(x), y).backward()
-        times.append(time.perf_counter() - t)
-    return min(times[1:])
+    probe, times = copy.deepcopy(model).train(), {d: [] for d in dtypes}
+    for _ in range(rounds + 1):
+        for dtype in dtypes:
+            t = time.perf_counter()
+            with torch.autocast("cpu", dtype=dtype or torch.float32, enabled=dtype is not None):
+                bce_dice_loss(probe(x), y).backward()
+            times[dtype].append(time.perf_counter() - t)
+    return {d: min(t[1:]) for d, t in times.items()}
 
 
 def faster_cpu_dtype(model: nn.Module, s: dict, history: list[dict], ranks: Ranks) -> torch.dtype | None:
@@ -88,14 +91,14 @@ def faster_cpu_dtype(model: nn.Module, s: dict, history: list[dict], ranks: Rank
     2-core AMD EPYC and 0.88x on a 2-core Intel Xeon with the same AVX512-BF16 (`bench_train.py precision`).
     Rank 0 times it; history.csv records the pick, so a resumed run keeps it."""
     if history and history[-1].get("precision") in ("bf16", "fp32"):
-        return torch.bfloat16 if history[-1]["precision"] == "bf16" else None
-    seconds = {name: step_seconds(model, s, dtype) for name, dtype in (("bf16", torch.bfloat16), ("fp32", None))} if ranks.main else {}
+        return _DTYPES[history[-1]["precision"]]
+    seconds = step_seconds(model, s, (torch.bfloat16, None)) if ranks.main else {}
     # bf16 only when clearly faster: fp32 is the safer choice, and a tie would make reruns pick at random
-    name = distributed.from_main(("bf16" if seconds["bf16"] < 0.9 * seconds["fp32"] else "fp32") if ranks.main else None)
+    name = distributed.from_main(("bf16" if seconds[torch.bfloat16] < 0.9 * seconds[None] else "fp32") if ranks.main else None)
     if ranks.main:
-        print(f"precision=auto: a training step takes {seconds['bf16'] * 1000:.0f} ms in bf16 and {seconds['fp32'] * 1000:.0f} ms "
+        print(f"precision=auto: a training step takes {seconds[torch.bfloat16] * 1000:.0f} ms in bf16 and {seconds[None] * 1000:.0f} ms "
               f"in fp32 on this CPU; training in {name}")
-    return torch.bfloat16 if name == "bf16" else None
+    return _DTYPES[name]
 
 
 def _lr_factor(schedule: str, epoch: int, epochs: int, step_every: int) -> float:
@@ -251,6 +254,7 @@ def train(model: nn.Module, data: Batches, validate: Validate, settings: dict, r
             print(f"resuming {last} after epoch {epoch} (best val Dice {best:.4f})")
     if dtype == torch.bfloat16 and device.type == "cpu" and s["precision"] == "auto":
         dtype = faster_cpu_dtype(model, s, history, ranks)
+    precision = next(name for name, d in _DTYPES.items() if d == dtype)  # recorded per epoch
 
     net = model
     if ranks.on:
@@ -277,7 +281,7 @@ def train(model: nn.Module, data: Batches, validate: Validate, settings: dict, r
         history.append({"epoch": epoch, "train_loss": stats["train_loss"], "val_loss": val["val_loss"], "val_dice": val["val_dice"],
                         "lr": lr, "seconds": round(time.monotonic() - t0, 2), "images": stats["images"],
                         "skipped_steps": stats["skipped"], "data_seconds": round(stats["data_s"], 2), "planned_epochs": epochs,
-                        "precision": _DTYPE_NAMES[dtype]})
+                        "precision": precision})
         if ranks.main:
             best = save_epoch(run_dir, model, opt, scaler, history, best, config)
             row = history[-1]

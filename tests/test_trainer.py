@@ -195,7 +195,7 @@ def test_cpu_precision_auto_trains_in_bf16_only_when_clearly_faster_and_resume_k
     from common import trainer
 
     monkeypatch.setattr(trainer, "cpu_has_bf16", lambda: True)
-    monkeypatch.setattr(trainer, "step_seconds", lambda model, s, dtype: 1.0 if dtype is None else bf16_seconds)
+    monkeypatch.setattr(trainer, "step_seconds", lambda model, s, dtypes: {torch.bfloat16: bf16_seconds, None: 1.0})
     data, cpu = _blobs(), torch.device("cpu")
     history = train(UNet(3, 3, 8), data, _validator(data), _settings(epochs=1), tmp_path, {}, cpu)
     assert history[0]["precision"] == picked and f"training in {picked}" in capsys.readouterr().out
@@ -214,6 +214,6 @@ def test_timing_the_precision_leaves_the_weights_and_the_random_stream_alone():
 
     model = UNet(3, 3, 8)
     before, rng = {k: v.clone() for k, v in model.state_dict().items()}, torch.random.get_rng_state()
-    assert step_seconds(model, _settings(size=32), torch.bfloat16) > 0
+    assert all(t > 0 for t in step_seconds(model, _settings(size=32), (torch.bfloat16, None)).values())
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert torch.equal(torch.random.get_rng_state(), rng) and all(p.grad is None for p in model.parameters())
