@@ -127,11 +127,10 @@ def image_size(path: str | os.PathLike) -> Size:
         return _open(path, "image").size  # decodes, so the error names the reason
 
 
-def read_mask(path: str | os.PathLike, expect_size: Size | None = None, size: Size | None = None) -> np.ndarray:
+def read_mask(path: str | os.PathLike, expect_size: Size | None = None) -> np.ndarray:
     """Read a Kaggle mask (GIF or PNG, values {0,1} or {0,255}) as bool HW.
 
     `expect_size` is the size of the matching image; a mask of another size is an error.
-    `size` resizes (area-like bilinear, then threshold at one half) for low-resolution training.
     """
     path = Path(path)
     im = _open(path, "mask")
@@ -146,11 +145,7 @@ def read_mask(path: str | os.PathLike, expect_size: Size | None = None, size: Si
         values = np.flatnonzero(np.bincount(arr.ravel(), minlength=256))
     if values.size and not (set(values.tolist()) <= {0, 1} or set(values.tolist()) <= {0, 255}):
         raise ImageReadError(f"{path}: mask values {values[:6].tolist()} are not {{0,1}} or {{0,255}}")
-    mask = arr > 0
-    if size is not None and im.size != tuple(size):
-        small = Image.fromarray(mask.view(np.uint8) * 255).resize(tuple(size), Image.BILINEAR)
-        mask = np.asarray(small) >= 128
-    return mask
+    return arr > 0
 
 
 def read_mask_cached(path: str | os.PathLike, cache: str | os.PathLike) -> np.ndarray:
