@@ -16,7 +16,7 @@ import yaml
 from common.io import write_text
 
 _TRAIN = {
-    "epochs": 10,  # or "auto": fixed after the first epoch so the schedule fits max_minutes
+    "epochs": 10,  # or "auto": fixed from the second epoch's pace so the schedule fits max_minutes
     "max_minutes": 0.0,  # wall-clock budget; 0 = none
     "batch_size": 4,
     "accum": 1,  # gradient accumulation steps

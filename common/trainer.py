@@ -5,7 +5,7 @@ Checkpoints (`last.pt` every epoch, `best.pt` on the best validation Dice) hold 
 optimiser and scaler state, the epoch, the history and the resolved config; the data order and
 augmentations are seeded by (seed, epoch, rank), so `resume` continues exactly where a stopped run
 ended. `max_minutes` bounds wall-clock time per invocation, validation included; with
-`epochs: auto` the epoch count is fixed from the first epoch's pace so the schedule fits the budget.
+`epochs: auto` the epoch count is fixed from the second epoch's pace so the schedule fits the budget.
 
 On the device: channels_last (tensor-core convolutions without transposes), cudnn benchmark,
 bf16 autocast where the card has it (fp16 + GradScaler otherwise; on the CPU bf16 where it is native and
@@ -101,10 +101,12 @@ def faster_cpu_dtype(model: nn.Module, s: dict, history: list[dict], ranks: Rank
     return _DTYPES[name]
 
 
-def _lr_factor(schedule: str, epoch: int, epochs: int, step_every: int) -> float:
-    """Per epoch, never per second: a run is reproducible whatever the machine's speed."""
+def _lr_factor(schedule: str, epoch: int, epochs: int | None, step_every: int) -> float:
+    """Per epoch, never per second: a run is reproducible whatever the machine's speed. `epochs` None:
+    the count is not fixed yet (epochs=auto, epochs 1 and 2), and cosine holds its peak, so two runs that
+    fix the same count train alike whatever epoch 1's provisional plan was."""
     if schedule == "cosine":
-        return 0.5 * (1 + math.cos(math.pi * epoch / max(epochs, 1)))
+        return 1.0 if epochs is None else 0.5 * (1 + math.cos(math.pi * epoch / max(epochs, 1)))
     if schedule == "step":
         return 0.1 ** (epoch // max(step_every, 1))
     return 1.0  # constant (the config allows nothing else)
@@ -264,7 +266,8 @@ def train(model: nn.Module, data: Batches, validate: Validate, settings: dict, r
     auto = s["epochs"] == "auto"
     epochs = history[-1]["planned_epochs"] if auto and history else None if auto else s["epochs"]
     while epochs is None or epoch < epochs:
-        lr = s["lr"] * _lr_factor(s["schedule"], epoch, epochs or 1, s["step_every"])  # epoch 0: factor 1 for every schedule
+        fixed = None if auto and epoch < 2 else epochs  # epochs=auto: epoch 1's plan is provisional, not scheduled on
+        lr = s["lr"] * _lr_factor(s["schedule"], epoch, fixed, s["step_every"])
         for group in opt.param_groups:
             group["lr"] = lr
         t0 = time.monotonic()
