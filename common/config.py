@@ -23,6 +23,7 @@ _TRAIN = {
     "optimizer": "adam",  # adam | sgd
     "lr": 1e-3,
     "momentum": 0.9,  # SGD only; the seed used 0.99 with lr 3e-4 and batch 1
+    "beta2": 0.999,  # Adam only: decay of its squared-gradient average; lower (demo.yaml: 0.9) follows the gradient scale faster
     "weight_decay": 0.0,
     "schedule": "cosine",  # constant | step | cosine
     "step_every": 10,  # epochs, for schedule=step
@@ -91,7 +92,7 @@ _ALTERNATIVES: dict[str, tuple[type, ...]] = {"data.val_cars": (int, list, str),
 _CHOICES = {"optimizer": ("adam", "sgd"), "schedule": ("constant", "step", "cosine"),
             "stage2.blend": ("mean", "smooth"), "augment": ("full", "flip", "none"), "precision": ("auto", "bf16", "fp16", "fp32"), "stage2.train_boxes": ("truth", "stage1")}
 _RANGES = {"epochs": (1, None), "batch_size": (1, None), "accum": (1, None), "step_every": (1, None), "depth": (1, None),
-           "width": (1, None), "workers": (0, None), "lr": (1e-12, None), "momentum": (0, 1), "weight_decay": (0, None),
+           "width": (1, None), "workers": (0, None), "lr": (1e-12, None), "momentum": (0, 1), "beta2": (0, 0.9999), "weight_decay": (0, None),
            "edge_weight": (0, None), "dropout": (0, 0.99), "max_minutes": (0, None), "stage1.size": (16, None),
            "stage2.tile": (16, None), "stage2.min_overlap": (0, None), "stage2.crop": (16, None),
            "stage2.box_jitter": (0, None), "stage2.crops_per_image": (1, None), "max_bad_steps": (1, None), "stage2.val_images": (0, None), "data.max_bad_share": (0, 1),

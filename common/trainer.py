@@ -115,7 +115,7 @@ def _lr_factor(schedule: str, epoch: int, epochs: int | None, step_every: int) -
 def _optimizer(model: nn.Module, s: dict) -> torch.optim.Optimizer:
     if s["optimizer"] == "sgd":
         return torch.optim.SGD(model.parameters(), lr=s["lr"], momentum=s["momentum"], weight_decay=s["weight_decay"])
-    return torch.optim.Adam(model.parameters(), lr=s["lr"], weight_decay=s["weight_decay"])  # adam
+    return torch.optim.Adam(model.parameters(), lr=s["lr"], betas=(0.9, s["beta2"]), weight_decay=s["weight_decay"])  # adam
 
 
 class Clock:

@@ -106,6 +106,7 @@ def test_overrides_parse_before_or_after_config_and_junk_is_refused(capsys):
     ("device=gpu", "'device' must be auto, cpu, cuda or cuda:N"),
     ("stage1.batch_size=0", "'stage1.batch_size' must be >= 1"),
     ("predict.threshold=1.5", "'predict.threshold' must be in"),
+    ("stage1.beta2=1", "'stage1.beta2' must be in"),
     ("stage2.min_overlap=1024", "stage2.min_overlap=1024 must be smaller than stage2.tile=1024"),
     ("predict.cluster=host:8786", "'predict.cluster' must be empty, local:N or a scheduler address"),
 ])

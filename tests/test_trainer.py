@@ -73,6 +73,13 @@ def test_resume_continues_exactly(tmp_path):
     assert [round(h["train_loss"], 5) for h in resumed] == [round(h["train_loss"], 5) for h in full]
 
 
+def test_adam_beta2_setting_reaches_the_optimizer_and_its_checkpoint(tmp_path):
+    data = _blobs()
+    train(UNet(3, 3, 8), data, _validator(data), _settings(epochs=1, beta2=0.99, precision="fp32"), tmp_path, {}, torch.device("cpu"))
+    group = load_checkpoint(tmp_path / "last.pt", torch.device("cpu"))["optimizer"]["param_groups"][0]
+    assert tuple(group["betas"]) == (0.9, 0.99)
+
+
 def test_max_minutes_stops_in_time_and_keeps_best(tmp_path):
     data = _blobs()
     history = train(UNet(3, 3, 8), data, _validator(data), _settings(epochs=1000, max_minutes=0.05), tmp_path, {}, torch.device("cpu"))
