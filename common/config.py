@@ -193,8 +193,11 @@ def _validate(cfg: dict) -> None:
             raise ConfigError(f"config key '{key}' must be {where}; got {value!r}")
     if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", cfg["device"]):
         raise ConfigError(f"config key 'device' must be auto, cpu, cuda or cuda:N; got {cfg['device']!r}")
-    if cfg["stage2"]["min_overlap"] >= cfg["stage2"]["tile"]:
-        raise ConfigError(f"stage2.min_overlap={cfg['stage2']['min_overlap']} must be smaller than stage2.tile={cfg['stage2']['tile']}")
+    overlap, tile = cfg["stage2"]["min_overlap"], cfg["stage2"]["tile"]
+    if overlap > tile // 2:
+        raise ConfigError(f"stage2.min_overlap={overlap} must be at most half of stage2.tile={tile} ({tile // 2}): tiles start "
+                          "every tile - min_overlap pixels, so a larger overlap refines each pixel more than twice per axis "
+                          "and multiplies the tiles (the blend needs only a few dozen pixels)")
     for stage in ("stage1", "stage2"):
         value = cfg[stage]["checkpoint"]
         if isinstance(value, list) and not (value and all(isinstance(v, str) and v for v in value)):

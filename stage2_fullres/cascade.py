@@ -24,7 +24,7 @@ from common.config import ConfigError
 from common.inference import autocast, prepare
 from common.reader import read_batches
 from stage1_lowres.coarse import Coarse, box_from_probability, upsample
-from stage2_fullres.tiles import blend_weights, cut_tiles, plan_tiles, stitch
+from stage2_fullres.tiles import TooManyTiles, Window, blend_weights, cut_tiles, plan_tiles, stitch
 
 
 @dataclass
@@ -75,8 +75,9 @@ class Cascade:
         return cls(coarse, None if net is None else prepare(net, device, cfg["predict"]["compile"]), cfg, device)
 
     @torch.no_grad()
-    def predict(self, images: list[torch.Tensor], boxes: list[Box | None]) -> list[Prediction]:
-        """uint8 (3, H, W) images on the device and their boxes (None: from stage 1) -> predictions."""
+    def predict(self, images: list[torch.Tensor], boxes: list[Box | None]) -> list[Prediction | str]:
+        """uint8 (3, H, W) images on the device and their boxes (None: from stage 1) -> predictions, or
+        for an image the tile settings cannot cover (`TooManyTiles`) the reason."""
         small = self.coarse.probs(images) if self.coarse is not None else None
         preds = []
         for k, image in enumerate(images):
@@ -88,13 +89,24 @@ class Cascade:
                 box = box or (0, 0, width, height)
             coarse = None if small is None else upsample(small[k], width, height)
             preds.append(Prediction(width, height, box, found, coarse, None))
-        if self.refiner is not None:
-            self._refine(images, preds)
-        return preds
+        return self._refine(images, preds) if self.refiner is not None else preds
 
-    def _refine(self, images: list[torch.Tensor], preds: list[Prediction]) -> None:
+    def _refine(self, images: list[torch.Tensor], preds: list[Prediction]) -> list[Prediction | str]:
+        """The refiner's probability for each image whose tiles can be planned; the reason for the others."""
+        plans = [self._plan(p) for p in preds]
+        ok = [k for k, plan in enumerate(plans) if not isinstance(plan, str)]
+        if ok:
+            self._refine_planned([images[k] for k in ok], [preds[k] for k in ok], [plans[k] for k in ok])
+        return [plan if isinstance(plan, str) else p for p, plan in zip(preds, plans)]
+
+    def _plan(self, p: Prediction) -> list[Window] | str:
+        try:
+            return plan_tiles(p.width, p.height, p.box, self.tile, self.min_overlap)
+        except TooManyTiles as e:
+            return str(e)
+
+    def _refine_planned(self, images: list[torch.Tensor], preds: list[Prediction], plans: list[list[Window]]) -> None:
         """Tiles of all images in one queue, `predict.batch_size` tiles per forward pass, then stitched per image."""
-        plans = [plan_tiles(p.width, p.height, p.box, self.tile, self.min_overlap) for p in preds]
         rgb = torch.cat([cut_tiles(image, windows) for image, windows in zip(images, plans)])  # uint8, cut on the device
         prior = torch.cat([cut_tiles(p.coarse[None], windows) for p, windows in zip(preds, plans)]) if self.coarse_channel else None
         probs = torch.cat([self._forward(rgb[i : i + self.batch_size], None if prior is None else prior[i : i + self.batch_size])
@@ -134,7 +146,8 @@ class Cascade:
             ok = [(i, image) for i, image, _ in batch if image is not None]
             preds = dict(zip([i for i, _ in ok], self.predict([image for _, image in ok], [boxes[i] for i, _ in ok]))) if ok else {}
             for i, _, error in batch:
-                yield i, preds.get(i, error)
+                pred = preds.get(i, error)
+                yield i, f"{paths[i]}: {pred}" if i in preds and isinstance(pred, str) else pred  # a reason names its file
             done += len(batch)
             bar.update(len(batch))
         bar.close()

@@ -15,6 +15,15 @@ from common.boxes import Box
 
 Window = tuple[int, int, int, int]
 
+# Windows planned for one image at most. Real photos need 1-6 (1024 tiles on a 1918x1280 car box),
+# a 12000x8000 photo 117; more comes from settings no one means (an overlap close to the tile, a
+# tiny tile on a large photo) and would hold gigabytes of tiles in memory.
+MAX_TILES = 256
+
+
+class TooManyTiles(ValueError):
+    """The tile settings would cut one image into more than MAX_TILES windows; the message names them."""
+
 
 def plan_axis(lo: int, hi: int, length: int, tile: int, min_overlap: int) -> list[int]:
     """Fewest window starts covering [lo, hi) with consecutive overlaps of at least `min_overlap`."""
@@ -36,6 +45,10 @@ def plan_tiles(width: int, height: int, box: Box, tile: int = 1024, min_overlap:
         raise ValueError(f"box {box} is empty or outside the {width}x{height} image")
     xs = plan_axis(x0, x1, width, tile, min_overlap)
     ys = plan_axis(y0, y1, height, tile, min_overlap)
+    if len(xs) * len(ys) > MAX_TILES:
+        raise TooManyTiles(f"stage2.tile={tile} with stage2.min_overlap={min_overlap} cuts the {x1 - x0}x{y1 - y0} car box of "
+                           f"this {width}x{height} image into {len(xs) * len(ys)} tiles, more than the {MAX_TILES} allowed "
+                           "per image; raise stage2.tile or lower stage2.min_overlap")
     return [(x, y, x + tile, y + tile) for y in ys for x in xs]
 
 

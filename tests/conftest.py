@@ -1,8 +1,16 @@
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
+from hypothesis import settings
+
+# Property tests draw the same examples on every run (CI, `make test`): derandomized, no example
+# database. HYPOTHESIS_PROFILE=explore draws new examples every run and keeps failures in .hypothesis/.
+settings.register_profile("repeatable", derandomize=True, database=None, print_blob=True)
+settings.register_profile("explore", derandomize=False)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "repeatable"))
 
 REAL = Path(__file__).resolve().parents[1].parent / "shared" / "carvana_samples"
 

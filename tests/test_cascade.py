@@ -93,6 +93,22 @@ def test_every_image_comes_back_in_order_with_errors_named(tmp_path):
     assert all(pred.coarse.shape == (40 + i, 60) for i, pred in results if i not in (2, 5))
 
 
+def test_an_image_too_large_for_the_tile_settings_is_an_error_and_the_batch_goes_on(tmp_path):
+    """64 px tiles with a 32 px overlap cut a 1400x1000 photo into 1333 tiles, over the planner's
+    limit: that photo's result names it and the settings; the photos beside it are refined."""
+    sizes = [(90, 150), (1000, 1400), (70, 120)]
+    paths = []
+    for k, (h, w) in enumerate(sizes):
+        paths.append(tmp_path / f"photo{k}.png")
+        Image.fromarray(np.full((h, w, 3), 40 * k, np.uint8)).save(paths[-1])
+    cfg = tiny_config("unused", "unused", "stage2.tile=64", "stage2.min_overlap=32", "predict.batch_size=3")
+    cascade = Cascade(Coarse(UNet(3, 2, 4).eval(), 32, CPU), UNet(4, 3, 4, prior_skip=True).eval(), cfg, CPU)
+    results = dict(cascade.run(paths, [(0, 0, w, h) for h, w in sizes]))
+    assert str(paths[1]) in results[1] and "stage2.tile=64 with stage2.min_overlap=32" in results[1]
+    assert "1333 tiles" in results[1]
+    assert [results[k].prob.shape for k in (0, 2)] == [(90, 150), (70, 120)]
+
+
 def test_jpeg_bytes_path_decodes_on_the_device_and_falls_back(tiny_run, tmp_path, monkeypatch):
     """The nvjpeg path (JPEG bytes read by the workers, decoded in batches on the device) runs here
     with a stand-in decoder: same predictions as the PIL path; a truncated JPEG is decoded by PIL,

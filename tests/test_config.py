@@ -107,13 +107,18 @@ def test_overrides_parse_before_or_after_config_and_junk_is_refused(capsys):
     ("stage1.batch_size=0", "'stage1.batch_size' must be >= 1"),
     ("predict.threshold=1.5", "'predict.threshold' must be in"),
     ("stage1.beta2=1", "'stage1.beta2' must be in"),
-    ("stage2.min_overlap=1024", "stage2.min_overlap=1024 must be smaller than stage2.tile=1024"),
+    ("stage2.min_overlap=1024", "stage2.min_overlap=1024 must be at most half of stage2.tile=1024 (512)"),
+    ("stage2.min_overlap=513", "stage2.min_overlap=513 must be at most half of stage2.tile=1024 (512): tiles start"),
     ("predict.cluster=host:8786", "'predict.cluster' must be empty, local:N or a scheduler address"),
 ])
 def test_settings_with_fixed_values_fail_when_the_config_loads(override, message):
     """Checked at load, naming the allowed values: not minutes later, at first use."""
     with pytest.raises(ConfigError, match=re.escape(message)):
         load_config(None, [override])
+
+
+def test_an_overlap_of_half_the_tile_is_allowed():
+    assert load_config(None, ["stage2.tile=512", "stage2.min_overlap=256"])["stage2"]["min_overlap"] == 256
 
 
 def test_shipped_configs_are_valid():

@@ -8,16 +8,19 @@ from hypothesis import strategies as st
 import torch
 
 import reference
-from stage2_fullres.tiles import blend_weights, cut_tiles, plan_axis, plan_tiles, stitch
+from stage2_fullres.tiles import MAX_TILES, TooManyTiles, blend_weights, cut_tiles, plan_axis, plan_tiles, stitch
 
 
 @st.composite
-def image_and_box(draw):
-    w, h = draw(st.integers(16, 5000)), draw(st.integers(16, 3000))
+def image_and_box(draw, tiles=(64, 256, 1024), max_width=5000, max_height=3000):
+    """A case a user can configure: an overlap of at most half the tile (the config refuses more) and
+    an image the planner cuts into at most 15 x 11 = 165 tiles (within MAX_TILES), so that no draw
+    costs more than a few MB of tiles."""
+    tile = draw(st.sampled_from(tiles))
+    overlap = draw(st.integers(0, tile // 2))
+    w, h = draw(st.integers(16, min(max_width, 8 * tile))), draw(st.integers(16, min(max_height, 6 * tile)))
     x0, y0 = draw(st.integers(0, w - 1)), draw(st.integers(0, h - 1))
     x1, y1 = draw(st.integers(x0 + 1, w)), draw(st.integers(y0 + 1, h))
-    tile = draw(st.sampled_from([64, 256, 1024]))
-    overlap = draw(st.integers(0, tile // 2))
     return w, h, (x0, y0, x1, y1), tile, overlap
 
 
@@ -62,6 +65,33 @@ def test_real_sized_boxes_need_at_most_two_tiles():
     assert len(plan_axis(0, 3000, 3000, 1024, 64)) == 4  # wider than 2T - overlap: 3 or more
 
 
+@settings(max_examples=300, deadline=None)
+@given(st.integers(16, 1024), st.data())
+def test_planner_refuses_more_tiles_than_the_limit_and_names_the_settings(tile, data):
+    """Any overlap below the tile, any image: the planner returns the fewest windows, or refuses when
+    they would be more than MAX_TILES (it never builds them)."""
+    overlap = data.draw(st.integers(0, tile - 1))
+    w, h = data.draw(st.integers(16, 5000)), data.draw(st.integers(16, 3000))
+    x0, y0 = data.draw(st.integers(0, w - 1)), data.draw(st.integers(0, h - 1))
+    box = (x0, y0, data.draw(st.integers(x0 + 1, w)), data.draw(st.integers(y0 + 1, h)))
+    nx = 1 if w <= tile else _min_tiles(box[2] - box[0], tile, overlap)
+    ny = 1 if h <= tile else _min_tiles(box[3] - box[1], tile, overlap)
+    if nx * ny <= MAX_TILES:
+        assert len(plan_tiles(w, h, box, tile, overlap)) == nx * ny
+    else:
+        with pytest.raises(TooManyTiles, match=rf"stage2.tile={tile} with stage2.min_overlap={overlap} .* into {nx * ny} tiles"):
+            plan_tiles(w, h, box, tile, overlap)
+
+
+def test_an_overlap_next_to_the_tile_is_refused_not_planned():
+    """The cases that once allocated gigabytes: one new window per pixel."""
+    with pytest.raises(TooManyTiles, match="109025 tiles, more than the 256 allowed"):
+        plan_tiles(700, 500, (0, 0, 700, 500), 256, 255)
+    with pytest.raises(TooManyTiles, match="raise stage2.tile or lower stage2.min_overlap"):
+        plan_tiles(1918, 1280, (0, 0, 1918, 1280), 1024, 1023)
+    assert len(plan_tiles(1918, 1280, (0, 0, 1918, 1280), 1024, 512)) == 6  # the most overlap the config allows
+
+
 def test_bad_arguments():
     with pytest.raises(ValueError):
         plan_tiles(100, 100, (10, 10, 10, 20), 64, 8)
@@ -70,12 +100,9 @@ def test_bad_arguments():
 
 
 @settings(max_examples=60, deadline=None)
-@given(image_and_box(), st.sampled_from(["mean", "smooth"]))
+@given(image_and_box(max_width=1500, max_height=1000), st.sampled_from(["mean", "smooth"]))
 def test_identity_model_stitches_back_exactly(case, blend):
     w, h, box, tile, overlap = case
-    if w * h > 2_000_000:
-        w, h = min(w, 1500), min(h, 1000)
-        box = (min(box[0], w - 1), min(box[1], h - 1), min(max(box[2], box[0] + 1), w), min(max(box[3], box[1] + 1), h))
     prob = torch.rand(h, w, generator=torch.Generator().manual_seed(0))
     windows = plan_tiles(w, h, box, tile, overlap)
     tiles = cut_tiles(prob[None], windows)[:, 0]  # the "model" returns its input channel
@@ -88,15 +115,11 @@ def test_identity_model_stitches_back_exactly(case, blend):
 
 
 @settings(max_examples=80, deadline=None)
-@given(image_and_box(), st.sampled_from(["mean", "smooth"]))
+@given(image_and_box(tiles=(64, 128, 256), max_width=700, max_height=500), st.sampled_from(["mean", "smooth"]))
 def test_device_tiles_match_the_numpy_reference(case, blend):
     """Cutting (reflect padding at the edges of images smaller than a tile included), blending and
     stitching on tensors give what the numpy reference gives."""
     w, h, box, tile, overlap = case
-    w, h = min(w, 700), min(h, 500)
-    box = (min(box[0], w - 1), min(box[1], h - 1), min(max(box[2], box[0] + 1), w), min(max(box[3], box[1] + 1), h))
-    tile = min(tile, 256)
-    overlap = min(overlap, tile - 1)
     rng = np.random.default_rng(1)
     image = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
     windows = plan_tiles(w, h, box, tile, overlap)
