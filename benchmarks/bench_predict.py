@@ -68,56 +68,71 @@ def timed(device, fn, *args):
     return out, time.perf_counter() - t
 
 
+def end_to_end(cfg: dict, device: torch.device) -> float:
+    """Seconds of a whole `stage2 predict` over the run's test images, after a 2-image warm-up
+    (cudnn benchmark, allocator, page cache) whose chunks are then deleted."""
+    s2_predict.main({**cfg, "data": {**cfg["data"], "limit_test": 2}})
+    for part in Path(cfg["output"]["dir"], "stage2_chunks").glob("*/*"):
+        part.unlink()
+    return timed(device, s2_predict.main, cfg)[1]
+
+
+def stage_seconds(cfg: dict, cascade: Cascade, device: torch.device, batch: int) -> dict[str, float]:
+    """Seconds per image of each step of the Cascade timed alone, on one reader batch of decoded images."""
+    paths = sorted(Path(cfg["data"]["root"], "test").glob("*.jpg"))
+    steps: dict[str, float] = {}
+    batches, t_read = timed(device, lambda: [b for b in read_batches(paths, device, batch, cascade.workers)])
+    steps["read + decode (workers, overlapped)"] = t_read / len(paths)
+    images = [im for _, im, _ in batches[0]]
+    k = len(images)
+    small, t = timed(device, cascade.coarse.probs, images)
+    steps["stage-1 net (resize on device)"] = t / k
+    windows = plan_tiles(1918, 1280, BOX, cfg["stage2"]["tile"], cfg["stage2"]["min_overlap"])
+    coarse, t = timed(device, lambda: [upsample(p, 1918, 1280) for p in small])
+    steps["upsample prior"] = t / k
+    tiles, t = timed(device, lambda: (torch.cat([cut_tiles(im, windows) for im in images]),
+                                      torch.cat([cut_tiles(c[None], windows) for c in coarse])))
+    steps["cut tiles"] = t / k
+    probs, t = timed(device, lambda: torch.cat([cascade._forward(tiles[0][i : i + batch], tiles[1][i : i + batch])
+                                                for i in range(0, len(tiles[0]), batch)]))
+    steps[f"refiner, {len(windows)} tiles"] = t / k
+    n = len(windows)
+    full, t = timed(device, lambda: [stitch(probs[n * j : n * j + n], windows, BOX, 1918, 1280, cascade.weights) for j in range(k)])
+    steps["stitch + blend"] = t / k
+    masks, t = timed(device, lambda: [(f > 0.5).cpu().numpy() for f in full])
+    steps["threshold + copy to host"] = t / k
+    _, t = timed(device, lambda: [rle_encode(m) for m in masks])
+    steps["RLE (writer thread)"] = t / k
+    return steps
+
+
+def print_shares(steps: dict[str, float]) -> None:
+    total = sum(steps.values())
+    print(f"{'Cascade stage, timed alone':44} {'ms/image':>9} {'share':>7}")
+    for name, t in steps.items():
+        print(f"{name:44} {t * 1e3:9.1f} {t / total:7.1%}")
+
+
 def compare(n: int, depth: int, width: int, batch: int, old_n: int) -> None:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     with tempfile.TemporaryDirectory() as tmp:
         cfg = make_run(Path(tmp), n, depth, width, 512, [f"predict.batch_size={batch}", "predict.chunk=64",
                                                          f"predict.workers={min(12, len(os.sched_getaffinity(0)) - 1) if device.type == 'cuda' else 0}"])
-        s2_predict.main({**cfg, "data": {**cfg["data"], "limit_test": 2}})  # warm-up: cudnn benchmark, allocator, page cache
-        for part in Path(cfg["output"]["dir"], "stage2_chunks").glob("*/*"):
-            part.unlink()
-        _, new_s = timed(device, s2_predict.main, cfg)
-
+        new_s = end_to_end(cfg, device)
         paths = sorted(Path(cfg["data"]["root"], "test").glob("*.jpg"))
         cascade = Cascade.from_config(cfg, device)
         old_s = 0.0
         for path in paths[:old_n]:
             out, t = timed(device, reference.old_predict, cascade.coarse.model, cascade.refiner, path, 512, BOX)
             old_s += t + timed(device, rle_encode, out["prob"] > 0.5)[1]  # the old path encoded in series
-
-        # each stage alone, on one reader batch of decoded images
-        steps: dict[str, float] = {}
-        batches, t_read = timed(device, lambda: [b for b in read_batches(paths, device, batch, cascade.workers)])
-        steps["read + decode (workers, overlapped)"] = t_read / n
-        images = [im for _, im, _ in batches[0]]
-        k = len(images)
-        small, t = timed(device, cascade.coarse.probs, images)
-        steps["stage-1 net (resize on device)"] = t / k
-        windows = plan_tiles(1918, 1280, BOX, cfg["stage2"]["tile"], cfg["stage2"]["min_overlap"])
-        coarse, t = timed(device, lambda: [upsample(p, 1918, 1280) for p in small])
-        steps["upsample prior"] = t / k
-        tiles, t = timed(device, lambda: (torch.cat([cut_tiles(im, windows) for im in images]),
-                                          torch.cat([cut_tiles(c[None], windows) for c in coarse])))
-        steps["cut tiles"] = t / k
-        probs, t = timed(device, lambda: torch.cat([cascade._forward(tiles[0][i : i + batch], tiles[1][i : i + batch])
-                                                    for i in range(0, len(tiles[0]), batch)]))
-        steps[f"refiner, {len(windows)} tiles"] = t / k
-        full, t = timed(device, lambda: [stitch(probs[2 * j : 2 * j + 2], windows, BOX, 1918, 1280, cascade.weights) for j in range(k)])
-        steps["stitch + blend"] = t / k
-        masks, t = timed(device, lambda: [(f > 0.5).cpu().numpy() for f in full])
-        steps["threshold + copy to host"] = t / k
-        _, t = timed(device, lambda: [rle_encode(m) for m in masks])
-        steps["RLE (writer thread)"] = t / k
+        steps = stage_seconds(cfg, cascade, device, batch)
 
     print(f"\ndevice {device}, U-Net depth {depth} width {width}, 1918x1280 real photos, box of two 1024 tiles, batch {batch} tiles")
     print(f"{'path':44} {'images':>6} {'ms/image':>9} {'images/s':>9}")
     print(f"{'old: per image, two decodes, numpy tiles':44} {old_n:6d} {old_s / old_n * 1e3:9.1f} {old_n / old_s:9.2f}")
     print(f"{'new: stage2 predict (Cascade), end to end':44} {n:6d} {new_s / n * 1e3:9.1f} {n / new_s:9.2f}")
     print(f"speed-up {old_s / old_n / (new_s / n):.2f}x; 100,064 test images: {100_064 * new_s / n / 3600:.2f} h\n")
-    total = sum(steps.values())
-    print(f"{'Cascade stage, timed alone':44} {'ms/image':>9} {'share':>7}")
-    for name, t in steps.items():
-        print(f"{name:44} {t * 1e3:9.1f} {t / total:7.1%}")
+    print_shares(steps)
 
 
 def memory() -> None:

@@ -3,6 +3,7 @@ included) against the same net's forward + backward + optimizer step on tensors 
 device, in one process, as a ratio. The goal on a GPU is >= 80% of the net's own rate.
 
     .venv/bin/python benchmarks/bench_train.py [stage1|stage2|both] [steps=20] [depth=6] [width=16]
+        (benchmarks/gpu_check.py runs the same rows with and without torch.compile)
     .venv/bin/python benchmarks/bench_train.py precision [steps] [depth] [width] [batch=4]
         the net's step at stage-1 size in fp32 against bf16, same process (on a CPU with native bf16,
         `precision: auto` times the same two when training starts and takes bf16 if >= 10% faster)
@@ -57,8 +58,10 @@ def sync() -> None:
 
 
 def net_rate(model: torch.nn.Module, s: dict, x: torch.Tensor, y: torch.Tensor, steps: int) -> float:
-    """Samples/s of forward + backward + step on one batch already on the device: the ceiling."""
+    """Samples/s of forward + backward + step on one batch already on the device: the ceiling
+    (torch.compile'd when `s["compile"]`, as the trainer does)."""
     opt, dtype = _optimizer(model, s), amp_dtype(s["precision"], DEVICE)
+    net = torch.compile(model) if s["compile"] else model
     scaler = torch.amp.GradScaler("cuda", enabled=dtype == torch.float16)
     x = x.contiguous(memory_format=torch.channels_last)
     model.train()
@@ -67,7 +70,7 @@ def net_rate(model: torch.nn.Module, s: dict, x: torch.Tensor, y: torch.Tensor, 
             sync()
             t = time.perf_counter()
         with torch.autocast(DEVICE.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-            loss = bce_dice_loss(model(x), y)
+            loss = bce_dice_loss(net(x), y)
         scaler.scale(loss).backward()
         scaler.step(opt)
         scaler.update()
@@ -81,23 +84,24 @@ def loop_rate(model: torch.nn.Module, s: dict, data, steps: int) -> tuple[float,
     and the share of its time spent waiting for data."""
     opt, dtype = _optimizer(model, s), amp_dtype(s["precision"], DEVICE)
     scaler = torch.amp.GradScaler("cuda", enabled=dtype == torch.float16)
-    clock = Clock(0, Ranks(), DEVICE)
+    clock = Clock(0)
     limited = Limited(data, steps)
-    train_one_epoch(model, opt, scaler, limited, 0, s, DEVICE, dtype, clock, Ranks(), 0)  # warm-up, mask cache filled
+    net = torch.compile(model) if s["compile"] else model
+    train_one_epoch(net, opt, scaler, limited, 0, s, DEVICE, dtype, clock, Ranks(), 0)  # warm-up, mask cache filled
     sync()
     t = time.perf_counter()
-    stats = train_one_epoch(model, opt, scaler, limited, 1, s, DEVICE, dtype, clock, Ranks(), 0)
+    stats = train_one_epoch(net, opt, scaler, limited, 1, s, DEVICE, dtype, clock, Ranks(), 0)
     sync()
     seconds = time.perf_counter() - t
     return stats["images"] / seconds, stats["data_s"] / seconds
 
 
-def stage1(steps: int, depth: int, width: int) -> list[tuple]:
-    size = 512 if CUDA else 256
+def stage1(steps: int, depth: int, width: int, compile: bool = False, real: Path = REAL, size: int = 0) -> list[tuple]:
+    size = size or (512 if CUDA else 256)
     cfg = load_config(None, [f"stage1.size={size}", f"stage1.depth={depth}", f"stage1.width={width}",
-                             f"stage1.batch_size={32 if CUDA else 4}"])
+                             f"stage1.batch_size={32 if CUDA else 4}", f"stage1.compile={compile}"])
     s = cfg["stage1"]
-    pairs, _ = scan_pairs(index_split(REAL, "train"), (size, size), jobs=os.cpu_count() or 1)
+    pairs, _ = scan_pairs(index_split(real, "train"), (size, size), jobs=os.cpu_count() or 1)
     images, masks = as_tensors(pairs)
     data = TensorBatches(images, masks, s["batch_size"], DEVICE)
     x = images[: s["batch_size"]].to(DEVICE).float().div_(255)
@@ -106,10 +110,11 @@ def stage1(steps: int, depth: int, width: int) -> list[tuple]:
     ceiling = net_rate(UNet(3, depth, width).to(DEVICE).to(memory_format=torch.channels_last), s, x, y, steps)
     torch.manual_seed(0)
     rate, wait = loop_rate(UNet(3, depth, width).to(DEVICE).to(memory_format=torch.channels_last), s, data, steps)
-    return [(f"stage 1, {size}px, batch {s['batch_size']}, {len(pairs)} real photos on the {DEVICE.type}", ceiling, rate, wait)]
+    return [(f"stage 1, {size}px, batch {s['batch_size']}, {len(pairs)} real photos on the {DEVICE.type}"
+             + (", compiled" if compile else ""), ceiling, rate, wait)]
 
 
-def stage2(steps: int, depth: int, width: int) -> list[tuple]:
+def stage2(steps: int, depth: int, width: int, compile: bool = False, crop: int = 384, per_item: tuple[int, ...] = (1, 4)) -> list[tuple]:
     from common.synth import write_sample_data
 
     rows = []
@@ -120,9 +125,10 @@ def stage2(steps: int, depth: int, width: int) -> list[tuple]:
         pairs, _ = scan_pairs(index_split(root, "train"), (64, 64), keep=False, jobs=os.cpu_count() or 1)
         boxes = {p.sample.img: expand_box(p.box, 32, p.width, p.height) for p in pairs}
         ceiling = None
-        for per in (1, 4):
-            cfg = load_config(None, [f"stage2.depth={depth}", f"stage2.width={width}", f"stage2.batch_size={batch}",
-                                     f"stage2.crops_per_image={per}", "stage2.coarse_channel=false", f"stage2.workers={workers}"])
+        for per in per_item:
+            cfg = load_config(None, [f"stage2.depth={depth}", f"stage2.width={width}", f"stage2.batch_size={batch}", f"stage2.crop={crop}",
+                                     f"stage2.crops_per_image={per}", "stage2.coarse_channel=false", f"stage2.workers={workers}",
+                                     f"stage2.compile={compile}"])
             s = cfg["stage2"]
             crops = CropDataset(pairs, boxes, s, None, Path(tmp) / f"masks{per}")
             data = LoaderBatches(crops, batch, workers, DEVICE, per_item=per)
@@ -133,7 +139,8 @@ def stage2(steps: int, depth: int, width: int) -> list[tuple]:
             torch.manual_seed(0)
             rate, wait = loop_rate(UNet(3, depth, width).to(DEVICE).to(memory_format=torch.channels_last), s, data,
                                    min(steps, len(data)))
-            rows.append((f"stage 2, 384px crops, batch {batch}, {per} crop(s) per decode, {workers} workers", ceiling, rate, wait))
+            rows.append((f"stage 2, {crop}px crops, batch {batch}, {per} crop(s) per decode, {workers} workers"
+                         + (", compiled" if compile else ""), ceiling, rate, wait))
     return rows
 
 

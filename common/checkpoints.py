@@ -15,11 +15,16 @@ from common.model import UNet
 
 
 def pick_device(name: str) -> torch.device:
+    """The device of `name` (auto | cpu | cuda | cuda:N), made this process's current CUDA device, so
+    that streams, events and allocations without an explicit device land on it too."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError(f"device={name} but CUDA is not available here; use device=cpu or device=auto")
-    return torch.device(name)
+    device = torch.device(name)
+    if device.type == "cuda" and device.index is not None:
+        torch.cuda.set_device(device)  # needs CUDA: not testable on the CPU
+    return device
 
 
 def build_model(settings: dict, in_channels: int, prior_skip: bool = False, seed: int = 0) -> nn.Module:

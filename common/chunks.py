@@ -104,15 +104,19 @@ class ChunkWriter:
             self.pool.shutdown(wait=True, cancel_futures=True)
 
 
-def mask_to_host(mask: torch.Tensor) -> Callable[[], np.ndarray]:
-    """Start copying a bool mask to the host without stalling the device queue; the returned
-    function waits for that copy alone (an event, not a device-wide sync) and gives the array."""
-    if mask.device.type != "cuda":
-        return mask.numpy
-    host = torch.empty(mask.shape, dtype=torch.bool, pin_memory=True)
-    host.copy_(mask, non_blocking=True)
+def to_host(tensor: torch.Tensor) -> Callable[[], np.ndarray]:
+    """Start copying a tensor (a bool mask, a batch of probabilities) to the host without stalling the
+    device queue; the returned function waits for that copy alone (an event, not a device-wide sync)
+    and gives the array."""
+    if tensor.device.type != "cuda":
+        return tensor.numpy
+    host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+    host.copy_(tensor, non_blocking=True)  # queued on the current stream of the tensor's device
     done = torch.cuda.Event()
-    done.record()
+    # recorded on that same stream: a bare record() goes to the current device's stream, which is
+    # another GPU's on a worker computing on cuda:1, and would not wait for this copy.
+    # Needs CUDA: not testable on the CPU (benchmarks/gpu_check.py runs two devices where there are two).
+    done.record(torch.cuda.current_stream(tensor.device))
 
     def wait() -> np.ndarray:
         done.synchronize()

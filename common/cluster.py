@@ -16,6 +16,7 @@ from typing import Any, Callable
 import torch
 from tqdm import tqdm
 
+from common.checkpoints import pick_device
 from common.chunks import Chunk
 from common.config import ConfigError
 
@@ -30,16 +31,17 @@ def cached(key: str, build: Callable[[], Any]) -> Any:
 
 
 def worker_device(name: str) -> torch.device:
-    """`auto` on a Dask worker of a LocalCluster: GPU number = worker number, so N workers use N GPUs."""
+    """`auto` on a Dask worker of a LocalCluster: GPU number = worker number, so N workers use N GPUs;
+    the worker's current CUDA device is set to it (`pick_device`)."""
     if name != "auto" or not torch.cuda.is_available():
-        return torch.device("cpu" if name == "auto" else name)
+        return pick_device(name)
     try:
         from distributed import get_worker
 
         index = int(get_worker().name)
     except (ImportError, ValueError, TypeError):
         index = 0
-    return torch.device(f"cuda:{index % torch.cuda.device_count()}")
+    return pick_device(f"cuda:{index % torch.cuda.device_count()}")
 
 
 def connect(spec: str):

@@ -57,22 +57,17 @@ def init(device_name: str) -> tuple[Ranks, torch.device]:
     return r, device
 
 
-def broadcast_flag(flag: bool, device: torch.device) -> bool:
-    """Rank 0's decision, the same on every rank (e.g. "out of time": every rank stops after the same step)."""
-    if not dist.is_initialized():
-        return flag
-    t = torch.tensor([int(flag)], device=device)
-    dist.broadcast(t, 0)
-    return bool(t.item())  # a sync point: call it every few steps, not every kernel
-
-
-def all_agree(flag: bool, device: torch.device) -> bool:
-    """True only if `flag` is true on every rank (e.g. "this step's loss is finite")."""
-    if not dist.is_initialized():
-        return flag
-    t = torch.tensor([int(flag)], device=device)
-    dist.all_reduce(t, dist.ReduceOp.MIN)
-    return bool(t.item())
+def step_agreement(finite: torch.Tensor, late: bool, total: torch.Tensor, seen: torch.Tensor) -> tuple[bool, bool, tuple[float, float]]:
+    """One optimizer step's decisions, in one collective and one host read (the step's only sync
+    point): was the loss finite on every rank, does rank 0's clock say stop (every rank then stops
+    after the same step), and the running loss sum and image count over all ranks (progress bar)."""
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    decides = not dist.is_initialized() or dist.get_rank() == 0
+    flags = torch.stack([finite.to(total.dtype), total.new_full((), float(late and decides)), total, seen])  # no host copy
+    if dist.is_initialized():
+        dist.all_reduce(flags)
+    ok, stop, loss_sum, images = flags.tolist()  # a sync point, once per optimizer step
+    return ok == world, stop > 0, (loss_sum, images)
 
 
 def total(value: torch.Tensor) -> torch.Tensor:

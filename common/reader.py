@@ -7,11 +7,14 @@ never a silent drop.
 """
 from __future__ import annotations
 
+import functools
+import io
 import multiprocessing
 from pathlib import Path
 from typing import Callable, Iterator
 
 import torch
+from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from common.io import ImageReadError, read_image
@@ -54,15 +57,35 @@ def _as_list(items: list[Item]) -> list[Item]:
     return items  # images differ in size: no stacking
 
 
+@functools.cache
 def nvjpeg_decoder(device: torch.device) -> JpegDecoder | None:
-    """torchvision's batched GPU JPEG decoder on CUDA, when torchvision is installed."""
+    """torchvision's batched GPU JPEG decoder on CUDA, probed once per device on a small JPEG; None
+    (the reader processes decode with PIL, said in one line) where it is missing or fails."""
     if device.type != "cuda":
         return None
     try:
         from torchvision.io import ImageReadMode, decode_jpeg
     except ImportError:
+        print(f"reader: torchvision is not installed, so JPEGs are decoded by PIL in the reader processes, not by nvjpeg on "
+              f"{device} (pip install torchvision)", flush=True)
         return None
-    return lambda data, dev: decode_jpeg(data, mode=ImageReadMode.RGB, device=dev)
+
+    def decode(data: list[torch.Tensor], dev: torch.device) -> list[torch.Tensor]:
+        # nvJPEG's hardware engine does not wait for the stream it is given, and its outputs come from the
+        # caching allocator, which hands back blocks that kernels queued on this stream may still read
+        # (torchvision PR #9606, torchcodec PR #1634): so no decode starts before this stream is idle.
+        # Needs CUDA: not testable on the CPU (benchmarks/gpu_check.py checks it on a GPU).
+        torch.cuda.current_stream(dev).synchronize()  # a sync point, once per batch
+        return decode_jpeg(data, mode=ImageReadMode.RGB, device=dev)
+
+    buf = io.BytesIO()
+    Image.new("RGB", (16, 16), (200, 30, 30)).save(buf, format="JPEG")
+    try:
+        decode([torch.frombuffer(bytearray(buf.getvalue()), dtype=torch.uint8)], device)
+    except RuntimeError as e:
+        print(f"reader: nvjpeg cannot decode on {device} ({e}); JPEGs are decoded by PIL in the reader processes", flush=True)
+        return None
+    return decode
 
 
 def to_device(items: list[Item], paths: list[Path], device: torch.device, decode: JpegDecoder | None) -> list[Decoded]:

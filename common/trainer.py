@@ -119,19 +119,14 @@ def _optimizer(model: nn.Module, s: dict) -> torch.optim.Optimizer:
 
 
 class Clock:
-    """The wall-clock budget of one invocation; rank 0's clock decides for every rank."""
+    """The wall-clock budget of one invocation; rank 0's clock decides for every rank (`step_agreement`)."""
 
-    def __init__(self, minutes: float, ranks: Ranks, device: torch.device):
-        self.started, self.budget = time.monotonic(), minutes * 60 or math.inf
-        self.val_seconds, self.ranks, self.device = 0.0, ranks, device
+    def __init__(self, minutes: float):
+        self.started, self.budget, self.val_seconds = time.monotonic(), minutes * 60 or math.inf, 0.0
 
-    def out_of_time(self, step: int) -> bool:
-        """Would another step plus the next validation overrun? Shared every 10 steps under DDP
-        (a broadcast is a sync point), every step alone."""
-        if self.budget == math.inf or (self.ranks.on and step % 10):
-            return False
-        late = time.monotonic() - self.started + self.val_seconds > self.budget
-        return distributed.broadcast_flag(late, self.device)
+    def late(self) -> bool:
+        """Would another step plus the next validation overrun? This process's clock, no device work."""
+        return time.monotonic() - self.started + self.val_seconds > self.budget
 
 
 def planned_epochs(clock: Clock, done: int, last_seconds: float, ranks: Ranks, device: torch.device) -> int:
@@ -148,12 +143,16 @@ def planned_epochs(clock: Clock, done: int, last_seconds: float, ranks: Ranks, d
 def train_one_epoch(net: nn.Module, opt: torch.optim.Optimizer, scaler: torch.amp.GradScaler, data: Batches, epoch: int,
                     s: dict, device: torch.device, dtype: torch.dtype | None, clock: Clock, ranks: Ranks, seed: int) -> dict:
     """One pass over this rank's shard. Returns the mean training loss over all ranks, the counts,
-    and whether the budget ran out. A step whose loss is not finite on any rank is skipped on all."""
+    and whether the budget ran out. A step whose loss is not finite on any rank is skipped on all.
+
+    One host sync per optimizer step: the losses' finiteness, rank 0's clock and the running sums
+    travel in one collective and one read (`distributed.step_agreement`); everything else stays queued."""
     net.train()
     aug_gen = torch.Generator().manual_seed(seed * 1_000_003 + epoch * 1009 + ranks.rank)  # resume needs no saved state
     accum = s["accum"]
-    total, seen, skipped, bad_run, out_of_time = torch.zeros((), device=device), 0, 0, 0, False
-    window_finite = True  # every micro-step of the optimizer step being accumulated had a finite loss
+    total, seen = torch.zeros((), device=device), torch.zeros((), device=device)  # over finite steps, summed on the device
+    window_finite = torch.ones((), dtype=torch.bool, device=device)  # every micro-step of this optimizer step was finite
+    skipped, bad_run, out_of_time, shown = 0, 0, False, (0.0, 0.0)
     data_s, step_s, t0, t = 0.0, 0.0, time.monotonic(), time.monotonic()
     bar = tqdm(total=len(data), desc=f"epoch {epoch + 1}/{s['epochs']}", leave=False, mininterval=1.0,  # "auto" in epoch 1
                disable=None if ranks.main else True)
@@ -170,10 +169,13 @@ def train_one_epoch(net: nn.Module, opt: torch.optim.Optimizer, scaler: torch.am
             with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
                 loss = bce_dice_loss(net(x), y, s["edge_weight"])
             scaler.scale(loss / accum).backward()
-        finite = bool(torch.isfinite(loss))  # a sync point, once per step, after the backward pass is queued
-        window_finite = window_finite and finite
+        finite = torch.isfinite(loss.detach())  # stays on the device until the step's one sync
+        window_finite &= finite
+        total += torch.where(finite, loss.detach(), 0.0) * len(x)
+        seen += finite * len(x)
         if boundary:
-            if distributed.all_agree(window_finite, device):
+            ok, late, shown = distributed.step_agreement(window_finite, clock.late(), total, seen)  # the step's sync point
+            if ok:
                 scaler.step(opt)
                 scaler.update()
                 bad_run = 0
@@ -184,20 +186,17 @@ def train_one_epoch(net: nn.Module, opt: torch.optim.Optimizer, scaler: torch.am
                                         f"lower lr (now {opt.param_groups[0]['lr']:.2e}) or set precision=fp32; "
                                         "best.pt still holds the last good model")
             opt.zero_grad(set_to_none=True)
-            window_finite = True
-        if finite:
-            total += loss.detach() * len(x)  # summed on the device; read once per epoch
-            seen += len(x)
+            window_finite.fill_(True)
+            out_of_time = late
         t = time.monotonic()
         step_s += t - t_data
         bar.update()
         if i % 20 == 0 and not bar.disable:
-            bar.set_postfix(loss=f"{total.item() / max(seen, 1):.4f}", img_s=f"{seen / (t - t0):.1f}")
-        if clock.out_of_time(i + 1):
-            out_of_time = True
+            bar.set_postfix(loss=f"{shown[0] / max(shown[1], 1):.4f}", img_s=f"{shown[1] / (t - t0):.1f}")
+        if out_of_time:
             break
     bar.close()
-    sums = distributed.total(torch.stack([total.float(), torch.tensor(float(seen), device=device)]))
+    sums = distributed.total(torch.stack([total, seen]))
     return {"train_loss": (sums[0] / sums[1].clamp(min=1)).item(), "images": int(sums[1].item()), "skipped": skipped,
             "data_s": data_s, "step_s": step_s, "out_of_time": out_of_time}
 
@@ -231,7 +230,7 @@ def train(model: nn.Module, data: Batches, validate: Validate, settings: dict, r
           config: dict, device: torch.device, seed: int = 0, ranks: Ranks = Ranks()) -> list[dict]:
     """Train `model` on `data` per the stage `settings`; returns the history, one row an epoch."""
     s, run_dir = settings, Path(run_dir)
-    clock = Clock(s["max_minutes"], ranks, device)
+    clock = Clock(s["max_minutes"])
     torch.manual_seed(seed)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed input sizes: the fastest kernels are picked once

@@ -18,7 +18,7 @@ import pandas as pd
 from PIL import Image, ImageColor
 
 from common.checkpoints import pick_device
-from common.chunks import mask_to_host
+from common.chunks import to_host
 from common.config import ConfigError
 from common.io import atomic_path, read_image, write_csv
 from common.submission import mask_threshold
@@ -88,7 +88,7 @@ def cutout(inputs: list[str], out: str, cfg: dict, composite: str | None = None)
                 if isinstance(pred, str):
                     errors.append({"photo": str(todo[i]), "reason": pred})
                     continue
-                pending.append(pool.submit(_write, todo[i], mask_to_host(pred.prob > threshold), outputs(out, todo[i], tag), colour))
+                pending.append(pool.submit(_write, todo[i], to_host(pred.prob > threshold), outputs(out, todo[i], tag), colour))
                 _drain(pending, keep=8)
             _drain(pending, keep=0)
     if errors or (out / "errors.csv").exists():

@@ -112,10 +112,13 @@ def to_stage1_input(images: list[torch.Tensor], size: int) -> torch.Tensor:
 
 
 class Coarse:
-    """The stage-1 net as a function on decoded images: low-resolution car probabilities."""
+    """The stage-1 net as a function on decoded images: low-resolution car probabilities.
 
-    def __init__(self, model: nn.Module, size: int, device: torch.device, flip: bool = False):
-        self.model, self.size, self.device, self.flip = model, size, device, flip
+    `static_batch` (under predict.compile): the net sees batches of exactly that many images, a
+    partial batch padded, since every new shape recompiles (and after 8, torch falls back to eager)."""
+
+    def __init__(self, model: nn.Module, size: int, device: torch.device, flip: bool = False, static_batch: int = 0):
+        self.model, self.size, self.device, self.flip, self.static_batch = model, size, device, flip, static_batch
 
     @classmethod
     def from_config(cls, cfg: dict, device: torch.device) -> "Coarse":
@@ -125,16 +128,25 @@ class Coarse:
             size = ckpt["config"]["stage1"]["size"]
             if size != cfg["stage1"]["size"]:
                 raise ConfigError(f"{path} was trained at stage1.size={size}, the config says {cfg['stage1']['size']}")
-        return cls(model, cfg["stage1"]["size"], device, flip=cfg["predict"]["tta_flip"])
+        p = cfg["predict"]
+        return cls(model, cfg["stage1"]["size"], device, flip=p["tta_flip"], static_batch=p["batch_size"] if p["compile"] else 0)
 
     @torch.no_grad()
     def probs(self, images: list[torch.Tensor]) -> torch.Tensor:
         """(N, size, size) probabilities, float32 on the device, computed under `autocast`; with
         flip TTA the mirrored images ride in the same pass and the two predictions are averaged."""
         x = to_stage1_input(images, self.size)
+        step = self.static_batch or len(x)
+        return torch.cat([self._forward(x[i : i + step], step) for i in range(0, len(x), step)])
+
+    def _forward(self, x: torch.Tensor, batch: int) -> torch.Tensor:
         n = len(x)
+        if n < batch:  # only under static_batch: one shape for the compiled net
+            x = torch.cat([x, x.new_zeros(batch - n, *x.shape[1:])])
         if self.flip:
             x = torch.cat([x, x.flip(-1)])
         with autocast(self.device):
             p = torch.sigmoid(self.model(x.contiguous(memory_format=torch.channels_last)).float())[:, 0]
-        return (p[:n] + p[n:].flip(-1)) / 2 if self.flip else p
+        if self.flip:
+            p = (p[:batch] + p[batch:].flip(-1)) / 2
+        return p[:n]

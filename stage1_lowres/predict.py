@@ -10,7 +10,7 @@ from __future__ import annotations
 import warnings
 from pathlib import Path
 
-from common.chunks import Chunk, ChunkStore, ChunkWriter, mask_to_host
+from common.chunks import Chunk, ChunkStore, ChunkWriter, to_host
 from common.cluster import cached, predict_chunks_anywhere, worker_device
 from common.data import DataError, Sample, index_split
 from common.io import write_csv
@@ -58,7 +58,7 @@ def predict_chunks(chunks: list[Chunk], cfg: dict, key: str, names: list[str], c
                 warnings.warn(f"{path}: stage 1 found no car; using the whole image as its box", stacklevel=1)
             x0, y0, x1, y1 = pred.box
             row |= {"width": pred.width, "height": pred.height, "x0": x0, "y0": y0, "x1": x1, "y1": y1, "found": int(pred.found)}
-            mask = mask_to_host(pred.coarse > threshold) if split == "test" else None
+            mask = to_host(pred.coarse > threshold) if split == "test" else None
             writer.add(lambda row=row, mask=mask: row | {"rle_mask": rle_encode(mask()) if mask else ""})
     return len(items)
 

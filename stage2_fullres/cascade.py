@@ -20,6 +20,7 @@ from tqdm import tqdm
 
 from common.boxes import Box
 from common.checkpoints import checkpoint_paths, load_models
+from common.chunks import to_host
 from common.config import ConfigError
 from common.inference import autocast, prepare
 from common.reader import read_batches
@@ -79,16 +80,15 @@ class Cascade:
         """uint8 (3, H, W) images on the device and their boxes (None: from stage 1) -> predictions, or
         for an image the tile settings cannot cover (`TooManyTiles`) the reason."""
         small = self.coarse.probs(images) if self.coarse is not None else None
+        need = [k for k, box in enumerate(boxes) if box is None]  # boxes stage 1 must find
+        host = to_host(small[need]) if need else None  # one copy for the batch, started before the upsampling is queued
+        sizes = [(image.shape[-1], image.shape[-2]) for image in images]  # (width, height)
+        coarse = [None if small is None else upsample(small[k], w, h) for k, (w, h) in enumerate(sizes)]
+        on_host = dict(zip(need, host())) if need else {}  # waits for that copy alone, while the device upsamples
         preds = []
-        for k, image in enumerate(images):
-            height, width = image.shape[-2:]
-            box, found = boxes[k], True
-            if box is None:
-                box = box_from_probability(small[k].cpu().numpy(), width, height, self.margin, self.box_threshold)  # a sync point
-                found = box is not None
-                box = box or (0, 0, width, height)
-            coarse = None if small is None else upsample(small[k], width, height)
-            preds.append(Prediction(width, height, box, found, coarse, None))
+        for k, (width, height) in enumerate(sizes):
+            box = boxes[k] if k not in on_host else box_from_probability(on_host[k], width, height, self.margin, self.box_threshold)
+            preds.append(Prediction(width, height, box or (0, 0, width, height), box is not None, coarse[k], None))
         return self._refine(images, preds) if self.refiner is not None else preds
 
     def _refine(self, images: list[torch.Tensor], preds: list[Prediction]) -> list[Prediction | str]:

@@ -12,7 +12,7 @@ import hashlib
 import json
 from pathlib import Path
 
-from common.chunks import Chunk, ChunkStore, ChunkWriter, mask_to_host
+from common.chunks import Chunk, ChunkStore, ChunkWriter, to_host
 from common.cluster import cached, predict_chunks_anywhere, worker_device
 from common.data import DataError
 from common.rle import rle_encode
@@ -44,7 +44,7 @@ def predict_chunks(chunks: list[Chunk], cfg: dict, key: str, names: list[str], c
             if isinstance(pred, str):
                 writer.add(lambda img=img, error=pred: {"img": img, "rle_mask": "", "error": error})
             else:
-                mask = mask_to_host(pred.prob > threshold)  # thresholded on the device; only the bool mask travels
+                mask = to_host(pred.prob > threshold)  # thresholded on the device; only the bool mask travels
                 writer.add(lambda img=img, mask=mask: {"img": img, "rle_mask": rle_encode(mask()), "error": ""})
         next(results, None)  # lets the predictor close its progress bar and print its rate
     return len(items)

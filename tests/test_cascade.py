@@ -156,6 +156,89 @@ def test_static_batches_for_compile_do_not_change_results(tiny_run):
     torch.testing.assert_close(next(cascade.run(paths, box))[1].prob, plain, atol=1e-5, rtol=0)
 
 
+def test_stage1_sees_one_batch_shape_under_compile_and_the_padding_does_not_leak(tmp_path):
+    """Coarse with a static batch (predict.compile): 5 images at batch 2 reach the net as three
+    batches of 2 (4 with the mirrored copies), and the probabilities equal the unpadded ones."""
+    shapes = []
+
+    class Recording(UNet):
+        def forward(self, x):
+            shapes.append(len(x))
+            return super().forward(x)
+
+    torch.manual_seed(0)
+    net = Recording(3, 2, 4).eval()
+    images = [torch.randint(0, 256, (3, 40 + k, 60), dtype=torch.uint8) for k in range(5)]
+    plain = Coarse(net, 32, CPU, flip=True).probs(images)
+    assert shapes == [10]
+    shapes.clear()
+    static = Coarse(net, 32, CPU, flip=True, static_batch=2).probs(images)
+    assert shapes == [4, 4, 4]
+    torch.testing.assert_close(static, plain, atol=1e-6, rtol=0)
+    for compile, batch in ((True, 3), (False, 0)):  # the config's compile flag sets the static batch
+        cfg = tiny_config("unused", tmp_path, "predict.batch_size=3", "stage1.size=32", f"predict.compile={compile}")
+        (tmp_path / "stage1").mkdir(exist_ok=True)
+        torch.save({"model": net.state_dict(), "model_args": net.args, "config": cfg}, tmp_path / "stage1" / "best.pt")
+        assert Coarse.from_config(cfg, CPU).static_batch == batch
+
+
+def test_stage1_boxes_of_a_batch_reach_the_host_in_one_copy(monkeypatch):
+    """Boxes found by stage 1 for a whole batch come from one device-to-host copy, not one per image;
+    images with a given box need none."""
+    from stage2_fullres import cascade as cascade_module
+
+    copies = []
+    real = cascade_module.to_host
+    monkeypatch.setattr(cascade_module, "to_host", lambda t: copies.append(tuple(t.shape)) or real(t))
+    cfg = tiny_config("unused", "unused", "predict.batch_size=4")
+    torch.manual_seed(0)
+    cascade = Cascade(Coarse(UNet(3, 2, 4).eval(), 32, CPU), None, cfg, CPU)
+    images = [torch.randint(0, 256, (3, 60, 90), dtype=torch.uint8) for _ in range(4)]
+    preds = cascade.predict(images, [None, (1, 2, 30, 40), None, None])
+    assert copies == [(3, 32, 32)]
+    assert preds[1].box == (1, 2, 30, 40) and all(p.coarse.shape == (60, 90) for p in preds)
+    cascade.predict(images, [(0, 0, 90, 60)] * 4)
+    assert copies == [(3, 32, 32)]
+
+
+def test_nvjpeg_is_probed_once_and_a_failing_decoder_falls_back_to_pil_with_one_line(monkeypatch, capsys):
+    """On CUDA the reader tries nvjpeg on a small JPEG once per device; where it fails (or torchvision
+    is missing) JPEGs are decoded by PIL in the reader processes and one line says so. Every decode
+    waits for the current stream first. Stand-ins for torchvision and the CUDA stream run it here."""
+    import sys
+    import types
+
+    from common import reader
+
+    events = []
+    stream = types.SimpleNamespace(synchronize=lambda: events.append("sync"))
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: stream)
+    cuda = torch.device("cuda")
+
+    def install(decode_jpeg):
+        io_module = types.SimpleNamespace(ImageReadMode=types.SimpleNamespace(RGB="RGB"), decode_jpeg=decode_jpeg)
+        monkeypatch.setitem(sys.modules, "torchvision", types.SimpleNamespace(io=io_module))
+        monkeypatch.setitem(sys.modules, "torchvision.io", io_module)
+        reader.nvjpeg_decoder.cache_clear()
+
+    def broken(data, mode, device):
+        events.append("decode")
+        raise RuntimeError("nvjpeg library not found")
+
+    install(broken)
+    assert reader.nvjpeg_decoder(cuda) is None and reader.nvjpeg_decoder(cuda) is None
+    out = capsys.readouterr().out
+    assert out.count("\n") == 1 and "nvjpeg library not found" in out and "PIL in the reader processes" in out
+    assert events == ["sync", "decode"]  # probed once, after the stream was idle
+
+    events.clear()
+    install(lambda data, mode, device: events.append("decode") or [torch.zeros(3, 16, 16, dtype=torch.uint8)] * len(data))
+    decode = reader.nvjpeg_decoder(cuda)
+    decode([torch.zeros(4, dtype=torch.uint8)] * 2, cuda)
+    assert events == ["sync", "decode", "sync", "decode"]  # the probe, then the batch: each after a stream sync
+    reader.nvjpeg_decoder.cache_clear()
+
+
 def test_writer_and_store_keep_a_fixed_chunk_grid(tmp_path):
     """Chunk k holds items [k*size, (k+1)*size) whatever was written before; the rows of a chunk
     arrive in order through the writer thread; chunks read back in chunk order."""

@@ -152,7 +152,7 @@ def test_epochs_auto_fits_the_schedule_to_the_budget_and_resume_keeps_the_count(
     import common.trainer as trainer
     from common.distributed import Ranks
 
-    clock = trainer.Clock(1.0, Ranks(), torch.device("cpu"))  # a 60 s budget whose first epoch took 10 s
+    clock = trainer.Clock(1.0)  # a 60 s budget whose first epoch took 10 s
     clock.started = time.monotonic() - 10
     assert trainer.planned_epochs(clock, 1, 10.0, Ranks(), torch.device("cpu")) == 5  # 1 + (0.97 * 60 - 10) // 10
     clock.started = time.monotonic() - 16  # a second epoch of 6 s: the steady pace fixes the count
@@ -235,3 +235,25 @@ def test_timing_the_precision_leaves_the_weights_and_the_random_stream_alone():
     assert all(t > 0 for t in step_seconds(model, _settings(size=32), (torch.bfloat16, None)).values())
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert torch.equal(torch.random.get_rng_state(), rng) and all(p.grad is None for p in model.parameters())
+
+
+def test_the_loop_reads_the_device_once_per_optimizer_step(monkeypatch):
+    """The step's decisions (finite loss, rank 0's clock, the progress numbers) reach the host in one
+    read per optimizer step: 8 batches at accum 2 make 4 reads, and no tensor is turned into a bool."""
+    from common import distributed, trainer
+    from common.distributed import Ranks
+
+    reads = []
+    agree = distributed.step_agreement
+    monkeypatch.setattr(distributed, "step_agreement", lambda *a: reads.append(1) or agree(*a))
+    model = UNet(3, 3, 8)
+    s = _settings(accum=2, augment="full")
+    opt = trainer._optimizer(model, s)
+    scaler = torch.amp.GradScaler("cuda", enabled=False)
+
+    def no_bool(self):
+        raise AssertionError("a tensor was turned into a bool: a host sync on a GPU")
+
+    monkeypatch.setattr(torch.Tensor, "__bool__", no_bool)
+    stats = trainer.train_one_epoch(model, opt, scaler, Blobs(32), 0, s, torch.device("cpu"), None, trainer.Clock(0), Ranks(), 0)
+    assert len(reads) == 4 and stats["images"] == 32 and stats["skipped"] == 0
