@@ -1,5 +1,6 @@
 import pytest
 import torch
+import torch.nn.functional as F
 
 from common.losses import bce_dice_loss, edge_band
 from common.model import UNet
@@ -25,6 +26,17 @@ def test_edge_band_marks_the_boundary_only():
     band = edge_band(t, radius=1)
     assert band[0, 0, 10, 10] == 0 and band[0, 0, 0, 0] == 0
     assert band[0, 0, 5, 10] == 1 and band[0, 0, 4, 10] == 1
+
+
+@pytest.mark.parametrize("radius", [0, 1, 3, 5])
+def test_edge_band_equals_the_square_max_pool_definition(radius):
+    """The axis-by-axis window maximum gives the band a (2r+1)^2 max-pool gives, edges included."""
+    g = torch.Generator().manual_seed(radius)
+    for shape in [(2, 1, 37, 53), (1, 1, 4, 9)]:
+        t = (torch.rand(*shape, generator=g) > 0.5).float()
+        k = 2 * radius + 1
+        square = F.max_pool2d(t, k, stride=1, padding=radius) + F.max_pool2d(-t, k, stride=1, padding=radius)
+        assert torch.equal(edge_band(t, radius), square)
 
 
 def test_loss_is_low_for_right_and_high_for_wrong_logits():
