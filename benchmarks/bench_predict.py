@@ -25,7 +25,7 @@ from common.config import load_config  # noqa: E402
 from common.model import UNet  # noqa: E402
 from common.reader import read_batches  # noqa: E402
 from common.rle import rle_encode  # noqa: E402
-from stage1_lowres.coarse import Coarse, upsample  # noqa: E402
+from stage1_lowres.coarse import upsample  # noqa: E402
 from stage2_fullres import predict as s2_predict  # noqa: E402
 from stage2_fullres.cascade import Cascade  # noqa: E402
 from stage2_fullres.tiles import cut_tiles, plan_tiles, stitch  # noqa: E402

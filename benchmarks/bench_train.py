@@ -30,7 +30,7 @@ from common.data import index_split, scan_pairs
 from common.distributed import Ranks
 from common.losses import bce_dice_loss
 from common.model import UNet
-from common.trainer import Clock, _optimizer, amp_dtype, train_one_epoch
+from common.trainer import Clock, build_optimizer, amp_dtype, train_one_epoch
 from stage1_lowres.train import as_tensors
 from stage2_fullres.train import CropDataset
 
@@ -60,7 +60,7 @@ def sync() -> None:
 def net_rate(model: torch.nn.Module, s: dict, x: torch.Tensor, y: torch.Tensor, steps: int) -> float:
     """Samples/s of forward + backward + step on one batch already on the device: the ceiling
     (torch.compile'd when `s["compile"]`, as the trainer does)."""
-    opt, dtype = _optimizer(model, s), amp_dtype(s["precision"], DEVICE)
+    opt, dtype = build_optimizer(model, s), amp_dtype(s["precision"], DEVICE)
     net = torch.compile(model) if s["compile"] else model
     scaler = torch.amp.GradScaler("cuda", enabled=dtype == torch.float16)
     x = x.contiguous(memory_format=torch.channels_last)
@@ -82,7 +82,7 @@ def net_rate(model: torch.nn.Module, s: dict, x: torch.Tensor, y: torch.Tensor, 
 def loop_rate(model: torch.nn.Module, s: dict, data, steps: int) -> tuple[float, float]:
     """Samples/s of the real loop over `steps` batches (after one warm-up epoch of the same length),
     and the share of its time spent waiting for data."""
-    opt, dtype = _optimizer(model, s), amp_dtype(s["precision"], DEVICE)
+    opt, dtype = build_optimizer(model, s), amp_dtype(s["precision"], DEVICE)
     scaler = torch.amp.GradScaler("cuda", enabled=dtype == torch.float16)
     clock = Clock(0)
     limited = Limited(data, steps)
@@ -114,14 +114,15 @@ def stage1(steps: int, depth: int, width: int, compile: bool = False, real: Path
              + (", compiled" if compile else ""), ceiling, rate, wait)]
 
 
-def stage2(steps: int, depth: int, width: int, compile: bool = False, crop: int = 384, per_item: tuple[int, ...] = (1, 4)) -> list[tuple]:
+def stage2(steps: int, depth: int, width: int, compile: bool = False, crop: int = 384, per_item: tuple[int, ...] = (1, 4),
+           cars: int = 2) -> list[tuple]:
     from common.synth import write_sample_data
 
     rows = []
     batch = 16 if CUDA else 4
     workers = min(12, (os.cpu_count() or 2) - 1) if CUDA else 1
     with tempfile.TemporaryDirectory() as tmp:
-        root = write_sample_data(Path(tmp) / "data", cars=2, test_cars=0, seed=0, jobs=os.cpu_count() or 1)
+        root = write_sample_data(Path(tmp) / "data", cars=cars, test_cars=0, seed=0, jobs=os.cpu_count() or 1)
         pairs, _ = scan_pairs(index_split(root, "train"), (64, 64), keep=False, jobs=os.cpu_count() or 1)
         boxes = {p.sample.img: expand_box(p.box, 32, p.width, p.height) for p in pairs}
         ceiling = None

@@ -2,7 +2,7 @@
 the baseline a user would write, and any checkpoint scored the way prediction sees it.
 
     .venv/bin/python benchmarks/stage1_recipe.py plain [minutes=8]
-        the plain loop of issue 11 on the same split: U-Net depth 5 width 16, Adam 1e-3 constant,
+        the plain loop on the same split: U-Net depth 5 width 16, Adam 1e-3 constant,
         batch 4, BCE + soft Dice, horizontal flip only, 256 px, in the precision the trainer's
         `auto` picks on this CPU (bf16 or fp32, timed); prints its held-out Dice at 256
     .venv/bin/python benchmarks/stage1_recipe.py score CHECKPOINT...

@@ -9,7 +9,7 @@ import pandas as pd
 import torch
 from torch import nn
 
-from common.config import ConfigError
+from common.errors import CheckpointError, ConfigError, SetupError
 from common.io import atomic_path
 from common.model import UNet
 
@@ -20,7 +20,7 @@ def pick_device(name: str) -> torch.device:
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"device={name} but CUDA is not available here; use device=cpu or device=auto")
+        raise SetupError(f"device={name} but CUDA is not available here; use device=cpu or device=auto")
     device = torch.device(name)
     if device.type == "cuda" and device.index is not None:
         torch.cuda.set_device(device)  # needs CUDA: not testable on the CPU
@@ -37,14 +37,14 @@ def load_checkpoint(path: str | Path, device: torch.device, expect: dict | None 
     """Read a checkpoint; `expect` (model args) must match the net it holds, if given."""
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"checkpoint not found: {path} (train first, or set the stage's checkpoint key)")
+        raise CheckpointError(f"checkpoint not found: {path} (train first, or set the stage's checkpoint key)")
     try:
         ckpt = torch.load(path, map_location=device, weights_only=False)
         args = ckpt["model_args"]
     except Exception as e:  # a torn or foreign file: name it, do not dump a traceback
-        raise ConfigError(f"{path}: not a checkpoint of this project ({type(e).__name__}: {e})") from None
+        raise CheckpointError(f"{path}: not a checkpoint of this project ({type(e).__name__}: {e})") from None
     if expect is not None and args != expect:
-        raise ConfigError(f"{path} was trained with {args}, the config asks for {expect}; change the config or retrain")
+        raise CheckpointError(f"{path} was trained with {args}, the config asks for {expect}; change the config or retrain")
     return ckpt
 
 
@@ -96,7 +96,7 @@ def load_models(paths: list[Path], device: torch.device) -> tuple[nn.Module, lis
     first = loaded[0][1]
     for path, (_, ckpt) in zip(paths[1:], loaded[1:]):
         if ckpt["model_args"]["in_channels"] != first["model_args"]["in_channels"]:
-            raise ConfigError(f"{path} takes {ckpt['model_args']['in_channels']} input channels, {paths[0]} "
+            raise CheckpointError(f"{path} takes {ckpt['model_args']['in_channels']} input channels, {paths[0]} "
                               f"{first['model_args']['in_channels']}: an ensemble's nets must take the same inputs")
     return (loaded[0][0] if len(loaded) == 1 else Ensemble([m for m, _ in loaded]).eval()), [c for _, c in loaded]
 

@@ -18,7 +18,7 @@ from tqdm import tqdm
 
 from common.checkpoints import pick_device
 from common.chunks import Chunk
-from common.config import ConfigError
+from common.errors import ClusterError, SetupError
 
 _LOADED: dict[str, Any] = {}  # per worker process: models loaded once, kept for all its tasks
 
@@ -50,7 +50,7 @@ def connect(spec: str):
         import dask
         from distributed import Client, LocalCluster
     except ImportError:
-        raise ConfigError(f"predict.cluster={spec} needs Dask distributed: pip install '.[cluster]'") from None
+        raise SetupError(f"predict.cluster={spec} needs Dask distributed: pip install '.[cluster]'") from None
     if spec.startswith("local:"):
         # workers may start reader processes of their own, which daemonic processes cannot
         dask.config.set({"distributed.worker.daemon": False})
@@ -59,7 +59,7 @@ def connect(spec: str):
     try:
         return Client(spec, timeout="10s")
     except (OSError, TimeoutError) as e:
-        raise ConfigError(f"predict.cluster={spec}: cannot reach the Dask scheduler ({e})") from None
+        raise ClusterError(f"predict.cluster={spec}: cannot reach the Dask scheduler ({e})") from None
 
 
 def predict_chunks_anywhere(cfg: dict, task: Callable[..., int], chunks: list[Chunk], args: tuple,

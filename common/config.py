@@ -13,6 +13,7 @@ from typing import Any
 
 import yaml
 
+from common.errors import ConfigError
 from common.io import write_text
 
 _TRAIN = {
@@ -86,7 +87,7 @@ DEFAULTS: dict[str, Any] = {
 _ALTERNATIVES: dict[str, tuple[type, ...]] = {"data.val_cars": (int, list, str), "stage1.margin": (int, list),
                                               "stage1.epochs": (int, str), "stage2.epochs": (int, str),
                                               "predict.threshold": (float, str), "stage1.checkpoint": (str, list),
-                                              "stage2.checkpoint": (str, list), "stage1.augment": (str, bool), "stage2.augment": (str, bool)}
+                                              "stage2.checkpoint": (str, list)}
 
 # Allowed values, checked when the config loads (a name: one of these; a pair: lo <= value, or lo <= value <= hi).
 _CHOICES = {"optimizer": ("adam", "sgd"), "schedule": ("constant", "step", "cosine"),
@@ -98,10 +99,6 @@ _RANGES = {"epochs": (1, None), "batch_size": (1, None), "accum": (1, None), "st
            "stage2.box_jitter": (0, None), "stage2.crops_per_image": (1, None), "max_bad_steps": (1, None), "stage2.val_images": (0, None), "data.max_bad_share": (0, 1),
            "data.limit_test": (0, None), "predict.threshold": (1e-6, 1 - 1e-6), "stage1.threshold": (1e-6, 1 - 1e-6), "predict.batch_size": (1, None),
            "predict.chunk": (1, None), "predict.workers": (0, None), "sample.cars": (0, None), "sample.test_cars": (0, None)}
-
-
-class ConfigError(ValueError):
-    pass
 
 
 def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
@@ -130,8 +127,6 @@ def _check(key: str, value: Any) -> Any:
     if isinstance(value, bool) and bool not in allowed or not isinstance(value, allowed):
         names = " or ".join(t.__name__ for t in allowed)
         raise ConfigError(f"config key '{key}' must be {names}, got {value!r}")
-    if key.endswith(".augment") and isinstance(value, bool):  # true/false of earlier versions
-        value = "full" if value else "none"
     return value
 
 

@@ -16,14 +16,11 @@ from joblib import Parallel, delayed
 from PIL import Image
 
 from common.boxes import Box, mask_extent
-from common.io import ImageReadError, Size, image_size, read_image, read_mask, write_csv
+from common.errors import DataError, ImageReadError
+from common.io import Size, image_size, read_image, read_mask, write_csv
 
 NAME = re.compile(r"^(?P<car>[0-9a-zA-Z]{12})_(?P<angle>\d{2})\.jpg$")
 MASK_SUFFIXES = ("_mask.gif", "_mask.png")
-
-
-class DataError(ValueError):
-    pass
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 
 from common.checkpoints import pick_device
-from common.config import ConfigError
+from common.errors import ConfigError
 
 
 @dataclass(frozen=True)

@@ -14,15 +14,9 @@ from typing import Iterator
 import numpy as np
 from PIL import Image
 
+from common.errors import ImageReadError, OutputError
+
 Size = tuple[int, int]  # (width, height), PIL's order
-
-
-class ImageReadError(ValueError):
-    """An image or mask that cannot be used; the message names the file and the reason."""
-
-
-class OutputError(OSError):
-    """A result that could not be written (full disk, no permission, read-only place); names the file."""
 
 
 # Failures of the place, not of the program: reported as one line naming the file, no traceback.

@@ -19,13 +19,9 @@ import warnings
 from pathlib import Path
 from typing import Iterator
 
-from common.config import ConfigError
+from common.errors import ConfigError, FolderBusy
 
 LOCK_NAME = ".carvana.lock"
-
-
-class FolderBusy(ConfigError):
-    """Another live run holds the output folder."""
 
 
 def _holder(text: str) -> str:

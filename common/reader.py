@@ -17,7 +17,9 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from common.io import ImageReadError, read_image
+from common.errors import ImageReadError
+
+from common.io import read_image
 
 JpegDecoder = Callable[[list[torch.Tensor], torch.device], list[torch.Tensor]]  # encoded bytes -> uint8 (3, H, W)
 Item = tuple[int, torch.Tensor | None, bool, str]  # index, pixels (H, W, 3) or JPEG bytes, encoded?, error

@@ -9,8 +9,8 @@ from pathlib import Path
 import pandas as pd
 
 from common.chunks import ChunkStore
-from common.config import ConfigError
-from common.data import DataError, Sample, index_split
+from common.errors import ConfigError, DataError
+from common.data import Sample, index_split
 from common.io import atomic_path, write_csv
 
 

@@ -30,7 +30,7 @@ from tqdm import tqdm
 from common import distributed
 from common.augment import augment_batch
 from common.checkpoints import load_checkpoint, plot_history
-from common.config import ConfigError
+from common.errors import ConfigError, TrainingError
 from common.distributed import Ranks
 from common.faults import kill_point
 from common.inference import cpu_has_bf16
@@ -43,10 +43,6 @@ Validate = Callable[[nn.Module], dict]  # model -> {"val_loss": float, "val_dice
 class Batches(Protocol):  # common/batches.py
     def __len__(self) -> int: ...
     def epoch(self, e: int): ...
-
-
-class TrainingError(RuntimeError):
-    """Training cannot go on (the loss diverged); the message says what to change."""
 
 
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
@@ -112,7 +108,8 @@ def _lr_factor(schedule: str, epoch: int, epochs: int | None, step_every: int) -
     return 1.0  # constant (the config allows nothing else)
 
 
-def _optimizer(model: nn.Module, s: dict) -> torch.optim.Optimizer:
+def build_optimizer(model: nn.Module, s: dict) -> torch.optim.Optimizer:
+    """The stage's optimizer from its settings (the trainer's, and the benchmarks' ceiling runs)."""
     if s["optimizer"] == "sgd":
         return torch.optim.SGD(model.parameters(), lr=s["lr"], momentum=s["momentum"], weight_decay=s["weight_decay"])
     return torch.optim.Adam(model.parameters(), lr=s["lr"], betas=(0.9, s["beta2"]), weight_decay=s["weight_decay"])  # adam
@@ -239,7 +236,7 @@ def train(model: nn.Module, data: Batches, validate: Validate, settings: dict, r
         if device.type != "cuda":
             raise ConfigError("sync_bn needs CUDA (PyTorch's SyncBatchNorm has no CPU kernel); set it false on the CPU")
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # batch statistics over the global batch
-    opt = _optimizer(model, s)
+    opt = build_optimizer(model, s)
     dtype = amp_dtype(s["precision"], device)
     scaler = torch.amp.GradScaler("cuda", enabled=dtype == torch.float16)  # bf16 and fp32 need no loss scaling
     epoch, best, history = 0, -1.0, []

@@ -6,9 +6,7 @@ import re
 import sys
 import warnings
 
-from common.config import ConfigError
-from common.data import DataError
-from common.io import ImageReadError, OutputError
+from common.errors import CarvanaError, OutputError
 
 
 OVERRIDE = re.compile(r"^[A-Za-z_]\w*(\.\w+)*=")  # stage1.epochs=3 or device=cpu, not a photo
@@ -126,12 +124,12 @@ def main(argv: list[str] | None = None) -> int:
     warnings.formatwarning = lambda msg, cat, *a, **k: f"warning: {msg}\n"
     try:
         return dispatch(args)
-    except (ConfigError, DataError, ImageReadError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
     except OutputError as e:  # full disk, no permission: the file and the cause; finished work stays
         print(f"error: {e.strerror}; finished work is saved, rerun the same command once it can write", file=sys.stderr)
-        return 1
+        return e.exit_code
+    except CarvanaError as e:  # the class says whose mistake: the user's (2) or the work's (1)
+        print(f"error: {e}", file=sys.stderr)
+        return e.exit_code
     except KeyboardInterrupt:
         print("interrupted; finished work is saved, rerun the same command to continue", file=sys.stderr)
         return 130

@@ -19,7 +19,7 @@ from PIL import Image, ImageColor
 
 from common.checkpoints import pick_device
 from common.chunks import to_host
-from common.config import ConfigError
+from common.errors import ConfigError
 from common.io import atomic_path, read_image, write_csv
 from common.submission import mask_threshold
 from stage2_fullres.cascade import Cascade

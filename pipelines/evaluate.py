@@ -14,12 +14,13 @@ from PIL import Image
 
 from common.boxes import Box
 from common.checkpoints import checkpoint_paths, pick_device
-from common.data import DataError, index_split, split_by_car
+from common.errors import DataError
+from common.data import index_split, split_by_car
 from common.io import atomic_path, read_image, read_mask, write_csv, write_text
 from common.losses import edge_band
 from common.metrics import dice, dice_sweep
 from common.submission import mask_threshold
-from stage1_lowres.coarse import cached_boxes
+from stage1_lowres.coarse import Coarse, cached_boxes
 from stage2_fullres.cascade import Cascade
 from stage2_fullres.tiles import plan_tiles
 
@@ -82,10 +83,11 @@ def evaluate(cfg: dict) -> pd.DataFrame:
     has_refiner = all(p.is_file() for p in refiners)
     if not has_refiner:
         print(f"evaluate: no stage-2 checkpoint at {', '.join(map(str, refiners))}; scoring stage 1 alone")
-    cascade = Cascade.from_config(cfg, device, refiner=has_refiner)  # stage 1 is scored even when the refiner ignores it
+    # stage 1 is scored even when the refiner takes no coarse channel
+    predictor = Cascade.from_config(cfg, device) if has_refiner else Coarse.from_config(cfg, device)
     s, thr1, thr = cfg["stage2"], cfg["stage1"]["threshold"], mask_threshold(cfg, strict=False)
     rows, keep, sweeps = [], {}, []
-    for i, pred in cascade.run([x.image for x in val], [boxes[x.img] for x in val], desc="evaluate"):
+    for i, pred in predictor.run([x.image for x in val], [boxes[x.img] for x in val], desc="evaluate"):
         sample = val[i]
         if isinstance(pred, str):
             raise DataError(f"validation image unreadable: {pred}")

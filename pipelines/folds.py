@@ -9,7 +9,7 @@ import copy
 from pathlib import Path
 
 from common.checkpoints import checkpoint_paths
-from common.config import ConfigError
+from common.errors import ConfigError
 from common.data import index_split
 
 

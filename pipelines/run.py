@@ -17,7 +17,8 @@ from pathlib import Path
 from typing import Callable
 
 from common import distributed
-from common.config import ConfigError, load_config, save_config
+from common.errors import ConfigError
+from common.config import load_config, save_config
 from common.io import write_text
 from common.lock import output_lock
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import pandas as pd
@@ -20,10 +21,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from common.boxes import Box, Margin, expand_box, largest_component, mask_extent, scale_box
-from common.config import ConfigError
-from common.data import DataError
+from common.errors import CheckpointError, DataError
 from common.checkpoints import checkpoint_paths, checkpoints_hash, load_models
-from common.inference import autocast
+from common.chunks import to_host
+from common.inference import autocast, prepare
+from common.predictor import Prediction, stream
 
 BOX_COLUMNS = ["img", "split", "width", "height", "x0", "y0", "x1", "y1", "found", "key"]
 INPUT_VERSION = "full-decode, antialiased bilinear on the device"  # part of the cache key: changes how boxes are made
@@ -69,8 +71,8 @@ def cached_boxes(cfg: dict) -> dict[str, Box]:
     path = boxes_path(cfg)
     if not path.is_file():
         if cfg["bboxes"]["path"]:
-            raise ConfigError(f"bboxes.path={cfg['bboxes']['path']} does not exist")
-        raise ConfigError(f"{path} not found: run `carvana stage1 predict` with the same config first "
+            raise DataError(f"bboxes.path={cfg['bboxes']['path']} does not exist")
+        raise DataError(f"{path} not found: run `carvana stage1 predict` with the same config first "
                           "(or set bboxes.path to the bboxes.csv of another run)")
     frame = load_boxes(path)
     return {r.img: (int(r.x0), int(r.y0), int(r.x1), int(r.y1)) for r in frame.itertuples()}
@@ -112,24 +114,50 @@ def to_stage1_input(images: list[torch.Tensor], size: int) -> torch.Tensor:
 
 
 class Coarse:
-    """The stage-1 net as a function on decoded images: low-resolution car probabilities.
+    """Stage 1 as a predictor: decoded images -> low-resolution car probability -> full-resolution
+    probability and car box (`predict`, the step `run` streams images through).
 
     `static_batch` (under predict.compile): the net sees batches of exactly that many images, a
     partial batch padded, since every new shape recompiles (and after 8, torch falls back to eager)."""
 
-    def __init__(self, model: nn.Module, size: int, device: torch.device, flip: bool = False, static_batch: int = 0):
+    def __init__(self, model: nn.Module, size: int, device: torch.device, flip: bool = False, static_batch: int = 0,
+                 margin: Margin = 32, threshold: float = 0.5, batch_size: int = 2, workers: int = 0):
         self.model, self.size, self.device, self.flip, self.static_batch = model, size, device, flip, static_batch
+        self.margin, self.threshold, self.batch_size, self.workers = margin, threshold, batch_size, workers
 
     @classmethod
     def from_config(cls, cfg: dict, device: torch.device) -> "Coarse":
+        """The stage-1 net(s) the config names, ready for inference (`prepare`: channels_last, compiled if predict.compile)."""
         paths = checkpoint_paths(cfg, "stage1")
         model, ckpts = load_models(paths, device)
         for path, ckpt in zip(paths, ckpts):
             size = ckpt["config"]["stage1"]["size"]
             if size != cfg["stage1"]["size"]:
-                raise ConfigError(f"{path} was trained at stage1.size={size}, the config says {cfg['stage1']['size']}")
-        p = cfg["predict"]
-        return cls(model, cfg["stage1"]["size"], device, flip=p["tta_flip"], static_batch=p["batch_size"] if p["compile"] else 0)
+                raise CheckpointError(f"{path} was trained at stage1.size={size}, the config says {cfg['stage1']['size']}")
+        s, p = cfg["stage1"], cfg["predict"]
+        return cls(prepare(model, device, p["compile"]), s["size"], device, flip=p["tta_flip"],
+                   static_batch=p["batch_size"] if p["compile"] else 0, margin=s["margin"], threshold=s["threshold"],
+                   batch_size=p["batch_size"], workers=p["workers"])
+
+    def run(self, paths: list[Path], boxes: list[Box | None] | None = None, desc: str = "") -> Iterator[tuple[int, Prediction | str]]:
+        """`predict` over image files, streamed (common/predictor.py)."""
+        return stream(self.predict, paths, boxes, self.device, self.batch_size, self.workers, desc)
+
+    @torch.no_grad()
+    def predict(self, images: list[torch.Tensor], boxes: list[Box | None]) -> list[Prediction]:
+        """uint8 (3, H, W) images on the device and their boxes (None: found here) -> predictions
+        with the upsampled probability and the box."""
+        small = self.probs(images)
+        need = [k for k, box in enumerate(boxes) if box is None]
+        host = to_host(small[need]) if need else None  # one copy for the batch, started before the upsampling is queued
+        sizes = [(image.shape[-1], image.shape[-2]) for image in images]  # (width, height)
+        coarse = [upsample(small[k], w, h) for k, (w, h) in enumerate(sizes)]
+        on_host = dict(zip(need, host())) if need else {}  # waits for that copy alone, while the device upsamples
+        preds = []
+        for k, (width, height) in enumerate(sizes):
+            box = boxes[k] if k not in on_host else box_from_probability(on_host[k], width, height, self.margin, self.threshold)
+            preds.append(Prediction(width, height, box or (0, 0, width, height), box is not None, coarse[k], None))
+        return preds
 
     @torch.no_grad()
     def probs(self, images: list[torch.Tensor]) -> torch.Tensor:

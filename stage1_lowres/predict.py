@@ -12,13 +12,13 @@ from pathlib import Path
 
 from common.chunks import Chunk, ChunkStore, ChunkWriter, to_host
 from common.cluster import cached, predict_chunks_anywhere, worker_device
-from common.data import DataError, Sample, index_split
+from common.errors import DataError
+from common.data import Sample, index_split
 from common.io import write_csv
 from common.rle import rle_encode
 from common.submission import finish_predictions, test_samples
 from common.checkpoints import pick_device
-from stage1_lowres.coarse import BOX_COLUMNS, cache_key, load_boxes
-from stage2_fullres.cascade import Cascade
+from stage1_lowres.coarse import BOX_COLUMNS, Coarse, cache_key, load_boxes
 
 COLUMNS = BOX_COLUMNS + ["rle_mask", "error"]
 Item = tuple[str, str, str]  # img, path, split
@@ -40,15 +40,15 @@ def _store(cfg: dict, key: str, names: list[str]) -> ChunkStore:
     return ChunkStore(Path(cfg["output"]["dir"]) / "stage1_chunks", key, COLUMNS, cfg["predict"]["chunk"], names)
 
 
-def predict_chunks(chunks: list[Chunk], cfg: dict, key: str, names: list[str], cascade: Cascade | None = None) -> int:
+def predict_chunks(chunks: list[Chunk], cfg: dict, key: str, names: list[str], coarse: Coarse | None = None) -> int:
     """Boxes (and, for test images, coarse masks) of the items of `chunks`, each chunk's file written;
     returns the number of images. Without `cascade` (a Dask worker), the net is loaded once per worker."""
-    desc = "stage 1 predict" if cascade else ""  # on a Dask worker the client's bar reports the rate
-    cascade = cascade or cached(key, lambda: Cascade.from_config(cfg, worker_device(cfg["device"]), refiner=False))
+    desc = "stage 1 predict" if coarse else ""  # on a Dask worker the client's bar reports the rate
+    coarse = coarse or cached(key, lambda: Coarse.from_config(cfg, worker_device(cfg["device"])))
     items: list[Item] = [item for _, chunk in chunks for item in chunk]
     threshold = cfg["stage1"]["threshold"]
     with ChunkWriter(_store(cfg, key, names), chunks) as writer:
-        for i, pred in cascade.run([Path(path) for _, path, _ in items], desc=desc):
+        for i, pred in coarse.run([Path(path) for _, path, _ in items], desc=desc):
             img, path, split = items[i]
             row = dict.fromkeys(COLUMNS, "") | {"img": img, "split": split, "key": key}
             if isinstance(pred, str):
@@ -78,7 +78,7 @@ def main(cfg: dict) -> int:
     todo = sum(len(chunk) for _, chunk in chunks)
     print(f"stage 1 predict: {todo} images to do, {len(items) - todo} already done (key {key})")
     predict_chunks_anywhere(cfg, predict_chunks, chunks, (cfg, key, names),
-                            lambda: Cascade.from_config(cfg, pick_device(cfg["device"]), refiner=False), "stage 1 predict")
+                            lambda: Coarse.from_config(cfg, pick_device(cfg["device"])), "stage 1 predict")
     return _finish(cfg, out, store, train, test)
 
 

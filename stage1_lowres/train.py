@@ -10,7 +10,8 @@ from common import distributed
 from common.batches import TensorBatches
 from common.checkpoints import build_model
 from common.config import save_config
-from common.data import DataError, Pair, index_split, report_skipped, scan_pairs, split_by_car
+from common.errors import DataError
+from common.data import Pair, index_split, report_skipped, scan_pairs, split_by_car
 from common.inference import forward_batches
 from common.losses import bce_dice_loss
 from common.metrics import dice

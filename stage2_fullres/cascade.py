@@ -1,47 +1,24 @@
-"""The one predictor of the project: decoded images -> stage-1 probability -> box -> tiles ->
-refiner -> blended full-resolution probability, batched across images, on the device.
+"""Stage 2's predictor: decoded images -> stage-1 probability and box (`Coarse.predict`) -> tiles
+-> refiner -> blended full-resolution probability, batched across images, on the device.
 
-`stage2 predict`, stage-2 validation, `carvana evaluate`, `stage1 predict` (without a refiner) and
-benchmarks/bench_predict.py all go through `Cascade.run`, so validation predicts exactly the way the
-submission is made. Its shape is Lightning's prediction loop: reader (common/reader.py, decoding
-ahead of the device) -> `predict` on a batch of images -> the caller's writer, given each result
-with its index.
+`stage2 predict`, stage-2 validation, `carvana evaluate` and `carvana cutout` go through
+`Cascade.run`, the stream of common/predictor.py with `Cascade.predict` as its step.
 """
 from __future__ import annotations
 
-import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
 import torch
 from torch import nn
-from tqdm import tqdm
 
 from common.boxes import Box
 from common.checkpoints import checkpoint_paths, load_models
-from common.chunks import to_host
-from common.config import ConfigError
+from common.errors import CheckpointError
 from common.inference import autocast, prepare
-from common.reader import read_batches
-from stage1_lowres.coarse import Coarse, box_from_probability, upsample
+from common.predictor import Prediction, stream
+from stage1_lowres.coarse import Coarse
 from stage2_fullres.tiles import TooManyTiles, Window, blend_weights, cut_tiles, plan_tiles, stitch
-
-
-@dataclass
-class Prediction:
-    """One image's result; the maps are float32 (height, width) tensors on the device."""
-
-    width: int
-    height: int
-    box: Box  # the region the refiner saw, full-resolution pixels, x1/y1 exclusive
-    found: bool  # stage 1 saw a car (False: the box is the whole image)
-    coarse: torch.Tensor | None  # stage-1 probability upsampled (None when neither box nor refiner needs stage 1)
-    prob: torch.Tensor | None  # the cascade's probability, 0 outside the box (None without a refiner)
-
-    @property
-    def final(self) -> torch.Tensor:
-        return self.coarse if self.prob is None else self.prob
 
 
 def load_refiner(cfg: dict, device: torch.device) -> nn.Module:
@@ -49,47 +26,42 @@ def load_refiner(cfg: dict, device: torch.device) -> nn.Module:
     model, ckpts = load_models(paths, device)
     wants = 4 if cfg["stage2"]["coarse_channel"] else 3
     if ckpts[0]["model_args"]["in_channels"] != wants:
-        raise ConfigError(f"{paths[0]} takes {ckpts[0]['model_args']['in_channels']} input channels but stage2.coarse_channel="
+        raise CheckpointError(f"{paths[0]} takes {ckpts[0]['model_args']['in_channels']} input channels but stage2.coarse_channel="
                           f"{cfg['stage2']['coarse_channel']} needs {wants}; set it to match the checkpoint or retrain")
     return model
 
 
 class Cascade:
-    """Stage 1 (optional when boxes are given and the refiner takes no coarse channel) + refiner (optional)."""
+    """Stage 1 (optional when boxes are given and the refiner takes no coarse channel) + the refiner."""
 
-    def __init__(self, coarse: Coarse | None, refiner: nn.Module | None, cfg: dict, device: torch.device):
+    def __init__(self, coarse: Coarse | None, refiner: nn.Module, cfg: dict, device: torch.device):
         s, p = cfg["stage2"], cfg["predict"]
         self.coarse, self.refiner, self.device = coarse, refiner, device
         self.tile, self.min_overlap, self.coarse_channel = s["tile"], s["min_overlap"], s["coarse_channel"]
-        self.margin, self.box_threshold = cfg["stage1"]["margin"], cfg["stage1"]["threshold"]
         self.batch_size, self.flip, self.compiled, self.workers = p["batch_size"], p["tta_flip"], p["compile"], p["workers"]
         self.weights = blend_weights(self.tile, s["blend"], device)
 
     @classmethod
-    def from_config(cls, cfg: dict, device: torch.device, refiner: bool = True, need_stage1: bool = True) -> "Cascade":
-        """The nets the config names, ready for inference (channels_last on CUDA, compiled if predict.compile)."""
-        net = load_refiner(cfg, device) if refiner else None
-        need_stage1 = need_stage1 or net is None or cfg["stage2"]["coarse_channel"]
-        coarse = Coarse.from_config(cfg, device) if need_stage1 else None
-        if coarse is not None:
-            coarse.model = prepare(coarse.model, device, cfg["predict"]["compile"])
-        return cls(coarse, None if net is None else prepare(net, device, cfg["predict"]["compile"]), cfg, device)
+    def from_config(cls, cfg: dict, device: torch.device, need_stage1: bool = True) -> "Cascade":
+        """The nets the config names, ready for inference (channels_last, compiled if predict.compile);
+        stage 1 only where it is needed: boxes to find (`need_stage1`) or a coarse channel."""
+        refiner = prepare(load_refiner(cfg, device), device, cfg["predict"]["compile"])
+        coarse = Coarse.from_config(cfg, device) if need_stage1 or cfg["stage2"]["coarse_channel"] else None
+        return cls(coarse, refiner, cfg, device)
+
+    def run(self, paths: list[Path], boxes: list[Box | None] | None = None, desc: str = "") -> Iterator[tuple[int, Prediction | str]]:
+        """`predict` over image files, streamed (common/predictor.py)."""
+        return stream(self.predict, paths, boxes, self.device, self.batch_size, self.workers, desc)
 
     @torch.no_grad()
     def predict(self, images: list[torch.Tensor], boxes: list[Box | None]) -> list[Prediction | str]:
         """uint8 (3, H, W) images on the device and their boxes (None: from stage 1) -> predictions, or
         for an image the tile settings cannot cover (`TooManyTiles`) the reason."""
-        small = self.coarse.probs(images) if self.coarse is not None else None
-        need = [k for k, box in enumerate(boxes) if box is None]  # boxes stage 1 must find
-        host = to_host(small[need]) if need else None  # one copy for the batch, started before the upsampling is queued
-        sizes = [(image.shape[-1], image.shape[-2]) for image in images]  # (width, height)
-        coarse = [None if small is None else upsample(small[k], w, h) for k, (w, h) in enumerate(sizes)]
-        on_host = dict(zip(need, host())) if need else {}  # waits for that copy alone, while the device upsamples
-        preds = []
-        for k, (width, height) in enumerate(sizes):
-            box = boxes[k] if k not in on_host else box_from_probability(on_host[k], width, height, self.margin, self.box_threshold)
-            preds.append(Prediction(width, height, box or (0, 0, width, height), box is not None, coarse[k], None))
-        return self._refine(images, preds) if self.refiner is not None else preds
+        if self.coarse is not None:
+            preds = self.coarse.predict(images, boxes)
+        else:  # every box given, no coarse channel: stage 1 is not needed
+            preds = [Prediction(image.shape[-1], image.shape[-2], box, True, None, None) for image, box in zip(images, boxes)]
+        return self._refine(images, preds)
 
     def _refine(self, images: list[torch.Tensor], preds: list[Prediction]) -> list[Prediction | str]:
         """The refiner's probability for each image whose tiles can be planned; the reason for the others."""
@@ -133,24 +105,3 @@ class Cascade:
             half = len(out) // 2
             out = (out[:half] + out[half:].flip(-1)) / 2
         return out[:n]
-
-    def run(self, paths: list[Path], boxes: list[Box | None] | None = None, desc: str = "") -> Iterator[tuple[int, Prediction | str]]:
-        """(index into `paths`, prediction or the reason it failed), in order, reading ahead of the device.
-
-        With `desc`, a progress bar (images/s, ETA) and a summary line with the measured rate.
-        """
-        boxes = boxes or [None] * len(paths)
-        started, done = time.monotonic(), 0
-        bar = tqdm(total=len(paths), desc=desc, unit="img", disable=None if desc else True, mininterval=1.0)
-        for batch in read_batches(paths, self.device, max(self.batch_size, 1), self.workers):
-            ok = [(i, image) for i, image, _ in batch if image is not None]
-            preds = dict(zip([i for i, _ in ok], self.predict([image for _, image in ok], [boxes[i] for i, _ in ok]))) if ok else {}
-            for i, _, error in batch:
-                pred = preds.get(i, error)
-                yield i, f"{paths[i]}: {pred}" if i in preds and isinstance(pred, str) else pred  # a reason names its file
-            done += len(batch)
-            bar.update(len(batch))
-        bar.close()
-        if desc and done:
-            seconds = time.monotonic() - started
-            print(f"{desc}: {done} images in {seconds:.1f} s ({done / seconds:.1f} images/s on {self.device})")

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from common.chunks import Chunk, ChunkStore, ChunkWriter, to_host
 from common.cluster import cached, predict_chunks_anywhere, worker_device
-from common.data import DataError
+from common.errors import DataError
 from common.rle import rle_encode
 from common.submission import finish_predictions, mask_threshold, test_samples
 from common.checkpoints import checkpoint_paths, checkpoints_hash, pick_device

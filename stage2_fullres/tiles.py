@@ -12,6 +12,7 @@ import math
 import torch
 
 from common.boxes import Box
+from common.errors import ConfigError
 
 Window = tuple[int, int, int, int]
 
@@ -21,7 +22,7 @@ Window = tuple[int, int, int, int]
 MAX_TILES = 256
 
 
-class TooManyTiles(ValueError):
+class TooManyTiles(ConfigError):
     """The tile settings would cut one image into more than MAX_TILES windows; the message names them."""
 
 

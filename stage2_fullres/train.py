@@ -16,7 +16,8 @@ from common.batches import LoaderBatches
 from common.boxes import Box, expand_box, jitter_box
 from common.checkpoints import build_model
 from common.config import save_config
-from common.data import DataError, Pair, index_split, report_skipped, scan_pairs, split_by_car
+from common.errors import DataError
+from common.data import Pair, index_split, report_skipped, scan_pairs, split_by_car
 from common.io import read_image, read_mask, read_mask_cached
 from common.losses import bce_dice_loss
 from common.metrics import dice

@@ -13,7 +13,7 @@ from PIL import Image
 
 import reference
 from common.chunks import ChunkStore, ChunkWriter
-from common.config import ConfigError
+from common.errors import DataError
 from common.metrics import dice
 from common.model import UNet
 from common.checkpoints import load_model
@@ -85,9 +85,8 @@ def test_every_image_comes_back_in_order_with_errors_named(tmp_path):
         paths.append(path)
     paths[2].write_bytes(b"")
     paths[5] = tmp_path / "missing.jpg"
-    cfg = tiny_config("unused", "unused", "predict.batch_size=3", "predict.workers=2")
-    cascade = Cascade(Coarse(UNet(3, 2, 4).eval(), 32, CPU), None, cfg, CPU)
-    results = list(cascade.run(paths))
+    coarse = Coarse(UNet(3, 2, 4).eval(), 32, CPU, batch_size=3, workers=2)
+    results = list(coarse.run(paths))
     assert [i for i, _ in results] == list(range(7))
     assert "empty file" in results[2][1] and "missing.jpg" in results[5][1]
     assert all(pred.coarse.shape == (40 + i, 60) for i, pred in results if i not in (2, 5))
@@ -132,11 +131,10 @@ def test_jpeg_bytes_path_decodes_on_the_device_and_falls_back(tiny_run, tmp_path
     bad.write_bytes(paths[0].read_bytes()[:5000])
     Image.open(paths[1]).convert("L").save(gray)
     stage1, _ = _nets(tiny_run)
-    cfg = tiny_config("unused", "unused", "predict.batch_size=4", "predict.workers=1")
-    cascade = Cascade(Coarse(stage1, cfg["stage1"]["size"], CPU), None, cfg, CPU)
-    plain = [pred for _, pred in cascade.run(paths)]
+    coarse = Coarse(stage1, tiny_run["stage1"]["size"], CPU, batch_size=4, workers=1)
+    plain = [pred for _, pred in coarse.run(paths)]
     monkeypatch.setattr(reader, "nvjpeg_decoder", lambda device: fake_decode)
-    got = [pred for _, pred in cascade.run([paths[0], gray, paths[1], bad, paths[2]])]
+    got = [pred for _, pred in coarse.run([paths[0], gray, paths[1], bad, paths[2]])]
     assert calls == [3, 1, 1, 1, 1]  # the gray JPEG fails the batch of three: one by one; the truncated one never comes
     for a, b in zip(plain, [got[0], got[2], got[4]]):
         torch.testing.assert_close(a.coarse, b.coarse)
@@ -185,19 +183,18 @@ def test_stage1_sees_one_batch_shape_under_compile_and_the_padding_does_not_leak
 def test_stage1_boxes_of_a_batch_reach_the_host_in_one_copy(monkeypatch):
     """Boxes found by stage 1 for a whole batch come from one device-to-host copy, not one per image;
     images with a given box need none."""
-    from stage2_fullres import cascade as cascade_module
+    from stage1_lowres import coarse as coarse_module
 
     copies = []
-    real = cascade_module.to_host
-    monkeypatch.setattr(cascade_module, "to_host", lambda t: copies.append(tuple(t.shape)) or real(t))
-    cfg = tiny_config("unused", "unused", "predict.batch_size=4")
+    real = coarse_module.to_host
+    monkeypatch.setattr(coarse_module, "to_host", lambda t: copies.append(tuple(t.shape)) or real(t))
     torch.manual_seed(0)
-    cascade = Cascade(Coarse(UNet(3, 2, 4).eval(), 32, CPU), None, cfg, CPU)
+    coarse = Coarse(UNet(3, 2, 4).eval(), 32, CPU)
     images = [torch.randint(0, 256, (3, 60, 90), dtype=torch.uint8) for _ in range(4)]
-    preds = cascade.predict(images, [None, (1, 2, 30, 40), None, None])
+    preds = coarse.predict(images, [None, (1, 2, 30, 40), None, None])
     assert copies == [(3, 32, 32)]
     assert preds[1].box == (1, 2, 30, 40) and all(p.coarse.shape == (60, 90) for p in preds)
-    cascade.predict(images, [(0, 0, 90, 60)] * 4)
+    coarse.predict(images, [(0, 0, 90, 60)] * 4)
     assert copies == [(3, 32, 32)]
 
 
@@ -268,5 +265,5 @@ def test_writer_and_store_keep_a_fixed_chunk_grid(tmp_path):
 
 def test_stage2_needs_the_stage1_boxes_first(tiny_run, tmp_path):
     cfg = tiny_config(tiny_run["data"]["root"], tmp_path / "fresh")
-    with pytest.raises(ConfigError, match="run `carvana stage1 predict`"):
+    with pytest.raises(DataError, match="run `carvana stage1 predict`"):
         s2_predict.main(cfg)

@@ -38,12 +38,12 @@ def test_local_cluster_gives_the_bytes_of_a_local_run_even_when_a_worker_dies(ti
     assert "on 2 Dask workers" in printed and "stage 1 predict" in printed
 
 
-def test_unreachable_scheduler_is_one_line_and_nothing_is_written(tiny_run, tmp_path, capsys):
+def test_unreachable_scheduler_is_one_line_exit_1_and_nothing_is_written(tiny_run, tmp_path, capsys):
     out = tmp_path / "out"
     src = tiny_run["output"]["dir"]
     code = cli(["stage2", "predict", f"data.root={tiny_run['data']['root']}", f"output.dir={out}", f"bboxes.path={src}/bboxes.csv",
                 f"stage2.checkpoint={src}/stage2/best.pt", f"stage1.checkpoint={src}/stage1/best.pt", "stage1.size=64",
                 "predict.cluster=tcp://127.0.0.1:9", "device=cpu"])
     err = capsys.readouterr().err.strip()
-    assert code == 2 and "cannot reach the Dask scheduler" in err and len(err.splitlines()) == 1, err
+    assert code == 1 and "cannot reach the Dask scheduler" in err and len(err.splitlines()) == 1, err
     assert not out.exists()

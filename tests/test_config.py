@@ -4,7 +4,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from common.config import DEFAULTS, ConfigError, load_config, save_config
+from common.errors import ConfigError
+
+from common.config import DEFAULTS, load_config, save_config
 
 
 def test_overrides_parse_types():
@@ -15,8 +17,9 @@ def test_overrides_parse_types():
     assert cfg["data"]["val_cars"] == ["a", "b"]
     assert load_config(None, ["data.val_cars=2/5"])["data"]["val_cars"] == "2/5"
     assert load_config(None, ["stage1.max_minutes=2"])["stage1"]["max_minutes"] == 2.0
-    # the true/false of earlier versions still mean full/none
-    assert [load_config(None, [f"stage2.augment={v}"])["stage2"]["augment"] for v in ("true", "false", "flip")] == ["full", "none", "flip"]
+    assert load_config(None, ["stage2.augment=flip"])["stage2"]["augment"] == "flip"
+    with pytest.raises(ConfigError, match="'stage2.augment' must be str, got True"):
+        load_config(None, ["stage2.augment=true"])
 
 
 def test_unknown_key_suggests_closest():
@@ -138,3 +141,35 @@ def test_unexpected_errors_are_one_line_unless_debug(monkeypatch, capsys):
     assert err == "error: RuntimeError: chunks are not in submission order (run with --debug for the traceback)"
     with pytest.raises(RuntimeError):
         cli.main(["--debug", "stage2", "predict"])
+
+
+def _all_errors(cls):
+    return [cls] + [sub for c in cls.__subclasses__() for sub in _all_errors(c)]
+
+
+def test_every_error_class_exits_with_its_code_in_one_line(monkeypatch, capsys):
+    """User mistakes exit 2, failures during the work 1, an interrupt 130: the status is the class's,
+    and every class the project defines is covered."""
+    import errno
+
+    from common import errors
+    from pipelines import cli
+
+    expected = {"CarvanaError": 1, "UserError": 2, "ConfigError": 2, "DataError": 2, "ImageReadError": 2, "CheckpointError": 2,
+                "SetupError": 2, "FolderBusy": 2, "TooManyTiles": 2, "TrainingError": 1, "ClusterError": 1, "OutputError": 1}
+    import stage2_fullres.tiles  # noqa: F401  defines TooManyTiles, a ConfigError
+
+    classes = {c.__name__: c for c in _all_errors(errors.CarvanaError)}
+    assert set(classes) == set(expected)
+    for name, cls in classes.items():
+        error = cls(errno.ENOSPC, "cannot write out/x.csv: No space left on device") if cls is errors.OutputError else cls(f"the {name} text")
+        monkeypatch.setattr(cli, "dispatch", lambda args, error=error: (_ for _ in ()).throw(error))
+        assert cli.main(["stage2", "predict"]) == expected[name], name
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and err.startswith("error: ") and ("No space" in err or f"the {name} text" in err)
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "dispatch", interrupted)
+    assert cli.main(["stage2", "predict"]) == 130

@@ -4,8 +4,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from common.data import DataError, index_split, split_by_car
-from common.io import ImageReadError, read_image, read_mask
+
+from common.data import index_split, split_by_car
+from common.errors import DataError, ImageReadError
+from common.io import read_image, read_mask
 
 
 def _layout(tmp_path, names, masks):

@@ -1,7 +1,6 @@
 """DDP under torchrun, for real: two CPU processes with the gloo backend."""
 import copy
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -10,7 +9,6 @@ import pandas as pd
 import torch
 from torch.utils.data import DistributedSampler
 
-from common.distributed import Ranks
 from common.losses import bce_dice_loss
 from common.model import UNet
 from conftest import TINY

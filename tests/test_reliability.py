@@ -1,4 +1,4 @@
-"""Bad input, interrupted runs and atomic outputs (the reliability issue), each case tested."""
+"""Bad input, interrupted runs and atomic outputs, each case tested."""
 import errno
 import gzip
 import os
@@ -15,7 +15,9 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from common.data import DataError, index_split, scan_pairs
+from common.errors import DataError
+
+from common.data import index_split, scan_pairs
 from pipelines.cli import main as cli
 from stage1_lowres import predict as s1_predict
 from stage2_fullres import predict as s2_predict

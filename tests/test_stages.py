@@ -33,7 +33,7 @@ def test_stage1_cache_is_reused_without_the_model_and_invalidated_by_settings(ti
     cfg = copy_run(tiny_run, tmp_path / "run")
     out = tmp_path / "run"
     before = (out / "bboxes.csv").read_bytes()
-    monkeypatch.setattr(s1_predict.Cascade, "from_config", lambda *a, **k: pytest.fail("the model must not be loaded"))
+    monkeypatch.setattr(s1_predict.Coarse, "from_config", lambda *a, **k: pytest.fail("the model must not be loaded"))
     assert s1_predict.main(cfg) == 0
     assert "reusing" in capsys.readouterr().out and (out / "bboxes.csv").read_bytes() == before
     monkeypatch.undo()
@@ -77,10 +77,10 @@ def test_boxes_from_another_run_skip_stage1(tiny_run, tmp_path):
 
 
 def test_coarse_channel_mismatch_is_a_clear_error(tiny_run):
-    from common.config import ConfigError
+    from common.errors import CheckpointError
 
     cfg = tiny_config(tiny_run["data"]["root"], tiny_run["output"]["dir"], "stage2.coarse_channel=false")
-    with pytest.raises(ConfigError, match="input channels"):
+    with pytest.raises(CheckpointError, match="input channels"):
         s2_predict.main(cfg)
 
 
@@ -130,7 +130,7 @@ def test_stage1_training_is_reproducible_on_cpu(sample_root, tmp_path):
 
 
 def test_threshold_auto_takes_the_best_of_the_evaluate_sweep(tmp_path):
-    from common.config import ConfigError
+    from common.errors import ConfigError
     from common.submission import mask_threshold
 
     cfg = tiny_config(tmp_path / "data", tmp_path / "out", "predict.threshold=auto")

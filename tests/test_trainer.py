@@ -4,7 +4,8 @@ import torch
 
 from common.batches import TensorBatches
 from common.checkpoints import load_checkpoint, load_model, plot_history
-from common.config import ConfigError, load_config
+from common.errors import CheckpointError
+from common.config import load_config
 from common.model import UNet
 from common.trainer import train
 
@@ -91,12 +92,12 @@ def test_max_minutes_stops_in_time_and_keeps_best(tmp_path):
 def test_checkpoint_of_another_architecture_is_refused(tmp_path):
     data = _blobs(n=4)
     train(UNet(3, 3, 8), data, _validator(data), _settings(epochs=1), tmp_path, {}, torch.device("cpu"))
-    with pytest.raises(ConfigError, match="trained with"):
+    with pytest.raises(CheckpointError, match="trained with"):
         load_model(tmp_path / "last.pt", torch.device("cpu"), expect=UNet(3, 4, 8).args)
-    with pytest.raises(ConfigError, match="trained with"):
+    with pytest.raises(CheckpointError, match="trained with"):
         train(UNet(3, 4, 8), data, _validator(data), _settings(epochs=2, resume=True), tmp_path, {}, torch.device("cpu"))
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
-    with pytest.raises(ConfigError, match="junk.pt.*not a checkpoint"):
+    with pytest.raises(CheckpointError, match="junk.pt.*not a checkpoint"):
         load_model(tmp_path / "junk.pt", torch.device("cpu"))
 
 
@@ -248,7 +249,7 @@ def test_the_loop_reads_the_device_once_per_optimizer_step(monkeypatch):
     monkeypatch.setattr(distributed, "step_agreement", lambda *a: reads.append(1) or agree(*a))
     model = UNet(3, 3, 8)
     s = _settings(accum=2, augment="full")
-    opt = trainer._optimizer(model, s)
+    opt = trainer.build_optimizer(model, s)
     scaler = torch.amp.GradScaler("cuda", enabled=False)
 
     def no_bool(self):
