@@ -21,6 +21,7 @@ def augment_batch(x: torch.Tensor, y: torch.Tensor, gen: torch.Generator, level:
     # the step's random numbers in one draw on the host (the CPU generator keeps runs reproducible
     # on any device) and one asynchronous copy: no host sync before the forward pass is queued
     r = torch.rand(1 if level == "flip" else 7, n, generator=gen)
+    # needs CUDA: not testable on the CPU (benchmarks/gpu_check.py counts the training loop's host syncs)
     r = r.pin_memory().to(x.device, non_blocking=True) if x.device.type == "cuda" else r
     if level == "flip":
         mirror = (r[0] < 0.5)[:, None, None, None]
