@@ -18,7 +18,7 @@ def _states(stdout: str) -> dict[str, str]:
 def test_pipeline_caches_steps(sample_root, tmp_path):
     config = tmp_path / "p.yaml"
     config.write_text(yaml.safe_dump({"data": {"root": str(sample_root)}, "output": {"dir": str(tmp_path / "out")}}))
-    args = [*CLI, str(config), *TINY, "data.limit_test=4"]
+    args = [*CLI, str(config), *TINY, "data.limit_test=2"]
     first = subprocess.run(args, capture_output=True, text=True, check=True).stdout
     assert set(_states(first).values()) == {"[run]"} and len(_states(first)) == 5
     assert "validation Dice" in first and "stage 1 alone" in first and "cascade" in first
