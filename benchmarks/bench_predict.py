@@ -34,11 +34,12 @@ REAL = Path(__file__).resolve().parents[2] / "shared" / "carvana_samples" / "tes
 BOX = (60, 300, 1860, 1100)  # a wide car: two 1024 tiles, as 69% of real cars need
 
 
-def make_run(root: Path, n: int, depth: int, width: int, size: int, extra: list[str], box: tuple = BOX) -> dict:
-    """A data root of n test images (links to the real photos), untrained checkpoints, cached boxes."""
-    photos = sorted(REAL.glob("*.jpg"))
+def make_run(root: Path, n: int, depth: int, width: int, size: int, extra: list[str], box: tuple = BOX,
+             real: Path = REAL) -> dict:
+    """A data root of n test images (links to the real photos in `real`), untrained checkpoints, cached boxes."""
+    photos = sorted(real.glob("*.jpg"))
     if not photos:
-        sys.exit(f"needs the real test photos in {REAL}")
+        sys.exit(f"needs the real test photos in {real}")
     (root / "data" / "test").mkdir(parents=True)
     names = [f"{k:012x}_{k % 16 + 1:02d}.jpg" for k in range(n)]
     for k, name in enumerate(names):

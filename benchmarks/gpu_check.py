@@ -236,7 +236,6 @@ def sanitizer(config: Path, work: Path) -> tuple[bool, dict]:
 
 def predict_speed(samples: Path, work: Path, quick: bool, compile: bool) -> dict:
     """`stage2 predict` with pipeline.yaml's nets and prediction settings on linked real photos."""
-    bench_predict.REAL = samples / "test_fullres"
     pipeline = load_config(ROOT / "pipelines" / "pipeline.yaml")
     s1, s2, p = pipeline["stage1"], pipeline["stage2"], pipeline["predict"]
     depth, width, size = (3, 4, 64) if quick else (s2["depth"], s2["width"], s1["size"])
@@ -245,7 +244,8 @@ def predict_speed(samples: Path, work: Path, quick: bool, compile: bool) -> dict
     root = work / f"speed{'-compiled' if compile else ''}"
     cfg = bench_predict.make_run(root, n, depth, width, size, [
         f"predict.batch_size={batch}", f"predict.tta_flip={p['tta_flip'] and not quick}", f"predict.workers={workers}", "predict.chunk=64",
-        f"predict.compile={compile}", f"stage2.tile={s2['tile'] if not quick else 512}", f"stage2.min_overlap={s2['min_overlap']}"])
+        f"predict.compile={compile}", f"stage2.tile={s2['tile'] if not quick else 512}", f"stage2.min_overlap={s2['min_overlap']}"],
+        real=samples / "test_fullres")
     seconds = bench_predict.end_to_end(cfg, DEVICE)
     steps = bench_predict.stage_seconds(cfg, Cascade.from_config(cfg, DEVICE), DEVICE, batch)
     total = sum(steps.values())
