@@ -132,14 +132,14 @@ def stage2(steps: int, depth: int, width: int, compile: bool = False, crop: int 
                                      f"stage2.compile={compile}"])
             s = cfg["stage2"]
             crops = CropDataset(pairs, boxes, s, None, Path(tmp) / f"masks{per}")
-            data = LoaderBatches(crops, batch, workers, DEVICE, per_item=per)
-            if ceiling is None:
-                x, y = next(data.epoch(0))
+            with LoaderBatches(crops, batch, workers, DEVICE, per_item=per) as data:  # workers stopped before the folder goes
+                if ceiling is None:
+                    x, y = next(data.epoch(0))
+                    torch.manual_seed(0)
+                    ceiling = net_rate(UNet(3, depth, width).to(DEVICE).to(memory_format=torch.channels_last), s, x, y, steps)
                 torch.manual_seed(0)
-                ceiling = net_rate(UNet(3, depth, width).to(DEVICE).to(memory_format=torch.channels_last), s, x, y, steps)
-            torch.manual_seed(0)
-            rate, wait = loop_rate(UNet(3, depth, width).to(DEVICE).to(memory_format=torch.channels_last), s, data,
-                                   min(steps, len(data)))
+                rate, wait = loop_rate(UNet(3, depth, width).to(DEVICE).to(memory_format=torch.channels_last), s, data,
+                                       min(steps, len(data)))
             rows.append((f"stage 2, {crop}px crops, batch {batch}, {per} crop(s) per decode, {workers} workers"
                          + (", compiled" if compile else ""), ceiling, rate, wait))
     return rows

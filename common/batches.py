@@ -86,3 +86,16 @@ class LoaderBatches:
             if x.dim() == 5:  # (items, crops, C, H, W): several crops per decoded image
                 x, y = x.flatten(0, 1), y.flatten(0, 1)
             yield x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)  # async copy from pinned memory
+
+    def close(self) -> None:
+        """Stop the persistent workers now: a loop that stops early (a time limit, a benchmark) would
+        otherwise leave them prefetching, and writing the mask cache, until the process exits."""
+        if self.loader._iterator is not None:  # DataLoader keeps its persistent iterator here; no public way to stop it
+            self.loader._iterator._shutdown_workers()
+            self.loader._iterator = None
+
+    def __enter__(self) -> "LoaderBatches":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

@@ -139,9 +139,9 @@ def main(cfg: dict) -> int:
               + (f", {ranks.world} ranks" if ranks.on else ""))
     model = build_model(s, in_channels=4 if s["coarse_channel"] else 3, prior_skip=s["coarse_channel"] and s["prior_skip"], seed=cfg["seed"])
     crops = CropDataset(train_pairs, train_box, s, coarse, out / "cache" / "masks", seed=cfg["seed"])
-    batches = LoaderBatches(crops, s["batch_size"], s["workers"], device, ranks, seed=cfg["seed"], per_item=s["crops_per_image"])
-    history = train(model, batches, full_res_validator(val_pairs, cached, coarse_model, cfg, device), s, run_dir, cfg, device,
-                    seed=cfg["seed"], ranks=ranks)
+    with LoaderBatches(crops, s["batch_size"], s["workers"], device, ranks, seed=cfg["seed"], per_item=s["crops_per_image"]) as batches:
+        history = train(model, batches, full_res_validator(val_pairs, cached, coarse_model, cfg, device), s, run_dir, cfg, device,
+                        seed=cfg["seed"], ranks=ranks)
     if ranks.main:
         report_skipped(run_dir, bad)
         best = max((h["val_dice"] for h in history), default=float("nan"))

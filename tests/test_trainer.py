@@ -258,3 +258,31 @@ def test_the_loop_reads_the_device_once_per_optimizer_step(monkeypatch):
     monkeypatch.setattr(torch.Tensor, "__bool__", no_bool)
     stats = trainer.train_one_epoch(model, opt, scaler, Blobs(32), 0, s, torch.device("cpu"), None, trainer.Clock(0), Ranks(), 0)
     assert len(reads) == 4 and stats["images"] == 32 and stats["skipped"] == 0
+
+
+class _Touch(torch.utils.data.Dataset):
+    """Writes one file per item read, as the crop dataset fills the mask cache."""
+
+    def __init__(self, folder):
+        self.folder = folder
+
+    def __len__(self):
+        return 64
+
+    def __getitem__(self, key):
+        i, _ = key
+        (self.folder / f"{i}.done").write_text("")
+        return torch.zeros(3, 4, 4), torch.zeros(1, 4, 4)
+
+
+def test_a_loop_that_stops_early_leaves_no_worker_writing(tmp_path):
+    import multiprocessing
+
+    from common.batches import LoaderBatches
+
+    with LoaderBatches(_Touch(tmp_path), 2, 2, torch.device("cpu")) as data:
+        batches = data.epoch(0)
+        next(batches)  # a loop that stops after one batch and keeps its iterator; the workers have more in flight
+        assert multiprocessing.active_children()
+    assert not multiprocessing.active_children()  # joined: nothing writes into a folder that is about to be removed
+    assert len(list(tmp_path.iterdir())) < 64  # it did stop early
