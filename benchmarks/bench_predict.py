@@ -1,9 +1,9 @@
 """Prediction speed: the real `stage2 predict` (streaming `Cascade`: reader -> device -> writer)
-against the old per-image path (tests/reference.py) in the same process, on real 1918x1280 photos
-linked under N names, with untrained nets of the given size (weights do not change the cost).
+against its two nets alone on decoded tensors (the ceiling) in the same process, on real 1918x1280
+photos linked under N names, with untrained nets of the given size (weights do not change the cost).
 Then what each stage of the Cascade costs alone, and peak memory of whole runs at two sizes.
 
-    .venv/bin/python benchmarks/bench_predict.py [images=64] [depth=6] [width=16] [batch] [old_images=8]
+    .venv/bin/python benchmarks/bench_predict.py [images=64] [depth=6] [width=16] [batch]
 
 batch (tiles per forward pass) defaults to 8 on CUDA and 2 on the CPU, where 2 measured fastest.
     .venv/bin/python benchmarks/bench_predict.py memory      # peak RSS at 32 and 320 images, tiny nets
@@ -19,16 +19,14 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-import reference  # noqa: E402  the old per-image path
-from common.config import load_config  # noqa: E402
-from common.model import UNet  # noqa: E402
-from common.reader import read_batches  # noqa: E402
-from common.rle import rle_encode  # noqa: E402
-from stage1_lowres.coarse import upsample  # noqa: E402
-from stage2_fullres import predict as s2_predict  # noqa: E402
-from stage2_fullres.cascade import Cascade  # noqa: E402
-from stage2_fullres.tiles import cut_tiles, plan_tiles, stitch  # noqa: E402
+from common.config import Settings, load_config
+from common.model import UNet
+from common.reader import read_batches
+from common.rle import rle_encode
+from stage1_lowres.coarse import upsample
+from stage2_fullres import predict as s2_predict
+from stage2_fullres.cascade import Cascade
+from stage2_fullres.tiles import cut_tiles, plan_tiles, stitch
 
 REAL = Path(__file__).resolve().parents[2] / "shared" / "carvana_samples" / "test_fullres"
 BOX = (60, 300, 1860, 1100)  # a wide car: two 1024 tiles, as 69% of real cars need
@@ -49,7 +47,7 @@ def make_run(root: Path, n: int, depth: int, width: int, size: int, extra: list[
                              f"stage1.width={width}", f"stage2.depth={depth}", f"stage2.width={width}", *extra])
     for stage, net in (("stage1", UNet(3, depth, width)), ("stage2", UNet(4, depth, width, prior_skip=True))):
         (out / stage).mkdir(parents=True)
-        torch.save({"model": net.state_dict(), "model_args": net.args, "config": cfg}, out / stage / "best.pt")
+        torch.save({"model": net.state_dict(), "model_args": net.args, "config": cfg.model_dump()}, out / stage / "best.pt")
     rows = "\n".join(f"{name},test,1918,1280,{box[0]},{box[1]},{box[2]},{box[3]},1,bench" for name in names)
     (out / "bboxes.csv").write_text("img,split,width,height,x0,y0,x1,y1,found,key\n" + rows + "\n")
     return cfg
@@ -69,18 +67,18 @@ def timed(device, fn, *args):
     return out, time.perf_counter() - t
 
 
-def end_to_end(cfg: dict, device: torch.device) -> float:
+def end_to_end(cfg: Settings, device: torch.device) -> float:
     """Seconds of a whole `stage2 predict` over the run's test images, after a 2-image warm-up
     (cudnn benchmark, allocator, page cache) whose chunks are then deleted."""
-    s2_predict.main({**cfg, "data": {**cfg["data"], "limit_test": 2}})
-    for part in Path(cfg["output"]["dir"], "stage2_chunks").glob("*/*"):
+    s2_predict.main(cfg.updated({"data.limit_test": 2}))
+    for part in Path(cfg.output.dir, "stage2_chunks").glob("*/*"):
         part.unlink()
     return timed(device, s2_predict.main, cfg)[1]
 
 
-def stage_seconds(cfg: dict, cascade: Cascade, device: torch.device, batch: int) -> dict[str, float]:
+def stage_seconds(cfg: Settings, cascade: Cascade, device: torch.device, batch: int) -> dict[str, float]:
     """Seconds per image of each step of the Cascade timed alone, on one reader batch of decoded images."""
-    paths = sorted(Path(cfg["data"]["root"], "test").glob("*.jpg"))
+    paths = sorted(Path(cfg.data.root, "test").glob("*.jpg"))
     steps: dict[str, float] = {}
     batches, t_read = timed(device, lambda: [b for b in read_batches(paths, device, batch, cascade.workers)])
     steps["read + decode (workers, overlapped)"] = t_read / len(paths)
@@ -88,13 +86,13 @@ def stage_seconds(cfg: dict, cascade: Cascade, device: torch.device, batch: int)
     k = len(images)
     small, t = timed(device, cascade.coarse.probs, images)
     steps["stage-1 net (resize on device)"] = t / k
-    windows = plan_tiles(1918, 1280, BOX, cfg["stage2"]["tile"], cfg["stage2"]["min_overlap"])
+    windows = plan_tiles(1918, 1280, BOX, cfg.stage2.tile, cfg.stage2.min_overlap)
     coarse, t = timed(device, lambda: [upsample(p, 1918, 1280) for p in small])
     steps["upsample prior"] = t / k
     tiles, t = timed(device, lambda: (torch.cat([cut_tiles(im, windows) for im in images]),
                                       torch.cat([cut_tiles(c[None], windows) for c in coarse])))
     steps["cut tiles"] = t / k
-    probs, t = timed(device, lambda: torch.cat([cascade._forward(tiles[0][i : i + batch], tiles[1][i : i + batch])
+    probs, t = timed(device, lambda: torch.cat([cascade.refine(tiles[0][i : i + batch], tiles[1][i : i + batch])
                                                 for i in range(0, len(tiles[0]), batch)]))
     steps[f"refiner, {len(windows)} tiles"] = t / k
     n = len(windows)
@@ -114,25 +112,25 @@ def print_shares(steps: dict[str, float]) -> None:
         print(f"{name:44} {t * 1e3:9.1f} {t / total:7.1%}")
 
 
-def compare(n: int, depth: int, width: int, batch: int, old_n: int) -> None:
+NETS = ("stage-1 net (resize on device)", "refiner")
+
+
+def compare(n: int, depth: int, width: int, batch: int) -> None:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     with tempfile.TemporaryDirectory() as tmp:
         cfg = make_run(Path(tmp), n, depth, width, 512, [f"predict.batch_size={batch}", "predict.chunk=64",
                                                          f"predict.workers={min(12, len(os.sched_getaffinity(0)) - 1) if device.type == 'cuda' else 0}"])
         new_s = end_to_end(cfg, device)
-        paths = sorted(Path(cfg["data"]["root"], "test").glob("*.jpg"))
+        paths = sorted(Path(cfg.data.root, "test").glob("*.jpg"))
         cascade = Cascade.from_config(cfg, device)
-        old_s = 0.0
-        for path in paths[:old_n]:
-            out, t = timed(device, reference.old_predict, cascade.coarse.model, cascade.refiner, path, 512, BOX)
-            old_s += t + timed(device, rle_encode, out["prob"] > 0.5)[1]  # the old path encoded in series
         steps = stage_seconds(cfg, cascade, device, batch)
+    nets = sum(t for name, t in steps.items() if name.startswith(NETS))  # seconds per image of the nets alone
 
     print(f"\ndevice {device}, U-Net depth {depth} width {width}, 1918x1280 real photos, box of two 1024 tiles, batch {batch} tiles")
     print(f"{'path':44} {'images':>6} {'ms/image':>9} {'images/s':>9}")
-    print(f"{'old: per image, two decodes, numpy tiles':44} {old_n:6d} {old_s / old_n * 1e3:9.1f} {old_n / old_s:9.2f}")
-    print(f"{'new: stage2 predict (Cascade), end to end':44} {n:6d} {new_s / n * 1e3:9.1f} {n / new_s:9.2f}")
-    print(f"speed-up {old_s / old_n / (new_s / n):.2f}x; 100,064 test images: {100_064 * new_s / n / 3600:.2f} h\n")
+    print(f"{'the two nets alone on decoded tensors':44} {len(paths[:batch]):6d} {nets * 1e3:9.1f} {1 / nets:9.2f}")
+    print(f"{'stage2 predict (Cascade), end to end':44} {n:6d} {new_s / n * 1e3:9.1f} {n / new_s:9.2f}")
+    print(f"end to end at {nets / (new_s / n):.0%} of the nets' own rate; 100,064 test images: {100_064 * new_s / n / 3600:.2f} h\n")
     print_shares(steps)
 
 
@@ -155,5 +153,5 @@ if __name__ == "__main__":
     if sys.argv[1:2] == ["memory"]:
         memory()
     else:
-        args = [int(a) for a in sys.argv[1:6]]
-        compare(*(args + [64, 6, 16, 8 if torch.cuda.is_available() else 2, 8][len(args):]))
+        args = [int(a) for a in sys.argv[1:5]]
+        compare(*(args + [64, 6, 16, 8 if torch.cuda.is_available() else 2][len(args):]))

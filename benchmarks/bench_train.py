@@ -59,9 +59,9 @@ def sync() -> None:
 
 def net_rate(model: torch.nn.Module, s: dict, x: torch.Tensor, y: torch.Tensor, steps: int) -> float:
     """Samples/s of forward + backward + step on one batch already on the device: the ceiling
-    (torch.compile'd when `s["compile"]`, as the trainer does)."""
-    opt, dtype = build_optimizer(model, s), amp_dtype(s["precision"], DEVICE)
-    net = torch.compile(model) if s["compile"] else model
+    (torch.compile'd when `s.compile`, as the trainer does)."""
+    opt, dtype = build_optimizer(model, s), amp_dtype(s.precision, DEVICE)
+    net = torch.compile(model) if s.compile else model
     scaler = torch.amp.GradScaler("cuda", enabled=dtype == torch.float16)
     x = x.contiguous(memory_format=torch.channels_last)
     model.train()
@@ -82,11 +82,11 @@ def net_rate(model: torch.nn.Module, s: dict, x: torch.Tensor, y: torch.Tensor, 
 def loop_rate(model: torch.nn.Module, s: dict, data, steps: int) -> tuple[float, float]:
     """Samples/s of the real loop over `steps` batches (after one warm-up epoch of the same length),
     and the share of its time spent waiting for data."""
-    opt, dtype = build_optimizer(model, s), amp_dtype(s["precision"], DEVICE)
+    opt, dtype = build_optimizer(model, s), amp_dtype(s.precision, DEVICE)
     scaler = torch.amp.GradScaler("cuda", enabled=dtype == torch.float16)
     clock = Clock(0)
     limited = Limited(data, steps)
-    net = torch.compile(model) if s["compile"] else model
+    net = torch.compile(model) if s.compile else model
     train_one_epoch(net, opt, scaler, limited, 0, s, DEVICE, dtype, clock, Ranks(), 0)  # warm-up, mask cache filled
     sync()
     t = time.perf_counter()
@@ -100,17 +100,17 @@ def stage1(steps: int, depth: int, width: int, compile: bool = False, real: Path
     size = size or (512 if CUDA else 256)
     cfg = load_config(None, [f"stage1.size={size}", f"stage1.depth={depth}", f"stage1.width={width}",
                              f"stage1.batch_size={32 if CUDA else 4}", f"stage1.compile={compile}"])
-    s = cfg["stage1"]
+    s = cfg.stage1
     pairs, _ = scan_pairs(index_split(real, "train"), (size, size), jobs=os.cpu_count() or 1)
     images, masks = as_tensors(pairs)
-    data = TensorBatches(images, masks, s["batch_size"], DEVICE)
-    x = images[: s["batch_size"]].to(DEVICE).float().div_(255)
-    y = masks[: s["batch_size"]].to(DEVICE).float()
+    data = TensorBatches(images, masks, s.batch_size, DEVICE)
+    x = images[: s.batch_size].to(DEVICE).float().div_(255)
+    y = masks[: s.batch_size].to(DEVICE).float()
     torch.manual_seed(0)
     ceiling = net_rate(UNet(3, depth, width).to(DEVICE).to(memory_format=torch.channels_last), s, x, y, steps)
     torch.manual_seed(0)
     rate, wait = loop_rate(UNet(3, depth, width).to(DEVICE).to(memory_format=torch.channels_last), s, data, steps)
-    return [(f"stage 1, {size}px, batch {s['batch_size']}, {len(pairs)} real photos on the {DEVICE.type}"
+    return [(f"stage 1, {size}px, batch {s.batch_size}, {len(pairs)} real photos on the {DEVICE.type}"
              + (", compiled" if compile else ""), ceiling, rate, wait)]
 
 
@@ -130,7 +130,7 @@ def stage2(steps: int, depth: int, width: int, compile: bool = False, crop: int 
             cfg = load_config(None, [f"stage2.depth={depth}", f"stage2.width={width}", f"stage2.batch_size={batch}", f"stage2.crop={crop}",
                                      f"stage2.crops_per_image={per}", "stage2.coarse_channel=false", f"stage2.workers={workers}",
                                      f"stage2.compile={compile}"])
-            s = cfg["stage2"]
+            s = cfg.stage2
             crops = CropDataset(pairs, boxes, s, None, Path(tmp) / f"masks{per}")
             with LoaderBatches(crops, batch, workers, DEVICE, per_item=per) as data:  # workers stopped before the folder goes
                 if ceiling is None:
@@ -152,7 +152,7 @@ def precision(steps: int, depth: int, width: int, batch: int) -> None:
     y = (torch.rand(batch, 1, size, size, generator=g) > 0.5).float().to(DEVICE)
     rates = {}
     for name in ("fp32", "bf16"):
-        s = load_config(None, [f"stage1.precision={name}"])["stage1"]
+        s = load_config(None, [f"stage1.precision={name}"]).stage1
         torch.manual_seed(0)
         rates[name] = net_rate(UNet(3, depth, width).to(DEVICE).to(memory_format=torch.channels_last), s, x, y, steps)
     native = amp_dtype("bf16", DEVICE) is not None

@@ -46,7 +46,7 @@ import torch
 
 import bench_predict
 import bench_train
-from common.config import load_config, save_config
+from common.config import Settings, load_config, save_config
 from common.io import read_image
 from common.metrics import dice
 from common.reader import nvjpeg_decoder
@@ -150,10 +150,10 @@ def async_equals_sync(config: Path, work: Path, images: int) -> tuple[bool, dict
     return runs["async"] == runs["sync"], {"rows": rows, "bytes": len(runs["async"])}
 
 
-def device_matches_cpu(cfg: dict, images: int) -> tuple[bool, dict]:
-    boxes = pd.read_csv(Path(cfg["output"]["dir"]) / "bboxes.csv", dtype={"img": str})
+def device_matches_cpu(cfg: Settings, images: int) -> tuple[bool, dict]:
+    boxes = pd.read_csv(Path(cfg.output.dir) / "bboxes.csv", dtype={"img": str})
     test = boxes[boxes["split"] == "test"].head(images)
-    paths = [Path(cfg["data"]["root"]) / "test" / img for img in test["img"]]
+    paths = [Path(cfg.data.root) / "test" / img for img in test["img"]]
     box = [(r.x0, r.y0, r.x1, r.y1) for r in test.itertuples()]
     masks = {}
     for device in (DEVICE, torch.device("cpu")):
@@ -176,11 +176,11 @@ def nvjpeg_matches_pil(paths: list[Path]) -> tuple[bool, dict]:
     return max(diffs) <= 2, {"images": len(diffs), "max_mean_abs_diff": round(max(diffs), 3)}
 
 
-def compile_static(cfg: dict, images: int, quick: bool) -> tuple[bool, dict]:
+def compile_static(cfg: Settings, images: int, quick: bool) -> tuple[bool, dict]:
     from torch._dynamo.utils import counters
 
-    compiled = {**cfg, "predict": {**cfg["predict"], "compile": True}}
-    paths = sorted(Path(cfg["data"]["root"], "test").glob("*.jpg"))[:images]  # not a multiple of the batch: a partial one
+    compiled = cfg.updated({"predict.compile": True})
+    paths = sorted(Path(cfg.data.root, "test").glob("*.jpg"))[:images]  # not a multiple of the batch: a partial one
     boxes = [None] * len(paths)  # stage 1 finds them: both nets run
     # Dynamo's guards decide what recompiles, whatever the backend: on a CPU in --quick the eager
     # backend stands in for inductor, whose C++ code generation takes minutes on two cores
@@ -194,16 +194,16 @@ def compile_static(cfg: dict, images: int, quick: bool) -> tuple[bool, dict]:
         pass
     new = counters["stats"]["unique_graphs"] - graphs
     return new == 0 and graphs > 0, {"backend": backend, "graphs_after_warm_up": graphs, "new_graphs": new,
-                                     "images": len(paths), "batch": cfg["predict"]["batch_size"]}
+                                     "images": len(paths), "batch": cfg.predict.batch_size}
 
 
 def train_one_sync(steps: int) -> tuple[bool, dict]:
-    s = load_config(None, ["stage1.augment=full", "stage1.batch_size=4"])["stage1"]
+    s = load_config(None, ["stage1.augment=full", "stage1.batch_size=4"]).stage1
     g = torch.Generator().manual_seed(0)
     images = (torch.rand(steps * 4, 3, 128, 128, generator=g) * 255).to(torch.uint8)
     data = TensorBatches(images, images[:, :1] > 127, 4, DEVICE)
     model = UNet(3, 4, 8).to(DEVICE).to(memory_format=torch.channels_last)
-    opt, dtype = build_optimizer(model, s), amp_dtype(s["precision"], DEVICE)
+    opt, dtype = build_optimizer(model, s), amp_dtype(s.precision, DEVICE)
     scaler = torch.amp.GradScaler("cuda", enabled=dtype == torch.float16)
     train_one_epoch(model, opt, scaler, data, 0, s, DEVICE, dtype, Clock(0), Ranks(), 0)  # warm-up: cudnn, allocator
     torch.cuda.synchronize()
@@ -237,14 +237,14 @@ def sanitizer(config: Path, work: Path) -> tuple[bool, dict]:
 def predict_speed(samples: Path, work: Path, quick: bool, compile: bool) -> dict:
     """`stage2 predict` with pipeline.yaml's nets and prediction settings on linked real photos."""
     pipeline = load_config(ROOT / "pipelines" / "pipeline.yaml")
-    s1, s2, p = pipeline["stage1"], pipeline["stage2"], pipeline["predict"]
-    depth, width, size = (3, 4, 64) if quick else (s2["depth"], s2["width"], s1["size"])
-    n, batch = (2, 2) if quick else (320, p["batch_size"])
-    workers = 0 if not CUDA else min(p["workers"], len(os.sched_getaffinity(0)) - 1)
+    s1, s2, p = pipeline.stage1, pipeline.stage2, pipeline.predict
+    depth, width, size = (3, 4, 64) if quick else (s2.depth, s2.width, s1.size)
+    n, batch = (2, 2) if quick else (320, p.batch_size)
+    workers = 0 if not CUDA else min(p.workers, len(os.sched_getaffinity(0)) - 1)
     root = work / f"speed{'-compiled' if compile else ''}"
     cfg = bench_predict.make_run(root, n, depth, width, size, [
-        f"predict.batch_size={batch}", f"predict.tta_flip={p['tta_flip'] and not quick}", f"predict.workers={workers}", "predict.chunk=64",
-        f"predict.compile={compile}", f"stage2.tile={s2['tile'] if not quick else 512}", f"stage2.min_overlap={s2['min_overlap']}"],
+        f"predict.batch_size={batch}", f"predict.tta_flip={p.tta_flip and not quick}", f"predict.workers={workers}", "predict.chunk=64",
+        f"predict.compile={compile}", f"stage2.tile={s2.tile if not quick else 512}", f"stage2.min_overlap={s2.min_overlap}"],
         real=samples / "test_fullres")
     seconds = bench_predict.end_to_end(cfg, DEVICE)
     steps = bench_predict.stage_seconds(cfg, Cascade.from_config(cfg, DEVICE), DEVICE, batch)
@@ -291,7 +291,7 @@ def main() -> int:
         work.mkdir(parents=True, exist_ok=True)
         check("environment", environment)
         cfg, config = train_checkpoints(work, args.samples, args.quick)
-        photos = sorted(Path(cfg["data"]["root"], "test").glob("*.jpg"))
+        photos = sorted(Path(cfg.data.root, "test").glob("*.jpg"))
         no_cuda = None if CUDA else "needs CUDA: this machine has none"
         tests = 2 if args.quick else len(photos)
         check("async_equals_sync", async_equals_sync, config, work, tests)
@@ -308,7 +308,7 @@ def main() -> int:
                 continue  # compiling full training steps takes minutes on a CPU
             key = "compiled" if compile else "plain"
             speed[f"predict_{key}"] = predict_speed(args.samples, work, args.quick, compile)
-            speed[f"train_{key}"] = train_speed(args.samples, Path(cfg["data"]["root"]), args.quick, compile)
+            speed[f"train_{key}"] = train_speed(args.samples, Path(cfg.data.root), args.quick, compile)
 
     plain = speed["train_plain"]
     result = {

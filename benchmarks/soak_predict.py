@@ -45,7 +45,7 @@ def wait(proc: subprocess.Popen) -> tuple[int, float]:
 def setup(root: Path, n: int) -> tuple[Path, list[str]]:
     cfg = make_run(root, n, 3, 4, 64, [f"predict.chunk={CHUNK}", "predict.batch_size=4", "predict.workers=0", "device=cpu",
                                        "stage2.tile=512"], box=BOX)
-    test = Path(cfg["data"]["root"]) / "test"
+    test = Path(cfg.data.root) / "test"
     names = sorted(p.name for p in test.iterdir())
     for name in names[::250]:  # broken files among the good ones: they must become error rows, not stop the run
         target = (test / name).resolve().read_bytes()

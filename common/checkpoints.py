@@ -9,6 +9,7 @@ import pandas as pd
 import torch
 from torch import nn
 
+from common.config import Settings, Training
 from common.errors import CheckpointError, ConfigError, SetupError
 from common.io import atomic_path
 from common.model import UNet
@@ -27,10 +28,10 @@ def pick_device(name: str) -> torch.device:
     return device
 
 
-def build_model(settings: dict, in_channels: int, prior_skip: bool = False, seed: int = 0) -> nn.Module:
+def build_model(settings: Training, in_channels: int, prior_skip: bool = False, seed: int = 0) -> nn.Module:
     """A fresh U-Net whose initial weights depend only on `seed`."""
     torch.manual_seed(seed)
-    return UNet(in_channels, settings["depth"], settings["width"], settings["dropout"], prior_skip)
+    return UNet(in_channels, settings.depth, settings.width, settings.dropout, prior_skip)
 
 
 def load_checkpoint(path: str | Path, device: torch.device, expect: dict | None = None) -> dict:
@@ -56,12 +57,12 @@ def load_model(path: str | Path, device: torch.device, expect: dict | None = Non
     return model.eval(), ckpt
 
 
-def checkpoint_paths(cfg: dict, stage: str) -> list[Path]:
+def checkpoint_paths(cfg: Settings, stage: str) -> list[Path]:
     """`<stage>.checkpoint`: empty = `<output.dir>/<stage>/best.pt`; one path; or a list of paths,
     an ensemble (e.g. the K folds of `carvana folds`)."""
-    value = cfg[stage]["checkpoint"]
+    value = getattr(cfg, stage).checkpoint
     if not value:
-        return [Path(cfg["output"]["dir"]) / stage / "best.pt"]
+        return [Path(cfg.output.dir) / stage / "best.pt"]
     return [Path(v) for v in (value if isinstance(value, list) else [value])]
 
 

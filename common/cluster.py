@@ -16,9 +16,11 @@ from typing import Any, Callable
 import torch
 from tqdm import tqdm
 
+from common.config import Settings
 from common.checkpoints import pick_device
 from common.chunks import Chunk
 from common.errors import ClusterError, SetupError
+from common.log import log
 
 _LOADED: dict[str, Any] = {}  # per worker process: models loaded once, kept for all its tasks
 
@@ -62,12 +64,12 @@ def connect(spec: str):
         raise ClusterError(f"predict.cluster={spec}: cannot reach the Dask scheduler ({e})") from None
 
 
-def predict_chunks_anywhere(cfg: dict, task: Callable[..., int], chunks: list[Chunk], args: tuple,
+def predict_chunks_anywhere(cfg: Settings, task: Callable[..., int], chunks: list[Chunk], args: tuple,
                             build: Callable[[], Any], desc: str) -> None:
     """task(chunks, *args, predictor) in this process, or task([chunk], *args) per chunk on the
     cluster of `predict.cluster`, where each worker builds its own predictor once."""
-    if chunks and cfg["predict"]["cluster"]:
-        run_chunks(cfg["predict"]["cluster"], task, chunks, args, desc)
+    if chunks and cfg.predict.cluster:
+        run_chunks(cfg.predict.cluster, task, chunks, args, desc)
     elif chunks:
         task(chunks, *args, build())
 
@@ -88,6 +90,6 @@ def run_chunks(spec: str, task: Callable[..., int], chunks: list[Chunk], args: t
                 done += n
                 bar.update(n)
         seconds = time.monotonic() - started
-        print(f"{desc}: {done} images in {seconds:.1f} s ({done / seconds:.1f} images/s on {workers} Dask workers)")
+        log.info(f"{desc}: {done} images in {seconds:.1f} s ({done / seconds:.1f} images/s on {workers} Dask workers)")
         if spec.startswith("local:"):
             client.cluster.close()

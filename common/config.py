@@ -1,145 +1,302 @@
-"""Configuration as plain data: defaults below, a YAML file on top, dotted overrides on top of that.
+"""Settings as typed, frozen data: each declared once below, a YAML file on top, dotted overrides on top of that.
 
-Every key a user can set is in DEFAULTS; an unknown key or a value of the wrong type fails at
-start-up with the key's name (and, for a typo, the closest valid key).
+A declaration holds the type, the default, the allowed values or range, a one-line doc and the
+outputs the setting changes (`affects`): the cache keys and pipeline fingerprints are derived from
+it (`depends`), and docs/configuration.md is generated from it (`reference`). pydantic does the
+typing and the checks; this module turns its errors into one line naming the key.
 """
 from __future__ import annotations
 
-import copy
 import difflib
 import re
+import types
+import typing
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal, Union
 
 import yaml
+from annotated_types import Interval
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from common.errors import ConfigError
 from common.io import write_text
 
-_TRAIN = {
-    "epochs": 10,  # or "auto": fixed from the second epoch's pace so the schedule fits max_minutes
-    "max_minutes": 0.0,  # wall-clock budget; 0 = none
-    "batch_size": 4,
-    "accum": 1,  # gradient accumulation steps
-    "optimizer": "adam",  # adam | sgd
-    "lr": 1e-3,
-    "momentum": 0.9,  # SGD only; the seed used 0.99 with lr 3e-4 and batch 1
-    "beta2": 0.999,  # Adam only: decay of its squared-gradient average; lower (demo.yaml: 0.9) follows the gradient scale faster
-    "weight_decay": 0.0,
-    "schedule": "cosine",  # constant | step | cosine
-    "step_every": 10,  # epochs, for schedule=step
-    "edge_weight": 0.0,  # extra BCE weight on pixels near the mask boundary; 0 = plain BCE
-    "depth": 5,  # U-Net levels
-    "width": 16,  # channels of the first level, doubled per level
-    "dropout": 0.0,  # in the two deepest levels
-    "augment": "full",  # full (flip, scale/shift, brightness/contrast/hue) | flip | none
-    "workers": 2,  # data-loader processes
-    "resume": False,
-    "precision": "auto",  # auto (CUDA: bf16 on cards that have it, else fp16 + loss scaling; CPU: where bf16 is native, bf16 if timed >= 10% faster than fp32 when training starts; else fp32) | bf16 | fp16 | fp32
-    "compile": False,  # torch.compile the training step: faster on a GPU after a compilation of a minute or so
-    "sync_bn": False,  # under torchrun: batch-norm statistics over the global batch (small per-GPU batches)
-    "max_bad_steps": 20,  # this many optimizer steps in a row with a non-finite loss stop training with an error
-}
-
-DEFAULTS: dict[str, Any] = {
-    "data": {
-        "root": "data/sample",
-        "val_cars": 4,  # a list of car ids, a count (the first N cars), or "k/K" (fold k of K)
-        "hq": False,  # read train_hq/ and test_hq/
-        "max_bad_share": 0.01,  # training refuses to start if more pairs than this are unreadable
-        "limit_test": 0,  # predict on the first N test images only; 0 = all
-    },
-    "output": {"dir": "outputs/run"},
-    # `carvana run` generates synthetic data into data.root when it holds no train/ folder and cars > 0
-    "sample": {"cars": 0, "test_cars": 2, "seed": 0},
-    "device": "auto",  # auto | cpu | cuda | cuda:N
-    "seed": 0,
-    # margin: pixels added around the stage-1 box, one number or [left, top, right, bottom]; more on top for antennas
-    # threshold: of the stage-1 probability, for its boxes and its baseline submission
-    "stage1": {**_TRAIN, "size": 256, "margin": [32, 96, 32, 32], "threshold": 0.5, "checkpoint": ""},
-    "stage2": {
-        **_TRAIN,
-        "tile": 1024,
-        "min_overlap": 64,
-        "crop": 384,  # training crop size
-        "crops_per_image": 1,  # crops cut from each decoded training image (batch_size counts crops); more = less decoding per crop
-        "box_jitter": 32,  # pixels of random box jitter in training
-        "train_boxes": "truth",  # truth | stage1
-        "coarse_channel": True,  # feed the stage-1 probability as a 4th input channel
-        "prior_skip": True,  # with coarse_channel: add its logit to the output, so the net learns a correction
-        "blend": "smooth",  # mean | smooth
-        "checkpoint": "",
-        "val_images": 0,  # validate on this many held-out images per epoch; 0 = all
-    },
-    "bboxes": {"path": ""},  # a bboxes.csv from another run; empty = <output.dir>/bboxes.csv
-    "predict": {
-        "threshold": 0.5,  # of the cascade's probability; "auto": the best of the last `carvana evaluate` sweep
-        "batch_size": 2,  # tiles per forward pass, across images (mirrored copies ride along with tta_flip)
-        "tta_flip": False,
-        "chunk": 16,  # images per resumable chunk of prediction results
-        "workers": 0,  # reader processes decoding ahead of the device; 0 = in the main process (fastest on a CPU-only machine)
-        "compile": False,  # torch.compile the nets: faster on a GPU after a compilation of a minute or so
-        "cluster": "",  # "" = this process; "local:N" = a Dask LocalCluster of N workers; "tcp://host:8786" = a Dask scheduler
-    },
-}
-
-# Keys whose value may take more than the default's type.
-_ALTERNATIVES: dict[str, tuple[type, ...]] = {"data.val_cars": (int, list, str), "stage1.margin": (int, list),
-                                              "stage1.epochs": (int, str), "stage2.epochs": (int, str),
-                                              "predict.threshold": (float, str), "stage1.checkpoint": (str, list),
-                                              "stage2.checkpoint": (str, list)}
-
-# Allowed values, checked when the config loads (a name: one of these; a pair: lo <= value, or lo <= value <= hi).
-_CHOICES = {"optimizer": ("adam", "sgd"), "schedule": ("constant", "step", "cosine"),
-            "stage2.blend": ("mean", "smooth"), "augment": ("full", "flip", "none"), "precision": ("auto", "bf16", "fp16", "fp32"), "stage2.train_boxes": ("truth", "stage1")}
-_RANGES = {"epochs": (1, None), "batch_size": (1, None), "accum": (1, None), "step_every": (1, None), "depth": (1, None),
-           "width": (1, None), "workers": (0, None), "lr": (1e-12, None), "momentum": (0, 1), "beta2": (0, 0.9999), "weight_decay": (0, None),
-           "edge_weight": (0, None), "dropout": (0, 0.99), "max_minutes": (0, None), "stage1.size": (16, None),
-           "stage2.tile": (16, None), "stage2.min_overlap": (0, None), "stage2.crop": (16, None),
-           "stage2.box_jitter": (0, None), "stage2.crops_per_image": (1, None), "max_bad_steps": (1, None), "stage2.val_images": (0, None), "data.max_bad_share": (0, 1),
-           "data.limit_test": (0, None), "predict.threshold": (1e-6, 1 - 1e-6), "stage1.threshold": (1e-6, 1 - 1e-6), "predict.batch_size": (1, None),
-           "predict.chunk": (1, None), "predict.workers": (0, None), "sample.cars": (0, None), "sample.test_cars": (0, None)}
+# What an output is called in `affects`; "model" inside a stage section means that stage's net.
+OUTPUTS = ("sample", "stage1.model", "boxes", "stage2.model", "masks", "test_rows")
 
 
-def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
+def setting(default: Any, doc: str, *, ge: float | None = None, le: float | None = None, affects: tuple[str, ...] = (),
+            expect: str = "") -> Any:
+    """One declaration; `expect` words the allowed values where the type alone does not (a pattern)."""
+    return Field(default, description=doc, ge=ge, le=le, json_schema_extra={"affects": list(affects), "expect": expect})
+
+
+def number_or_auto(kind: type, ge: float, le: float | None = None) -> Any:
+    """A number in a range, or the word auto (the range binds the number only)."""
+    return Union[Annotated[kind, Interval(ge=ge, le=le)], Literal["auto"]]
+
+
+class Section(BaseModel):
+    # strict: no "3" for 3 and no true for 1, as YAML would otherwise slip through; frozen: read, never edited
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+
+class Data(Section):
+    root: str = setting("data/sample", "the Kaggle-layout folder: train/, train_masks/, test/", affects=("sample", "stage1.model"))
+    val_cars: Union[int, list[Union[str, int]], str] = setting(
+        4, 'validation cars: a list of car ids, a count (the first N cars), or "k/K" (fold k of K)', affects=("stage1.model",))
+    hq: bool = setting(False, "read train_hq/ and test_hq/", affects=("stage1.model", "boxes"))
+    max_bad_share: float = setting(0.01, "training refuses to start if more pairs than this share are unreadable", ge=0, le=1,
+                                   affects=("stage1.model",))
+    limit_test: int = setting(0, "predict on the first N test images only; 0 = all", ge=0, affects=("test_rows",))
+
+
+class Output(Section):
+    dir: str = setting("outputs/run", "the run folder: checkpoints, bboxes.csv, submissions, report")
+
+
+class Sample(Section):
+    cars: int = setting(0, "`carvana run` generates this many synthetic training cars into data.root when it has no train/; "
+                           "0 = real data", ge=0, affects=("sample",))
+    test_cars: int = setting(2, "synthetic test cars", ge=0, affects=("sample",))
+    seed: int = setting(0, "seed of the synthetic data", affects=("sample",))
+
+
+Precision = Literal["auto", "bf16", "fp16", "fp32"]
+
+
+class Training(Section):
+    """What both stages' training reads."""
+
+    epochs: number_or_auto(int, ge=1) = setting(
+        10, "epochs; auto: the second epoch's pace fixes the count so the schedule ends within max_minutes "
+            "(recorded in history.csv and the checkpoints: a resume keeps it)", affects=("model",))
+    max_minutes: float = setting(0.0, "wall-clock budget per invocation, validation included; 0 = none: a safety stop that keeps the best "
+                                      "checkpoint (changes the model only with epochs: auto)", ge=0)
+    batch_size: int = setting(4, "samples per step (stage 2: crops)", ge=1, affects=("model",))
+    accum: int = setting(1, "gradient accumulation steps", ge=1, affects=("model",))
+    optimizer: Literal["adam", "sgd"] = setting("adam", "adam | sgd", affects=("model",))
+    lr: float = setting(1e-3, "learning rate", ge=1e-12, affects=("model",))
+    momentum: float = setting(0.9, "SGD only; the seed used 0.99 with lr 3e-4 and batch 1", ge=0, le=1, affects=("model",))
+    beta2: float = setting(0.999, "Adam only: decay of its squared-gradient average; lower follows the gradient scale faster",
+                           ge=0, le=0.9999, affects=("model",))
+    weight_decay: float = setting(0.0, "weight decay", ge=0, affects=("model",))
+    schedule: Literal["constant", "step", "cosine"] = setting("cosine", "learning-rate schedule", affects=("model",))
+    step_every: int = setting(10, "epochs between steps of schedule: step", ge=1, affects=("model",))
+    edge_weight: float = setting(0.0, "extra BCE weight on pixels near the mask boundary; 0 = plain BCE", ge=0, affects=("model",))
+    depth: int = setting(5, "U-Net levels", ge=1, affects=("model",))
+    width: int = setting(16, "channels of the first level, doubled per level", ge=1, affects=("model",))
+    dropout: float = setting(0.0, "dropout in the two deepest levels", ge=0, le=0.99, affects=("model",))
+    augment: Literal["full", "flip", "none"] = setting(
+        "full", "full (flip, scale/shift, brightness/contrast/hue) | flip | none", affects=("model",))
+    workers: int = setting(2, "threads reading every training pair once before training; stage 2 also uses this many "
+                              "data-loader processes", ge=0)
+    resume: bool = setting(False, "continue from last.pt of the run folder (`carvana run` sets it when a step was interrupted)")
+    precision: Precision = setting(
+        "auto", "auto (CUDA: bf16 where the card has it, else fp16 with loss scaling; CPU: bf16 where native and timed "
+                ">= 10% faster than fp32 when training starts, else fp32) | bf16 | fp16 | fp32", affects=("model",))
+    compile: bool = setting(False, "torch.compile the training step: faster on a GPU after a compilation of a minute or so",
+                            affects=("model",))
+    sync_bn: bool = setting(False, "under torchrun: batch-norm statistics over the global batch (small per-GPU batches)",
+                            affects=("model",))
+    max_bad_steps: int = setting(20, "a step whose loss is not finite on any rank is skipped and counted in history.csv; this many "
+                                 "in a row stop training with an error, and a NaN never becomes best.pt", ge=1,
+                                 affects=("model",))
+
+
+Checkpoint = Union[str, list[str]]
+
+
+class Stage1(Training):
+    size: int = setting(256, "square input size of the whole image", ge=16, affects=("model", "boxes"))
+    margin: Union[int, list[int]] = setting(
+        [32, 96, 32, 32], "pixels added around the box: one number or [left, top, right, bottom]; more on top for antennas",
+        affects=("boxes",))
+    threshold: float = setting(0.5, "of the stage-1 probability, for its boxes and its baseline submission", ge=1e-6, le=1 - 1e-6,
+                               affects=("boxes",))
+    checkpoint: Checkpoint = setting("", "a checkpoint or a list of them (an ensemble); empty = <output.dir>/stage1/best.pt")
+
+
+class Stage2(Training):
+    tile: int = setting(1024, "side of the refiner's square tiles", ge=16, affects=("model", "masks"))
+    min_overlap: int = setting(64, "least overlap of neighbouring tiles, at most half a tile; an image whose box would need more than "
+                                                "256 tiles becomes an error row naming these settings", ge=0, affects=("model", "masks"))
+    crop: int = setting(384, "training crop size", ge=16, affects=("model",))
+    crops_per_image: int = setting(1, "crops cut from each decoded training image (batch_size counts crops); "
+                                      "more = less decoding per crop", ge=1, affects=("model",))
+    box_jitter: int = setting(32, "pixels of random box jitter in training", ge=0, affects=("model",))
+    train_boxes: Literal["truth", "stage1"] = setting("truth", "boxes training crops are centred in", affects=("model",))
+    coarse_channel: bool = setting(True, "feed the stage-1 probability as a 4th input channel", affects=("model", "masks"))
+    prior_skip: bool = setting(True, "with coarse_channel: add its logit to the output, so the net learns a correction",
+                               affects=("model",))
+    blend: Literal["mean", "smooth"] = setting("smooth", "how overlapping tiles are blended", affects=("model", "masks"))
+    checkpoint: Checkpoint = setting("", "a checkpoint or a list of them (an ensemble); empty = <output.dir>/stage2/best.pt")
+    val_images: int = setting(0, "validate on this many held-out images per epoch; 0 = all", ge=0, affects=("model",))
+
+
+class Bboxes(Section):
+    path: str = setting("", "a bboxes.csv from another run; empty = <output.dir>/bboxes.csv")
+
+
+class Predict(Section):
+    threshold: number_or_auto(float, ge=1e-6, le=1 - 1e-6) = setting(
+        0.5, "of the cascade's probability; auto: the threshold with the best mean validation Dice in the last "
+        "`carvana evaluate` sweep (report/threshold_sweep.csv; `carvana run` then evaluates before predicting)", affects=("masks",))
+    batch_size: int = setting(2, "tiles per forward pass, across images (mirrored copies ride along with tta_flip)", ge=1)
+    tta_flip: bool = setting(False, "average with the prediction of the mirrored image", affects=("boxes", "masks"))
+    chunk: int = setting(16, "images per resumable chunk of prediction results", ge=1)
+    workers: int = setting(0, "reader processes decoding ahead of the device; 0 = in the main process "
+                              "(fastest on a CPU-only machine)", ge=0)
+    compile: bool = setting(False, "torch.compile the nets: faster on a GPU after a compilation of a minute or so")
+    cluster: str = setting("", '"" = this process; local:N = a Dask LocalCluster of N workers; tcp://host:8786 = a Dask scheduler',
+                           expect="empty, local:N or a scheduler address such as tcp://host:8786")
+
+
+class Settings(Section):
+    data: Data = Data()
+    output: Output = Output()
+    sample: Sample = Sample()
+    device: str = setting("auto", "auto | cpu | cuda | cuda:N", expect="auto, cpu, cuda or cuda:N")
+    seed: int = setting(0, "seed of weights, crops and splits", affects=("stage1.model", "stage2.model"))
+    stage1: Stage1 = Stage1()
+    stage2: Stage2 = Stage2()
+    bboxes: Bboxes = Bboxes()
+    predict: Predict = Predict()
+
+    def updated(self, changes: dict[str, Any]) -> Settings:
+        """A copy with `{"dotted.key": value}` changed, checked as a loaded file is."""
+        tree = self.model_dump()
+        for key, value in changes.items():
+            _set(tree, key, value)
+        return _parse(tree)
+
+
+# ---- declarations, walked ------------------------------------------------------------------------
+
+def _fields(model: type[BaseModel] = Settings, prefix: str = "") -> dict[str, Any]:
+    """Every leaf setting by dotted key, in declaration order."""
     out = {}
-    for key, value in tree.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict):
-            out.update(_flatten(value, name + "."))
+    for name, f in model.model_fields.items():
+        if isinstance(f.annotation, type) and issubclass(f.annotation, Section):
+            out.update(_fields(f.annotation, f"{prefix}{name}."))
         else:
-            out[name] = value
+            out[f"{prefix}{name}"] = f
     return out
 
 
-_VALID = _flatten(DEFAULTS)
+FIELDS = _fields()
 
 
-def _check(key: str, value: Any) -> Any:
-    if key not in _VALID:
-        close = difflib.get_close_matches(key, _VALID, n=1, cutoff=0.6)
-        hint = f" (did you mean '{close[0]}'?)" if close else ""
-        raise ConfigError(f"unknown config key '{key}'{hint}")
-    default = _VALID[key]
-    allowed = _ALTERNATIVES.get(key, (type(default),))
-    if float in allowed and isinstance(value, int) and not isinstance(value, bool):
-        value = float(value)
-    if isinstance(value, bool) and bool not in allowed or not isinstance(value, allowed):
-        names = " or ".join(t.__name__ for t in allowed)
-        raise ConfigError(f"config key '{key}' must be {names}, got {value!r}")
+def _affects(key: str) -> set[str]:
+    section = key.split(".")[0]
+    tags = FIELDS[key].json_schema_extra["affects"]
+    return {f"{section}.{t}" if t == "model" else t for t in tags}
+
+
+def depends(cfg: Settings, output: str) -> dict[str, Any]:
+    """The settings `output` (one of OUTPUTS) depends on, by name within their section: what its
+    cache key or pipeline fingerprint hashes, so a new setting needs only its declaration."""
+    keys = [k for k in FIELDS if output in _affects(k)]
+    names = [k.rsplit(".", 1)[-1] for k in keys]
+    assert len(set(names)) == len(names), f"two settings named alike change {output}: {keys}"
+    return {name: _get(cfg, k) for name, k in zip(names, keys)}
+
+
+def _get(cfg: Settings, key: str) -> Any:
+    value: Any = cfg
+    for part in key.split("."):
+        value = getattr(value, part)
     return value
+
+
+def _arms(annotation: Any) -> tuple:
+    return typing.get_args(annotation) if typing.get_origin(annotation) in (Union, types.UnionType) else (annotation,)
+
+
+def _words(annotation: Any) -> tuple[list[str], list[str]]:
+    """(type names, literal values) of a declared type."""
+    names, values = [], []
+    for arg in _arms(annotation):
+        if typing.get_origin(arg) is Annotated:
+            arg = typing.get_args(arg)[0]
+        if typing.get_origin(arg) is Literal:
+            values += [str(v) for v in typing.get_args(arg)]
+        else:
+            names.append(getattr(typing.get_origin(arg) or arg, "__name__", str(arg)))
+    return names, values
+
+
+def _bounds(f: Any) -> str:
+    marks = list(f.metadata) + [m for arm in _arms(f.annotation) if typing.get_origin(arm) is Annotated for m in arm.__metadata__]
+    lo = next((m.ge for m in marks if getattr(m, "ge", None) is not None), None)
+    hi = next((m.le for m in marks if getattr(m, "le", None) is not None), None)
+    if lo is None and hi is None:
+        return ""
+    return f">= {lo}" if hi is None else f"in [{lo}, {hi}]"
+
+
+# ---- loading -------------------------------------------------------------------------------------
+
+_RANGE_ERRORS = {"greater_than_equal", "less_than_equal", "greater_than", "less_than"}
+
+
+def _message(errors: list[dict], tree: dict) -> str:
+    """pydantic's first error, as one line naming the key and what it accepts."""
+    loc = errors[0]["loc"]
+    model, parts = Settings, []
+    for part in loc:
+        f = model.model_fields.get(part) if isinstance(part, str) else None
+        if f is None:
+            break
+        parts.append(part)
+        if not (isinstance(f.annotation, type) and issubclass(f.annotation, Section)):
+            break
+        model = f.annotation
+    key = ".".join(parts)
+    if errors[0]["type"] == "extra_forbidden" or key not in FIELDS and len(parts) < len(loc):
+        unknown = ".".join(str(p) for p in loc)
+        close = difflib.get_close_matches(unknown, FIELDS, n=1, cutoff=0.6)
+        return f"unknown config key '{unknown}'" + (f" (did you mean '{close[0]}'?)" if close else "")
+    value: Any = tree
+    for part in parts:
+        value = value.get(part) if isinstance(value, dict) else None
+    if key not in FIELDS:  # a section given as something else than a mapping
+        return f"config key '{key}' must be a mapping of settings, got {value!r}"
+    f, mine = FIELDS[key], [e for e in errors if e["loc"][: len(parts)] == tuple(parts)]
+    names, values = _words(f.annotation)
+    if any(e["type"] in _RANGE_ERRORS for e in mine):
+        return f"config key '{key}' must be {_bounds(f)}; got {value!r}"
+    if f.json_schema_extra["expect"]:
+        return f"config key '{key}' must be {f.json_schema_extra['expect']}; got {value!r}"
+    if values == ["auto"]:
+        return f"config key '{key}' must be a number or auto; got {value!r}"
+    if values and not names and isinstance(value, str):
+        return f"config key '{key}' must be one of {', '.join(values)}; got {value!r}"
+    return f"config key '{key}' must be {' or '.join(names or ['str'])}, got {value!r}"
+
+
+def _parse(tree: dict, where: str = "") -> Settings:
+    try:
+        cfg = Settings.model_validate(tree)
+    except ValidationError as e:
+        raise ConfigError(where + _message(e.errors(), tree)) from None
+    _validate(cfg)
+    return cfg
 
 
 def _set(tree: dict, key: str, value: Any) -> None:
     *parents, leaf = key.split(".")
     for p in parents:
+        if not isinstance(tree.get(p), dict):
+            close = difflib.get_close_matches(key, FIELDS, n=1, cutoff=0.6)
+            raise ConfigError(f"unknown config key '{key}'" + (f" (did you mean '{close[0]}'?)" if close else ""))
         tree = tree[p]
     tree[leaf] = value
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> dict:
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Settings:
     """Defaults <- YAML file <- `key=value` overrides (values parsed as YAML: 3, 0.5, true, [a, b])."""
-    cfg = copy.deepcopy(DEFAULTS)
+    cfg = Settings()
     if path is not None:
         path = Path(path)
         if not path.is_file():
@@ -152,63 +309,70 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
             raise ConfigError(f"{path}: not valid YAML{where}: {getattr(e, 'problem', None) or e}") from None
         if not isinstance(tree, dict):
             raise ConfigError(f"{path}: expected a mapping of settings at the top level")
-        for key, value in _flatten(tree).items():
-            try:
-                _set(cfg, key, _check(key, value))
-            except ConfigError as e:
-                raise ConfigError(f"{path}: {e}") from None
+        cfg = _parse(tree, f"{path}: ")
+    changes = {}
     for item in overrides:
         key, sep, text = item.partition("=")
         if not sep:
             raise ConfigError(f"override '{item}' must look like key=value")
-        _set(cfg, key.strip(), _check(key.strip(), yaml.safe_load(text) if text.strip() else ""))
-    _validate(cfg)
-    return cfg
+        changes[key.strip()] = yaml.safe_load(text) if text.strip() else ""
+    return cfg.updated(changes) if changes else cfg
 
 
-def _validate(cfg: dict) -> None:
-    """Every setting with a fixed set of values or a range, checked before any work starts."""
-    for key, value in _flatten(cfg).items():
-        short = key.split(".", 1)[-1] if key.startswith(("stage1.", "stage2.")) else key
-        choices = _CHOICES.get(key) or _CHOICES.get(short)
-        if choices and value not in choices:
-            raise ConfigError(f"config key '{key}' must be one of {', '.join(choices)}; got {value!r}")
-        if key == "predict.threshold" and value == "auto":
-            continue
-        if short == "epochs" and value == "auto":
-            if not cfg[key.split(".")[0]]["max_minutes"]:
-                raise ConfigError(f"config key '{key}' is auto, which fits the schedule to a budget: set {key.split('.')[0]}.max_minutes too")
-            continue
-        bounds = _RANGES.get(key) or _RANGES.get(short)
-        if isinstance(value, str) and bounds:
-            auto = " or auto" if short == "epochs" or key == "predict.threshold" else ""
-            raise ConfigError(f"config key '{key}' must be a number{auto}; got {value!r}")
-        if bounds and not (bounds[0] <= value and (bounds[1] is None or value <= bounds[1])):
-            where = f">= {bounds[0]}" if bounds[1] is None else f"in [{bounds[0]}, {bounds[1]}]"
-            raise ConfigError(f"config key '{key}' must be {where}; got {value!r}")
-    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", cfg["device"]):
-        raise ConfigError(f"config key 'device' must be auto, cpu, cuda or cuda:N; got {cfg['device']!r}")
-    overlap, tile = cfg["stage2"]["min_overlap"], cfg["stage2"]["tile"]
+def _validate(cfg: Settings) -> None:
+    """The checks that involve more than one setting, or more than a type and a range."""
+    for stage in ("stage1", "stage2"):
+        s = getattr(cfg, stage)
+        if s.epochs == "auto" and not s.max_minutes:
+            raise ConfigError(f"config key '{stage}.epochs' is auto, which fits the schedule to a budget: set {stage}.max_minutes too")
+        if isinstance(s.checkpoint, list) and not (s.checkpoint and all(s.checkpoint)):
+            raise ConfigError(f"config key '{stage}.checkpoint' must be a path or a non-empty list of paths (an ensemble); "
+                              f"got {s.checkpoint!r}")
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", cfg.device):
+        raise ConfigError(f"config key 'device' must be auto, cpu, cuda or cuda:N; got {cfg.device!r}")
+    overlap, tile = cfg.stage2.min_overlap, cfg.stage2.tile
     if overlap > tile // 2:
         raise ConfigError(f"stage2.min_overlap={overlap} must be at most half of stage2.tile={tile} ({tile // 2}): tiles start "
                           "every tile - min_overlap pixels, so a larger overlap refines each pixel more than twice per axis "
                           "and multiplies the tiles (the blend needs only a few dozen pixels)")
-    for stage in ("stage1", "stage2"):
-        value = cfg[stage]["checkpoint"]
-        if isinstance(value, list) and not (value and all(isinstance(v, str) and v for v in value)):
-            raise ConfigError(f"config key '{stage}.checkpoint' must be a path or a non-empty list of paths (an ensemble); got {value!r}")
-    margin = cfg["stage1"]["margin"]
+    margin = cfg.stage1.margin
     sides = [margin] if isinstance(margin, int) else margin
-    if len(sides) not in (1, 4) or not all(isinstance(m, int) and not isinstance(m, bool) and m >= 0 for m in sides):
+    if len(sides) not in (1, 4) or not all(m >= 0 for m in sides):
         raise ConfigError(f"config key 'stage1.margin' must be pixels >= 0, one number or [left, top, right, bottom]; got {margin!r}")
-    if cfg["stage2"]["batch_size"] % cfg["stage2"]["crops_per_image"]:
-        raise ConfigError(f"stage2.batch_size={cfg['stage2']['batch_size']} counts crops: make it a multiple of "
-                          f"stage2.crops_per_image={cfg['stage2']['crops_per_image']}")
-    cluster = cfg["predict"]["cluster"]
+    if cfg.stage2.batch_size % cfg.stage2.crops_per_image:
+        raise ConfigError(f"stage2.batch_size={cfg.stage2.batch_size} counts crops: make it a multiple of "
+                          f"stage2.crops_per_image={cfg.stage2.crops_per_image}")
+    cluster = cfg.predict.cluster
     if cluster and not (re.fullmatch(r"local:[1-9]\d*", cluster) or "://" in cluster):
-        raise ConfigError(f"config key 'predict.cluster' must be empty, local:N or a scheduler address such as tcp://host:8786; got {cluster!r}")
+        raise ConfigError(f"config key 'predict.cluster' must be empty, local:N or a scheduler address such as tcp://host:8786; "
+                          f"got {cluster!r}")
 
 
-def save_config(cfg: dict, path: str | Path) -> None:
-    write_text(path, yaml.safe_dump(cfg, sort_keys=False))
+def save_config(cfg: Settings, path: str | Path) -> None:
+    write_text(path, yaml.safe_dump(cfg.model_dump(), sort_keys=False))
 
+
+def as_yaml(cfg: Settings) -> str:
+    """What `carvana config` prints: the settings a job would run with."""
+    return yaml.safe_dump(cfg.model_dump(), sort_keys=False)
+
+
+def reference() -> str:
+    """docs/configuration.md, generated from the declarations (a test keeps the file in step)."""
+    lines = ["# Configuration reference", "",
+             "Generated from the declarations in `common/config.py` by `carvana config --reference`; do not edit by hand.", "",
+             "Settings come from the defaults below, then a YAML file (`--config FILE`), then dotted overrides on the command line "
+             "(`stage1.epochs=3`). `carvana config --config FILE [overrides]` prints what a job would run with. An unknown key, "
+             "a value of the wrong type or out of range stops the command before any work, naming the key.", "",
+             "`stage1` and `stage2` share the training settings; *affects* lists the outputs that are recomputed when the "
+             "setting changes (the cache keys and the pipeline steps' fingerprints are derived from it).", "",
+             "| setting | type | default | allowed | affects | meaning |", "|---|---|---|---|---|---|"]
+    for key, f in FIELDS.items():
+        names, values = _words(f.annotation)
+        kind = " or ".join(names + (["auto"] if values == ["auto"] else []))
+        allowed = f.json_schema_extra["expect"] or (", ".join(values) if values and not names else _bounds(f))
+        default = yaml.safe_dump(f.default, default_flow_style=True).strip().removesuffix("...").strip() or '""'
+        doc, allowed = f.description.replace("|", "/"), allowed.replace("|", "/")
+        lines.append(f"| `{key}` | {kind or 'str'} | `{default}` | {allowed} | "
+                     f"{', '.join(sorted(_affects(key)))} | {doc} |")
+    return "\n".join(lines) + "\n"

@@ -18,6 +18,7 @@ from PIL import Image
 from common.boxes import Box, mask_extent
 from common.errors import DataError, ImageReadError
 from common.io import Size, image_size, read_image, read_mask, write_csv
+from common.log import log
 
 NAME = re.compile(r"^(?P<car>[0-9a-zA-Z]{12})_(?P<angle>\d{2})\.jpg$")
 MASK_SUFFIXES = ("_mask.gif", "_mask.png")
@@ -155,6 +156,6 @@ def report_skipped(run_dir: Path, bad: list[tuple[str, str]]) -> None:
     if not bad:
         return
     write_csv(run_dir / "skipped.csv", pd.DataFrame(bad, columns=["img", "reason"]))
-    print(f"skipped {len(bad)} unreadable pair(s), listed in {run_dir / 'skipped.csv'}:")
+    log.info(f"skipped {len(bad)} unreadable pair(s), listed in {run_dir / 'skipped.csv'}:")
     for _, reason in bad:
-        print(f"  {reason}")
+        log.info(f"  {reason}")

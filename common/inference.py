@@ -22,6 +22,23 @@ def autocast(device: torch.device) -> torch.autocast:
     return torch.autocast(device.type, dtype=dtype, enabled=device.type == "cuda" or (device.type == "cpu" and cpu_has_bf16()))
 
 
+def probabilities(net: nn.Module, x: torch.Tensor, device: torch.device, flip: bool = False, pad_to: int = 0) -> torch.Tensor:
+    """(n, H, W) float32 probabilities of the net's one output channel, under `autocast`: the inputs
+    padded with zeros to `pad_to` (one static shape for a compiled net); with flip TTA the mirrored
+    inputs ride in the same pass and the two predictions are averaged (both stages' one TTA)."""
+    n = len(x)
+    if n < pad_to:
+        x = torch.cat([x, x.new_zeros(pad_to - n, *x.shape[1:])])
+    if flip:
+        x = torch.cat([x, x.flip(-1)])
+    with autocast(device):
+        p = torch.sigmoid(net(x.contiguous(memory_format=torch.channels_last)).float())[:, 0]
+    if flip:
+        half = len(p) // 2
+        p = (p[:half] + p[half:].flip(-1)) / 2
+    return p[:n]
+
+
 @torch.no_grad()
 def forward_batches(model: nn.Module, x: torch.Tensor, device: torch.device, batch_size: int) -> Iterator[torch.Tensor]:
     """Logits (float32, on the CPU) for `x` in batches, under `autocast`."""

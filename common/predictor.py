@@ -19,6 +19,7 @@ from tqdm import tqdm
 
 from common.boxes import Box
 from common.reader import read_batches
+from common.log import log
 
 
 @dataclass
@@ -57,4 +58,4 @@ def stream(step: Step, paths: list[Path], boxes: list[Box | None] | None, device
     bar.close()
     if desc and done:
         seconds = time.monotonic() - started
-        print(f"{desc}: {done} images in {seconds:.1f} s ({done / seconds:.1f} images/s on {device})")
+        log.info(f"{desc}: {done} images in {seconds:.1f} s ({done / seconds:.1f} images/s on {device})")

@@ -20,6 +20,7 @@ from torch.utils.data import DataLoader, Dataset
 from common.errors import ImageReadError
 
 from common.io import read_image
+from common.log import log
 
 JpegDecoder = Callable[[list[torch.Tensor], torch.device], list[torch.Tensor]]  # encoded bytes -> uint8 (3, H, W)
 Item = tuple[int, torch.Tensor | None, bool, str]  # index, pixels (H, W, 3) or JPEG bytes, encoded?, error
@@ -68,8 +69,8 @@ def nvjpeg_decoder(device: torch.device) -> JpegDecoder | None:
     try:
         from torchvision.io import ImageReadMode, decode_jpeg
     except ImportError:
-        print(f"reader: torchvision is not installed, so JPEGs are decoded by PIL in the reader processes, not by nvjpeg on "
-              f"{device} (pip install torchvision)", flush=True)
+        log.info(f"reader: torchvision is not installed, so JPEGs are decoded by PIL in the reader processes, not by nvjpeg on "
+                 f"{device} (pip install torchvision)")
         return None
 
     def decode(data: list[torch.Tensor], dev: torch.device) -> list[torch.Tensor]:
@@ -85,7 +86,7 @@ def nvjpeg_decoder(device: torch.device) -> JpegDecoder | None:
     try:
         decode([torch.frombuffer(bytearray(buf.getvalue()), dtype=torch.uint8)], device)
     except RuntimeError as e:
-        print(f"reader: nvjpeg cannot decode on {device} ({e}); JPEGs are decoded by PIL in the reader processes", flush=True)
+        log.info(f"reader: nvjpeg cannot decode on {device} ({e}); JPEGs are decoded by PIL in the reader processes")
         return None
     return decode
 

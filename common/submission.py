@@ -2,29 +2,30 @@
 from __future__ import annotations
 
 import gzip
-import sys
 import warnings
 from pathlib import Path
 
 import pandas as pd
 
+from common.config import Settings
 from common.chunks import ChunkStore
 from common.errors import ConfigError, DataError
 from common.data import Sample, index_split
 from common.io import atomic_path, write_csv
+from common.log import log
 
 
-def test_samples(cfg: dict) -> list[Sample]:
+def test_samples(cfg: Settings) -> list[Sample]:
     """Test images in sample_submission.csv order when the data has that file (else by name), limited by data.limit_test.
 
     A data root without a test folder (training data only, e.g. for `evaluate`) has none.
     """
-    folder = Path(cfg["data"]["root"]) / ("test_hq" if cfg["data"]["hq"] else "test")
+    folder = Path(cfg.data.root) / ("test_hq" if cfg.data.hq else "test")
     if not folder.is_dir():
         warnings.warn(f"{folder} not found: no test images, so no submission", stacklevel=2)
         return []
-    samples = index_split(cfg["data"]["root"], "test", cfg["data"]["hq"])
-    path = Path(cfg["data"]["root"]) / "sample_submission.csv"
+    samples = index_split(cfg.data.root, "test", cfg.data.hq)
+    path = Path(cfg.data.root) / "sample_submission.csv"
     if path.is_file():
         try:
             names = pd.read_csv(path, usecols=["img"], dtype=str)["img"]
@@ -32,18 +33,18 @@ def test_samples(cfg: dict) -> list[Sample]:
             raise DataError(f"{path}: needs an 'img' column of test image names, as Kaggle's file has ({e})") from None
         order = {name: i for i, name in enumerate(names)}
         samples.sort(key=lambda s: (order.get(s.img, len(order)), s.img))
-    limit = cfg["data"]["limit_test"]
+    limit = cfg.data.limit_test
     return samples[:limit] if limit else samples
 
 
-def mask_threshold(cfg: dict, strict: bool = True) -> float:
+def mask_threshold(cfg: Settings, strict: bool = True) -> float:
     """The cascade's mask threshold: `predict.threshold`, or with `auto` the one that gave the best
     mean validation Dice in the last `carvana evaluate` (report/threshold_sweep.csv). `strict=False`
     (training, evaluation itself) falls back to 0.5 while no sweep exists yet."""
-    value = cfg["predict"]["threshold"]
+    value = cfg.predict.threshold
     if value != "auto":
         return float(value)
-    path = Path(cfg["output"]["dir"]) / "report" / "threshold_sweep.csv"
+    path = Path(cfg.output.dir) / "report" / "threshold_sweep.csv"
     if not path.is_file():
         if strict:
             raise ConfigError(f"predict.threshold=auto uses the best threshold of `carvana evaluate`, and {path} does not "
@@ -88,8 +89,8 @@ def finish_predictions(out: Path, store: ChunkStore, images: list[Sample], test:
     errors = frame[(frame["error"] != "") & frame["img"].isin({x.img for x in images})].rename(columns={"error": "reason"})
     rows = write_submission(out / submission, store, [x.img for x in test])
     write_errors(out, errors, stage)
-    print(f"{stage}: wrote {out / submission} ({rows} rows)")
+    log.info(f"{stage}: wrote {out / submission} ({rows} rows)")
     if len(errors):
-        print(f"{stage}: {len(errors)} of {len(images)} image(s) failed, listed in {out / 'errors.csv'}", file=sys.stderr)
+        log.warning(f"{stage}: {len(errors)} of {len(images)} image(s) failed, listed in {out / 'errors.csv'}")
         return 1
     return 0

@@ -85,113 +85,147 @@ def _soft_shadow(img: np.ndarray, cx: float, cy: float, rx: float, ry: float) ->
     img[y0:y1, x0:x1] *= (1 - 0.55 * np.exp(-(xx**2) ** 2 - yy**2))[..., None]
 
 
+class _Canvas:
+    """The image being drawn and its mask; a part painted out of the mask (a wheel arch) still shows."""
+
+    def __init__(self, img: np.ndarray):
+        self.img, self.mask = img, np.zeros((HEIGHT, WIDTH), bool)
+
+    def paint(self, rr, cc, rgb, in_mask: bool = True) -> None:
+        self.img[rr, cc] = rgb
+        if in_mask:
+            self.mask[rr, cc] = True
+
+
+class _View:
+    """Where one car's parts fall in one view: s, c are the sine and cosine of the view angle."""
+
+    def __init__(self, p: dict, angle: int):
+        theta = 2 * math.pi * (angle - 1) / ANGLES
+        self.s, self.c = math.sin(theta), math.cos(theta)
+        self.w = p["length"] * abs(self.s) + p["width"] * abs(self.c)
+        self.cx = WIDTH / 2 + p["shift"] * abs(self.s)
+        self.ground = p["ground"]
+        self.body_bottom = self.ground - p["clearance"] * p["wheel_r"]
+        self.shoulder = self.body_bottom - p["body_h"]
+        self.roof = self.shoulder - p["cabin_h"]
+        self.front = np.sign(self.s) if abs(self.s) > 0.2 else 0  # which end is the hood in this view
+
+
 def render(p: dict, angle: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """One view of one car: (uint8 HxWx3 image, bool HxW mask)."""
     rng = np.random.default_rng([seed, int(p["id"], 16) % 2**31, angle])
-    theta = 2 * math.pi * (angle - 1) / ANGLES
-    s, c = math.sin(theta), math.cos(theta)
-    L, Wd = p["length"], p["width"]
-    w = L * abs(s) + Wd * abs(c)
-    cx = WIDTH / 2 + p["shift"] * abs(s)
-    ground = p["ground"]
-    body_bottom = ground - p["clearance"] * p["wheel_r"]
-    shoulder = body_bottom - p["body_h"]
-    roof = shoulder - p["cabin_h"]
-    shape = (HEIGHT, WIDTH)
-    img = _background(rng)
-    _soft_shadow(img, cx, ground, 0.55 * w, 28)
-    mask = np.zeros(shape, bool)
+    v = _View(p, angle)
+    canvas = _Canvas(_background(rng))
+    _soft_shadow(canvas.img, v.cx, v.ground, 0.55 * v.w, 28)
     colour = p["colour"].astype(np.float32)
+    _body(canvas, p, v, colour)
+    _wheels(canvas, p, v, colour)
+    _lights(canvas, p, v)
+    ccx, cw, top_w = _cabin(canvas, p, v, colour, rng)
+    _mirrors(canvas, p, v, colour, ccx, cw)
+    _antenna(canvas, p, v, ccx, top_w)
+    canvas.img += rng.normal(0, 2.5, (HEIGHT, WIDTH, 1)).astype(np.float32)
+    return np.clip(canvas.img, 0, 255).astype(np.uint8), canvas.mask
 
-    def paint(rr, cc, rgb, in_mask=True):
-        img[rr, cc] = rgb
-        if in_mask:
-            mask[rr, cc] = True
 
-    # body: a rounded box, hood lower towards the front in side views
-    x0, x1 = cx - w / 2, cx + w / 2
+def _body(canvas: _Canvas, p: dict, v: _View, colour: np.ndarray) -> None:
+    """A rounded box, the hood lower towards the front in side views, with a highlight band and dark sills."""
+    x0, x1 = v.cx - v.w / 2, v.cx + v.w / 2
     r = 0.35 * p["body_h"]
-    front = np.sign(s) if abs(s) > 0.2 else 0  # which end is the hood in this view
-    hood_drop = 0.25 * p["body_h"] * abs(s)
-    top_l = shoulder + (hood_drop if front < 0 else 0)
-    top_r = shoulder + (hood_drop if front > 0 else 0)
-    mid = cx + front * 0.12 * L * abs(s)  # where the hood starts to drop
-    ys = [body_bottom, body_bottom, body_bottom - r, top_r + r * 0.5, top_r, shoulder, top_l, top_l + r * 0.5, body_bottom - r]
+    hood_drop = 0.25 * p["body_h"] * abs(v.s)
+    top_l = v.shoulder + (hood_drop if v.front < 0 else 0)
+    top_r = v.shoulder + (hood_drop if v.front > 0 else 0)
+    mid = v.cx + v.front * 0.12 * p["length"] * abs(v.s)  # where the hood starts to drop
+    ys = [v.body_bottom, v.body_bottom, v.body_bottom - r, top_r + r * 0.5, top_r, v.shoulder, top_l, top_l + r * 0.5, v.body_bottom - r]
     xs = [x0 + r, x1 - r, x1, x1, x1 - r, mid, x0 + r, x0, x0]
-    rr, cc = polygon(ys, xs, shape=shape)
-    paint(rr, cc, colour)
-    # shading: bright highlight band along the shoulder, darker sills reflecting the floor
-    band = (rr > shoulder + 0.15 * p["body_h"]) & (rr < shoulder + 0.3 * p["body_h"])
-    img[rr[band], cc[band]] = np.clip(colour * 1.25 + 50, 0, 255)
-    sill = rr > body_bottom - 0.22 * p["body_h"]
-    img[rr[sill], cc[sill]] = colour * 0.6 + 30
-    # wheels in their arches
-    wheel_r = p["wheel_r"]
+    rr, cc = polygon(ys, xs, shape=(HEIGHT, WIDTH))
+    canvas.paint(rr, cc, colour)
+    band = (rr > v.shoulder + 0.15 * p["body_h"]) & (rr < v.shoulder + 0.3 * p["body_h"])
+    canvas.img[rr[band], cc[band]] = np.clip(colour * 1.25 + 50, 0, 255)
+    sill = rr > v.body_bottom - 0.22 * p["body_h"]
+    canvas.img[rr[sill], cc[sill]] = colour * 0.6 + 30
+
+
+def _wheels(canvas: _Canvas, p: dict, v: _View, colour: np.ndarray) -> None:
+    """The near-side wheels in their arches: tyre and rim as ellipses squashed by the view."""
+    wheel_r, shape = p["wheel_r"], (HEIGHT, WIDTH)
     for along in (-0.33, 0.33):
         for side in (-1, 1):
-            wx = cx + along * L * s + side * 0.42 * Wd * c
-            if side * c * s > 0.15:  # far side, hidden behind the body
+            wx = v.cx + along * p["length"] * v.s + side * 0.42 * p["width"] * v.c
+            if side * v.c * v.s > 0.15:  # far side, hidden behind the body
                 continue
-            rx = max(wheel_r * abs(s), 0.35 * wheel_r)
-            rr, cc = ellipse(ground - wheel_r, wx, 1.12 * wheel_r, 1.12 * rx, shape=shape)
-            arch = rr < body_bottom
-            paint(rr[arch], cc[arch], colour * 0.35)
-            rr, cc = ellipse(ground - wheel_r, wx, wheel_r, rx, shape=shape)
-            paint(rr, cc, np.float32([28, 28, 30]))
-            rr, cc = ellipse(ground - wheel_r, wx, 0.55 * wheel_r, 0.55 * rx, shape=shape)
-            paint(rr, cc, np.float32([150, 152, 158]))
-    # lights in front/back views
-    if abs(c) > 0.5:
-        light = np.float32([250, 245, 220]) if c > 0 else np.float32([200, 30, 30])
-        for side in (-1, 1):
-            lx = cx + side * 0.36 * Wd * abs(c)
-            rr, cc = ellipse(shoulder + 0.35 * p["body_h"], lx, 18, 0.09 * Wd * abs(c), shape=shape)
-            paint(rr, cc, light)
-    # cabin (trapezoid) with windows
-    offset = -0.06 * L * s
-    cw = p["cabin_len"] * L * abs(s) + 0.86 * Wd * abs(c)
-    ccx = cx + offset
-    top_w = cw * (0.72 if abs(s) < 0.5 else 0.6)
-    cab_y = [shoulder + 2, shoulder + 2, roof, roof]
-    cab_x = [ccx - cw / 2, ccx + cw / 2, ccx + top_w / 2, ccx - top_w / 2]
-    rr, cc = polygon(cab_y, cab_x, shape=shape)
-    paint(rr, cc, colour * 0.9)
+            rx = max(wheel_r * abs(v.s), 0.35 * wheel_r)
+            rr, cc = ellipse(v.ground - wheel_r, wx, 1.12 * wheel_r, 1.12 * rx, shape=shape)
+            arch = rr < v.body_bottom
+            canvas.paint(rr[arch], cc[arch], colour * 0.35)
+            rr, cc = ellipse(v.ground - wheel_r, wx, wheel_r, rx, shape=shape)
+            canvas.paint(rr, cc, np.float32([28, 28, 30]))
+            rr, cc = ellipse(v.ground - wheel_r, wx, 0.55 * wheel_r, 0.55 * rx, shape=shape)
+            canvas.paint(rr, cc, np.float32([150, 152, 158]))
+
+
+def _lights(canvas: _Canvas, p: dict, v: _View) -> None:
+    """Head or tail lights in front and back views."""
+    if abs(v.c) <= 0.5:
+        return
+    light = np.float32([250, 245, 220]) if v.c > 0 else np.float32([200, 30, 30])
+    for side in (-1, 1):
+        lx = v.cx + side * 0.36 * p["width"] * abs(v.c)
+        rr, cc = ellipse(v.shoulder + 0.35 * p["body_h"], lx, 18, 0.09 * p["width"] * abs(v.c), shape=(HEIGHT, WIDTH))
+        canvas.paint(rr, cc, light)
+
+
+def _cabin(canvas: _Canvas, p: dict, v: _View, colour: np.ndarray, rng: np.random.Generator) -> tuple[float, float, float]:
+    """A trapezoid with windows (diagonal reflections) and a B-pillar; returns its centre, base and top widths."""
+    shape, L, Wd = (HEIGHT, WIDTH), p["length"], p["width"]
+    cw = p["cabin_len"] * L * abs(v.s) + 0.86 * Wd * abs(v.c)
+    ccx = v.cx - 0.06 * L * v.s
+    top_w = cw * (0.72 if abs(v.s) < 0.5 else 0.6)
+    rr, cc = polygon([v.shoulder + 2, v.shoulder + 2, v.roof, v.roof], [ccx - cw / 2, ccx + cw / 2, ccx + top_w / 2, ccx - top_w / 2],
+                     shape=shape)
+    canvas.paint(rr, cc, colour * 0.9)
     glass = np.float32([40, 48, 58]) + rng.uniform(-8, 8)
     inset = 14
-    win_y = [shoulder - 6, shoulder - 6, roof + inset, roof + inset]
+    win_y = [v.shoulder - 6, v.shoulder - 6, v.roof + inset, v.roof + inset]
     win_x = [ccx - cw / 2 + 2 * inset, ccx + cw / 2 - 2 * inset, ccx + top_w / 2 - inset, ccx - top_w / 2 + inset]
     rr, cc = polygon(win_y, win_x, shape=shape)
-    paint(rr, cc, glass)
+    canvas.paint(rr, cc, glass)
     refl = (cc - rr * 0.6) % 180 < 25  # diagonal reflections on the glass
-    img[rr[refl], cc[refl]] = glass + 70
-    if abs(s) > 0.5:  # B-pillar
-        rr, cc = polygon([shoulder, shoulder, roof, roof], [ccx - 8, ccx + 8, ccx + 6, ccx - 6], shape=shape)
-        paint(rr, cc, colour * 0.9)
-    # mirrors: a few pixels of background between mirror and cabin, joined by a thin stalk
-    gap, my = p["mirror_gap"], shoulder - 22
+    canvas.img[rr[refl], cc[refl]] = glass + 70
+    if abs(v.s) > 0.5:  # B-pillar
+        rr, cc = polygon([v.shoulder, v.shoulder, v.roof, v.roof], [ccx - 8, ccx + 8, ccx + 6, ccx - 6], shape=shape)
+        canvas.paint(rr, cc, colour * 0.9)
+    return ccx, cw, top_w
+
+
+def _mirrors(canvas: _Canvas, p: dict, v: _View, colour: np.ndarray, ccx: float, cw: float) -> None:
+    """A few pixels of background between mirror and cabin, joined by a thin stalk: a thin part to keep."""
+    gap, my, shape = p["mirror_gap"], v.shoulder - 22, (HEIGHT, WIDTH)
     mirror_w, mirror_h = 34, 22
-    if abs(c) > 0.38:
+    if abs(v.c) > 0.38:
         sides = [(-1, ccx - cw / 2 + 6), (1, ccx + cw / 2 - 6)]
     else:
-        fx = ccx + front * (cw / 2 - 0.1 * cw)
-        sides = [(int(front), fx + front * 4)]
+        fx = ccx + v.front * (cw / 2 - 0.1 * cw)
+        sides = [(int(v.front), fx + v.front * 4)]
     for side, edge_x in sides:
         mx = edge_x + side * (gap + mirror_w)
         rr, cc = ellipse(my, mx, mirror_h, mirror_w, shape=shape)
         keep = side * (cc - edge_x) > gap  # keep the gap clear
-        paint(rr[keep], cc[keep], colour * 0.8)
+        canvas.paint(rr[keep], cc[keep], colour * 0.8)
         stalk_x = sorted([edge_x, edge_x + side * (gap + 2)])
         rr, cc = polygon([my + 8, my + 8, my + 11, my + 11], [stalk_x[0], stalk_x[1], stalk_x[1], stalk_x[0]], shape=shape)
-        paint(rr, cc, colour * 0.8)
-    # antenna: 2-4 px wide, near the rear of the roof, slanted backwards
-    back = -front if front else 1
+        canvas.paint(rr, cc, colour * 0.8)
+
+
+def _antenna(canvas: _Canvas, p: dict, v: _View, ccx: float, top_w: float) -> None:
+    """2-4 px wide, near the rear of the roof, slanted backwards."""
+    back = -v.front if v.front else 1
     ax = ccx + back * 0.3 * top_w
     aw, ah = p["antenna_w"], p["antenna_h"]
     tip = ax + back * 0.4 * ah
-    rr, cc = polygon([roof + 2, roof + 2, roof - ah, roof - ah], [ax, ax + aw, tip + aw, tip], shape=shape)
-    paint(rr, cc, np.float32([25, 25, 25]))
-    img += rng.normal(0, 2.5, (HEIGHT, WIDTH, 1)).astype(np.float32)
-    return np.clip(img, 0, 255).astype(np.uint8), mask
+    rr, cc = polygon([v.roof + 2, v.roof + 2, v.roof - ah, v.roof - ah], [ax, ax + aw, tip + aw, tip], shape=(HEIGHT, WIDTH))
+    canvas.paint(rr, cc, np.float32([25, 25, 25]))
 
 
 def _write_view(p: dict, angle: int, seed: int, image_dir: Path, mask_dir: Path | None) -> tuple[str, str]:

@@ -30,12 +30,15 @@ from tqdm import tqdm
 from common import distributed
 from common.augment import augment_batch
 from common.checkpoints import load_checkpoint, plot_history
+from common.config import Settings, Stage2, Training, save_config
+from common.data import report_skipped
 from common.errors import ConfigError, TrainingError
-from common.distributed import Ranks
 from common.faults import kill_point
+from common.distributed import Ranks
 from common.inference import cpu_has_bf16
 from common.io import save_torch, write_csv
 from common.losses import bce_dice_loss
+from common.log import log
 
 Validate = Callable[[nn.Module], dict]  # model -> {"val_loss": float, "val_dice": float}
 
@@ -62,13 +65,13 @@ def amp_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     return _DTYPES[precision]
 
 
-def step_seconds(model: nn.Module, s: dict, dtypes: tuple[torch.dtype | None, ...], rounds: int = 3) -> dict:
+def step_seconds(model: nn.Module, s: Training, dtypes: tuple[torch.dtype | None, ...], rounds: int = 3) -> dict:
     """Seconds of one forward + backward of a copy of `model` on a random batch of the training
     shape, on the CPU, per autocast type: the best of `rounds` after a warm-up round, the types
     interleaved so that a passing load (a finishing reader process) slows them alike. The weights,
     the global RNG and the data stay untouched."""
-    side = s["crop"] if "crop" in s else s["size"]  # stage 2 trains on crops, stage 1 on whole squashed images
-    x = torch.rand(s["batch_size"], model.args["in_channels"], side, side, generator=torch.Generator().manual_seed(0))
+    side = s.crop if isinstance(s, Stage2) else s.size  # stage 2 trains on crops, stage 1 on whole squashed images
+    x = torch.rand(s.batch_size, model.args["in_channels"], side, side, generator=torch.Generator().manual_seed(0))
     x, y = x.contiguous(memory_format=torch.channels_last), (x[:, :1] > 0.5).float()
     probe, times = copy.deepcopy(model).train(), {d: [] for d in dtypes}
     for _ in range(rounds + 1):
@@ -80,7 +83,7 @@ def step_seconds(model: nn.Module, s: dict, dtypes: tuple[torch.dtype | None, ..
     return {d: min(t[1:]) for d, t in times.items()}
 
 
-def faster_cpu_dtype(model: nn.Module, s: dict, history: list[dict], ranks: Ranks) -> torch.dtype | None:
+def faster_cpu_dtype(model: nn.Module, s: Training, history: list[dict], ranks: Ranks) -> torch.dtype | None:
     """precision=auto on a CPU with native bf16: bf16 where it trains this net at least 10% faster
     here, else fp32.
     The CPU flag does not predict it: the demo net's step at 256 px was 1.5x faster in bf16 on a
@@ -91,10 +94,19 @@ def faster_cpu_dtype(model: nn.Module, s: dict, history: list[dict], ranks: Rank
     seconds = step_seconds(model, s, (torch.bfloat16, None)) if ranks.main else {}
     # bf16 only when clearly faster: fp32 is the safer choice, and a tie would make reruns pick at random
     name = distributed.from_main(("bf16" if seconds[torch.bfloat16] < 0.9 * seconds[None] else "fp32") if ranks.main else None)
-    if ranks.main:
-        print(f"precision=auto: a training step takes {seconds[torch.bfloat16] * 1000:.0f} ms in bf16 and {seconds[None] * 1000:.0f} ms "
-              f"in fp32 on this CPU; training in {name}")
+    if ranks.main:  # the other ranks have no timings to show
+        log.info(f"precision=auto: a training step takes {seconds[torch.bfloat16] * 1000:.0f} ms in bf16 and "
+                 f"{seconds[None] * 1000:.0f} ms in fp32 on this CPU; training in {name}")
     return _DTYPES[name]
+
+
+def training_dtype(model: nn.Module, s: Training, history: list[dict], device: torch.device, ranks: Ranks) -> torch.dtype | None:
+    """The autocast type training runs in: `amp_dtype`, and with precision=auto on a CPU with native
+    bf16 the faster of bf16 and fp32 for this net (`faster_cpu_dtype`)."""
+    dtype = amp_dtype(s.precision, device)
+    if dtype == torch.bfloat16 and device.type == "cpu" and s.precision == "auto":
+        return faster_cpu_dtype(model, s, history, ranks)
+    return dtype
 
 
 def _lr_factor(schedule: str, epoch: int, epochs: int | None, step_every: int) -> float:
@@ -108,11 +120,11 @@ def _lr_factor(schedule: str, epoch: int, epochs: int | None, step_every: int) -
     return 1.0  # constant (the config allows nothing else)
 
 
-def build_optimizer(model: nn.Module, s: dict) -> torch.optim.Optimizer:
+def build_optimizer(model: nn.Module, s: Training) -> torch.optim.Optimizer:
     """The stage's optimizer from its settings (the trainer's, and the benchmarks' ceiling runs)."""
-    if s["optimizer"] == "sgd":
-        return torch.optim.SGD(model.parameters(), lr=s["lr"], momentum=s["momentum"], weight_decay=s["weight_decay"])
-    return torch.optim.Adam(model.parameters(), lr=s["lr"], betas=(0.9, s["beta2"]), weight_decay=s["weight_decay"])  # adam
+    if s.optimizer == "sgd":
+        return torch.optim.SGD(model.parameters(), lr=s.lr, momentum=s.momentum, weight_decay=s.weight_decay)
+    return torch.optim.Adam(model.parameters(), lr=s.lr, betas=(0.9, s.beta2), weight_decay=s.weight_decay)  # adam
 
 
 class Clock:
@@ -138,7 +150,7 @@ def planned_epochs(clock: Clock, done: int, last_seconds: float, ranks: Ranks, d
 
 
 def train_one_epoch(net: nn.Module, opt: torch.optim.Optimizer, scaler: torch.amp.GradScaler, data: Batches, epoch: int,
-                    s: dict, device: torch.device, dtype: torch.dtype | None, clock: Clock, ranks: Ranks, seed: int) -> dict:
+                    s: Training, device: torch.device, dtype: torch.dtype | None, clock: Clock, ranks: Ranks, seed: int) -> dict:
     """One pass over this rank's shard. Returns the mean training loss over all ranks, the counts,
     and whether the budget ran out. A step whose loss is not finite on any rank is skipped on all.
 
@@ -146,25 +158,25 @@ def train_one_epoch(net: nn.Module, opt: torch.optim.Optimizer, scaler: torch.am
     travel in one collective and one read (`distributed.step_agreement`); everything else stays queued."""
     net.train()
     aug_gen = torch.Generator().manual_seed(seed * 1_000_003 + epoch * 1009 + ranks.rank)  # resume needs no saved state
-    accum = s["accum"]
+    accum = s.accum
     total, seen = torch.zeros((), device=device), torch.zeros((), device=device)  # over finite steps, summed on the device
     window_finite = torch.ones((), dtype=torch.bool, device=device)  # every micro-step of this optimizer step was finite
     skipped, bad_run, out_of_time, shown = 0, 0, False, (0.0, 0.0)
     data_s, step_s, t0, t = 0.0, 0.0, time.monotonic(), time.monotonic()
-    bar = tqdm(total=len(data), desc=f"epoch {epoch + 1}/{s['epochs']}", leave=False, mininterval=1.0,  # "auto" in epoch 1
+    bar = tqdm(total=len(data), desc=f"epoch {epoch + 1}/{s.epochs}", leave=False, mininterval=1.0,  # "auto" in epoch 1
                disable=None if ranks.main else True)
     opt.zero_grad(set_to_none=True)
     for i, (x, y) in enumerate(data.epoch(epoch)):
         t_data = time.monotonic()
         data_s += t_data - t
-        if s["augment"] != "none":
-            x, y = augment_batch(x, y, aug_gen, s["augment"])
+        if s.augment != "none":
+            x, y = augment_batch(x, y, aug_gen, s.augment)
         x = x.contiguous(memory_format=torch.channels_last)
         boundary = (i + 1) % accum == 0 or i + 1 == len(data)
         sync = net.no_sync() if ranks.on and not boundary else contextlib.nullcontext()  # DDP: average gradients once per optimizer step
         with sync:
             with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-                loss = bce_dice_loss(net(x), y, s["edge_weight"])
+                loss = bce_dice_loss(net(x), y, s.edge_weight)
             scaler.scale(loss / accum).backward()
         finite = torch.isfinite(loss.detach())  # stays on the device until the step's one sync
         window_finite &= finite
@@ -172,17 +184,7 @@ def train_one_epoch(net: nn.Module, opt: torch.optim.Optimizer, scaler: torch.am
         seen += finite * len(x)
         if boundary:
             ok, late, shown = distributed.step_agreement(window_finite, clock.late(), total, seen)  # the step's sync point
-            if ok:
-                scaler.step(opt)
-                scaler.update()
-                bad_run = 0
-            else:
-                skipped, bad_run = skipped + 1, bad_run + 1
-                if bad_run >= s["max_bad_steps"]:
-                    raise TrainingError(f"{bad_run} optimizer steps in a row had a non-finite loss (epoch {epoch + 1}, step {i + 1}); "
-                                        f"lower lr (now {opt.param_groups[0]['lr']:.2e}) or set precision=fp32; "
-                                        "best.pt still holds the last good model")
-            opt.zero_grad(set_to_none=True)
+            bad_run, skipped = optimizer_step(opt, scaler, ok, bad_run, s.max_bad_steps, f"epoch {epoch + 1}, step {i + 1}"), skipped + (not ok)
             window_finite.fill_(True)
             out_of_time = late
         t = time.monotonic()
@@ -198,6 +200,21 @@ def train_one_epoch(net: nn.Module, opt: torch.optim.Optimizer, scaler: torch.am
             "data_s": data_s, "step_s": step_s, "out_of_time": out_of_time}
 
 
+def optimizer_step(opt: torch.optim.Optimizer, scaler: torch.amp.GradScaler, ok: bool, bad_run: int, max_bad: int, where: str) -> int:
+    """Step when every rank's losses were finite, else skip; returns the run of skipped steps, and
+    stops training when it reaches `max_bad` (best.pt keeps the last good model)."""
+    if ok:
+        scaler.step(opt)
+        scaler.update()
+    opt.zero_grad(set_to_none=True)
+    if ok:
+        return 0
+    if bad_run + 1 >= max_bad:
+        raise TrainingError(f"{bad_run + 1} optimizer steps in a row had a non-finite loss ({where}); "
+                            f"lower lr (now {opt.param_groups[0]['lr']:.2e}) or set precision=fp32; best.pt still holds the last good model")
+    return bad_run + 1
+
+
 def evaluate(model: nn.Module, validate: Validate, ranks: Ranks) -> dict:
     """Validation on rank 0 (the other ranks wait at the next collective); eval mode, no grad."""
     model.eval()
@@ -207,12 +224,12 @@ def evaluate(model: nn.Module, validate: Validate, ranks: Ranks) -> dict:
         return validate(model)
 
 
-def save_epoch(run_dir: Path, model: nn.Module, opt, scaler, history: list[dict], best: float, config: dict) -> float:
+def save_epoch(run_dir: Path, model: nn.Module, opt, scaler, history: list[dict], best: float, config: Settings) -> float:
     """last.pt always; best.pt when this epoch's Dice is finite and the best so far (a NaN never
     becomes best.pt); history.csv and the plot. Returns the new best."""
     row = history[-1]
     state = {"model": model.state_dict(), "model_args": model.args, "optimizer": opt.state_dict(), "scaler": scaler.state_dict(),
-             "epoch": row["epoch"], "best_dice": best, "history": history, "config": config}
+             "epoch": row["epoch"], "best_dice": best, "history": history, "config": config.model_dump()}
     finite = math.isfinite(row["val_dice"]) and math.isfinite(row["val_loss"])
     if finite and row["val_dice"] > best and all(torch.isfinite(p).all() for p in model.parameters()):
         best = state["best_dice"] = row["val_dice"]
@@ -223,47 +240,49 @@ def save_epoch(run_dir: Path, model: nn.Module, opt, scaler, history: list[dict]
     return best
 
 
-def train(model: nn.Module, data: Batches, validate: Validate, settings: dict, run_dir: str | Path,
-          config: dict, device: torch.device, seed: int = 0, ranks: Ranks = Ranks()) -> list[dict]:
+def fit(cfg: Settings, stage: str, model: nn.Module, data: Batches, validate: Validate, bad: list[tuple[str, str]], about: str,
+        device: torch.device, ranks: Ranks) -> list[dict]:
+    """What both stages' `train` commands do around the loop: the resolved settings beside the
+    checkpoints, one line on the data, the loop, the skipped pairs and the best Dice."""
+    run_dir = Path(cfg.output.dir) / stage
+    if ranks.main:
+        save_config(cfg, run_dir / "config.yaml")
+    log.info(f"stage {stage[-1]}: {about}, on {device}" + (f", {ranks.world} ranks" if ranks.on else ""))
+    history = train(model, data, validate, getattr(cfg, stage), run_dir, cfg, device, seed=cfg.seed, ranks=ranks,
+                    on_epoch_end=lambda epoch: kill_point(f"{stage}.epoch", epoch))  # the tests' fault injection; nothing unset
+    if ranks.main:
+        report_skipped(run_dir, bad)
+    best = max((h["val_dice"] for h in history), default=float("nan"))
+    log.info(f"stage {stage[-1]} done: best val Dice {best:.4f}; checkpoints in {run_dir}")
+    return history
+
+
+EpochEnd = Callable[[int], None]  # called with the epoch number once its checkpoints and history are written
+
+
+def train(model: nn.Module, data: Batches, validate: Validate, settings: Training, run_dir: str | Path,
+          config: Settings, device: torch.device, seed: int = 0, ranks: Ranks = Ranks(),
+          on_epoch_end: EpochEnd | None = None) -> list[dict]:
     """Train `model` on `data` per the stage `settings`; returns the history, one row an epoch."""
     s, run_dir = settings, Path(run_dir)
-    clock = Clock(s["max_minutes"])
+    clock = Clock(s.max_minutes)
     torch.manual_seed(seed)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed input sizes: the fastest kernels are picked once
     model.to(device).to(memory_format=torch.channels_last)
-    if ranks.on and s["sync_bn"]:
-        if device.type != "cuda":
-            raise ConfigError("sync_bn needs CUDA (PyTorch's SyncBatchNorm has no CPU kernel); set it false on the CPU")
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # batch statistics over the global batch
     opt = build_optimizer(model, s)
-    dtype = amp_dtype(s["precision"], device)
-    scaler = torch.amp.GradScaler("cuda", enabled=dtype == torch.float16)  # bf16 and fp32 need no loss scaling
-    epoch, best, history = 0, -1.0, []
-
-    last = run_dir / "last.pt"
-    if s["resume"] and last.is_file():
-        ckpt = load_checkpoint(last, device, expect=model.args)
-        model.load_state_dict(ckpt["model"])
-        opt.load_state_dict(ckpt["optimizer"])
-        scaler.load_state_dict(ckpt["scaler"])
-        epoch, best, history = ckpt["epoch"], ckpt["best_dice"], ckpt["history"]
-        if ranks.main:
-            print(f"resuming {last} after epoch {epoch} (best val Dice {best:.4f})")
-    if dtype == torch.bfloat16 and device.type == "cpu" and s["precision"] == "auto":
-        dtype = faster_cpu_dtype(model, s, history, ranks)
+    scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype(s.precision, device) == torch.float16)  # bf16, fp32: no loss scaling
+    epoch, best, history = _resume(run_dir / "last.pt", model, opt, scaler, device) if s.resume else (0, -1.0, [])
+    dtype = training_dtype(model, s, history, device, ranks)
     precision = next(name for name, d in _DTYPES.items() if d == dtype)  # recorded per epoch
-
-    net = model
-    if ranks.on:
-        net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    if s["compile"]:
+    net = _parallel(model, s, ranks, device)  # after the resume: DDP starts every rank from rank 0's weights
+    if s.compile:
         net = torch.compile(net)  # the first steps pay for the compilation
-    auto = s["epochs"] == "auto"
-    epochs = history[-1]["planned_epochs"] if auto and history else None if auto else s["epochs"]
+    auto = s.epochs == "auto"
+    epochs = history[-1]["planned_epochs"] if auto and history else None if auto else s.epochs
     while epochs is None or epoch < epochs:
         fixed = None if auto and epoch < 2 else epochs  # epochs=auto: epoch 1's plan is provisional, not scheduled on
-        lr = s["lr"] * _lr_factor(s["schedule"], epoch, fixed, s["step_every"])
+        lr = s.lr * _lr_factor(s.schedule, epoch, fixed, s.step_every)
         for group in opt.param_groups:
             group["lr"] = lr
         t0 = time.monotonic()
@@ -274,24 +293,49 @@ def train(model: nn.Module, data: Batches, validate: Validate, settings: dict, r
         epoch += 1
         if auto and epoch <= 2 and len(history) < 2:  # plan after epoch 1, fix after epoch 2
             epochs = planned_epochs(clock, epoch, time.monotonic() - (clock.started if epoch == 1 else t0), ranks, device)
-            if ranks.main:
-                print(f"epochs=auto: {time.monotonic() - clock.started:.0f} s of the {s['max_minutes']} min budget spent after "
-                      f"epoch {epoch}, so the {s['schedule']} schedule runs over {epochs} epochs")
+            log.info(f"epochs=auto: {time.monotonic() - clock.started:.0f} s of the {s.max_minutes} min budget spent after "
+                     f"epoch {epoch}, so the {s.schedule} schedule runs over {epochs} epochs")
         history.append({"epoch": epoch, "train_loss": stats["train_loss"], "val_loss": val["val_loss"], "val_dice": val["val_dice"],
                         "lr": lr, "seconds": round(time.monotonic() - t0, 2), "images": stats["images"],
                         "skipped_steps": stats["skipped"], "data_seconds": round(stats["data_s"], 2), "planned_epochs": epochs,
                         "precision": precision})
         if ranks.main:
             best = save_epoch(run_dir, model, opt, scaler, history, best, config)
-            row = history[-1]
-            print(f"epoch {epoch}/{epochs}: train loss {row['train_loss']:.4f}  val loss {row['val_loss']:.4f}  "
-                  f"val Dice {row['val_dice']:.4f}  lr {lr:.2e}  {row['seconds']:.0f}s "
-                  f"({stats['images'] / max(stats['data_s'] + stats['step_s'], 1e-9):.1f} img/s, data wait {stats['data_s']:.1f}s)"
-                  + (f"  skipped {stats['skipped']} non-finite steps" if stats["skipped"] else ""))
-        kill_point(f"{run_dir.name}.epoch", epoch)
+        _log_epoch(history[-1], stats, epochs)
+        if on_epoch_end:
+            on_epoch_end(epoch)
         if stats["out_of_time"]:
-            if ranks.main:
-                print(f"time budget of {s['max_minutes']} min spent; stopping after epoch {epoch} (best val Dice {best:.4f})")
+            log.info(f"time budget of {s.max_minutes} min spent; stopping after epoch {epoch} (best val Dice {best:.4f})")
             break
     distributed.barrier()  # every rank leaves with rank 0's files written
     return history
+
+
+def _parallel(model: nn.Module, s: Training, ranks: Ranks, device: torch.device) -> nn.Module:
+    """Under torchrun: DDP (gradients averaged in backward), with SyncBatchNorm if asked; else the model itself."""
+    if not ranks.on:
+        return model
+    if s.sync_bn:
+        if device.type != "cuda":
+            raise ConfigError("sync_bn needs CUDA (PyTorch's SyncBatchNorm has no CPU kernel); set it false on the CPU")
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # batch statistics over the global batch
+    return nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+
+def _resume(last: Path, model: nn.Module, opt, scaler, device: torch.device) -> tuple[int, float, list[dict]]:
+    """(epoch, best Dice, history) of `last.pt`, with the weights, optimizer and scaler restored; a fresh start without it."""
+    if not last.is_file():
+        return 0, -1.0, []
+    ckpt = load_checkpoint(last, device, expect=model.args)
+    model.load_state_dict(ckpt["model"])
+    opt.load_state_dict(ckpt["optimizer"])
+    scaler.load_state_dict(ckpt["scaler"])
+    log.info(f"resuming {last} after epoch {ckpt['epoch']} (best val Dice {ckpt['best_dice']:.4f})")
+    return ckpt["epoch"], ckpt["best_dice"], ckpt["history"]
+
+
+def _log_epoch(row: dict, stats: dict, epochs: int | None) -> None:
+    log.info(f"epoch {row['epoch']}/{epochs}: train loss {row['train_loss']:.4f}  val loss {row['val_loss']:.4f}  "
+             f"val Dice {row['val_dice']:.4f}  lr {row['lr']:.2e}  {row['seconds']:.0f}s "
+             f"({stats['images'] / max(stats['data_s'] + stats['step_s'], 1e-9):.1f} img/s, data wait {stats['data_s']:.1f}s)"
+             + (f"  skipped {stats['skipped']} non-finite steps" if stats["skipped"] else ""))

@@ -47,6 +47,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--composite", default=None, help="also write NAME_on_COLOUR.jpg on this flat colour (e.g. white, #00ff00)")
     p.add_argument("--config", default=None, help="YAML config naming the checkpoints (defaults apply where it is silent)")
 
+    p = sub.add_parser("config", help="print the resolved settings as YAML: what a job with this config and these overrides runs with")
+    p.add_argument("--reference", action="store_true", help="print the configuration reference (docs/configuration.md) instead")
+    _config_args(p)
+
     p = sub.add_parser("plot", help="redraw learning_curves.png of a training run")
     p.add_argument("run_dir")
 
@@ -74,12 +78,15 @@ def dispatch(args: argparse.Namespace) -> int:
 
         return run_pipeline(args.config, args.overrides, force=args.force)
 
-    from common.config import load_config
+    from common.config import as_yaml, load_config, reference
     from common.lock import output_lock
 
     cfg = load_config(args.config, args.overrides)
+    if args.command == "config":
+        print(reference() if args.reference else as_yaml(cfg), end="")
+        return 0
     command = " ".join(["carvana", args.command] + ([args.action] if hasattr(args, "action") else []))
-    with output_lock(args.out if args.command == "cutout" else cfg["output"]["dir"], command):
+    with output_lock(args.out if args.command == "cutout" else cfg.output.dir, command):
         if args.command == "cutout":
             from pipelines.cutout import cutout
 

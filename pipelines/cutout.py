@@ -17,11 +17,13 @@ import numpy as np
 import pandas as pd
 from PIL import Image, ImageColor
 
+from common.config import Settings
 from common.checkpoints import pick_device
 from common.chunks import to_host
 from common.errors import ConfigError
 from common.io import atomic_path, read_image, write_csv
 from common.submission import mask_threshold
+from common.log import log
 from stage2_fullres.cascade import Cascade
 
 SUFFIXES = {".jpg", ".jpeg", ".png", ".webp"}
@@ -69,7 +71,7 @@ def _write(photo: Path, mask: Callable[[], np.ndarray], paths: list[Path], colou
         _save(Image.fromarray(np.where(alpha[..., None] > 0, rgb, flat)), paths[2], "JPEG")
 
 
-def cutout(inputs: list[str], out: str, cfg: dict, composite: str | None = None) -> int:
+def cutout(inputs: list[str], out: str, cfg: Settings, composite: str | None = None) -> int:
     try:
         colour = ImageColor.getrgb(composite) if composite else None
     except ValueError:
@@ -78,10 +80,10 @@ def cutout(inputs: list[str], out: str, cfg: dict, composite: str | None = None)
     out = Path(out)
     photos = find_photos(inputs)
     todo = [p for p in photos if not all(path.exists() for path in outputs(out, p, tag))]
-    print(f"cutout: {len(todo)} photos to do, {len(photos) - len(todo)} already done")
+    log.info(f"cutout: {len(todo)} photos to do, {len(photos) - len(todo)} already done")
     errors, pending = [], []
     if todo:
-        cascade = Cascade.from_config(cfg, pick_device(cfg["device"]))
+        cascade = Cascade.from_config(cfg, pick_device(cfg.device))
         threshold = mask_threshold(cfg)
         with ThreadPoolExecutor(1, thread_name_prefix="cutout-writer") as pool:
             for i, pred in cascade.run(todo, desc="cutout"):
@@ -93,9 +95,9 @@ def cutout(inputs: list[str], out: str, cfg: dict, composite: str | None = None)
             _drain(pending, keep=0)
     if errors or (out / "errors.csv").exists():
         write_csv(out / "errors.csv", pd.DataFrame(errors, columns=["photo", "reason"]))
-    print(f"cutout: {len(todo) - len(errors)} photos cut out into {out}")
+    log.info(f"cutout: {len(todo) - len(errors)} photos cut out into {out}")
     if errors:
-        print(f"cutout: {len(errors)} photo(s) could not be read, listed in {out / 'errors.csv'}", flush=True)
+        log.info(f"cutout: {len(errors)} photo(s) could not be read, listed in {out / 'errors.csv'}")
         return 1
     return 0
 

@@ -12,6 +12,7 @@ import pandas as pd
 import torch
 from PIL import Image
 
+from common.config import Settings
 from common.boxes import Box
 from common.checkpoints import checkpoint_paths, pick_device
 from common.errors import DataError
@@ -20,6 +21,7 @@ from common.io import atomic_path, read_image, read_mask, write_csv, write_text
 from common.losses import edge_band
 from common.metrics import dice, dice_sweep
 from common.submission import mask_threshold
+from common.log import log
 from stage1_lowres.coarse import Coarse, cached_boxes
 from stage2_fullres.cascade import Cascade
 from stage2_fullres.tiles import plan_tiles
@@ -72,20 +74,20 @@ def overlay(image: np.ndarray, pred: np.ndarray, truth: np.ndarray, box: Box | N
     return out
 
 
-def evaluate(cfg: dict) -> pd.DataFrame:
-    out = Path(cfg["output"]["dir"])
+def evaluate(cfg: Settings) -> pd.DataFrame:
+    out = Path(cfg.output.dir)
     report = out / "report"
-    device = pick_device(cfg["device"])
-    samples = index_split(cfg["data"]["root"], "train", cfg["data"]["hq"])
-    _, val = split_by_car(samples, cfg["data"]["val_cars"])
+    device = pick_device(cfg.device)
+    samples = index_split(cfg.data.root, "train", cfg.data.hq)
+    _, val = split_by_car(samples, cfg.data.val_cars)
     boxes = cached_boxes(cfg)
     refiners = checkpoint_paths(cfg, "stage2")
     has_refiner = all(p.is_file() for p in refiners)
     if not has_refiner:
-        print(f"evaluate: no stage-2 checkpoint at {', '.join(map(str, refiners))}; scoring stage 1 alone")
+        log.info(f"evaluate: no stage-2 checkpoint at {', '.join(map(str, refiners))}; scoring stage 1 alone")
     # stage 1 is scored even when the refiner takes no coarse channel
     predictor = Cascade.from_config(cfg, device) if has_refiner else Coarse.from_config(cfg, device)
-    s, thr1, thr = cfg["stage2"], cfg["stage1"]["threshold"], mask_threshold(cfg, strict=False)
+    s, thr1, thr = cfg.stage2, cfg.stage1.threshold, mask_threshold(cfg, strict=False)
     rows, keep, sweeps = [], {}, []
     for i, pred in predictor.run([x.image for x in val], [boxes[x.img] for x in val], desc="evaluate"):
         sample = val[i]
@@ -131,13 +133,13 @@ def evaluate(cfg: dict) -> pd.DataFrame:
             continue
         sample, truth, stage1, cascade_mask, box = keep[img]
         image = read_image(sample.image)
-        windows = plan_tiles(truth.shape[1], truth.shape[0], box, s["tile"], s["min_overlap"])
+        windows = plan_tiles(truth.shape[1], truth.shape[0], box, s.tile, s.min_overlap)
         panels = np.concatenate([overlay(image, stage1, truth, box, []), overlay(image, cascade_mask, truth, box, windows)], 1)
         small = Image.fromarray(panels).resize((panels.shape[1] // 2, panels.shape[0] // 2), Image.BILINEAR)
         with atomic_path(report / "overlays" / f"{Path(img).stem}.png") as tmp:
             small.save(tmp, format="PNG")
-    print(f"evaluate: {len(metrics)} validation images; mean Dice stage 1 {summary['mean_dice_stage1']:.4f}, "
-          f"cascade {summary['mean_dice_cascade']:.4f}; within {EDGE_RADIUS} px of the boundary: stage 1 "
-          f"{summary['mean_edge_dice_stage1']:.4f}, cascade {summary['mean_edge_dice_cascade']:.4f}; box coverage min "
-          f"{summary['min_box_coverage']:.5f} ({len(cut)} image(s) lose car pixels to the box); {report / 'metrics.csv'}")
+    log.info(f"evaluate: {len(metrics)} validation images; mean Dice stage 1 {summary['mean_dice_stage1']:.4f}, "
+             f"cascade {summary['mean_dice_cascade']:.4f}; within {EDGE_RADIUS} px of the boundary: stage 1 "
+             f"{summary['mean_edge_dice_stage1']:.4f}, cascade {summary['mean_edge_dice_cascade']:.4f}; box coverage min "
+             f"{summary['min_box_coverage']:.5f} ({len(cut)} image(s) lose car pixels to the box); {report / 'metrics.csv'}")
     return metrics

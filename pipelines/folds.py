@@ -5,33 +5,33 @@ prediction, as the competition's winners did; the prediction caches are keyed on
 """
 from __future__ import annotations
 
-import copy
 from pathlib import Path
 
+from common.config import Settings
 from common.checkpoints import checkpoint_paths
 from common.errors import ConfigError
 from common.data import index_split
+from common.log import log
 
 
-def train_folds(stage: str, k: int, cfg: dict) -> int:
+def train_folds(stage: str, k: int, cfg: Settings) -> int:
     from stage1_lowres import train as s1_train
     from stage2_fullres import train as s2_train
 
-    cars = len({s.car for s in index_split(cfg["data"]["root"], "train", cfg["data"]["hq"])})
+    cars = len({s.car for s in index_split(cfg.data.root, "train", cfg.data.hq)})
     if not 2 <= k <= cars:
         raise ConfigError(f"folds: K={k} must be between 2 and the number of training cars ({cars})")
-    out = Path(cfg["output"]["dir"])
+    out = Path(cfg.output.dir)
     main = s1_train.main if stage == "stage1" else s2_train.main
     best = []
     for fold in range(1, k + 1):
-        fold_cfg = copy.deepcopy(cfg)
-        fold_cfg["data"]["val_cars"] = f"{fold}/{k}"
-        fold_cfg["output"]["dir"] = str(out / "folds" / str(fold))
+        changes = {"data.val_cars": f"{fold}/{k}", "output.dir": str(out / "folds" / str(fold))}
         if stage == "stage2":  # the refiner folds share the main run's stage 1: its boxes and its (ensemble of) nets
-            fold_cfg["bboxes"]["path"] = cfg["bboxes"]["path"] or str(out / "bboxes.csv")
-            fold_cfg["stage1"]["checkpoint"] = [str(p) for p in checkpoint_paths(cfg, "stage1")]
-        print(f"folds: {stage} fold {fold}/{k} -> {fold_cfg['output']['dir']}")
+            changes |= {"bboxes.path": cfg.bboxes.path or str(out / "bboxes.csv"),
+                        "stage1.checkpoint": [str(p) for p in checkpoint_paths(cfg, "stage1")]}
+        fold_cfg = cfg.updated(changes)
+        log.info(f"folds: {stage} fold {fold}/{k} -> {fold_cfg.output.dir}")
         main(fold_cfg)
-        best.append(str(Path(fold_cfg["output"]["dir"]) / stage / "best.pt"))
-    print(f"folds: {k} {stage} nets trained; predict with their ensemble:\n  {stage}.checkpoint=[{', '.join(best)}]")
+        best.append(str(Path(fold_cfg.output.dir) / stage / "best.pt"))
+    log.info(f"folds: {k} {stage} nets trained; predict with their ensemble:\n  {stage}.checkpoint=[{', '.join(best)}]")
     return 0

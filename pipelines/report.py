@@ -7,8 +7,8 @@ import json
 from pathlib import Path
 
 import pandas as pd
-import yaml
 
+from common.config import Settings, as_yaml
 from common.io import write_text
 
 STYLE = """body{font-family:system-ui,sans-serif;margin:2em auto;max-width:1200px;color:#222}
@@ -28,8 +28,8 @@ def _table(frame: pd.DataFrame) -> str:
     return frame.to_html(index=False, float_format=lambda v: f"{v:.4f}", border=0, escape=True)
 
 
-def write_report(cfg: dict, steps: list[dict] | None = None) -> Path:
-    out = Path(cfg["output"]["dir"])
+def write_report(cfg: Settings, steps: list[dict] | None = None) -> Path:
+    out = Path(cfg.output.dir)
     report = out / "report"
     parts = [f"<h1>Carvana cascade: {html.escape(str(out))}</h1>"]
     summary_path = report / "summary.json"
@@ -61,7 +61,7 @@ def write_report(cfg: dict, steps: list[dict] | None = None) -> Path:
             caption = (f"{png.stem}: stage 1 {row.dice_stage1.item():.4f}, cascade {row.dice_cascade.item():.4f}" if len(row) else png.stem)
             parts.append(f"<h4>{html.escape(caption)}</h4>" + _img(png, png.stem))
         parts.append("<h2>All validation images</h2>" + _table(metrics))
-    parts.append("<h2>Configuration</h2><pre>" + html.escape(yaml.safe_dump(cfg, sort_keys=False)) + "</pre>")
+    parts.append("<h2>Configuration</h2><pre>" + html.escape(as_yaml(cfg)) + "</pre>")
     page = f"<!doctype html><html><head><meta charset='utf-8'><title>Carvana report</title><style>{STYLE}</style></head><body>{''.join(parts)}</body></html>"
     path = report / "index.html"
     write_text(path, page)

@@ -18,17 +18,18 @@ from typing import Callable
 
 from common import distributed
 from common.errors import ConfigError
-from common.config import load_config, save_config
+from common.config import Settings, depends, load_config, save_config
 from common.io import write_text
 from common.lock import output_lock
+from common.log import log
 
 
 DISTRIBUTED_STEPS = {"stage1_train", "stage2_train"}  # the steps every torchrun rank runs (DDP)
 
 
-def _data_fingerprint(cfg: dict) -> str:
+def _data_fingerprint(cfg: Settings) -> str:
     """Names and sizes of the data files: cheap even for 100k images, changes when the data does."""
-    root = Path(cfg["data"]["root"])
+    root = Path(cfg.data.root)
     h = hashlib.sha256()
     for folder in sorted(p for p in root.iterdir() if p.is_dir()) if root.is_dir() else []:
         for f in sorted(folder.iterdir()):
@@ -36,7 +37,7 @@ def _data_fingerprint(cfg: dict) -> str:
     return h.hexdigest()
 
 
-def _steps(cfg: dict) -> list[tuple[str, list[str], Callable[[], dict], Callable[[dict], int | None], list[Path]]]:
+def _steps(cfg: Settings) -> list[tuple[str, list[str], Callable[[], dict], Callable[[dict], int | None], list[Path]]]:
     """(name, upstream steps, settings it reads, action, outputs)."""
     from common.synth import write_sample_data
     from pipelines.evaluate import evaluate
@@ -45,59 +46,50 @@ def _steps(cfg: dict) -> list[tuple[str, list[str], Callable[[], dict], Callable
     from stage2_fullres import predict as s2_predict
     from stage2_fullres import train as s2_train
 
-    out = Path(cfg["output"]["dir"])
-    data = {k: cfg["data"][k] for k in ("root", "val_cars", "hq", "max_bad_share")}
-    s1, s2, pr = cfg["stage1"], cfg["stage2"], cfg["predict"]
-    no_resume = {"resume", "workers", "max_minutes"}  # how a run proceeds, not what it computes
+    out = Path(cfg.output.dir)
 
-    def sample(c):
-        sc = c["sample"]
-        print(f"generating {sc['cars']} training and {sc['test_cars']} test cars into {c['data']['root']}")
-        write_sample_data(c["data"]["root"], sc["cars"], sc["test_cars"], sc["seed"])
+    def sample(c: Settings):
+        log.info(f"generating {c.sample.cars} training and {c.sample.test_cars} test cars into {c.data.root}")
+        write_sample_data(c.data.root, c.sample.cars, c.sample.test_cars, c.sample.seed)
+
+    def reads(*outputs: str, files: bool = False) -> Callable[[], dict]:
+        """A step's fingerprint: the settings its outputs depend on, as their declarations say."""
+        return lambda: {o: depends(cfg, o) for o in outputs} | ({"files": _data_fingerprint(cfg)} if files else {}) | {
+            f"{stage}.max_minutes": getattr(cfg, stage).max_minutes for stage in ("stage1", "stage2")
+            if f"{stage}.model" in outputs and getattr(cfg, stage).epochs == "auto"}  # the budget fixes the epochs
 
     return [
-        ("sample_data", [], lambda: {"root": data["root"], **cfg["sample"]}, sample, [Path(data["root"]) / "train"]),
-        ("stage1_train", ["sample_data"], lambda: {"data": data, "files": _data_fingerprint(cfg), "seed": cfg["seed"],
-                                                   "stage1": _training(s1, no_resume | {"margin", "threshold", "checkpoint"})},
-         s1_train.main, [out / "stage1" / "best.pt"]),
-        ("stage1_predict", ["stage1_train"], lambda: {"size": s1["size"], "margin": s1["margin"], "threshold": s1["threshold"],
-                                                      "tta_flip": pr["tta_flip"], "limit_test": cfg["data"]["limit_test"]},
-         s1_predict.main, [out / "bboxes.csv", out / "stage1_submission.csv.gz"]),
-        ("stage2_train", ["stage1_predict"], lambda: {"seed": cfg["seed"], "stage2": _training(s2, no_resume | {"checkpoint"})},
-         s2_train.main, [out / "stage2" / "best.pt"]),
-        ("evaluate", ["stage2_train"], lambda: {"predict": pr, "stage1_threshold": s1["threshold"]}, lambda c: evaluate(c) is None,
-         [out / "report" / "metrics.csv"]),
+        ("sample_data", [], reads("sample"), sample, [Path(cfg.data.root) / "train"]),
+        ("stage1_train", ["sample_data"], reads("stage1.model", files=True), s1_train.main, [out / "stage1" / "best.pt"]),
+        ("stage1_predict", ["stage1_train"], reads("boxes", "test_rows"), s1_predict.main,
+         [out / "bboxes.csv", out / "stage1_submission.csv.gz"]),
+        ("stage2_train", ["stage1_predict"], reads("stage2.model"), s2_train.main, [out / "stage2" / "best.pt"]),
+        ("evaluate", ["stage2_train"], reads("masks"), lambda c: evaluate(c) is None, [out / "report" / "metrics.csv"]),
         # with predict.threshold=auto the submission uses the threshold evaluate found best
-        ("stage2_predict", ["stage2_train"] + (["evaluate"] if pr["threshold"] == "auto" else []),
-         lambda: {"predict": pr, "limit_test": cfg["data"]["limit_test"]}, s2_predict.main, [out / "submission.csv.gz"]),
+        ("stage2_predict", ["stage2_train"] + (["evaluate"] if cfg.predict.threshold == "auto" else []),
+         reads("masks", "test_rows"), s2_predict.main, [out / "submission.csv.gz"]),
     ]
-
-
-def _training(settings: dict, ignore: set[str]) -> dict:
-    """The settings that change what a training step computes; the budget does only with epochs=auto."""
-    ignore = ignore - {"max_minutes"} if settings["epochs"] == "auto" else ignore
-    return {k: v for k, v in settings.items() if k not in ignore}
 
 
 def run_pipeline(config: str, overrides: list[str], force: list[str] = ()) -> int:
     cfg = load_config(config, overrides)
-    with output_lock(cfg["output"]["dir"], f"carvana run {config}"):  # the steps run in this process, under this one lock
+    with output_lock(cfg.output.dir, f"carvana run {config}"):  # the steps run in this process, under this one lock
         return _run_steps(cfg, force)
 
 
-def _run_steps(cfg: dict, force: list[str]) -> int:
-    out = Path(cfg["output"]["dir"])
+def _run_steps(cfg: Settings, force: list[str]) -> int:
+    out = Path(cfg.output.dir)
     state_path = out / "pipeline_state.json"
     steps = _steps(cfg)
     names = [s[0] for s in steps]
     unknown = [f for f in force if f not in names + ["report"]]
     if unknown:
         raise ConfigError(f"--force {unknown[0]}: not a step; steps are {', '.join(names + ['report'])}")
-    if cfg["sample"]["cars"] == 0:  # real data: nothing to generate
+    if cfg.sample.cars == 0:  # real data: nothing to generate
         steps = [s for s in steps if s[0] != "sample_data"]
     ranks = distributed.ranks()
     if ranks.on:  # under torchrun: training steps on every rank, the others on rank 0 while the rest wait
-        distributed.init(cfg["device"])
+        distributed.init(cfg.device)
     state = distributed.from_main(json.loads(state_path.read_text()) if ranks.main and state_path.is_file() else {})
     if ranks.main:
         save_config(cfg, out / "config.yaml")
@@ -128,18 +120,14 @@ def _run_steps(cfg: dict, force: list[str]) -> int:
             reason = None
         reason = distributed.from_main(reason)  # rank 0's view of the outputs decides for every rank
         if reason is None:
-            if ranks.main:
-                print(f"[skip] {name}: outputs present and fingerprint {fp} unchanged")
+            log.info(f"[skip] {name}: outputs present and fingerprint {fp} unchanged")
             table.append({"step": name, "state": "skipped", "seconds": 0.0})
             continue
         resume = record.get("started") == fp and reason != "forced"
-        if ranks.main:
-            print(f"[run]  {name}: {reason}" + (" (resuming an interrupted run)" if resume else ""))
+        log.info(f"[run]  {name}: {reason}" + (" (resuming an interrupted run)" if resume else ""))
         state[name] = {"started": fp}
         save_state()
-        step_cfg = json.loads(json.dumps(cfg))
-        for stage in ("stage1", "stage2"):
-            step_cfg[stage]["resume"] = resume
+        step_cfg = cfg.updated({"stage1.resume": resume, "stage2.resume": resume})
         t0 = time.monotonic()
         code = (action(step_cfg) or 0) if ranks.main or name in DISTRIBUTED_STEPS else 0
         distributed.barrier()
@@ -159,13 +147,14 @@ def _run_steps(cfg: dict, force: list[str]) -> int:
     return status
 
 
-def _print_summary(cfg: dict, table: list[dict], report: Path) -> None:
-    out = Path(cfg["output"]["dir"])
-    print("\nstep             state      seconds")
+def _print_summary(cfg: Settings, table: list[dict], report: Path) -> None:
+    out = Path(cfg.output.dir)
+    log.info("\nstep             state      seconds")
     for row in table:
-        print(f"{row['step']:<16} {row['state']:<10} {row['seconds']:>7.1f}")
+        log.info(f"{row['step']:<16} {row['state']:<10} {row['seconds']:>7.1f}")
     summary = out / "report" / "summary.json"
     if summary.is_file():
-        s = json.loads(summary.read_text())
-        print(f"\nvalidation Dice ({s['images']} images): stage 1 alone {s['mean_dice_stage1']:.4f}   cascade {s['mean_dice_cascade']:.4f}")
-    print(f"submission: {out / 'submission.csv.gz'}\nreport:     {report}")
+        scores = json.loads(summary.read_text())
+        log.info(f"\nvalidation Dice ({scores['images']} images): stage 1 alone {scores['mean_dice_stage1']:.4f}   "
+                 f"cascade {scores['mean_dice_cascade']:.4f}")
+    log.info(f"submission: {out / 'submission.csv.gz'}\nreport:     {report}")

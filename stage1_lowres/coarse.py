@@ -23,26 +23,24 @@ from torch import nn
 from common.boxes import Box, Margin, expand_box, largest_component, mask_extent, scale_box
 from common.errors import CheckpointError, DataError
 from common.checkpoints import checkpoint_paths, checkpoints_hash, load_models
+from common.config import Settings, depends
 from common.chunks import to_host
-from common.inference import autocast, prepare
+from common.inference import prepare, probabilities
 from common.predictor import Prediction, stream
 
 BOX_COLUMNS = ["img", "split", "width", "height", "x0", "y0", "x1", "y1", "found", "key"]
 INPUT_VERSION = "full-decode, antialiased bilinear on the device"  # part of the cache key: changes how boxes are made
 
 
-def cache_key(cfg: dict) -> str:
+def cache_key(cfg: Settings) -> str:
     """Checkpoint content + the settings a box depends on."""
-    s = cfg["stage1"]
-    parts = {"checkpoint": checkpoints_hash(checkpoint_paths(cfg, "stage1")), "size": s["size"], "margin": s["margin"],
-             "threshold": s["threshold"], "hq": cfg["data"]["hq"], "input": INPUT_VERSION,
-             "tta_flip": cfg["predict"]["tta_flip"]}
+    parts = {"checkpoint": checkpoints_hash(checkpoint_paths(cfg, "stage1")), "input": INPUT_VERSION, **depends(cfg, "boxes")}
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def boxes_path(cfg: dict) -> Path:
-    given = cfg["bboxes"]["path"]
-    return Path(given) if given else Path(cfg["output"]["dir"]) / "bboxes.csv"
+def boxes_path(cfg: Settings) -> Path:
+    given = cfg.bboxes.path
+    return Path(given) if given else Path(cfg.output.dir) / "bboxes.csv"
 
 
 def load_boxes(path: Path) -> pd.DataFrame:
@@ -66,12 +64,12 @@ def load_boxes(path: Path) -> pd.DataFrame:
     return frame
 
 
-def cached_boxes(cfg: dict) -> dict[str, Box]:
+def cached_boxes(cfg: Settings) -> dict[str, Box]:
     """img -> box from `bboxes.path` (else `<output.dir>/bboxes.csv`), written by `stage1 predict`."""
     path = boxes_path(cfg)
     if not path.is_file():
-        if cfg["bboxes"]["path"]:
-            raise DataError(f"bboxes.path={cfg['bboxes']['path']} does not exist")
+        if cfg.bboxes.path:
+            raise DataError(f"bboxes.path={cfg.bboxes.path} does not exist")
         raise DataError(f"{path} not found: run `carvana stage1 predict` with the same config first "
                           "(or set bboxes.path to the bboxes.csv of another run)")
     frame = load_boxes(path)
@@ -126,18 +124,18 @@ class Coarse:
         self.margin, self.threshold, self.batch_size, self.workers = margin, threshold, batch_size, workers
 
     @classmethod
-    def from_config(cls, cfg: dict, device: torch.device) -> "Coarse":
+    def from_config(cls, cfg: Settings, device: torch.device) -> "Coarse":
         """The stage-1 net(s) the config names, ready for inference (`prepare`: channels_last, compiled if predict.compile)."""
         paths = checkpoint_paths(cfg, "stage1")
         model, ckpts = load_models(paths, device)
         for path, ckpt in zip(paths, ckpts):
             size = ckpt["config"]["stage1"]["size"]
-            if size != cfg["stage1"]["size"]:
-                raise CheckpointError(f"{path} was trained at stage1.size={size}, the config says {cfg['stage1']['size']}")
-        s, p = cfg["stage1"], cfg["predict"]
-        return cls(prepare(model, device, p["compile"]), s["size"], device, flip=p["tta_flip"],
-                   static_batch=p["batch_size"] if p["compile"] else 0, margin=s["margin"], threshold=s["threshold"],
-                   batch_size=p["batch_size"], workers=p["workers"])
+            if size != cfg.stage1.size:
+                raise CheckpointError(f"{path} was trained at stage1.size={size}, the config says {cfg.stage1.size}")
+        s, p = cfg.stage1, cfg.predict
+        return cls(prepare(model, device, p.compile), s.size, device, flip=p.tta_flip,
+                   static_batch=p.batch_size if p.compile else 0, margin=s.margin, threshold=s.threshold,
+                   batch_size=p.batch_size, workers=p.workers)
 
     def run(self, paths: list[Path], boxes: list[Box | None] | None = None, desc: str = "") -> Iterator[tuple[int, Prediction | str]]:
         """`predict` over image files, streamed (common/predictor.py)."""
@@ -165,16 +163,6 @@ class Coarse:
         flip TTA the mirrored images ride in the same pass and the two predictions are averaged."""
         x = to_stage1_input(images, self.size)
         step = self.static_batch or len(x)
-        return torch.cat([self._forward(x[i : i + step], step) for i in range(0, len(x), step)])
-
-    def _forward(self, x: torch.Tensor, batch: int) -> torch.Tensor:
-        n = len(x)
-        if n < batch:  # only under static_batch: one shape for the compiled net
-            x = torch.cat([x, x.new_zeros(batch - n, *x.shape[1:])])
-        if self.flip:
-            x = torch.cat([x, x.flip(-1)])
-        with autocast(self.device):
-            p = torch.sigmoid(self.model(x.contiguous(memory_format=torch.channels_last)).float())[:, 0]
-        if self.flip:
-            p = (p[:batch] + p[batch:].flip(-1)) / 2
-        return p[:n]
+        # padded only under static_batch: one shape for the compiled net
+        return torch.cat([probabilities(self.model, x[i : i + step], self.device, self.flip, pad_to=self.static_batch)
+                          for i in range(0, len(x), step)])

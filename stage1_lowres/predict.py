@@ -10,6 +10,7 @@ from __future__ import annotations
 import warnings
 from pathlib import Path
 
+from common.config import Settings
 from common.chunks import Chunk, ChunkStore, ChunkWriter, to_host
 from common.cluster import cached, predict_chunks_anywhere, worker_device
 from common.errors import DataError
@@ -18,6 +19,7 @@ from common.io import write_csv
 from common.rle import rle_encode
 from common.submission import finish_predictions, test_samples
 from common.checkpoints import pick_device
+from common.log import log
 from stage1_lowres.coarse import BOX_COLUMNS, Coarse, cache_key, load_boxes
 
 COLUMNS = BOX_COLUMNS + ["rle_mask", "error"]
@@ -36,17 +38,17 @@ def _cache_is_valid(out: Path, key: str, wanted: set[str]) -> bool:
     return set(frame["key"]) == {key} and wanted <= set(frame["img"])
 
 
-def _store(cfg: dict, key: str, names: list[str]) -> ChunkStore:
-    return ChunkStore(Path(cfg["output"]["dir"]) / "stage1_chunks", key, COLUMNS, cfg["predict"]["chunk"], names)
+def _store(cfg: Settings, key: str, names: list[str]) -> ChunkStore:
+    return ChunkStore(Path(cfg.output.dir) / "stage1_chunks", key, COLUMNS, cfg.predict.chunk, names)
 
 
-def predict_chunks(chunks: list[Chunk], cfg: dict, key: str, names: list[str], coarse: Coarse | None = None) -> int:
+def predict_chunks(chunks: list[Chunk], cfg: Settings, key: str, names: list[str], coarse: Coarse | None = None) -> int:
     """Boxes (and, for test images, coarse masks) of the items of `chunks`, each chunk's file written;
     returns the number of images. Without `cascade` (a Dask worker), the net is loaded once per worker."""
     desc = "stage 1 predict" if coarse else ""  # on a Dask worker the client's bar reports the rate
-    coarse = coarse or cached(key, lambda: Coarse.from_config(cfg, worker_device(cfg["device"])))
+    coarse = coarse or cached(key, lambda: Coarse.from_config(cfg, worker_device(cfg.device)))
     items: list[Item] = [item for _, chunk in chunks for item in chunk]
-    threshold = cfg["stage1"]["threshold"]
+    threshold = cfg.stage1.threshold
     with ChunkWriter(_store(cfg, key, names), chunks) as writer:
         for i, pred in coarse.run([Path(path) for _, path, _ in items], desc=desc):
             img, path, split = items[i]
@@ -63,28 +65,28 @@ def predict_chunks(chunks: list[Chunk], cfg: dict, key: str, names: list[str], c
     return len(items)
 
 
-def main(cfg: dict) -> int:
-    s, out = cfg["stage1"], Path(cfg["output"]["dir"])
-    train = index_split(cfg["data"]["root"], "train", cfg["data"]["hq"])
+def main(cfg: Settings) -> int:
+    s, out = cfg.stage1, Path(cfg.output.dir)
+    train = index_split(cfg.data.root, "train", cfg.data.hq)
     test = test_samples(cfg)  # in submission order, so the submission streams from the chunks
     key = cache_key(cfg)
     if _cache_is_valid(out, key, {x.img for x in train + test}):
-        print(f"stage 1: reusing {out / 'bboxes.csv'} (same checkpoint content, size {s['size']}, margin {s['margin']}); model not loaded")
+        log.info(f"stage 1: reusing {out / 'bboxes.csv'} (same checkpoint content, size {s.size}, margin {s.margin}); model not loaded")
         return 0
     items = [(x.img, str(x.image), "train") for x in train] + [(x.img, str(x.image), "test") for x in test]
     names = [img for img, _, _ in items]
     store = _store(cfg, key, names)
     chunks = store.todo(items)
     todo = sum(len(chunk) for _, chunk in chunks)
-    print(f"stage 1 predict: {todo} images to do, {len(items) - todo} already done (key {key})")
+    log.info(f"stage 1 predict: {todo} images to do, {len(items) - todo} already done (key {key})")
     predict_chunks_anywhere(cfg, predict_chunks, chunks, (cfg, key, names),
-                            lambda: Coarse.from_config(cfg, pick_device(cfg["device"])), "stage 1 predict")
+                            lambda: Coarse.from_config(cfg, pick_device(cfg.device)), "stage 1 predict")
     return _finish(cfg, out, store, train, test)
 
 
-def _finish(cfg: dict, out: Path, store: ChunkStore, train: list[Sample], test: list[Sample]) -> int:
+def _finish(cfg: Settings, out: Path, store: ChunkStore, train: list[Sample], test: list[Sample]) -> int:
     frame = store.frame(BOX_COLUMNS + ["error"])
     good = frame[(frame["error"] == "") & frame["img"].isin({x.img for x in train + test})]
     write_csv(out / "bboxes.csv", good.sort_values("img")[BOX_COLUMNS])
-    print(f"stage1: wrote {out / 'bboxes.csv'} ({len(good)} boxes)")
+    log.info(f"stage1: wrote {out / 'bboxes.csv'} ({len(good)} boxes)")
     return finish_predictions(out, store, train + test, test, "stage1", "stage1_submission.csv.gz")

@@ -1,7 +1,6 @@
 """`carvana stage1 train`: the U-Net on whole images squashed to stage1.size x stage1.size."""
 from __future__ import annotations
 
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -9,13 +8,13 @@ import torch
 from common import distributed
 from common.batches import TensorBatches
 from common.checkpoints import build_model
-from common.config import save_config
+from common.config import Settings
 from common.errors import DataError
-from common.data import Pair, index_split, report_skipped, scan_pairs, split_by_car
+from common.data import Pair, index_split, scan_pairs, split_by_car
 from common.inference import forward_batches
 from common.losses import bce_dice_loss
 from common.metrics import dice
-from common.trainer import train
+from common.trainer import fit
 
 
 def as_tensors(pairs: list[Pair]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -42,30 +41,21 @@ def low_res_validator(pairs: list[Pair], device: torch.device, batch_size: int):
     return validate
 
 
-def main(cfg: dict) -> int:
-    s, data = cfg["stage1"], cfg["data"]
-    run_dir = Path(cfg["output"]["dir"]) / "stage1"
-    ranks, device = distributed.init(cfg["device"])
-    samples = index_split(data["root"], "train", data["hq"])
-    train_samples, val_samples = split_by_car(samples, data["val_cars"])
+def main(cfg: Settings) -> int:
+    s, data = cfg.stage1, cfg.data
+    ranks, device = distributed.init(cfg.device)
+    samples = index_split(data.root, "train", data.hq)
+    train_samples, val_samples = split_by_car(samples, data.val_cars)
     if not val_samples:
         raise DataError("stage 1 needs validation cars; set data.val_cars to a count, a list or k/K")
-    size = (s["size"], s["size"])
-    pairs, bad = scan_pairs(samples, size, keep=True, max_bad_share=data["max_bad_share"], jobs=max(s["workers"], 1))
+    size = (s.size, s.size)
+    pairs, bad = scan_pairs(samples, size, keep=True, max_bad_share=data.max_bad_share, jobs=max(s.workers, 1))
     val_ids = {v.id for v in val_samples}
     train_pairs = [p for p in pairs if p.sample.id not in val_ids]
     val_pairs = [p for p in pairs if p.sample.id in val_ids]
-    if ranks.main:
-        save_config(cfg, run_dir / "config.yaml")
-        print(f"stage 1: {len(train_pairs)} training and {len(val_pairs)} validation images "
-              f"({len({p.sample.car for p in val_pairs})} cars) at {size[0]}x{size[1]} on {device}"
-              + (f", {ranks.world} ranks" if ranks.on else ""))
-    model = build_model(s, in_channels=3, seed=cfg["seed"])
-    batches = TensorBatches(*as_tensors(train_pairs), s["batch_size"], device, ranks, seed=cfg["seed"])
-    history = train(model, batches, low_res_validator(val_pairs, device, cfg["predict"]["batch_size"] * 4),
-                    s, run_dir, cfg, device, seed=cfg["seed"], ranks=ranks)
-    if ranks.main:
-        report_skipped(run_dir, bad)
-        best = max((h["val_dice"] for h in history), default=float("nan"))
-        print(f"stage 1 done: best val Dice {best:.4f}; checkpoints in {run_dir}")
+    about = (f"{len(train_pairs)} training and {len(val_pairs)} validation images ({len({p.sample.car for p in val_pairs})} cars) "
+             f"at {size[0]}x{size[1]}")
+    model = build_model(s, in_channels=3, seed=cfg.seed)
+    batches = TensorBatches(*as_tensors(train_pairs), s.batch_size, device, ranks, seed=cfg.seed)
+    fit(cfg, "stage1", model, batches, low_res_validator(val_pairs, device, cfg.predict.batch_size * 4), bad, about, device, ranks)
     return 0

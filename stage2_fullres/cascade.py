@@ -12,41 +12,42 @@ from typing import Iterator
 import torch
 from torch import nn
 
+from common.config import Settings
 from common.boxes import Box
 from common.checkpoints import checkpoint_paths, load_models
 from common.errors import CheckpointError
-from common.inference import autocast, prepare
+from common.inference import prepare, probabilities
 from common.predictor import Prediction, stream
 from stage1_lowres.coarse import Coarse
 from stage2_fullres.tiles import TooManyTiles, Window, blend_weights, cut_tiles, plan_tiles, stitch
 
 
-def load_refiner(cfg: dict, device: torch.device) -> nn.Module:
+def load_refiner(cfg: Settings, device: torch.device) -> nn.Module:
     paths = checkpoint_paths(cfg, "stage2")
     model, ckpts = load_models(paths, device)
-    wants = 4 if cfg["stage2"]["coarse_channel"] else 3
+    wants = 4 if cfg.stage2.coarse_channel else 3
     if ckpts[0]["model_args"]["in_channels"] != wants:
         raise CheckpointError(f"{paths[0]} takes {ckpts[0]['model_args']['in_channels']} input channels but stage2.coarse_channel="
-                          f"{cfg['stage2']['coarse_channel']} needs {wants}; set it to match the checkpoint or retrain")
+                          f"{cfg.stage2.coarse_channel} needs {wants}; set it to match the checkpoint or retrain")
     return model
 
 
 class Cascade:
     """Stage 1 (optional when boxes are given and the refiner takes no coarse channel) + the refiner."""
 
-    def __init__(self, coarse: Coarse | None, refiner: nn.Module, cfg: dict, device: torch.device):
-        s, p = cfg["stage2"], cfg["predict"]
+    def __init__(self, coarse: Coarse | None, refiner: nn.Module, cfg: Settings, device: torch.device):
+        s, p = cfg.stage2, cfg.predict
         self.coarse, self.refiner, self.device = coarse, refiner, device
-        self.tile, self.min_overlap, self.coarse_channel = s["tile"], s["min_overlap"], s["coarse_channel"]
-        self.batch_size, self.flip, self.compiled, self.workers = p["batch_size"], p["tta_flip"], p["compile"], p["workers"]
-        self.weights = blend_weights(self.tile, s["blend"], device)
+        self.tile, self.min_overlap, self.coarse_channel = s.tile, s.min_overlap, s.coarse_channel
+        self.batch_size, self.flip, self.compiled, self.workers = p.batch_size, p.tta_flip, p.compile, p.workers
+        self.weights = blend_weights(self.tile, s.blend, device)
 
     @classmethod
-    def from_config(cls, cfg: dict, device: torch.device, need_stage1: bool = True) -> "Cascade":
+    def from_config(cls, cfg: Settings, device: torch.device, need_stage1: bool = True) -> "Cascade":
         """The nets the config names, ready for inference (channels_last, compiled if predict.compile);
         stage 1 only where it is needed: boxes to find (`need_stage1`) or a coarse channel."""
-        refiner = prepare(load_refiner(cfg, device), device, cfg["predict"]["compile"])
-        coarse = Coarse.from_config(cfg, device) if need_stage1 or cfg["stage2"]["coarse_channel"] else None
+        refiner = prepare(load_refiner(cfg, device), device, cfg.predict.compile)
+        coarse = Coarse.from_config(cfg, device) if need_stage1 or cfg.stage2.coarse_channel else None
         return cls(coarse, refiner, cfg, device)
 
     def run(self, paths: list[Path], boxes: list[Box | None] | None = None, desc: str = "") -> Iterator[tuple[int, Prediction | str]]:
@@ -81,27 +82,17 @@ class Cascade:
         """Tiles of all images in one queue, `predict.batch_size` tiles per forward pass, then stitched per image."""
         rgb = torch.cat([cut_tiles(image, windows) for image, windows in zip(images, plans)])  # uint8, cut on the device
         prior = torch.cat([cut_tiles(p.coarse[None], windows) for p, windows in zip(preds, plans)]) if self.coarse_channel else None
-        probs = torch.cat([self._forward(rgb[i : i + self.batch_size], None if prior is None else prior[i : i + self.batch_size])
+        probs = torch.cat([self.refine(rgb[i : i + self.batch_size], None if prior is None else prior[i : i + self.batch_size])
                            for i in range(0, len(rgb), self.batch_size)])
         start = 0
         for p, windows in zip(preds, plans):
             p.prob = stitch(probs[start : start + len(windows)], windows, p.box, p.width, p.height, self.weights)
             start += len(windows)
 
-    def _forward(self, rgb: torch.Tensor, prior: torch.Tensor | None) -> torch.Tensor:
-        """(n, tile, tile) probabilities of n tiles; with flip TTA the mirrored tiles ride in the same pass."""
+    def refine(self, rgb: torch.Tensor, prior: torch.Tensor | None) -> torch.Tensor:
+        """(n, tile, tile) probabilities of n uint8 RGB tiles (and their coarse prior); compiled, a
+        partial batch is padded to one static shape, which would otherwise recompile."""
         x = rgb.float().div_(255)
         if prior is not None:
             x = torch.cat([x, prior], 1)
-        n = len(x)
-        if self.compiled and n < self.batch_size:  # one static shape: a partial batch would recompile
-            x = torch.cat([x, x.new_zeros(self.batch_size - n, *x.shape[1:])])
-        if self.flip:
-            x = torch.cat([x, x.flip(-1)])
-        x = x.contiguous(memory_format=torch.channels_last)
-        with autocast(self.device):
-            out = torch.sigmoid(self.refiner(x).float())[:, 0]
-        if self.flip:
-            half = len(out) // 2
-            out = (out[:half] + out[half:].flip(-1)) / 2
-        return out[:n]
+        return probabilities(self.refiner, x, self.device, self.flip, pad_to=self.batch_size if self.compiled else 0)

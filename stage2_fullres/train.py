@@ -15,14 +15,14 @@ from common import distributed
 from common.batches import LoaderBatches
 from common.boxes import Box, expand_box, jitter_box
 from common.checkpoints import build_model
-from common.config import save_config
+from common.config import Settings, Stage2
 from common.errors import DataError
-from common.data import Pair, index_split, report_skipped, scan_pairs, split_by_car
+from common.data import Pair, index_split, scan_pairs, split_by_car
 from common.io import read_image, read_mask, read_mask_cached
 from common.losses import bce_dice_loss
 from common.metrics import dice
 from common.submission import mask_threshold
-from common.trainer import train
+from common.trainer import fit
 from stage1_lowres.coarse import Coarse, cached_boxes, upsample
 from stage2_fullres.cascade import Cascade
 from stage2_fullres.tiles import cut_tiles
@@ -45,7 +45,7 @@ class CropDataset(Dataset):
     randomness is seeded from its key, so crops do not depend on the worker that cuts them.
     """
 
-    def __init__(self, pairs: list[Pair], boxes: dict[str, Box], settings: dict, coarse: dict[str, np.ndarray] | None,
+    def __init__(self, pairs: list[Pair], boxes: dict[str, Box], settings: Stage2, coarse: dict[str, np.ndarray] | None,
                  mask_cache: Path, seed: int = 0):
         self.pairs, self.boxes, self.s, self.coarse = pairs, boxes, settings, coarse
         self.mask_cache, self.seed = mask_cache, seed
@@ -56,13 +56,13 @@ class CropDataset(Dataset):
     def __getitem__(self, key: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
         i, epoch = key
         rng = np.random.default_rng([self.seed, epoch, i])
-        p, crop = self.pairs[i], self.s["crop"]
+        p, crop = self.pairs[i], self.s.crop
         image = torch.from_numpy(read_image(p.sample.image)).permute(2, 0, 1)
         mask = torch.from_numpy(read_mask_cached(p.sample.mask, self.mask_cache))[None]
         prob = None if self.coarse is None else torch.from_numpy(self.coarse[p.sample.img]).float().div_(255)
         xs, ys = [], []
-        for _ in range(self.s["crops_per_image"]):
-            box = jitter_box(self.boxes[p.sample.img], self.s["box_jitter"], rng, p.width, p.height)
+        for _ in range(self.s.crops_per_image):
+            box = jitter_box(self.boxes[p.sample.img], self.s.box_jitter, rng, p.width, p.height)
             left, top = crop_window(box, crop, p.width, p.height, rng)
             window = [(left, top, left + crop, top + crop)]
             x = cut_tiles(image, window)[0].float().div_(255)
@@ -77,7 +77,7 @@ class CropDataset(Dataset):
         return torch.stack(xs), torch.stack(ys)
 
 
-def full_res_validator(pairs: list[Pair], boxes: dict[str, Box], coarse: Coarse | None, cfg: dict, device: torch.device):
+def full_res_validator(pairs: list[Pair], boxes: dict[str, Box], coarse: Coarse | None, cfg: Settings, device: torch.device):
     """Loss on the stitched probability and mean Dice of whole images, predicted by the `Cascade` as
     `stage2 predict` does (flip TTA included)."""
     truths = [torch.from_numpy(read_mask(p.sample.mask)) for p in pairs]  # read once, not every epoch
@@ -99,31 +99,30 @@ def full_res_validator(pairs: list[Pair], boxes: dict[str, Box], coarse: Coarse 
     return validate
 
 
-def main(cfg: dict) -> int:
-    s, data = cfg["stage2"], cfg["data"]
-    out = Path(cfg["output"]["dir"])
-    run_dir = out / "stage2"
-    ranks, device = distributed.init(cfg["device"])
-    samples = index_split(data["root"], "train", data["hq"])
-    _, val_samples = split_by_car(samples, data["val_cars"])
+def main(cfg: Settings) -> int:
+    s, data = cfg.stage2, cfg.data
+    out = Path(cfg.output.dir)
+    ranks, device = distributed.init(cfg.device)
+    samples = index_split(data.root, "train", data.hq)
+    _, val_samples = split_by_car(samples, data.val_cars)
     if not val_samples:
         raise DataError("stage 2 needs validation cars; set data.val_cars to a count, a list or k/K")
     # the scan decodes every image once at stage-1 size; keep those only when the coarse channel needs them
-    small = (cfg["stage1"]["size"], cfg["stage1"]["size"])
-    pairs, bad = scan_pairs(samples, small, keep=s["coarse_channel"], max_bad_share=data["max_bad_share"], jobs=max(s["workers"], 1))
+    small = (cfg.stage1.size, cfg.stage1.size)
+    pairs, bad = scan_pairs(samples, small, keep=s.coarse_channel, max_bad_share=data.max_bad_share, jobs=max(s.workers, 1))
     cached = cached_boxes(cfg)
     val_ids = {v.id for v in val_samples}
     train_pairs = [p for p in pairs if p.sample.id not in val_ids and p.box is not None]
     val_pairs = [p for p in pairs if p.sample.id in val_ids and p.sample.img in cached]
-    if s["val_images"]:
-        val_pairs = val_pairs[:: max(len(val_pairs) // s["val_images"], 1)][: s["val_images"]]
-    if s["train_boxes"] == "truth":
-        train_box = {p.sample.img: expand_box(p.box, cfg["stage1"]["margin"], p.width, p.height) for p in train_pairs}
+    if s.val_images:
+        val_pairs = val_pairs[:: max(len(val_pairs) // s.val_images, 1)][: s.val_images]
+    if s.train_boxes == "truth":
+        train_box = {p.sample.img: expand_box(p.box, cfg.stage1.margin, p.width, p.height) for p in train_pairs}
     else:  # stage1 (the config allows nothing else)
         train_pairs = [p for p in train_pairs if p.sample.img in cached]
         train_box = {p.sample.img: cached[p.sample.img] for p in train_pairs}
     coarse_model, coarse = None, None
-    if s["coarse_channel"]:
+    if s.coarse_channel:
         coarse_model = Coarse.from_config(cfg, device)
         coarse = {}
         for k in range(0, len(train_pairs), 32):  # the scan's stage-1-size images, no second decode
@@ -132,18 +131,10 @@ def main(cfg: dict) -> int:
             coarse |= {p.sample.img: (prob * 255).round().byte().cpu().numpy() for p, prob in zip(batch, probs)}
         for p in pairs:
             p.image = p.mask = None  # the crops read full-resolution files
-    if ranks.main:
-        save_config(cfg, run_dir / "config.yaml")
-        print(f"stage 2: {len(train_pairs)} training images ({s['crops_per_image']} x {s['crop']}px crops each, {s['train_boxes']} "
-              f"boxes), {len(val_pairs)} validation images on {s['tile']}px tiles, on {device}"
-              + (f", {ranks.world} ranks" if ranks.on else ""))
-    model = build_model(s, in_channels=4 if s["coarse_channel"] else 3, prior_skip=s["coarse_channel"] and s["prior_skip"], seed=cfg["seed"])
-    crops = CropDataset(train_pairs, train_box, s, coarse, out / "cache" / "masks", seed=cfg["seed"])
-    with LoaderBatches(crops, s["batch_size"], s["workers"], device, ranks, seed=cfg["seed"], per_item=s["crops_per_image"]) as batches:
-        history = train(model, batches, full_res_validator(val_pairs, cached, coarse_model, cfg, device), s, run_dir, cfg, device,
-                        seed=cfg["seed"], ranks=ranks)
-    if ranks.main:
-        report_skipped(run_dir, bad)
-        best = max((h["val_dice"] for h in history), default=float("nan"))
-        print(f"stage 2 done: best val Dice {best:.4f}; checkpoints in {run_dir}")
+    about = (f"{len(train_pairs)} training images ({s.crops_per_image} x {s.crop}px crops each, {s.train_boxes} boxes), "
+             f"{len(val_pairs)} validation images on {s.tile}px tiles")
+    model = build_model(s, in_channels=4 if s.coarse_channel else 3, prior_skip=s.coarse_channel and s.prior_skip, seed=cfg.seed)
+    crops = CropDataset(train_pairs, train_box, s, coarse, out / "cache" / "masks", seed=cfg.seed)
+    with LoaderBatches(crops, s.batch_size, s.workers, device, ranks, seed=cfg.seed, per_item=s.crops_per_image) as batches:
+        fit(cfg, "stage2", model, batches, full_res_validator(val_pairs, cached, coarse_model, cfg, device), bad, about, device, ranks)
     return 0

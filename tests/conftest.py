@@ -45,13 +45,10 @@ def tiny_config(root, out, *more):
 def copy_run(cfg: dict, out: Path) -> dict:
     """A copy of a run folder and its config pointing at the copy: a test that writes into a run
     works on its own copy, never on a fixture other tests read."""
-    import copy
     import shutil
 
-    shutil.copytree(cfg["output"]["dir"], out)
-    cfg = copy.deepcopy(cfg)
-    cfg["output"]["dir"] = str(out)
-    return cfg
+    shutil.copytree(cfg.output.dir, out)
+    return cfg.updated({"output.dir": str(out)})
 
 
 @pytest.fixture(scope="session")

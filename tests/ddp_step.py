@@ -6,7 +6,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from test_trainer import Blobs, _settings, _validator  # noqa: E402
+from test_trainer import CONFIG, Blobs, _settings, _validator  # noqa: E402
 
 from common import distributed  # noqa: E402
 from common.batches import TensorBatches  # noqa: E402
@@ -21,5 +21,5 @@ torch.manual_seed(0)
 model = UNet(3, 3, 8)
 settings = _settings(epochs=1, optimizer="sgd", momentum=0.0, lr=0.5, schedule="constant", batch_size=4,
                      precision="fp32")  # compared at 1e-5 with an fp32 step in the test
-train(model, shard, _validator(data), settings, out / "run", {}, device, ranks=ranks)
+train(model, shard, _validator(data), settings, out / "run", CONFIG, device, ranks=ranks)
 torch.save({k: v.detach() for k, v in model.state_dict().items()}, out / f"rank{ranks.rank}.pt")

@@ -26,20 +26,20 @@ CPU = torch.device("cpu")
 
 
 def _nets(run_cfg):
-    out = run_cfg["output"]["dir"]
+    out = run_cfg.output.dir
     return load_model(f"{out}/stage1/best.pt", CPU)[0], load_model(f"{out}/stage2/best.pt", CPU)[0]
 
 
 def _agreement(run_cfg, paths, boxes, flip=False):
     """Per-image Dice between the old path's masks and the Cascade's: (stage 1, cascade) lists."""
     stage1, refiner = _nets(run_cfg)
-    cfg = tiny_config(run_cfg["data"]["root"], run_cfg["output"]["dir"], f"predict.tta_flip={flip}", "predict.workers=0")
-    cascade = Cascade(Coarse(stage1, cfg["stage1"]["size"], CPU), refiner, cfg, CPU)
+    cfg = tiny_config(run_cfg.data.root, run_cfg.output.dir, f"predict.tta_flip={flip}", "predict.workers=0")
+    cascade = Cascade(Coarse(stage1, cfg.stage1.size, CPU), refiner, cfg, CPU)
     s1, s2 = [], []
     for i, pred in cascade.run(paths, boxes):
-        old = reference.old_predict(stage1, refiner, paths[i], cfg["stage1"]["size"], boxes[i], flip=flip,
-                                    batch=cfg["predict"]["batch_size"], tile=cfg["stage2"]["tile"],
-                                    min_overlap=cfg["stage2"]["min_overlap"])
+        old = reference.old_predict(stage1, refiner, paths[i], cfg.stage1.size, boxes[i], flip=flip,
+                                    batch=cfg.predict.batch_size, tile=cfg.stage2.tile,
+                                    min_overlap=cfg.stage2.min_overlap)
         s1.append(dice(pred.coarse.numpy() > 0.5, old["coarse"] > 0.5))
         s2.append(dice(pred.prob.numpy() > 0.5, old["prob"] > 0.5))
     return s1, s2
@@ -49,7 +49,7 @@ def test_cascade_masks_match_the_old_per_image_path(tiny_run):
     """One decode and a device resize for stage 1, tiles of several images per pass: image by image
     the masks match the old path (two decodes, numpy tiles) to Dice >= 0.9995."""
     boxes = cached_boxes(tiny_run)
-    paths = sorted(Path(tiny_run["data"]["root"], "test").glob("*.jpg"))[:3]
+    paths = sorted(Path(tiny_run.data.root, "test").glob("*.jpg"))[:3]
     s1, s2 = _agreement(tiny_run, paths, [boxes[p.name] for p in paths], flip=True)
     print(f"Dice new vs old path: stage 1 min {min(s1):.5f}, cascade min {min(s2):.5f}")
     assert min(s2) >= 0.9995 and min(s1) >= 0.9995
@@ -126,12 +126,12 @@ def test_jpeg_bytes_path_decodes_on_the_device_and_falls_back(tiny_run, tmp_path
             out.append(torch.from_numpy(np.array(im.convert("RGB"))).permute(2, 0, 1).to(device))
         return out
 
-    paths = sorted(Path(tiny_run["data"]["root"], "test").glob("*.jpg"))[:3]
+    paths = sorted(Path(tiny_run.data.root, "test").glob("*.jpg"))[:3]
     bad, gray = tmp_path / "bad.jpg", tmp_path / "gray.jpg"
     bad.write_bytes(paths[0].read_bytes()[:5000])
     Image.open(paths[1]).convert("L").save(gray)
     stage1, _ = _nets(tiny_run)
-    coarse = Coarse(stage1, tiny_run["stage1"]["size"], CPU, batch_size=4, workers=1)
+    coarse = Coarse(stage1, tiny_run.stage1.size, CPU, batch_size=4, workers=1)
     plain = [pred for _, pred in coarse.run(paths)]
     monkeypatch.setattr(reader, "nvjpeg_decoder", lambda device: fake_decode)
     got = [pred for _, pred in coarse.run([paths[0], gray, paths[1], bad, paths[2]])]
@@ -145,10 +145,10 @@ def test_jpeg_bytes_path_decodes_on_the_device_and_falls_back(tiny_run, tmp_path
 def test_static_batches_for_compile_do_not_change_results(tiny_run):
     """With predict.compile, partial batches are padded to one shape; the padding must not leak."""
     stage1, refiner = _nets(tiny_run)
-    paths = sorted(Path(tiny_run["data"]["root"], "test").glob("*.jpg"))[:1]
+    paths = sorted(Path(tiny_run.data.root, "test").glob("*.jpg"))[:1]
     box = [cached_boxes(tiny_run)[paths[0].name]]
     cfg = tiny_config("unused", "unused", "predict.batch_size=3", "predict.tta_flip=true", "predict.workers=0")
-    cascade = Cascade(Coarse(stage1, cfg["stage1"]["size"], CPU), refiner, cfg, CPU)
+    cascade = Cascade(Coarse(stage1, cfg.stage1.size, CPU), refiner, cfg, CPU)
     plain = next(cascade.run(paths, box))[1].prob
     cascade.compiled = True  # the padding path, without paying for a compilation on the CPU
     torch.testing.assert_close(next(cascade.run(paths, box))[1].prob, plain, atol=1e-5, rtol=0)
@@ -176,7 +176,7 @@ def test_stage1_sees_one_batch_shape_under_compile_and_the_padding_does_not_leak
     for compile, batch in ((True, 3), (False, 0)):  # the config's compile flag sets the static batch
         cfg = tiny_config("unused", tmp_path, "predict.batch_size=3", "stage1.size=32", f"predict.compile={compile}")
         (tmp_path / "stage1").mkdir(exist_ok=True)
-        torch.save({"model": net.state_dict(), "model_args": net.args, "config": cfg}, tmp_path / "stage1" / "best.pt")
+        torch.save({"model": net.state_dict(), "model_args": net.args, "config": cfg.model_dump()}, tmp_path / "stage1" / "best.pt")
         assert Coarse.from_config(cfg, CPU).static_batch == batch
 
 
@@ -264,6 +264,6 @@ def test_writer_and_store_keep_a_fixed_chunk_grid(tmp_path):
 
 
 def test_stage2_needs_the_stage1_boxes_first(tiny_run, tmp_path):
-    cfg = tiny_config(tiny_run["data"]["root"], tmp_path / "fresh")
+    cfg = tiny_config(tiny_run.data.root, tmp_path / "fresh")
     with pytest.raises(DataError, match="run `carvana stage1 predict`"):
         s2_predict.main(cfg)

@@ -17,14 +17,14 @@ OUTPUTS = ["bboxes.csv", "stage1_submission.csv.gz", "submission.csv.gz"]
 
 
 def _config(tiny_run, out, *more):
-    src = tiny_run["output"]["dir"]
-    return tiny_config(tiny_run["data"]["root"], out, f"stage1.checkpoint={src}/stage1/best.pt",
+    src = tiny_run.output.dir
+    return tiny_config(tiny_run.data.root, out, f"stage1.checkpoint={src}/stage1/best.pt",
                        f"stage2.checkpoint={src}/stage2/best.pt", "predict.chunk=8", "data.limit_test=8", *more)
 
 
 def _predict(cfg) -> dict[str, bytes]:
     assert s1_predict.main(cfg) == 0 and s2_predict.main(cfg) == 0
-    return {name: (Path(cfg["output"]["dir"]) / name).read_bytes() for name in OUTPUTS}
+    return {name: (Path(cfg.output.dir) / name).read_bytes() for name in OUTPUTS}
 
 
 def test_local_cluster_gives_the_bytes_of_a_local_run_even_when_a_worker_dies(tiny_run, tmp_path, monkeypatch, capsys):
@@ -40,8 +40,8 @@ def test_local_cluster_gives_the_bytes_of_a_local_run_even_when_a_worker_dies(ti
 
 def test_unreachable_scheduler_is_one_line_exit_1_and_nothing_is_written(tiny_run, tmp_path, capsys):
     out = tmp_path / "out"
-    src = tiny_run["output"]["dir"]
-    code = cli(["stage2", "predict", f"data.root={tiny_run['data']['root']}", f"output.dir={out}", f"bboxes.path={src}/bboxes.csv",
+    src = tiny_run.output.dir
+    code = cli(["stage2", "predict", f"data.root={tiny_run.data.root}", f"output.dir={out}", f"bboxes.path={src}/bboxes.csv",
                 f"stage2.checkpoint={src}/stage2/best.pt", f"stage1.checkpoint={src}/stage1/best.pt", "stage1.size=64",
                 "predict.cluster=tcp://127.0.0.1:9", "device=cpu"])
     err = capsys.readouterr().err.strip()

@@ -6,18 +6,18 @@ import yaml
 
 from common.errors import ConfigError
 
-from common.config import DEFAULTS, load_config, save_config
+from common.config import Settings, load_config, save_config
 
 
 def test_overrides_parse_types():
     cfg = load_config(None, ["stage1.epochs=3", "predict.threshold=0.4", "data.root=/data/carvana", "data.val_cars=[a, b]"])
-    assert cfg["stage1"]["epochs"] == 3
-    assert cfg["predict"]["threshold"] == 0.4
-    assert cfg["data"]["root"] == "/data/carvana"
-    assert cfg["data"]["val_cars"] == ["a", "b"]
-    assert load_config(None, ["data.val_cars=2/5"])["data"]["val_cars"] == "2/5"
-    assert load_config(None, ["stage1.max_minutes=2"])["stage1"]["max_minutes"] == 2.0
-    assert load_config(None, ["stage2.augment=flip"])["stage2"]["augment"] == "flip"
+    assert cfg.stage1.epochs == 3
+    assert cfg.predict.threshold == 0.4
+    assert cfg.data.root == "/data/carvana"
+    assert cfg.data.val_cars == ["a", "b"]
+    assert load_config(None, ["data.val_cars=2/5"]).data.val_cars == "2/5"
+    assert load_config(None, ["stage1.max_minutes=2"]).stage1.max_minutes == 2.0
+    assert load_config(None, ["stage2.augment=flip"]).stage2.augment == "flip"
     with pytest.raises(ConfigError, match="'stage2.augment' must be str, got True"):
         load_config(None, ["stage2.augment=true"])
 
@@ -57,11 +57,20 @@ def test_file_then_overrides_and_saved_round_trip(tmp_path):
     f = tmp_path / "c.yaml"
     f.write_text("stage1:\n  epochs: 7\n  size: 512\n")
     cfg = load_config(f, ["stage1.epochs=2"])
-    assert (cfg["stage1"]["epochs"], cfg["stage1"]["size"]) == (2, 512)
+    assert (cfg.stage1.epochs, cfg.stage1.size) == (2, 512)
     save_config(cfg, tmp_path / "out" / "config.yaml")
-    assert yaml.safe_load((tmp_path / "out" / "config.yaml").read_text()) == cfg
+    assert yaml.safe_load((tmp_path / "out" / "config.yaml").read_text()) == cfg.model_dump()
     assert load_config(tmp_path / "out" / "config.yaml") == cfg  # how a user reruns a run folder's settings
-    assert DEFAULTS["stage1"]["epochs"] != 2  # defaults untouched
+    assert Settings().stage1.epochs != 2  # defaults untouched
+
+
+def test_settings_are_read_only_and_changed_only_through_the_checks():
+    cfg = load_config(None)
+    with pytest.raises(Exception):
+        cfg.stage1.epochs = 3  # frozen: a step cannot change the settings another step reads
+    assert cfg.updated({"stage1.epochs": 3}).stage1.epochs == 3 and cfg.stage1.epochs == 10
+    with pytest.raises(ConfigError, match="'stage1.epochs' must be >= 1"):
+        cfg.updated({"stage1.epochs": 0})
 
 
 def test_shipped_pipelines_load():
@@ -70,19 +79,30 @@ def test_shipped_pipelines_load():
     root = Path(__file__).resolve().parents[1] / "pipelines"
     demo = load_config(root / "demo.yaml")
     full = load_config(root / "pipeline.yaml")
-    assert demo["sample"]["cars"] > 0 and full["sample"]["cars"] == 0
-    assert full["stage1"]["size"] == 512 and full["stage2"]["tile"] == 1024 and full["data"]["root"] == "data/carvana"
+    assert demo.sample.cars > 0 and full.sample.cars == 0
+    assert full.stage1.size == 512 and full.stage2.tile == 1024 and full.data.root == "data/carvana"
 
 
-def test_readme_documents_every_key():
-    from pathlib import Path
+def test_the_configuration_reference_is_generated_from_the_declarations():
+    """docs/configuration.md is what `carvana config --reference` prints: it names every setting and cannot drift."""
+    from common.config import FIELDS, reference
 
-    from common.config import _VALID
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "configuration.md").read_text()
+    assert doc == reference(), "docs/configuration.md is stale: run `carvana config --reference > docs/configuration.md`"
+    assert all(f"| `{key}` |" in doc for key in FIELDS) and len(FIELDS) > 60
 
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    for key in _VALID:
-        stage, _, leaf = key.partition(".")
-        assert f"`{key}`" in readme or (stage in ("stage1", "stage2") and f"| `{leaf}` |" in readme), key
+
+def test_cache_keys_follow_the_declarations(tmp_path):
+    """A setting's `affects` decides which caches it invalidates: the box cache key changes with
+    stage1.margin, not with a training-only setting or one about how prediction runs."""
+    from stage1_lowres.coarse import cache_key
+
+    (tmp_path / "net.pt").write_bytes(b"weights")
+    base = load_config(None, [f"stage1.checkpoint={tmp_path / 'net.pt'}"])
+    same = [cache_key(base.updated({k: v})) for k, v in {"stage1.lr": 0.5, "predict.workers": 3, "predict.chunk": 4}.items()]
+    assert same == [cache_key(base)] * 3
+    assert cache_key(base.updated({"stage1.margin": 8})) != cache_key(base)
+    assert cache_key(base.updated({"predict.tta_flip": True})) != cache_key(base)
 
 
 def test_overrides_parse_before_or_after_config_and_junk_is_refused(capsys):
@@ -121,7 +141,7 @@ def test_settings_with_fixed_values_fail_when_the_config_loads(override, message
 
 
 def test_an_overlap_of_half_the_tile_is_allowed():
-    assert load_config(None, ["stage2.tile=512", "stage2.min_overlap=256"])["stage2"]["min_overlap"] == 256
+    assert load_config(None, ["stage2.tile=512", "stage2.min_overlap=256"]).stage2.min_overlap == 256
 
 
 def test_shipped_configs_are_valid():
@@ -173,3 +193,14 @@ def test_every_error_class_exits_with_its_code_in_one_line(monkeypatch, capsys):
 
     monkeypatch.setattr(cli, "dispatch", interrupted)
     assert cli.main(["stage2", "predict"]) == 130
+
+
+def test_config_command_prints_what_a_job_runs_with(capsys, tmp_path):
+    from pipelines.cli import main
+
+    assert main(["config", "--config", "pipelines/demo.yaml", "stage1.epochs=3"]) == 0
+    printed = capsys.readouterr().out
+    (tmp_path / "resolved.yaml").write_text(printed)
+    assert load_config(tmp_path / "resolved.yaml") == load_config("pipelines/demo.yaml", ["stage1.epochs=3"])
+    assert yaml.safe_load(printed)["stage1"]["epochs"] == 3
+    assert main(["config", "stage1.epoch=3"]) == 2 and "did you mean 'stage1.epochs'" in capsys.readouterr().err

@@ -13,14 +13,14 @@ from pipelines.cli import main as cli
 
 
 def test_cutout_of_any_photos(tiny_run, tmp_path, capsys):
-    src = sorted(Path(tiny_run["data"]["root"], "test").glob("*.jpg"))
+    src = sorted(Path(tiny_run.data.root, "test").glob("*.jpg"))
     photos = tmp_path / "photos"
     (photos / "more").mkdir(parents=True)
     shutil.copy(src[0], photos / "My Car.JPG")
     Image.open(src[1]).rotate(90, expand=True).resize((600, 900)).save(photos / "more" / "portrait.png")  # portrait PNG
     (photos / "broken.jpg").write_bytes(b"not a photo")
     out = tmp_path / "out"
-    run = tiny_run["output"]["dir"]
+    run = tiny_run.output.dir
     args = ["cutout", str(photos), "--out", str(out), "--composite", "white", f"stage1.checkpoint={run}/stage1/best.pt",
             f"stage2.checkpoint={run}/stage2/best.pt", "stage1.size=64", "stage2.tile=512", "device=cpu"]
     assert cli(args) == 1  # the broken photo, after finishing the others

@@ -1,5 +1,6 @@
-"""The README's commands work as written: every `carvana ...`, `python -m ...` and `torchrun ... -m` line of its code
-blocks parses, and its config file and overrides load (keys, types and allowed values checked)."""
+"""The documentation's commands work as written: every `carvana ...`, `python -m ...` and `torchrun ... -m`
+line of the code blocks of README.md and docs/ parses, and its config file and overrides load (keys, types
+and allowed values checked); every relative link resolves, anchors included."""
 from __future__ import annotations
 
 import re
@@ -13,25 +14,27 @@ from pipelines.cli import parse
 
 ROOT = Path(__file__).resolve().parents[1]
 MODULES = {"pipelines": [], "stage1_lowres": ["stage1"], "stage2_fullres": ["stage2"]}
+PAGES = [ROOT / "README.md", ROOT / "CHANGELOG.md", *sorted((ROOT / "docs").rglob("*.md"))]
 
 
-def readme_commands() -> list[str]:
-    text = (ROOT / "README.md").read_text()
+def doc_commands() -> list[tuple[str, str]]:
     lines = []
-    for block in re.findall(r"```\n(.*?)```", text, flags=re.S):
-        for line in block.replace("\\\n", " ").splitlines():
-            line = line.split(" #")[0].strip()
-            if re.match(r"(\.venv/bin/)?carvana |(python|torchrun .*) -m (pipelines|stage1_lowres|stage2_fullres) ", line):
-                lines.append(line)
+    for page in PAGES:
+        for block in re.findall(r"```[a-z]*\n(.*?)```", page.read_text(), flags=re.S):
+            for line in block.replace("\\\n", " ").splitlines():
+                line = line.split(" #")[0].strip()
+                if re.match(r"(\.venv/bin/)?carvana |(python|torchrun .*) -m (pipelines|stage1_lowres|stage2_fullres) ", line):
+                    lines.append((page.relative_to(ROOT).as_posix(), line))
     return lines
 
 
-def test_the_readme_has_commands_to_check():
-    assert len(readme_commands()) >= 10
+def test_the_docs_have_commands_to_check():
+    pages = {page for page, _ in doc_commands()}
+    assert len(doc_commands()) >= 20 and {"README.md", "docs/usage.md", "docs/distributed.md", "docs/cutout.md"} <= pages
 
 
-@pytest.mark.parametrize("line", readme_commands())
-def test_readme_command_parses_and_its_config_loads(line, monkeypatch):
+@pytest.mark.parametrize("page, line", doc_commands())
+def test_documented_command_parses_and_its_config_loads(page, line, monkeypatch):
     monkeypatch.chdir(ROOT)
     words = shlex.split(line)
     if words[0].endswith("carvana"):
@@ -42,3 +45,21 @@ def test_readme_command_parses_and_its_config_loads(line, monkeypatch):
     args = parse(argv)
     if hasattr(args, "overrides"):
         load_config(args.config, args.overrides)
+
+
+def _anchors(page: Path) -> set[str]:
+    """GitHub's heading anchors: lower case, punctuation dropped, spaces to hyphens."""
+    headings = re.findall(r"^#+ (.+)$", re.sub(r"```.*?```", "", page.read_text(), flags=re.S), flags=re.M)
+    return {re.sub(r"[^\w\- ]", "", h.strip().lower()).replace(" ", "-") for h in headings}
+
+
+@pytest.mark.parametrize("page", PAGES, ids=lambda p: p.relative_to(ROOT).as_posix())
+def test_every_relative_link_resolves(page):
+    for target in re.findall(r"\]\(([^)\s]+)\)", page.read_text()):
+        if re.match(r"[a-z]+:", target):
+            continue  # https:, mailto:
+        path, _, anchor = target.partition("#")
+        dest = (page.parent / path).resolve() if path else page
+        assert dest.exists(), f"{page.name}: link to {target}: no such file"
+        if anchor and dest.suffix == ".md":
+            assert anchor in _anchors(dest), f"{page.name}: link to {target}: no such heading"

@@ -87,14 +87,14 @@ def test_training_run_lists_skipped_pairs(sample_root, tmp_path, capsys):
 
 
 def test_unreadable_test_images_do_not_stop_prediction(tiny_run, tmp_path):
-    root = _copy(tiny_run["data"]["root"], tmp_path / "data")
+    root = _copy(tiny_run.data.root, tmp_path / "data")
     tests = sorted((root / "test").glob("*.jpg"))
     tests[0].write_bytes(b"")
     data = tests[1].read_bytes()
     tests[1].write_bytes(data[: len(data) // 2])
     out = tmp_path / "out"
-    cfg = tiny_config(root, out, f"stage1.checkpoint={tiny_run['output']['dir']}/stage1/best.pt",
-                      f"stage2.checkpoint={tiny_run['output']['dir']}/stage2/best.pt")
+    cfg = tiny_config(root, out, f"stage1.checkpoint={tiny_run.output.dir}/stage1/best.pt",
+                      f"stage2.checkpoint={tiny_run.output.dir}/stage2/best.pt")
     assert s1_predict.main(cfg) == 1  # scripts notice
     assert s2_predict.main(cfg) == 1
     sub = pd.read_csv(gzip.open(out / "submission.csv.gz"), dtype=str, keep_default_na=False)
@@ -103,7 +103,7 @@ def test_unreadable_test_images_do_not_stop_prediction(tiny_run, tmp_path):
     assert set(errors.img) == {tests[0].name, tests[1].name} and set(errors.stage) == {"stage1", "stage2"}
     assert errors.reason.str.contains("empty file").any()
     # the same from the command line: exit status 1 and a count
-    proc = subprocess.run([*CLI, "stage2", "predict", *[f"{k}={v}" for k, v in _flat(cfg)]], capture_output=True, text=True)
+    proc = subprocess.run([*CLI, "stage2", "predict", *[f"{k}={v}" for k, v in _flat(cfg.model_dump())]], capture_output=True, text=True)
     assert proc.returncode == 1 and "2 of 16 image(s) failed" in proc.stderr
 
 
@@ -121,7 +121,7 @@ def test_empty_prediction_and_no_car_found(tiny_run, tmp_path, recwarn, monkeypa
     from stage1_lowres.coarse import Coarse
 
     out = tmp_path / "out"
-    cfg = tiny_config(tiny_run["data"]["root"], out, f"stage1.checkpoint={tiny_run['output']['dir']}/stage1/best.pt",
+    cfg = tiny_config(tiny_run.data.root, out, f"stage1.checkpoint={tiny_run.output.dir}/stage1/best.pt",
                       "data.limit_test=2")
     monkeypatch.setattr(Coarse, "probs", lambda self, images: torch.zeros(len(images), self.size, self.size))  # sees no car
     assert s1_predict.main(cfg) == 0
@@ -177,8 +177,8 @@ def test_config_mistakes_fail_at_start_with_one_line(tmp_path, capsys):
 def test_killed_prediction_resumes_to_identical_bytes(tiny_run, tmp_path):
     """A real `stage2 predict` dies by SIGKILL just before writing chunk 3 (a test hook, not a race);
     the rerun finishes the rest and the submission equals an uninterrupted run byte for byte."""
-    src = tiny_run["output"]["dir"]
-    args = [f"data.root={tiny_run['data']['root']}", f"stage1.checkpoint={src}/stage1/best.pt", f"stage2.checkpoint={src}/stage2/best.pt",
+    src = tiny_run.output.dir
+    args = [f"data.root={tiny_run.data.root}", f"stage1.checkpoint={src}/stage1/best.pt", f"stage2.checkpoint={src}/stage2/best.pt",
             f"bboxes.path={src}/bboxes.csv", "predict.chunk=1", "data.limit_test=6", "stage2.depth=3", "stage2.width=4",
             "stage2.tile=512", "stage1.size=64", "device=cpu"]
     t0 = time.monotonic()
@@ -202,9 +202,9 @@ def test_killed_prediction_resumes_to_identical_bytes(tiny_run, tmp_path):
 def test_ctrl_c_stops_cleanly_and_the_rerun_completes(tiny_run, tmp_path):
     """SIGINT (what Ctrl-C sends) arrives at an exact point, right before chunk 2 is written (a test
     hook, not a race): exit 130, only whole chunks on disk, and the rerun does only the rest."""
-    src = tiny_run["output"]["dir"]
+    src = tiny_run.output.dir
     out = tmp_path / "out"
-    args = [*CLI, "stage2", "predict", f"output.dir={out}", f"data.root={tiny_run['data']['root']}", f"bboxes.path={src}/bboxes.csv",
+    args = [*CLI, "stage2", "predict", f"output.dir={out}", f"data.root={tiny_run.data.root}", f"bboxes.path={src}/bboxes.csv",
             f"stage1.checkpoint={src}/stage1/best.pt", f"stage2.checkpoint={src}/stage2/best.pt", "predict.chunk=1",
             "data.limit_test=8", "stage2.depth=3", "stage2.width=4", "stage2.tile=512", "stage1.size=64", "device=cpu"]
     # SIGINT handled as in a terminal, even when this test runs under a parent that ignores it (a background job)
@@ -220,8 +220,8 @@ def test_ctrl_c_stops_cleanly_and_the_rerun_completes(tiny_run, tmp_path):
 
 
 def _predict_args(tiny_run, out, *more):
-    src = tiny_run["output"]["dir"]
-    return ["stage2", "predict", f"output.dir={out}", f"data.root={tiny_run['data']['root']}", f"bboxes.path={src}/bboxes.csv",
+    src = tiny_run.output.dir
+    return ["stage2", "predict", f"output.dir={out}", f"data.root={tiny_run.data.root}", f"bboxes.path={src}/bboxes.csv",
             f"stage1.checkpoint={src}/stage1/best.pt", f"stage2.checkpoint={src}/stage2/best.pt", "predict.chunk=1",
             "data.limit_test=4", "stage2.depth=3", "stage2.width=4", "stage2.tile=512", "stage1.size=64", "device=cpu", *more]
 
@@ -236,7 +236,7 @@ def test_one_run_per_output_folder_and_a_stale_lock_is_taken_over(tiny_run, tmp_
     try:
         _, status = os.waitpid(holder.pid, os.WUNTRACED)  # returns once the hook has stopped it
         assert os.WIFSTOPPED(status)
-        second = subprocess.run([*CLI, "stage1", "predict", f"output.dir={out}", f"data.root={tiny_run['data']['root']}"],
+        second = subprocess.run([*CLI, "stage1", "predict", f"output.dir={out}", f"data.root={tiny_run.data.root}"],
                                 capture_output=True, text=True)
         assert second.returncode == 2 and len(second.stderr.strip().splitlines()) == 1
         assert f"in use by pid {holder.pid} on " in second.stderr and "carvana stage2 predict" in second.stderr
@@ -310,7 +310,7 @@ def test_unwritable_output_folder_is_an_error_before_any_work(tiny_run, tmp_path
 
 
 def _malformed_cases(tiny_run, tmp_path):
-    src, root = Path(tiny_run["output"]["dir"]), Path(tiny_run["data"]["root"])
+    src, root = Path(tiny_run.output.dir), Path(tiny_run.data.root)
     boxes = pd.read_csv(src / "bboxes.csv", dtype=str, keep_default_na=False)
     (tmp_path / "nocols.csv").write_text(boxes.drop(columns=["x1", "y1"]).to_csv(index=False))
     outside = boxes.copy()

@@ -16,7 +16,7 @@ def _submission(path):
 
 
 def test_stage1_writes_boxes_for_train_and_test_and_a_submission(tiny_run, sample_root):
-    out = tiny_run["output"]["dir"]
+    out = tiny_run.output.dir
     boxes = pd.read_csv(f"{out}/bboxes.csv")
     assert list(boxes.columns[:9]) == ["img", "split", "width", "height", "x0", "y0", "x1", "y1", "found"]
     assert sorted(boxes.split.unique()) == ["test", "train"] and len(boxes) == 64
@@ -37,7 +37,7 @@ def test_stage1_cache_is_reused_without_the_model_and_invalidated_by_settings(ti
     assert s1_predict.main(cfg) == 0
     assert "reusing" in capsys.readouterr().out and (out / "bboxes.csv").read_bytes() == before
     monkeypatch.undo()
-    wider = tiny_config(tiny_run["data"]["root"], out, "stage1.margin=80")
+    wider = tiny_config(tiny_run.data.root, out, "stage1.margin=80")
     assert s1_predict.main(wider) == 0
     assert "reusing" not in capsys.readouterr().out
     old, new = pd.read_csv(pd.io.common.BytesIO(before)), pd.read_csv(out / "bboxes.csv")
@@ -59,7 +59,7 @@ def test_changed_checkpoint_invalidates_the_cache(tiny_run, tmp_path, capsys):
 def test_stage2_submission_format_and_order(tiny_run, sample_root, tmp_path):
     cfg = copy_run(tiny_run, tmp_path / "run")
     assert s2_predict.main(cfg) == 0
-    out = cfg["output"]["dir"]
+    out = cfg.output.dir
     sub = _submission(f"{out}/submission.csv.gz")
     assert list(sub.columns) == ["img", "rle_mask"]
     assert sub.img.tolist() == pd.read_csv(sample_root / "sample_submission.csv").img.tolist()
@@ -68,9 +68,9 @@ def test_stage2_submission_format_and_order(tiny_run, sample_root, tmp_path):
 
 
 def test_boxes_from_another_run_skip_stage1(tiny_run, tmp_path):
-    cfg = tiny_config(tiny_run["data"]["root"], tmp_path / "other", f"bboxes.path={tiny_run['output']['dir']}/bboxes.csv",
-                      f"stage1.checkpoint={tiny_run['output']['dir']}/stage1/best.pt",
-                      f"stage2.checkpoint={tiny_run['output']['dir']}/stage2/best.pt", "data.limit_test=2")
+    cfg = tiny_config(tiny_run.data.root, tmp_path / "other", f"bboxes.path={tiny_run.output.dir}/bboxes.csv",
+                      f"stage1.checkpoint={tiny_run.output.dir}/stage1/best.pt",
+                      f"stage2.checkpoint={tiny_run.output.dir}/stage2/best.pt", "data.limit_test=2")
     assert s2_predict.main(cfg) == 0
     assert not (tmp_path / "other" / "bboxes.csv").exists()
     assert len(_submission(tmp_path / "other" / "submission.csv.gz")) == 2
@@ -79,7 +79,7 @@ def test_boxes_from_another_run_skip_stage1(tiny_run, tmp_path):
 def test_coarse_channel_mismatch_is_a_clear_error(tiny_run):
     from common.errors import CheckpointError
 
-    cfg = tiny_config(tiny_run["data"]["root"], tiny_run["output"]["dir"], "stage2.coarse_channel=false")
+    cfg = tiny_config(tiny_run.data.root, tiny_run.output.dir, "stage2.coarse_channel=false")
     with pytest.raises(CheckpointError, match="input channels"):
         s2_predict.main(cfg)
 
@@ -98,7 +98,7 @@ def test_refiner_without_coarse_channel_needs_only_the_cached_boxes(tiny_run, sa
     rgb_only = UNet(3, ckpt["model_args"]["depth"], ckpt["model_args"]["width"])
     torch.save(ckpt | {"model": rgb_only.state_dict(), "model_args": rgb_only.args}, out / "stage2" / "best.pt")
     (out / "stage1" / "best.pt").unlink()
-    cfg["stage2"]["coarse_channel"] = False
+    cfg = cfg.updated({"stage2.coarse_channel": False})
     assert s2_predict.main(cfg) == 0
     sub = _submission(out / "submission.csv.gz")
     assert sub.img.tolist() == pd.read_csv(sample_root / "sample_submission.csv").img.tolist()
@@ -108,7 +108,7 @@ def test_refiner_without_coarse_channel_needs_only_the_cached_boxes(tiny_run, sa
 def test_evaluate_scores_both_stages(evaluated):
     cfg, metrics = evaluated
     assert len(metrics) == 16 and metrics.dice_stage1.between(0, 1).all() and metrics.dice_cascade.between(0, 1).all()
-    report = cfg["output"]["dir"] + "/report"
+    report = cfg.output.dir + "/report"
     assert len(list(__import__("pathlib").Path(report, "overlays").glob("*.png"))) == 6
     sweep = pd.read_csv(f"{report}/threshold_sweep.csv").set_index("threshold")
     assert len(sweep) == 17 and __import__("pathlib").Path(report, "threshold_sweep.png").is_file()

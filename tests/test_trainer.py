@@ -10,6 +10,9 @@ from common.model import UNet
 from common.trainer import train
 
 
+CONFIG = load_config(None, ["output.dir=elsewhere"])  # what a checkpoint records
+
+
 class Blobs(TensorBatches):
     """Bright squares on noise, as uint8 images; `tensors` is the float view the validator uses."""
 
@@ -29,8 +32,8 @@ def _blobs(n=16):
 
 
 def _settings(**kw):
-    s = load_config(None)["stage1"] | {"depth": 3, "width": 8, "batch_size": 4, "workers": 0, "augment": "none", "lr": 3e-3}
-    return s | kw
+    s = {"depth": 3, "width": 8, "batch_size": 4, "workers": 0, "augment": "none", "lr": 3e-3} | kw
+    return load_config(None).updated({f"stage1.{k}": v for k, v in s.items()}).stage1
 
 
 def _validator(data):
@@ -50,7 +53,7 @@ def _validator(data):
 
 def test_loss_falls_and_outputs_are_written(tmp_path):
     data = _blobs()
-    history = train(UNet(3, 3, 8), data, _validator(data), _settings(epochs=6), tmp_path, {"k": 1}, torch.device("cpu"))
+    history = train(UNet(3, 3, 8), data, _validator(data), _settings(epochs=6), tmp_path, CONFIG, torch.device("cpu"))
     assert history[-1]["train_loss"] < 0.6 * history[0]["train_loss"]
     assert history[-1]["val_dice"] > history[0]["val_dice"]
     for name in ("last.pt", "best.pt", "history.csv", "learning_curves.png"):
@@ -58,32 +61,32 @@ def test_loss_falls_and_outputs_are_written(tmp_path):
     frame = pd.read_csv(tmp_path / "history.csv")
     assert list(frame.columns[:6]) == ["epoch", "train_loss", "val_loss", "val_dice", "lr", "seconds"] and len(frame) == 6
     assert (frame.images == 16).all() and (frame.skipped_steps == 0).all()
-    assert load_checkpoint(tmp_path / "last.pt", torch.device("cpu"))["config"] == {"k": 1}
+    assert load_checkpoint(tmp_path / "last.pt", torch.device("cpu"))["config"] == CONFIG.model_dump()
 
 
 def test_resume_continues_exactly(tmp_path):
     data = _blobs()
     cpu = torch.device("cpu")
     s = _settings(schedule="constant", precision="fp32")  # not auto: the two runs could time bf16 against fp32 differently
-    full = train(UNet(3, 3, 8), data, _validator(data), s | {"epochs": 4}, tmp_path / "a", {}, cpu)
-    train(UNet(3, 3, 8), data, _validator(data), s | {"epochs": 2}, tmp_path / "b", {}, cpu)
+    full = train(UNet(3, 3, 8), data, _validator(data), s.model_copy(update={"epochs": 4}), tmp_path / "a", CONFIG, cpu)
+    train(UNet(3, 3, 8), data, _validator(data), s.model_copy(update={"epochs": 2}), tmp_path / "b", CONFIG, cpu)
     stopped = load_checkpoint(tmp_path / "b" / "last.pt", cpu)
     assert stopped["epoch"] == 2 and stopped["optimizer"]["state"]
-    resumed = train(UNet(3, 3, 8), data, _validator(data), s | {"epochs": 4, "resume": True}, tmp_path / "b", {}, cpu)
+    resumed = train(UNet(3, 3, 8), data, _validator(data), s.model_copy(update={"epochs": 4, "resume": True}), tmp_path / "b", CONFIG, cpu)
     assert [h["epoch"] for h in resumed] == [1, 2, 3, 4]
     assert [round(h["train_loss"], 5) for h in resumed] == [round(h["train_loss"], 5) for h in full]
 
 
 def test_adam_beta2_setting_reaches_the_optimizer_and_its_checkpoint(tmp_path):
     data = _blobs()
-    train(UNet(3, 3, 8), data, _validator(data), _settings(epochs=1, beta2=0.99, precision="fp32"), tmp_path, {}, torch.device("cpu"))
+    train(UNet(3, 3, 8), data, _validator(data), _settings(epochs=1, beta2=0.99, precision="fp32"), tmp_path, CONFIG, torch.device("cpu"))
     group = load_checkpoint(tmp_path / "last.pt", torch.device("cpu"))["optimizer"]["param_groups"][0]
     assert tuple(group["betas"]) == (0.9, 0.99)
 
 
 def test_max_minutes_stops_in_time_and_keeps_best(tmp_path):
     data = _blobs()
-    history = train(UNet(3, 3, 8), data, _validator(data), _settings(epochs=1000, max_minutes=0.05), tmp_path, {}, torch.device("cpu"))
+    history = train(UNet(3, 3, 8), data, _validator(data), _settings(epochs=1000, max_minutes=0.05), tmp_path, CONFIG, torch.device("cpu"))
     assert 1 <= len(history) < 1000  # stopped by the budget, not by the epoch count
     saved = load_checkpoint(tmp_path / "best.pt", torch.device("cpu"))
     assert saved["best_dice"] == max(h["val_dice"] for h in history)
@@ -91,11 +94,11 @@ def test_max_minutes_stops_in_time_and_keeps_best(tmp_path):
 
 def test_checkpoint_of_another_architecture_is_refused(tmp_path):
     data = _blobs(n=4)
-    train(UNet(3, 3, 8), data, _validator(data), _settings(epochs=1), tmp_path, {}, torch.device("cpu"))
+    train(UNet(3, 3, 8), data, _validator(data), _settings(epochs=1), tmp_path, CONFIG, torch.device("cpu"))
     with pytest.raises(CheckpointError, match="trained with"):
         load_model(tmp_path / "last.pt", torch.device("cpu"), expect=UNet(3, 4, 8).args)
     with pytest.raises(CheckpointError, match="trained with"):
-        train(UNet(3, 4, 8), data, _validator(data), _settings(epochs=2, resume=True), tmp_path, {}, torch.device("cpu"))
+        train(UNet(3, 4, 8), data, _validator(data), _settings(epochs=2, resume=True), tmp_path, CONFIG, torch.device("cpu"))
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(CheckpointError, match="junk.pt.*not a checkpoint"):
         load_model(tmp_path / "junk.pt", torch.device("cpu"))
@@ -105,7 +108,7 @@ def test_plot_command_redraws(tmp_path):
     from pipelines.cli import main
 
     data = _blobs(n=4)
-    train(UNet(3, 3, 8), data, _validator(data), _settings(epochs=1), tmp_path, {}, torch.device("cpu"))
+    train(UNet(3, 3, 8), data, _validator(data), _settings(epochs=1), tmp_path, CONFIG, torch.device("cpu"))
     (tmp_path / "learning_curves.png").unlink()
     assert main(["plot", str(tmp_path)]) == 0 and (tmp_path / "learning_curves.png").is_file()
     assert plot_history(tmp_path).stat().st_size > 1000
@@ -118,7 +121,7 @@ def test_non_finite_steps_are_skipped_counted_and_never_reach_best(tmp_path, mon
     from common.losses import bce_dice_loss
 
     data = _blobs()
-    train(UNet(3, 3, 8), data, _validator(data), _settings(epochs=1), tmp_path, {}, torch.device("cpu"))
+    train(UNet(3, 3, 8), data, _validator(data), _settings(epochs=1), tmp_path, CONFIG, torch.device("cpu"))
     calls = []
 
     def sometimes_nan(logits, target, edge_weight=0.0):
@@ -127,21 +130,21 @@ def test_non_finite_steps_are_skipped_counted_and_never_reach_best(tmp_path, mon
         return loss * math.nan if len(calls) % 2 else loss  # every other step overflows
 
     monkeypatch.setattr(trainer, "bce_dice_loss", sometimes_nan)
-    history = train(UNet(3, 3, 8), data, _validator(data), _settings(epochs=2, resume=True), tmp_path, {}, torch.device("cpu"))
+    history = train(UNet(3, 3, 8), data, _validator(data), _settings(epochs=2, resume=True), tmp_path, CONFIG, torch.device("cpu"))
     assert history[-1]["skipped_steps"] == 2 and math.isfinite(history[-1]["train_loss"])
     assert all(torch.isfinite(p).all() for p in load_checkpoint(tmp_path / "last.pt", torch.device("cpu"))["model"].values())
 
     # with accumulation, one non-finite micro-step spoils the whole optimizer step: skipped, weights untouched
     calls.clear()
     before = {k: v.clone() for k, v in load_checkpoint(tmp_path / "last.pt", torch.device("cpu"))["model"].items()}
-    accum = train(UNet(3, 3, 8), data, _validator(data), _settings(epochs=3, resume=True, accum=2), tmp_path, {}, torch.device("cpu"))
+    accum = train(UNet(3, 3, 8), data, _validator(data), _settings(epochs=3, resume=True, accum=2), tmp_path, CONFIG, torch.device("cpu"))
     assert accum[-1]["skipped_steps"] == 2  # 4 micro-steps, 2 optimizer steps, each with one NaN half
     after = load_checkpoint(tmp_path / "last.pt", torch.device("cpu"))["model"]
     assert all(torch.equal(before[k], after[k]) for k in before if "running" not in k and "num_batches" not in k)
 
     monkeypatch.setattr(trainer, "bce_dice_loss", lambda logits, target, edge_weight=0.0: logits.sum() * math.nan)
     with pytest.raises(trainer.TrainingError, match="3 optimizer steps in a row had a non-finite loss"):
-        train(UNet(3, 3, 8), data, _validator(data), _settings(epochs=4, resume=True, max_bad_steps=3), tmp_path, {}, torch.device("cpu"))
+        train(UNet(3, 3, 8), data, _validator(data), _settings(epochs=4, resume=True, max_bad_steps=3), tmp_path, CONFIG, torch.device("cpu"))
     saved = load_checkpoint(tmp_path / "best.pt", torch.device("cpu"))
     assert math.isfinite(saved["best_dice"]) and all(torch.isfinite(p).all() for p in saved["model"].values())
     assert load_checkpoint(tmp_path / "last.pt", torch.device("cpu"))["epoch"] == 3  # the diverged epoch wrote nothing
@@ -163,16 +166,16 @@ def test_epochs_auto_fits_the_schedule_to_the_budget_and_resume_keeps_the_count(
     data = _blobs()
     s = _settings(epochs="auto", max_minutes=10.0, precision="fp32")  # fp32: the two runs below compare bit for bit
     torch.manual_seed(0)
-    history = train(UNet(3, 3, 8), data, _validator(data), s, tmp_path / "a", {}, torch.device("cpu"))
+    history = train(UNet(3, 3, 8), data, _validator(data), s, tmp_path / "a", CONFIG, torch.device("cpu"))
     assert [h["planned_epochs"] for h in history] == [3, 3, 3]
     # the peak until the count is fixed after epoch 2, then the cosine's end, not a cut-off half
-    assert [round(h["lr"] / s["lr"], 4) for h in history] == [1.0, 1.0, 0.25]
+    assert [round(h["lr"] / s.lr, 4) for h in history] == [1.0, 1.0, 0.25]
 
     # epoch 1's plan is provisional (set-up and warm-up slow it): a rerun whose first epoch timed otherwise but
     # that fixed the same count after epoch 2 trains alike
     monkeypatch.setattr(trainer, "planned_epochs", lambda clock, done, *a: 7 if done == 1 else 3)
     torch.manual_seed(0)
-    rerun = train(UNet(3, 3, 8), data, _validator(data), s, tmp_path / "a2", {}, torch.device("cpu"))
+    rerun = train(UNet(3, 3, 8), data, _validator(data), s, tmp_path / "a2", CONFIG, torch.device("cpu"))
     assert [h["planned_epochs"] for h in rerun] == [7, 3, 3]
     assert [(h["lr"], h["train_loss"], h["val_dice"]) for h in rerun] == [(h["lr"], h["train_loss"], h["val_dice"]) for h in history]
     monkeypatch.setattr(trainer, "planned_epochs", lambda *a: 3)
@@ -180,16 +183,14 @@ def test_epochs_auto_fits_the_schedule_to_the_budget_and_resume_keeps_the_count(
     class Killed(Exception):
         pass
 
-    def kill_after_epoch_2(event, n):
-        if n == 2:
+    def kill_after_epoch_2(epoch):
+        if epoch == 2:
             raise Killed  # as SIGKILL right after epoch 2's checkpoints are written (the count is fixed by then)
 
-    monkeypatch.setattr(trainer, "kill_point", kill_after_epoch_2)
     with pytest.raises(Killed):
-        train(UNet(3, 3, 8), data, _validator(data), s, tmp_path / "b", {}, torch.device("cpu"))
-    monkeypatch.setattr(trainer, "kill_point", lambda *a: None)
+        train(UNet(3, 3, 8), data, _validator(data), s, tmp_path / "b", CONFIG, torch.device("cpu"), on_epoch_end=kill_after_epoch_2)
     monkeypatch.setattr(trainer, "planned_epochs", lambda *a: pytest.fail("a resumed run must keep its recorded count"))
-    resumed = train(UNet(3, 3, 8), data, _validator(data), s | {"resume": True}, tmp_path / "b", {}, torch.device("cpu"))
+    resumed = train(UNet(3, 3, 8), data, _validator(data), s.model_copy(update={"resume": True}), tmp_path / "b", CONFIG, torch.device("cpu"))
     assert [h["epoch"] for h in resumed] == [1, 2, 3] and [h["lr"] for h in resumed] == [h["lr"] for h in history]
 
 
@@ -216,13 +217,13 @@ def test_cpu_precision_auto_trains_in_bf16_only_when_clearly_faster_and_resume_k
     monkeypatch.setattr(trainer, "cpu_has_bf16", lambda: True)
     monkeypatch.setattr(trainer, "step_seconds", lambda model, s, dtypes: {torch.bfloat16: bf16_seconds, None: 1.0})
     data, cpu = _blobs(), torch.device("cpu")
-    history = train(UNet(3, 3, 8), data, _validator(data), _settings(epochs=1), tmp_path, {}, cpu)
+    history = train(UNet(3, 3, 8), data, _validator(data), _settings(epochs=1), tmp_path, CONFIG, cpu)
     assert history[0]["precision"] == picked and f"training in {picked}" in capsys.readouterr().out
     assert pd.read_csv(tmp_path / "history.csv").precision.tolist() == [picked]
     monkeypatch.setattr(trainer, "step_seconds", lambda *a: pytest.fail("a resumed run must keep its recorded precision"))
-    resumed = train(UNet(3, 3, 8), data, _validator(data), _settings(epochs=2, resume=True), tmp_path, {}, cpu)
+    resumed = train(UNet(3, 3, 8), data, _validator(data), _settings(epochs=2, resume=True), tmp_path, CONFIG, cpu)
     assert [h["precision"] for h in resumed] == [picked, picked]
-    explicit = train(UNet(3, 3, 8), data, _validator(data), _settings(epochs=1, precision="bf16"), tmp_path / "b", {}, cpu)
+    explicit = train(UNet(3, 3, 8), data, _validator(data), _settings(epochs=1, precision="bf16"), tmp_path / "b", CONFIG, cpu)
     assert explicit[0]["precision"] == "bf16"
 
 
