@@ -193,13 +193,20 @@ def _affects(key: str) -> set[str]:
     return {f"{section}.{t}" if t == "model" else t for t in tags}
 
 
+_DEPENDS = {o: [k for k in FIELDS if o in _affects(k)] for o in OUTPUTS}
+for _o, _keys in _DEPENDS.items():  # cache keys name settings by their name within a section: unique per output
+    assert len({k.rsplit(".", 1)[-1] for k in _keys}) == len(_keys), f"two settings named alike change {_o}: {_keys}"
+
+
 def depends(cfg: Settings, output: str) -> dict[str, Any]:
     """The settings `output` (one of OUTPUTS) depends on, by name within their section: what its
-    cache key or pipeline fingerprint hashes, so a new setting needs only its declaration."""
-    keys = [k for k in FIELDS if output in _affects(k)]
-    names = [k.rsplit(".", 1)[-1] for k in keys]
-    assert len(set(names)) == len(names), f"two settings named alike change {output}: {keys}"
-    return {name: _get(cfg, k) for name, k in zip(names, keys)}
+    cache key or pipeline fingerprint hashes, so a new setting needs only its declaration. A stage's
+    budget (`max_minutes`) changes its model only when it fixes the epoch count (`epochs: auto`)."""
+    values = {k.rsplit(".", 1)[-1]: _get(cfg, k) for k in _DEPENDS[output]}
+    stage = output.removesuffix(".model")
+    if stage in ("stage1", "stage2") and getattr(cfg, stage).epochs == "auto":
+        values["max_minutes"] = getattr(cfg, stage).max_minutes
+    return values
 
 
 def _get(cfg: Settings, key: str) -> Any:
@@ -254,9 +261,7 @@ def _message(errors: list[dict], tree: dict) -> str:
         model = f.annotation
     key = ".".join(parts)
     if errors[0]["type"] == "extra_forbidden" or key not in FIELDS and len(parts) < len(loc):
-        unknown = ".".join(str(p) for p in loc)
-        close = difflib.get_close_matches(unknown, FIELDS, n=1, cutoff=0.6)
-        return f"unknown config key '{unknown}'" + (f" (did you mean '{close[0]}'?)" if close else "")
+        return _unknown(".".join(str(p) for p in loc))
     value: Any = tree
     for part in parts:
         value = value.get(part) if isinstance(value, dict) else None
@@ -275,6 +280,11 @@ def _message(errors: list[dict], tree: dict) -> str:
     return f"config key '{key}' must be {' or '.join(names or ['str'])}, got {value!r}"
 
 
+def _unknown(key: str) -> str:
+    close = difflib.get_close_matches(key, FIELDS, n=1, cutoff=0.6)
+    return f"unknown config key '{key}'" + (f" (did you mean '{close[0]}'?)" if close else "")
+
+
 def _parse(tree: dict, where: str = "") -> Settings:
     try:
         cfg = Settings.model_validate(tree)
@@ -288,8 +298,7 @@ def _set(tree: dict, key: str, value: Any) -> None:
     *parents, leaf = key.split(".")
     for p in parents:
         if not isinstance(tree.get(p), dict):
-            close = difflib.get_close_matches(key, FIELDS, n=1, cutoff=0.6)
-            raise ConfigError(f"unknown config key '{key}'" + (f" (did you mean '{close[0]}'?)" if close else ""))
+            raise ConfigError(_unknown(key))
         tree = tree[p]
     tree[leaf] = value
 

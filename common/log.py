@@ -19,8 +19,11 @@ class _Console(logging.Handler):
         stream.flush()  # a killed run has printed what it finished
 
 
+_RANK = int(os.environ.get("RANK", "0"))
+
+
 def _rank_zero(record: logging.LogRecord) -> bool:
-    return record.levelno >= logging.WARNING or int(os.environ.get("RANK", "0")) == 0
+    return record.levelno >= logging.WARNING or _RANK == 0
 
 
 log = logging.getLogger("carvana")

@@ -206,9 +206,9 @@ def optimizer_step(opt: torch.optim.Optimizer, scaler: torch.amp.GradScaler, ok:
     if ok:
         scaler.step(opt)
         scaler.update()
-    opt.zero_grad(set_to_none=True)
-    if ok:
+        opt.zero_grad(set_to_none=True)
         return 0
+    opt.zero_grad(set_to_none=True)
     if bad_run + 1 >= max_bad:
         raise TrainingError(f"{bad_run + 1} optimizer steps in a row had a non-finite loss ({where}); "
                             f"lower lr (now {opt.param_groups[0]['lr']:.2e}) or set precision=fp32; best.pt still holds the last good model")

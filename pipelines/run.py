@@ -37,7 +37,7 @@ def _data_fingerprint(cfg: Settings) -> str:
     return h.hexdigest()
 
 
-def _steps(cfg: Settings) -> list[tuple[str, list[str], Callable[[], dict], Callable[[dict], int | None], list[Path]]]:
+def _steps(cfg: Settings) -> list[tuple[str, list[str], Callable[[], dict], Callable[[Settings], int | None], list[Path]]]:
     """(name, upstream steps, settings it reads, action, outputs)."""
     from common.synth import write_sample_data
     from pipelines.evaluate import evaluate
@@ -54,9 +54,7 @@ def _steps(cfg: Settings) -> list[tuple[str, list[str], Callable[[], dict], Call
 
     def reads(*outputs: str, files: bool = False) -> Callable[[], dict]:
         """A step's fingerprint: the settings its outputs depend on, as their declarations say."""
-        return lambda: {o: depends(cfg, o) for o in outputs} | ({"files": _data_fingerprint(cfg)} if files else {}) | {
-            f"{stage}.max_minutes": getattr(cfg, stage).max_minutes for stage in ("stage1", "stage2")
-            if f"{stage}.model" in outputs and getattr(cfg, stage).epochs == "auto"}  # the budget fixes the epochs
+        return lambda: {o: depends(cfg, o) for o in outputs} | ({"files": _data_fingerprint(cfg)} if files else {})
 
     return [
         ("sample_data", [], reads("sample"), sample, [Path(cfg.data.root) / "train"]),

@@ -1,6 +1,7 @@
 import re
 from pathlib import Path
 
+import pydantic
 import pytest
 import yaml
 
@@ -66,7 +67,7 @@ def test_file_then_overrides_and_saved_round_trip(tmp_path):
 
 def test_settings_are_read_only_and_changed_only_through_the_checks():
     cfg = load_config(None)
-    with pytest.raises(Exception):
+    with pytest.raises(pydantic.ValidationError, match="frozen"):
         cfg.stage1.epochs = 3  # frozen: a step cannot change the settings another step reads
     assert cfg.updated({"stage1.epochs": 3}).stage1.epochs == 3 and cfg.stage1.epochs == 10
     with pytest.raises(ConfigError, match="'stage1.epochs' must be >= 1"):
