@@ -19,9 +19,7 @@ from pathlib import Path
 import numpy as np
 from skimage.draw import ellipse
 
-from common.chunks import ChunkStore
-from common.rle import rle_encode
-from common.submission import write_submission
+from common.data import ChunkStore, rle_encode, write_submission
 
 COLUMNS = ["img", "rle_mask", "error"]
 

@@ -20,13 +20,12 @@ from pathlib import Path
 import torch
 
 from common.config import Settings, load_config
+from common.data import rle_encode
 from common.model import UNet
-from common.reader import read_batches
-from common.rle import rle_encode
-from stage1_lowres.coarse import upsample
+from common.predictor import read_batches
+from stage1_lowres.predict import upsample
 from stage2_fullres import predict as s2_predict
-from stage2_fullres.cascade import Cascade
-from stage2_fullres.tiles import cut_tiles, plan_tiles, stitch
+from stage2_fullres.predict import Cascade, cut_tiles, plan_tiles, stitch
 
 REAL = Path(__file__).resolve().parents[2] / "shared" / "carvana_samples" / "test_fullres"
 BOX = (60, 300, 1860, 1100)  # a wide car: two 1024 tiles, as 69% of real cars need

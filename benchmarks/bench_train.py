@@ -23,14 +23,14 @@ from pathlib import Path
 
 import torch
 
-from common.batches import LoaderBatches, TensorBatches
+from common.batches import LoaderBatches, TensorBatches, scan_pairs
 from common.boxes import expand_box
 from common.config import load_config
-from common.data import index_split, scan_pairs
+from common.data import index_split
 from common.distributed import Ranks
 from common.losses import bce_dice_loss
-from common.model import UNet
-from common.trainer import Clock, build_optimizer, amp_dtype, train_one_epoch
+from common.model import UNet, amp_dtype
+from common.trainer import Clock, build_optimizer, train_one_epoch
 from stage1_lowres.train import as_tensors
 from stage2_fullres.train import CropDataset
 

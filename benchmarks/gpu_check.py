@@ -40,25 +40,25 @@ import unittest.mock
 import warnings
 from pathlib import Path
 
+import bench_predict
+import bench_train
 import numpy as np
 import pandas as pd
 import torch
 
-import bench_predict
-import bench_train
+from common.batches import TensorBatches
 from common.config import Settings, load_config, save_config
+from common.data import rle_decode
+from common.distributed import Ranks
 from common.io import read_image
 from common.metrics import dice
-from common.reader import nvjpeg_decoder
-from common.rle import rle_decode
-from common.trainer import Clock, build_optimizer, amp_dtype, train_one_epoch
-from common.batches import TensorBatches
-from common.distributed import Ranks
-from common.model import UNet
+from common.model import UNet, amp_dtype
+from common.predictor import nvjpeg_decoder
+from common.trainer import Clock, build_optimizer, train_one_epoch
 from stage1_lowres import predict as s1_predict
 from stage1_lowres import train as s1_train
 from stage2_fullres import train as s2_train
-from stage2_fullres.cascade import Cascade
+from stage2_fullres.predict import Cascade
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLES = ROOT.parent / "shared" / "carvana_samples"

@@ -24,6 +24,7 @@ import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_predict import make_run  # noqa: E402  links the real photos, writes untrained checkpoints and boxes
+
 from common.config import save_config  # noqa: E402
 
 CHUNK = 16

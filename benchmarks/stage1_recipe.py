@@ -22,15 +22,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from common.checkpoints import load_model
-from common.data import Pair, index_split, scan_pairs, split_by_car
+from common.batches import Pair, scan_pairs
+from common.data import index_split, split_by_car
 from common.distributed import Ranks
-from common.inference import autocast, prepare
 from common.losses import bce_dice_loss, edge_band
 from common.metrics import dice
-from common.model import UNet
-from common.trainer import amp_dtype, faster_cpu_dtype
-from stage1_lowres.coarse import Coarse, upsample
+from common.model import UNet, amp_dtype, autocast, load_model, prepare
+from common.trainer import faster_cpu_dtype
+from stage1_lowres.predict import Coarse, upsample
 from stage1_lowres.train import as_tensors
 
 ROOT = Path(__file__).resolve().parents[2] / "shared" / "carvana_samples" / "train_512"

@@ -1,4 +1,5 @@
-"""Training batches that keep up with the device, one epoch at a time, sharded over torchrun ranks.
+"""Training data: the pairs read once before training (bad ones skipped with reasons), and
+batches that keep up with the device, one epoch at a time, sharded over torchrun ranks.
 
 Two sources with one interface (`len` = steps per epoch, `epoch(e)` -> (x, y) float batches on
 the device):
@@ -12,12 +13,24 @@ sees the same order without saved generator state, and each rank gets its own sh
 """
 from __future__ import annotations
 
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Iterator
 
+import numpy as np
+import pandas as pd
 import torch
+from joblib import Parallel, delayed
+from PIL import Image
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
+from common.boxes import Box, mask_extent
+from common.data import Sample
 from common.distributed import Ranks
+from common.errors import DataError, ImageReadError
+from common.io import Size, image_size, read_image, read_mask, write_csv
+from common.log import log
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 
@@ -99,3 +112,60 @@ class LoaderBatches:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+# --- the training pairs, read once before training
+
+@dataclass
+class Pair:
+    """A readable training pair; `box` is the true car box at full resolution (None: no car)."""
+
+    sample: Sample
+    width: int
+    height: int
+    box: Box | None
+    image: np.ndarray | None = None  # uint8 HWC at the scan size, when kept
+    mask: np.ndarray | None = None  # bool HW at the scan size, when kept
+
+
+def _scan_one(sample: Sample, size: Size | None, keep: bool) -> Pair | str:
+    try:
+        width, height = image_size(sample.image)
+        full = read_mask(sample.mask, expect_size=(width, height))
+        image = read_image(sample.image, size=size or (256, 256))  # decodes the whole file: catches truncation
+    except ImageReadError as e:
+        return str(e)
+    if not keep:
+        return Pair(sample, width, height, mask_extent(full))
+    mask = full if size is None else np.asarray(Image.fromarray(full.view(np.uint8) * 255).resize(size, Image.BILINEAR)) >= 128
+    return Pair(sample, width, height, mask_extent(full), image, mask)
+
+
+def scan_pairs(samples: list[Sample], size: Size | None = None, keep: bool = True, max_bad_share: float = 0.01,
+               jobs: int = 4) -> tuple[list[Pair], list[tuple[str, str]]]:
+    """Read every training pair once, before training starts.
+
+    Unreadable or inconsistent pairs are skipped with a warning naming the file and the reason; if
+    more than `max_bad_share` of them are bad, nothing trains and the error lists them. With `keep`,
+    images and masks at `size` (w, h) stay in memory, which is what stage 1 trains from.
+    """
+    results = Parallel(n_jobs=jobs, prefer="threads")(delayed(_scan_one)(s, size, keep) for s in samples)
+    pairs = [r for r in results if isinstance(r, Pair)]
+    bad = [(s.img, r) for s, r in zip(samples, results) if isinstance(r, str)]
+    if samples and len(bad) / len(samples) > max_bad_share:
+        listing = "\n  ".join(reason for _, reason in bad[:20])
+        raise DataError(f"{len(bad)} of {len(samples)} training pairs are unreadable, more than "
+                        f"data.max_bad_share={max_bad_share}; fix or remove them:\n  {listing}")
+    for _, reason in bad:
+        warnings.warn(f"skipping training pair: {reason}", stacklevel=2)
+    return pairs, bad
+
+
+def report_skipped(run_dir: Path, bad: list[tuple[str, str]]) -> None:
+    """The run summary's list of skipped pairs, also kept as `<run_dir>/skipped.csv`."""
+    if not bad:
+        return
+    write_csv(run_dir / "skipped.csv", pd.DataFrame(bad, columns=["img", "reason"]))
+    log.info(f"skipped {len(bad)} unreadable pair(s), listed in {run_dir / 'skipped.csv'}:")
+    for _, reason in bad:
+        log.info(f"  {reason}")

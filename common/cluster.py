@@ -16,11 +16,10 @@ from typing import Any, Callable
 import torch
 from tqdm import tqdm
 
-from common.config import Settings
-from common.checkpoints import pick_device
-from common.chunks import Chunk
+from common.data import Chunk
 from common.errors import ClusterError, SetupError
 from common.log import log
+from common.model import pick_device
 
 _LOADED: dict[str, Any] = {}  # per worker process: models loaded once, kept for all its tasks
 
@@ -62,16 +61,6 @@ def connect(spec: str):
         return Client(spec, timeout="10s")
     except (OSError, TimeoutError) as e:
         raise ClusterError(f"predict.cluster={spec}: cannot reach the Dask scheduler ({e})") from None
-
-
-def predict_chunks_anywhere(cfg: Settings, task: Callable[..., int], chunks: list[Chunk], args: tuple,
-                            build: Callable[[], Any], desc: str) -> None:
-    """task(chunks, *args, predictor) in this process, or task([chunk], *args) per chunk on the
-    cluster of `predict.cluster`, where each worker builds its own predictor once."""
-    if chunks and cfg.predict.cluster:
-        run_chunks(cfg.predict.cluster, task, chunks, args, desc)
-    elif chunks:
-        task(chunks, *args, build())
 
 
 def run_chunks(spec: str, task: Callable[..., int], chunks: list[Chunk], args: tuple, desc: str) -> None:

@@ -15,8 +15,8 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from common.checkpoints import pick_device
 from common.errors import ConfigError
+from common.model import pick_device
 
 
 @dataclass(frozen=True)

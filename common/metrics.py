@@ -1,8 +1,6 @@
 """Dice as Kaggle scored Carvana: per image, then the mean over images."""
 from __future__ import annotations
 
-from typing import Iterable
-
 import numpy as np
 import torch
 
@@ -17,11 +15,6 @@ def dice(pred: np.ndarray | torch.Tensor, truth: np.ndarray | torch.Tensor) -> f
     if total == 0:
         return 1.0
     return 2.0 * int((pred & truth).sum()) / total
-
-
-def mean_dice(pairs: Iterable[tuple[np.ndarray, np.ndarray]]) -> float:
-    scores = [dice(p, t) for p, t in pairs]
-    return float(np.mean(scores)) if scores else float("nan")
 
 
 def dice_sweep(prob: torch.Tensor, truth: torch.Tensor, thresholds) -> list[float]:

@@ -1,9 +1,18 @@
-"""The one U-Net, shared by both stages: Conv-BN-ReLU blocks, max-pool down, bilinear up + skip."""
+"""The one U-Net both stages use, and everything about running it: the device, the precision
+policy for training and prediction, the inference layout, and checkpoints (read, rebuilt into
+nets, hashed for cache keys, averaged as an ensemble)."""
 from __future__ import annotations
+
+import functools
+import hashlib
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from common.config import Settings, Training
+from common.errors import CheckpointError, SetupError
 
 
 def block(c_in: int, c_out: int, dropout: float = 0.0) -> nn.Sequential:
@@ -56,3 +65,141 @@ class UNet(nn.Module):
             x = dec(torch.cat([x, skip], 1))
         out = self.head(x)[..., :h, :w]
         return out if prior is None else out + prior
+
+
+def build_model(settings: Training, in_channels: int, prior_skip: bool = False, seed: int = 0) -> nn.Module:
+    """A fresh U-Net whose initial weights depend only on `seed`."""
+    torch.manual_seed(seed)
+    return UNet(in_channels, settings.depth, settings.width, settings.dropout, prior_skip)
+
+
+# --- where and in what precision nets run
+
+def pick_device(name: str) -> torch.device:
+    """The device of `name` (auto | cpu | cuda | cuda:N), made this process's current CUDA device, so
+    that streams, events and allocations without an explicit device land on it too."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise SetupError(f"device={name} but CUDA is not available here; use device=cpu or device=auto")
+    device = torch.device(name)
+    if device.type == "cuda" and device.index is not None:
+        torch.cuda.set_device(device)  # needs CUDA: not testable on the CPU
+    return device
+
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
+
+
+@functools.cache
+def cpu_has_bf16() -> bool:
+    """Does this CPU multiply bf16 natively (AVX512-BF16 or AMX)? Elsewhere oneDNN emulates it,
+    slower than fp32."""
+    return any(getattr(torch.cpu, f, lambda: False)() for f in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
+
+
+def amp_dtype(precision: str, device: torch.device, training: bool = True) -> torch.dtype | None:
+    """The one precision policy: the autocast type for `precision` (auto | bf16 | fp16 | fp32) on
+    `device`, None for fp32. CUDA: training in bf16 on cards that have it (no loss scaling, no fp16
+    overflow of gradients), fp16 with a GradScaler on older cards; prediction in fp16 (no gradients
+    to overflow, three more mantissa bits than bf16). CPU: bf16 where the CPU has native bf16, else
+    fp32 (emulated bf16 is slower); for training with `auto` that bf16 is only a candidate, which the
+    trainer times against fp32 and records in history.csv (`faster_cpu_dtype`). fp16 is for CUDA
+    only and means fp32 on the CPU."""
+    if precision == "fp32":
+        return None
+    if device.type != "cuda":
+        return torch.bfloat16 if precision in ("auto", "bf16") and device.type == "cpu" and cpu_has_bf16() else None
+    if precision == "auto":
+        return torch.bfloat16 if training and torch.cuda.is_bf16_supported() else torch.float16
+    return DTYPES[precision]
+
+
+def precision_name(dtype: torch.dtype | None) -> str:
+    return next(name for name, d in DTYPES.items() if d == dtype)
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None) -> torch.autocast:
+    """Autocast to `dtype` on `device`; None runs in fp32."""
+    return torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
+
+
+def prepare(model: nn.Module, device: torch.device, compile: bool = False) -> nn.Module:
+    """Eval mode, channels_last weights (inputs are channels_last too: tensor-core convolutions
+    without layout transposes on CUDA; measured 1.5-2x faster on the CPU as well, docs/benchmarks.md),
+    cudnn benchmark mode on CUDA (tile shapes are fixed, so the fastest kernels are picked once);
+    optionally torch.compile, worth it for long runs (the first batches pay for the compilation)."""
+    model = model.eval().to(memory_format=torch.channels_last)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    return torch.compile(model, dynamic=False) if compile else model
+
+
+# --- checkpoints
+
+def load_checkpoint(path: str | Path, device: torch.device, expect: dict | None = None) -> dict:
+    """Read a checkpoint; `expect` (model args) must match the net it holds, if given."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path} (train first, or set the stage's checkpoint key)")
+    try:
+        ckpt = torch.load(path, map_location=device, weights_only=False)
+        args = ckpt["model_args"]
+    except Exception as e:  # a torn or foreign file: name it, do not dump a traceback
+        raise CheckpointError(f"{path}: not a checkpoint of this project ({type(e).__name__}: {e})") from None
+    if expect is not None and args != expect:
+        raise CheckpointError(f"{path} was trained with {args}, the config asks for {expect}; change the config or retrain")
+    return ckpt
+
+
+def load_model(path: str | Path, device: torch.device, expect: dict | None = None) -> tuple[nn.Module, dict]:
+    """Rebuild the net a checkpoint was trained with, in eval mode."""
+    ckpt = load_checkpoint(path, device, expect)
+    model = UNet(**ckpt["model_args"]).to(device)
+    model.load_state_dict(ckpt["model"])
+    return model.eval(), ckpt
+
+
+def checkpoint_paths(cfg: Settings, stage: str) -> list[Path]:
+    """`<stage>.checkpoint`: empty = `<output.dir>/<stage>/best.pt`; one path; or a list of paths,
+    an ensemble (e.g. the K folds of `carvana folds`)."""
+    value = getattr(cfg, stage).checkpoint
+    if not value:
+        return [Path(cfg.output.dir) / stage / "best.pt"]
+    return [Path(v) for v in (value if isinstance(value, list) else [value])]
+
+
+def checkpoints_hash(paths: list[Path]) -> str:
+    """Content hash of every checkpoint of an ensemble, in order: cache keys cover them all."""
+    h = hashlib.sha256()
+    for path in paths:
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+        h.update(b"|")
+    return h.hexdigest()
+
+
+class Ensemble(nn.Module):
+    """Nets whose probabilities are averaged, as the competition's winners averaged their folds.
+    Returns the logit of the mean probability, so it stands in for one net everywhere."""
+
+    def __init__(self, models: list[nn.Module]):
+        super().__init__()
+        self.models = nn.ModuleList(models)
+        self.args = models[0].args
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        prob = torch.stack([torch.sigmoid(m(x).float()) for m in self.models]).mean(0)
+        return torch.logit(prob, eps=1e-6)
+
+
+def load_models(paths: list[Path], device: torch.device) -> tuple[nn.Module, list[dict]]:
+    """One net, or the ensemble of several with the same inputs; and their checkpoints."""
+    loaded = [load_model(p, device) for p in paths]
+    first = loaded[0][1]
+    for path, (_, ckpt) in zip(paths[1:], loaded[1:]):
+        if ckpt["model_args"]["in_channels"] != first["model_args"]["in_channels"]:
+            raise CheckpointError(f"{path} takes {ckpt['model_args']['in_channels']} input channels, {paths[0]} "
+                              f"{first['model_args']['in_channels']}: an ensemble's nets must take the same inputs")
+    return (loaded[0][0] if len(loaded) == 1 else Ensemble([m for m, _ in loaded]).eval()), [c for _, c in loaded]

@@ -17,8 +17,8 @@ from joblib import Parallel, delayed
 from PIL import Image
 from skimage.draw import ellipse, polygon
 
+from common.data import rle_encode
 from common.io import atomic_path, write_csv
-from common.rle import rle_encode
 
 WIDTH, HEIGHT = 1918, 1280
 ANGLES = 16

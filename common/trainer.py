@@ -1,4 +1,4 @@
-"""The one training loop both stages use: `train` over `train_one_epoch`, `evaluate` and
+"""The one training loop both stages use: `train` over `train_one_epoch`, `validate_epoch` and
 `save_epoch`, in the shape of torchvision's references/segmentation.
 
 Checkpoints (`last.pt` every epoch, `best.pt` on the best validation Dice) hold the weights, the
@@ -29,16 +29,14 @@ from tqdm import tqdm
 
 from common import distributed
 from common.augment import augment_batch
-from common.checkpoints import load_checkpoint, plot_history
+from common.batches import report_skipped
 from common.config import Settings, Stage2, Training, save_config
-from common.data import report_skipped
-from common.errors import ConfigError, TrainingError
-from common.faults import kill_point
 from common.distributed import Ranks
-from common.inference import cpu_has_bf16
-from common.io import save_torch, write_csv
-from common.losses import bce_dice_loss
+from common.errors import ConfigError, TrainingError
+from common.io import atomic_path, kill_point, save_torch, write_csv
 from common.log import log
+from common.losses import bce_dice_loss
+from common.model import DTYPES, amp_dtype, autocast, load_checkpoint, precision_name
 
 Validate = Callable[[nn.Module], dict]  # model -> {"val_loss": float, "val_dice": float}
 
@@ -46,23 +44,6 @@ Validate = Callable[[nn.Module], dict]  # model -> {"val_loss": float, "val_dice
 class Batches(Protocol):  # common/batches.py
     def __len__(self) -> int: ...
     def epoch(self, e: int): ...
-
-
-_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
-
-
-def amp_dtype(precision: str, device: torch.device) -> torch.dtype | None:
-    """The autocast type, None for fp32. CUDA: bf16 on cards that have it (no loss scaling needed,
-    no fp16 overflow to NaN), fp16 with a GradScaler on older cards. CPU: bf16 where the CPU has
-    native bf16, else fp32 (emulated bf16 is slower); for `auto` that bf16 is only a candidate, which
-    `train` times against fp32 (`faster_cpu_dtype`). fp16 is for CUDA only and means fp32 on the CPU."""
-    if precision == "fp32":
-        return None
-    if device.type != "cuda":
-        return torch.bfloat16 if precision in ("auto", "bf16") and device.type == "cpu" and cpu_has_bf16() else None
-    if precision == "auto":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return _DTYPES[precision]
 
 
 def step_seconds(model: nn.Module, s: Training, dtypes: tuple[torch.dtype | None, ...], rounds: int = 3) -> dict:
@@ -77,7 +58,7 @@ def step_seconds(model: nn.Module, s: Training, dtypes: tuple[torch.dtype | None
     for _ in range(rounds + 1):
         for dtype in dtypes:
             t = time.perf_counter()
-            with torch.autocast("cpu", dtype=dtype or torch.float32, enabled=dtype is not None):
+            with autocast(torch.device("cpu"), dtype):
                 bce_dice_loss(probe(x), y).backward()
             times[dtype].append(time.perf_counter() - t)
     return {d: min(t[1:]) for d, t in times.items()}
@@ -90,14 +71,14 @@ def faster_cpu_dtype(model: nn.Module, s: Training, history: list[dict], ranks: 
     2-core AMD EPYC and 0.88x on a 2-core Intel Xeon with the same AVX512-BF16 (`bench_train.py precision`).
     Rank 0 times it; history.csv records the pick, so a resumed run keeps it."""
     if history and history[-1].get("precision") in ("bf16", "fp32"):
-        return _DTYPES[history[-1]["precision"]]
+        return DTYPES[history[-1]["precision"]]
     seconds = step_seconds(model, s, (torch.bfloat16, None)) if ranks.main else {}
     # bf16 only when clearly faster: fp32 is the safer choice, and a tie would make reruns pick at random
     name = distributed.from_main(("bf16" if seconds[torch.bfloat16] < 0.9 * seconds[None] else "fp32") if ranks.main else None)
     if ranks.main:  # the other ranks have no timings to show
         log.info(f"precision=auto: a training step takes {seconds[torch.bfloat16] * 1000:.0f} ms in bf16 and "
                  f"{seconds[None] * 1000:.0f} ms in fp32 on this CPU; training in {name}")
-    return _DTYPES[name]
+    return DTYPES[name]
 
 
 def training_dtype(model: nn.Module, s: Training, history: list[dict], device: torch.device, ranks: Ranks) -> torch.dtype | None:
@@ -175,7 +156,7 @@ def train_one_epoch(net: nn.Module, opt: torch.optim.Optimizer, scaler: torch.am
         boundary = (i + 1) % accum == 0 or i + 1 == len(data)
         sync = net.no_sync() if ranks.on and not boundary else contextlib.nullcontext()  # DDP: average gradients once per optimizer step
         with sync:
-            with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+            with autocast(device, dtype):
                 loss = bce_dice_loss(net(x), y, s.edge_weight)
             scaler.scale(loss / accum).backward()
         finite = torch.isfinite(loss.detach())  # stays on the device until the step's one sync
@@ -215,7 +196,7 @@ def optimizer_step(opt: torch.optim.Optimizer, scaler: torch.amp.GradScaler, ok:
     return bad_run + 1
 
 
-def evaluate(model: nn.Module, validate: Validate, ranks: Ranks) -> dict:
+def validate_epoch(model: nn.Module, validate: Validate, ranks: Ranks) -> dict:
     """Validation on rank 0 (the other ranks wait at the next collective); eval mode, no grad."""
     model.eval()
     if not ranks.main:
@@ -274,7 +255,7 @@ def train(model: nn.Module, data: Batches, validate: Validate, settings: Trainin
     scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype(s.precision, device) == torch.float16)  # bf16, fp32: no loss scaling
     epoch, best, history = _resume(run_dir / "last.pt", model, opt, scaler, device) if s.resume else (0, -1.0, [])
     dtype = training_dtype(model, s, history, device, ranks)
-    precision = next(name for name, d in _DTYPES.items() if d == dtype)  # recorded per epoch
+    precision = precision_name(dtype)  # recorded per epoch
     net = _parallel(model, s, ranks, device)  # after the resume: DDP starts every rank from rank 0's weights
     if s.compile:
         net = torch.compile(net)  # the first steps pay for the compilation
@@ -288,7 +269,7 @@ def train(model: nn.Module, data: Batches, validate: Validate, settings: Trainin
         t0 = time.monotonic()
         stats = train_one_epoch(net, opt, scaler, data, epoch, s, device, dtype, clock, ranks, seed)
         v0 = time.monotonic()
-        val = evaluate(model, validate, ranks)
+        val = validate_epoch(model, validate, ranks)
         clock.val_seconds = time.monotonic() - v0
         epoch += 1
         if auto and epoch <= 2 and len(history) < 2:  # plan after epoch 1, fix after epoch 2
@@ -339,3 +320,33 @@ def _log_epoch(row: dict, stats: dict, epochs: int | None) -> None:
              f"val Dice {row['val_dice']:.4f}  lr {row['lr']:.2e}  {row['seconds']:.0f}s "
              f"({stats['images'] / max(stats['data_s'] + stats['step_s'], 1e-9):.1f} img/s, data wait {stats['data_s']:.1f}s)"
              + (f"  skipped {stats['skipped']} non-finite steps" if stats["skipped"] else ""))
+
+
+def plot_history(run_dir: str | Path) -> Path:
+    """Redraw `learning_curves.png` from `history.csv`."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    run_dir = Path(run_dir)
+    csv = run_dir / "history.csv"
+    if not csv.is_file():
+        raise ConfigError(f"no history.csv in {run_dir}: not a training run folder")
+    h = pd.read_csv(csv)
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.6))
+    ax1.plot(h.epoch, h.train_loss, "o-", label="train")
+    ax1.plot(h.epoch, h.val_loss, "o-", label="validation")
+    ax1.set(xlabel="epoch", ylabel="loss (BCE + 1 - Dice)", yscale="log")
+    ax1.legend()
+    ax2.plot(h.epoch, h.val_dice, "o-", color="C2")
+    ax2.set(xlabel="epoch", ylabel="validation Dice", title=f"best {h.val_dice.max():.4f}")
+    for ax in (ax1, ax2):
+        ax.grid(alpha=0.3)
+    fig.suptitle(run_dir.name)
+    fig.tight_layout()
+    out = run_dir / "learning_curves.png"
+    with atomic_path(out) as tmp:
+        fig.savefig(tmp, dpi=90, format="png")
+    plt.close(fig)
+    return out

@@ -8,7 +8,6 @@ import warnings
 
 from common.errors import CarvanaError, OutputError
 
-
 OVERRIDE = re.compile(r"^[A-Za-z_]\w*(\.\w+)*=")  # stage1.epochs=3 or device=cpu, not a photo
 
 
@@ -69,7 +68,7 @@ def dispatch(args: argparse.Namespace) -> int:
         print(f"wrote {args.cars} training and {args.test_cars} test cars to {out}")
         return 0
     if args.command == "plot":
-        from common.checkpoints import plot_history
+        from common.trainer import plot_history
 
         print(plot_history(args.run_dir))
         return 0
@@ -79,7 +78,7 @@ def dispatch(args: argparse.Namespace) -> int:
         return run_pipeline(args.config, args.overrides, force=args.force)
 
     from common.config import as_yaml, load_config, reference
-    from common.lock import output_lock
+    from common.io import output_lock
 
     cfg = load_config(args.config, args.overrides)
     if args.command == "config":

@@ -18,13 +18,12 @@ import pandas as pd
 from PIL import Image, ImageColor
 
 from common.config import Settings
-from common.checkpoints import pick_device
-from common.chunks import to_host
 from common.errors import ConfigError
 from common.io import atomic_path, read_image, write_csv
-from common.submission import mask_threshold
 from common.log import log
-from stage2_fullres.cascade import Cascade
+from common.model import pick_device
+from common.predictor import mask_threshold, to_host
+from stage2_fullres.predict import Cascade
 
 SUFFIXES = {".jpg", ".jpeg", ".png", ".webp"}
 

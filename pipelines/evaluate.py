@@ -12,19 +12,18 @@ import pandas as pd
 import torch
 from PIL import Image
 
-from common.config import Settings
 from common.boxes import Box
-from common.checkpoints import checkpoint_paths, pick_device
-from common.errors import DataError
+from common.config import Settings
 from common.data import index_split, split_by_car
+from common.errors import DataError
 from common.io import atomic_path, read_image, read_mask, write_csv, write_text
+from common.log import log
 from common.losses import edge_band
 from common.metrics import dice, dice_sweep
-from common.submission import mask_threshold
-from common.log import log
-from stage1_lowres.coarse import Coarse, cached_boxes
-from stage2_fullres.cascade import Cascade
-from stage2_fullres.tiles import plan_tiles
+from common.model import checkpoint_paths, pick_device
+from common.predictor import mask_threshold
+from stage1_lowres.predict import Coarse, cached_boxes
+from stage2_fullres.predict import Cascade, plan_tiles
 
 FALSE_POSITIVE = np.array([255, 40, 40], np.uint8)  # predicted car, truly background
 FALSE_NEGATIVE = np.array([40, 120, 255], np.uint8)  # missed car

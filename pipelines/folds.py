@@ -8,10 +8,10 @@ from __future__ import annotations
 from pathlib import Path
 
 from common.config import Settings
-from common.checkpoints import checkpoint_paths
-from common.errors import ConfigError
 from common.data import index_split
+from common.errors import ConfigError
 from common.log import log
+from common.model import checkpoint_paths
 
 
 def train_folds(stage: str, k: int, cfg: Settings) -> int:

@@ -17,12 +17,10 @@ from pathlib import Path
 from typing import Callable
 
 from common import distributed
-from common.errors import ConfigError
 from common.config import Settings, depends, load_config, save_config
-from common.io import write_text
-from common.lock import output_lock
+from common.errors import ConfigError
+from common.io import output_lock, write_text
 from common.log import log
-
 
 DISTRIBUTED_STEPS = {"stage1_train", "stage2_train"}  # the steps every torchrun rank runs (DDP)
 

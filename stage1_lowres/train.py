@@ -1,19 +1,18 @@
 """`carvana stage1 train`: the U-Net on whole images squashed to stage1.size x stage1.size."""
 from __future__ import annotations
 
-
 import numpy as np
 import torch
 
 from common import distributed
-from common.batches import TensorBatches
-from common.checkpoints import build_model
+from common.batches import Pair, TensorBatches, scan_pairs
 from common.config import Settings
+from common.data import index_split, split_by_car
 from common.errors import DataError
-from common.data import Pair, index_split, scan_pairs, split_by_car
-from common.inference import forward_batches
 from common.losses import bce_dice_loss
 from common.metrics import dice
+from common.model import autocast, build_model
+from common.predictor import predict_dtype
 from common.trainer import fit
 
 
@@ -30,10 +29,14 @@ def low_res_validator(pairs: list[Pair], device: torch.device, batch_size: int):
     images, masks = as_tensors(pairs)
     x, y = images.float().div_(255), masks.float()
 
+    @torch.no_grad()
     def validate(model) -> dict:
+        model.eval()
         losses, scores = [], []
-        for k, logits in enumerate(forward_batches(model, x, device, batch_size)):
-            target = y[k * batch_size : k * batch_size + len(logits)]
+        for i in range(0, len(x), batch_size):
+            with autocast(device, predict_dtype(device)):  # in prediction's precision
+                logits = model(x[i : i + batch_size].to(device)).float().cpu()
+            target = y[i : i + len(logits)]
             losses.append(bce_dice_loss(logits, target).item() * len(logits))
             scores += [dice(p, t) for p, t in zip(logits[:, 0].numpy() > 0, target[:, 0].numpy() > 0.5)]
         return {"val_loss": sum(losses) / len(x), "val_dice": float(np.mean(scores))}

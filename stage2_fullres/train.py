@@ -12,20 +12,19 @@ import torch
 from torch.utils.data import Dataset
 
 from common import distributed
-from common.batches import LoaderBatches
+from common.batches import LoaderBatches, Pair, scan_pairs
 from common.boxes import Box, expand_box, jitter_box
-from common.checkpoints import build_model
 from common.config import Settings, Stage2
+from common.data import index_split, split_by_car
 from common.errors import DataError
-from common.data import Pair, index_split, scan_pairs, split_by_car
 from common.io import read_image, read_mask, read_mask_cached
 from common.losses import bce_dice_loss
 from common.metrics import dice
-from common.submission import mask_threshold
+from common.model import build_model
+from common.predictor import mask_threshold
 from common.trainer import fit
-from stage1_lowres.coarse import Coarse, cached_boxes, upsample
-from stage2_fullres.cascade import Cascade
-from stage2_fullres.tiles import cut_tiles
+from stage1_lowres.predict import Coarse, cached_boxes, upsample
+from stage2_fullres.predict import Cascade, cut_tiles
 
 
 def crop_window(box: Box, crop: int, width: int, height: int, rng: np.random.Generator) -> tuple[int, int]:

@@ -9,8 +9,8 @@ import torch
 import torch.nn.functional as F
 
 from common.io import read_image
-from stage1_lowres.coarse import box_from_probability
-from stage2_fullres.tiles import plan_tiles
+from stage1_lowres.predict import box_from_probability
+from stage2_fullres.predict import plan_tiles
 
 
 def cut_tiles(image: np.ndarray, windows: list) -> np.ndarray:
@@ -31,19 +31,15 @@ def blend_weights(tile: int, kind: str = "smooth") -> np.ndarray:
 
 
 def stitch(tile_probs: np.ndarray, windows: list, box, width: int, height: int, weights: np.ndarray) -> np.ndarray:
+    """The weighted mean of the tiles on a canvas big enough for every window, then cut to the box."""
     x0, y0, x1, y1 = box
-    acc = np.zeros((y1 - y0, x1 - x0), np.float32)
-    total = np.zeros_like(acc)
+    shape = (max(height, *(w[3] for w in windows)), max(width, *(w[2] for w in windows)))
+    acc, total = np.zeros(shape, np.float32), np.zeros(shape, np.float32)
     for prob, (wx0, wy0, wx1, wy1) in zip(tile_probs, windows):
-        bx0, by0, bx1, by1 = max(wx0, x0), max(wy0, y0), min(wx1, x1), min(wy1, y1)
-        if bx0 >= bx1 or by0 >= by1:
-            continue
-        tile_part = (slice(by0 - wy0, by1 - wy0), slice(bx0 - wx0, bx1 - wx0))
-        box_part = (slice(by0 - y0, by1 - y0), slice(bx0 - x0, bx1 - x0))
-        acc[box_part] += prob[tile_part] * weights[tile_part]
-        total[box_part] += weights[tile_part]
+        acc[wy0:wy1, wx0:wx1] += prob * weights
+        total[wy0:wy1, wx0:wx1] += weights
     canvas = np.zeros((height, width), np.float32)
-    canvas[y0:y1, x0:x1] = acc / total
+    canvas[y0:y1, x0:x1] = acc[y0:y1, x0:x1] / total[y0:y1, x0:x1]
     return canvas
 
 

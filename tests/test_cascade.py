@@ -8,19 +8,19 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import reference
 import torch
+from conftest import tiny_config
 from PIL import Image
 
-import reference
-from common.chunks import ChunkStore, ChunkWriter
+from common.data import ChunkStore
 from common.errors import DataError
 from common.metrics import dice
-from common.model import UNet
-from common.checkpoints import load_model
-from stage1_lowres.coarse import Coarse, cached_boxes
+from common.model import UNet, load_model
+from common.predictor import ChunkWriter
+from stage1_lowres.predict import Coarse, cached_boxes
 from stage2_fullres import predict as s2_predict
-from stage2_fullres.cascade import Cascade
-from conftest import tiny_config
+from stage2_fullres.predict import Cascade
 
 CPU = torch.device("cpu")
 
@@ -112,7 +112,7 @@ def test_jpeg_bytes_path_decodes_on_the_device_and_falls_back(tiny_run, tmp_path
     """The nvjpeg path (JPEG bytes read by the workers, decoded in batches on the device) runs here
     with a stand-in decoder: same predictions as the PIL path; a truncated JPEG is decoded by PIL,
     which names the problem; a JPEG the device decoder rejects falls back to PIL."""
-    from common import reader
+    from common import predictor as reader
 
     calls = []
 
@@ -183,7 +183,7 @@ def test_stage1_sees_one_batch_shape_under_compile_and_the_padding_does_not_leak
 def test_stage1_boxes_of_a_batch_reach_the_host_in_one_copy(monkeypatch):
     """Boxes found by stage 1 for a whole batch come from one device-to-host copy, not one per image;
     images with a given box need none."""
-    from stage1_lowres import coarse as coarse_module
+    from stage1_lowres import predict as coarse_module
 
     copies = []
     real = coarse_module.to_host
@@ -205,7 +205,7 @@ def test_nvjpeg_is_probed_once_and_a_failing_decoder_falls_back_to_pil_with_one_
     import sys
     import types
 
-    from common import reader
+    from common import predictor as reader
 
     events = []
     stream = types.SimpleNamespace(synchronize=lambda: events.append("sync"))

@@ -5,8 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-
 from conftest import tiny_config
+
 from pipelines.cli import main as cli
 from stage1_lowres import predict as s1_predict
 from stage2_fullres import predict as s2_predict

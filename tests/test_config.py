@@ -5,9 +5,8 @@ import pydantic
 import pytest
 import yaml
 
-from common.errors import ConfigError
-
 from common.config import Settings, load_config, save_config
+from common.errors import ConfigError
 
 
 def test_overrides_parse_types():
@@ -96,7 +95,7 @@ def test_the_configuration_reference_is_generated_from_the_declarations():
 def test_cache_keys_follow_the_declarations(tmp_path):
     """A setting's `affects` decides which caches it invalidates: the box cache key changes with
     stage1.margin, not with a training-only setting or one about how prediction runs."""
-    from stage1_lowres.coarse import cache_key
+    from stage1_lowres.predict import cache_key
 
     (tmp_path / "net.pt").write_bytes(b"weights")
     base = load_config(None, [f"stage1.checkpoint={tmp_path / 'net.pt'}"])
@@ -178,7 +177,7 @@ def test_every_error_class_exits_with_its_code_in_one_line(monkeypatch, capsys):
 
     expected = {"CarvanaError": 1, "UserError": 2, "ConfigError": 2, "DataError": 2, "ImageReadError": 2, "CheckpointError": 2,
                 "SetupError": 2, "FolderBusy": 2, "TooManyTiles": 2, "TrainingError": 1, "ClusterError": 1, "OutputError": 1}
-    import stage2_fullres.tiles  # noqa: F401  defines TooManyTiles, a ConfigError
+    import stage2_fullres.predict  # noqa: F401  defines TooManyTiles, a ConfigError
 
     classes = {c.__name__: c for c in _all_errors(errors.CarvanaError)}
     assert set(classes) == set(expected)

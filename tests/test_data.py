@@ -4,7 +4,6 @@ import numpy as np
 import pytest
 from PIL import Image
 
-
 from common.data import index_split, split_by_car
 from common.errors import DataError, ImageReadError
 from common.io import read_image, read_mask

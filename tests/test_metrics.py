@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from common.metrics import dice, mean_dice
+from common.metrics import dice
 
 
 def test_dice_values():
@@ -13,14 +13,6 @@ def test_dice_values():
     a[0, :2] = True
     assert dice(a, b) == pytest.approx(2 * 1 / 3)
     assert dice(b, b) == 1.0
-
-
-def test_mean_is_over_images_not_pixels():
-    big = np.ones((10, 10), bool)
-    small_pred = np.zeros((10, 10), bool)
-    small_truth = np.zeros((10, 10), bool)
-    small_truth[0, 0] = True
-    assert mean_dice([(big, big), (small_pred, small_truth)]) == pytest.approx(0.5)
 
 
 def test_shape_mismatch_is_an_error():

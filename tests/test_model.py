@@ -77,8 +77,8 @@ def test_flip_augmentation_only_mirrors():
 def test_flip_tta_averages_with_the_mirrored_prediction():
     """Both stages: mirrored inputs ride in the same forward pass and are flipped back before averaging."""
     from common.config import load_config
-    from stage1_lowres.coarse import Coarse
-    from stage2_fullres.cascade import Cascade
+    from stage1_lowres.predict import Coarse
+    from stage2_fullres.predict import Cascade
 
     class Ramp(torch.nn.Module):  # predicts a left-to-right ramp whatever the input
         def forward(self, x):

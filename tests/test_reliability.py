@@ -13,16 +13,15 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import tiny_config
 from PIL import Image
 
+from common.batches import scan_pairs
+from common.data import index_split
 from common.errors import DataError
-
-from common.data import index_split, scan_pairs
 from pipelines.cli import main as cli
 from stage1_lowres import predict as s1_predict
 from stage2_fullres import predict as s2_predict
-
-from conftest import tiny_config
 
 CLI = [sys.executable, "-m", "pipelines"]
 
@@ -118,7 +117,7 @@ def _flat(cfg, prefix=""):
 def test_empty_prediction_and_no_car_found(tiny_run, tmp_path, recwarn, monkeypatch):
     import torch
 
-    from stage1_lowres.coarse import Coarse
+    from stage1_lowres.predict import Coarse
 
     out = tmp_path / "out"
     cfg = tiny_config(tiny_run.data.root, out, f"stage1.checkpoint={tiny_run.output.dir}/stage1/best.pt",
@@ -141,8 +140,8 @@ def test_untrained_residual_refiner_reproduces_the_coarse_mask(height, width, bo
 
     from common.config import load_config
     from common.model import UNet
-    from stage1_lowres.coarse import Coarse
-    from stage2_fullres.cascade import Cascade
+    from stage1_lowres.predict import Coarse
+    from stage2_fullres.predict import Cascade
 
     torch.manual_seed(0)
     image = torch.randint(0, 255, (3, height, width), dtype=torch.uint8)

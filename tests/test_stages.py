@@ -3,12 +3,11 @@ import gzip
 
 import pandas as pd
 import pytest
+from conftest import copy_run, tiny_config
 
-from common.rle import rle_decode
+from common.data import rle_decode
 from stage1_lowres import predict as s1_predict
 from stage2_fullres import predict as s2_predict
-
-from conftest import copy_run, tiny_config
 
 
 def _submission(path):
@@ -131,7 +130,7 @@ def test_stage1_training_is_reproducible_on_cpu(sample_root, tmp_path):
 
 def test_threshold_auto_takes_the_best_of_the_evaluate_sweep(tmp_path):
     from common.errors import ConfigError
-    from common.submission import mask_threshold
+    from common.predictor import mask_threshold
 
     cfg = tiny_config(tmp_path / "data", tmp_path / "out", "predict.threshold=auto")
     with pytest.raises(ConfigError, match="run `carvana evaluate` with the same config first"):
@@ -147,10 +146,9 @@ def test_threshold_auto_takes_the_best_of_the_evaluate_sweep(tmp_path):
 def test_fold_ensemble_trains_k_runs_and_predicts_with_their_mean(sample_root, tmp_path, capsys):
     import torch
 
-    from common.checkpoints import Ensemble
-    from common.model import UNet
+    from common.model import Ensemble, UNet
     from pipelines.cli import main as cli
-    from stage1_lowres.coarse import cache_key
+    from stage1_lowres.predict import cache_key
 
     a, b = UNet(3, 2, 4).eval(), UNet(3, 2, 4).eval()
     x = torch.rand(2, 3, 32, 32)

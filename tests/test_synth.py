@@ -1,9 +1,8 @@
 import numpy as np
 import pandas as pd
 
-from common.data import index_split
+from common.data import index_split, rle_decode
 from common.io import read_image, read_mask
-from common.rle import rle_decode
 from common.synth import HEIGHT, WIDTH, car_params, render
 
 

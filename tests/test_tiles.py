@@ -2,13 +2,12 @@ import math
 
 import numpy as np
 import pytest
+import reference
+import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import torch
-
-import reference
-from stage2_fullres.tiles import MAX_TILES, TooManyTiles, blend_weights, cut_tiles, plan_axis, plan_tiles, stitch
+from stage2_fullres.predict import MAX_TILES, TooManyTiles, blend_weights, cut_tiles, plan_axis, plan_tiles, stitch
 
 
 @st.composite

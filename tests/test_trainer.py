@@ -3,12 +3,10 @@ import pytest
 import torch
 
 from common.batches import TensorBatches
-from common.checkpoints import load_checkpoint, load_model, plot_history
-from common.errors import CheckpointError
 from common.config import load_config
-from common.model import UNet
-from common.trainer import train
-
+from common.errors import CheckpointError
+from common.model import UNet, load_checkpoint, load_model
+from common.trainer import plot_history, train
 
 CONFIG = load_config(None, ["output.dir=elsewhere"])  # what a checkpoint records
 
@@ -197,13 +195,16 @@ def test_epochs_auto_fits_the_schedule_to_the_budget_and_resume_keeps_the_count(
 @pytest.mark.parametrize("native", [True, False])
 def test_cpu_precision_is_bf16_only_where_the_cpu_has_it(monkeypatch, native):
     """precision=bf16 trains in bf16 on CPUs with native bf16 and in fp32 elsewhere (emulated bf16 is
-    slower than fp32), and auto considers bf16 only there; fp16 is CUDA-only; fp32 always turns autocast off."""
-    from common import trainer
+    slower than fp32), and auto considers bf16 only there; fp16 is CUDA-only; fp32 always turns autocast off.
+    Prediction follows the same policy."""
+    from common import model
+    from common.predictor import predict_dtype
 
-    monkeypatch.setattr(trainer, "cpu_has_bf16", lambda: native)
+    monkeypatch.setattr(model, "cpu_has_bf16", lambda: native)
     cpu = torch.device("cpu")
     expected = torch.bfloat16 if native else None
-    assert [trainer.amp_dtype(p, cpu) for p in ("auto", "bf16", "fp16", "fp32")] == [expected, expected, None, None]
+    assert [model.amp_dtype(p, cpu) for p in ("auto", "bf16", "fp16", "fp32")] == [expected, expected, None, None]
+    assert predict_dtype(cpu) == expected
 
 
 @pytest.mark.parametrize("bf16_seconds,picked", [(0.5, "bf16"), (2.0, "fp32"), (0.95, "fp32")])
@@ -212,9 +213,9 @@ def test_cpu_precision_auto_trains_in_bf16_only_when_clearly_faster_and_resume_k
     it is clearly (10%) faster (it measured 1.5x faster on one such CPU and slower on another; a near
     tie stays fp32, so reruns agree); the pick is in history.csv and a resumed run keeps it without
     timing again; an explicit bf16 is never second-guessed."""
-    from common import trainer
+    from common import model, trainer
 
-    monkeypatch.setattr(trainer, "cpu_has_bf16", lambda: True)
+    monkeypatch.setattr(model, "cpu_has_bf16", lambda: True)
     monkeypatch.setattr(trainer, "step_seconds", lambda model, s, dtypes: {torch.bfloat16: bf16_seconds, None: 1.0})
     data, cpu = _blobs(), torch.device("cpu")
     history = train(UNet(3, 3, 8), data, _validator(data), _settings(epochs=1), tmp_path, CONFIG, cpu)
