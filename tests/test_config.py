@@ -203,4 +203,12 @@ def test_config_command_prints_what_a_job_runs_with(capsys, tmp_path):
     (tmp_path / "resolved.yaml").write_text(printed)
     assert load_config(tmp_path / "resolved.yaml") == load_config("pipelines/demo.yaml", ["stage1.epochs=3"])
     assert yaml.safe_load(printed)["stage1"]["epochs"] == 3
+
+    def keys(tree: dict, prefix: str = "") -> list[str]:
+        return [k for name, value in tree.items()
+                for k in (keys(value, f"{prefix}{name}.") if isinstance(value, dict) else [f"{prefix}{name}"])]
+
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "configuration.md").read_text()
+    printed_keys = keys(yaml.safe_load(printed))
+    assert len(printed_keys) > 60 and [k for k in printed_keys if f"| `{k}` |" not in doc] == []  # the reference names each
     assert main(["config", "stage1.epoch=3"]) == 2 and "did you mean 'stage1.epochs'" in capsys.readouterr().err
