@@ -26,11 +26,12 @@ from pathlib import Path
 from typing import Iterator
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 
 from common.errors import ConfigError, FolderBusy, ImageReadError, OutputError
 
 Size = tuple[int, int]  # (width, height), PIL's order
+ORIENTATION = 0x0112  # the EXIF tag of how a camera stored the pixels (1: as shown; 5-8: turned by 90 degrees)
 
 
 # Failures of the place, not of the program: reported as one line naming the file, no traceback.
@@ -102,6 +103,8 @@ def _open(path: Path, kind: str, draft: Size | None = None) -> Image.Image:
         if draft is not None and im.format == "JPEG":
             im.draft("RGB", draft)
         im.load()
+        if kind == "image":  # a phone photo stored sideways is turned as a viewer shows it
+            ImageOps.exif_transpose(im, in_place=True)
         return im
     except FileNotFoundError:
         raise ImageReadError(f"{path}: {kind} file not found") from None
@@ -126,11 +129,12 @@ def read_image(path: str | os.PathLike, size: Size | None = None) -> np.ndarray:
 
 
 def image_size(path: str | os.PathLike) -> Size:
-    """(width, height) from the file header, without decoding pixels."""
+    """(width, height) as `read_image` gives the image (EXIF orientation applied), from the file
+    header, without decoding pixels."""
     path = Path(path)
     try:
         with Image.open(path) as im:
-            return im.size
+            return im.size[::-1] if im.getexif().get(ORIENTATION, 1) in (5, 6, 7, 8) else im.size
     except (OSError, SyntaxError, ValueError):
         return _open(path, "image").size  # decodes, so the error names the reason
 

@@ -40,7 +40,7 @@ from common.boxes import Box
 from common.config import Settings
 from common.data import Chunk, ChunkStore
 from common.errors import ConfigError, ImageReadError
-from common.io import read_image
+from common.io import ORIENTATION, read_image
 from common.log import log
 from common.model import amp_dtype, autocast, pick_device, precision_name
 
@@ -55,9 +55,16 @@ LoadedFile = tuple[int, torch.Tensor | None, bool, str]  # index, pixels (H, W, 
 Decoded = tuple[int, torch.Tensor | None, str]  # index, uint8 (3, H, W) on the device, error
 
 
-def whole_jpeg(data: bytes) -> bool:
-    """Starts with SOI and ends with EOI: a truncated JPEG goes to PIL, which names the problem."""
-    return data[:2] == b"\xff\xd8" and b"\xff\xd9" in data[-16:]
+def for_nvjpeg(data: bytes) -> bool:
+    """A whole JPEG (SOI ... EOI) stored as shown: a truncated one goes to PIL, which names the problem,
+    and one with an EXIF orientation to PIL, which turns it (nvjpeg ignores the tag)."""
+    if not (data[:2] == b"\xff\xd8" and b"\xff\xd9" in data[-16:]):
+        return False
+    try:
+        with Image.open(io.BytesIO(data)) as im:  # reads the headers only
+            return im.getexif().get(ORIENTATION, 1) == 1
+    except (OSError, SyntaxError, ValueError):
+        return False
 
 
 class ImageFiles(Dataset):
@@ -77,7 +84,7 @@ class ImageFiles(Dataset):
                     data = path.read_bytes()
                 except OSError:
                     data = b""  # read_image below says why
-                if whole_jpeg(data):
+                if for_nvjpeg(data):
                     return i, torch.frombuffer(bytearray(data), dtype=torch.uint8), True, ""
             return i, torch.from_numpy(read_image(path)), False, ""
         except ImageReadError as e:

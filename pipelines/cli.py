@@ -44,6 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("photos", nargs="+", help="JPEG/PNG/WebP files or folders; key=value words among them are overrides")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--composite", default=None, help="also write NAME_on_COLOUR.jpg on this flat colour (e.g. white, #00ff00)")
+    p.add_argument("--alpha", choices=["soft", "hard"], default="soft",
+                   help="soft: the car's edge semi-transparent as the probability says; hard: 0/255 at the threshold")
     p.add_argument("--config", default=None, help="YAML config naming the checkpoints (defaults apply where it is silent)")
 
     p = sub.add_parser("config", help="print the resolved settings as YAML: what a job with this config and these overrides runs with")
@@ -89,7 +91,7 @@ def dispatch(args: argparse.Namespace) -> int:
         if args.command == "cutout":
             from pipelines.cutout import cutout
 
-            return cutout(args.photos, args.out, cfg, args.composite)
+            return cutout(args.photos, args.out, cfg, args.composite, args.alpha)
         if args.command == "folds":
             from pipelines.folds import train_folds
 

@@ -1,5 +1,6 @@
-"""`carvana cutout`: any photos (names, sizes, portrait, PNG) -> mask, RGBA cutout and composite,
-written atomically; unreadable photos listed and exit 1 after the rest; a rerun skips finished photos."""
+"""`carvana cutout`: any photos (names, sizes, portrait, PNG, EXIF-turned) -> mask, RGBA cutout with a
+soft or hard edge, and composite, written atomically; unreadable photos listed and exit 1 after the
+rest; a rerun skips finished photos."""
 from __future__ import annotations
 
 import shutil
@@ -7,9 +8,13 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pytest
+import torch
 from PIL import Image
 
+from common.io import ORIENTATION, image_size, read_image
 from pipelines.cli import main as cli
+from pipelines.cutout import soft_alpha
 
 
 def test_cutout_of_any_photos(tiny_run, tmp_path, capsys):
@@ -29,13 +34,58 @@ def test_cutout_of_any_photos(tiny_run, tmp_path, capsys):
         rgba = Image.open(out / f"{stem}.png")
         assert Image.open(out / f"{stem}_mask.png").size == rgba.size == Image.open(out / f"{stem}_on_white.jpg").size == size
         assert set(np.unique(mask)) <= {0, 255} and rgba.mode == "RGBA"
-        np.testing.assert_array_equal(np.asarray(rgba)[..., 3], mask)  # transparent exactly where the mask is background
+        alpha = np.asarray(rgba)[..., 3]
+        np.testing.assert_array_equal(alpha >= 128, mask == 255)  # the soft edge thresholds to the mask exactly
+        assert 0 < np.mean((alpha > 0) & (alpha < 255)) < 0.05  # semi-transparent only along the edge
+        photo = photos / ("My Car.JPG" if stem == "My Car" else "more/portrait.png")
+        np.testing.assert_array_equal(np.asarray(rgba)[..., :3], read_image(photo))  # straight alpha: edge colours kept
     errors = pd.read_csv(out / "errors.csv")
     assert errors.photo.str.endswith("broken.jpg").tolist() == [True] and "not a readable image" in errors.reason[0]
     assert not list(out.glob(".*.tmp"))
     capsys.readouterr()
     assert cli(args) == 1
     assert "1 photos to do, 2 already done" in capsys.readouterr().out
+    hard = tmp_path / "hard"
+    assert cli([*args[:1], str(photos / "My Car.JPG"), "--out", str(hard), "--alpha", "hard", *args[4:]]) == 0
+    np.testing.assert_array_equal(np.asarray(Image.open(hard / "My Car.png"))[..., 3], np.asarray(Image.open(hard / "My Car_mask.png")))
+
+
+@pytest.mark.parametrize("threshold", [0.5, 0.3])
+def test_soft_alpha_ramps_across_the_edge_and_thresholds_to_the_hard_mask(threshold):
+    """On a synthetic car with a smooth edge: 255 inside, 0 outside, a monotone ramp across the edge,
+    and alpha >= 128 exactly where the probability is above the threshold."""
+    yy, xx = torch.meshgrid(torch.arange(120.0), torch.arange(160.0), indexing="ij")
+    r = ((yy - 60) ** 2 + (xx - 80) ** 2).sqrt()
+    prob = torch.sigmoid((40 - r) / 1.5)  # a disk of radius 40 with a soft rim
+    prob[60, 20] = 0.7  # a speck in the background away from the car's edge stays transparent
+    alpha = soft_alpha(prob, threshold)
+    assert alpha.dtype == torch.uint8
+    assert (alpha[r < 30] == 255).all() and (alpha[(r > 50) & (prob < threshold)] == 0).all()
+    assert torch.equal(alpha >= 128, prob > threshold)
+    row = alpha[60, 80:].int()  # from the centre outwards
+    assert (row[1:] <= row[:-1]).all() and len(set(row.tolist()) - {0, 255}) >= 2  # monotone, with a ramp
+
+
+def test_photos_are_read_as_shown_with_their_exif_orientation(tiny_run, tmp_path):
+    """A phone photo stored sideways (EXIF orientation 6) is read turned upright, in every reader, and
+    cut out the same as the same pixels stored upright."""
+    src = sorted(Path(tiny_run.data.root, "test").glob("*.jpg"))[0]
+    stored = Image.open(src).resize((400, 300))
+    exif = Image.Exif()
+    exif[ORIENTATION] = 6  # the viewer turns it 90 degrees clockwise
+    stored.save(tmp_path / "plain.jpg", quality=95)
+    stored.save(tmp_path / "phone.jpg", quality=95, exif=exif.tobytes())
+    shown = read_image(tmp_path / "phone.jpg")
+    np.testing.assert_array_equal(shown, np.rot90(read_image(tmp_path / "plain.jpg"), -1))
+    assert image_size(tmp_path / "phone.jpg") == (300, 400)
+    Image.fromarray(shown).save(tmp_path / "upright.png")
+    run = tiny_run.output.dir
+    nets = [f"stage1.checkpoint={run}/stage1/best.pt", f"stage2.checkpoint={run}/stage2/best.pt", "stage1.size=64",
+            "stage2.tile=512", "device=cpu"]
+    assert cli(["cutout", str(tmp_path / "phone.jpg"), str(tmp_path / "upright.png"), "--out", str(tmp_path / "out"), *nets]) == 0
+    phone, upright = (np.asarray(Image.open(tmp_path / "out" / f"{n}.png")) for n in ("phone", "upright"))
+    assert phone.shape == (400, 300, 4)
+    np.testing.assert_array_equal(phone, upright)
 
 
 def test_report_keeps_ids_that_look_like_numbers(tmp_path):
