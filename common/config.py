@@ -152,6 +152,18 @@ class Predict(Section):
                            expect="empty, local:N or a scheduler address such as tcp://host:8786")
 
 
+class Serve(Section):
+    max_batch: int = setting(8, "`carvana serve`: images predicted together in one device step", ge=1)
+    max_wait_ms: int = setting(10, "how long a batch's first request waits for more to join it", ge=0)
+    max_queue: int = setting(32, "requests waiting for the device at most; beyond it 503 with Retry-After", ge=1)
+    max_bytes: int = setting(50_000_000, "largest upload, in bytes (413 beyond it)", ge=1)
+    max_pixels: int = setting(100_000_000, "largest photo, width x height (413 beyond it, checked before decoding)", ge=1)
+    timeout_s: int = setting(120, "a request not answered within this many seconds gets 504", ge=1)
+    api_key_env: str = setting("", "name of the environment variable holding the API key the /v1 requests must send; "
+                                   "empty = no key")
+    devices: list[str] = setting([], "one replica of the nets per device, e.g. [cuda:0, cuda:1]; empty = `device`")
+
+
 class Settings(Section):
     data: Data = Data()
     output: Output = Output()
@@ -162,6 +174,7 @@ class Settings(Section):
     stage2: Stage2 = Stage2()
     bboxes: Bboxes = Bboxes()
     predict: Predict = Predict()
+    serve: Serve = Serve()
 
     def updated(self, changes: dict[str, Any]) -> Settings:
         """A copy with `{"dotted.key": value}` changed, checked as a loaded file is."""

@@ -30,6 +30,14 @@ class ImageReadError(DataError):
     """An image or mask that cannot be used; the message names the file and the reason."""
 
 
+class UnsupportedImage(ImageReadError):
+    """An image in a format the reader does not take (the server answers 415)."""
+
+
+class TooLarge(ImageReadError):
+    """An upload of more bytes or pixels than the server's limits (413)."""
+
+
 class CheckpointError(UserError):
     """A checkpoint that is missing, not this project's, or of another net than the config asks for."""
 

@@ -28,7 +28,7 @@ from typing import Iterator
 import numpy as np
 from PIL import Image, ImageOps
 
-from common.errors import ConfigError, FolderBusy, ImageReadError, OutputError
+from common.errors import ConfigError, FolderBusy, ImageReadError, OutputError, TooLarge, UnsupportedImage
 
 Size = tuple[int, int]  # (width, height), PIL's order
 ORIENTATION = 0x0112  # the EXIF tag of how a camera stored the pixels (1: as shown; 5-8: turned by 90 degrees)
@@ -102,15 +102,23 @@ def _open(path: Path, kind: str, draft: Size | None = None) -> Image.Image:
         im = Image.open(path)
         if draft is not None and im.format == "JPEG":
             im.draft("RGB", draft)
-        im.load()
-        if kind == "image":  # a phone photo stored sideways is turned as a viewer shows it
-            ImageOps.exif_transpose(im, in_place=True)
-        return im
+        return _load(im, kind)
     except FileNotFoundError:
         raise ImageReadError(f"{path}: {kind} file not found") from None
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
         reason = "empty file" if path.stat().st_size == 0 else f"not a readable {kind} ({e})"
         raise ImageReadError(f"{path}: {reason}") from None
+
+
+def _load(im: Image.Image, kind: str) -> Image.Image:
+    im.load()
+    if kind == "image":  # a phone photo stored sideways is turned as a viewer shows it
+        ImageOps.exif_transpose(im, in_place=True)
+    return im
+
+
+def _rgb(im: Image.Image) -> Image.Image:
+    return im if im.mode == "RGB" else im.convert("RGB")
 
 
 def read_image(path: str | os.PathLike, size: Size | None = None) -> np.ndarray:
@@ -120,12 +128,34 @@ def read_image(path: str | os.PathLike, size: Size | None = None) -> np.ndarray:
     several times faster than decoding at full size and resizing.
     """
     path = Path(path)
-    im = _open(path, "image", draft=size)
-    if im.mode != "RGB":
-        im = im.convert("RGB")
+    im = _rgb(_open(path, "image", draft=size))
     if size is not None and im.size != tuple(size):
         im = im.resize(tuple(size), Image.BILINEAR)
     return np.array(im)  # writable, so torch can wrap it without a copy warning
+
+
+def decode_photo(data: bytes, name: str, formats: tuple[str, ...], max_pixels: int) -> np.ndarray:
+    """An uploaded photo as uint8 HWC RGB, as `read_image` reads a file. ImageReadError naming `name`
+    for anything but a whole image of `formats`; TooLarge, before any pixel is decoded, for one of
+    more than `max_pixels` (a decompression bomb: a blank 12000x12000 PNG is 140 kB)."""
+    if not data:
+        raise ImageReadError(f"{name}: empty upload")
+    try:
+        im = Image.open(io.BytesIO(data))
+    except Image.DecompressionBombError as e:
+        raise TooLarge(f"{name}: {e}") from None
+    except (OSError, SyntaxError, ValueError) as e:
+        raise ImageReadError(f"{name}: not an image ({e})") from None
+    if im.format not in formats:
+        raise UnsupportedImage(f"{name}: {im.format} is not supported; send {', '.join(formats)}")
+    if im.width * im.height > max_pixels:
+        raise TooLarge(f"{name}: {im.width}x{im.height} is more than serve.max_pixels={max_pixels} pixels")
+    try:
+        return np.array(_rgb(_load(im, "image")))
+    except Image.DecompressionBombError as e:
+        raise TooLarge(f"{name}: {e}") from None
+    except (OSError, SyntaxError, ValueError) as e:
+        raise ImageReadError(f"{name}: not a readable image ({e})") from None
 
 
 def image_size(path: str | os.PathLike) -> Size:

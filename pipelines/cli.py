@@ -6,7 +6,7 @@ import re
 import sys
 import warnings
 
-from common.errors import CarvanaError, OutputError
+from common.errors import CarvanaError, OutputError, SetupError
 
 OVERRIDE = re.compile(r"^[A-Za-z_]\w*(\.\w+)*=")  # stage1.epochs=3 or device=cpu, not a photo
 
@@ -48,6 +48,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="soft: the car's edge semi-transparent as the probability says; hard: 0/255 at the threshold")
     p.add_argument("--config", default=None, help="YAML config naming the checkpoints (defaults apply where it is silent)")
 
+    p = sub.add_parser("serve", help="background removal over HTTP: a page, POST /v1/cutout and /v1/segment, /healthz, /metrics")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000)
+    _config_args(p)
+
     p = sub.add_parser("config", help="print the resolved settings as YAML: what a job with this config and these overrides runs with")
     p.add_argument("--reference", action="store_true", help="print the configuration reference (docs/configuration.md) instead")
     _config_args(p)
@@ -86,6 +91,12 @@ def dispatch(args: argparse.Namespace) -> int:
     if args.command == "config":
         print(reference() if args.reference else as_yaml(cfg), end="")
         return 0
+    if args.command == "serve":  # writes nothing, so no output lock
+        try:
+            from pipelines.serve import serve
+        except ImportError as e:
+            raise SetupError(f"carvana serve needs the serve extra ({e.name} is missing): pip install '.[serve]'") from None
+        return serve(cfg, args.host, args.port)
     command = " ".join(["carvana", args.command] + ([args.action] if hasattr(args, "action") else []))
     with output_lock(args.out if args.command == "cutout" else cfg.output.dir, command):
         if args.command == "cutout":

@@ -175,8 +175,8 @@ def test_every_error_class_exits_with_its_code_in_one_line(monkeypatch, capsys):
     from common import errors
     from pipelines import cli
 
-    expected = {"CarvanaError": 1, "UserError": 2, "ConfigError": 2, "DataError": 2, "ImageReadError": 2, "CheckpointError": 2,
-                "SetupError": 2, "FolderBusy": 2, "TooManyTiles": 2, "TrainingError": 1, "ClusterError": 1, "OutputError": 1}
+    expected = {"CarvanaError": 1, "UserError": 2, "ConfigError": 2, "DataError": 2, "ImageReadError": 2, "UnsupportedImage": 2,
+                "TooLarge": 2, "CheckpointError": 2, "SetupError": 2, "FolderBusy": 2, "TooManyTiles": 2, "TrainingError": 1, "ClusterError": 1, "OutputError": 1}
     import stage2_fullres.predict  # noqa: F401  defines TooManyTiles, a ConfigError
 
     classes = {c.__name__: c for c in _all_errors(errors.CarvanaError)}

@@ -1,0 +1,357 @@
+"""`carvana serve`: background removal over HTTP, many clients on one device.
+
+FastAPI on uvicorn (the `serve` extra): the ecosystem's standard, and the one the settings' pydantic
+already belongs to. LitServe batches too, but adds a second framework and its own worker model for
+what one asyncio task per device does here.
+
+Requests are decoded in a thread pool (off the event loop) and queued; one batcher task per device
+takes the first waiting photo, waits up to `serve.max_wait_ms` for more (up to `serve.max_batch`) and
+runs them through the one predictor (`Cascade.predict`, as `stage2 predict` and `carvana cutout` do)
+in one device step. The queue is bounded (`serve.max_queue`): when full, 503 with Retry-After, so
+memory stays bounded. Bad input gets a 4xx with `{"error": ...}` naming the problem; nothing is
+written to disk. SIGTERM (uvicorn's) stops accepting, lets the requests in flight finish, exits 0.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import io
+import os
+import signal
+import threading
+import time
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from fastapi import APIRouter, FastAPI, HTTPException, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, JSONResponse, Response
+from PIL import Image, ImageColor
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from starlette.formparsers import MultiPartParser
+
+from common.config import Settings
+from common.data import rle_encode
+from common.errors import ConfigError, ImageReadError, TooLarge, UnsupportedImage
+from common.io import decode_photo
+from common.log import log
+from common.model import pick_device
+from common.predictor import mask_threshold, to_host
+from pipelines.cutout import composite_on, soft_alpha
+from stage2_fullres.predict import Cascade
+
+FORMATS = ("JPEG", "PNG", "WEBP")
+MEDIA = {"png": "image/png", "webp": "image/webp", "jpeg": "image/jpeg"}
+
+
+@dataclass
+class Cut:
+    """One photo's result on the host: its pixels, the soft alpha (>= 128 is the mask) and the box."""
+
+    rgb: np.ndarray
+    alpha: np.ndarray
+    box: tuple[int, int, int, int]
+    found: bool
+
+
+class Metrics:
+    def __init__(self, max_batch: int):
+        self.registry = CollectorRegistry()  # one per app: tests run several in one process
+        self.requests = Counter("carvana_requests", "requests answered", ["endpoint", "status"], registry=self.registry)
+        self.latency = Histogram("carvana_request_seconds", "time from request to answer", ["endpoint"], registry=self.registry)
+        self.batch = Histogram("carvana_batch_size", "photos per device step", registry=self.registry,
+                               buckets=sorted({1, 2, 4, 8, 16, 32, 64, max_batch}))
+        self.queue = Gauge("carvana_queue_depth", "photos accepted and not yet through the device", registry=self.registry)
+
+
+class Batcher:
+    """The bounded queue and one batching task per device replica of the nets."""
+
+    def __init__(self, cfg: Settings, metrics: Metrics):
+        self.cfg, self.s, self.metrics = cfg, cfg.serve, metrics
+        self.queue: asyncio.Queue = asyncio.Queue(maxsize=self.s.max_queue)
+        self.cascades: list[Cascade] = []
+        self.ready = threading.Event()
+        self.failed = ""
+        self.tasks: list[asyncio.Task] = []
+        # few, long-lived threads: each thread that allocates gets its own malloc arena, and a pool that
+        # rotates through many of them makes the server's memory grow (rembg's server-mode complaint)
+        self.host = ThreadPoolExecutor(2, thread_name_prefix="serve-host")  # decoding and encoding photos
+        self.steps: list[ThreadPoolExecutor] = []
+
+    async def on_host(self, fn, *args):
+        """`fn(*args)` off the event loop, on the host threads."""
+        return await asyncio.get_running_loop().run_in_executor(self.host, fn, *args)
+
+    def load(self) -> None:
+        """In a thread at start-up, so /healthz answers 503 until the nets are in place."""
+        try:
+            self.threshold = mask_threshold(self.cfg)
+            self.cascades = [Cascade.from_config(self.cfg, pick_device(name)) for name in self.s.devices or [self.cfg.device]]
+            self.steps = [ThreadPoolExecutor(1, thread_name_prefix=f"serve-{c.device}") for c in self.cascades]
+            self.ready.set()
+            log.info(f"serve: nets loaded on {', '.join(str(c.device) for c in self.cascades)}")
+        except Exception as e:  # the server keeps answering, /healthz says why
+            self.failed = f"{type(e).__name__}: {e}"
+            log.warning(f"serve: cannot load the nets: {self.failed}")
+
+    def start(self) -> None:
+        self.tasks = [asyncio.create_task(self._work(c, step)) for c, step in zip(self.cascades, self.steps)]
+
+    def stop(self) -> None:
+        for task in self.tasks:
+            task.cancel()
+        for pool in [self.host, *self.steps]:
+            pool.shutdown(wait=False, cancel_futures=True)
+
+    async def cut(self, rgb: np.ndarray) -> Cut:
+        """The photo's cut, after it has waited its turn; QueueFull when the queue is full."""
+        future = asyncio.get_running_loop().create_future()
+        self.queue.put_nowait((rgb, future))
+        self.metrics.queue.inc()
+        try:
+            return await future
+        finally:
+            self.metrics.queue.dec()
+
+    async def _work(self, cascade: Cascade, step: ThreadPoolExecutor) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            batch = [await self.queue.get()]
+            deadline = loop.time() + self.s.max_wait_ms / 1000
+            while len(batch) < self.s.max_batch:
+                try:
+                    batch.append(await asyncio.wait_for(self.queue.get(), max(deadline - loop.time(), 0)))
+                except asyncio.TimeoutError:
+                    break
+            batch = [(rgb, f) for rgb, f in batch if not f.done()]  # a timed-out request is not predicted
+            if not batch:
+                continue
+            self.metrics.batch.observe(len(batch))
+            try:
+                cuts = await loop.run_in_executor(step, self._predict, cascade, [rgb for rgb, _ in batch])
+            except Exception as e:  # a failed step fails its requests, not the server
+                cuts = [e] * len(batch)
+            for (_, future), cut in zip(batch, cuts):
+                if not future.done():
+                    future.set_exception(cut) if isinstance(cut, Exception) else future.set_result(cut)
+
+    def _predict(self, cascade: Cascade, photos: list[np.ndarray]) -> list[Cut | Exception]:
+        """One device step for the batch: the cascade's probability -> soft alpha on the device; only
+        uint8 alphas come back."""
+        images = [torch.from_numpy(rgb).to(cascade.device).permute(2, 0, 1) for rgb in photos]
+        preds = cascade.predict(images, [None] * len(images))
+        alphas = [None if isinstance(p, str) else to_host(soft_alpha(p.prob, self.threshold)) for p in preds]
+        return [ConfigError(p) if isinstance(p, str) else Cut(rgb, alpha(), p.box, p.found)
+                for rgb, p, alpha in zip(photos, preds, alphas)]
+
+
+def render(cut: Cut, output: str, background: str, alpha: str, crop: bool, fmt: str) -> bytes:
+    """The answer image of `/v1/cutout`'s query: rgba | mask | composite, soft or hard edge, cropped to the box."""
+    a = cut.alpha if alpha == "soft" else np.where(cut.alpha >= 128, 255, 0).astype(np.uint8)
+    rgb = cut.rgb
+    if crop:
+        x0, y0, x1, y1 = cut.box
+        a, rgb = a[y0:y1, x0:x1], rgb[y0:y1, x0:x1]
+    if output == "mask":
+        image = Image.fromarray(a)
+    elif output == "composite":
+        image = Image.fromarray(composite_on(rgb, a, ImageColor.getrgb(background)))
+    else:
+        image = Image.fromarray(np.dstack([rgb, a]))
+    buf = io.BytesIO()
+    image.save(buf, format=fmt.upper(), **({"quality": 92} if fmt != "png" else {"compress_level": 1}))  # level 1: 3x faster
+    return buf.getvalue()
+
+
+def _choice(request: Request, name: str, allowed: tuple[str, ...], default: str) -> str:
+    value = request.query_params.get(name, default).lower()
+    if value not in allowed:
+        raise HTTPException(400, f"{name}={value}: use one of {', '.join(allowed)}")
+    return value
+
+
+async def _body(request: Request, limit: int) -> bytes:
+    """The request body, kept up to `limit` bytes but read to its end: a client is answered once it
+    has sent everything, so it sees a 413, not a connection reset mid-upload."""
+    if int(request.headers.get("content-length") or 0) > 20 * limit:  # not worth reading at all
+        raise HTTPException(413, f"upload is larger than serve.max_bytes={limit}")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size <= limit:
+            chunks.append(chunk)
+    if size > limit:
+        raise HTTPException(413, f"upload of {size} bytes is larger than serve.max_bytes={limit}")
+    return b"".join(chunks)
+
+
+async def _upload(request: Request, max_bytes: int) -> bytes:
+    """The photo: the multipart field `image`, or the raw body with an image Content-Type."""
+    kind = request.headers.get("content-type", "")
+    if not (kind.startswith(("multipart/form-data", "image/")) or kind == "application/octet-stream"):
+        raise HTTPException(415, "send the photo as the multipart field 'image', or as the body with an image/* Content-Type")
+    body = await _body(request, max_bytes + (64 * 1024 if kind.startswith("multipart/") else 0))  # the envelope's room
+    if not kind.startswith("multipart/"):
+        return body
+
+    async def once():
+        yield body
+
+    form = await MultiPartParser(request.headers, once(), max_files=1, max_fields=16).parse()  # in memory: spool size raised
+    upload = form.get("image")
+    if upload is None or isinstance(upload, str):
+        raise HTTPException(400, "missing the multipart field 'image' (the photo file)")
+    data = await upload.read()
+    if len(data) > max_bytes:
+        raise HTTPException(413, f"upload of {len(data)} bytes is larger than serve.max_bytes={max_bytes}")
+    return data
+
+
+router = APIRouter()
+ENDPOINTS = ("/", "/healthz", "/metrics", "/v1/cutout", "/v1/segment")
+
+
+def create_app(cfg: Settings) -> FastAPI:
+    """The app, its nets loading in a thread at start-up; `carvana serve` runs it on uvicorn, the tests in process."""
+    s = cfg.serve
+    key = os.environ.get(s.api_key_env, "") if s.api_key_env else ""
+    if s.api_key_env and not key:
+        raise ConfigError(f"serve.api_key_env={s.api_key_env}, but that environment variable is empty or unset")
+    MultiPartParser.spool_max_size = s.max_bytes + 1  # uploads stay in memory: nothing is written to disk
+    warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)  # serve.max_pixels is checked instead
+    batcher = Batcher(cfg, Metrics(s.max_batch))
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI):
+        await asyncio.to_thread(batcher.load)
+        batcher.start()
+        yield
+        batcher.stop()  # uvicorn has let the requests in flight finish
+
+    app = FastAPI(title="carvana serve", lifespan=lifespan)
+    app.state.batcher, app.state.key = batcher, key
+    app.add_exception_handler(HTTPException, _http_error)
+    app.add_exception_handler(RequestValidationError, _bad_request)
+    app.middleware("http")(_count)
+    app.include_router(router)
+    return app
+
+
+async def _http_error(request: Request, e: HTTPException) -> JSONResponse:
+    return JSONResponse({"error": e.detail}, status_code=e.status_code, headers=e.headers)
+
+
+async def _bad_request(request: Request, e: RequestValidationError) -> JSONResponse:
+    return JSONResponse({"error": str(e)}, status_code=400)
+
+
+async def _count(request: Request, call_next) -> Response:
+    """The API key check, and every answer counted by endpoint and status, with its latency."""
+    started, key, metrics = time.perf_counter(), request.app.state.key, request.app.state.batcher.metrics
+    endpoint = request.url.path if request.url.path in ENDPOINTS else "other"
+    sent = (request.headers.get("x-api-key"), request.headers.get("authorization", "").removeprefix("Bearer "))
+    if key and endpoint.startswith("/v1/") and key not in sent:
+        response: Response = JSONResponse({"error": "missing or wrong API key (X-API-Key or Authorization: Bearer)"}, 401)
+    else:
+        response = await call_next(request)
+    metrics.requests.labels(endpoint, str(response.status_code)).inc()
+    metrics.latency.labels(endpoint).observe(time.perf_counter() - started)
+    return response
+
+
+async def _cut_of(request: Request) -> tuple[Cut, float]:
+    """The uploaded photo decoded, queued and cut; every way it can fail is an HTTP error naming it."""
+    batcher: Batcher = request.app.state.batcher
+    s = batcher.s
+    if not batcher.ready.is_set():
+        raise HTTPException(503, f"the nets are not loaded{': ' + batcher.failed if batcher.failed else ' yet'}",
+                            headers={"Retry-After": "5"})
+    started = time.perf_counter()
+    data = await _upload(request, s.max_bytes)
+    try:
+        rgb = await batcher.on_host(decode_photo, data, "upload", FORMATS, s.max_pixels)
+        cut = await asyncio.wait_for(batcher.cut(rgb), s.timeout_s)
+    except UnsupportedImage as e:
+        raise HTTPException(415, str(e)) from None
+    except TooLarge as e:
+        raise HTTPException(413, str(e)) from None
+    except ImageReadError as e:
+        raise HTTPException(400, str(e)) from None
+    except asyncio.QueueFull:
+        raise HTTPException(503, f"busy: {s.max_queue} photos are waiting (serve.max_queue)", headers={"Retry-After": "1"}) from None
+    except asyncio.TimeoutError:
+        raise HTTPException(504, f"not answered within serve.timeout_s={s.timeout_s} s") from None
+    except ConfigError as e:  # the photo needs more tiles than the settings allow
+        raise HTTPException(422, str(e)) from None
+    return cut, time.perf_counter() - started
+
+
+@router.get("/healthz")
+async def healthz(request: Request) -> JSONResponse:
+    batcher: Batcher = request.app.state.batcher
+    if batcher.ready.is_set():
+        return JSONResponse({"status": "ok"})
+    return JSONResponse({"status": "failed" if batcher.failed else "loading", "error": batcher.failed}, 503)
+
+
+@router.post("/v1/cutout")
+async def cutout(request: Request) -> Response:
+    output = _choice(request, "output", ("rgba", "mask", "composite"), "rgba")
+    alpha = _choice(request, "alpha", ("soft", "hard"), "soft")
+    fmt = _choice(request, "format", ("png", "webp", "jpeg"), "png")
+    crop = _choice(request, "crop", ("true", "false"), "false") == "true"
+    background = request.query_params.get("background", "white")
+    try:
+        ImageColor.getrgb(background)
+    except ValueError:
+        raise HTTPException(400, f"background={background}: not a colour (a name such as white, or #rrggbb)") from None
+    if fmt == "jpeg" and output == "rgba":
+        raise HTTPException(400, "format=jpeg has no alpha channel: use output=composite or mask, or format=png or webp")
+    cut, seconds = await _cut_of(request)
+    body = await request.app.state.batcher.on_host(render, cut, output, background, alpha, crop, fmt)
+    return Response(body, media_type=MEDIA[fmt], headers={"X-Car-Box": ",".join(map(str, cut.box)),
+                                                          "X-Car-Found": str(int(cut.found)), "X-Seconds": f"{seconds:.3f}"})
+
+
+@router.post("/v1/segment")
+async def segment(request: Request) -> JSONResponse:
+    cut, seconds = await _cut_of(request)
+    height, width = cut.alpha.shape
+    rle = await request.app.state.batcher.on_host(rle_encode, cut.alpha >= 128)
+    return JSONResponse({"width": width, "height": height, "box": list(cut.box), "found": cut.found, "rle_mask": rle,
+                         "seconds": round(seconds, 3)})
+
+
+@router.get("/metrics")
+async def prometheus(request: Request) -> Response:
+    return Response(generate_latest(request.app.state.batcher.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+
+@router.get("/", response_class=HTMLResponse)
+async def page() -> str:
+    return PAGE
+
+
+def serve(cfg: Settings, host: str, port: int) -> int:
+    import uvicorn
+
+    app = create_app(cfg)
+    log.info(f"serve: http://{host}:{port}/ (the page), POST /v1/cutout, /v1/segment; GET /healthz, /metrics")
+    # uvicorn drains on SIGTERM, then raises it again under the handler it found: this one, so a
+    # drained server exits 0 instead of dying by the signal
+    previous = signal.signal(signal.SIGTERM, lambda *_: None)
+    try:
+        uvicorn.run(app, host=host, port=port, log_level="warning")
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    log.info("serve: stopped; every request it accepted was answered")
+    return 0
+
+
+PAGE = (Path(__file__).with_name("serve_page.html")).read_text()

@@ -1,0 +1,280 @@
+"""`carvana serve`: concurrent requests batched through the one predictor and answered as `carvana
+cutout` answers; every bad input a 4xx naming the problem while the server keeps serving; a full
+queue 503; the API key; SIGTERM drains."""
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+pytest.importorskip("fastapi", reason="the serve extra is not installed (pip install '.[serve]')")
+
+from common.config import save_config  # noqa: E402
+from common.errors import ConfigError  # noqa: E402
+from pipelines.cli import main as cli  # noqa: E402
+from pipelines.serve import create_app  # noqa: E402
+
+
+def _free_socket() -> socket.socket:
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    return sock
+
+
+@contextlib.contextmanager
+def running(cfg):
+    """The app on uvicorn in a thread; yields its base URL and the app once /healthz says ok."""
+    import uvicorn
+
+    app, sock = create_app(cfg), _free_socket()
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    _wait_healthy(url)
+    try:
+        yield url, app
+    finally:
+        server.should_exit = True
+        thread.join(60)
+
+
+def _wait_healthy(url: str, seconds: float = 120) -> None:
+    deadline = time.monotonic() + seconds  # a bound on start-up, not a measured speed
+    while time.monotonic() < deadline:
+        with contextlib.suppress(OSError):
+            if _call(url + "/healthz")[0] == 200:
+                return
+        time.sleep(0.1)
+    raise AssertionError(f"{url} did not become healthy")
+
+
+def _call(url: str, body: bytes | None = None, content_type: str = "", headers: dict | None = None):
+    """(status, headers, body) of a GET (no body) or POST."""
+    request = urllib.request.Request(url, data=body, headers={**({"Content-Type": content_type} if content_type else {}),
+                                                              **(headers or {})})
+    try:
+        with urllib.request.urlopen(request, timeout=120) as answer:
+            return answer.status, answer.headers, answer.read()
+    except urllib.error.HTTPError as e:
+        return e.code, e.headers, e.read()
+
+
+def _multipart(field: str, data: bytes, name: str = "photo.jpg") -> tuple[bytes, str]:
+    boundary = "carvanaboundary"
+    body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"{field}\"; filename=\"{name}\"\r\n"
+            f"Content-Type: application/octet-stream\r\n\r\n").encode() + data + f"\r\n--{boundary}--\r\n".encode()
+    return body, f"multipart/form-data; boundary={boundary}"
+
+
+def _mean_batch(url: str) -> float:
+    text = _call(url + "/metrics")[2].decode()
+    values = {line.split()[0]: float(line.split()[1]) for line in text.splitlines() if line.startswith("carvana_batch_size_")}
+    return values["carvana_batch_size_sum"] / values["carvana_batch_size_count"]
+
+
+@pytest.fixture(scope="module")
+def photos(tiny_run, tmp_path_factory):
+    """Three test photos and `carvana cutout`'s hard masks of them."""
+    folder = tmp_path_factory.mktemp("serve")
+    paths = sorted(Path(tiny_run.data.root, "test").glob("*.jpg"))[:3]
+    run = tiny_run.output.dir
+    assert cli(["cutout", *map(str, paths), "--out", str(folder / "cut"), "--alpha", "hard",
+                f"stage1.checkpoint={run}/stage1/best.pt", f"stage2.checkpoint={run}/stage2/best.pt", "stage1.size=64",
+                "stage2.tile=512", "device=cpu"]) == 0
+    return [(p.read_bytes(), np.asarray(Image.open(folder / "cut" / f"{p.stem}_mask.png"))) for p in paths]
+
+
+def test_concurrent_requests_are_batched_and_answered_as_cutout_answers(tiny_run, photos):
+    cfg = tiny_run.updated({"serve.max_wait_ms": 500, "serve.max_batch": 8})
+    with running(cfg) as (url, _):
+        def ask(k: int):
+            data, mask = photos[k % len(photos)]
+            body, kind = _multipart("image", data) if k % 2 else (data, "image/jpeg")  # both ways of sending
+            status, headers, answer = _call(url + "/v1/cutout?output=mask&alpha=hard", body, kind)
+            assert status == 200, answer
+            return np.asarray(Image.open(io.BytesIO(answer))), mask, headers
+
+        with ThreadPoolExecutor(16) as pool:
+            answers = list(pool.map(ask, range(16)))
+        for got, mask, headers in answers:
+            # the same pixels through the same predictor; batched with other photos, bf16 convolutions
+            # may round a few pixels on the threshold the other way (6 of 2.4 million seen), no more
+            assert got.shape == mask.shape and np.mean(got != mask) < 1e-5
+            x0, y0, x1, y1 = map(int, headers["X-Car-Box"].split(","))
+            assert 0 <= x0 < x1 <= mask.shape[1] and 0 <= y0 < y1 <= mask.shape[0]
+        assert _mean_batch(url) > 1
+
+        data, mask = photos[0]
+        status, _, answer = _call(url + "/v1/segment", data, "image/jpeg")
+        seg = json.loads(answer)
+        assert status == 200 and (seg["width"], seg["height"]) == (mask.shape[1], mask.shape[0])
+        from common.data import rle_decode
+
+        assert np.mean(rle_decode(seg["rle_mask"], mask.shape) != (mask == 255)) < 1e-5
+        status, headers, answer = _call(url + "/v1/cutout?output=rgba&crop=true&format=webp", data, "image/jpeg")
+        x0, y0, x1, y1 = map(int, headers["X-Car-Box"].split(","))
+        cropped = Image.open(io.BytesIO(answer))
+        assert status == 200 and cropped.mode == "RGBA" and cropped.size == (x1 - x0, y1 - y0)
+        status, _, answer = _call(url + "/v1/cutout?output=composite&background=%2300ff00&format=jpeg", data, "image/jpeg")
+        assert status == 200 and Image.open(io.BytesIO(answer)).format == "JPEG"
+        page = _call(url + "/")[2].decode()
+        assert "/v1/cutout" in page and "http://" not in page and "https://" not in page  # works offline
+        metrics = _call(url + "/metrics")[2].decode()
+        assert 'carvana_requests_total{endpoint="/v1/cutout",status="200"}' in metrics and "carvana_queue_depth" in metrics
+
+
+def test_bad_input_gets_a_4xx_naming_the_problem_and_the_server_keeps_serving(tiny_run, photos):
+    cfg = tiny_run.updated({"serve.max_bytes": 2_000_000})
+    data = photos[0][0]
+    bomb = io.BytesIO()
+    Image.new("1", (12000, 12000)).save(bomb, format="PNG")  # about 140 kB
+    gif = io.BytesIO()
+    Image.new("RGB", (64, 64)).save(gif, format="GIF")
+    cases = [
+        ((b"this is not a photo", "image/jpeg"), 400, "not an image"),
+        ((b"", "image/jpeg"), 400, "empty"),
+        ((data[: len(data) // 2], "image/jpeg"), 400, "not a readable image"),
+        ((gif.getvalue(), "image/gif"), 415, "GIF is not supported"),
+        ((b"x" * 3_000_000, "image/jpeg"), 413, "serve.max_bytes"),
+        ((bomb.getvalue(), "image/png"), 413, "serve.max_pixels"),
+        (_multipart("photo", data), 400, "missing the multipart field 'image'"),
+        ((data, "text/plain"), 415, "Content-Type"),
+    ]
+    with running(cfg) as (url, _):
+        for (body, kind), status, words in cases:
+            got, _, answer = _call(url + "/v1/cutout", body, kind)
+            assert (got, words in json.loads(answer)["error"]) == (status, True), answer
+        got, _, answer = _call(url + "/v1/cutout?output=sideways", data, "image/jpeg")
+        assert got == 400 and "output=sideways" in json.loads(answer)["error"]
+        assert _call(url + "/v1/cutout", data, "image/jpeg")[0] == 200  # still serving
+
+
+def test_a_full_queue_gets_503_with_retry_after(tiny_run, photos):
+    """The device step is held (a stand-in that waits for the test), so the queue fills for sure."""
+    cfg = tiny_run.updated({"serve.max_queue": 1, "serve.max_batch": 1, "serve.max_wait_ms": 0})
+    release = threading.Event()
+    data = photos[0][0]
+    with running(cfg) as (url, app):
+        batcher = app.state.batcher
+        real = batcher._predict
+        batcher._predict = lambda *a: release.wait(60) and real(*a)
+        with ThreadPoolExecutor(2) as pool:
+            first = pool.submit(_call, url + "/v1/cutout", data, "image/jpeg")  # taken by the held device step
+            _until(lambda: batcher.queue.qsize() == 0 and _busy(url))
+            second = pool.submit(_call, url + "/v1/cutout", data, "image/jpeg")  # waits in the queue of one
+            _until(lambda: batcher.queue.qsize() == 1)
+            status, headers, answer = _call(url + "/v1/cutout", data, "image/jpeg")
+            assert status == 503 and headers["Retry-After"] == "1" and "serve.max_queue" in json.loads(answer)["error"]
+            release.set()
+            assert first.result()[0] == 200 and second.result()[0] == 200
+
+
+def test_a_request_not_answered_in_time_gets_504_and_the_next_is_served(tiny_run, photos):
+    release = threading.Event()
+    data = photos[0][0]
+    with running(tiny_run.updated({"serve.timeout_s": 1, "serve.max_wait_ms": 0})) as (url, app):
+        batcher = app.state.batcher
+        real = batcher._predict
+        batcher._predict = lambda *a: release.wait(60) and real(*a)  # the device step held past the timeout
+        status, _, answer = _call(url + "/v1/cutout", data, "image/jpeg")
+        assert status == 504 and "serve.timeout_s=1" in json.loads(answer)["error"]
+        release.set()
+        assert _call(url + "/v1/cutout", data, "image/jpeg")[0] == 200
+
+
+def _busy(url: str) -> bool:
+    text = _call(url + "/metrics")[2].decode()
+    return "carvana_batch_size_count 1.0" in text
+
+
+def _until(condition, seconds: float = 60) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, "the server never reached the expected state"
+        time.sleep(0.02)
+
+
+def test_the_api_key_is_required_when_configured(tiny_run, photos, monkeypatch):
+    monkeypatch.setenv("CARVANA_TEST_KEY", "s3cret")
+    data = photos[0][0]
+    with running(tiny_run.updated({"serve.api_key_env": "CARVANA_TEST_KEY"})) as (url, _):
+        status, _, answer = _call(url + "/v1/cutout", data, "image/jpeg")
+        assert status == 401 and "API key" in json.loads(answer)["error"]
+        assert _call(url + "/v1/cutout", data, "image/jpeg", {"X-API-Key": "wrong"})[0] == 401
+        assert _call(url + "/v1/cutout", data, "image/jpeg", {"X-API-Key": "s3cret"})[0] == 200
+        assert _call(url + "/v1/segment", data, "image/jpeg", {"Authorization": "Bearer s3cret"})[0] == 200
+        assert _call(url + "/healthz")[0] == 200  # health checks need no key
+    monkeypatch.delenv("CARVANA_TEST_KEY")
+    with pytest.raises(ConfigError, match="CARVANA_TEST_KEY"):
+        create_app(tiny_run.updated({"serve.api_key_env": "CARVANA_TEST_KEY"}))
+
+
+def test_sigterm_lets_the_request_in_flight_finish_and_exits_0(tiny_run, photos, tmp_path):
+    """A real `carvana serve`: a request waits in the batcher (max_wait_ms 3 s) when SIGTERM arrives;
+    it is answered, new connections are refused, the process exits 0."""
+    sock = _free_socket()
+    port = sock.getsockname()[1]
+    sock.close()
+    save_config(tiny_run, tmp_path / "tiny.yaml")
+    args = [sys.executable, "-m", "pipelines", "serve", "--port", str(port), "--config", str(tmp_path / "tiny.yaml"),
+            "serve.max_wait_ms=3000"]
+    server = subprocess.Popen(args, cwd=Path(__file__).resolve().parents[1], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    url = f"http://127.0.0.1:{port}"
+    try:
+        _wait_healthy(url)
+        with ThreadPoolExecutor(1) as pool:
+            flight = pool.submit(_call, url + "/v1/cutout", photos[0][0], "image/jpeg")
+            _until(lambda: "carvana_queue_depth 1.0" in _call(url + "/metrics")[2].decode())  # in the batcher
+            server.send_signal(signal.SIGTERM)
+            assert flight.result()[0] == 200
+        assert server.wait(60) == 0, server.stdout.read().decode()
+        with pytest.raises(OSError):
+            _call(url + "/healthz")
+    finally:
+        server.kill()
+
+
+CHROMEDRIVER = shutil.which("chromedriver")
+
+
+@pytest.mark.skipif(CHROMEDRIVER is None, reason="Chromium's driver is not installed (apt-get install chromium chromium-driver)")
+def test_the_page_cuts_out_an_uploaded_photo_in_chromium(tiny_run, photos, tmp_path):
+    """The page in headless Chromium (selenium): pick a photo, its cutout appears beside it."""
+    webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed (pip install selenium)")
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    photo = tmp_path / "car.jpg"
+    photo.write_bytes(photos[0][0])
+    options = webdriver.ChromeOptions()
+    for flag in ("--headless", "--no-sandbox", "--disable-gpu"):
+        options.add_argument(flag)
+    with running(tiny_run) as (url, _):
+        browser = webdriver.Chrome(service=webdriver.ChromeService(CHROMEDRIVER), options=options)
+        try:
+            browser.get(url + "/")
+            browser.find_element(By.ID, "pick").send_keys(str(photo))
+            WebDriverWait(browser, 120).until(lambda b: b.find_elements(By.CSS_SELECTOR, "img.checker"))
+            cutout = browser.find_element(By.CSS_SELECTOR, "img.checker")
+            assert browser.execute_script("return arguments[0].complete && arguments[0].naturalWidth", cutout) == 1918
+            assert browser.find_element(By.PARTIAL_LINK_TEXT, "download car.png")
+        finally:
+            browser.quit()
