@@ -20,7 +20,7 @@ import copy
 import math
 import time
 from pathlib import Path
-from typing import Callable, Protocol
+from typing import Callable, Iterator, Protocol
 
 import pandas as pd
 import torch
@@ -32,13 +32,15 @@ from common.augment import augment_batch
 from common.batches import report_skipped
 from common.config import Settings, Stage2, Training, save_config
 from common.distributed import Ranks
-from common.errors import ConfigError, TrainingError
+from common.errors import ConfigError, DataError, TrainingError
 from common.io import atomic_path, kill_point, save_torch, write_csv
 from common.log import log
 from common.losses import bce_dice_loss
+from common.metrics import dice
 from common.model import DTYPES, amp_dtype, autocast, load_checkpoint, precision_name
 
 Validate = Callable[[nn.Module], dict]  # model -> {"val_loss": float, "val_dice": float}
+Predicted = Iterator[tuple[int, "torch.Tensor | str"]]  # index, float32 (H, W) probability on the device, or an error
 
 
 class Batches(Protocol):  # common/batches.py
@@ -203,6 +205,25 @@ def validate_epoch(model: nn.Module, validate: Validate, ranks: Ranks) -> dict:
         return {"val_loss": math.nan, "val_dice": math.nan}
     with torch.no_grad():
         return validate(model)
+
+
+def validator(predict: Callable[[nn.Module], Predicted], truths: list[torch.Tensor], threshold: float) -> Validate:
+    """Both stages' validation: `predict(model)` streams the validation images through the stage's own
+    predictor (stage 1's `Coarse`, stage 2's `Cascade`), so the score is of what prediction makes; the
+    loss on each probability and the mean per-image Dice of `prob > threshold` against the (H, W) truth."""
+
+    def validate(model: nn.Module) -> dict:
+        losses, scores = [], []
+        for i, prob in predict(model):
+            if isinstance(prob, str):
+                raise DataError(f"validation image became unreadable: {prob}")
+            truth = truths[i].to(prob.device)
+            scores.append(dice(prob > threshold, truth))
+            logit = torch.logit(prob.clamp(1e-6, 1 - 1e-6))[None, None]
+            losses.append(bce_dice_loss(logit, truth.float()[None, None]).item())
+        return {"val_loss": sum(losses) / len(losses), "val_dice": sum(scores) / len(scores)}
+
+    return validate
 
 
 def save_epoch(run_dir: Path, model: nn.Module, opt, scaler, history: list[dict], best: float, config: Settings) -> float:

@@ -1,6 +1,8 @@
 """`carvana stage1 train`: the U-Net on whole images squashed to stage1.size x stage1.size."""
 from __future__ import annotations
 
+from typing import Iterator
+
 import numpy as np
 import torch
 
@@ -9,11 +11,9 @@ from common.batches import Pair, TensorBatches, scan_pairs
 from common.config import Settings
 from common.data import index_split, split_by_car
 from common.errors import DataError
-from common.losses import bce_dice_loss
-from common.metrics import dice
-from common.model import autocast, build_model
-from common.predictor import predict_dtype
-from common.trainer import fit
+from common.model import build_model
+from common.trainer import fit, validator
+from stage1_lowres.predict import Coarse
 
 
 def as_tensors(pairs: list[Pair]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -24,24 +24,16 @@ def as_tensors(pairs: list[Pair]) -> tuple[torch.Tensor, torch.Tensor]:
     return images, masks
 
 
-def low_res_validator(pairs: list[Pair], device: torch.device, batch_size: int):
-    """Validation loss and mean per-image Dice at the training resolution."""
-    images, masks = as_tensors(pairs)
-    x, y = images.float().div_(255), masks.float()
+def coarse_predictions(images: torch.Tensor, device: torch.device, batch_size: int):
+    """Validation's predictions: the decoded uint8 (N, 3, size, size) images through `Coarse`, stage 1's
+    predict step (without flip TTA), a batch at a time."""
 
-    @torch.no_grad()
-    def validate(model) -> dict:
-        model.eval()
-        losses, scores = [], []
-        for i in range(0, len(x), batch_size):
-            with autocast(device, predict_dtype(device)):  # in prediction's precision
-                logits = model(x[i : i + batch_size].to(device)).float().cpu()
-            target = y[i : i + len(logits)]
-            losses.append(bce_dice_loss(logits, target).item() * len(logits))
-            scores += [dice(p, t) for p, t in zip(logits[:, 0].numpy() > 0, target[:, 0].numpy() > 0.5)]
-        return {"val_loss": sum(losses) / len(x), "val_dice": float(np.mean(scores))}
+    def predict(model) -> Iterator[tuple[int, torch.Tensor]]:
+        coarse = Coarse(model, images.shape[-1], device)
+        for i in range(0, len(images), batch_size):
+            yield from enumerate(coarse.probs(list(images[i : i + batch_size].to(device))), i)
 
-    return validate
+    return predict
 
 
 def main(cfg: Settings) -> int:
@@ -60,5 +52,8 @@ def main(cfg: Settings) -> int:
              f"at {size[0]}x{size[1]}")
     model = build_model(s, in_channels=3, seed=cfg.seed)
     batches = TensorBatches(*as_tensors(train_pairs), s.batch_size, device, ranks, seed=cfg.seed)
-    fit(cfg, "stage1", model, batches, low_res_validator(val_pairs, device, cfg.predict.batch_size * 4), bad, about, device, ranks)
+    val_images, val_masks = as_tensors(val_pairs)
+    # Dice at 0.5, whatever stage1.threshold says: that setting changes boxes, not which epoch is best.pt
+    validate = validator(coarse_predictions(val_images, device, cfg.predict.batch_size * 4), list(val_masks[:, 0].bool()), 0.5)
+    fit(cfg, "stage1", model, batches, validate, bad, about, device, ranks)
     return 0

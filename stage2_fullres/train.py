@@ -18,11 +18,9 @@ from common.config import Settings, Stage2
 from common.data import index_split, split_by_car
 from common.errors import DataError
 from common.io import read_image, read_mask, read_mask_cached
-from common.losses import bce_dice_loss
-from common.metrics import dice
 from common.model import build_model
 from common.predictor import mask_threshold
-from common.trainer import fit
+from common.trainer import fit, validator
 from stage1_lowres.predict import Coarse, cached_boxes, upsample
 from stage2_fullres.predict import Cascade, cut_tiles
 
@@ -76,26 +74,16 @@ class CropDataset(Dataset):
         return torch.stack(xs), torch.stack(ys)
 
 
-def full_res_validator(pairs: list[Pair], boxes: dict[str, Box], coarse: Coarse | None, cfg: Settings, device: torch.device):
-    """Loss on the stitched probability and mean Dice of whole images, predicted by the `Cascade` as
-    `stage2 predict` does (flip TTA included)."""
-    truths = [torch.from_numpy(read_mask(p.sample.mask)) for p in pairs]  # read once, not every epoch
-    threshold = mask_threshold(cfg, strict=False)
+def cascade_predictions(pairs: list[Pair], boxes: dict[str, Box], coarse: Coarse | None, cfg: Settings, device: torch.device):
+    """Validation's predictions: whole held-out images through the `Cascade`, as `stage2 predict` makes
+    them (flip TTA included)."""
     paths, val_boxes = [p.sample.image for p in pairs], [boxes[p.sample.img] for p in pairs]
 
-    def validate(model) -> dict:
-        cascade = Cascade(coarse, model, cfg, device)
-        losses, scores = [], []
-        for i, pred in cascade.run(paths, val_boxes):
-            if isinstance(pred, str):
-                raise DataError(f"validation image became unreadable: {pred}")
-            truth = truths[i].to(device)
-            scores.append(dice(pred.prob > threshold, truth))
-            logit = torch.logit(pred.prob.clamp(1e-6, 1 - 1e-6))[None, None]
-            losses.append(bce_dice_loss(logit, truth.float()[None, None]).item())
-        return {"val_loss": float(np.mean(losses)), "val_dice": float(np.mean(scores))}
+    def predict(model):
+        for i, pred in Cascade(coarse, model, cfg, device).run(paths, val_boxes):
+            yield i, pred if isinstance(pred, str) else pred.prob
 
-    return validate
+    return predict
 
 
 def main(cfg: Settings) -> int:
@@ -135,5 +123,7 @@ def main(cfg: Settings) -> int:
     model = build_model(s, in_channels=4 if s.coarse_channel else 3, prior_skip=s.coarse_channel and s.prior_skip, seed=cfg.seed)
     crops = CropDataset(train_pairs, train_box, s, coarse, out / "cache" / "masks", seed=cfg.seed)
     with LoaderBatches(crops, s.batch_size, s.workers, device, ranks, seed=cfg.seed, per_item=s.crops_per_image) as batches:
-        fit(cfg, "stage2", model, batches, full_res_validator(val_pairs, cached, coarse_model, cfg, device), bad, about, device, ranks)
+        truths = [torch.from_numpy(read_mask(p.sample.mask)) for p in val_pairs]  # read once, not every epoch
+        validate = validator(cascade_predictions(val_pairs, cached, coarse_model, cfg, device), truths, mask_threshold(cfg, strict=False))
+        fit(cfg, "stage2", model, batches, validate, bad, about, device, ranks)
     return 0

@@ -6,13 +6,14 @@ from common.batches import TensorBatches
 from common.config import load_config
 from common.errors import CheckpointError
 from common.model import UNet, load_checkpoint, load_model
-from common.trainer import plot_history, train
+from common.trainer import plot_history, train, validator
+from stage1_lowres.train import coarse_predictions
 
 CONFIG = load_config(None, ["output.dir=elsewhere"])  # what a checkpoint records
 
 
 class Blobs(TensorBatches):
-    """Bright squares on noise, as uint8 images; `tensors` is the float view the validator uses."""
+    """Bright squares on noise, as uint8 images; `tensors` is their float view, `truths` the validator's masks."""
 
     def __init__(self, n=16, size=32, seed=0, batch_size=4):
         g = torch.Generator().manual_seed(seed)
@@ -22,7 +23,7 @@ class Blobs(TensorBatches):
             y[i, :, r : r + 10, c : c + 10] = 1
         x = ((torch.rand(n, 3, size, size, generator=g) * 0.3 + y * 0.5) * 255).round().byte()
         super().__init__(x, y.byte(), batch_size, torch.device("cpu"))
-        self.tensors = (x.float() / 255, y)
+        self.truths, self.tensors = list(y[:, 0].bool()), (x.float() / 255, y)
 
 
 def _blobs(n=16):
@@ -35,18 +36,8 @@ def _settings(**kw):
 
 
 def _validator(data):
-    x, y = data.tensors
-
-    def validate(model):
-        with torch.no_grad():
-            logits = model(x)
-        from common.losses import bce_dice_loss
-        from common.metrics import dice
-
-        return {"val_loss": bce_dice_loss(logits, y).item(),
-                "val_dice": float(sum(dice(p, t) for p, t in zip(logits[:, 0] > 0, y[:, 0] > 0.5)) / len(y))}
-
-    return validate
+    """Stage 1's validation over these images: `Coarse` predicts, the shared validator scores."""
+    return validator(coarse_predictions(data.images, torch.device("cpu"), 16), data.truths, 0.5)
 
 
 def test_loss_falls_and_outputs_are_written(tmp_path):
@@ -290,3 +281,17 @@ def test_a_loop_that_stops_early_leaves_no_worker_writing(tmp_path):
         assert len(workers) == 2
     assert not workers & set(multiprocessing.active_children())  # joined: nothing writes into a folder about to be removed
     assert len(list(tmp_path.iterdir())) < 64  # it did stop early
+
+
+def test_validation_scores_each_prediction_against_its_own_truth_and_names_an_unreadable_image():
+    """The shared validator pairs predictions with truths by index, whatever order the predictor
+    yields them in; an image the predictor could not read stops validation with its error."""
+    from common.errors import DataError
+
+    truths = [torch.zeros(8, 8, dtype=torch.bool), torch.ones(8, 8, dtype=torch.bool)]
+    truths[0][2:5, 2:5] = True
+    perfect_and_empty = lambda model: iter([(1, torch.zeros(8, 8)), (0, truths[0].float())])  # noqa: E731
+    scores = validator(perfect_and_empty, truths, 0.5)(None)
+    assert scores["val_dice"] == 0.5 and scores["val_loss"] > 0
+    with pytest.raises(DataError, match="b.jpg: truncated"):
+        validator(lambda model: iter([(0, "b.jpg: truncated")]), truths, 0.5)(None)
