@@ -4,9 +4,11 @@ same photos through `carvana cutout` one by one (the baseline), in the same run.
     .venv/bin/python benchmarks/bench_serve.py [--clients 8] [--requests 1000] [--minutes 10]
         [--depth 6 --width 16] [--device auto] [--batch1]
 
-Untrained nets of pipeline.yaml's shape (the speed does not depend on the weights). Prints one row
+Untrained nets of pipeline.yaml's shape, the same for every row (so the boxes stage 1 finds, and the tiles they
+need, are the same; their weights change nothing else of the cost). Prints one row
 per server (throughput, p50/p95/p99 latency, mean batch from /metrics, failed requests, the server's
-RSS after a warm-up at full concurrency and at the end) and the ratios: concurrent against one by one, and with
+RSS after a warm-up at full concurrency and at the end) and the ratios: concurrent against one by one (run
+before and after the servers, their mean), and with
 --batch1 the batching server against the same server with serve.max_batch=1 (the GPU goal is >= 4x).
 """
 from __future__ import annotations
@@ -105,10 +107,11 @@ def load(config: Path, photos: list[bytes], clients: int, requests: int, minutes
 
 
 def one_by_one(config: Path, paths: list[Path], out: Path) -> float:
-    """`carvana cutout` over the photos with batches of one: its own images/s line, the nets' loading aside."""
+    """`carvana cutout` over the photos with batches of one: its own rate line, from the nets loaded to the
+    last file written (the server's rate, too, includes encoding every answer)."""
     run = subprocess.run([sys.executable, "-m", "pipelines", "cutout", *map(str, paths), "--out", str(out), "--config", str(config),
                           "predict.batch_size=1"], capture_output=True, text=True, check=True)
-    return float(re.search(r"cutout: \d+ images in [\d.]+ s \(([\d.]+) images/s", run.stdout)[1])
+    return float(re.search(r"cutout: \d+ photos cut out into .* in [\d.]+ s \(([\d.]+) photos/s", run.stdout)[1])
 
 
 def main() -> None:
@@ -129,13 +132,17 @@ def main() -> None:
         cfg = make_run(Path(tmp), len(paths), args.depth, args.width, 256, [f"device={args.device}", "predict.batch_size=4"])
         save_config(cfg, Path(tmp) / "bench.yaml")
         config, photos = Path(tmp) / "bench.yaml", [p.read_bytes() for p in paths]
-        baseline = one_by_one(config, paths, Path(tmp) / "cut")
+        before = one_by_one(config, paths, Path(tmp) / "cut")
         rows = {f"serve, max_batch {args.max_batch}": load(config, photos, args.clients, args.requests, args.minutes,
                                                            [f"serve.max_batch={args.max_batch}"])}
         if args.batch1:
             rows["serve, max_batch 1"] = load(config, photos, args.clients, args.requests, args.minutes, ["serve.max_batch=1"])
+        after = one_by_one(config, paths, Path(tmp) / "cut-again")
+    # the baseline before and after the servers, and the ratio to their mean: a shared machine's pace drifts
+    # over minutes (2x seen on the 2-core CPU), which one baseline run would put into the ratio
+    baseline = (before + after) / 2
     print(f"{len(paths)} real photos, nets depth {args.depth} width {args.width}, {args.clients} clients, device {args.device}")
-    print(f"carvana cutout one by one: {baseline:.2f} photos/s")
+    print(f"carvana cutout one by one: {before:.2f} photos/s before the servers, {after:.2f} after")
     print(f"{'server':24} {'requests':>8} {'failed':>6} {'photos/s':>9} {'p50 s':>7} {'p95 s':>7} {'p99 s':>7} {'batch':>6} "
           f"{'RSS MiB start->half->end':>26} {'growth':>7}")
     for name, r in rows.items():
@@ -143,7 +150,7 @@ def main() -> None:
               f"{r['batch']:6.2f} {r['rss_start']:8.0f}->{r['rss_mid']:.0f}->{r['rss_end']:<7.0f} "
               f"{r['rss_end'] / r['rss_start'] - 1:7.1%}")
     first = next(iter(rows.values()))
-    print(f"concurrent / one by one: {first['rate'] / baseline:.2f}x")
+    print(f"concurrent / one by one (their mean): {first['rate'] / baseline:.2f}x")
     if args.batch1:
         print(f"max_batch {args.max_batch} / max_batch 1: {first['rate'] / rows['serve, max_batch 1']['rate']:.2f}x")
 

@@ -11,6 +11,7 @@ after finishing the rest.
 """
 from __future__ import annotations
 
+import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable
@@ -110,10 +111,11 @@ def cutout(inputs: list[str], out: str, cfg: Settings, composite: str | None = N
     photos = find_photos(inputs)
     todo = [p for p in photos if not all(path.exists() for path in outputs(out, p, tag))]
     log.info(f"cutout: {len(todo)} photos to do, {len(photos) - len(todo)} already done")
-    errors, pending = [], []
+    errors, pending, seconds = [], [], 0.0
     if todo:
         cascade = Cascade.from_config(cfg, pick_device(cfg.device))
         threshold = mask_threshold(cfg)
+        started = time.monotonic()  # the nets loaded: from here to the last file written
         make_alpha = soft_alpha if alpha == "soft" else hard_alpha
         with ThreadPoolExecutor(1, thread_name_prefix="cutout-writer") as pool:
             for i, pred in cascade.run(todo, desc="cutout"):
@@ -124,9 +126,11 @@ def cutout(inputs: list[str], out: str, cfg: Settings, composite: str | None = N
                 pending.append(pool.submit(_write, todo[i], alpha_on_host, outputs(out, todo[i], tag), colour))
                 _drain(pending, keep=8)
             _drain(pending, keep=0)
+        seconds = time.monotonic() - started
     if errors or (out / "errors.csv").exists():
         write_csv(out / "errors.csv", pd.DataFrame(errors, columns=["photo", "reason"]))
-    log.info(f"cutout: {len(todo) - len(errors)} photos cut out into {out}")
+    done = len(todo) - len(errors)
+    log.info(f"cutout: {done} photos cut out into {out}" + (f" in {seconds:.1f} s ({done / seconds:.2f} photos/s, files written)" if done else ""))
     if errors:
         log.info(f"cutout: {len(errors)} photo(s) could not be read, listed in {out / 'errors.csv'}")
         return 1
