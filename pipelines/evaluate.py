@@ -52,7 +52,7 @@ def plot_sweep(sweep: pd.DataFrame, path: Path) -> None:
     plt.close(fig)
 
 
-def overlay(image: np.ndarray, pred: np.ndarray, truth: np.ndarray, box: Box | None, windows: list, title_px: int = 0) -> np.ndarray:
+def overlay(image: np.ndarray, pred: np.ndarray, truth: np.ndarray, box: Box | None, windows: list) -> np.ndarray:
     """The image dimmed, errors in two colours, the box and the tile edges drawn."""
     out = (image * 0.55).astype(np.uint8)
     out[pred & ~truth] = FALSE_POSITIVE

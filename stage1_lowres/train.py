@@ -40,7 +40,7 @@ def main(cfg: Settings) -> int:
     s, data = cfg.stage1, cfg.data
     ranks, device = distributed.init(cfg.device)
     samples = index_split(data.root, "train", data.hq)
-    train_samples, val_samples = split_by_car(samples, data.val_cars)
+    _, val_samples = split_by_car(samples, data.val_cars)
     if not val_samples:
         raise DataError("stage 1 needs validation cars; set data.val_cars to a count, a list or k/K")
     size = (s.size, s.size)
