@@ -221,7 +221,8 @@ def validator(predict: Callable[[nn.Module], Predicted], truths: list[torch.Tens
             scores.append(dice(prob > threshold, truth))
             logit = torch.logit(prob.clamp(1e-6, 1 - 1e-6))[None, None]
             losses.append(bce_dice_loss(logit, truth.float()[None, None]).item())
-        return {"val_loss": sum(losses) / len(losses), "val_dice": sum(scores) / len(scores)}
+        mean = lambda values: sum(values) / len(values) if values else math.nan  # noqa: E731  no images: no score
+        return {"val_loss": mean(losses), "val_dice": mean(scores)}
 
     return validate
 

@@ -1,3 +1,5 @@
+import math
+
 import pandas as pd
 import pytest
 import torch
@@ -293,5 +295,6 @@ def test_validation_scores_each_prediction_against_its_own_truth_and_names_an_un
     perfect_and_empty = lambda model: iter([(1, torch.zeros(8, 8)), (0, truths[0].float())])  # noqa: E731
     scores = validator(perfect_and_empty, truths, 0.5)(None)
     assert scores["val_dice"] == 0.5 and scores["val_loss"] > 0
+    assert math.isnan(validator(lambda model: iter([]), [], 0.5)(None)["val_dice"])  # no images: no score, never best.pt
     with pytest.raises(DataError, match="b.jpg: truncated"):
         validator(lambda model: iter([(0, "b.jpg: truncated")]), truths, 0.5)(None)
