@@ -221,8 +221,9 @@ def validator(predict: Callable[[nn.Module], Predicted], truths: list[torch.Tens
             scores.append(dice(prob > threshold, truth))
             logit = torch.logit(prob.clamp(1e-6, 1 - 1e-6))[None, None]
             losses.append(bce_dice_loss(logit, truth.float()[None, None]).item())
-        mean = lambda values: sum(values) / len(values) if values else math.nan  # noqa: E731  no images: no score
-        return {"val_loss": mean(losses), "val_dice": mean(scores)}
+        if not scores:  # no images: no score, and never best.pt
+            return {"val_loss": math.nan, "val_dice": math.nan}
+        return {"val_loss": sum(losses) / len(losses), "val_dice": sum(scores) / len(scores)}
 
     return validate
 

@@ -49,8 +49,10 @@ from stage2_fullres.predict import Cascade
 FORMATS = ("JPEG", "PNG", "WEBP")
 try:
     # glibc keeps freed full-resolution buffers in the threads' malloc arenas, so a busy server's RSS climbs
-    # (+20% over 200 requests on a CPU); malloc_trim after each step hands the free pages back and the RSS
-    # stays flat (docs/experiments/2026-12-serve-memory.md). Absent outside glibc (macOS, musl): no trim.
+    # (+20% over 200 requests on a CPU); malloc_trim after a step hands the free pages back and the RSS
+    # stays flat (docs/experiments/2026-12-serve-memory.md). At most once a second: a CPU step takes
+    # seconds, a GPU's milliseconds, where a trim per step would walk the heap for little. Absent outside
+    # glibc (macOS, musl): no trim.
     _malloc_trim = ctypes.CDLL(None).malloc_trim
 except (AttributeError, OSError):
     _malloc_trim = None
@@ -91,6 +93,7 @@ class Batcher:
         # rotates through many of them makes the server's memory grow (rembg's server-mode complaint)
         self.host = ThreadPoolExecutor(2, thread_name_prefix="serve-host")  # decoding and encoding photos
         self.steps: list[ThreadPoolExecutor] = []
+        self.trimmed = 0.0  # when the heap was last trimmed (time.monotonic)
 
     async def on_host(self, fn, *args):
         """`fn(*args)` off the event loop, on the host threads."""
@@ -158,8 +161,9 @@ class Batcher:
         cuts = [ConfigError(p) if isinstance(p, str) else Cut(rgb, alpha(), p.box, p.found)
                 for rgb, p, alpha in zip(photos, preds, alphas)]
         del images, preds, alphas  # the step's full-resolution buffers, freed before the trim
-        if _malloc_trim is not None:
+        if _malloc_trim is not None and time.monotonic() - self.trimmed >= 1:
             _malloc_trim(0)
+            self.trimmed = time.monotonic()
         return cuts
 
 
