@@ -50,9 +50,9 @@ FORMATS = ("JPEG", "PNG", "WEBP")
 try:
     # glibc keeps freed full-resolution buffers in the threads' malloc arenas, so a busy server's RSS climbs
     # (+20% over 200 requests on a CPU); malloc_trim after a step hands the free pages back and the RSS
-    # stays flat (docs/experiments/2026-12-serve-memory.md). At most once a second: a CPU step takes
-    # seconds, a GPU's milliseconds, where a trim per step would walk the heap for little. Absent outside
-    # glibc (macOS, musl): no trim.
+    # stays flat (docs/experiments/2026-12-serve-memory.md). After the step that leaves the queue empty, so
+    # an idle server holds no garbage; under load at most once a second, so a GPU's millisecond steps do not
+    # each walk the heap. Absent outside glibc (macOS, musl): no trim.
     _malloc_trim = ctypes.CDLL(None).malloc_trim
 except (AttributeError, OSError):
     _malloc_trim = None
@@ -93,7 +93,7 @@ class Batcher:
         # rotates through many of them makes the server's memory grow (rembg's server-mode complaint)
         self.host = ThreadPoolExecutor(2, thread_name_prefix="serve-host")  # decoding and encoding photos
         self.steps: list[ThreadPoolExecutor] = []
-        self.trimmed = 0.0  # when the heap was last trimmed (time.monotonic)
+        self.trimmed = 0.0  # when the heap was last trimmed (the event loop's clock)
 
     async def on_host(self, fn, *args):
         """`fn(*args)` off the event loop, on the host threads."""
@@ -151,6 +151,10 @@ class Batcher:
             for (_, future), cut in zip(batch, cuts):
                 if not future.done():
                     future.set_exception(cut) if isinstance(cut, Exception) else future.set_result(cut)
+            del batch, cuts  # the step's photos and alphas now live only in their requests
+            if _malloc_trim is not None and (self.queue.empty() or loop.time() - self.trimmed >= 1):
+                self.trimmed = loop.time()
+                step.submit(_malloc_trim, 0)  # on the step's thread, ahead of the next step; the loop does not wait
 
     def _predict(self, cascade: Cascade, photos: list[np.ndarray]) -> list[Cut | Exception]:
         """One device step for the batch: the cascade's probability -> soft alpha on the device; only
@@ -158,13 +162,8 @@ class Batcher:
         images = [torch.from_numpy(rgb).to(cascade.device).permute(2, 0, 1) for rgb in photos]
         preds = cascade.predict(images, [None] * len(images))
         alphas = [None if isinstance(p, str) else to_host(soft_alpha(p.prob, self.threshold)) for p in preds]
-        cuts = [ConfigError(p) if isinstance(p, str) else Cut(rgb, alpha(), p.box, p.found)
+        return [ConfigError(p) if isinstance(p, str) else Cut(rgb, alpha(), p.box, p.found)
                 for rgb, p, alpha in zip(photos, preds, alphas)]
-        del images, preds, alphas  # the step's full-resolution buffers, freed before the trim
-        if _malloc_trim is not None and time.monotonic() - self.trimmed >= 1:
-            _malloc_trim(0)
-            self.trimmed = time.monotonic()
-        return cuts
 
 
 def render(cut: Cut, output: str, background: str, alpha: str, crop: bool, fmt: str) -> bytes:
