@@ -150,7 +150,8 @@ def main() -> None:
                     break
                 for server in servers.values():
                     server.burst(args.requests * (k + 1) // args.rounds - args.requests * k // args.rounds)
-            baseline.append(one_by_one(config, paths, Path(tmp) / "cut-last"))
+            else:  # after the last burst (a run stopped by --minutes ended with one already)
+                baseline.append(one_by_one(config, paths, Path(tmp) / "cut-last"))
             rows = {name: server.row() for name, server in servers.items()}
         finally:
             for server in servers.values():
