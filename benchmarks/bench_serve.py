@@ -11,8 +11,8 @@ burst and after the last, so both sample the machine's pace over the same minute
 drifts: 2-4x seen on the 2-core CPU, which a baseline run once before and once after would put into the
 ratio). Prints one row per server (throughput over its bursts, p50/p95/p99 latency, mean batch from /metrics,
 failed requests, the server's RSS after a warm-up at full concurrency, halfway and at the end, and idle after
-each round) and the ratios: concurrent against one by one, and with --batch1 the batching server against the same server with
-serve.max_batch=1 (the GPU goal is >= 4x).
+each round) and the ratios: concurrent against one by one, and with --batch1 the batching server against the
+same server with serve.max_batch=1 (the GPU goal is >= 4x).
 """
 from __future__ import annotations
 
@@ -124,7 +124,7 @@ def main() -> None:
     ap.add_argument("--clients", type=int, default=8)
     ap.add_argument("--requests", type=int, default=1000, help="per server, over all its bursts")
     ap.add_argument("--rounds", type=int, default=8, help="bursts per server, with the baseline before each and after the last")
-    ap.add_argument("--minutes", type=float, default=10, help="no burst starts after this")
+    ap.add_argument("--minutes", type=float, default=10, help="no round starts after this")
     ap.add_argument("--depth", type=int, default=6)
     ap.add_argument("--width", type=int, default=16)
     ap.add_argument("--device", default="auto")
@@ -144,14 +144,13 @@ def main() -> None:
         servers = {name: Server(config, extra, photos, args.clients) for name, extra in settings.items()}
         try:
             stop, baseline = time.monotonic() + args.minutes * 60, []
-            for k in range(args.rounds):
+            for k in range(args.rounds):  # at least one round, so every server has a row
                 baseline.append(one_by_one(config, paths, Path(tmp) / f"cut{k}"))
-                if time.monotonic() > stop:
-                    break
                 for server in servers.values():
                     server.burst(args.requests * (k + 1) // args.rounds - args.requests * k // args.rounds)
-            else:  # after the last burst (a run stopped by --minutes ended with one already)
-                baseline.append(one_by_one(config, paths, Path(tmp) / "cut-last"))
+                if time.monotonic() > stop:
+                    break
+            baseline.append(one_by_one(config, paths, Path(tmp) / "cut-last"))
             rows = {name: server.row() for name, server in servers.items()}
         finally:
             for server in servers.values():

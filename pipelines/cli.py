@@ -144,8 +144,8 @@ def main(argv: list[str] | None = None) -> int:
     # PyTorch's CPU allocator backs each tensor of 2 MB or more with transparent huge pages when this is
     # set (read at its first allocation, so before any command imports torch): a full-resolution step then
     # faults its fresh buffers in 2 MB pages instead of 4 kB ones. On a 2-core CPU `carvana cutout` ran 1.36x
-    # faster with 3.4x less time in the kernel, and `carvana serve` more so (its batches and heap trims fault
-    # in more memory per photo): docs/experiments/2026-12-serve-throughput.md.
+    # faster with 3.4x less time in the kernel, and `carvana serve` went from 0.84x to 1.14x of cutout's rate
+    # (docs/experiments/2026-12-serve-throughput.md).
     # Child processes inherit it; THP_MEM_ALLOC_ENABLE=0 turns it off.
     os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
     warnings.formatwarning = lambda msg, cat, *a, **k: f"warning: {msg}\n"
