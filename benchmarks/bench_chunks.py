@@ -19,7 +19,8 @@ from pathlib import Path
 import numpy as np
 from skimage.draw import ellipse
 
-from common.data import ChunkStore, rle_encode, write_submission
+from common.data.chunks import ChunkStore, write_submission
+from common.data.rle import rle_encode
 
 COLUMNS = ["img", "rle_mask", "error"]
 

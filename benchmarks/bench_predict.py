@@ -20,12 +20,13 @@ from pathlib import Path
 import torch
 
 from common.config import Settings, load_config
-from common.data import rle_encode
+from common.data.rle import rle_encode
 from common.model import UNet
-from common.predictor import read_batches
+from common.prediction.reader import read_batches
 from stage1_lowres.predict import upsample
 from stage2_fullres import predict as s2_predict
-from stage2_fullres.predict import Cascade, cut_tiles, plan_tiles, stitch
+from stage2_fullres.predict import Cascade
+from stage2_fullres.tiles import cut_tiles, plan_tiles, stitch
 
 REAL = Path(__file__).resolve().parents[2] / "shared" / "carvana_samples" / "test_fullres"
 BOX = (60, 300, 1860, 1100)  # a wide car: two 1024 tiles, as 69% of real cars need
@@ -69,10 +70,10 @@ def timed(device, fn, *args):
 def end_to_end(cfg: Settings, device: torch.device) -> float:
     """Seconds of a whole `stage2 predict` over the run's test images, after a 2-image warm-up
     (cudnn benchmark, allocator, page cache) whose chunks are then deleted."""
-    s2_predict.main(cfg.updated({"data.limit_test": 2}))
+    s2_predict.main(cfg.updated({"data.limit_test": 2}), cfg.predict.threshold)
     for part in Path(cfg.output.dir, "stage2_chunks").glob("*/*"):
         part.unlink()
-    return timed(device, s2_predict.main, cfg)[1]
+    return timed(device, s2_predict.main, cfg, cfg.predict.threshold)[1]
 
 
 def stage_seconds(cfg: Settings, cascade: Cascade, device: torch.device, batch: int) -> dict[str, float]:
@@ -81,7 +82,7 @@ def stage_seconds(cfg: Settings, cascade: Cascade, device: torch.device, batch: 
     steps: dict[str, float] = {}
     batches, t_read = timed(device, lambda: [b for b in read_batches(paths, device, batch, cascade.workers)])
     steps["read + decode (workers, overlapped)"] = t_read / len(paths)
-    images = [im for _, im, _ in batches[0]]
+    images = [d.image for d in batches[0]]
     k = len(images)
     small, t = timed(device, cascade.coarse.probs, images)
     steps["stage-1 net (resize on device)"] = t / k

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from common.io import read_image
+from common.data.images import read_image
 
 REAL = Path(__file__).resolve().parents[1].parent / "shared" / "carvana_samples" / "test_fullres"
 
@@ -30,7 +30,7 @@ def best_of(fn, *args, repeat: int = 10) -> float:
 def sample_images() -> list[Path]:
     if REAL.is_dir():
         return sorted(REAL.glob("*.jpg"))[:4]
-    from common.synth import car_params, render
+    from common.data.synth import car_params, render
 
     tmp = Path(tempfile.mkdtemp())
     paths = []

@@ -6,7 +6,7 @@ import time
 import numpy as np
 from skimage.draw import ellipse
 
-from common.data import rle_encode
+from common.data.rle import rle_encode
 
 
 def textbook(mask: np.ndarray) -> str:

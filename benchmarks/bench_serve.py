@@ -18,10 +18,10 @@ from __future__ import annotations
 
 import argparse
 import re
-import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -59,12 +59,12 @@ class Server:
     """A real `carvana serve` process, driven in bursts of concurrent requests; it idles between them."""
 
     def __init__(self, config: Path, extra: list[str], photos: list[bytes], clients: int):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        self.process = subprocess.Popen([sys.executable, "-m", "pipelines", "serve", "--port", str(port), "--config", str(config),
-                                         *extra], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        self.url, self.photos, self.clients = f"http://127.0.0.1:{port}", photos, clients
+        self.process = subprocess.Popen([sys.executable, "-m", "pipelines", "serve", "--port", "0", "--config", str(config), *extra],
+                                        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        address = next((m[1] for line in self.process.stdout if (m := re.search(r"serve: (http://[^/\s]+)/", line))), None)
+        assert address, "the server died at start"
+        threading.Thread(target=self.process.stdout.read, daemon=True).start()  # the rest is drained: a full pipe would block it
+        self.url, self.photos, self.clients = address, photos, clients
         self.results: list[tuple[int, float]] = []
         self.seconds, self.sent, self.rss, self.rss_rounds = 0.0, 0, [], []
         while True:

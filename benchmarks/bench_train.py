@@ -23,14 +23,13 @@ from pathlib import Path
 
 import torch
 
-from common.batches import LoaderBatches, TensorBatches, scan_pairs
 from common.boxes import expand_box
 from common.config import load_config
-from common.data import index_split
-from common.distributed import Ranks
-from common.losses import bce_dice_loss
+from common.data.kaggle import index_split
 from common.model import UNet, amp_dtype
-from common.trainer import Clock, build_optimizer, train_one_epoch
+from common.training.batches import LoaderBatches, TensorBatches, scan_pairs
+from common.training.losses import bce_dice_loss
+from common.training.trainer import Clock, Loop, build_optimizer, train_one_epoch
 from stage1_lowres.train import as_tensors
 from stage2_fullres.train import CropDataset
 
@@ -84,16 +83,15 @@ def loop_rate(model: torch.nn.Module, s: dict, data, steps: int) -> tuple[float,
     and the share of its time spent waiting for data."""
     opt, dtype = build_optimizer(model, s), amp_dtype(s.precision, DEVICE)
     scaler = torch.amp.GradScaler("cuda", enabled=dtype == torch.float16)
-    clock = Clock(0)
     limited = Limited(data, steps)
-    net = torch.compile(model) if s.compile else model
-    train_one_epoch(net, opt, scaler, limited, 0, s, DEVICE, dtype, clock, Ranks(), 0)  # warm-up, mask cache filled
+    loop = Loop(torch.compile(model) if s.compile else model, opt, scaler, s, DEVICE, dtype, Clock(0))
+    train_one_epoch(loop, limited, 0)  # warm-up, mask cache filled
     sync()
     t = time.perf_counter()
-    stats = train_one_epoch(net, opt, scaler, limited, 1, s, DEVICE, dtype, clock, Ranks(), 0)
+    stats = train_one_epoch(loop, limited, 1)
     sync()
     seconds = time.perf_counter() - t
-    return stats["images"] / seconds, stats["data_s"] / seconds
+    return stats.images / seconds, stats.data_seconds / seconds
 
 
 def stage1(steps: int, depth: int, width: int, compile: bool = False, real: Path = REAL, size: int = 0) -> list[tuple]:
@@ -116,7 +114,7 @@ def stage1(steps: int, depth: int, width: int, compile: bool = False, real: Path
 
 def stage2(steps: int, depth: int, width: int, compile: bool = False, crop: int = 384, per_item: tuple[int, ...] = (1, 4),
            cars: int = 2) -> list[tuple]:
-    from common.synth import write_sample_data
+    from common.data.synth import write_sample_data
 
     rows = []
     batch = 16 if CUDA else 4

@@ -46,15 +46,14 @@ import numpy as np
 import pandas as pd
 import torch
 
-from common.batches import TensorBatches
 from common.config import Settings, load_config, save_config
-from common.data import rle_decode
-from common.distributed import Ranks
-from common.io import read_image
+from common.data.images import read_image
+from common.data.rle import rle_decode
 from common.metrics import dice
 from common.model import UNet, amp_dtype
-from common.predictor import nvjpeg_decoder
-from common.trainer import Clock, build_optimizer, train_one_epoch
+from common.prediction.reader import nvjpeg_decoder
+from common.training.batches import TensorBatches
+from common.training.trainer import Clock, Loop, build_optimizer, train_one_epoch
 from stage1_lowres import predict as s1_predict
 from stage1_lowres import train as s1_train
 from stage2_fullres import train as s2_train
@@ -104,7 +103,7 @@ def train_checkpoints(work: Path, samples: Path, quick: bool) -> tuple[dict, Pat
                              *settings(quick)])
     s1_train.main(cfg)
     s1_predict.main(cfg)
-    s2_train.main(cfg)
+    s2_train.main(cfg, cfg.predict.threshold)
     path = work / "run.yaml"
     save_config(cfg, path)
     return cfg, path
@@ -205,13 +204,14 @@ def train_one_sync(steps: int) -> tuple[bool, dict]:
     model = UNet(3, 4, 8).to(DEVICE).to(memory_format=torch.channels_last)
     opt, dtype = build_optimizer(model, s), amp_dtype(s.precision, DEVICE)
     scaler = torch.amp.GradScaler("cuda", enabled=dtype == torch.float16)
-    train_one_epoch(model, opt, scaler, data, 0, s, DEVICE, dtype, Clock(0), Ranks(), 0)  # warm-up: cudnn, allocator
+    loop = Loop(model, opt, scaler, s, DEVICE, dtype, Clock(0))
+    train_one_epoch(loop, data, 0)  # warm-up: cudnn, allocator
     torch.cuda.synchronize()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         torch.cuda.set_sync_debug_mode("warn")
         try:
-            train_one_epoch(model, opt, scaler, data, 1, s, DEVICE, dtype, Clock(0), Ranks(), 0)
+            train_one_epoch(loop, data, 1)
         finally:
             torch.cuda.set_sync_debug_mode("default")
     syncs = [str(w.message).splitlines()[0] for w in caught if "synchroniz" in str(w.message)]

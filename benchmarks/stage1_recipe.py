@@ -22,13 +22,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from common.batches import Pair, scan_pairs
-from common.data import index_split, split_by_car
-from common.distributed import Ranks
-from common.losses import bce_dice_loss, edge_band
+from common.config import load_config
+from common.data.kaggle import index_split, split_by_car
 from common.metrics import dice
 from common.model import UNet, amp_dtype, autocast, load_model, prepare
-from common.trainer import faster_cpu_dtype
+from common.training.batches import Pair, scan_pairs
+from common.training.distributed import Ranks
+from common.training.losses import bce_dice_loss, edge_band
+from common.training.trainer import faster_cpu_dtype
 from stage1_lowres.predict import Coarse, upsample
 from stage1_lowres.train import as_tensors
 
@@ -51,7 +52,8 @@ def plain(minutes: float) -> None:
     torch.manual_seed(0)
     model = UNet(3, 5, 16)
     opt = torch.optim.Adam(model.parameters(), 1e-3)
-    dtype = faster_cpu_dtype(model, {"size": 256, "batch_size": 4}, [], Ranks()) if amp_dtype("auto", CPU) else None
+    recipe = load_config(None, ["stage1.size=256", "stage1.batch_size=4"]).stage1
+    dtype = faster_cpu_dtype(model, recipe, [], Ranks()) if amp_dtype("auto", CPU) else None
     t0, steps = time.monotonic(), 0
     while time.monotonic() - t0 < minutes * 60:
         for idx in torch.randperm(len(xt)).split(4):

@@ -8,6 +8,8 @@ typing and the checks; this module turns its errors into one line naming the key
 from __future__ import annotations
 
 import difflib
+import hashlib
+import json
 import re
 import types
 import typing
@@ -206,20 +208,23 @@ def _affects(key: str) -> set[str]:
     return {f"{section}.{t}" if t == "model" else t for t in tags}
 
 
-_DEPENDS = {o: [k for k in FIELDS if o in _affects(k)] for o in OUTPUTS}
-for _o, _keys in _DEPENDS.items():  # cache keys name settings by their name within a section: unique per output
-    assert len({k.rsplit(".", 1)[-1] for k in _keys}) == len(_keys), f"two settings named alike change {_o}: {_keys}"
+DEPENDS = {o: [k for k in FIELDS if o in _affects(k)] for o in OUTPUTS}  # output -> the dotted keys of its settings
 
 
 def depends(cfg: Settings, output: str) -> dict[str, Any]:
     """The settings `output` (one of OUTPUTS) depends on, by name within their section: what its
     cache key or pipeline fingerprint hashes, so a new setting needs only its declaration. A stage's
     budget (`max_minutes`) changes its model only when it fixes the epoch count (`epochs: auto`)."""
-    values = {k.rsplit(".", 1)[-1]: _get(cfg, k) for k in _DEPENDS[output]}
+    values = {k.rsplit(".", 1)[-1]: _get(cfg, k) for k in DEPENDS[output]}  # tests/test_config.py: names unique per output
     stage = output.removesuffix(".model")
     if stage in ("stage1", "stage2") and getattr(cfg, stage).epochs == "auto":
         values["max_minutes"] = getattr(cfg, stage).max_minutes
     return values
+
+
+def digest(parts: Any, length: int = 16) -> str:
+    """A short, stable hash of JSON-able parts (keys sorted): what cache keys and fingerprints are."""
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:length]
 
 
 def _get(cfg: Settings, key: str) -> Any:
@@ -370,13 +375,13 @@ def _validate(cfg: Settings) -> None:
                           f"got {cluster!r}")
 
 
-def save_config(cfg: Settings, path: str | Path) -> None:
-    write_text(path, yaml.safe_dump(cfg.model_dump(), sort_keys=False))
-
-
 def as_yaml(cfg: Settings) -> str:
     """What `carvana config` prints: the settings a job would run with."""
     return yaml.safe_dump(cfg.model_dump(), sort_keys=False)
+
+
+def save_config(cfg: Settings, path: str | Path) -> None:
+    write_text(path, as_yaml(cfg))
 
 
 def reference() -> str:

@@ -1,9 +1,13 @@
-"""The project's errors: one base class, and on each class the exit status `carvana` ends with.
+"""The project's errors: one base class, and on each class the exit status `carvana` ends with;
+and `Failure`, the result of one image that could not be predicted, which is not an error.
 
 User mistakes, which the message says how to fix, exit 2; failures during the work exit 1; an
 interrupt exits 130 (pipelines/cli.py). Every message names the file, setting or photo at fault.
 """
 from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
 
 
 class CarvanaError(Exception):
@@ -27,7 +31,14 @@ class DataError(UserError, ValueError):
 
 
 class ImageReadError(DataError):
-    """An image or mask that cannot be used; the message names the file and the reason."""
+    """An image or mask that cannot be used: `file` (a path, or the name of an upload) and `reason`."""
+
+    def __init__(self, file: object, reason: str):
+        super().__init__(f"{file}: {reason}")
+        self.file, self.reason = str(file), reason
+
+    def __reduce__(self):  # pickled (reader processes, Dask) with both parts
+        return type(self), (self.file, self.reason)
 
 
 class UnsupportedImage(ImageReadError):
@@ -61,3 +72,22 @@ class ClusterError(CarvanaError):
 class OutputError(CarvanaError, OSError):
     """A result that could not be written (full disk, no permission, read-only place); names the file.
     Finished work stays: the same command continues once it can write."""
+
+
+@dataclass(frozen=True)
+class Failure:
+    """One image's result when it has no prediction: the file (or upload) and why, and where it was
+    given up (`read`: the file could not be decoded; `stage1`, `stage2`: a stage could not predict
+    it). A result, not an exception: the run goes on with the other images, and the command lists
+    the failures in errors.csv and exits 1 at the end."""
+
+    file: str
+    reason: str
+    stage: Literal["read", "stage1", "stage2"] = "read"
+
+    @classmethod
+    def of(cls, error: ImageReadError) -> Failure:
+        return cls(error.file, error.reason, "read")
+
+    def __str__(self) -> str:
+        return f"{self.file}: {self.reason}"

@@ -70,13 +70,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def dispatch(args: argparse.Namespace) -> int:
     if args.command == "sample-data":
-        from common.synth import write_sample_data
+        from common.data.synth import write_sample_data
 
         out = write_sample_data(args.out, cars=args.cars, test_cars=args.test_cars, seed=args.seed)
         print(f"wrote {args.cars} training and {args.test_cars} test cars to {out}")
         return 0
     if args.command == "plot":
-        from common.trainer import plot_history
+        from common.training.trainer import plot_history
 
         print(plot_history(args.run_dir))
         return 0
@@ -109,12 +109,23 @@ def dispatch(args: argparse.Namespace) -> int:
 
             return train_folds(args.stage, args.k, cfg)
         if args.command == "evaluate":
-            from pipelines.evaluate import evaluate
+            from pipelines.evaluate import main as evaluate
 
-            evaluate(cfg)
-            return 0
-        module = __import__(f"{'stage1_lowres' if args.command == 'stage1' else 'stage2_fullres'}.{args.action}", fromlist=["main"])
-        return module.main(cfg) or 0
+            return evaluate(cfg)
+        return _stage(args.command, args.action, cfg)
+
+
+def _stage(stage: str, action: str, cfg) -> int:
+    """`carvana stage1|stage2 train|predict`; stage 2 is handed its mask threshold (`mask_threshold`)."""
+    if stage == "stage1":
+        from stage1_lowres import predict, train
+
+        return (train if action == "train" else predict).main(cfg)
+    from pipelines.evaluate import mask_threshold
+    from stage2_fullres import predict, train
+
+    threshold = mask_threshold(cfg, strict=action == "predict")  # training validates at 0.5 until a sweep exists
+    return (train if action == "train" else predict).main(cfg, threshold)
 
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:

@@ -13,16 +13,25 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from common import distributed
-from common.config import Settings, depends, load_config, save_config
+from common.config import Settings, depends, digest, load_config, save_config
 from common.errors import ConfigError
 from common.io import output_lock, write_text
 from common.log import log
+from common.training import distributed
 
-DISTRIBUTED_STEPS = {"stage1_train", "stage2_train"}  # the steps every torchrun rank runs (DDP)
+
+@dataclass(frozen=True)
+class Step:
+    name: str
+    inputs: tuple[str, ...]  # the steps whose outputs it reads: their fingerprints are part of its own
+    outputs: tuple[Path, ...]  # what it makes; a missing one reruns it
+    reads: Callable[[], dict]  # what its outputs depend on: the settings it reads (and the data files' listing)
+    action: Callable[[Settings], int]  # its exit status
+    every_rank: bool = False  # under torchrun: run on every rank (DDP training), not on rank 0 alone
 
 
 def _data_fingerprint(cfg: Settings) -> str:
@@ -35,10 +44,11 @@ def _data_fingerprint(cfg: Settings) -> str:
     return h.hexdigest()
 
 
-def _steps(cfg: Settings) -> list[tuple[str, list[str], Callable[[], dict], Callable[[Settings], int | None], list[Path]]]:
-    """(name, upstream steps, settings it reads, action, outputs)."""
-    from common.synth import write_sample_data
-    from pipelines.evaluate import evaluate
+def steps(cfg: Settings) -> list[Step]:
+    """The pipeline's steps, in order."""
+    from common.data.synth import write_sample_data
+    from pipelines.evaluate import main as evaluate
+    from pipelines.evaluate import mask_threshold
     from stage1_lowres import predict as s1_predict
     from stage1_lowres import train as s1_train
     from stage2_fullres import predict as s2_predict
@@ -46,24 +56,27 @@ def _steps(cfg: Settings) -> list[tuple[str, list[str], Callable[[], dict], Call
 
     out = Path(cfg.output.dir)
 
-    def sample(c: Settings):
+    def sample(c: Settings) -> int:
         log.info(f"generating {c.sample.cars} training and {c.sample.test_cars} test cars into {c.data.root}")
         write_sample_data(c.data.root, c.sample.cars, c.sample.test_cars, c.sample.seed)
+        return 0
 
     def reads(*outputs: str, files: bool = False) -> Callable[[], dict]:
         """A step's fingerprint: the settings its outputs depend on, as their declarations say."""
         return lambda: {o: depends(cfg, o) for o in outputs} | ({"files": _data_fingerprint(cfg)} if files else {})
 
+    auto = cfg.predict.threshold == "auto"  # the submission then uses the threshold evaluate found best
     return [
-        ("sample_data", [], reads("sample"), sample, [Path(cfg.data.root) / "train"]),
-        ("stage1_train", ["sample_data"], reads("stage1.model", files=True), s1_train.main, [out / "stage1" / "best.pt"]),
-        ("stage1_predict", ["stage1_train"], reads("boxes", "test_rows"), s1_predict.main,
-         [out / "bboxes.csv", out / "stage1_submission.csv.gz"]),
-        ("stage2_train", ["stage1_predict"], reads("stage2.model"), s2_train.main, [out / "stage2" / "best.pt"]),
-        ("evaluate", ["stage2_train"], reads("masks"), lambda c: evaluate(c) is None, [out / "report" / "metrics.csv"]),
-        # with predict.threshold=auto the submission uses the threshold evaluate found best
-        ("stage2_predict", ["stage2_train"] + (["evaluate"] if cfg.predict.threshold == "auto" else []),
-         reads("masks", "test_rows"), s2_predict.main, [out / "submission.csv.gz"]),
+        Step("sample_data", (), (Path(cfg.data.root) / "train",), reads("sample"), sample),
+        Step("stage1_train", ("sample_data",), (out / "stage1" / "best.pt",), reads("stage1.model", files=True), s1_train.main,
+             every_rank=True),
+        Step("stage1_predict", ("stage1_train",), (out / "bboxes.csv", out / "stage1_submission.csv.gz"),
+             reads("boxes", "test_rows"), s1_predict.main),
+        Step("stage2_train", ("stage1_predict",), (out / "stage2" / "best.pt",), reads("stage2.model"),
+             lambda c: s2_train.main(c, mask_threshold(c, strict=False)), every_rank=True),
+        Step("evaluate", ("stage2_train",), (out / "report" / "metrics.csv",), reads("masks"), evaluate),
+        Step("stage2_predict", ("stage2_train", "evaluate") if auto else ("stage2_train",), (out / "submission.csv.gz",),
+             reads("masks", "test_rows"), lambda c: s2_predict.main(c, mask_threshold(c))),
     ]
 
 
@@ -75,17 +88,17 @@ def run_pipeline(config: str, overrides: list[str], force: list[str] = ()) -> in
 
 def _run_steps(cfg: Settings, force: list[str]) -> int:
     out = Path(cfg.output.dir)
-    state_path = out / "pipeline_state.json"
-    steps = _steps(cfg)
-    names = [s[0] for s in steps]
-    unknown = [f for f in force if f not in names + ["report"]]
+    pipeline = steps(cfg)
+    names = [s.name for s in pipeline] + ["report"]
+    unknown = [f for f in force if f not in names]
     if unknown:
-        raise ConfigError(f"--force {unknown[0]}: not a step; steps are {', '.join(names + ['report'])}")
+        raise ConfigError(f"--force {unknown[0]}: not a step; steps are {', '.join(names)}")
     if cfg.sample.cars == 0:  # real data: nothing to generate
-        steps = [s for s in steps if s[0] != "sample_data"]
+        pipeline = [s for s in pipeline if s.name != "sample_data"]
     ranks = distributed.ranks()
     if ranks.on:  # under torchrun: training steps on every rank, the others on rank 0 while the rest wait
         distributed.init(cfg.device)
+    state_path = out / "pipeline_state.json"
     state = distributed.from_main(json.loads(state_path.read_text()) if ranks.main and state_path.is_file() else {})
     if ranks.main:
         save_config(cfg, out / "config.yaml")
@@ -97,41 +110,28 @@ def _run_steps(cfg: Settings, force: list[str]) -> int:
         if ranks.main:
             write_text(state_path, json.dumps(state, indent=2))
 
-    for name, upstream, settings, action, outputs in steps:
-        if any(u in forced for u in upstream):
-            forced.add(name)
-        fp = hashlib.sha256(json.dumps([settings(), [fingerprints.get(u, "") for u in upstream]], sort_keys=True, default=str).encode()).hexdigest()[:16]
-        fingerprints[name] = fp
-        record = state.get(name, {})
-        missing = [str(p) for p in outputs if not p.exists()]
-        if name == "sample_data" and not missing:
-            reason = None  # a data root that has data is never overwritten
-        elif name in forced:
-            reason = "forced"
-        elif record.get("finished") != fp:
-            reason = "settings or inputs changed" if record.get("finished") else "not run before"
-        elif missing:
-            reason = f"output missing: {missing[0]}"
-        else:
-            reason = None
-        reason = distributed.from_main(reason)  # rank 0's view of the outputs decides for every rank
+    for step in pipeline:
+        if any(u in forced for u in step.inputs):
+            forced.add(step.name)
+        fp = fingerprints[step.name] = digest([step.reads(), [fingerprints.get(u, "") for u in step.inputs]])
+        record = state.get(step.name, {})
+        reason = distributed.from_main(_why_run(step, record, fp, step.name in forced))  # rank 0's view of the outputs decides
         if reason is None:
-            log.info(f"[skip] {name}: outputs present and fingerprint {fp} unchanged")
-            table.append({"step": name, "state": "skipped", "seconds": 0.0})
+            log.info(f"[skip] {step.name}: outputs present and fingerprint {fp} unchanged")
+            table.append({"step": step.name, "state": "skipped", "seconds": 0.0})
             continue
         resume = record.get("started") == fp and reason != "forced"
-        log.info(f"[run]  {name}: {reason}" + (" (resuming an interrupted run)" if resume else ""))
-        state[name] = {"started": fp}
+        log.info(f"[run]  {step.name}: {reason}" + (" (resuming an interrupted run)" if resume else ""))
+        state[step.name] = {"started": fp}
         save_state()
-        step_cfg = cfg.updated({"stage1.resume": resume, "stage2.resume": resume})
         t0 = time.monotonic()
-        code = (action(step_cfg) or 0) if ranks.main or name in DISTRIBUTED_STEPS else 0
+        code = step.action(cfg.updated({"stage1.resume": resume, "stage2.resume": resume})) if ranks.main or step.every_rank else 0
         distributed.barrier()
         seconds = time.monotonic() - t0
         status = max(status, code)
-        state[name] = {"started": fp, "finished": fp, "seconds": round(seconds, 1)}
+        state[step.name] = {"started": fp, "finished": fp, "seconds": round(seconds, 1)}
         save_state()
-        table.append({"step": name, "state": "ran" if code == 0 else f"ran (exit {code})", "seconds": round(seconds, 1)})
+        table.append({"step": step.name, "state": "ran" if code == 0 else f"ran (exit {code})", "seconds": round(seconds, 1)})
 
     if not ranks.main:
         return status
@@ -141,6 +141,20 @@ def _run_steps(cfg: Settings, force: list[str]) -> int:
     table.append({"step": "report", "state": "ran", "seconds": 0.0})
     _print_summary(cfg, table, report)
     return status
+
+
+def _why_run(step: Step, record: dict, fingerprint: str, forced: bool) -> str | None:
+    """Why `step` runs (None: it is skipped): its record in pipeline_state.json and its outputs against `fingerprint`."""
+    missing = [str(p) for p in step.outputs if not p.exists()]
+    if step.name == "sample_data" and not missing:
+        return None  # a data root that has data is never overwritten
+    if forced:
+        return "forced"
+    if record.get("finished") != fingerprint:
+        return "settings or inputs changed" if record.get("finished") else "not run before"
+    if missing:
+        return f"output missing: {missing[0]}"
+    return None
 
 
 def _print_summary(cfg: Settings, table: list[dict], report: Path) -> None:

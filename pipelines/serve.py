@@ -10,6 +10,8 @@ runs them through the one predictor (`Cascade.predict`, as `stage2 predict` and 
 in one device step. The queue is bounded (`serve.max_queue`): when full, 503 with Retry-After, so
 memory stays bounded. Bad input gets a 4xx with `{"error": ...}` naming the problem; nothing is
 written to disk. SIGTERM (uvicorn's) stops accepting, lets the requests in flight finish, exits 0.
+Every parameter, body, answer and error is declared to FastAPI, so `/openapi.json` (and `/docs`)
+describe the API as it behaves.
 """
 from __future__ import annotations
 
@@ -19,31 +21,36 @@ import ctypes
 import io
 import os
 import signal
+import socket
 import threading
 import time
-import warnings
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
-from fastapi import APIRouter, FastAPI, HTTPException, Request
+from fastapi import APIRouter, FastAPI, HTTPException, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from PIL import Image, ImageColor
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
-from starlette.formparsers import MultiPartParser
+from pydantic import BaseModel
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.formparsers import MultiPartException, MultiPartParser
 
+from common.boxes import Box
 from common.config import Settings
-from common.data import rle_encode
-from common.errors import ConfigError, ImageReadError, TooLarge, UnsupportedImage
-from common.io import decode_photo
+from common.data.images import decode_photo
+from common.data.rle import rle_encode
+from common.errors import ConfigError, Failure, ImageReadError, TooLarge, UnsupportedImage
 from common.log import log
 from common.model import pick_device
-from common.predictor import mask_threshold, to_host
-from pipelines.cutout import composite_on, soft_alpha
+from common.prediction.writer import to_host
+from pipelines import matting
+from pipelines.evaluate import mask_threshold
 from stage2_fullres.predict import Cascade
 
 FORMATS = ("JPEG", "PNG", "WEBP")
@@ -59,13 +66,15 @@ except (AttributeError, OSError):
 MEDIA = {"png": "image/png", "webp": "image/webp", "jpeg": "image/jpeg"}
 
 
-@dataclass
+@dataclass(frozen=True)
 class Cut:
-    """One photo's result on the host: its pixels, the soft alpha (>= 128 is the mask) and the box."""
+    """One photo's result on the host: its pixels, its mask (the submission's, `Prediction.mask`),
+    the soft alpha (>= 128 exactly on the mask) and the box."""
 
     rgb: np.ndarray
+    mask: np.ndarray
     alpha: np.ndarray
-    box: tuple[int, int, int, int]
+    box: Box
     found: bool
 
 
@@ -120,7 +129,7 @@ class Batcher:
         for pool in [self.host, *self.steps]:
             pool.shutdown(wait=False, cancel_futures=True)
 
-    async def cut(self, rgb: np.ndarray) -> Cut:
+    async def cut(self, rgb: np.ndarray) -> Cut | Failure:
         """The photo's cut, after it has waited its turn; QueueFull when the queue is full."""
         future = asyncio.get_running_loop().create_future()
         self.queue.put_nowait((rgb, future))
@@ -156,19 +165,26 @@ class Batcher:
                 self.trimmed = loop.time()
                 step.submit(_malloc_trim, 0)  # on the step's thread, ahead of the next step; the loop does not wait
 
-    def _predict(self, cascade: Cascade, photos: list[np.ndarray]) -> list[Cut | Exception]:
-        """One device step for the batch: the cascade's probability -> soft alpha on the device; only
-        uint8 alphas come back."""
+    def _predict(self, cascade: Cascade, photos: list[np.ndarray]) -> list[Cut | Failure]:
+        """One device step for the batch: the cascade's mask and soft alpha made on the device; only
+        they come back, as bool and uint8."""
         images = [torch.from_numpy(rgb).to(cascade.device).permute(2, 0, 1) for rgb in photos]
-        preds = cascade.predict(images, [None] * len(images))
-        alphas = [None if isinstance(p, str) else to_host(soft_alpha(p.prob, self.threshold)) for p in preds]
-        return [ConfigError(p) if isinstance(p, str) else Cut(rgb, alpha(), p.box, p.found)
-                for rgb, p, alpha in zip(photos, preds, alphas)]
+        results = cascade.predict(images, [None] * len(images))
+        copies = [None if isinstance(r, Failure) else (to_host(r.mask(self.threshold)), to_host(matting.alpha(r, self.threshold)))
+                  for r in results]  # every copy started before the first is awaited
+        cuts: list[Cut | Failure] = []
+        for rgb, result, copy in zip(photos, results, copies):
+            if isinstance(result, Failure):
+                cuts.append(replace(result, file="upload"))
+            else:
+                mask, edge = copy
+                cuts.append(Cut(rgb, mask(), edge(), result.box, result.found))
+        return cuts
 
 
-def render(cut: Cut, output: str, background: str, alpha: str, crop: bool, fmt: str) -> bytes:
+def render(cut: Cut, output: str, background: str, soft: bool, crop: bool, fmt: str) -> bytes:
     """The answer image of `/v1/cutout`'s query: rgba | mask | composite, soft or hard edge, cropped to the box."""
-    a = cut.alpha if alpha == "soft" else np.where(cut.alpha >= 128, 255, 0).astype(np.uint8)
+    a = cut.alpha if soft else cut.mask.astype(np.uint8) * 255
     rgb = cut.rgb
     if crop:
         x0, y0, x1, y1 = cut.box
@@ -176,19 +192,52 @@ def render(cut: Cut, output: str, background: str, alpha: str, crop: bool, fmt: 
     if output == "mask":
         image = Image.fromarray(a)
     elif output == "composite":
-        image = Image.fromarray(composite_on(rgb, a, ImageColor.getrgb(background)))
+        image = Image.fromarray(matting.composite_on(rgb, a, ImageColor.getrgb(background)))
     else:
-        image = Image.fromarray(np.dstack([rgb, a]))
+        image = Image.fromarray(matting.rgba(rgb, a))
     buf = io.BytesIO()
     image.save(buf, format=fmt.upper(), **({"quality": 92} if fmt != "png" else {"compress_level": 1}))  # level 1: 3x faster
     return buf.getvalue()
 
 
-def _choice(request: Request, name: str, allowed: tuple[str, ...], default: str) -> str:
-    value = request.query_params.get(name, default).lower()
-    if value not in allowed:
-        raise HTTPException(400, f"{name}={value}: use one of {', '.join(allowed)}")
-    return value
+# --- the API's contract, as /openapi.json shows it
+
+class ErrorBody(BaseModel):
+    error: str
+
+
+class Segment(BaseModel):
+    width: int
+    height: int
+    box: list[int]  # x0, y0, x1, y1 in pixels, x1/y1 exclusive
+    found: bool  # stage 1 saw a car (else the box is the whole photo)
+    rle_mask: str  # the Kaggle RLE of the car mask
+    seconds: float
+
+
+class Health(BaseModel):
+    status: Literal["ok", "loading", "failed"]
+    error: str = ""
+
+
+WHY = {400: "not a photo, a truncated one, or a parameter out of its values", 401: "missing or wrong API key",
+       413: "more bytes than serve.max_bytes or pixels than serve.max_pixels",
+       415: "a Content-Type or an image format other than JPEG, PNG or WebP",
+       422: "a photo the tile settings cannot cover", 503: "the nets are not loaded yet, or the queue is full (see Retry-After)",
+       504: "not answered within serve.timeout_s"}
+
+
+def _errors(*codes: int) -> dict:
+    return {code: {"model": ErrorBody, "description": WHY[code]} for code in codes}
+
+
+BINARY = {"schema": {"type": "string", "format": "binary"}}
+UPLOAD_TYPES = ("image/jpeg", "image/png", "image/webp", "application/octet-stream")
+UPLOAD = {"requestBody": {"required": True, "description": "the photo: the multipart field `image`, or the body itself",
+                          "content": {"multipart/form-data": {"schema": {"type": "object", "required": ["image"],
+                                                                         "properties": {"image": BINARY["schema"]}}},
+                                      **{kind: BINARY for kind in UPLOAD_TYPES}}}}
+ANSWERS = _errors(400, 401, 413, 415, 422, 503, 504)
 
 
 async def _body(request: Request, limit: int) -> bytes:
@@ -206,6 +255,12 @@ async def _body(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
+def form_parser(max_bytes: int) -> type[MultiPartParser]:
+    """Starlette's multipart parser, keeping uploads up to the upload limit in memory (the class's own
+    default spools files over 1 MB to disk): a subclass, so Starlette's class is left as it is."""
+    return type("UploadParser", (MultiPartParser,), {"spool_max_size": max_bytes + 1})
+
+
 async def _upload(request: Request, max_bytes: int) -> bytes:
     """The photo: the multipart field `image`, or the raw body with an image Content-Type."""
     kind = request.headers.get("content-type", "")
@@ -218,7 +273,10 @@ async def _upload(request: Request, max_bytes: int) -> bytes:
     async def once():
         yield body
 
-    form = await MultiPartParser(request.headers, once(), max_files=1, max_fields=16).parse()  # in memory: spool size raised
+    try:
+        form = await request.app.state.form_parser(request.headers, once(), max_files=1, max_fields=16).parse()
+    except MultiPartException as e:  # a malformed envelope (what Starlette's request.form() turns into a 400 too)
+        raise HTTPException(400, f"not a multipart form with the field 'image': {e.message}") from None
     upload = form.get("image")
     if upload is None or isinstance(upload, str):
         raise HTTPException(400, "missing the multipart field 'image' (the photo file)")
@@ -238,8 +296,6 @@ def create_app(cfg: Settings) -> FastAPI:
     key = os.environ.get(s.api_key_env, "") if s.api_key_env else ""
     if s.api_key_env and not key:
         raise ConfigError(f"serve.api_key_env={s.api_key_env}, but that environment variable is empty or unset")
-    MultiPartParser.spool_max_size = s.max_bytes + 1  # uploads stay in memory: nothing is written to disk
-    warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)  # serve.max_pixels is checked instead
     batcher = Batcher(cfg, Metrics(s.max_batch))
 
     @contextlib.asynccontextmanager
@@ -249,21 +305,25 @@ def create_app(cfg: Settings) -> FastAPI:
         yield
         batcher.stop()  # uvicorn has let the requests in flight finish
 
-    app = FastAPI(title="carvana serve", lifespan=lifespan)
-    app.state.batcher, app.state.key = batcher, key
-    app.add_exception_handler(HTTPException, _http_error)
+    app = FastAPI(title="carvana serve", summary="Cut the car out of studio photos: the two-stage Carvana cascade",
+                  lifespan=lifespan)
+    app.state.batcher, app.state.key, app.state.form_parser = batcher, key, form_parser(s.max_bytes)
+    app.add_exception_handler(StarletteHTTPException, _http_error)  # FastAPI's HTTPException and the router's 404/405
     app.add_exception_handler(RequestValidationError, _bad_request)
     app.middleware("http")(_count)
     app.include_router(router)
     return app
 
 
-async def _http_error(request: Request, e: HTTPException) -> JSONResponse:
+async def _http_error(request: Request, e: StarletteHTTPException) -> JSONResponse:
     return JSONResponse({"error": e.detail}, status_code=e.status_code, headers=e.headers)
 
 
 async def _bad_request(request: Request, e: RequestValidationError) -> JSONResponse:
-    return JSONResponse({"error": str(e)}, status_code=400)
+    """A query parameter out of its values: 400, naming the parameter, what was sent and what it takes."""
+    first = e.errors()[0]
+    name = ".".join(str(part) for part in first["loc"][1:]) or str(first["loc"][0])
+    return JSONResponse({"error": f"{name}={first.get('input')}: {first['msg']}"}, status_code=400)
 
 
 async def _count(request: Request, call_next) -> Response:
@@ -302,26 +362,36 @@ async def _cut_of(request: Request) -> tuple[Cut, float]:
         raise HTTPException(503, f"busy: {s.max_queue} photos are waiting (serve.max_queue)", headers={"Retry-After": "1"}) from None
     except asyncio.TimeoutError:
         raise HTTPException(504, f"not answered within serve.timeout_s={s.timeout_s} s") from None
-    except ConfigError as e:  # the photo needs more tiles than the settings allow
-        raise HTTPException(422, str(e)) from None
+    if isinstance(cut, Failure):  # e.g. a photo that needs more tiles than the settings allow
+        raise HTTPException(422, str(cut))
     return cut, time.perf_counter() - started
 
 
-@router.get("/healthz")
+@router.get("/healthz", response_model=Health, responses={503: {"model": Health, "description": "loading, or the nets failed to load"}})
 async def healthz(request: Request) -> JSONResponse:
+    """Ready when the nets are loaded."""
     batcher: Batcher = request.app.state.batcher
     if batcher.ready.is_set():
         return JSONResponse({"status": "ok"})
     return JSONResponse({"status": "failed" if batcher.failed else "loading", "error": batcher.failed}, 503)
 
 
-@router.post("/v1/cutout")
-async def cutout(request: Request) -> Response:
-    output = _choice(request, "output", ("rgba", "mask", "composite"), "rgba")
-    alpha = _choice(request, "alpha", ("soft", "hard"), "soft")
-    fmt = _choice(request, "format", ("png", "webp", "jpeg"), "png")
-    crop = _choice(request, "crop", ("true", "false"), "false") == "true"
-    background = request.query_params.get("background", "white")
+CUT_HEADERS = {"X-Car-Box": {"description": "x0,y0,x1,y1 of the car's box in the photo", "schema": {"type": "string"}},
+               "X-Car-Found": {"description": "1 if stage 1 saw a car, else 0 (the box is the whole photo)", "schema": {"type": "string"}},
+               "X-Seconds": {"description": "seconds from the upload read to the cut", "schema": {"type": "string"}}}
+
+
+@router.post("/v1/cutout", response_class=Response, openapi_extra=UPLOAD,
+             responses={200: {"description": "the picture", "content": {media: BINARY for media in MEDIA.values()},
+                              "headers": CUT_HEADERS}, **ANSWERS})
+async def cutout(request: Request,
+                 output: Literal["rgba", "mask", "composite"] = Query(
+                     "rgba", description="rgba: the photo with the car's alpha; mask: the alpha alone; composite: the car on `background`"),
+                 alpha: Literal["soft", "hard"] = Query("soft", description="soft: the edge follows the probability; hard: 0 or 255"),
+                 fmt: Literal["png", "webp", "jpeg"] = Query("png", alias="format", description="jpeg has no alpha: not with output=rgba"),
+                 crop: bool = Query(False, description="cut the picture to the car's box"),
+                 background: str = Query("white", description="composite's colour: a name such as white, or #rrggbb")) -> Response:
+    """The car cut out of the uploaded photo."""
     try:
         ImageColor.getrgb(background)
     except ValueError:
@@ -329,42 +399,57 @@ async def cutout(request: Request) -> Response:
     if fmt == "jpeg" and output == "rgba":
         raise HTTPException(400, "format=jpeg has no alpha channel: use output=composite or mask, or format=png or webp")
     cut, seconds = await _cut_of(request)
-    body = await request.app.state.batcher.on_host(render, cut, output, background, alpha, crop, fmt)
+    body = await request.app.state.batcher.on_host(render, cut, output, background, alpha == "soft", crop, fmt)
     return Response(body, media_type=MEDIA[fmt], headers={"X-Car-Box": ",".join(map(str, cut.box)),
                                                           "X-Car-Found": str(int(cut.found)), "X-Seconds": f"{seconds:.3f}"})
 
 
-@router.post("/v1/segment")
+@router.post("/v1/segment", response_model=Segment, openapi_extra=UPLOAD, responses=ANSWERS)
 async def segment(request: Request) -> JSONResponse:
+    """The car mask of the uploaded photo as Kaggle RLE, with its box."""
     cut, seconds = await _cut_of(request)
-    height, width = cut.alpha.shape
-    rle = await request.app.state.batcher.on_host(rle_encode, cut.alpha >= 128)
+    height, width = cut.mask.shape
+    rle = await request.app.state.batcher.on_host(rle_encode, cut.mask)
     return JSONResponse({"width": width, "height": height, "box": list(cut.box), "found": cut.found, "rle_mask": rle,
                          "seconds": round(seconds, 3)})
 
 
-@router.get("/metrics")
+@router.get("/metrics", response_class=Response,
+            responses={200: {"description": "Prometheus metrics", "content": {CONTENT_TYPE_LATEST.split(";")[0]: {"schema": {"type": "string"}}}}})
 async def prometheus(request: Request) -> Response:
+    """Requests by endpoint and status, latencies, batch sizes and the queue's depth."""
     return Response(generate_latest(request.app.state.batcher.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
 
 @router.get("/", response_class=HTMLResponse)
 async def page() -> str:
+    """A page to drop photos on (works offline)."""
     return PAGE
+
+
+def listen(host: str, port: int) -> socket.socket:
+    """The server's socket, bound here so that the log can say the port it got (`--port 0`: any free one)."""
+    try:
+        return socket.create_server((host, port))
+    except OSError as e:
+        raise ConfigError(f"cannot listen on {host}:{port} ({e.strerror}); choose another --port or --host") from None
 
 
 def serve(cfg: Settings, host: str, port: int) -> int:
     import uvicorn
 
     app = create_app(cfg)
-    log.info(f"serve: http://{host}:{port}/ (the page), POST /v1/cutout, /v1/segment; GET /healthz, /metrics")
+    sock = listen(host, port)
+    bound = sock.getsockname()[1]
+    log.info(f"serve: http://{host}:{bound}/ (the page), POST /v1/cutout, /v1/segment; GET /healthz, /metrics, /docs")
     # uvicorn drains on SIGTERM, then raises it again under the handler it found: this one, so a
     # drained server exits 0 instead of dying by the signal
     previous = signal.signal(signal.SIGTERM, lambda *_: None)
     try:
-        uvicorn.run(app, host=host, port=port, log_level="warning")
+        uvicorn.Server(uvicorn.Config(app, log_level="warning")).run(sockets=[sock])
     finally:
         signal.signal(signal.SIGTERM, previous)
+        sock.close()
     log.info("serve: stopped; every request it accepted was answered")
     return 0
 

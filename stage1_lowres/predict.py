@@ -11,11 +11,10 @@ than JPEG noise, and tests/test_cascade.py measures that boxes and masks agree.
 """
 from __future__ import annotations
 
-import hashlib
-import json
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Iterator
 
 import numpy as np
 import pandas as pd
@@ -24,13 +23,17 @@ import torch.nn.functional as F
 from torch import nn
 
 from common.boxes import Box, Margin, expand_box, largest_component, mask_extent, scale_box
-from common.config import Settings, depends
-from common.data import ChunkStore, finish_predictions, index_split, rle_encode, test_samples
-from common.errors import CheckpointError, DataError
+from common.config import Settings, depends, digest
+from common.data.chunks import ChunkStore, finish_predictions
+from common.data.kaggle import index_split, test_samples
+from common.data.rle import rle_encode
+from common.errors import CheckpointError, DataError, Failure
 from common.io import write_csv
 from common.log import log
 from common.model import checkpoint_paths, checkpoints_hash, load_models, prepare
-from common.predictor import Job, Prediction, probabilities, run_job, stream, to_host
+from common.prediction.jobs import Job, run_job
+from common.prediction.step import Prediction, Predictor, Result, probabilities
+from common.prediction.writer import Output, to_host
 
 BOX_COLUMNS = ["img", "split", "width", "height", "x0", "y0", "x1", "y1", "found", "key"]
 
@@ -40,8 +43,7 @@ INPUT_VERSION = "full-decode, antialiased bilinear on the device"  # part of the
 
 def cache_key(cfg: Settings) -> str:
     """Checkpoint content + the settings a box depends on."""
-    parts = {"checkpoint": checkpoints_hash(checkpoint_paths(cfg, "stage1")), "input": INPUT_VERSION, **depends(cfg, "boxes")}
-    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
+    return digest({"checkpoint": checkpoints_hash(checkpoint_paths(cfg, "stage1")), "input": INPUT_VERSION, **depends(cfg, "boxes")})
 
 
 def boxes_path(cfg: Settings) -> Path:
@@ -117,7 +119,7 @@ def to_stage1_input(images: list[torch.Tensor], size: int) -> torch.Tensor:
                                     antialias=True, align_corners=False) for im in images])
 
 
-class Coarse:
+class Coarse(Predictor):
     """Stage 1 as a predictor: decoded images -> low-resolution car probability -> full-resolution
     probability and car box (`predict`, the step `run` streams images through).
 
@@ -143,10 +145,6 @@ class Coarse:
                    static_batch=p.batch_size if p.compile else 0, margin=s.margin, threshold=s.threshold,
                    batch_size=p.batch_size, workers=p.workers)
 
-    def run(self, paths: list[Path], boxes: list[Box | None] | None = None, desc: str = "") -> Iterator[tuple[int, Prediction | str]]:
-        """`predict` over image files, streamed (common/predictor.py)."""
-        return stream(self.predict, paths, boxes, self.device, self.batch_size, self.workers, desc)
-
     @torch.no_grad()
     def predict(self, images: list[torch.Tensor], boxes: list[Box | None]) -> list[Prediction]:
         """uint8 (3, H, W) images on the device and their boxes (None: found here) -> predictions
@@ -160,7 +158,7 @@ class Coarse:
         preds = []
         for k, (width, height) in enumerate(sizes):
             box = boxes[k] if k not in on_host else box_from_probability(on_host[k], width, height, self.margin, self.threshold)
-            preds.append(Prediction(width, height, box or (0, 0, width, height), box is not None, coarse[k], None))
+            preds.append(Prediction(width, height, box or (0, 0, width, height), box is not None, coarse[k]))
         return preds
 
     @torch.no_grad()
@@ -177,7 +175,37 @@ class Coarse:
 # --- the `stage1 predict` command
 
 COLUMNS = BOX_COLUMNS + ["rle_mask", "error"]
-ImageToBox = tuple[str, str, str]  # img, path, split
+
+
+@dataclass(frozen=True)
+class BoxItem:
+    img: str
+    path: str
+    split: str  # train | test: a test image's row also holds the RLE of its coarse mask
+
+
+@dataclass(frozen=True, kw_only=True)
+class BoxJob(Job):
+    """A box for every train and test image, and the coarse mask of every test image."""
+
+    def build(self, device: torch.device) -> Coarse:
+        return Coarse.from_config(self.cfg, device)
+
+    def outputs(self, coarse: Coarse, items: list[BoxItem], desc: str) -> Iterator[Output]:
+        threshold = self.cfg.stage1.threshold
+        for i, result in coarse.run([Path(item.path) for item in items], desc=desc):
+            if isinstance(result, Prediction) and not result.found:
+                warnings.warn(f"{items[i].path}: stage 1 found no car; using the whole image as its box", stacklevel=1)
+            test = isinstance(result, Prediction) and items[i].split == "test"
+            yield Output(i, result, result.coarse > threshold if test else None)
+
+    def row(self, item: BoxItem, result: Result, mask: np.ndarray | None) -> dict:
+        row = dict.fromkeys(COLUMNS, "") | {"img": item.img, "split": item.split, "key": self.store.key}
+        if isinstance(result, Failure):
+            return row | {"error": str(result)}
+        x0, y0, x1, y1 = result.box
+        return row | {"width": result.width, "height": result.height, "x0": x0, "y0": y0, "x1": x1, "y1": y1,
+                      "found": int(result.found), "rle_mask": "" if mask is None else rle_encode(mask)}
 
 
 def _cache_is_valid(out: Path, key: str, wanted: set[str]) -> bool:
@@ -192,23 +220,6 @@ def _cache_is_valid(out: Path, key: str, wanted: set[str]) -> bool:
     return set(frame["key"]) == {key} and wanted <= set(frame["img"])
 
 
-def _rows(coarse: Coarse, items: list[ImageToBox], job: Job, desc: str) -> Iterator[Callable[[], dict]]:
-    """A box row for every image (and for test images the coarse mask's RLE), or its error."""
-    key, threshold = job.store.key, job.cfg.stage1.threshold
-    for i, pred in coarse.run([Path(path) for _, path, _ in items], desc=desc):
-        img, path, split = items[i]
-        row = dict.fromkeys(COLUMNS, "") | {"img": img, "split": split, "key": key}
-        if isinstance(pred, str):
-            yield lambda row=row, error=pred: row | {"error": error}
-            continue
-        if not pred.found:
-            warnings.warn(f"{path}: stage 1 found no car; using the whole image as its box", stacklevel=1)
-        x0, y0, x1, y1 = pred.box
-        row |= {"width": pred.width, "height": pred.height, "x0": x0, "y0": y0, "x1": x1, "y1": y1, "found": int(pred.found)}
-        mask = to_host(pred.coarse > threshold) if split == "test" else None
-        yield lambda row=row, mask=mask: row | {"rle_mask": rle_encode(mask()) if mask else ""}
-
-
 def main(cfg: Settings) -> int:
     s, out = cfg.stage1, Path(cfg.output.dir)
     train = index_split(cfg.data.root, "train", cfg.data.hq)
@@ -217,9 +228,9 @@ def main(cfg: Settings) -> int:
     if _cache_is_valid(out, key, {x.img for x in train + test}):
         log.info(f"stage 1: reusing {out / 'bboxes.csv'} (same checkpoint content, size {s.size}, margin {s.margin}); model not loaded")
         return 0
-    items = [(x.img, str(x.image), "train") for x in train] + [(x.img, str(x.image), "test") for x in test]
-    store = ChunkStore(out / "stage1_chunks", key, COLUMNS, cfg.predict.chunk, [img for img, _, _ in items])
-    run_job(Job("stage 1 predict", cfg, store, Coarse.from_config, _rows), items)
+    items = [BoxItem(x.img, str(x.image), "train") for x in train] + [BoxItem(x.img, str(x.image), "test") for x in test]
+    store = ChunkStore(out / "stage1_chunks", key, COLUMNS, cfg.predict.chunk, [item.img for item in items])
+    run_job(BoxJob(desc="stage 1 predict", cfg=cfg, store=store), items)
     frame = store.frame(BOX_COLUMNS + ["error"])
     good = frame[(frame["error"] == "") & frame["img"].isin({x.img for x in train + test})]
     write_csv(out / "bboxes.csv", good.sort_values("img")[BOX_COLUMNS])

@@ -6,13 +6,11 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from common import distributed
-from common.batches import Pair, TensorBatches, scan_pairs
 from common.config import Settings
-from common.data import index_split, split_by_car
-from common.errors import DataError
 from common.model import build_model
-from common.trainer import fit, validator
+from common.training import distributed
+from common.training.batches import Pair, TensorBatches, read_pairs
+from common.training.trainer import fit, validator
 from stage1_lowres.predict import Coarse
 
 
@@ -37,23 +35,15 @@ def coarse_predictions(images: torch.Tensor, device: torch.device, batch_size: i
 
 
 def main(cfg: Settings) -> int:
-    s, data = cfg.stage1, cfg.data
+    s = cfg.stage1
     ranks, device = distributed.init(cfg.device)
-    samples = index_split(data.root, "train", data.hq)
-    _, val_samples = split_by_car(samples, data.val_cars)
-    if not val_samples:
-        raise DataError("stage 1 needs validation cars; set data.val_cars to a count, a list or k/K")
-    size = (s.size, s.size)
-    pairs, bad = scan_pairs(samples, size, keep=True, max_bad_share=data.max_bad_share, jobs=max(s.workers, 1))
-    val_ids = {v.id for v in val_samples}
-    train_pairs = [p for p in pairs if p.sample.id not in val_ids]
-    val_pairs = [p for p in pairs if p.sample.id in val_ids]
-    about = (f"{len(train_pairs)} training and {len(val_pairs)} validation images ({len({p.sample.car for p in val_pairs})} cars) "
-             f"at {size[0]}x{size[1]}")
+    pairs = read_pairs(cfg.data, (s.size, s.size), keep=True, workers=s.workers)
+    about = (f"{len(pairs.train)} training and {len(pairs.val)} validation images ({len({p.sample.car for p in pairs.val})} cars) "
+             f"at {s.size}x{s.size}")
     model = build_model(s, in_channels=3, seed=cfg.seed)
-    batches = TensorBatches(*as_tensors(train_pairs), s.batch_size, device, ranks, seed=cfg.seed)
-    val_images, val_masks = as_tensors(val_pairs)
+    batches = TensorBatches(*as_tensors(pairs.train), s.batch_size, device, ranks, seed=cfg.seed)
+    val_images, val_masks = as_tensors(pairs.val)
     # Dice at 0.5, whatever stage1.threshold says: that setting changes boxes, not which epoch is best.pt
     validate = validator(coarse_predictions(val_images, device, cfg.predict.batch_size * 4), list(val_masks[:, 0].bool()), 0.5)
-    fit(cfg, "stage1", model, batches, validate, bad, about, device, ranks)
+    fit(cfg, "stage1", model, batches, validate, pairs, about, device, ranks)
     return 0

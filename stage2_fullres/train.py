@@ -11,18 +11,17 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from common import distributed
-from common.batches import LoaderBatches, Pair, scan_pairs
 from common.boxes import Box, expand_box, jitter_box
 from common.config import Settings, Stage2
-from common.data import index_split, split_by_car
-from common.errors import DataError
-from common.io import read_image, read_mask, read_mask_cached
+from common.data.images import read_image, read_mask, read_mask_cached
+from common.errors import Failure
 from common.model import build_model
-from common.predictor import mask_threshold
-from common.trainer import fit, validator
+from common.training import distributed
+from common.training.batches import LoaderBatches, Pair, read_pairs
+from common.training.trainer import fit, validator
 from stage1_lowres.predict import Coarse, cached_boxes, upsample
-from stage2_fullres.predict import Cascade, cut_tiles
+from stage2_fullres.predict import Cascade
+from stage2_fullres.tiles import cut_tiles
 
 
 def crop_window(box: Box, crop: int, width: int, height: int, rng: np.random.Generator) -> tuple[int, int]:
@@ -80,27 +79,22 @@ def cascade_predictions(pairs: list[Pair], boxes: dict[str, Box], coarse: Coarse
     paths, val_boxes = [p.sample.image for p in pairs], [boxes[p.sample.img] for p in pairs]
 
     def predict(model):
-        for i, pred in Cascade(coarse, model, cfg, device).run(paths, val_boxes):
-            yield i, pred if isinstance(pred, str) else pred.prob
+        for i, result in Cascade(coarse, model, cfg, device).run(paths, val_boxes):
+            yield i, result if isinstance(result, Failure) else result.prob
 
     return predict
 
 
-def main(cfg: Settings) -> int:
-    s, data = cfg.stage2, cfg.data
+def main(cfg: Settings, threshold: float) -> int:
+    """`stage2 train`, validated at the mask threshold the caller resolved (pipelines/evaluate.py `mask_threshold`)."""
+    s = cfg.stage2
     out = Path(cfg.output.dir)
     ranks, device = distributed.init(cfg.device)
-    samples = index_split(data.root, "train", data.hq)
-    _, val_samples = split_by_car(samples, data.val_cars)
-    if not val_samples:
-        raise DataError("stage 2 needs validation cars; set data.val_cars to a count, a list or k/K")
     # the scan decodes every image once at stage-1 size; keep those only when the coarse channel needs them
-    small = (cfg.stage1.size, cfg.stage1.size)
-    pairs, bad = scan_pairs(samples, small, keep=s.coarse_channel, max_bad_share=data.max_bad_share, jobs=max(s.workers, 1))
+    pairs = read_pairs(cfg.data, (cfg.stage1.size, cfg.stage1.size), keep=s.coarse_channel, workers=s.workers)
     cached = cached_boxes(cfg)
-    val_ids = {v.id for v in val_samples}
-    train_pairs = [p for p in pairs if p.sample.id not in val_ids and p.box is not None]
-    val_pairs = [p for p in pairs if p.sample.id in val_ids and p.sample.img in cached]
+    train_pairs = [p for p in pairs.train if p.box is not None]
+    val_pairs = [p for p in pairs.val if p.sample.img in cached]
     if s.val_images:
         val_pairs = val_pairs[:: max(len(val_pairs) // s.val_images, 1)][: s.val_images]
     if s.train_boxes == "truth":
@@ -116,7 +110,7 @@ def main(cfg: Settings) -> int:
             batch = train_pairs[k : k + 32]
             probs = coarse_model.probs([torch.from_numpy(p.image).permute(2, 0, 1).to(device) for p in batch])
             coarse |= {p.sample.img: (prob * 255).round().byte().cpu().numpy() for p, prob in zip(batch, probs)}
-        for p in pairs:
+        for p in pairs.train + pairs.val:
             p.image = p.mask = None  # the crops read full-resolution files
     about = (f"{len(train_pairs)} training images ({s.crops_per_image} x {s.crop}px crops each, {s.train_boxes} boxes), "
              f"{len(val_pairs)} validation images on {s.tile}px tiles")
@@ -124,6 +118,6 @@ def main(cfg: Settings) -> int:
     crops = CropDataset(train_pairs, train_box, s, coarse, out / "cache" / "masks", seed=cfg.seed)
     with LoaderBatches(crops, s.batch_size, s.workers, device, ranks, seed=cfg.seed, per_item=s.crops_per_image) as batches:
         truths = [torch.from_numpy(read_mask(p.sample.mask)) for p in val_pairs]  # read once, not every epoch
-        validate = validator(cascade_predictions(val_pairs, cached, coarse_model, cfg, device), truths, mask_threshold(cfg, strict=False))
-        fit(cfg, "stage2", model, batches, validate, bad, about, device, ranks)
+        validate = validator(cascade_predictions(val_pairs, cached, coarse_model, cfg, device), truths, threshold)
+        fit(cfg, "stage2", model, batches, validate, pairs, about, device, ranks)
     return 0

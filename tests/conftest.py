@@ -25,7 +25,7 @@ def real_samples() -> Path:
 @pytest.fixture(scope="session")
 def sample_root(tmp_path_factory) -> Path:
     """A small synthetic data set shared by the tests: 3 training cars, 1 test car."""
-    from common.synth import write_sample_data
+    from common.data.synth import write_sample_data
 
     return write_sample_data(tmp_path_factory.mktemp("sample"), cars=3, test_cars=1, seed=1, jobs=2)
 
@@ -71,5 +71,5 @@ def tiny_run(sample_root, tmp_path_factory):
     cfg = tiny_config(sample_root, out)
     s1_train.main(cfg)
     assert s1_predict.main(cfg) == 0
-    s2_train.main(cfg)
+    s2_train.main(cfg, cfg.predict.threshold)
     return cfg

@@ -8,10 +8,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from test_trainer import CONFIG, Blobs, _settings, _validator  # noqa: E402
 
-from common import distributed  # noqa: E402
-from common.batches import TensorBatches  # noqa: E402
 from common.model import UNet  # noqa: E402
-from common.trainer import train  # noqa: E402
+from common.training import distributed  # noqa: E402
+from common.training.batches import TensorBatches  # noqa: E402
+from common.training.trainer import train  # noqa: E402
 
 out = Path(sys.argv[1])
 ranks, device = distributed.init("cpu")

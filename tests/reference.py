@@ -8,9 +8,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from common.io import read_image
+from common.data.images import read_image
 from stage1_lowres.predict import box_from_probability
-from stage2_fullres.predict import plan_tiles
+from stage2_fullres.tiles import plan_tiles
 
 
 def cut_tiles(image: np.ndarray, windows: list) -> np.ndarray:

@@ -13,11 +13,11 @@ import torch
 from conftest import tiny_config
 from PIL import Image
 
-from common.data import ChunkStore
-from common.errors import DataError
+from common.data.chunks import Chunk, ChunkStore
+from common.errors import DataError, Failure
 from common.metrics import dice
 from common.model import UNet, load_model
-from common.predictor import ChunkWriter
+from common.prediction.writer import ChunkWriter, Output
 from stage1_lowres.predict import Coarse, cached_boxes
 from stage2_fullres import predict as s2_predict
 from stage2_fullres.predict import Cascade
@@ -63,18 +63,22 @@ def test_cascade_matches_the_old_path_on_real_photos(tiny_run, real_samples):
     assert min(s2) >= 0.9995 and min(s1) >= 0.9995
 
 
-def test_untrained_residual_refiner_reproduces_the_coarse_mask():
-    """With the prior skip and a zero last layer, the whole path (cut on the device, forward, blend,
-    stitch) gives back stage 1's probability inside the box and background outside."""
-    cfg = tiny_config("unused", "unused", "stage2.tile=64", "stage2.min_overlap=16", "predict.batch_size=3")
+@pytest.mark.parametrize("height,width,tile,box", [(90, 150, 64, (5, 10, 140, 85)), (300, 500, 512, (10, 20, 480, 290))])
+def test_untrained_residual_refiner_reproduces_the_coarse_mask(height, width, tile, box):
+    """The refiner's last layer starts at zero and adds its output to the coarse logit, so before any
+    training the whole refine path (tiles cut on the device, forward, blended, stitched; 64 px tiles
+    overlapping, or one 512 px tile reflect-padded around a smaller image) gives back stage 1's
+    probability inside the box and background outside."""
+    cfg = tiny_config("unused", "unused", f"stage2.tile={tile}", f"stage2.min_overlap={tile // 4}", "predict.batch_size=3")
     torch.manual_seed(0)
     cascade = Cascade(Coarse(UNet(3, 2, 4).eval(), 32, CPU), UNet(4, 3, 4, prior_skip=True).eval(), cfg, CPU)
-    image = torch.randint(0, 256, (3, 90, 150), dtype=torch.uint8)
-    box = (5, 10, 140, 85)
-    pred = cascade.predict([image, image], [box, None])
+    image = torch.randint(0, 256, (3, height, width), dtype=torch.uint8)
+    pred = cascade.predict([image, image], [box, None])  # the second box found by stage 1, in the same batch
     x0, y0, x1, y1 = box
     torch.testing.assert_close(pred[0].prob[y0:y1, x0:x1], pred[0].coarse[y0:y1, x0:x1].clamp(1e-4, 1 - 1e-4), atol=1e-5, rtol=0)
-    assert pred[0].prob[:y0].eq(0).all() and pred[0].prob[:, x1:].eq(0).all()
+    outside = torch.ones(height, width, dtype=torch.bool)
+    outside[y0:y1, x0:x1] = False
+    assert pred[0].prob[outside].eq(0).all() and pred[1].prob.shape == (height, width)
 
 
 def test_every_image_comes_back_in_order_with_errors_named(tmp_path):
@@ -88,7 +92,9 @@ def test_every_image_comes_back_in_order_with_errors_named(tmp_path):
     coarse = Coarse(UNet(3, 2, 4).eval(), 32, CPU, batch_size=3, workers=2)
     results = list(coarse.run(paths))
     assert [i for i, _ in results] == list(range(7))
-    assert "empty file" in results[2][1] and "missing.jpg" in results[5][1]
+    assert [i for i, result in results if isinstance(result, Failure)] == [2, 5]
+    assert results[2][1] == Failure(str(paths[2]), "empty file", "read")
+    assert results[5][1].file == str(paths[5]) and "not found" in results[5][1].reason
     assert all(pred.coarse.shape == (40 + i, 60) for i, pred in results if i not in (2, 5))
 
 
@@ -103,8 +109,9 @@ def test_an_image_too_large_for_the_tile_settings_is_an_error_and_the_batch_goes
     cfg = tiny_config("unused", "unused", "stage2.tile=64", "stage2.min_overlap=32", "predict.batch_size=3")
     cascade = Cascade(Coarse(UNet(3, 2, 4).eval(), 32, CPU), UNet(4, 3, 4, prior_skip=True).eval(), cfg, CPU)
     results = dict(cascade.run(paths, [(0, 0, w, h) for h, w in sizes]))
-    assert str(paths[1]) in results[1] and "stage2.tile=64 with stage2.min_overlap=32" in results[1]
-    assert "1333 tiles" in results[1]
+    failure = results[1]
+    assert isinstance(failure, Failure) and (failure.file, failure.stage) == (str(paths[1]), "stage2")
+    assert "stage2.tile=64 with stage2.min_overlap=32" in failure.reason and "1333 tiles" in failure.reason
     assert [results[k].prob.shape for k in (0, 2)] == [(90, 150), (70, 120)]
 
 
@@ -112,7 +119,7 @@ def test_jpeg_bytes_path_decodes_on_the_device_and_falls_back(tiny_run, tmp_path
     """The nvjpeg path (JPEG bytes read by the workers, decoded in batches on the device) runs here
     with a stand-in decoder: same predictions as the PIL path; a truncated JPEG is decoded by PIL,
     which names the problem; a JPEG the device decoder rejects falls back to PIL."""
-    from common import predictor as reader
+    from common.prediction import reader
 
     calls = []
 
@@ -138,7 +145,7 @@ def test_jpeg_bytes_path_decodes_on_the_device_and_falls_back(tiny_run, tmp_path
     assert calls == [3, 1, 1, 1, 1]  # the gray JPEG fails the batch of three: one by one; the truncated one never comes
     for a, b in zip(plain, [got[0], got[2], got[4]]):
         torch.testing.assert_close(a.coarse, b.coarse)
-    assert isinstance(got[3], str) and "bad.jpg" in got[3] and "truncated" in got[3]
+    assert isinstance(got[3], Failure) and got[3].file.endswith("bad.jpg") and "truncated" in got[3].reason
     assert got[1].coarse.shape == (1280, 1918)
 
 
@@ -205,7 +212,7 @@ def test_nvjpeg_is_probed_once_and_a_failing_decoder_falls_back_to_pil_with_one_
     import sys
     import types
 
-    from common import predictor as reader
+    from common.prediction import reader
 
     events = []
     stream = types.SimpleNamespace(synchronize=lambda: events.append("sync"))
@@ -245,25 +252,25 @@ def test_writer_and_store_keep_a_fixed_chunk_grid(tmp_path):
     items = list(zip(names, range(10)))
     store.write(1, [{"img": img, "n": n} for img, n in items[4:8]])  # finished first, e.g. by another worker
     todo = store.todo(items)
-    assert [k for k, _ in todo] == [0, 2] and todo[1][1] == items[8:]
-    with ChunkWriter(store, todo) as writer:
-        for _, chunk in todo:
-            for img, n in chunk:
-                writer.add(lambda img=img, n=n: {"img": img, "n": n})
+    assert [chunk.number for chunk in todo] == [0, 2] and todo[1].items == items[8:]
+    planned = [item for chunk in todo for item in chunk.items]
+    with ChunkWriter(store, todo, lambda i, result, mask: {"img": planned[i][0], "n": planned[i][1]}) as writer:
+        for i in range(len(planned)):
+            writer.write(Output(i, Failure(planned[i][0], "unused")))
     assert [len(p) for p in store.parts()] == [4, 4, 2] and store.todo(items) == []
     assert store.frame(["img"])["img"].tolist() == names
     assert ChunkStore(tmp_path, "k", ["img", "n"], 4, names[:9]).folder != store.folder  # another image list: other chunks
 
-    def boom():
+    def boom(i, result, mask):
         raise OSError("disk full")
 
     with pytest.raises(OSError, match="disk full"):
-        with ChunkWriter(ChunkStore(tmp_path, "k2", ["img"], 4, names), [(0, items[:4])]) as writer:
-            writer.add(boom)
+        with ChunkWriter(ChunkStore(tmp_path, "k2", ["img"], 4, names), [Chunk(0, items[:4])], boom) as writer:
+            writer.write(Output(0, Failure("0.jpg", "unused")))
             writer.close()
 
 
 def test_stage2_needs_the_stage1_boxes_first(tiny_run, tmp_path):
     cfg = tiny_config(tiny_run.data.root, tmp_path / "fresh")
     with pytest.raises(DataError, match="run `carvana stage1 predict`"):
-        s2_predict.main(cfg)
+        s2_predict.main(cfg, cfg.predict.threshold)

@@ -23,15 +23,19 @@ def _config(tiny_run, out, *more):
 
 
 def _predict(cfg) -> dict[str, bytes]:
-    assert s1_predict.main(cfg) == 0 and s2_predict.main(cfg) == 0
+    assert s1_predict.main(cfg) == 0 and s2_predict.main(cfg, cfg.predict.threshold) == 0
     return {name: (Path(cfg.output.dir) / name).read_bytes() for name in OUTPUTS}
 
 
 def test_local_cluster_gives_the_bytes_of_a_local_run_even_when_a_worker_dies(tiny_run, tmp_path, monkeypatch, capsys):
+    import dask
+
     local = _predict(_config(tiny_run, tmp_path / "local"))
-    # every worker inherits this: the first one to reach chunk 2 (of stage 1: 7 chunks of 8) dies by SIGKILL before writing it
-    monkeypatch.setenv("CARVANA_TEST_KILL_AT", f"chunk:2:{tmp_path / 'killed-once'}")
-    cluster = _predict(_config(tiny_run, tmp_path / "cluster", "predict.cluster=local:2"))
+    # tests/faults.py, preloaded into every worker: the first one to reach chunk 2 (of stage 1: 7 chunks of 8)
+    # dies by SIGKILL before writing it
+    monkeypatch.setenv("CARVANA_FAULT", f"chunk:2:KILL:{tmp_path / 'killed-once'}")
+    with dask.config.set({"distributed.worker.preload": [str(Path(__file__).with_name("faults.py"))]}):
+        cluster = _predict(_config(tiny_run, tmp_path / "cluster", "predict.cluster=local:2"))
     assert (tmp_path / "killed-once").exists()  # a worker did die mid-run, and Dask retried its chunk
     assert cluster == local
     printed = capsys.readouterr().out

@@ -12,9 +12,10 @@ import pytest
 import torch
 from PIL import Image
 
-from common.io import ORIENTATION, image_size, read_image
+from common.data.images import ORIENTATION, image_size, read_image
+from common.prediction.step import Prediction
 from pipelines.cli import main as cli
-from pipelines.cutout import soft_alpha
+from pipelines.matting import alpha as alpha_of
 
 
 def test_cutout_of_any_photos(tiny_run, tmp_path, capsys):
@@ -50,6 +51,26 @@ def test_cutout_of_any_photos(tiny_run, tmp_path, capsys):
     np.testing.assert_array_equal(np.asarray(Image.open(hard / "My Car.png"))[..., 3], np.asarray(Image.open(hard / "My Car_mask.png")))
 
 
+def test_a_photo_the_tiles_cannot_cover_is_its_own_failure_and_the_others_are_cut_out(tiny_run, tmp_path, capsys):
+    """64 px tiles overlapping by 32 would cut a 1918x1280 photo's car box into over a thousand tiles:
+    that photo is a row of errors.csv naming the settings, the small photo beside it is cut out, the
+    command exits 1 (a failure during the work), not 2 (the settings are fine for other photos)."""
+    src = sorted(Path(tiny_run.data.root, "test").glob("*.jpg"))
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    shutil.copy(src[0], photos / "large.jpg")
+    Image.open(src[1]).resize((120, 80)).save(photos / "small.png")
+    run = tiny_run.output.dir
+    out = tmp_path / "out"
+    assert cli(["cutout", str(photos), "--out", str(out), f"stage1.checkpoint={run}/stage1/best.pt",
+                f"stage2.checkpoint={run}/stage2/best.pt", "stage1.size=64", "stage2.tile=64", "stage2.min_overlap=32",
+                "device=cpu"]) == 1
+    errors = pd.read_csv(out / "errors.csv")
+    assert errors.photo.tolist() == [str(photos / "large.jpg")]
+    assert "stage2.tile=64 with stage2.min_overlap=32" in errors.reason[0] and "raise stage2.tile" in errors.reason[0]
+    assert sorted(p.name for p in out.glob("*.png")) == ["small.png", "small_mask.png"]
+
+
 @pytest.mark.parametrize("threshold", [0.5, 0.3])
 def test_soft_alpha_ramps_across_the_edge_and_thresholds_to_the_hard_mask(threshold):
     """On a synthetic car with a smooth edge: 255 inside, 0 outside, a monotone ramp across the edge,
@@ -58,10 +79,12 @@ def test_soft_alpha_ramps_across_the_edge_and_thresholds_to_the_hard_mask(thresh
     r = ((yy - 60) ** 2 + (xx - 80) ** 2).sqrt()
     prob = torch.sigmoid((40 - r) / 1.5)  # a disk of radius 40 with a soft rim
     prob[60, 20] = 0.7  # a speck in the background away from the car's edge stays transparent
-    alpha = soft_alpha(prob, threshold)
+    pred = Prediction(160, 120, (0, 0, 160, 120), True, None, prob)
+    alpha = alpha_of(pred, threshold)
     assert alpha.dtype == torch.uint8
     assert (alpha[r < 30] == 255).all() and (alpha[(r > 50) & (prob < threshold)] == 0).all()
-    assert torch.equal(alpha >= 128, prob > threshold)
+    assert torch.equal(alpha >= 128, pred.mask(threshold))
+    assert torch.equal(alpha_of(pred, threshold, soft=False) == 255, pred.mask(threshold))  # hard: the mask itself
     row = alpha[60, 80:].int()  # from the centre outwards
     assert (row[1:] <= row[:-1]).all() and len(set(row.tolist()) - {0, 255}) >= 2  # monotone, with a ramp
 

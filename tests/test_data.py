@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from common.data import index_split, split_by_car
+from common.data.images import read_image, read_mask
+from common.data.kaggle import index_split, split_by_car
 from common.errors import DataError, ImageReadError
-from common.io import read_image, read_mask
 
 
 def _layout(tmp_path, names, masks):
@@ -54,7 +54,7 @@ def test_hq_folders_are_selectable(tmp_path):
 def _fake_samples(n_cars):
     from pathlib import Path
 
-    from common.data import Sample
+    from common.data.kaggle import Sample
 
     return [Sample(f"car{c:09d}_{a:02d}", f"car{c:09d}", a, Path(f"car{c:09d}_{a:02d}.jpg")) for c in range(n_cars) for a in range(1, 17)]
 

@@ -11,8 +11,8 @@ from conftest import TINY
 from test_trainer import Blobs
 from torch.utils.data import DistributedSampler
 
-from common.losses import bce_dice_loss
 from common.model import UNet
+from common.training.losses import bce_dice_loss
 
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
 HERE = Path(__file__).parent

@@ -2,8 +2,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from common.losses import bce_dice_loss, edge_band
 from common.model import UNet
+from common.training.losses import bce_dice_loss, edge_band
 
 
 @pytest.mark.parametrize("shape", [(1, 3, 64, 64), (2, 3, 37, 90), (1, 4, 130, 70)])
@@ -48,7 +48,7 @@ def test_loss_is_low_for_right_and_high_for_wrong_logits():
 
 
 def test_augmentations_keep_mask_and_extra_channel_aligned():
-    from common.augment import augment_batch
+    from common.training.augment import augment_batch
 
     y = torch.zeros(4, 1, 64, 64)
     y[:, :, 20:40, 5:30] = 1
@@ -63,7 +63,7 @@ def test_augmentations_keep_mask_and_extra_channel_aligned():
 
 def test_flip_augmentation_only_mirrors():
     """augment=flip moves no pixel off the grid: each image and its mask are both kept or both mirrored."""
-    from common.augment import augment_batch
+    from common.training.augment import augment_batch
 
     x, y = torch.rand(16, 4, 8, 12), (torch.rand(16, 1, 8, 12) > 0.5).float()
     xa, ya = augment_batch(x, y, torch.Generator().manual_seed(0), "flip")

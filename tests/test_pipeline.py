@@ -1,13 +1,14 @@
 """`carvana run`: steps skipped when done, reruns limited to what changed, --force, resume after a kill."""
-import os
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import yaml
 from conftest import TINY
 
 CLI = [sys.executable, "-m", "pipelines", "run"]
+FAULTS = [sys.executable, str(Path(__file__).with_name("faults.py"))]  # a command stopped at an exact point
 
 
 def _states(stdout: str) -> dict[str, str]:
@@ -39,13 +40,13 @@ def test_pipeline_caches_steps(sample_root, tmp_path):
 
 
 def test_killed_pipeline_resumes_training_from_its_checkpoint(sample_root, tmp_path):
-    """SIGKILL right after stage 2's first epoch is saved (a test hook, not a race); the rerun skips
+    """SIGKILL right after stage 2's first epoch is saved (sent by tests/faults.py, not a race); the rerun skips
     stage 1, resumes stage 2 from that checkpoint and finishes."""
     out = tmp_path / "out"
     config = tmp_path / "p.yaml"
     config.write_text(yaml.safe_dump({"data": {"root": str(sample_root)}, "output": {"dir": str(out)}}))
     args = [*CLI, str(config), *TINY, "stage2.epochs=2", "data.limit_test=2"]
-    killed = subprocess.run(args, capture_output=True, env={**os.environ, "CARVANA_TEST_KILL_AT": "stage2.epoch:1"})
+    killed = subprocess.run([*FAULTS, "--at", "stage2.epoch:1", "--", *args[3:]], capture_output=True)
     assert killed.returncode == -signal.SIGKILL and (out / "stage2" / "last.pt").is_file()
     rerun = subprocess.run(args, capture_output=True, text=True, check=True).stdout
     states = _states(rerun)

@@ -4,7 +4,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from common.data import rle_decode, rle_encode
+from common.data.rle import rle_decode, rle_encode
 
 
 def reference_encode(mask):

@@ -7,9 +7,9 @@ import contextlib
 import io
 import json
 import os
+import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -28,13 +28,7 @@ pytest.importorskip("fastapi", reason="the serve extra is not installed (pip ins
 from common.config import save_config  # noqa: E402
 from common.errors import ConfigError  # noqa: E402
 from pipelines.cli import main as cli  # noqa: E402
-from pipelines.serve import create_app  # noqa: E402
-
-
-def _free_socket() -> socket.socket:
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    return sock
+from pipelines.serve import create_app, listen  # noqa: E402
 
 
 @contextlib.contextmanager
@@ -42,7 +36,7 @@ def running(cfg):
     """The app on uvicorn in a thread; yields its base URL and the app once /healthz says ok."""
     import uvicorn
 
-    app, sock = create_app(cfg), _free_socket()
+    app, sock = create_app(cfg), listen("127.0.0.1", 0)  # a port of its own: nothing else can take it
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
@@ -125,7 +119,7 @@ def test_concurrent_requests_are_batched_and_answered_as_cutout_answers(tiny_run
         status, _, answer = _call(url + "/v1/segment", data, "image/jpeg")
         seg = json.loads(answer)
         assert status == 200 and (seg["width"], seg["height"]) == (mask.shape[1], mask.shape[0])
-        from common.data import rle_decode
+        from common.data.rle import rle_decode
 
         assert np.mean(rle_decode(seg["rle_mask"], mask.shape) != (mask == 255)) < 1e-5
         status, headers, answer = _call(url + "/v1/cutout?output=rgba&crop=true&format=webp", data, "image/jpeg")
@@ -164,6 +158,17 @@ def test_bad_input_gets_a_4xx_naming_the_problem_and_the_server_keeps_serving(ti
         got, _, answer = _call(url + "/v1/cutout?output=sideways", data, "image/jpeg")
         assert got == 400 and "output=sideways" in json.loads(answer)["error"]
         assert _call(url + "/v1/cutout", data, "image/jpeg")[0] == 200  # still serving
+
+
+def test_a_photo_the_tiles_cannot_cover_gets_422_naming_the_settings(tiny_run, photos):
+    """64 px tiles overlapping by 32 would cut the photo's car box into over a thousand tiles: that
+    photo's failure, answered 422 with the reason, and the server goes on."""
+    with running(tiny_run.updated({"stage2.tile": 64, "stage2.min_overlap": 32})) as (url, _):
+        for endpoint in ("/v1/cutout", "/v1/segment"):
+            status, _, answer = _call(url + endpoint, photos[0][0], "image/jpeg")
+            error = json.loads(answer)["error"]
+            assert status == 422 and error.startswith("upload: stage2.tile=64 with stage2.min_overlap=32"), error
+        assert _call(url + "/healthz")[0] == 200
 
 
 def test_a_full_queue_gets_503_with_retry_after(tiny_run, photos):
@@ -226,19 +231,25 @@ def test_the_api_key_is_required_when_configured(tiny_run, photos, monkeypatch):
         create_app(tiny_run.updated({"serve.api_key_env": "CARVANA_TEST_KEY"}))
 
 
+def _serving_at(server: subprocess.Popen) -> str:
+    """The address `carvana serve` says it listens on, in its first line (with --port 0, the port it got)."""
+    for line in server.stdout:
+        found = re.search(rb"serve: (http://[^/\s]+)/", line)
+        if found:
+            return found[1].decode()
+    raise AssertionError("the server ended before saying where it listens")
+
+
 def test_sigterm_lets_the_request_in_flight_finish_and_exits_0(tiny_run, photos, tmp_path):
-    """A real `carvana serve`: a request waits in the batcher (max_wait_ms 3 s) when SIGTERM arrives;
-    it is answered, new connections are refused, the process exits 0."""
-    sock = _free_socket()
-    port = sock.getsockname()[1]
-    sock.close()
+    """A real `carvana serve` on a port of its own choosing (--port 0): a request waits in the batcher
+    (max_wait_ms 3 s) when SIGTERM arrives; it is answered, new connections are refused, the process exits 0."""
     save_config(tiny_run, tmp_path / "tiny.yaml")
-    args = [sys.executable, "-m", "pipelines", "serve", "--port", str(port), "--config", str(tmp_path / "tiny.yaml"),
+    args = [sys.executable, "-m", "pipelines", "serve", "--port", "0", "--config", str(tmp_path / "tiny.yaml"),
             "serve.max_wait_ms=3000"]
     server = subprocess.Popen(args, cwd=Path(__file__).resolve().parents[1], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                               env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    url = f"http://127.0.0.1:{port}"
     try:
+        url = _serving_at(server)
         _wait_healthy(url)
         with ThreadPoolExecutor(1) as pool:
             flight = pool.submit(_call, url + "/v1/cutout", photos[0][0], "image/jpeg")
@@ -250,6 +261,20 @@ def test_sigterm_lets_the_request_in_flight_finish_and_exits_0(tiny_run, photos,
             _call(url + "/healthz")
     finally:
         server.kill()
+
+
+def test_the_api_is_as_its_openapi_document_says_under_schemathesis(tiny_run, tmp_path):
+    """Schemathesis, an OpenAPI fuzzer, against a live server, with every check but positive_data_acceptance
+    (random bytes are a valid upload by the schema, yet no photo): no 5xx, every status, media type, header
+    and body as /openapi.json declares it, malformed requests and unsupported methods rejected."""
+    pytest.importorskip("schemathesis", reason="schemathesis is not installed (pip install '.[test]')")
+    st = shutil.which("st", path=str(Path(sys.executable).parent))
+    with running(tiny_run) as (url, _):
+        done = subprocess.run([st, "run", f"{url}/openapi.json", "--checks", "all", "--exclude-checks", "positive_data_acceptance",
+                               "--max-examples", "30", "--seed", "0", "--generation-database", "none", "--no-color"],
+                              cwd=tmp_path, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stdout[-6000:]
+    assert "5 selected / 5 total" in done.stdout and "No issues found" in done.stdout
 
 
 CHROMEDRIVER = shutil.which("chromedriver")

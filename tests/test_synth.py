@@ -1,9 +1,10 @@
 import numpy as np
 import pandas as pd
 
-from common.data import index_split, rle_decode
-from common.io import read_image, read_mask
-from common.synth import HEIGHT, WIDTH, car_params, render
+from common.data.images import read_image, read_mask
+from common.data.kaggle import index_split
+from common.data.rle import rle_decode
+from common.data.synth import HEIGHT, WIDTH, car_params, render
 
 
 def test_sample_data_layout_and_files_decode(sample_root):

@@ -1,5 +1,3 @@
-import math
-
 import numpy as np
 import pytest
 import reference
@@ -7,7 +5,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from stage2_fullres.predict import MAX_TILES, TooManyTiles, blend_weights, cut_tiles, plan_axis, plan_tiles, stitch
+from stage2_fullres.tiles import MAX_TILES, TooManyTiles, blend_weights, cut_tiles, plan_axis, plan_tiles, stitch
 
 
 @st.composite
@@ -23,36 +21,53 @@ def image_and_box(draw, tiles=(64, 256, 1024), max_width=5000, max_height=3000):
     return w, h, (x0, y0, x1, y1), tile, overlap
 
 
-def _min_tiles(span, tile, overlap):
-    return 1 if span <= tile else 1 + math.ceil((span - tile) / (tile - overlap))
+def fewest_windows(lo: int, hi: int, length: int, tile: int, overlap: int) -> int:
+    """The oracle, by brute force: the fewest windows of `tile` pixels inside [0, length) that cover
+    [lo, hi), each overlapping the next by at least `overlap`: a breadth-first search over the
+    windows' starts, k windows at step k."""
+    last = length - tile  # the last start inside the image
+    reached = {s for s in range(last + 1) if s <= lo}  # where a first window that reaches back to lo can start
+    seen, count = set(reached), 1
+    while reached:
+        if any(s + tile >= hi for s in reached):
+            return count
+        reached = {t for s in reached for t in range(s + 1, min(s + tile - overlap, last) + 1)} - seen
+        seen |= reached
+        count += 1
+    raise AssertionError("no chain of windows covers the span")
 
 
 @settings(max_examples=500, deadline=None)
 @given(image_and_box())
 def test_planner_invariants(case):
+    """Every window is tile x tile and inside the image (or at 0, padded, along an axis shorter than
+    the tile); together they cover the box; neighbours overlap by at least min_overlap."""
     w, h, box, tile, overlap = case
     windows = plan_tiles(w, h, box, tile, overlap)
     covered = np.zeros((h, w), bool)
     for x0, y0, x1, y1 in windows:
         assert x1 - x0 == tile and y1 - y0 == tile
-        if w >= tile:
-            assert 0 <= x0 and x1 <= w  # inside the image along axes it covers
-        else:
-            assert x0 == 0  # padded
-        if h >= tile:
-            assert 0 <= y0 and y1 <= h
-        else:
-            assert y0 == 0
-        covered[max(y0, 0) : y1, max(x0, 0) : x1] = True
+        assert (0 <= x0 and x1 <= w) if w >= tile else x0 == 0
+        assert (0 <= y0 and y1 <= h) if h >= tile else y0 == 0
+        covered[y0:y1, x0:x1] = True
     bx0, by0, bx1, by1 = box
     assert covered[by0:by1, bx0:bx1].all()
-    xs = sorted({x0 for x0, _, _, _ in windows})
-    ys = sorted({y0 for _, y0, _, _ in windows})
-    assert all(b - a <= tile - overlap for a, b in zip(xs, xs[1:]))  # overlap at least the minimum
-    assert all(b - a <= tile - overlap for a, b in zip(ys, ys[1:]))
-    nx = 1 if w <= tile else _min_tiles(bx1 - bx0, tile, overlap)
-    ny = 1 if h <= tile else _min_tiles(by1 - by0, tile, overlap)
-    assert (len(xs), len(ys)) == (nx, ny) and len(windows) == nx * ny  # as few as possible
+    xs, ys = sorted({x0 for x0, _, _, _ in windows}), sorted({y0 for _, y0, _, _ in windows})
+    for starts in (xs, ys):
+        assert all(0 < b - a <= tile - overlap for a, b in zip(starts, starts[1:]))
+    assert windows == [(x, y, x + tile, y + tile) for y in ys for x in xs]  # a grid, row by row
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.integers(8, 24), st.data())
+def test_each_axis_gets_the_fewest_windows_a_brute_force_search_finds(tile, data):
+    overlap = data.draw(st.integers(0, tile // 2))
+    length = data.draw(st.integers(tile, 8 * tile))
+    lo = data.draw(st.integers(0, length - 1))
+    hi = data.draw(st.integers(lo + 1, length))
+    starts = plan_axis(lo, hi, length, tile, overlap)
+    assert len(starts) == fewest_windows(lo, hi, length, tile, overlap)
+    assert starts[0] <= lo and starts[-1] + tile >= hi and all(0 <= s <= length - tile for s in starts)
 
 
 def test_real_sized_boxes_need_at_most_two_tiles():
@@ -67,18 +82,17 @@ def test_real_sized_boxes_need_at_most_two_tiles():
 @settings(max_examples=300, deadline=None)
 @given(st.integers(16, 1024), st.data())
 def test_planner_refuses_more_tiles_than_the_limit_and_names_the_settings(tile, data):
-    """Any overlap below the tile, any image: the planner returns the fewest windows, or refuses when
-    they would be more than MAX_TILES (it never builds them)."""
+    """Any overlap below the tile, any image: the planner returns the windows, or refuses when they
+    would be more than MAX_TILES (it never builds them), naming the settings and the count."""
     overlap = data.draw(st.integers(0, tile - 1))
     w, h = data.draw(st.integers(16, 5000)), data.draw(st.integers(16, 3000))
     x0, y0 = data.draw(st.integers(0, w - 1)), data.draw(st.integers(0, h - 1))
     box = (x0, y0, data.draw(st.integers(x0 + 1, w)), data.draw(st.integers(y0 + 1, h)))
-    nx = 1 if w <= tile else _min_tiles(box[2] - box[0], tile, overlap)
-    ny = 1 if h <= tile else _min_tiles(box[3] - box[1], tile, overlap)
-    if nx * ny <= MAX_TILES:
-        assert len(plan_tiles(w, h, box, tile, overlap)) == nx * ny
+    count = len(plan_axis(box[0], box[2], w, tile, overlap)) * len(plan_axis(box[1], box[3], h, tile, overlap))
+    if count <= MAX_TILES:
+        assert len(plan_tiles(w, h, box, tile, overlap)) == count
     else:
-        with pytest.raises(TooManyTiles, match=rf"stage2.tile={tile} with stage2.min_overlap={overlap} .* into {nx * ny} tiles"):
+        with pytest.raises(TooManyTiles, match=rf"stage2.tile={tile} with stage2.min_overlap={overlap} .* into {count} tiles"):
             plan_tiles(w, h, box, tile, overlap)
 
 
@@ -158,7 +172,7 @@ def test_image_smaller_than_tile_is_reflect_padded():
 
 def test_real_photo_round_trips_through_tiles(real_samples):
     """A real 1918x1280 test photo cut into the planned tiles and stitched back is unchanged inside the box."""
-    from common.io import read_image
+    from common.data.images import read_image
 
     image = torch.from_numpy(read_image(sorted((real_samples / "test_fullres").glob("*.jpg"))[4])).permute(2, 0, 1)
     assert image.shape == (3, 1280, 1918)

@@ -4,11 +4,11 @@ import pandas as pd
 import pytest
 import torch
 
-from common.batches import TensorBatches
 from common.config import load_config
 from common.errors import CheckpointError
 from common.model import UNet, load_checkpoint, load_model
-from common.trainer import plot_history, train, validator
+from common.training.batches import TensorBatches
+from common.training.trainer import plot_history, train, validator
 from stage1_lowres.train import coarse_predictions
 
 CONFIG = load_config(None, ["output.dir=elsewhere"])  # what a checkpoint records
@@ -115,8 +115,8 @@ def test_plot_command_redraws(tmp_path):
 def test_non_finite_steps_are_skipped_counted_and_never_reach_best(tmp_path, monkeypatch):
     import math
 
-    import common.trainer as trainer
-    from common.losses import bce_dice_loss
+    import common.training.trainer as trainer
+    from common.training.losses import bce_dice_loss
 
     data = _blobs()
     train(UNet(3, 3, 8), data, _validator(data), _settings(epochs=1), tmp_path, CONFIG, torch.device("cpu"))
@@ -149,16 +149,16 @@ def test_non_finite_steps_are_skipped_counted_and_never_reach_best(tmp_path, mon
 
 
 def test_epochs_auto_fits_the_schedule_to_the_budget_and_resume_keeps_the_count(tmp_path, monkeypatch):
-    import time
+    import common.training.trainer as trainer
 
-    import common.trainer as trainer
-    from common.distributed import Ranks
-
-    clock = trainer.Clock(1.0)  # a 60 s budget whose first epoch took 10 s
-    clock.started = time.monotonic() - 10
-    assert trainer.planned_epochs(clock, 1, 10.0, Ranks(), torch.device("cpu")) == 5  # 1 + (0.97 * 60 - 10) // 10
-    clock.started = time.monotonic() - 16  # a second epoch of 6 s: the steady pace fixes the count
-    assert trainer.planned_epochs(clock, 2, 6.0, Ranks(), torch.device("cpu")) == 9  # 2 + (58.2 - 16) // 6
+    now = [100.0]  # the clock the test sets: no race with the machine's pace
+    clock = trainer.Clock(1.0, now=lambda: now[0])  # a 60 s budget
+    now[0] += 10  # whose first epoch took 10 s: 58.2 s of it usable, 48.2 left, room for 4 more such epochs
+    assert trainer.planned_epochs(clock, 1, 10.0) == 5
+    now[0] += 6  # a second epoch of 6 s: 42.2 s left at the steady pace holds 7 more
+    assert trainer.planned_epochs(clock, 2, 6.0) == 9
+    now[0] += 60  # the budget spent: no more epochs than done
+    assert trainer.planned_epochs(clock, 2, 6.0) == 2 and clock.late()
 
     monkeypatch.setattr(trainer, "planned_epochs", lambda *a: 3)
     data = _blobs()
@@ -198,7 +198,7 @@ def test_cpu_precision_is_bf16_only_where_the_cpu_has_it(monkeypatch, native):
     slower than fp32), and auto considers bf16 only there; fp16 is CUDA-only; fp32 always turns autocast off.
     Prediction follows the same policy."""
     from common import model
-    from common.predictor import predict_dtype
+    from common.prediction.step import predict_dtype
 
     monkeypatch.setattr(model, "cpu_has_bf16", lambda: native)
     cpu = torch.device("cpu")
@@ -213,7 +213,8 @@ def test_cpu_precision_auto_trains_in_bf16_only_when_clearly_faster_and_resume_k
     it is clearly (10%) faster (it measured 1.5x faster on one such CPU and slower on another; a near
     tie stays fp32, so reruns agree); the pick is in history.csv and a resumed run keeps it without
     timing again; an explicit bf16 is never second-guessed."""
-    from common import model, trainer
+    from common import model
+    from common.training import trainer
 
     monkeypatch.setattr(model, "cpu_has_bf16", lambda: True)
     monkeypatch.setattr(trainer, "step_seconds", lambda model, s, dtypes: {torch.bfloat16: bf16_seconds, None: 1.0})
@@ -231,7 +232,7 @@ def test_cpu_precision_auto_trains_in_bf16_only_when_clearly_faster_and_resume_k
 def test_timing_the_precision_leaves_the_weights_and_the_random_stream_alone():
     """The bf16/fp32 probe works on a copy with its own generator: a seeded run trains the same
     weights on the same data order whichever precision the timing picks."""
-    from common.trainer import step_seconds
+    from common.training.trainer import step_seconds
 
     model = UNet(3, 3, 8)
     before, rng = {k: v.clone() for k, v in model.state_dict().items()}, torch.random.get_rng_state()
@@ -243,8 +244,7 @@ def test_timing_the_precision_leaves_the_weights_and_the_random_stream_alone():
 def test_the_loop_reads_the_device_once_per_optimizer_step(monkeypatch):
     """The step's decisions (finite loss, rank 0's clock, the progress numbers) reach the host in one
     read per optimizer step: 8 batches at accum 2 make 4 reads, and no tensor is turned into a bool."""
-    from common import distributed, trainer
-    from common.distributed import Ranks
+    from common.training import distributed, trainer
 
     reads = []
     agree = distributed.step_agreement
@@ -258,8 +258,9 @@ def test_the_loop_reads_the_device_once_per_optimizer_step(monkeypatch):
         raise AssertionError("a tensor was turned into a bool: a host sync on a GPU")
 
     monkeypatch.setattr(torch.Tensor, "__bool__", no_bool)
-    stats = trainer.train_one_epoch(model, opt, scaler, Blobs(32), 0, s, torch.device("cpu"), None, trainer.Clock(0), Ranks(), 0)
-    assert len(reads) == 4 and stats["images"] == 32 and stats["skipped"] == 0
+    loop = trainer.Loop(model, opt, scaler, s, torch.device("cpu"), None, trainer.Clock(0))
+    stats = trainer.train_one_epoch(loop, Blobs(32), 0)
+    assert len(reads) == 4 and stats.images == 32 and stats.skipped == 0
 
 
 class _Touch(torch.utils.data.Dataset):
@@ -280,7 +281,7 @@ class _Touch(torch.utils.data.Dataset):
 def test_a_loop_that_stops_early_leaves_no_worker_writing(tmp_path):
     import multiprocessing
 
-    from common.batches import LoaderBatches
+    from common.training.batches import LoaderBatches
 
     before = set(multiprocessing.active_children())  # children other tests may have left are not this loader's
     with LoaderBatches(_Touch(tmp_path), 2, 2, torch.device("cpu")) as data:
@@ -295,13 +296,13 @@ def test_a_loop_that_stops_early_leaves_no_worker_writing(tmp_path):
 def test_validation_scores_each_prediction_against_its_own_truth_and_names_an_unreadable_image():
     """The shared validator pairs predictions with truths by index, whatever order the predictor
     yields them in; an image the predictor could not read stops validation with its error."""
-    from common.errors import DataError
+    from common.errors import DataError, Failure
 
     truths = [torch.zeros(8, 8, dtype=torch.bool), torch.ones(8, 8, dtype=torch.bool)]
     truths[0][2:5, 2:5] = True
     perfect_and_empty = lambda model: iter([(1, torch.zeros(8, 8)), (0, truths[0].float())])  # noqa: E731
     scores = validator(perfect_and_empty, truths, 0.5)(None)
-    assert scores["val_dice"] == 0.5 and scores["val_loss"] > 0
-    assert math.isnan(validator(lambda model: iter([]), [], 0.5)(None)["val_dice"])  # no images: no score, never best.pt
+    assert scores.dice == 0.5 and scores.loss > 0
+    assert math.isnan(validator(lambda model: iter([]), [], 0.5)(None).dice)  # no images: no score, never best.pt
     with pytest.raises(DataError, match="b.jpg: truncated"):
-        validator(lambda model: iter([(0, "b.jpg: truncated")]), truths, 0.5)(None)
+        validator(lambda model: iter([(0, Failure("b.jpg", "truncated"))]), truths, 0.5)(None)

@@ -16,7 +16,7 @@ from typing import Any, Callable
 import torch
 from tqdm import tqdm
 
-from common.data import Chunk
+from common.data.chunks import Chunk
 from common.errors import ClusterError, SetupError
 from common.log import log
 from common.model import pick_device
@@ -71,9 +71,9 @@ def run_chunks(spec: str, task: Callable[..., int], chunks: list[Chunk], args: t
     with connect(spec) as client:
         workers = len(client.scheduler_info()["workers"])
         started, done = time.monotonic(), 0
-        futures = [client.submit(task, [chunk], *args, key=f"{desc.replace(' ', '-')}-{chunk[0]}", pure=False, retries=2)
+        futures = [client.submit(task, [chunk], *args, key=f"{desc.replace(' ', '-')}-{chunk.number}", pure=False, retries=2)
                    for chunk in chunks]
-        with tqdm(total=sum(len(items) for _, items in chunks), desc=f"{desc} ({workers} workers)", unit="img", disable=None) as bar:
+        with tqdm(total=sum(len(chunk.items) for chunk in chunks), desc=f"{desc} ({workers} workers)", unit="img", disable=None) as bar:
             for future in as_completed(futures):
                 n = future.result()
                 done += n

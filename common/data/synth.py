@@ -17,7 +17,7 @@ from joblib import Parallel, delayed
 from PIL import Image
 from skimage.draw import ellipse, polygon
 
-from common.data import rle_encode
+from common.data.rle import rle_encode
 from common.io import atomic_path, write_csv
 
 WIDTH, HEIGHT = 1918, 1280

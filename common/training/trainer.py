@@ -19,6 +19,7 @@ import contextlib
 import copy
 import math
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator, Protocol
 
@@ -27,23 +28,32 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from common import distributed
-from common.augment import augment_batch
-from common.batches import report_skipped
 from common.config import Settings, Stage2, Training, save_config
-from common.distributed import Ranks
-from common.errors import ConfigError, DataError, TrainingError
-from common.io import atomic_path, kill_point, save_torch, write_csv
+from common.errors import ConfigError, DataError, Failure, TrainingError
+from common.io import save_figure, save_torch, write_csv
 from common.log import log
-from common.losses import bce_dice_loss
 from common.metrics import dice
 from common.model import DTYPES, amp_dtype, autocast, load_checkpoint, precision_name
+from common.training import distributed
+from common.training.augment import augment_batch
+from common.training.batches import TrainingPairs, report_skipped
+from common.training.distributed import Ranks
+from common.training.losses import bce_dice_loss
 
-Validate = Callable[[nn.Module], dict]  # model -> {"val_loss": float, "val_dice": float}
-Predicted = Iterator[tuple[int, "torch.Tensor | str"]]  # index, float32 (H, W) probability on the device, or an error
+
+@dataclass(frozen=True)
+class Scores:
+    """Validation of one epoch: the mean loss and the mean per-image Dice (NaN: not scored)."""
+
+    loss: float
+    dice: float
 
 
-class Batches(Protocol):  # common/batches.py
+Validate = Callable[[nn.Module], Scores]
+Predicted = Iterator[tuple[int, "torch.Tensor | Failure"]]  # index, float32 (H, W) probability on the device, or why not
+
+
+class Batches(Protocol):  # common/training/batches.py
     def __len__(self) -> int: ...
     def epoch(self, e: int): ...
 
@@ -111,36 +121,65 @@ def build_optimizer(model: nn.Module, s: Training) -> torch.optim.Optimizer:
 
 
 class Clock:
-    """The wall-clock budget of one invocation; rank 0's clock decides for every rank (`step_agreement`)."""
+    """The wall-clock budget of one invocation; rank 0's clock decides for every rank (`step_agreement`).
+    `now` is the time source (seconds), injectable so that tests set the time instead of racing it."""
 
-    def __init__(self, minutes: float):
-        self.started, self.budget, self.val_seconds = time.monotonic(), minutes * 60 or math.inf, 0.0
+    def __init__(self, minutes: float, now: Callable[[], float] = time.monotonic):
+        self.now, self.budget, self.val_seconds = now, minutes * 60 or math.inf, 0.0
+        self.started = now()
+
+    def elapsed(self) -> float:
+        return self.now() - self.started
 
     def late(self) -> bool:
         """Would another step plus the next validation overrun? This process's clock, no device work."""
-        return time.monotonic() - self.started + self.val_seconds > self.budget
+        return self.elapsed() + self.val_seconds > self.budget
 
 
-def planned_epochs(clock: Clock, done: int, last_seconds: float, ranks: Ranks, device: torch.device) -> int:
+def planned_epochs(clock: Clock, done: int, last_seconds: float) -> int:
     """epochs=auto: the `done` epochs plus as many as the rest of the budget holds at the pace of
     the last one (less 3% for plots and checkpoint writes), so the learning-rate schedule runs to
     its end instead of being cut off. Planned after epoch 1 (whose time includes set-up and
     warm-up) and fixed after epoch 2, at the steady pace. Rank 0's count, recorded in history.csv
     and the checkpoints: a resumed run keeps it."""
-    left = 0.97 * clock.budget - (time.monotonic() - clock.started)
+    left = 0.97 * clock.budget - clock.elapsed()
     count = done + max(int(left / max(last_seconds, 1e-9)), 0)
     return int(distributed.from_main(count))
 
 
-def train_one_epoch(net: nn.Module, opt: torch.optim.Optimizer, scaler: torch.amp.GradScaler, data: Batches, epoch: int,
-                    s: Training, device: torch.device, dtype: torch.dtype | None, clock: Clock, ranks: Ranks, seed: int) -> dict:
-    """One pass over this rank's shard. Returns the mean training loss over all ranks, the counts,
-    and whether the budget ran out. A step whose loss is not finite on any rank is skipped on all.
+@dataclass
+class Loop:
+    """What every epoch of one training invocation shares."""
+
+    net: nn.Module  # what steps: the model, wrapped in DDP and compiled where asked
+    opt: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    settings: Training
+    device: torch.device
+    dtype: torch.dtype | None  # the autocast type; None: fp32
+    clock: Clock
+    ranks: Ranks = Ranks()
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class EpochStats:
+    train_loss: float  # mean over the finite steps of every rank
+    images: int
+    skipped: int  # optimizer steps skipped for a non-finite loss
+    data_seconds: float  # waiting for batches
+    step_seconds: float
+    out_of_time: bool
+
+
+def train_one_epoch(loop: Loop, data: Batches, epoch: int) -> EpochStats:
+    """One pass over this rank's shard. A step whose loss is not finite on any rank is skipped on all.
 
     One host sync per optimizer step: the losses' finiteness, rank 0's clock and the running sums
     travel in one collective and one read (`distributed.step_agreement`); everything else stays queued."""
+    net, opt, scaler, s, device, ranks = loop.net, loop.opt, loop.scaler, loop.settings, loop.device, loop.ranks
     net.train()
-    aug_gen = torch.Generator().manual_seed(seed * 1_000_003 + epoch * 1009 + ranks.rank)  # resume needs no saved state
+    aug_gen = torch.Generator().manual_seed(loop.seed * 1_000_003 + epoch * 1009 + ranks.rank)  # resume needs no saved state
     accum = s.accum
     total, seen = torch.zeros((), device=device), torch.zeros((), device=device)  # over finite steps, summed on the device
     window_finite = torch.ones((), dtype=torch.bool, device=device)  # every micro-step of this optimizer step was finite
@@ -158,7 +197,7 @@ def train_one_epoch(net: nn.Module, opt: torch.optim.Optimizer, scaler: torch.am
         boundary = (i + 1) % accum == 0 or i + 1 == len(data)
         sync = net.no_sync() if ranks.on and not boundary else contextlib.nullcontext()  # DDP: average gradients once per optimizer step
         with sync:
-            with autocast(device, dtype):
+            with autocast(device, loop.dtype):
                 loss = bce_dice_loss(net(x), y, s.edge_weight)
             scaler.scale(loss / accum).backward()
         finite = torch.isfinite(loss.detach())  # stays on the device until the step's one sync
@@ -166,7 +205,7 @@ def train_one_epoch(net: nn.Module, opt: torch.optim.Optimizer, scaler: torch.am
         total += torch.where(finite, loss.detach(), 0.0) * len(x)
         seen += finite * len(x)
         if boundary:
-            ok, late, shown = distributed.step_agreement(window_finite, clock.late(), total, seen)  # the step's sync point
+            ok, late, shown = distributed.step_agreement(window_finite, loop.clock.late(), total, seen)  # the step's sync point
             bad_run, skipped = optimizer_step(opt, scaler, ok, bad_run, s.max_bad_steps, f"epoch {epoch + 1}, step {i + 1}"), skipped + (not ok)
             window_finite.fill_(True)
             out_of_time = late
@@ -179,8 +218,8 @@ def train_one_epoch(net: nn.Module, opt: torch.optim.Optimizer, scaler: torch.am
             break
     bar.close()
     sums = distributed.total(torch.stack([total, seen]))
-    return {"train_loss": (sums[0] / sums[1].clamp(min=1)).item(), "images": int(sums[1].item()), "skipped": skipped,
-            "data_s": data_s, "step_s": step_s, "out_of_time": out_of_time}
+    mean, images = torch.stack([sums[0] / sums[1].clamp(min=1), sums[1]]).tolist()  # one read for both
+    return EpochStats(mean, int(images), skipped, data_s, step_s, out_of_time)
 
 
 def optimizer_step(opt: torch.optim.Optimizer, scaler: torch.amp.GradScaler, ok: bool, bad_run: int, max_bad: int, where: str) -> int:
@@ -198,11 +237,14 @@ def optimizer_step(opt: torch.optim.Optimizer, scaler: torch.amp.GradScaler, ok:
     return bad_run + 1
 
 
-def validate_epoch(model: nn.Module, validate: Validate, ranks: Ranks) -> dict:
+NOT_SCORED = Scores(math.nan, math.nan)  # never best.pt
+
+
+def validate_epoch(model: nn.Module, validate: Validate, ranks: Ranks) -> Scores:
     """Validation on rank 0 (the other ranks wait at the next collective); eval mode, no grad."""
     model.eval()
     if not ranks.main:
-        return {"val_loss": math.nan, "val_dice": math.nan}
+        return NOT_SCORED
     with torch.no_grad():
         return validate(model)
 
@@ -212,18 +254,18 @@ def validator(predict: Callable[[nn.Module], Predicted], truths: list[torch.Tens
     predictor (stage 1's `Coarse`, stage 2's `Cascade`), so the score is of what prediction makes; the
     loss on each probability and the mean per-image Dice of `prob > threshold` against the (H, W) truth."""
 
-    def validate(model: nn.Module) -> dict:
+    def validate(model: nn.Module) -> Scores:
         losses, scores = [], []
         for i, prob in predict(model):
-            if isinstance(prob, str):
+            if isinstance(prob, Failure):
                 raise DataError(f"validation image became unreadable: {prob}")
             truth = truths[i].to(prob.device)
             scores.append(dice(prob > threshold, truth))
             logit = torch.logit(prob.clamp(1e-6, 1 - 1e-6))[None, None]
             losses.append(bce_dice_loss(logit, truth.float()[None, None]).item())
         if not scores:  # no images: no score, and never best.pt
-            return {"val_loss": math.nan, "val_dice": math.nan}
-        return {"val_loss": sum(losses) / len(losses), "val_dice": sum(scores) / len(scores)}
+            return NOT_SCORED
+        return Scores(sum(losses) / len(losses), sum(scores) / len(scores))
 
     return validate
 
@@ -244,7 +286,7 @@ def save_epoch(run_dir: Path, model: nn.Module, opt, scaler, history: list[dict]
     return best
 
 
-def fit(cfg: Settings, stage: str, model: nn.Module, data: Batches, validate: Validate, bad: list[tuple[str, str]], about: str,
+def fit(cfg: Settings, stage: str, model: nn.Module, data: Batches, validate: Validate, pairs: TrainingPairs, about: str,
         device: torch.device, ranks: Ranks) -> list[dict]:
     """What both stages' `train` commands do around the loop: the resolved settings beside the
     checkpoints, one line on the data, the loop, the skipped pairs and the best Dice."""
@@ -252,10 +294,9 @@ def fit(cfg: Settings, stage: str, model: nn.Module, data: Batches, validate: Va
     if ranks.main:
         save_config(cfg, run_dir / "config.yaml")
     log.info(f"stage {stage[-1]}: {about}, on {device}" + (f", {ranks.world} ranks" if ranks.on else ""))
-    history = train(model, data, validate, getattr(cfg, stage), run_dir, cfg, device, seed=cfg.seed, ranks=ranks,
-                    on_epoch_end=lambda epoch: kill_point(f"{stage}.epoch", epoch))  # the tests' fault injection; nothing unset
+    history = train(model, data, validate, getattr(cfg, stage), run_dir, cfg, device, seed=cfg.seed, ranks=ranks)
     if ranks.main:
-        report_skipped(run_dir, bad)
+        report_skipped(run_dir, pairs.skipped)
     best = max((h["val_dice"] for h in history), default=float("nan"))
     log.info(f"stage {stage[-1]} done: best val Dice {best:.4f}; checkpoints in {run_dir}")
     return history
@@ -282,6 +323,7 @@ def train(model: nn.Module, data: Batches, validate: Validate, settings: Trainin
     net = _parallel(model, s, ranks, device)  # after the resume: DDP starts every rank from rank 0's weights
     if s.compile:
         net = torch.compile(net)  # the first steps pay for the compilation
+    loop = Loop(net, opt, scaler, s, device, dtype, clock, ranks, seed)
     auto = s.epochs == "auto"
     epochs = history[-1]["planned_epochs"] if auto and history else None if auto else s.epochs
     while epochs is None or epoch < epochs:
@@ -289,26 +331,26 @@ def train(model: nn.Module, data: Batches, validate: Validate, settings: Trainin
         lr = s.lr * _lr_factor(s.schedule, epoch, fixed, s.step_every)
         for group in opt.param_groups:
             group["lr"] = lr
-        t0 = time.monotonic()
-        stats = train_one_epoch(net, opt, scaler, data, epoch, s, device, dtype, clock, ranks, seed)
-        v0 = time.monotonic()
+        t0 = clock.now()
+        stats = train_one_epoch(loop, data, epoch)
+        v0 = clock.now()
         val = validate_epoch(model, validate, ranks)
-        clock.val_seconds = time.monotonic() - v0
+        clock.val_seconds = clock.now() - v0
         epoch += 1
         if auto and epoch <= 2 and len(history) < 2:  # plan after epoch 1, fix after epoch 2
-            epochs = planned_epochs(clock, epoch, time.monotonic() - (clock.started if epoch == 1 else t0), ranks, device)
-            log.info(f"epochs=auto: {time.monotonic() - clock.started:.0f} s of the {s.max_minutes} min budget spent after "
+            epochs = planned_epochs(clock, epoch, clock.elapsed() if epoch == 1 else clock.now() - t0)
+            log.info(f"epochs=auto: {clock.elapsed():.0f} s of the {s.max_minutes} min budget spent after "
                      f"epoch {epoch}, so the {s.schedule} schedule runs over {epochs} epochs")
-        history.append({"epoch": epoch, "train_loss": stats["train_loss"], "val_loss": val["val_loss"], "val_dice": val["val_dice"],
-                        "lr": lr, "seconds": round(time.monotonic() - t0, 2), "images": stats["images"],
-                        "skipped_steps": stats["skipped"], "data_seconds": round(stats["data_s"], 2), "planned_epochs": epochs,
+        history.append({"epoch": epoch, "train_loss": stats.train_loss, "val_loss": val.loss, "val_dice": val.dice,
+                        "lr": lr, "seconds": round(clock.now() - t0, 2), "images": stats.images,
+                        "skipped_steps": stats.skipped, "data_seconds": round(stats.data_seconds, 2), "planned_epochs": epochs,
                         "precision": precision})
         if ranks.main:
             best = save_epoch(run_dir, model, opt, scaler, history, best, config)
         _log_epoch(history[-1], stats, epochs)
         if on_epoch_end:
             on_epoch_end(epoch)
-        if stats["out_of_time"]:
+        if stats.out_of_time:
             log.info(f"time budget of {s.max_minutes} min spent; stopping after epoch {epoch} (best val Dice {best:.4f})")
             break
     distributed.barrier()  # every rank leaves with rank 0's files written
@@ -338,26 +380,24 @@ def _resume(last: Path, model: nn.Module, opt, scaler, device: torch.device) -> 
     return ckpt["epoch"], ckpt["best_dice"], ckpt["history"]
 
 
-def _log_epoch(row: dict, stats: dict, epochs: int | None) -> None:
+def _log_epoch(row: dict, stats: EpochStats, epochs: int | None) -> None:
     log.info(f"epoch {row['epoch']}/{epochs}: train loss {row['train_loss']:.4f}  val loss {row['val_loss']:.4f}  "
              f"val Dice {row['val_dice']:.4f}  lr {row['lr']:.2e}  {row['seconds']:.0f}s "
-             f"({stats['images'] / max(stats['data_s'] + stats['step_s'], 1e-9):.1f} img/s, data wait {stats['data_s']:.1f}s)"
-             + (f"  skipped {stats['skipped']} non-finite steps" if stats["skipped"] else ""))
+             f"({stats.images / max(stats.data_seconds + stats.step_seconds, 1e-9):.1f} img/s, data wait {stats.data_seconds:.1f}s)"
+             + (f"  skipped {stats.skipped} non-finite steps" if stats.skipped else ""))
 
 
 def plot_history(run_dir: str | Path) -> Path:
     """Redraw `learning_curves.png` from `history.csv`."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
 
     run_dir = Path(run_dir)
     csv = run_dir / "history.csv"
     if not csv.is_file():
         raise ConfigError(f"no history.csv in {run_dir}: not a training run folder")
     h = pd.read_csv(csv)
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.6))
+    fig = Figure(figsize=(10, 3.6), layout="tight")
+    ax1, ax2 = fig.subplots(1, 2)
     ax1.plot(h.epoch, h.train_loss, "o-", label="train")
     ax1.plot(h.epoch, h.val_loss, "o-", label="validation")
     ax1.set(xlabel="epoch", ylabel="loss (BCE + 1 - Dice)", yscale="log")
@@ -367,9 +407,6 @@ def plot_history(run_dir: str | Path) -> Path:
     for ax in (ax1, ax2):
         ax.grid(alpha=0.3)
     fig.suptitle(run_dir.name)
-    fig.tight_layout()
     out = run_dir / "learning_curves.png"
-    with atomic_path(out) as tmp:
-        fig.savefig(tmp, dpi=90, format="png")
-    plt.close(fig)
+    save_figure(fig, out)
     return out

@@ -26,11 +26,13 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
 from common.boxes import Box, mask_extent
-from common.data import Sample
-from common.distributed import Ranks
-from common.errors import DataError, ImageReadError
-from common.io import Size, image_size, read_image, read_mask, write_csv
+from common.config import Data
+from common.data.images import Size, image_size, read_image, read_mask
+from common.data.kaggle import Sample, index_split, split_by_car
+from common.errors import DataError, Failure, ImageReadError
+from common.io import write_csv
 from common.log import log
+from common.training.distributed import Ranks
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 
@@ -128,13 +130,13 @@ class Pair:
     mask: np.ndarray | None = None  # bool HW at the scan size, when kept
 
 
-def _scan_one(sample: Sample, size: Size | None, keep: bool) -> Pair | str:
+def _scan_one(sample: Sample, size: Size | None, keep: bool) -> Pair | Failure:
     try:
         width, height = image_size(sample.image)
         full = read_mask(sample.mask, expect_size=(width, height))
         image = read_image(sample.image, size=size or (256, 256))  # decodes the whole file: catches truncation
     except ImageReadError as e:
-        return str(e)
+        return Failure.of(e)
     if not keep:
         return Pair(sample, width, height, mask_extent(full))
     mask = full if size is None else np.asarray(Image.fromarray(full.view(np.uint8) * 255).resize(size, Image.BILINEAR)) >= 128
@@ -142,8 +144,9 @@ def _scan_one(sample: Sample, size: Size | None, keep: bool) -> Pair | str:
 
 
 def scan_pairs(samples: list[Sample], size: Size | None = None, keep: bool = True, max_bad_share: float = 0.01,
-               jobs: int = 4) -> tuple[list[Pair], list[tuple[str, str]]]:
-    """Read every training pair once, before training starts.
+               jobs: int = 4) -> tuple[list[Pair], dict[str, Failure]]:
+    """Read every training pair once, before training starts: the readable pairs, and img -> why
+    for the others.
 
     Unreadable or inconsistent pairs are skipped with a warning naming the file and the reason; if
     more than `max_bad_share` of them are bad, nothing trains and the error lists them. With `keep`,
@@ -151,21 +154,42 @@ def scan_pairs(samples: list[Sample], size: Size | None = None, keep: bool = Tru
     """
     results = Parallel(n_jobs=jobs, prefer="threads")(delayed(_scan_one)(s, size, keep) for s in samples)
     pairs = [r for r in results if isinstance(r, Pair)]
-    bad = [(s.img, r) for s, r in zip(samples, results) if isinstance(r, str)]
+    bad = {s.img: r for s, r in zip(samples, results) if isinstance(r, Failure)}
     if samples and len(bad) / len(samples) > max_bad_share:
-        listing = "\n  ".join(reason for _, reason in bad[:20])
+        listing = "\n  ".join(map(str, list(bad.values())[:20]))
         raise DataError(f"{len(bad)} of {len(samples)} training pairs are unreadable, more than "
                         f"data.max_bad_share={max_bad_share}; fix or remove them:\n  {listing}")
-    for _, reason in bad:
-        warnings.warn(f"skipping training pair: {reason}", stacklevel=2)
+    for failure in bad.values():
+        warnings.warn(f"skipping training pair: {failure}", stacklevel=2)
     return pairs, bad
 
 
-def report_skipped(run_dir: Path, bad: list[tuple[str, str]]) -> None:
+@dataclass
+class TrainingPairs:
+    """A training run's pairs, read once and split by car."""
+
+    train: list[Pair]
+    val: list[Pair]
+    skipped: dict[str, Failure]  # img -> why it could not be read
+
+
+def read_pairs(data: Data, size: Size, keep: bool, workers: int) -> TrainingPairs:
+    """Every training pair of `data.root` read once (`scan_pairs` at `size`, by `workers` threads),
+    split into training and validation pairs by `data.val_cars`."""
+    samples = index_split(data.root, "train", data.hq)
+    _, val_samples = split_by_car(samples, data.val_cars)
+    if not val_samples:
+        raise DataError("training needs validation cars; set data.val_cars to a count, a list or k/K")
+    pairs, bad = scan_pairs(samples, size, keep=keep, max_bad_share=data.max_bad_share, jobs=max(workers, 1))
+    val_ids = {v.id for v in val_samples}
+    return TrainingPairs([p for p in pairs if p.sample.id not in val_ids], [p for p in pairs if p.sample.id in val_ids], bad)
+
+
+def report_skipped(run_dir: Path, skipped: dict[str, Failure]) -> None:
     """The run summary's list of skipped pairs, also kept as `<run_dir>/skipped.csv`."""
-    if not bad:
+    if not skipped:
         return
-    write_csv(run_dir / "skipped.csv", pd.DataFrame(bad, columns=["img", "reason"]))
-    log.info(f"skipped {len(bad)} unreadable pair(s), listed in {run_dir / 'skipped.csv'}:")
-    for _, reason in bad:
-        log.info(f"  {reason}")
+    write_csv(run_dir / "skipped.csv", pd.DataFrame([(img, str(f)) for img, f in skipped.items()], columns=["img", "reason"]))
+    log.info(f"skipped {len(skipped)} unreadable pair(s), listed in {run_dir / 'skipped.csv'}:")
+    for failure in skipped.values():
+        log.info(f"  {failure}")

@@ -1,0 +1,71 @@
+"""The predict commands' skeleton: a command says what it predicts as a `Job` (the shape of a
+LightningModule's predict step with its prediction writer) and `run_job` does the rest, for both
+stages: the chunks not finished yet, here or as Dask tasks (`predict.cluster`), the predictor
+streamed over the images, each output handed to the `ChunkWriter`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+
+from common.config import Settings
+from common.data.chunks import Chunk, ChunkStore
+from common.log import log
+from common.model import pick_device
+from common.prediction.step import Predictor, Result
+from common.prediction.writer import ChunkWriter, Output
+
+
+@dataclass(frozen=True, kw_only=True)
+class Job:
+    """A predict command's work over a list of items (one per image, in the run's order). It travels
+    to Dask workers by pickle (settings, a chunk store, numbers), never as arrays or nets."""
+
+    desc: str  # "stage 1 predict": the progress bar and the log lines
+    cfg: Settings
+    store: ChunkStore  # where the rows go; its key covers the checkpoints and every setting that changes them
+    noun: str = "images"  # what the items are, for the log
+
+    def build(self, device: torch.device) -> Predictor:
+        """The stage's predictor on `device`, its nets loaded."""
+        raise NotImplementedError
+
+    def outputs(self, predictor: Predictor, items: list, desc: str) -> Iterator[Output]:
+        """Every item's output, in order (`desc`: the progress bar's label, empty for none)."""
+        raise NotImplementedError
+
+    def row(self, item: Any, result: Result, mask: np.ndarray | None) -> dict:
+        """The item's row of the chunk file, made in the writer thread (`mask`: the output's mask on the host)."""
+        raise NotImplementedError
+
+
+def run_job(job: Job, items: list) -> None:
+    """Predict the chunks of `items` (the run's whole image order) not finished yet: in this
+    process, or one Dask task per chunk on `predict.cluster`."""
+    chunks = job.store.todo(items)
+    todo = sum(len(chunk.items) for chunk in chunks)
+    log.info(f"{job.desc}: {todo} {job.noun} to do, {len(items) - todo} already done (key {job.store.key})")
+    if chunks and job.cfg.predict.cluster:
+        from common.prediction.cluster import run_chunks
+
+        run_chunks(job.cfg.predict.cluster, predict_chunks, chunks, (job,), job.desc)
+    elif chunks:
+        predict_chunks(chunks, job, job.build(pick_device(job.cfg.device)))
+
+
+def predict_chunks(chunks: list[Chunk], job: Job, predictor: Predictor | None = None) -> int:
+    """The items of `chunks` predicted and each chunk's file written; returns the number of images.
+    Without `predictor` (a Dask task), the worker builds it once and keeps it for its next tasks."""
+    desc = job.desc if predictor is not None else ""  # on a Dask worker the client's bar reports the rate
+    if predictor is None:
+        from common.prediction.cluster import cached, worker_device
+
+        predictor = cached(job.store.key, lambda: job.build(worker_device(job.cfg.device)))
+    items = [item for chunk in chunks for item in chunk.items]
+    with ChunkWriter(job.store, chunks, lambda i, result, mask: job.row(items[i], result, mask)) as writer:
+        for output in job.outputs(predictor, items, desc):
+            writer.write(output)
+    return len(items)

@@ -1,0 +1,146 @@
+"""The reader: every image of a prediction decoded once, in reader processes ahead of the device.
+
+The DataLoader's worker processes read the files and decode them with PIL (`read_image`) into
+pinned uint8 tensors; on CUDA with torchvision installed, JPEG files travel as bytes instead and
+nvjpeg decodes a whole batch on the GPU. Any failure becomes a `Failure` naming the file in the
+image's place: never a crash, never a silent drop.
+"""
+from __future__ import annotations
+
+import functools
+import io
+import multiprocessing
+from pathlib import Path
+from typing import Callable, Iterator, NamedTuple
+
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+
+from common.data.images import ORIENTATION, read_image
+from common.errors import Failure, ImageReadError
+from common.log import log
+
+JpegDecoder = Callable[[list[torch.Tensor], torch.device], list[torch.Tensor]]  # encoded bytes -> uint8 (3, H, W)
+
+
+class Loaded(NamedTuple):  # a NamedTuple, so that the DataLoader pins its tensor
+    index: int  # into the run's paths
+    data: torch.Tensor | Failure  # pixels (H, W, 3), or the bytes of a whole JPEG when `encoded`
+    encoded: bool
+
+
+class Decoded(NamedTuple):
+    index: int
+    image: torch.Tensor | Failure  # uint8 (3, H, W) on the device
+
+
+def for_nvjpeg(data: bytes) -> bool:
+    """A whole JPEG (SOI ... EOI) stored as shown: a truncated one goes to PIL, which names the problem,
+    and one with an EXIF orientation to PIL, which turns it (nvjpeg ignores the tag)."""
+    if not (data[:2] == b"\xff\xd8" and b"\xff\xd9" in data[-16:]):
+        return False
+    try:
+        with Image.open(io.BytesIO(data)) as im:  # reads the headers only
+            return im.getexif().get(ORIENTATION, 1) == 1
+    except (OSError, SyntaxError, ValueError):
+        return False
+
+
+class ImageFiles(Dataset):
+    """File i of `paths`: decoded pixels, or the raw bytes of a whole JPEG when `encoded`."""
+
+    def __init__(self, paths: list[Path], encoded: bool = False):
+        self.paths, self.encoded = paths, encoded
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int) -> Loaded:
+        path = Path(self.paths[i])
+        try:
+            if self.encoded:
+                try:
+                    data = path.read_bytes()
+                except OSError:
+                    data = b""  # read_image below says why
+                if for_nvjpeg(data):
+                    return Loaded(i, torch.frombuffer(bytearray(data), dtype=torch.uint8), True)
+            return Loaded(i, torch.from_numpy(read_image(path)), False)
+        except ImageReadError as e:
+            return Loaded(i, Failure.of(e), False)
+
+
+def _as_list(items: list[Loaded]) -> list[Loaded]:
+    return items  # images differ in size: no stacking
+
+
+@functools.cache
+def nvjpeg_decoder(device: torch.device) -> JpegDecoder | None:
+    """torchvision's batched GPU JPEG decoder on CUDA, probed once per device on a small JPEG; None
+    (the reader processes decode with PIL, said in one line) where it is missing or fails."""
+    if device.type != "cuda":
+        return None
+    try:
+        from torchvision.io import ImageReadMode, decode_jpeg
+    except ImportError:
+        log.info(f"reader: torchvision is not installed, so JPEGs are decoded by PIL in the reader processes, not by nvjpeg on "
+                 f"{device} (pip install torchvision)")
+        return None
+
+    def decode(data: list[torch.Tensor], dev: torch.device) -> list[torch.Tensor]:
+        # nvJPEG's hardware engine does not wait for the stream it is given, and its outputs come from the
+        # caching allocator, which hands back blocks that kernels queued on this stream may still read
+        # (torchvision PR #9606, torchcodec PR #1634): so no decode starts before this stream is idle.
+        # Needs CUDA: not testable on the CPU (benchmarks/gpu_check.py checks it on a GPU).
+        torch.cuda.current_stream(dev).synchronize()  # a sync point, once per batch
+        return decode_jpeg(data, mode=ImageReadMode.RGB, device=dev)
+
+    buf = io.BytesIO()
+    Image.new("RGB", (16, 16), (200, 30, 30)).save(buf, format="JPEG")
+    try:
+        decode([torch.frombuffer(bytearray(buf.getvalue()), dtype=torch.uint8)], device)
+    except RuntimeError as e:
+        log.info(f"reader: nvjpeg cannot decode on {device} ({e}); JPEGs are decoded by PIL in the reader processes")
+        return None
+    return decode
+
+
+def to_device(items: list[Loaded], paths: list[Path], device: torch.device, decode: JpegDecoder | None) -> list[Decoded]:
+    """Move a loader batch to the device: pixels by an async copy from pinned memory, JPEG bytes through `decode`."""
+    out: dict[int, Decoded] = {}
+    for item in items:
+        if not item.encoded:
+            image = item.data if isinstance(item.data, Failure) else item.data.to(device, non_blocking=True).permute(2, 0, 1)
+            out[item.index] = Decoded(item.index, image)
+    jpegs = [item for item in items if item.encoded]
+    if jpegs:
+        try:
+            decoded = decode([item.data for item in jpegs], device)
+        except RuntimeError:  # one bad file fails the batch: decode one by one, PIL for the rest
+            decoded = [_decode_one(decode, item.data, device, paths[item.index]) for item in jpegs]
+        for item, image in zip(jpegs, decoded):
+            out[item.index] = Decoded(item.index, image)
+    return [out[item.index] for item in items]
+
+
+def _decode_one(decode: JpegDecoder, data: torch.Tensor, device: torch.device, path: Path) -> torch.Tensor | Failure:
+    try:
+        return decode([data], device)[0]
+    except RuntimeError:
+        try:  # nvjpeg cannot do every JPEG (e.g. CMYK); PIL can, or names the problem
+            return torch.from_numpy(read_image(path)).to(device).permute(2, 0, 1)
+        except ImageReadError as e:
+            return Failure.of(e)
+
+
+def read_batches(paths: list[Path], device: torch.device, batch_size: int, workers: int) -> Iterator[list[Decoded]]:
+    """Batches of decoded images on `device`, in the order of `paths`, read `workers` processes ahead."""
+    decode = nvjpeg_decoder(device)
+    if multiprocessing.current_process().daemon:
+        workers = 0  # a daemonic process (e.g. a Dask worker left at its default) may not start reader processes
+    loader = DataLoader(ImageFiles(paths, encoded=decode is not None), batch_size=batch_size, num_workers=workers,
+                        collate_fn=_as_list, pin_memory=device.type == "cuda",  # pinned: the copy to the GPU is async
+                        prefetch_factor=4 if workers else None)
+    for items in loader:
+        yield to_device(items, paths, device, decode)

@@ -1,0 +1,108 @@
+"""The device step and the loop around it: a stage's `Predictor` turns a batch of decoded images
+into one `Prediction` or `Failure` each (`predict`), and `stream` runs it over image files, the
+reader decoding ahead of the device.
+
+Stage 1's step (`stage1_lowres.predict.Coarse`: probability and box) and stage 2's
+(`stage2_fullres.predict.Cascade`: the same, then tiles, refiner and blend) are the only two;
+`stage1 predict`, `stage2 predict`, validation, `evaluate`, `cutout`, `serve` and the benchmarks
+all run them, so validation predicts exactly the way the submission is made.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Callable, Iterator
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from common.boxes import Box
+from common.errors import Failure
+from common.log import log
+from common.model import amp_dtype, autocast, precision_name
+from common.prediction.reader import read_batches
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """One image's result; the maps are float32 (height, width) tensors on the device."""
+
+    width: int
+    height: int
+    box: Box  # the region the refiner sees, full-resolution pixels, x1/y1 exclusive
+    found: bool  # stage 1 saw a car (False: the box is the whole image)
+    coarse: torch.Tensor | None  # stage-1 probability upsampled (None when neither box nor refiner needs stage 1)
+    prob: torch.Tensor | None = None  # the cascade's probability, 0 outside the box (None from stage 1 alone)
+
+    def mask(self, threshold: float) -> torch.Tensor:
+        """The car mask: the cascade's probability above the mask threshold. The one definition, which
+        the submission, evaluation, `cutout` and `serve` all use."""
+        return self.prob > threshold
+
+
+Result = Prediction | Failure
+
+# decoded uint8 (3, H, W) images on the device and their boxes (None: stage 1 finds it) -> a result per image
+Step = Callable[[list[torch.Tensor], list[Box | None]], list[Result]]
+
+
+def predict_dtype(device: torch.device) -> torch.dtype | None:
+    """Prediction's precision on `device` (the one policy, `amp_dtype`, for inference)."""
+    return amp_dtype("auto", device, training=False)
+
+
+def probabilities(net: nn.Module, x: torch.Tensor, device: torch.device, flip: bool = False, pad_to: int = 0) -> torch.Tensor:
+    """(n, H, W) float32 probabilities of the net's one output channel, in `predict_dtype`: the inputs
+    padded with zeros to `pad_to` (one static shape for a compiled net); with flip TTA the mirrored
+    inputs ride in the same pass and the two predictions are averaged (both stages' one TTA)."""
+    n = len(x)
+    if n < pad_to:
+        x = torch.cat([x, x.new_zeros(pad_to - n, *x.shape[1:])])
+    if flip:
+        x = torch.cat([x, x.flip(-1)])
+    with autocast(device, predict_dtype(device)):
+        p = torch.sigmoid(net(x.contiguous(memory_format=torch.channels_last)).float())[:, 0]
+    if flip:
+        half = len(p) // 2
+        p = (p[:half] + p[half:].flip(-1)) / 2
+    return p[:n]
+
+
+class Predictor:
+    """What the stages' predictors share: `predict`, their device step, and `run`, that step streamed
+    over image files with `batch_size` images per step and `workers` reader processes."""
+
+    device: torch.device
+    batch_size: int
+    workers: int
+
+    def predict(self, images: list[torch.Tensor], boxes: list[Box | None]) -> list[Result]:
+        raise NotImplementedError
+
+    def run(self, paths: list[Path], boxes: list[Box | None] | None = None, desc: str = "") -> Iterator[tuple[int, Result]]:
+        return stream(self.predict, paths, boxes, self.device, self.batch_size, self.workers, desc)
+
+
+def stream(step: Step, paths: list[Path], boxes: list[Box | None] | None, device: torch.device, batch_size: int,
+           workers: int, desc: str = "") -> Iterator[tuple[int, Result]]:
+    """(index into `paths`, its result), in order, reading `workers` processes ahead of the device.
+    With `desc`, a progress bar (images/s, ETA) and a summary line with the measured rate."""
+    boxes = boxes or [None] * len(paths)
+    started, done = time.monotonic(), 0
+    bar = tqdm(total=len(paths), desc=desc, unit="img", disable=None if desc else True, mininterval=1.0)
+    for batch in read_batches(paths, device, max(batch_size, 1), workers):
+        read = [d for d in batch if not isinstance(d.image, Failure)]
+        results = dict(zip([d.index for d in read], step([d.image for d in read], [boxes[d.index] for d in read]))) if read else {}
+        for d in batch:
+            result = d.image if isinstance(d.image, Failure) else results[d.index]
+            if isinstance(result, Failure) and not result.file:
+                result = replace(result, file=str(paths[d.index]))  # a step sees pixels, not files: named here
+            yield d.index, result
+        done += len(batch)
+        bar.update(len(batch))
+    bar.close()
+    if desc and done:
+        seconds = time.monotonic() - started
+        log.info(f"{desc}: {done} images in {seconds:.1f} s ({done / seconds:.1f} images/s on {device} in {precision_name(predict_dtype(device))})")

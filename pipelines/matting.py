@@ -1,0 +1,41 @@
+"""Matting: what a background-removal user gets from a cascade's prediction. The alpha (hard: the
+mask; soft: the car's edge semi-transparent as the probability says), and the photo composited
+on a flat colour. `carvana cutout` and `carvana serve` both make their pictures here."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from common.prediction.step import Prediction
+
+EDGE_BAND = 2  # pixels either side of the mask's boundary where a soft alpha follows the probability
+
+
+def alpha(pred: Prediction, threshold: float, soft: bool = True, band: int = EDGE_BAND) -> torch.Tensor:
+    """uint8 (H, W) alpha of a prediction, on its device: 255 on the mask (`Prediction.mask`), 0 off it.
+    Soft: within `band` pixels of the mask's boundary it ramps with the probability, 128-255 on the
+    mask and 0-127 off it, so alpha >= 128 is exactly the mask; away from the band noise in the
+    probability never makes the body or the studio see-through."""
+    mask = pred.mask(threshold)
+    m = mask[None, None].float()
+    if not soft:
+        return m[0, 0].to(torch.uint8) * 255
+    grown = F.max_pool2d(m, 2 * band + 1, stride=1, padding=band)[0, 0] > 0
+    shrunk = -F.max_pool2d(-m, 2 * band + 1, stride=1, padding=band)[0, 0] > 0  # erosion; the border pads ignored
+    p = pred.prob.float().clamp(0, 1)
+    ramp = torch.where(mask, 128 + torch.floor(127 * (p - threshold) / max(1 - threshold, 1e-6)),
+                       torch.floor(127 * p / max(threshold, 1e-6))).clamp(0, 255)
+    return torch.where(grown & ~shrunk, ramp, m[0, 0] * 255).to(torch.uint8)
+
+
+def composite_on(rgb: np.ndarray, alpha: np.ndarray, colour: tuple) -> np.ndarray:
+    """The photo over a flat colour: straight (not premultiplied) alpha, so edge pixels keep the
+    photo's colour mixed with the new background, never darkened."""
+    a = alpha[..., None].astype(np.float32) / 255
+    return np.rint(rgb * a + np.array(colour[:3], np.float32) * (1 - a)).astype(np.uint8)
+
+
+def rgba(rgb: np.ndarray, alpha: np.ndarray) -> np.ndarray:
+    """The cutout: the photo's pixels with the alpha as a fourth channel."""
+    return np.dstack([rgb, alpha])
