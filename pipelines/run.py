@@ -86,6 +86,23 @@ def run_pipeline(config: str, overrides: list[str], force: list[str] = ()) -> in
         return _run_steps(cfg, force)
 
 
+class State:
+    """`pipeline_state.json`: each step's fingerprint when it started and when it finished; rank 0's,
+    written atomically after every change."""
+
+    def __init__(self, path: Path, ranks: distributed.Ranks):
+        self.path, self.main = path, ranks.main
+        self.steps: dict[str, dict] = distributed.from_main(json.loads(path.read_text()) if ranks.main and path.is_file() else {})
+
+    def of(self, name: str) -> dict:
+        return self.steps.get(name, {})
+
+    def record(self, name: str, **entry) -> None:
+        self.steps[name] = entry
+        if self.main:
+            write_text(self.path, json.dumps(self.steps, indent=2))
+
+
 def _run_steps(cfg: Settings, force: list[str]) -> int:
     out = Path(cfg.output.dir)
     pipeline = steps(cfg)
@@ -98,41 +115,26 @@ def _run_steps(cfg: Settings, force: list[str]) -> int:
     ranks = distributed.ranks()
     if ranks.on:  # under torchrun: training steps on every rank, the others on rank 0 while the rest wait
         distributed.init(cfg.device)
-    state_path = out / "pipeline_state.json"
-    state = distributed.from_main(json.loads(state_path.read_text()) if ranks.main and state_path.is_file() else {})
+    state = State(out / "pipeline_state.json", ranks)
     if ranks.main:
         save_config(cfg, out / "config.yaml")
     fingerprints: dict[str, str] = {}
     forced: set[str] = set(force)
     table, status = [], 0
-
-    def save_state():
-        if ranks.main:
-            write_text(state_path, json.dumps(state, indent=2))
-
     for step in pipeline:
         if any(u in forced for u in step.inputs):
             forced.add(step.name)
         fp = fingerprints[step.name] = digest([step.reads(), [fingerprints.get(u, "") for u in step.inputs]])
-        record = state.get(step.name, {})
-        reason = distributed.from_main(_why_run(step, record, fp, step.name in forced))  # rank 0's view of the outputs decides
+        reason = distributed.from_main(_why_run(step, state.of(step.name), fp, step.name in forced))  # rank 0's view decides
         if reason is None:
             log.info(f"[skip] {step.name}: outputs present and fingerprint {fp} unchanged")
             table.append({"step": step.name, "state": "skipped", "seconds": 0.0})
             continue
-        resume = record.get("started") == fp and reason != "forced"
+        resume = state.of(step.name).get("started") == fp and reason != "forced"
         log.info(f"[run]  {step.name}: {reason}" + (" (resuming an interrupted run)" if resume else ""))
-        state[step.name] = {"started": fp}
-        save_state()
-        t0 = time.monotonic()
-        code = step.action(cfg.updated({"stage1.resume": resume, "stage2.resume": resume})) if ranks.main or step.every_rank else 0
-        distributed.barrier()
-        seconds = time.monotonic() - t0
+        code, seconds = _run_step(step, cfg.updated({"stage1.resume": resume, "stage2.resume": resume}), state, fp, ranks)
         status = max(status, code)
-        state[step.name] = {"started": fp, "finished": fp, "seconds": round(seconds, 1)}
-        save_state()
-        table.append({"step": step.name, "state": "ran" if code == 0 else f"ran (exit {code})", "seconds": round(seconds, 1)})
-
+        table.append({"step": step.name, "state": "ran" if code == 0 else f"ran (exit {code})", "seconds": seconds})
     if not ranks.main:
         return status
     from pipelines.report import write_report
@@ -141,6 +143,17 @@ def _run_steps(cfg: Settings, force: list[str]) -> int:
     table.append({"step": "report", "state": "ran", "seconds": 0.0})
     _print_summary(cfg, table, report)
     return status
+
+
+def _run_step(step: Step, cfg: Settings, state: State, fingerprint: str, ranks: distributed.Ranks) -> tuple[int, float]:
+    """Run `step`, recorded as started before and finished after: (its exit status, seconds)."""
+    state.record(step.name, started=fingerprint)
+    t0 = time.monotonic()
+    code = step.action(cfg) if ranks.main or step.every_rank else 0
+    distributed.barrier()
+    seconds = round(time.monotonic() - t0, 1)
+    state.record(step.name, started=fingerprint, finished=fingerprint, seconds=seconds)
+    return code, seconds
 
 
 def _why_run(step: Step, record: dict, fingerprint: str, forced: bool) -> str | None:
