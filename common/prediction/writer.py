@@ -9,14 +9,14 @@ from __future__ import annotations
 
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable
 
 import numpy as np
 import torch
 
 from common.data.chunks import Chunk, ChunkStore
-from common.prediction.step import Result
+from common.prediction.step import Prediction, Result
 
 OnHost = Callable[[], np.ndarray]  # waits for a copy to the host, then gives the array
 
@@ -71,14 +71,17 @@ class ChunkWriter:
             raise RuntimeError(f"{self.store.folder}: output {output.index} came when {self.next} was due")
         self.next += 1
         mask = None if output.mask is None else to_host(output.mask)
-        self.pending.append(self.pool.submit(self._add, output, mask))
+        result = output.result
+        if isinstance(result, Prediction):  # a row uses the box and the size: the full-resolution maps are freed now
+            result = replace(result, coarse=None, prob=None)
+        self.pending.append(self.pool.submit(self._add, output.index, result, mask))
         while self.pending and self.pending[0].done():
             self.pending.popleft().result()  # raise a writer error here, in the caller's thread
         while len(self.pending) > 8:  # bounded: each row waiting for the writer holds a full-resolution mask in host memory
             self.pending.popleft().result()
 
-    def _add(self, output: Output, mask: OnHost | None) -> None:
-        self.rows.append(self.row(output.index, output.result, None if mask is None else mask()))
+    def _add(self, index: int, result: Result, mask: OnHost | None) -> None:
+        self.rows.append(self.row(index, result, None if mask is None else mask()))
         k, n = self.plan[0]
         if len(self.rows) == n:
             self.store.write(k, self.rows)
@@ -87,11 +90,19 @@ class ChunkWriter:
 
     def close(self) -> None:
         """Wait for every queued row; every planned chunk must then be written."""
-        while self.pending:
-            self.pending.popleft().result()
+        try:
+            while self.pending:
+                self.pending.popleft().result()
+        except BaseException:  # a failed row or Ctrl-C while waiting: nothing more is written
+            self.stop()
+            raise
         self.pool.shutdown()
         if self.plan:
             raise RuntimeError(f"{self.store.folder}: chunks {[k for k, _ in self.plan]} got fewer rows than planned")
+
+    def stop(self) -> None:
+        """Keep the whole chunks already written, drop the queued rows and the partial chunk."""
+        self.pool.shutdown(wait=True, cancel_futures=True)
 
     def __enter__(self) -> ChunkWriter:
         return self
@@ -99,5 +110,5 @@ class ChunkWriter:
     def __exit__(self, kind, *_) -> None:
         if kind is None:
             self.close()
-        else:  # interrupted: keep the whole chunks already written, drop the partial one
-            self.pool.shutdown(wait=True, cancel_futures=True)
+        else:  # interrupted
+            self.stop()
