@@ -2,12 +2,14 @@
 SIGKILL mid-run retried by Dask, an unreachable scheduler refused before any work."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 from conftest import tiny_config
 
 from pipelines.cli import main as cli
+from pipelines.evaluate import mask_threshold
 from stage1_lowres import predict as s1_predict
 from stage2_fullres import predict as s2_predict
 
@@ -23,7 +25,7 @@ def _config(tiny_run, out, *more):
 
 
 def _predict(cfg) -> dict[str, bytes]:
-    assert s1_predict.main(cfg) == 0 and s2_predict.main(cfg, cfg.predict.threshold) == 0
+    assert s1_predict.main(cfg) == 0 and s2_predict.main(cfg, mask_threshold(cfg)) == 0
     return {name: (Path(cfg.output.dir) / name).read_bytes() for name in OUTPUTS}
 
 
@@ -31,6 +33,7 @@ def test_local_cluster_gives_the_bytes_of_a_local_run_even_when_a_worker_dies(ti
     import dask
 
     local = _predict(_config(tiny_run, tmp_path / "local"))
+    before = {key: os.environ.get(key) for key in ("OMP_NUM_THREADS", "MALLOC_TRIM_THRESHOLD_")}
     # tests/faults.py, preloaded into every worker: the first one to reach chunk 2 (of stage 1: 7 chunks of 8)
     # dies by SIGKILL before writing it
     monkeypatch.setenv("CARVANA_FAULT", f"chunk:2:KILL:{tmp_path / 'killed-once'}")
@@ -38,6 +41,9 @@ def test_local_cluster_gives_the_bytes_of_a_local_run_even_when_a_worker_dies(ti
         cluster = _predict(_config(tiny_run, tmp_path / "cluster", "predict.cluster=local:2"))
     assert (tmp_path / "killed-once").exists()  # a worker did die mid-run, and Dask retried its chunk
     assert cluster == local
+    # the nannies' settings for their workers (OMP_NUM_THREADS=1, ...) did not stay in this process's
+    # environment, where every later child process (a training run, a server) would inherit them
+    assert {key: os.environ.get(key) for key in ("OMP_NUM_THREADS", "MALLOC_TRIM_THRESHOLD_")} == before
     printed = capsys.readouterr().out
     assert "on 2 Dask workers" in printed and "stage 1 predict" in printed
 

@@ -10,8 +10,10 @@ Checkpoints and boxes travel as paths and small tuples, never as arrays through 
 """
 from __future__ import annotations
 
+import contextlib
+import os
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 from tqdm import tqdm
@@ -48,13 +50,10 @@ def worker_device(name: str) -> torch.device:
 def connect(spec: str):
     """A Dask client for `predict.cluster`; an unreachable scheduler is one clear error, before any work."""
     try:
-        import dask
         from distributed import Client, LocalCluster
     except ImportError:
         raise SetupError(f"predict.cluster={spec} needs Dask distributed: pip install '.[cluster]'") from None
     if spec.startswith("local:"):
-        # workers may start reader processes of their own, which daemonic processes cannot
-        dask.config.set({"distributed.worker.daemon": False})
         cluster = LocalCluster(n_workers=int(spec[6:]), threads_per_worker=1, processes=True, dashboard_address=None)
         return Client(cluster)
     try:
@@ -63,12 +62,30 @@ def connect(spec: str):
         raise ClusterError(f"predict.cluster={spec}: cannot reach the Dask scheduler ({e})") from None
 
 
+@contextlib.contextmanager
+def local_cluster_scope() -> Iterator[None]:
+    """What a LocalCluster changes in this process, for its lifetime only: its workers are not
+    daemonic (they may start reader processes of their own), and the environment its nannies write
+    here for each worker they (re)start (OMP_NUM_THREADS=1, MALLOC_TRIM_THRESHOLD_, ...) is taken
+    back afterwards, so that this process's later child processes run with its own settings."""
+    import dask
+
+    saved = dict(os.environ)
+    try:
+        with dask.config.set({"distributed.worker.daemon": False}):  # read by each nanny at each worker's (re)start
+            yield
+    finally:
+        for key in set(os.environ) - set(saved):
+            del os.environ[key]
+        os.environ.update(saved)
+
+
 def run_chunks(spec: str, task: Callable[..., int], chunks: list[Chunk], args: tuple, desc: str) -> None:
     """task([chunk], *args) -> images done, for every chunk, on the cluster. Dask retries a task whose
     worker died; one bar over all chunks shows the rate across the cluster."""
     from distributed import as_completed
 
-    with connect(spec) as client:
+    with local_cluster_scope() if spec.startswith("local:") else contextlib.nullcontext(), connect(spec) as client:
         workers = len(client.scheduler_info()["workers"])
         started, done = time.monotonic(), 0
         futures = [client.submit(task, [chunk], *args, key=f"{desc.replace(' ', '-')}-{chunk.number}", pure=False, retries=2)
