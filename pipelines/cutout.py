@@ -6,8 +6,8 @@ it. Photos are read as a viewer shows them (EXIF orientation applied). For each 
 `NAME_mask.png` (8-bit, 0/255, the photo's size), `NAME.png` (RGBA, the background transparent; with
 `--alpha soft`, the default, the car's edge semi-transparent as the cascade's probability says) and
 with `--composite COLOUR` `NAME_on_COLOUR.jpg`. Every file is written atomically; a photo whose
-outputs all exist is skipped; an unreadable photo goes to `DIR/errors.csv` and the command exits 1
-after finishing the rest.
+outputs all exist is skipped; a photo that cannot be read or cut out goes to `DIR/errors.csv` (photo,
+stage, reason) and the command exits 1 after finishing the rest.
 """
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ from common.log import log
 from common.model import pick_device
 from common.prediction.writer import OnHost, to_host
 from pipelines.evaluate import mask_threshold
-from pipelines.matting import alpha, composite_on, rgba
+from pipelines.matting import alpha, picture
 from stage2_fullres.predict import Cascade
 
 SUFFIXES = {".jpg", ".jpeg", ".png", ".webp"}
@@ -70,9 +70,9 @@ def _write(photo: Path, mask: OnHost, edge: OnHost, paths: list[Path], colour: t
     a = edge()
     rgb = read_image(photo)
     _save(Image.fromarray(mask().astype(np.uint8) * 255), paths[0], "PNG")
-    _save(Image.fromarray(rgba(rgb, a)), paths[1], "PNG")
+    _save(Image.fromarray(picture(rgb, a, "rgba")), paths[1], "PNG")
     if colour is not None:
-        _save(Image.fromarray(composite_on(rgb, a, colour)), paths[2], "JPEG")
+        _save(Image.fromarray(picture(rgb, a, "composite", colour)), paths[2], "JPEG")
 
 
 def cutout(inputs: list[str], out: str, cfg: Settings, composite: str | None = None, edge: str = "soft") -> int:
@@ -93,7 +93,7 @@ def cutout(inputs: list[str], out: str, cfg: Settings, composite: str | None = N
         with ThreadPoolExecutor(1, thread_name_prefix="cutout-writer") as pool:
             for i, result in cascade.run(todo, desc="cutout"):
                 if isinstance(result, Failure):
-                    errors.append({"photo": str(todo[i]), "reason": str(result)})
+                    errors.append({"photo": str(todo[i]), "stage": result.stage, "reason": str(result)})
                     continue
                 # made on the device; only the bool mask and the uint8 alpha travel
                 mask, a = to_host(result.mask(threshold)), to_host(alpha(result, threshold, soft=edge == "soft"))
@@ -102,7 +102,7 @@ def cutout(inputs: list[str], out: str, cfg: Settings, composite: str | None = N
             _drain(pending, keep=0)
         seconds = time.monotonic() - started
     if errors or (out / "errors.csv").exists():
-        write_csv(out / "errors.csv", pd.DataFrame(errors, columns=["photo", "reason"]))
+        write_csv(out / "errors.csv", pd.DataFrame(errors, columns=["photo", "stage", "reason"]))
     done = len(todo) - len(errors)
     log.info(f"cutout: {done} photos cut out into {out}" + (f" in {seconds:.1f} s ({done / seconds:.2f} photos/s, files written)" if done else ""))
     if errors:

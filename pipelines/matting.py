@@ -1,13 +1,19 @@
 """Matting: what a background-removal user gets from a cascade's prediction. The alpha (hard: the
-mask; soft: the car's edge semi-transparent as the probability says), and the photo composited
-on a flat colour. `carvana cutout` and `carvana serve` both make their pictures here."""
+mask; soft: the car's edge semi-transparent as the probability says), and the picture: the cutout
+(RGBA), the alpha alone or the photo composited on a flat colour, optionally cropped to the car's
+box. `carvana cutout` and `carvana serve` both make their pictures here."""
 from __future__ import annotations
+
+from typing import Literal
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from common.boxes import Box
 from common.prediction.step import Prediction
+
+Picture = Literal["rgba", "mask", "composite"]
 
 EDGE_BAND = 2  # pixels either side of the mask's boundary where a soft alpha follows the probability
 
@@ -36,6 +42,12 @@ def composite_on(rgb: np.ndarray, alpha: np.ndarray, colour: tuple) -> np.ndarra
     return np.rint(rgb * a + np.array(colour[:3], np.float32) * (1 - a)).astype(np.uint8)
 
 
-def rgba(rgb: np.ndarray, alpha: np.ndarray) -> np.ndarray:
-    """The cutout: the photo's pixels with the alpha as a fourth channel."""
-    return np.dstack([rgb, alpha])
+def picture(rgb: np.ndarray, alpha: np.ndarray, kind: Picture, colour: tuple = (255, 255, 255), box: Box | None = None) -> np.ndarray:
+    """rgba: the photo's pixels with the alpha as a fourth channel (the cutout); mask: the alpha alone;
+    composite: the photo over `colour`. With `box`, cropped to it."""
+    if box is not None:
+        x0, y0, x1, y1 = box
+        rgb, alpha = rgb[y0:y1, x0:x1], alpha[y0:y1, x0:x1]
+    if kind == "mask":
+        return alpha
+    return composite_on(rgb, alpha, colour) if kind == "composite" else np.dstack([rgb, alpha])

@@ -25,7 +25,7 @@ import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -175,26 +175,17 @@ class Batcher:
         cuts: list[Cut | Failure] = []
         for rgb, result, copy in zip(photos, results, copies):
             if isinstance(result, Failure):
-                cuts.append(replace(result, file="upload"))
+                cuts.append(result.named("upload"))
             else:
                 mask, edge = copy
                 cuts.append(Cut(rgb, mask(), edge(), result.box, result.found))
         return cuts
 
 
-def render(cut: Cut, output: str, background: str, soft: bool, crop: bool, fmt: str) -> bytes:
+def render(cut: Cut, output: matting.Picture, background: str, soft: bool, crop: bool, fmt: str) -> bytes:
     """The answer image of `/v1/cutout`'s query: rgba | mask | composite, soft or hard edge, cropped to the box."""
     a = cut.alpha if soft else cut.mask.astype(np.uint8) * 255
-    rgb = cut.rgb
-    if crop:
-        x0, y0, x1, y1 = cut.box
-        a, rgb = a[y0:y1, x0:x1], rgb[y0:y1, x0:x1]
-    if output == "mask":
-        image = Image.fromarray(a)
-    elif output == "composite":
-        image = Image.fromarray(matting.composite_on(rgb, a, ImageColor.getrgb(background)))
-    else:
-        image = Image.fromarray(matting.rgba(rgb, a))
+    image = Image.fromarray(matting.picture(cut.rgb, a, output, ImageColor.getrgb(background), cut.box if crop else None))
     buf = io.BytesIO()
     image.save(buf, format=fmt.upper(), **({"quality": 92} if fmt != "png" else {"compress_level": 1}))  # level 1: 3x faster
     return buf.getvalue()
@@ -223,8 +214,8 @@ class Health(BaseModel):
 WHY = {400: "not a photo, a truncated one, or a parameter out of its values", 401: "missing or wrong API key",
        413: "more bytes than serve.max_bytes or pixels than serve.max_pixels",
        415: "a Content-Type or an image format other than JPEG, PNG or WebP",
-       422: "a photo the tile settings cannot cover", 503: "the nets are not loaded yet, or the queue is full (see Retry-After)",
-       504: "not answered within serve.timeout_s"}
+       422: "a photo the tile settings cannot cover", 500: "an unexpected failure of the server (its log has the traceback)",
+       503: "the nets are not loaded yet, or the queue is full (see Retry-After)", 504: "not answered within serve.timeout_s"}
 
 
 def _errors(*codes: int) -> dict:
@@ -237,7 +228,7 @@ UPLOAD = {"requestBody": {"required": True, "description": "the photo: the multi
                           "content": {"multipart/form-data": {"schema": {"type": "object", "required": ["image"],
                                                                          "properties": {"image": BINARY["schema"]}}},
                                       **{kind: BINARY for kind in UPLOAD_TYPES}}}}
-ANSWERS = _errors(400, 401, 413, 415, 422, 503, 504)
+ANSWERS = _errors(400, 401, 413, 415, 422, 500, 503, 504)
 
 
 async def _body(request: Request, limit: int) -> bytes:
@@ -327,14 +318,19 @@ async def _bad_request(request: Request, e: RequestValidationError) -> JSONRespo
 
 
 async def _count(request: Request, call_next) -> Response:
-    """The API key check, and every answer counted by endpoint and status, with its latency."""
+    """The API key check, every answer counted by endpoint and status with its latency, and anything
+    unexpected (a device step that failed, a bug) answered 500 with the error body, its traceback logged."""
     started, key, metrics = time.perf_counter(), request.app.state.key, request.app.state.batcher.metrics
     endpoint = request.url.path if request.url.path in ENDPOINTS else "other"
     sent = (request.headers.get("x-api-key"), request.headers.get("authorization", "").removeprefix("Bearer "))
     if key and endpoint.startswith("/v1/") and key not in sent:
         response: Response = JSONResponse({"error": "missing or wrong API key (X-API-Key or Authorization: Bearer)"}, 401)
     else:
-        response = await call_next(request)
+        try:
+            response = await call_next(request)
+        except Exception as e:
+            log.error(f"serve: {request.method} {request.url.path} failed", exc_info=True)
+            response = JSONResponse({"error": f"{type(e).__name__}: {e}"}, status_code=500)
     metrics.requests.labels(endpoint, str(response.status_code)).inc()
     metrics.latency.labels(endpoint).observe(time.perf_counter() - started)
     return response
@@ -428,9 +424,11 @@ async def page() -> str:
 
 
 def listen(host: str, port: int) -> socket.socket:
-    """The server's socket, bound here so that the log can say the port it got (`--port 0`: any free one)."""
+    """The server's socket, bound here so that the log can say the port it got (`--port 0`: any free
+    one); IPv4 or IPv6 as the host resolves (`--host ::` listens on both where the system allows)."""
     try:
-        return socket.create_server((host, port))
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+        return socket.create_server((host, port), family=family, dualstack_ipv6=host == "::" and socket.has_dualstack_ipv6())
     except OSError as e:
         raise ConfigError(f"cannot listen on {host}:{port} ({e.strerror}); choose another --port or --host") from None
 

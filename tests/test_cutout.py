@@ -42,6 +42,7 @@ def test_cutout_of_any_photos(tiny_run, tmp_path, capsys):
         np.testing.assert_array_equal(np.asarray(rgba)[..., :3], read_image(photo))  # straight alpha: edge colours kept
     errors = pd.read_csv(out / "errors.csv")
     assert errors.photo.str.endswith("broken.jpg").tolist() == [True] and "not a readable image" in errors.reason[0]
+    assert errors.stage.tolist() == ["read"]
     assert not list(out.glob(".*.tmp"))
     capsys.readouterr()
     assert cli(args) == 1
@@ -66,7 +67,7 @@ def test_a_photo_the_tiles_cannot_cover_is_its_own_failure_and_the_others_are_cu
                 f"stage2.checkpoint={run}/stage2/best.pt", "stage1.size=64", "stage2.tile=64", "stage2.min_overlap=32",
                 "device=cpu"]) == 1
     errors = pd.read_csv(out / "errors.csv")
-    assert errors.photo.tolist() == [str(photos / "large.jpg")]
+    assert errors.photo.tolist() == [str(photos / "large.jpg")] and errors.stage.tolist() == ["stage2"]
     assert "stage2.tile=64 with stage2.min_overlap=32" in errors.reason[0] and "raise stage2.tile" in errors.reason[0]
     assert sorted(p.name for p in out.glob("*.png")) == ["small.png", "small_mask.png"]
 
