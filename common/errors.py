@@ -6,7 +6,7 @@ interrupt exits 130 (pipelines/cli.py). Every message names the file, setting or
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
 
@@ -79,15 +79,19 @@ class Failure:
     """One image's result when it has no prediction: the file (or upload) and why, and where it was
     given up (`read`: the file could not be decoded; `stage1`, `stage2`: a stage could not predict
     it). A result, not an exception: the run goes on with the other images, and the command lists
-    the failures in errors.csv and exits 1 at the end."""
+    the failures in errors.csv and exits 1 at the end. A device step sees pixels, not files: its
+    failures have no `file` until the stream (or the server) that knows it names them (`named`)."""
 
-    file: str
+    file: str | None
     reason: str
     stage: Literal["read", "stage1", "stage2"] = "read"
 
     @classmethod
     def of(cls, error: ImageReadError) -> Failure:
         return cls(error.file, error.reason, "read")
+
+    def named(self, file: str) -> Failure:
+        return self if self.file is not None else replace(self, file=file)
 
     def __str__(self) -> str:
         return f"{self.file}: {self.reason}"

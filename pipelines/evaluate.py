@@ -31,7 +31,7 @@ from common.prediction.step import Prediction
 from common.training.losses import edge_band
 from stage1_lowres.predict import Coarse, cached_boxes
 from stage2_fullres.predict import Cascade
-from stage2_fullres.tiles import plan_tiles
+from stage2_fullres.tiles import TooManyTiles, plan_tiles
 
 FALSE_POSITIVE = np.array([255, 40, 40], np.uint8)  # predicted car, truly background
 FALSE_NEGATIVE = np.array([40, 120, 255], np.uint8)  # missed car
@@ -99,7 +99,7 @@ def score(cfg: Settings) -> Evaluation:
     rows, sweeps, kept = [], [], {}
     for i, result in predictor.run([x.image for x in val], [boxes[x.img] for x in val], desc="evaluate"):
         if isinstance(result, Failure):
-            raise DataError(f"validation image unreadable: {result}")
+            raise DataError(f"evaluate stopped, a validation image failed ({result.stage}): {result}")
         row, sweep, masks = _score_image(val[i], result, cfg.stage1.threshold, threshold if has_refiner else None)
         rows.append(row)
         sweeps.append(sweep)
@@ -192,7 +192,10 @@ def plot_sweep(sweep: pd.DataFrame, path: Path) -> None:
 def save_overlay(kept: Kept, cfg: Settings, path: Path) -> None:
     """Stage 1 (left) and the cascade (right) over the image, half size."""
     image = read_image(kept.sample.image)
-    windows = plan_tiles(kept.truth.shape[1], kept.truth.shape[0], kept.box, cfg.stage2.tile, cfg.stage2.min_overlap)
+    try:
+        windows = plan_tiles(kept.truth.shape[1], kept.truth.shape[0], kept.box, cfg.stage2.tile, cfg.stage2.min_overlap)
+    except TooManyTiles:  # stage 1 alone, with a box the refiner's settings could not cover: no tile edges to draw
+        windows = []
     panels = np.concatenate([overlay(image, kept.stage1, kept.truth, kept.box, []),
                              overlay(image, kept.cascade, kept.truth, kept.box, windows)], 1)
     small = Image.fromarray(panels).resize((panels.shape[1] // 2, panels.shape[0] // 2), Image.BILINEAR)

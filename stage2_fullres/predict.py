@@ -80,7 +80,7 @@ class Cascade(Predictor):
         try:
             return plan_tiles(p.width, p.height, p.box, self.tile, self.min_overlap)
         except TooManyTiles as e:
-            return Failure("", str(e), "stage2")  # the stream names the file
+            return Failure(None, str(e), "stage2")
 
     def _refine(self, images: list[torch.Tensor], preds: list[Prediction], plans: list[list[Window]]) -> list[torch.Tensor]:
         """Tiles of all images in one queue, `predict.batch_size` tiles per forward pass, then stitched

@@ -29,7 +29,7 @@ class Chunk(NamedTuple):
 
 class ChunkStore:
     def __init__(self, root: str | Path, key: str, columns: list[str], size: int, names: Sequence[str]):
-        listing = hashlib.sha256("\n".join(names).encode()).hexdigest()[:8]
+        listing = hashlib.sha256("\n".join(names).encode()).hexdigest()[:8]  # not `digest`: the folder names of runs stay
         self.folder = Path(root) / f"{key}-{size}-{listing}"  # created by the first write: nothing on disk before work
         self.key, self.columns, self.size = key, columns, size
 
@@ -79,7 +79,8 @@ def write_submission(path: Path, store: ChunkStore, order: list[str]) -> int:
 
 
 def write_errors(out: Path, errors: pd.DataFrame, stage: str) -> None:
-    """Put this stage's unreadable images (img, reason) into `<out>/errors.csv`, keeping other stages' rows."""
+    """Put the images this stage's command could not read or predict (img, reason) into `<out>/errors.csv`,
+    keeping other stages' rows."""
     path = out / "errors.csv"
     old = pd.read_csv(path, dtype=str, keep_default_na=False) if path.is_file() else pd.DataFrame(columns=["img", "stage", "reason"])
     merged = pd.concat([old[old["stage"] != stage], errors.assign(stage=stage)[["img", "stage", "reason"]]], ignore_index=True)

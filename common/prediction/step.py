@@ -10,7 +10,7 @@ all run them, so validation predicts exactly the way the submission is made.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -97,9 +97,7 @@ def stream(step: Step, paths: list[Path], boxes: list[Box | None] | None, device
         results = dict(zip([d.index for d in read], step([d.image for d in read], [boxes[d.index] for d in read]))) if read else {}
         for d in batch:
             result = d.image if isinstance(d.image, Failure) else results[d.index]
-            if isinstance(result, Failure) and not result.file:
-                result = replace(result, file=str(paths[d.index]))  # a step sees pixels, not files: named here
-            yield d.index, result
+            yield d.index, result.named(str(paths[d.index])) if isinstance(result, Failure) else result
         done += len(batch)
         bar.update(len(batch))
     bar.close()
