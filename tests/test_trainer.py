@@ -181,12 +181,18 @@ def test_epochs_auto_fits_the_schedule_to_the_budget_and_resume_keeps_the_count(
     class Killed(Exception):
         pass
 
-    def kill_after_epoch_2(epoch):
-        if epoch == 2:
-            raise Killed  # as SIGKILL right after epoch 2's checkpoints are written (the count is fixed by then)
+    save_epoch = trainer.save_epoch
 
+    def save_then_die_after_epoch_2(run_dir, model, opt, scaler, history, *rest):
+        best = save_epoch(run_dir, model, opt, scaler, history, *rest)
+        if history[-1]["epoch"] == 2:
+            raise Killed  # as SIGKILL right after epoch 2's checkpoints are written (the count is fixed by then)
+        return best
+
+    monkeypatch.setattr(trainer, "save_epoch", save_then_die_after_epoch_2)
     with pytest.raises(Killed):
-        train(UNet(3, 3, 8), data, _validator(data), s, tmp_path / "b", CONFIG, torch.device("cpu"), on_epoch_end=kill_after_epoch_2)
+        train(UNet(3, 3, 8), data, _validator(data), s, tmp_path / "b", CONFIG, torch.device("cpu"))
+    monkeypatch.setattr(trainer, "save_epoch", save_epoch)
     monkeypatch.setattr(trainer, "planned_epochs", lambda *a: pytest.fail("a resumed run must keep its recorded count"))
     resumed = train(UNet(3, 3, 8), data, _validator(data), s.model_copy(update={"resume": True}), tmp_path / "b", CONFIG, torch.device("cpu"))
     assert [h["epoch"] for h in resumed] == [1, 2, 3] and [h["lr"] for h in resumed] == [h["lr"] for h in history]

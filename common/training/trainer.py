@@ -258,7 +258,7 @@ def validator(predict: Callable[[nn.Module], Predicted], truths: list[torch.Tens
         losses, scores = [], []
         for i, prob in predict(model):
             if isinstance(prob, Failure):
-                raise DataError(f"validation image became unreadable: {prob}")
+                raise DataError(f"validation stopped, a validation image failed ({prob.stage}): {prob}")
             truth = truths[i].to(prob.device)
             scores.append(dice(prob > threshold, truth))
             logit = torch.logit(prob.clamp(1e-6, 1 - 1e-6))[None, None]
@@ -294,7 +294,7 @@ def fit(cfg: Settings, stage: str, model: nn.Module, data: Batches, validate: Va
     if ranks.main:
         save_config(cfg, run_dir / "config.yaml")
     log.info(f"stage {stage[-1]}: {about}, on {device}" + (f", {ranks.world} ranks" if ranks.on else ""))
-    history = train(model, data, validate, getattr(cfg, stage), run_dir, cfg, device, seed=cfg.seed, ranks=ranks)
+    history = train(model, data, validate, getattr(cfg, stage), run_dir, cfg, device, ranks)
     if ranks.main:
         report_skipped(run_dir, pairs.skipped)
     best = max((h["val_dice"] for h in history), default=float("nan"))
@@ -302,14 +302,11 @@ def fit(cfg: Settings, stage: str, model: nn.Module, data: Batches, validate: Va
     return history
 
 
-EpochEnd = Callable[[int], None]  # called with the epoch number once its checkpoints and history are written
-
-
 def train(model: nn.Module, data: Batches, validate: Validate, settings: Training, run_dir: str | Path,
-          config: Settings, device: torch.device, seed: int = 0, ranks: Ranks = Ranks(),
-          on_epoch_end: EpochEnd | None = None) -> list[dict]:
-    """Train `model` on `data` per the stage `settings`; returns the history, one row an epoch."""
-    s, run_dir = settings, Path(run_dir)
+          config: Settings, device: torch.device, ranks: Ranks = Ranks()) -> list[dict]:
+    """Train `model` on `data` per the stage `settings` (seeded by `config.seed`, the whole resolved
+    config recorded in the checkpoints); returns the history, one row an epoch."""
+    s, run_dir, seed = settings, Path(run_dir), config.seed
     clock = Clock(s.max_minutes)
     torch.manual_seed(seed)
     if device.type == "cuda":
@@ -348,8 +345,6 @@ def train(model: nn.Module, data: Batches, validate: Validate, settings: Trainin
         if ranks.main:
             best = save_epoch(run_dir, model, opt, scaler, history, best, config)
         _log_epoch(history[-1], stats, epochs)
-        if on_epoch_end:
-            on_epoch_end(epoch)
         if stats.out_of_time:
             log.info(f"time budget of {s.max_minutes} min spent; stopping after epoch {epoch} (best val Dice {best:.4f})")
             break
