@@ -23,6 +23,7 @@ from common.config import Settings, load_config
 from common.data.rle import rle_encode
 from common.model import UNet
 from common.prediction.reader import read_batches
+from pipelines.evaluate import mask_threshold
 from stage1_lowres.predict import upsample
 from stage2_fullres import predict as s2_predict
 from stage2_fullres.predict import Cascade
@@ -70,10 +71,10 @@ def timed(device, fn, *args):
 def end_to_end(cfg: Settings, device: torch.device) -> float:
     """Seconds of a whole `stage2 predict` over the run's test images, after a 2-image warm-up
     (cudnn benchmark, allocator, page cache) whose chunks are then deleted."""
-    s2_predict.main(cfg.updated({"data.limit_test": 2}), cfg.predict.threshold)
+    s2_predict.main(cfg.updated({"data.limit_test": 2}), mask_threshold(cfg))
     for part in Path(cfg.output.dir, "stage2_chunks").glob("*/*"):
         part.unlink()
-    return timed(device, s2_predict.main, cfg, cfg.predict.threshold)[1]
+    return timed(device, s2_predict.main, cfg, mask_threshold(cfg))[1]
 
 
 def stage_seconds(cfg: Settings, cascade: Cascade, device: torch.device, batch: int) -> dict[str, float]:

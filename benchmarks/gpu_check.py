@@ -49,11 +49,13 @@ import torch
 from common.config import Settings, load_config, save_config
 from common.data.images import read_image
 from common.data.rle import rle_decode
+from common.errors import Failure
 from common.metrics import dice
 from common.model import UNet, amp_dtype
 from common.prediction.reader import nvjpeg_decoder
 from common.training.batches import TensorBatches
 from common.training.trainer import Clock, Loop, build_optimizer, train_one_epoch
+from pipelines.evaluate import mask_threshold
 from stage1_lowres import predict as s1_predict
 from stage1_lowres import train as s1_train
 from stage2_fullres import train as s2_train
@@ -103,7 +105,7 @@ def train_checkpoints(work: Path, samples: Path, quick: bool) -> tuple[dict, Pat
                              *settings(quick)])
     s1_train.main(cfg)
     s1_predict.main(cfg)
-    s2_train.main(cfg, cfg.predict.threshold)
+    s2_train.main(cfg, mask_threshold(cfg, strict=False))
     path = work / "run.yaml"
     save_config(cfg, path)
     return cfg, path
@@ -157,7 +159,11 @@ def device_matches_cpu(cfg: Settings, images: int) -> tuple[bool, dict]:
     masks = {}
     for device in (DEVICE, torch.device("cpu")):
         cascade = Cascade.from_config(cfg, device)
-        masks[device.type] = [pred.prob.cpu().numpy() > 0.5 for _, pred in cascade.run(paths, box)]
+        results = [result for _, result in cascade.run(paths, box)]
+        failed = [str(r) for r in results if isinstance(r, Failure)]
+        if failed:
+            return False, {"failed": failed}
+        masks[device.type] = [r.mask(0.5).cpu().numpy() for r in results]
     scores = [dice(a, b) for a, b in zip(masks[DEVICE.type], masks["cpu"])]
     return min(scores) >= AGREE, {"images": len(scores), "min_dice": round(min(scores), 6),
                                   **({"note": "the device is the CPU: compared with itself"} if not CUDA else {})}

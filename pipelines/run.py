@@ -35,7 +35,8 @@ class Step:
 
 
 def _data_fingerprint(cfg: Settings) -> str:
-    """Names and sizes of the data files: cheap even for 100k images, changes when the data does."""
+    """Names and sizes of the data files: cheap even for 100k images, changes when the data does (streamed
+    into the hash, not `digest`ed as one JSON list)."""
     root = Path(cfg.data.root)
     h = hashlib.sha256()
     for folder in sorted(p for p in root.iterdir() if p.is_dir()) if root.is_dir() else []:

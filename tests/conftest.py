@@ -63,6 +63,7 @@ def evaluated(tiny_run, tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_run(sample_root, tmp_path_factory):
     """Both stages trained for a moment on the shared sample data, plus the stage-1 cache."""
+    from pipelines.evaluate import mask_threshold
     from stage1_lowres import predict as s1_predict
     from stage1_lowres import train as s1_train
     from stage2_fullres import train as s2_train
@@ -71,5 +72,5 @@ def tiny_run(sample_root, tmp_path_factory):
     cfg = tiny_config(sample_root, out)
     s1_train.main(cfg)
     assert s1_predict.main(cfg) == 0
-    s2_train.main(cfg, cfg.predict.threshold)
+    s2_train.main(cfg, mask_threshold(cfg, strict=False))
     return cfg

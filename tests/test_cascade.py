@@ -18,6 +18,7 @@ from common.errors import DataError, Failure
 from common.metrics import dice
 from common.model import UNet, load_model
 from common.prediction.writer import ChunkWriter, Output
+from pipelines.evaluate import mask_threshold
 from stage1_lowres.predict import Coarse, cached_boxes
 from stage2_fullres import predict as s2_predict
 from stage2_fullres.predict import Cascade
@@ -273,4 +274,4 @@ def test_writer_and_store_keep_a_fixed_chunk_grid(tmp_path):
 def test_stage2_needs_the_stage1_boxes_first(tiny_run, tmp_path):
     cfg = tiny_config(tiny_run.data.root, tmp_path / "fresh")
     with pytest.raises(DataError, match="run `carvana stage1 predict`"):
-        s2_predict.main(cfg, cfg.predict.threshold)
+        s2_predict.main(cfg, mask_threshold(cfg))

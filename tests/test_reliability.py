@@ -19,6 +19,7 @@ from common.data.kaggle import index_split
 from common.errors import DataError
 from common.training.batches import scan_pairs
 from pipelines.cli import main as cli
+from pipelines.evaluate import mask_threshold
 from stage1_lowres import predict as s1_predict
 from stage2_fullres import predict as s2_predict
 
@@ -95,7 +96,7 @@ def test_unreadable_test_images_do_not_stop_prediction(tiny_run, tmp_path):
     cfg = tiny_config(root, out, f"stage1.checkpoint={tiny_run.output.dir}/stage1/best.pt",
                       f"stage2.checkpoint={tiny_run.output.dir}/stage2/best.pt")
     assert s1_predict.main(cfg) == 1  # scripts notice
-    assert s2_predict.main(cfg, cfg.predict.threshold) == 1
+    assert s2_predict.main(cfg, mask_threshold(cfg)) == 1
     sub = pd.read_csv(gzip.open(out / "submission.csv.gz"), dtype=str, keep_default_na=False)
     errors = pd.read_csv(out / "errors.csv")
     assert len(sub) + len(errors[errors.stage == "stage2"]) == len(tests)  # no silent drops
@@ -146,11 +147,12 @@ def test_config_mistakes_fail_at_start_with_one_line(tmp_path, capsys):
     assert "no images" in capsys.readouterr().err
 
 
-def _predict_args(tiny_run, out, *more):
+def _predict_args(tiny_run, out, *more, images=4):
+    """`stage2 predict` of the first `images` test images, one chunk each."""
     src = tiny_run.output.dir
     return ["stage2", "predict", f"output.dir={out}", f"data.root={tiny_run.data.root}", f"bboxes.path={src}/bboxes.csv",
             f"stage1.checkpoint={src}/stage1/best.pt", f"stage2.checkpoint={src}/stage2/best.pt", "predict.chunk=1",
-            "data.limit_test=4", "stage2.depth=3", "stage2.width=4", "stage2.tile=512", "stage1.size=64", "device=cpu", *more]
+            f"data.limit_test={images}", "stage2.depth=3", "stage2.width=4", "stage2.tile=512", "stage1.size=64", "device=cpu", *more]
 
 
 @pytest.mark.parametrize("sig", ["KILL", "INT"])
@@ -159,9 +161,9 @@ def test_a_prediction_stopped_mid_run_resumes_to_the_same_bytes(tiny_run, tmp_pa
     of 6, sent by tests/faults.py at that exact point (not a race): only whole chunks are on disk, a
     Ctrl-C ends with status 130 and one line, and the rerun does only the rest and writes the
     submission of an uninterrupted run, byte for byte."""
-    assert cli(_predict_args(tiny_run, tmp_path / "clean", "data.limit_test=6")) == 0
+    assert cli(_predict_args(tiny_run, tmp_path / "clean", images=6)) == 0
     out = tmp_path / "out"
-    args = _predict_args(tiny_run, out, "data.limit_test=6")
+    args = _predict_args(tiny_run, out, images=6)
     # SIGINT handled as in a terminal, even when this test runs under a parent that ignores it (a background job)
     stopped = subprocess.run([*FAULTS, "--at", "chunk:3", "--signal", sig, "--", *args], capture_output=True, text=True,
                              preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))

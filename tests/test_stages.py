@@ -6,6 +6,7 @@ import pytest
 from conftest import copy_run, tiny_config
 
 from common.data.rle import rle_decode
+from pipelines.evaluate import mask_threshold
 from stage1_lowres import predict as s1_predict
 from stage2_fullres import predict as s2_predict
 
@@ -57,7 +58,7 @@ def test_changed_checkpoint_invalidates_the_cache(tiny_run, tmp_path, capsys):
 
 def test_stage2_submission_format_and_order(tiny_run, sample_root, tmp_path):
     cfg = copy_run(tiny_run, tmp_path / "run")
-    assert s2_predict.main(cfg, cfg.predict.threshold) == 0
+    assert s2_predict.main(cfg, mask_threshold(cfg)) == 0
     out = cfg.output.dir
     sub = _submission(f"{out}/submission.csv.gz")
     assert list(sub.columns) == ["img", "rle_mask"]
@@ -70,7 +71,7 @@ def test_boxes_from_another_run_skip_stage1(tiny_run, tmp_path):
     cfg = tiny_config(tiny_run.data.root, tmp_path / "other", f"bboxes.path={tiny_run.output.dir}/bboxes.csv",
                       f"stage1.checkpoint={tiny_run.output.dir}/stage1/best.pt",
                       f"stage2.checkpoint={tiny_run.output.dir}/stage2/best.pt", "data.limit_test=2")
-    assert s2_predict.main(cfg, cfg.predict.threshold) == 0
+    assert s2_predict.main(cfg, mask_threshold(cfg)) == 0
     assert not (tmp_path / "other" / "bboxes.csv").exists()
     assert len(_submission(tmp_path / "other" / "submission.csv.gz")) == 2
 
@@ -80,7 +81,7 @@ def test_coarse_channel_mismatch_is_a_clear_error(tiny_run):
 
     cfg = tiny_config(tiny_run.data.root, tiny_run.output.dir, "stage2.coarse_channel=false")
     with pytest.raises(CheckpointError, match="input channels"):
-        s2_predict.main(cfg, cfg.predict.threshold)
+        s2_predict.main(cfg, mask_threshold(cfg))
 
 
 def test_refiner_without_coarse_channel_needs_only_the_cached_boxes(tiny_run, sample_root, tmp_path):
@@ -98,7 +99,7 @@ def test_refiner_without_coarse_channel_needs_only_the_cached_boxes(tiny_run, sa
     torch.save(ckpt | {"model": rgb_only.state_dict(), "model_args": rgb_only.args}, out / "stage2" / "best.pt")
     (out / "stage1" / "best.pt").unlink()
     cfg = cfg.updated({"stage2.coarse_channel": False})
-    assert s2_predict.main(cfg, cfg.predict.threshold) == 0
+    assert s2_predict.main(cfg, mask_threshold(cfg)) == 0
     sub = _submission(out / "submission.csv.gz")
     assert sub.img.tolist() == pd.read_csv(sample_root / "sample_submission.csv").img.tolist()
     assert (sub.rle_mask != "").all()
@@ -130,7 +131,6 @@ def test_stage1_training_is_reproducible_on_cpu(sample_root, tmp_path):
 
 def test_threshold_auto_takes_the_best_of_the_evaluate_sweep(tmp_path):
     from common.errors import ConfigError
-    from pipelines.evaluate import mask_threshold
 
     cfg = tiny_config(tmp_path / "data", tmp_path / "out", "predict.threshold=auto")
     with pytest.raises(ConfigError, match="run `carvana evaluate` with the same config first"):
