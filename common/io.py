@@ -16,8 +16,8 @@ import gzip
 import io
 import json
 import os
+import secrets
 import socket
-import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -45,9 +45,8 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     tmp = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        os.close(fd)
-        yield Path(tmp)
+        tmp = _new_file(path.parent, f".{path.name}.", ".tmp")
+        yield tmp
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())  # the bytes are on disk before the name points at them
         os.replace(tmp, path)
@@ -59,6 +58,19 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     finally:
         if tmp is not None:
             Path(tmp).unlink(missing_ok=True)
+
+
+def _new_file(folder: Path, prefix: str, suffix: str) -> Path:
+    """A new empty file of a name no other writer has, with the permissions the umask gives any new
+    file (0644 under the usual 022; `tempfile.mkstemp` would make every output 0600, unreadable to a
+    group that shares the results)."""
+    while True:
+        path = folder / f"{prefix}{secrets.token_hex(4)}{suffix}"
+        try:
+            os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+            return path
+        except FileExistsError:
+            continue  # another writer drew the same name: draw again
 
 
 def write_bytes(path: str | os.PathLike, data: bytes) -> None:

@@ -1,4 +1,6 @@
 import gzip
+import os
+import stat
 
 import pandas as pd
 import pytest
@@ -24,3 +26,15 @@ def test_gz_csv_is_byte_identical_across_writes(tmp_path):
     write_csv(tmp_path / "a.csv.gz", frame)
     assert (tmp_path / "a.csv.gz").read_bytes() == first
     assert gzip.decompress(first).decode().splitlines() == ["img,rle_mask", "a.jpg,1 2"]
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_written_files_get_the_permissions_the_umask_gives(tmp_path, umask):
+    """A submission, a checkpoint or a cutout is readable by whoever the user's umask lets read a new
+    file (0644 under the usual 022), as any program's output; not 0600 whatever the umask."""
+    old = os.umask(umask)
+    try:
+        write_csv(tmp_path / "submission.csv.gz", pd.DataFrame({"img": ["a.jpg"], "rle_mask": ["1 2"]}))
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "submission.csv.gz").stat().st_mode) == 0o666 & ~umask
