@@ -155,13 +155,20 @@ def _predict_args(tiny_run, out, *more, images=4):
             f"data.limit_test={images}", "stage2.depth=3", "stage2.width=4", "stage2.tile=512", "stage1.size=64", "device=cpu", *more]
 
 
+@pytest.fixture(scope="module")
+def uninterrupted(tiny_run, tmp_path_factory) -> bytes:
+    """The submission of an uninterrupted `stage2 predict` of 6 test images."""
+    out = tmp_path_factory.mktemp("uninterrupted")
+    assert cli(_predict_args(tiny_run, out, images=6)) == 0
+    return (out / "submission.csv.gz").read_bytes()
+
+
 @pytest.mark.parametrize("sig", ["KILL", "INT"])
-def test_a_prediction_stopped_mid_run_resumes_to_the_same_bytes(tiny_run, tmp_path, sig):
+def test_a_prediction_stopped_mid_run_resumes_to_the_same_bytes(tiny_run, uninterrupted, tmp_path, sig):
     """A real `stage2 predict` gets SIGKILL (a crash) or SIGINT (Ctrl-C) just before it writes chunk 3
     of 6, sent by tests/faults.py at that exact point (not a race): only whole chunks are on disk, a
     Ctrl-C ends with status 130 and one line, and the rerun does only the rest and writes the
     submission of an uninterrupted run, byte for byte."""
-    assert cli(_predict_args(tiny_run, tmp_path / "clean", images=6)) == 0
     out = tmp_path / "out"
     args = _predict_args(tiny_run, out, images=6)
     # SIGINT handled as in a terminal, even when this test runs under a parent that ignores it (a background job)
@@ -176,7 +183,7 @@ def test_a_prediction_stopped_mid_run_resumes_to_the_same_bytes(tiny_run, tmp_pa
     assert not list(out.glob("stage2_chunks/*/.part-*")) and not (out / "submission.csv.gz").exists()  # no partial file
     rerun = subprocess.run([*CLI, *args], check=True, capture_output=True, text=True)
     assert f"{6 - len(parts)} test images to do, {len(parts)} already done" in rerun.stdout
-    assert (out / "submission.csv.gz").read_bytes() == (tmp_path / "clean" / "submission.csv.gz").read_bytes()
+    assert (out / "submission.csv.gz").read_bytes() == uninterrupted
 
 
 def test_one_run_per_output_folder_and_a_stale_lock_is_taken_over(tiny_run, tmp_path):
