@@ -24,6 +24,7 @@ import signal
 import socket
 import threading
 import time
+import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -328,9 +329,10 @@ async def _count(request: Request, call_next) -> Response:
     else:
         try:
             response = await call_next(request)
-        except Exception as e:
-            log.error(f"serve: {request.method} {request.url.path} failed", exc_info=True)
-            response = JSONResponse({"error": f"{type(e).__name__}: {e}"}, status_code=500)
+        except Exception:  # the details (paths, memory figures) stay in the log, under an id the client can quote
+            incident = uuid.uuid4().hex[:8]
+            log.error(f"serve: {request.method} {request.url.path} failed (incident {incident})", exc_info=True)
+            response = JSONResponse({"error": f"internal error {incident}; the server's log has the details"}, status_code=500)
     metrics.requests.labels(endpoint, str(response.status_code)).inc()
     metrics.latency.labels(endpoint).observe(time.perf_counter() - started)
     return response
@@ -381,7 +383,7 @@ CUT_HEADERS = {"X-Car-Box": {"description": "x0,y0,x1,y1 of the car's box in the
              responses={200: {"description": "the picture", "content": {media: BINARY for media in MEDIA.values()},
                               "headers": CUT_HEADERS}, **ANSWERS})
 async def cutout(request: Request,
-                 output: Literal["rgba", "mask", "composite"] = Query(
+                 output: matting.Picture = Query(
                      "rgba", description="rgba: the photo with the car's alpha; mask: the alpha alone; composite: the car on `background`"),
                  alpha: Literal["soft", "hard"] = Query("soft", description="soft: the edge follows the probability; hard: 0 or 255"),
                  fmt: Literal["png", "webp", "jpeg"] = Query("png", alias="format", description="jpeg has no alpha: not with output=rgba"),
@@ -427,7 +429,7 @@ def listen(host: str, port: int) -> socket.socket:
     """The server's socket, bound here so that the log can say the port it got (`--port 0`: any free
     one); IPv4 or IPv6 as the host resolves (`--host ::` listens on both where the system allows)."""
     try:
-        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+        family = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0][0]  # "": all
         return socket.create_server((host, port), family=family, dualstack_ipv6=host == "::" and socket.has_dualstack_ipv6())
     except OSError as e:
         raise ConfigError(f"cannot listen on {host}:{port} ({e.strerror}); choose another --port or --host") from None
@@ -438,8 +440,8 @@ def serve(cfg: Settings, host: str, port: int) -> int:
 
     app = create_app(cfg)
     sock = listen(host, port)
-    bound = sock.getsockname()[1]
-    log.info(f"serve: http://{host}:{bound}/ (the page), POST /v1/cutout, /v1/segment; GET /healthz, /metrics, /docs")
+    address = f"[{host}]" if ":" in host else host or "0.0.0.0"
+    log.info(f"serve: http://{address}:{sock.getsockname()[1]}/ (the page), POST /v1/cutout, /v1/segment; GET /healthz, /metrics, /docs")
     # uvicorn drains on SIGTERM, then raises it again under the handler it found: this one, so a
     # drained server exits 0 instead of dying by the signal
     previous = signal.signal(signal.SIGTERM, lambda *_: None)

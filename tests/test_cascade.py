@@ -4,6 +4,7 @@ on the CPU, and the writer that keeps submission order."""
 from __future__ import annotations
 
 import io
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -269,6 +270,29 @@ def test_writer_and_store_keep_a_fixed_chunk_grid(tmp_path):
         with ChunkWriter(ChunkStore(tmp_path, "k2", ["img"], 4, names), [Chunk(0, items[:4])], boom) as writer:
             writer.write(Output(0, Failure("0.jpg", "unused")))
             writer.close()
+
+
+def test_a_failed_row_never_lets_the_rows_after_it_fill_its_chunk(tmp_path):
+    """Item 1's row fails while items 2-5 are already queued (item 0's row holds the writer thread until
+    they are): no chunk is written from the rows that follow, which would put item 2 in chunk 0 and
+    make a resumed run trust it."""
+    names = [f"{n}.jpg" for n in range(6)]
+    store = ChunkStore(tmp_path, "k", ["img"], 2, names)
+    queued = threading.Event()
+
+    def row(i, result, mask):
+        if i == 0:
+            queued.wait(10)
+        if i == 1:
+            raise OSError("disk full")
+        return {"img": names[i]}
+
+    with pytest.raises(OSError, match="disk full"):
+        with ChunkWriter(store, store.todo(names), row) as writer:
+            for i in range(6):
+                writer.write(Output(i, Failure(names[i], "unused")))
+            queued.set()
+    assert store.done() == set()
 
 
 def test_stage2_needs_the_stage1_boxes_first(tiny_run, tmp_path):

@@ -218,7 +218,8 @@ def test_a_failed_device_step_gets_500_naming_the_error_and_the_server_keeps_ser
 
         batcher._predict = out_of_memory
         status, headers, answer = _call(url + "/v1/segment", data, "image/jpeg")
-        assert status == 500 and json.loads(answer) == {"error": "RuntimeError: CUDA out of memory"}
+        error = json.loads(answer)["error"]
+        assert status == 500 and error.startswith("internal error ") and "CUDA" not in error  # the details only in the log
         assert 'carvana_requests_total{endpoint="/v1/segment",status="500"} 1.0' in _call(url + "/metrics")[2].decode()
         batcher._predict = real
         assert _call(url + "/v1/segment", data, "image/jpeg")[0] == 200
@@ -249,6 +250,22 @@ def test_the_api_key_is_required_when_configured(tiny_run, photos, monkeypatch):
     monkeypatch.delenv("CARVANA_TEST_KEY")
     with pytest.raises(ConfigError, match="CARVANA_TEST_KEY"):
         create_app(tiny_run.updated({"serve.api_key_env": "CARVANA_TEST_KEY"}))
+
+
+def test_the_server_listens_where_it_is_told_on_a_port_of_its_own():
+    """--host 127.0.0.1, "" (every IPv4 interface) and ::1 (where this machine has IPv6); --port 0
+    gets a free port, which the socket reports."""
+    import socket
+
+    hosts = {"127.0.0.1": socket.AF_INET, "": socket.AF_INET}
+    try:
+        socket.create_server(("::1", 0), family=socket.AF_INET6).close()
+        hosts["::1"] = socket.AF_INET6
+    except OSError:
+        pass  # no IPv6 here: that host is not checked
+    for host, family in hosts.items():
+        with listen(host, 0) as sock:
+            assert sock.family == family and sock.getsockname()[1] > 0, host
 
 
 def _serving_at(server: subprocess.Popen) -> str:
@@ -296,7 +313,7 @@ def test_the_api_is_as_its_openapi_document_says_under_schemathesis(tiny_run, tm
                                "--report", "junit", "--report-junit-path", str(tmp_path / "junit.xml")],
                               cwd=tmp_path, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stdout[-6000:]
-    tested = {case.get("name") for case in ElementTree.parse(tmp_path / "junit.xml").iter("testcase")}
+    tested = {case.get("name") for case in ElementTree.parse(tmp_path / "junit.xml").iter("testcase") if case.find("skipped") is None}
     assert {"POST /v1/cutout", "POST /v1/segment", "GET /healthz", "GET /metrics", "GET /"} <= tested, tested
 
 

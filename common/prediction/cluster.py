@@ -47,19 +47,26 @@ def worker_device(name: str) -> torch.device:
     return pick_device(f"cuda:{index % torch.cuda.device_count()}")
 
 
-def connect(spec: str):
-    """A Dask client for `predict.cluster`; an unreachable scheduler is one clear error, before any work."""
+@contextlib.contextmanager
+def connect(spec: str) -> Iterator[Any]:
+    """A Dask client for `predict.cluster`, closed (and a LocalCluster with it) when the block ends,
+    however it ends; an unreachable scheduler is one clear error, before any work."""
     try:
         from distributed import Client, LocalCluster
     except ImportError:
         raise SetupError(f"predict.cluster={spec} needs Dask distributed: pip install '.[cluster]'") from None
     if spec.startswith("local:"):
-        cluster = LocalCluster(n_workers=int(spec[6:]), threads_per_worker=1, processes=True, dashboard_address=None)
-        return Client(cluster)
+        # the scope ends after the cluster is closed: no nanny restarts a worker outside it
+        with local_cluster_scope(), LocalCluster(n_workers=int(spec[6:]), threads_per_worker=1, processes=True,
+                                                  dashboard_address=None) as cluster, Client(cluster) as client:
+            yield client
+        return
     try:
-        return Client(spec, timeout="10s")
+        client = Client(spec, timeout="10s")
     except (OSError, TimeoutError) as e:
         raise ClusterError(f"predict.cluster={spec}: cannot reach the Dask scheduler ({e})") from None
+    with client:
+        yield client
 
 
 @contextlib.contextmanager
@@ -85,7 +92,7 @@ def run_chunks(spec: str, task: Callable[..., int], chunks: list[Chunk], args: t
     worker died; one bar over all chunks shows the rate across the cluster."""
     from distributed import as_completed
 
-    with local_cluster_scope() if spec.startswith("local:") else contextlib.nullcontext(), connect(spec) as client:
+    with connect(spec) as client:
         workers = len(client.scheduler_info()["workers"])
         started, done = time.monotonic(), 0
         futures = [client.submit(task, [chunk], *args, key=f"{desc.replace(' ', '-')}-{chunk.number}", pure=False, retries=2)
@@ -97,5 +104,3 @@ def run_chunks(spec: str, task: Callable[..., int], chunks: list[Chunk], args: t
                 bar.update(n)
         seconds = time.monotonic() - started
         log.info(f"{desc}: {done} images in {seconds:.1f} s ({done / seconds:.1f} images/s on {workers} Dask workers)")
-        if spec.startswith("local:"):
-            client.cluster.close()

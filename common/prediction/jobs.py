@@ -38,7 +38,8 @@ class Job:
         raise NotImplementedError
 
     def row(self, item: Any, result: Result, mask: np.ndarray | None) -> dict:
-        """The item's row of the chunk file, made in the writer thread (`mask`: the output's mask on the host)."""
+        """The item's row of the chunk file, made in the writer thread (`mask`: the output's mask on the
+        host; a Prediction comes without its full-resolution maps)."""
         raise NotImplementedError
 
 

@@ -52,7 +52,9 @@ class Output:
     mask: torch.Tensor | None = None
 
 
-Row = Callable[[int, Result, np.ndarray | None], dict]  # (item index, result, mask on the host) -> the chunk row
+# (item index, result, mask on the host) -> the chunk row; a Prediction reaches it without its full-resolution
+# maps (`coarse`, `prob` None): a row is made of the box, the size and the mask
+Row = Callable[[int, Result, np.ndarray | None], dict]
 
 
 class ChunkWriter:
@@ -60,7 +62,7 @@ class ChunkWriter:
     is written as soon as its rows are in."""
 
     def __init__(self, store: ChunkStore, chunks: list[Chunk], row: Row):
-        self.store, self.row, self.rows, self.next = store, row, [], 0
+        self.store, self.row, self.rows, self.next, self.broken = store, row, [], 0, False
         self.plan = deque((chunk.number, len(chunk.items)) for chunk in chunks)  # which chunk the next rows fill, and how many
         self.pool = ThreadPoolExecutor(1, thread_name_prefix="chunk-writer")
         self.pending: deque[Future] = deque()
@@ -81,12 +83,18 @@ class ChunkWriter:
             self.pending.popleft().result()
 
     def _add(self, index: int, result: Result, mask: OnHost | None) -> None:
-        self.rows.append(self.row(index, result, None if mask is None else mask()))
-        k, n = self.plan[0]
-        if len(self.rows) == n:
-            self.store.write(k, self.rows)
-            self.plan.popleft()
-            self.rows = []
+        if self.broken:  # a row before this one failed: a chunk made of the rows after it would hold the wrong images
+            return
+        try:
+            self.rows.append(self.row(index, result, None if mask is None else mask()))
+            k, n = self.plan[0]
+            if len(self.rows) == n:
+                self.store.write(k, self.rows)
+                self.plan.popleft()
+                self.rows = []
+        except BaseException:
+            self.broken = True
+            raise
 
     def close(self) -> None:
         """Wait for every queued row; every planned chunk must then be written."""
