@@ -94,4 +94,4 @@ class Failure:
         return self if self.file is not None else replace(self, file=file)
 
     def __str__(self) -> str:
-        return f"{self.file}: {self.reason}"
+        return f"{self.file or 'an image'}: {self.reason}"

@@ -31,7 +31,7 @@ from common.prediction.step import Prediction
 from common.training.losses import edge_band
 from stage1_lowres.predict import Coarse, cached_boxes
 from stage2_fullres.predict import Cascade
-from stage2_fullres.tiles import TooManyTiles, plan_tiles
+from stage2_fullres.tiles import plan_tiles
 
 FALSE_POSITIVE = np.array([255, 40, 40], np.uint8)  # predicted car, truly background
 FALSE_NEGATIVE = np.array([40, 120, 255], np.uint8)  # missed car
@@ -78,7 +78,12 @@ class Evaluation:
     metrics: pd.DataFrame  # one row per validation image
     sweep: pd.DataFrame  # mean Dice of each stage per mask threshold
     kept: dict[str, Kept]  # the worst images, by img
-    ranking: str  # the column that ranks the images: the cascade's Dice, or stage 1's without a refiner
+    refined: bool  # a refiner ran: the cascade's columns hold figures, not NaN
+
+    @property
+    def ranking(self) -> str:
+        """The column that ranks the images: the cascade's Dice, or stage 1's without a refiner."""
+        return "dice_cascade" if self.refined else "dice_stage1"
 
 
 def score(cfg: Settings) -> Evaluation:
@@ -109,7 +114,7 @@ def score(cfg: Settings) -> Evaluation:
             kept = {r["img"]: kept[r["img"]] for r in worst if r["img"] in kept}
     mean = np.mean(sweeps, axis=0)
     sweep = pd.DataFrame({"threshold": THRESHOLDS, "dice_stage1": mean[:, 0], "dice_cascade": mean[:, 1]})
-    return Evaluation(pd.DataFrame(rows), sweep, kept, ranking)
+    return Evaluation(pd.DataFrame(rows), sweep, kept, has_refiner)
 
 
 def _score_image(sample: Sample, pred: Prediction, stage1_threshold: float, threshold: float | None) -> tuple[dict, list, Kept]:
@@ -153,7 +158,7 @@ def save(cfg: Settings, ev: Evaluation) -> dict:
     write_text(report / "summary.json", json.dumps(summary, indent=2))
     for img in worst.img[:6]:
         if img in ev.kept:
-            save_overlay(ev.kept[img], cfg, report / "overlays" / f"{Path(img).stem}.png")
+            save_overlay(ev.kept[img], cfg, report / "overlays" / f"{Path(img).stem}.png", ev.refined)
     return summary
 
 
@@ -189,13 +194,12 @@ def plot_sweep(sweep: pd.DataFrame, path: Path) -> None:
     save_figure(fig, path)
 
 
-def save_overlay(kept: Kept, cfg: Settings, path: Path) -> None:
-    """Stage 1 (left) and the cascade (right) over the image, half size."""
+def save_overlay(kept: Kept, cfg: Settings, path: Path, refined: bool) -> None:
+    """Stage 1 (left) and the cascade (right) over the image, half size; the refiner's tile edges
+    drawn when a refiner ran (`refined`)."""
     image = read_image(kept.sample.image)
-    try:
-        windows = plan_tiles(kept.truth.shape[1], kept.truth.shape[0], kept.box, cfg.stage2.tile, cfg.stage2.min_overlap)
-    except TooManyTiles:  # stage 1 alone, with a box the refiner's settings could not cover: no tile edges to draw
-        windows = []
+    h, w = kept.truth.shape
+    windows = plan_tiles(w, h, kept.box, cfg.stage2.tile, cfg.stage2.min_overlap) if refined else []
     panels = np.concatenate([overlay(image, kept.stage1, kept.truth, kept.box, []),
                              overlay(image, kept.cascade, kept.truth, kept.box, windows)], 1)
     small = Image.fromarray(panels).resize((panels.shape[1] // 2, panels.shape[0] // 2), Image.BILINEAR)

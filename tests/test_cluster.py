@@ -33,6 +33,8 @@ def test_local_cluster_gives_the_bytes_of_a_local_run_even_when_a_worker_dies(ti
     import dask
 
     local = _predict(_config(tiny_run, tmp_path / "local"))
+    for key in ("OMP_NUM_THREADS", "MALLOC_TRIM_THRESHOLD_"):  # unset, so a leak would show as a new value
+        monkeypatch.delenv(key, raising=False)
     before = {key: os.environ.get(key) for key in ("OMP_NUM_THREADS", "MALLOC_TRIM_THRESHOLD_")}
     # tests/faults.py, preloaded into every worker: the first one to reach chunk 2 (of stage 1: 7 chunks of 8)
     # dies by SIGKILL before writing it
@@ -44,6 +46,7 @@ def test_local_cluster_gives_the_bytes_of_a_local_run_even_when_a_worker_dies(ti
     # the nannies' settings for their workers (OMP_NUM_THREADS=1, ...) did not stay in this process's
     # environment, where every later child process (a training run, a server) would inherit them
     assert {key: os.environ.get(key) for key in ("OMP_NUM_THREADS", "MALLOC_TRIM_THRESHOLD_")} == before
+    assert dask.config.get("distributed.worker.daemon", True) is True  # the scoped daemon setting was undone
     printed = capsys.readouterr().out
     assert "on 2 Dask workers" in printed and "stage 1 predict" in printed
 
