@@ -147,8 +147,12 @@ class Predict(Section):
     batch_size: int = setting(2, "tiles per forward pass, across images (mirrored copies ride along with tta_flip)", ge=1)
     tta_flip: bool = setting(False, "average with the prediction of the mirrored image", affects=("boxes", "masks"))
     chunk: int = setting(16, "images per resumable chunk of prediction results", ge=1)
-    workers: int = setting(0, "reader processes decoding ahead of the device; 0 = in the main process "
-                              "(fastest on a CPU-only machine)", ge=0)
+    workers: number_or_auto(int, ge=0) = setting(
+        "auto", "reader processes decoding ahead of the device; 0 = in the main process; auto: 0 on a CPU (the fastest there), "
+        "on a GPU the cores but one, shared by the GPUs in use, at most 8 per GPU")
+    decode: Literal["pil", "nvjpeg"] = setting(
+        "pil", "where JPEGs are decoded: pil = in the reader processes (the tested path); nvjpeg = on the GPU with torchvision, "
+        "for machines with too few cores to feed the GPU (unproven until benchmarks/gpu_check.py has passed on your card)")
     compile: bool = setting(False, "torch.compile the nets: faster on a GPU after a compilation of a minute or so")
     cluster: str = setting("", '"" = this process; local:N = a Dask LocalCluster of N workers; tcp://host:8786 = a Dask scheduler',
                            expect="empty, local:N or a scheduler address such as tcp://host:8786")

@@ -76,16 +76,24 @@ def build_model(settings: Training, in_channels: int, prior_skip: bool = False, 
 # --- where and in what precision nets run
 
 def pick_device(name: str) -> torch.device:
-    """The device of `name` (auto | cpu | cuda | cuda:N), made this process's current CUDA device, so
-    that streams, events and allocations without an explicit device land on it too."""
+    """The device of `name` (auto | cpu | cuda | cuda:N), made the calling thread's current CUDA
+    device (`use_device`)."""
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise SetupError(f"device={name} but CUDA is not available here; use device=cpu or device=auto")
     device = torch.device(name)
-    if device.type == "cuda" and device.index is not None:
-        torch.cuda.set_device(device)  # needs CUDA: not testable on the CPU
+    use_device(device)
     return device
+
+
+def use_device(device: torch.device) -> None:
+    """Make `device` the calling thread's current CUDA device, so that streams, events and allocations
+    without an explicit device land on it. CUDA keeps it per thread: every thread that queues work for
+    cuda:1 (a server's step thread, a Dask task's) sets it, or its events go to cuda:0's stream and its
+    copies sync across devices. Needs CUDA: not testable on the CPU."""
+    if device.type == "cuda" and device.index is not None:
+        torch.cuda.set_device(device)
 
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
@@ -127,12 +135,20 @@ def autocast(device: torch.device, dtype: torch.dtype | None) -> torch.autocast:
 def prepare(model: nn.Module, device: torch.device, compile: bool = False) -> nn.Module:
     """Eval mode, channels_last weights (inputs are channels_last too: tensor-core convolutions
     without layout transposes on CUDA; measured 1.5-2x faster on the CPU as well, docs/benchmarks.md),
-    cudnn benchmark mode on CUDA (tile shapes are fixed, so the fastest kernels are picked once);
-    optionally torch.compile, worth it for long runs (the first batches pay for the compilation)."""
+    cudnn benchmark mode on CUDA (the predictors feed one batch shape, `static_shapes`, so the fastest
+    kernels are picked once); optionally torch.compile, worth it for long runs (the first batches pay
+    for the compilation)."""
     model = model.eval().to(memory_format=torch.channels_last)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     return torch.compile(model, dynamic=False) if compile else model
+
+
+def static_shapes(device: torch.device, compile: bool) -> bool:
+    """Whether a predictor pads each partial batch to the full batch size: a compiled net recompiles
+    for every new shape, and on CUDA cudnn.benchmark re-tunes for every new one. On a CPU an
+    uncompiled net takes the partial batch as it is (padding would be work for nothing)."""
+    return compile or device.type == "cuda"
 
 
 # --- checkpoints

@@ -14,7 +14,7 @@ from __future__ import annotations
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Literal
 
 import numpy as np
 import pandas as pd
@@ -30,8 +30,9 @@ from common.data.rle import rle_encode
 from common.errors import CheckpointError, DataError, Failure
 from common.io import write_csv
 from common.log import log
-from common.model import checkpoint_paths, checkpoints_hash, load_models, prepare
+from common.model import checkpoint_paths, checkpoints_hash, load_models, prepare, static_shapes
 from common.prediction.jobs import Job, run_job
+from common.prediction.reader import reader_processes
 from common.prediction.step import Prediction, Predictor, Result, probabilities
 from common.prediction.writer import Output, to_host
 
@@ -123,13 +124,15 @@ class Coarse(Predictor):
     """Stage 1 as a predictor: decoded images -> low-resolution car probability -> full-resolution
     probability and car box (`predict`, the step `run` streams images through).
 
-    `static_batch` (under predict.compile): the net sees batches of exactly that many images, a
-    partial batch padded, since every new shape recompiles (and after 8, torch falls back to eager)."""
+    `static_batch` (on CUDA and under predict.compile, `static_shapes`): the net sees batches of
+    exactly that many images, a partial batch padded, since every new shape recompiles (and after 8,
+    torch falls back to eager) and re-tunes cuDNN."""
 
     def __init__(self, model: nn.Module, size: int, device: torch.device, flip: bool = False, static_batch: int = 0,
-                 margin: Margin = 32, threshold: float = 0.5, batch_size: int = 2, workers: int = 0):
+                 margin: Margin = 32, threshold: float = 0.5, batch_size: int = 2, workers: int = 0,
+                 decode: Literal["pil", "nvjpeg"] = "pil"):
         self.model, self.size, self.device, self.flip, self.static_batch = model, size, device, flip, static_batch
-        self.margin, self.threshold, self.batch_size, self.workers = margin, threshold, batch_size, workers
+        self.margin, self.threshold, self.batch_size, self.workers, self.decode = margin, threshold, batch_size, workers, decode
 
     @classmethod
     def from_config(cls, cfg: Settings, device: torch.device) -> "Coarse":
@@ -142,8 +145,8 @@ class Coarse(Predictor):
                 raise CheckpointError(f"{path} was trained at stage1.size={size}, the config says {cfg.stage1.size}")
         s, p = cfg.stage1, cfg.predict
         return cls(prepare(model, device, p.compile), s.size, device, flip=p.tta_flip,
-                   static_batch=p.batch_size if p.compile else 0, margin=s.margin, threshold=s.threshold,
-                   batch_size=p.batch_size, workers=p.workers)
+                   static_batch=p.batch_size if static_shapes(device, p.compile) else 0, margin=s.margin, threshold=s.threshold,
+                   batch_size=p.batch_size, workers=reader_processes(p.workers, device), decode=p.decode)
 
     @torch.no_grad()
     def predict(self, images: list[torch.Tensor], boxes: list[Box | None]) -> list[Prediction]:
@@ -167,7 +170,7 @@ class Coarse(Predictor):
         flip TTA the mirrored images ride in the same pass and the two predictions are averaged."""
         x = to_stage1_input(images, self.size)
         step = self.static_batch or len(x)
-        # padded only under static_batch: one shape for the compiled net
+        # padded only under static_batch: one shape for the compiled net and for cuDNN's tuning
         return torch.cat([probabilities(self.model, x[i : i + step], self.device, self.flip, pad_to=self.static_batch)
                           for i in range(0, len(x), step)])
 

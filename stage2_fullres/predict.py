@@ -25,8 +25,9 @@ from common.data.chunks import ChunkStore, finish_predictions
 from common.data.kaggle import test_samples
 from common.data.rle import rle_encode
 from common.errors import CheckpointError, DataError, Failure
-from common.model import checkpoint_paths, checkpoints_hash, load_models, prepare
+from common.model import checkpoint_paths, checkpoints_hash, load_models, prepare, static_shapes
 from common.prediction.jobs import Job, run_job
+from common.prediction.reader import reader_processes
 from common.prediction.step import Prediction, Predictor, Result, probabilities
 from common.prediction.writer import Output
 from stage1_lowres.predict import INPUT_VERSION, Coarse, cached_boxes
@@ -51,7 +52,8 @@ class Cascade(Predictor):
         s, p = cfg.stage2, cfg.predict
         self.coarse, self.refiner, self.device = coarse, refiner, device
         self.tile, self.min_overlap, self.coarse_channel = s.tile, s.min_overlap, s.coarse_channel
-        self.batch_size, self.flip, self.compiled, self.workers = p.batch_size, p.tta_flip, p.compile, p.workers
+        self.batch_size, self.flip, self.workers, self.decode = p.batch_size, p.tta_flip, reader_processes(p.workers, device), p.decode
+        self.static = static_shapes(device, p.compile)  # every refiner step sees `batch_size` tiles, a partial one padded
         self.weights = blend_weights(self.tile, s.blend, device)
 
     @classmethod
@@ -94,12 +96,12 @@ class Cascade(Predictor):
                 for p, windows, a, b in zip(preds, plans, starts, starts[1:])]
 
     def refine(self, rgb: torch.Tensor, prior: torch.Tensor | None) -> torch.Tensor:
-        """(n, tile, tile) probabilities of n uint8 RGB tiles (and their coarse prior); compiled, a
-        partial batch is padded to one static shape, which would otherwise recompile."""
+        """(n, tile, tile) probabilities of n uint8 RGB tiles (and their coarse prior); under
+        `static_shapes` a partial batch is padded to one shape, which would otherwise recompile or re-tune."""
         x = rgb.float().div_(255)
         if prior is not None:
             x = torch.cat([x, prior], 1)
-        return probabilities(self.refiner, x, self.device, self.flip, pad_to=self.batch_size if self.compiled else 0)
+        return probabilities(self.refiner, x, self.device, self.flip, pad_to=self.batch_size if self.static else 0)
 
 
 # --- the `stage2 predict` command

@@ -3,6 +3,7 @@ every image accounted for, the GPU-only code paths (nvjpeg bytes, static compile
 on the CPU, and the writer that keeps submission order."""
 from __future__ import annotations
 
+import contextlib
 import io
 import threading
 from pathlib import Path
@@ -143,6 +144,8 @@ def test_jpeg_bytes_path_decodes_on_the_device_and_falls_back(tiny_run, tmp_path
     coarse = Coarse(stage1, tiny_run.stage1.size, CPU, batch_size=4, workers=1)
     plain = [pred for _, pred in coarse.run(paths)]
     monkeypatch.setattr(reader, "nvjpeg_decoder", lambda device: fake_decode)
+    assert [pred.box for _, pred in coarse.run(paths)] == [pred.box for pred in plain] and calls == []  # pil: nvjpeg unused
+    coarse.decode = "nvjpeg"
     got = [pred for _, pred in coarse.run([paths[0], gray, paths[1], bad, paths[2]])]
     assert calls == [3, 1, 1, 1, 1]  # the gray JPEG fails the batch of three: one by one; the truncated one never comes
     for a, b in zip(plain, [got[0], got[2], got[4]]):
@@ -152,14 +155,14 @@ def test_jpeg_bytes_path_decodes_on_the_device_and_falls_back(tiny_run, tmp_path
 
 
 def test_static_batches_for_compile_do_not_change_results(tiny_run):
-    """With predict.compile, partial batches are padded to one shape; the padding must not leak."""
+    """On CUDA or with predict.compile, partial batches are padded to one shape; the padding must not leak."""
     stage1, refiner = _nets(tiny_run)
     paths = sorted(Path(tiny_run.data.root, "test").glob("*.jpg"))[:1]
     box = [cached_boxes(tiny_run)[paths[0].name]]
     cfg = tiny_config("unused", "unused", "predict.batch_size=3", "predict.tta_flip=true", "predict.workers=0")
     cascade = Cascade(Coarse(stage1, cfg.stage1.size, CPU), refiner, cfg, CPU)
     plain = next(cascade.run(paths, box))[1].prob
-    cascade.compiled = True  # the padding path, without paying for a compilation on the CPU
+    cascade.static = True  # the padding path (CUDA, compile), without a GPU or a compilation
     torch.testing.assert_close(next(cascade.run(paths, box))[1].prob, plain, atol=1e-5, rtol=0)
 
 
@@ -208,17 +211,41 @@ def test_stage1_boxes_of_a_batch_reach_the_host_in_one_copy(monkeypatch):
 
 
 def test_nvjpeg_is_probed_once_and_a_failing_decoder_falls_back_to_pil_with_one_line(monkeypatch, capsys):
-    """On CUDA the reader tries nvjpeg on a small JPEG once per device; where it fails (or torchvision
-    is missing) JPEGs are decoded by PIL in the reader processes and one line says so. Every decode
-    waits for the current stream first. Stand-ins for torchvision and the CUDA stream run it here."""
+    """On CUDA with predict.decode=nvjpeg the reader tries nvjpeg on a small JPEG once per device;
+    where it fails (or torchvision is missing) JPEGs are decoded by PIL in the reader processes and
+    one line says so. A decode runs on a stream of its own, the compute stream waits for it on the
+    device (never the host), and each image is marked as used by the compute stream. Stand-ins for
+    torchvision and the CUDA streams run it here."""
     import sys
     import types
 
     from common.prediction import reader
 
     events = []
-    stream = types.SimpleNamespace(synchronize=lambda: events.append("sync"))
-    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: stream)
+
+    class Stream:
+        def __init__(self, name):
+            self.name = name
+
+        def wait_stream(self, other):
+            events.append(f"{self.name} waits for {other.name}")
+
+        def synchronize(self):
+            events.append(f"host waits for {self.name}")
+
+    compute, current = Stream("compute"), []
+    monkeypatch.setattr(torch.cuda, "Stream", lambda device=None: Stream("side"))
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: current[-1] if current else compute)
+
+    @contextlib.contextmanager
+    def on(stream):
+        current.append(stream)
+        try:
+            yield
+        finally:
+            current.pop()
+
+    monkeypatch.setattr(torch.cuda, "stream", on)
     cuda = torch.device("cuda")
 
     def install(decode_jpeg):
@@ -233,15 +260,24 @@ def test_nvjpeg_is_probed_once_and_a_failing_decoder_falls_back_to_pil_with_one_
 
     install(broken)
     assert reader.nvjpeg_decoder(cuda) is None and reader.nvjpeg_decoder(cuda) is None
-    out = capsys.readouterr().out
+    out = capsys.readouterr().err  # a warning
     assert out.count("\n") == 1 and "nvjpeg library not found" in out and "PIL in the reader processes" in out
-    assert events == ["sync", "decode"]  # probed once, after the stream was idle
+    assert events == ["decode"]  # probed once
+
+    class Image:
+        def record_stream(self, stream):
+            events.append(f"image used by {stream.name}")
+
+    def decode_jpeg(data, mode, device):
+        events.append(f"decode on {torch.cuda.current_stream(device).name}")
+        return [Image() for _ in data]
 
     events.clear()
-    install(lambda data, mode, device: events.append("decode") or [torch.zeros(3, 16, 16, dtype=torch.uint8)] * len(data))
+    install(decode_jpeg)
     decode = reader.nvjpeg_decoder(cuda)
+    events.clear()
     decode([torch.zeros(4, dtype=torch.uint8)] * 2, cuda)
-    assert events == ["sync", "decode", "sync", "decode"]  # the probe, then the batch: each after a stream sync
+    assert events == ["decode on side", "compute waits for side", "image used by compute", "image used by compute"]
     reader.nvjpeg_decoder.cache_clear()
 
 

@@ -1,17 +1,20 @@
 """The reader: every image of a prediction decoded once, in reader processes ahead of the device.
 
 The DataLoader's worker processes read the files and decode them with PIL (`read_image`) into
-pinned uint8 tensors; on CUDA with torchvision installed, JPEG files travel as bytes instead and
-nvjpeg decodes a whole batch on the GPU. Any failure becomes a `Failure` naming the file in the
-image's place: never a crash, never a silent drop.
+pinned uint8 tensors, copied to the device without blocking (the path the CPU tests run, the
+default on every device). With `predict.decode=nvjpeg` on CUDA (torchvision installed), JPEG
+files travel as bytes instead and nvjpeg decodes a whole batch on the GPU: for a machine with
+too few cores for its GPU. Any failure becomes a `Failure` naming the file in the image's place:
+never a crash, never a silent drop.
 """
 from __future__ import annotations
 
 import functools
 import io
 import multiprocessing
+import os
 from pathlib import Path
-from typing import Callable, Iterator, NamedTuple
+from typing import Callable, Iterator, Literal, NamedTuple
 
 import torch
 from PIL import Image
@@ -75,6 +78,19 @@ def _as_list(items: list[Loaded]) -> list[Loaded]:
     return items  # images differ in size: no stacking
 
 
+def reader_processes(setting: int | Literal["auto"], device: torch.device) -> int:
+    """`predict.workers`, resolved: auto is 0 on a CPU (decoding in the main process is fastest where
+    the cores also run the nets); on a GPU the cores but one (the main process queues the device's
+    work), shared by the GPUs in use and at most 8 each. PIL decodes a 1918x1280 photo in about 13 ms
+    on one core, so 6 processes keep up with one H100's refiner (docs/benchmarks.md)."""
+    if setting != "auto":
+        return setting
+    if device.type != "cuda":
+        return 0
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, min((cores - 1) // max(torch.cuda.device_count(), 1), 8))
+
+
 @functools.cache
 def nvjpeg_decoder(device: torch.device) -> JpegDecoder | None:
     """torchvision's batched GPU JPEG decoder on CUDA, probed once per device on a small JPEG; None
@@ -84,24 +100,32 @@ def nvjpeg_decoder(device: torch.device) -> JpegDecoder | None:
     try:
         from torchvision.io import ImageReadMode, decode_jpeg
     except ImportError:
-        log.info(f"reader: torchvision is not installed, so JPEGs are decoded by PIL in the reader processes, not by nvjpeg on "
-                 f"{device} (pip install torchvision)")
+        log.warning("reader: predict.decode=nvjpeg needs torchvision (pip install torchvision); JPEGs are decoded by PIL "
+                    "in the reader processes instead")
         return None
+    side = torch.cuda.Stream(device)
 
     def decode(data: list[torch.Tensor], dev: torch.device) -> list[torch.Tensor]:
-        # nvJPEG's hardware engine does not wait for the stream it is given, and its outputs come from the
-        # caching allocator, which hands back blocks that kernels queued on this stream may still read
-        # (torchvision PR #9606, torchcodec PR #1634): so no decode starts before this stream is idle.
-        # Needs CUDA: not testable on the CPU (benchmarks/gpu_check.py checks it on a GPU).
-        torch.cuda.current_stream(dev).synchronize()  # a sync point, once per batch
-        return decode_jpeg(data, mode=ImageReadMode.RGB, device=dev)
+        # nvJPEG's hardware engine does not wait for the stream it is given, and the caching allocator hands
+        # a stream blocks that its queued kernels may still read (torchvision PR #9606, torchcodec PR #1634).
+        # So the decodes run on a stream of their own, whose blocks only they and (after record_stream) the
+        # compute stream touch, and the compute stream waits for them on the device: no host-side wait, so
+        # the next batch decodes while this one computes. Needs CUDA: not testable on the CPU
+        # (benchmarks/gpu_check.py compares it with PIL on a card).
+        compute = torch.cuda.current_stream(dev)
+        with torch.cuda.stream(side):
+            images = decode_jpeg(data, mode=ImageReadMode.RGB, device=dev)
+        compute.wait_stream(side)
+        for image in images:
+            image.record_stream(compute)  # its block is not reused before the compute stream is done with it
+        return images
 
     buf = io.BytesIO()
     Image.new("RGB", (16, 16), (200, 30, 30)).save(buf, format="JPEG")
     try:
         decode([torch.frombuffer(bytearray(buf.getvalue()), dtype=torch.uint8)], device)
     except RuntimeError as e:
-        log.info(f"reader: nvjpeg cannot decode on {device} ({e}); JPEGs are decoded by PIL in the reader processes")
+        log.warning(f"reader: nvjpeg cannot decode on {device} ({e}); JPEGs are decoded by PIL in the reader processes instead")
         return None
     return decode
 
@@ -127,20 +151,23 @@ def to_device(items: list[Loaded], paths: list[Path], device: torch.device, deco
 def _decode_one(decode: JpegDecoder, data: torch.Tensor, device: torch.device, path: Path) -> torch.Tensor | Failure:
     try:
         return decode([data], device)[0]
-    except RuntimeError:
+    except RuntimeError as e:
         try:  # nvjpeg cannot do every JPEG (e.g. CMYK); PIL can, or names the problem
-            return torch.from_numpy(read_image(path)).to(device).permute(2, 0, 1)
-        except ImageReadError as e:
-            return Failure.of(e)
+            image = torch.from_numpy(read_image(path)).to(device).permute(2, 0, 1)
+        except ImageReadError as bad:
+            return Failure.of(bad)
+        log.warning(f"reader: nvjpeg cannot decode {path} ({str(e).splitlines()[0]}); decoded by PIL in the main process")
+        return image
 
 
-def read_batches(paths: list[Path], device: torch.device, batch_size: int, workers: int) -> Iterator[list[Decoded]]:
+def read_batches(paths: list[Path], device: torch.device, batch_size: int, workers: int,
+                 decode: Literal["pil", "nvjpeg"] = "pil") -> Iterator[list[Decoded]]:
     """Batches of decoded images on `device`, in the order of `paths`, read `workers` processes ahead."""
-    decode = nvjpeg_decoder(device)
+    nvjpeg = nvjpeg_decoder(device) if decode == "nvjpeg" else None
     if multiprocessing.current_process().daemon:
         workers = 0  # a daemonic process (e.g. a Dask worker left at its default) may not start reader processes
-    loader = DataLoader(ImageFiles(paths, encoded=decode is not None), batch_size=batch_size, num_workers=workers,
+    loader = DataLoader(ImageFiles(paths, encoded=nvjpeg is not None), batch_size=batch_size, num_workers=workers,
                         collate_fn=_as_list, pin_memory=device.type == "cuda",  # pinned: the copy to the GPU is async
                         prefetch_factor=4 if workers else None)
     for items in loader:
-        yield to_device(items, paths, device, decode)
+        yield to_device(items, paths, device, nvjpeg)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Literal
 
 import torch
 from torch import nn
@@ -72,27 +72,29 @@ def probabilities(net: nn.Module, x: torch.Tensor, device: torch.device, flip: b
 
 class Predictor:
     """What the stages' predictors share: `predict`, their device step, and `run`, that step streamed
-    over image files with `batch_size` images per step and `workers` reader processes."""
+    over image files with `batch_size` images per step, `workers` reader processes and JPEGs decoded
+    as `decode` says (`predict.decode`)."""
 
     device: torch.device
     batch_size: int
     workers: int
+    decode: Literal["pil", "nvjpeg"] = "pil"
 
     def predict(self, images: list[torch.Tensor], boxes: list[Box | None]) -> list[Result]:
         raise NotImplementedError
 
     def run(self, paths: list[Path], boxes: list[Box | None] | None = None, desc: str = "") -> Iterator[tuple[int, Result]]:
-        return stream(self.predict, paths, boxes, self.device, self.batch_size, self.workers, desc)
+        return stream(self.predict, paths, boxes, self.device, self.batch_size, self.workers, desc, self.decode)
 
 
 def stream(step: Step, paths: list[Path], boxes: list[Box | None] | None, device: torch.device, batch_size: int,
-           workers: int, desc: str = "") -> Iterator[tuple[int, Result]]:
+           workers: int, desc: str = "", decode: Literal["pil", "nvjpeg"] = "pil") -> Iterator[tuple[int, Result]]:
     """(index into `paths`, its result), in order, reading `workers` processes ahead of the device.
     With `desc`, a progress bar (images/s, ETA) and a summary line with the measured rate."""
     boxes = boxes or [None] * len(paths)
     started, done = time.monotonic(), 0
     bar = tqdm(total=len(paths), desc=desc, unit="img", disable=None if desc else True, mininterval=1.0)
-    for batch in read_batches(paths, device, max(batch_size, 1), workers):
+    for batch in read_batches(paths, device, max(batch_size, 1), workers, decode):
         read = [d for d in batch if not isinstance(d.image, Failure)]
         results = dict(zip([d.index for d in read], step([d.image for d in read], [boxes[d.index] for d in read]))) if read else {}
         for d in batch:
