@@ -1,8 +1,11 @@
-"""Prediction on Dask distributed (predict.cluster): the bytes of a local run, a worker killed by
-SIGKILL mid-run retried by Dask, an unreachable scheduler refused before any work."""
+"""Prediction on Dask distributed (predict.cluster): the bytes of a local run, on a LocalCluster
+with a worker killed by SIGKILL mid-run (retried by Dask) and on a cluster started as users start
+one (`dask scheduler`, `dask worker`); an unreachable scheduler refused before any work."""
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -29,10 +32,15 @@ def _predict(cfg) -> dict[str, bytes]:
     return {name: (Path(cfg.output.dir) / name).read_bytes() for name in OUTPUTS}
 
 
-def test_local_cluster_gives_the_bytes_of_a_local_run_even_when_a_worker_dies(tiny_run, tmp_path, monkeypatch, capsys):
+@pytest.fixture(scope="module")
+def local(tiny_run, tmp_path_factory) -> dict[str, bytes]:
+    """The three files of a prediction in this process, without Dask."""
+    return _predict(_config(tiny_run, tmp_path_factory.mktemp("local")))
+
+
+def test_local_cluster_gives_the_bytes_of_a_local_run_even_when_a_worker_dies(tiny_run, local, tmp_path, monkeypatch, capsys):
     import dask
 
-    local = _predict(_config(tiny_run, tmp_path / "local"))
     for key in ("OMP_NUM_THREADS", "MALLOC_TRIM_THRESHOLD_"):  # unset, so a leak would show as a new value
         monkeypatch.delenv(key, raising=False)
     before = {key: os.environ.get(key) for key in ("OMP_NUM_THREADS", "MALLOC_TRIM_THRESHOLD_")}
@@ -49,6 +57,37 @@ def test_local_cluster_gives_the_bytes_of_a_local_run_even_when_a_worker_dies(ti
     assert dask.config.get("distributed.worker.daemon", True) is True  # the scoped daemon setting was undone
     printed = capsys.readouterr().out
     assert "on 2 Dask workers" in printed and "stage 1 predict" in printed
+
+
+def test_a_cluster_started_with_the_dask_commands_gives_the_bytes_of_a_local_run(tiny_run, local, tmp_path):
+    """`dask scheduler` and one `dask worker --nthreads 2`, as a user starts them: the worker runs two
+    chunk tasks at a time, yet builds each stage's nets once and predicts the local run's bytes."""
+    from distributed import Client
+
+    dask_cli = Path(sys.executable).with_name("dask")
+    address_file = tmp_path / "scheduler.json"
+    worker_log = tmp_path / "worker.log"
+    scheduler = subprocess.Popen([dask_cli, "scheduler", "--scheduler-file", address_file, "--port", "0", "--no-dashboard"],
+                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        with Client(scheduler_file=str(address_file), timeout="60s") as client:  # waits for the file and the scheduler
+            address = client.scheduler.address
+            with worker_log.open("w") as log_file:
+                worker = subprocess.Popen([dask_cli, "worker", "--scheduler-file", address_file, "--nthreads", "2",
+                                           "--nworkers", "1", "--no-dashboard"], stdout=log_file, stderr=subprocess.STDOUT)
+            try:
+                client.wait_for_workers(1, timeout=120)
+                cluster = _predict(_config(tiny_run, tmp_path / "cluster", f"predict.cluster={address}"))
+            finally:
+                worker.terminate()
+                worker.wait(60)
+    finally:
+        scheduler.terminate()
+        scheduler.wait(60)
+    assert cluster == local
+    printed = worker_log.read_text()
+    for stage in ("stage 1 predict", "stage 2 predict"):  # more than one chunk task each, one build each
+        assert printed.count(f"{stage}: nets loaded on cpu") == 1, printed[-3000:]
 
 
 def test_unreachable_scheduler_is_one_line_exit_1_and_nothing_is_written(tiny_run, tmp_path, capsys):

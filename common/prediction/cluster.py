@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import threading
 import time
 from typing import Any, Callable, Iterator
 
@@ -24,13 +25,19 @@ from common.log import log
 from common.model import pick_device
 
 _LOADED: dict[str, Any] = {}  # per worker process: models loaded once, kept for all its tasks
+_HELD = threading.Lock()
 
 
-def cached(key: str, build: Callable[[], Any]) -> Any:
-    if key not in _LOADED:
-        _LOADED.clear()  # another checkpoint: drop the old nets first
-        _LOADED[key] = build()
-    return _LOADED[key]
+@contextlib.contextmanager
+def cached(key: str, build: Callable[[], Any]) -> Iterator[Any]:
+    """The worker's predictor for `key`, built once and held by one task at a time. A worker the user
+    starts (`dask worker`, as many threads as cores) runs several tasks at once; one predictor's nets,
+    CUDA stream and reader are not for concurrent use, and two tasks must not both build it."""
+    with _HELD:
+        if key not in _LOADED:
+            _LOADED.clear()  # another checkpoint: drop the old nets first
+            _LOADED[key] = build()
+        yield _LOADED[key]
 
 
 def worker_device(name: str) -> torch.device:

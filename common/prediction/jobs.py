@@ -14,7 +14,7 @@ import torch
 from common.config import Settings
 from common.data.chunks import Chunk, ChunkStore
 from common.log import log
-from common.model import pick_device
+from common.model import pick_device, use_device
 from common.prediction.step import Predictor, Result
 from common.prediction.writer import ChunkWriter, Output
 
@@ -60,11 +60,22 @@ def run_job(job: Job, items: list) -> None:
 def predict_chunks(chunks: list[Chunk], job: Job, predictor: Predictor | None = None) -> int:
     """The items of `chunks` predicted and each chunk's file written; returns the number of images.
     Without `predictor` (a Dask task), the worker builds it once and keeps it for its next tasks."""
-    desc = job.desc if predictor is not None else ""  # on a Dask worker the client's bar reports the rate
-    if predictor is None:
-        from common.prediction.cluster import cached, worker_device
+    if predictor is not None:
+        return _predict(chunks, job, predictor, job.desc)
+    from common.prediction.cluster import cached, worker_device
 
-        predictor = cached(job.store.key, lambda: job.build(worker_device(job.cfg.device)))
+    with cached(job.store.key, lambda: _build_on_worker(job, worker_device(job.cfg.device))) as predictor:
+        use_device(predictor.device)  # this task's thread may not be the one that built it
+        return _predict(chunks, job, predictor, "")  # on a Dask worker the client's bar reports the rate
+
+
+def _build_on_worker(job: Job, device: torch.device) -> Predictor:
+    predictor = job.build(device)
+    log.info(f"{job.desc}: nets loaded on {device}, kept for this worker's next tasks")
+    return predictor
+
+
+def _predict(chunks: list[Chunk], job: Job, predictor: Predictor, desc: str) -> int:
     items = [item for chunk in chunks for item in chunk.items]
     with ChunkWriter(job.store, chunks, lambda i, result, mask: job.row(items[i], result, mask)) as writer:
         for output in job.outputs(predictor, items, desc):
