@@ -31,7 +31,6 @@ from pathlib import Path
 from typing import Literal
 
 import numpy as np
-import torch
 from fastapi import APIRouter, FastAPI, HTTPException, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
@@ -48,8 +47,10 @@ from common.data.images import decode_photo
 from common.data.rle import rle_encode
 from common.errors import ConfigError, Failure, ImageReadError, TooLarge, UnsupportedImage
 from common.log import log
-from common.model import pick_device
-from common.prediction.writer import to_host
+from common.model import pick_device, use_device
+from common.prediction.reader import pixels_to_device
+from common.prediction.step import Prediction
+from common.prediction.writer import to_host_all
 from pipelines import matting
 from pipelines.evaluate import mask_threshold
 from stage2_fullres.predict import Cascade
@@ -109,20 +110,34 @@ class Batcher:
         """`fn(*args)` off the event loop, on the host threads."""
         return await asyncio.get_running_loop().run_in_executor(self.host, fn, *args)
 
+    async def open(self) -> None:
+        """Load and warm up the nets in a thread, while the server already answers (/healthz: 503,
+        loading), then start a batching task per device."""
+        await asyncio.to_thread(self.load)
+        if self.ready.is_set():
+            self.tasks = [asyncio.create_task(self._work(c, step)) for c, step in zip(self.cascades, self.steps)]
+
     def load(self) -> None:
-        """In a thread at start-up, so /healthz answers 503 until the nets are in place."""
         try:
             self.threshold = mask_threshold(self.cfg)
             self.cascades = [Cascade.from_config(self.cfg, pick_device(name)) for name in self.s.devices or [self.cfg.device]]
-            self.steps = [ThreadPoolExecutor(1, thread_name_prefix=f"serve-{c.device}") for c in self.cascades]
+            # a step thread per device, its current CUDA device set once (`use_device`)
+            self.steps = [ThreadPoolExecutor(1, thread_name_prefix=f"serve-{c.device}", initializer=use_device, initargs=(c.device,))
+                          for c in self.cascades]
+            for cascade, step in zip(self.cascades, self.steps):  # one device at a time: torch.compile is not
+                step.submit(self.warm_up, cascade).result()  # promised to be safe compiling on several at once
             self.ready.set()
-            log.info(f"serve: nets loaded on {', '.join(str(c.device) for c in self.cascades)}")
+            log.info(f"serve: nets loaded and warmed up on {', '.join(str(c.device) for c in self.cascades)}")
         except Exception as e:  # the server keeps answering, /healthz says why
             self.failed = f"{type(e).__name__}: {e}"
             log.warning(f"serve: cannot load the nets: {self.failed}")
 
-    def start(self) -> None:
-        self.tasks = [asyncio.create_task(self._work(c, step)) for c, step in zip(self.cascades, self.steps)]
+    def warm_up(self, cascade: Cascade) -> None:
+        """One device step on a blank photo before the server says it is ready: it compiles the nets
+        (predict.compile: tens of seconds) and lets cuDNN pick its kernels for the one padded shape of
+        each net (`static_shapes`), so the first clients do not wait for it and time out."""
+        log.info(f"serve: warming up on {cascade.device}")
+        self._predict(cascade, [np.full((cascade.tile, cascade.tile, 3), 128, np.uint8)])
 
     def stop(self) -> None:
         for task in self.tasks:
@@ -168,19 +183,13 @@ class Batcher:
 
     def _predict(self, cascade: Cascade, photos: list[np.ndarray]) -> list[Cut | Failure]:
         """One device step for the batch: the cascade's mask and soft alpha made on the device; only
-        they come back, as bool and uint8."""
-        images = [torch.from_numpy(rgb).to(cascade.device).permute(2, 0, 1) for rgb in photos]
-        results = cascade.predict(images, [None] * len(images))
-        copies = [None if isinstance(r, Failure) else (to_host(r.mask(self.threshold)), to_host(matting.alpha(r, self.threshold)))
-                  for r in results]  # every copy started before the first is awaited
-        cuts: list[Cut | Failure] = []
-        for rgb, result, copy in zip(photos, results, copies):
-            if isinstance(result, Failure):
-                cuts.append(result.named("upload"))
-            else:
-                mask, edge = copy
-                cuts.append(Cut(rgb, mask(), edge(), result.box, result.found))
-        return cuts
+        they come back, as bool and uint8, all in one copy awaited once (the step's one host sync
+        besides stage 1's for the boxes)."""
+        results = cascade.predict([pixels_to_device(rgb, cascade.device) for rgb in photos], [None] * len(photos))
+        done = [r for r in results if isinstance(r, Prediction)]
+        planes = iter(to_host_all([plane for r in done for plane in (r.mask(self.threshold), matting.alpha(r, self.threshold))])())
+        return [result.named("upload") if isinstance(result, Failure) else Cut(rgb, next(planes), next(planes), result.box, result.found)
+                for rgb, result in zip(photos, results)]
 
 
 def render(cut: Cut, output: matting.Picture, background: str, soft: bool, crop: bool, fmt: str) -> bytes:
@@ -292,9 +301,9 @@ def create_app(cfg: Settings) -> FastAPI:
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
-        await asyncio.to_thread(batcher.load)
-        batcher.start()
+        opening = asyncio.create_task(batcher.open())  # not awaited: the server answers (503) while the nets load
         yield
+        opening.cancel()
         batcher.stop()  # uvicorn has let the requests in flight finish
 
     app = FastAPI(title="carvana serve", summary="Cut the car out of studio photos: the two-stage Carvana cascade",

@@ -33,8 +33,9 @@ from pipelines.serve import create_app, listen  # noqa: E402
 
 
 @contextlib.contextmanager
-def running(cfg):
-    """The app on uvicorn in a thread; yields its base URL and the app once /healthz says ok."""
+def running(cfg, healthy: bool = True):
+    """The app on uvicorn in a thread; yields its base URL and the app once /healthz says ok (or at
+    once, not `healthy`)."""
     import uvicorn
 
     app, sock = create_app(cfg), listen("127.0.0.1", 0)  # a port of its own: nothing else can take it
@@ -42,7 +43,8 @@ def running(cfg):
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     url = f"http://127.0.0.1:{sock.getsockname()[1]}"
-    _wait_healthy(url)
+    if healthy:
+        _wait_healthy(url)
     try:
         yield url, app
     finally:
@@ -170,6 +172,32 @@ def test_a_photo_the_tiles_cannot_cover_gets_422_naming_the_settings(tiny_run, p
             error = json.loads(answer)["error"]
             assert status == 422 and error.startswith("upload: stage2.tile=64 with stage2.min_overlap=32"), error
         assert _call(url + "/healthz")[0] == 200
+
+
+def test_the_server_answers_not_ready_until_its_nets_are_warmed_up(tiny_run, photos, monkeypatch):
+    """A warm-up held by the test (as a compilation holds it for tens of seconds): meanwhile the
+    server answers, /healthz 503 loading and a photo 503 with Retry-After; once it is done, ready."""
+    from pipelines.serve import Batcher
+
+    warming, release = threading.Event(), threading.Event()
+    real = Batcher.warm_up
+
+    def held(self, cascade):
+        warming.set()
+        release.wait(120)
+        real(self, cascade)
+
+    monkeypatch.setattr(Batcher, "warm_up", held)
+    data = photos[0][0]
+    with running(tiny_run, healthy=False) as (url, _):
+        assert warming.wait(120)
+        status, _, answer = _call(url + "/healthz")
+        assert status == 503 and json.loads(answer)["status"] == "loading"
+        status, headers, answer = _call(url + "/v1/segment", data, "image/jpeg")
+        assert status == 503 and headers["Retry-After"] and "not loaded yet" in json.loads(answer)["error"]
+        release.set()
+        _wait_healthy(url)
+        assert _call(url + "/v1/segment", data, "image/jpeg")[0] == 200
 
 
 def test_a_full_queue_gets_503_with_retry_after(tiny_run, photos):

@@ -16,6 +16,7 @@ import os
 from pathlib import Path
 from typing import Callable, Iterator, Literal, NamedTuple
 
+import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
@@ -148,12 +149,21 @@ def to_device(items: list[Loaded], paths: list[Path], device: torch.device, deco
     return [out[item.index] for item in items]
 
 
+def pixels_to_device(rgb: np.ndarray, device: torch.device) -> torch.Tensor:
+    """uint8 (H, W, 3) pixels decoded in this process -> (3, H, W) on the device: on CUDA through
+    pinned memory, so the copy does not hold the host until the device has it."""
+    pixels = torch.from_numpy(rgb)
+    if device.type == "cuda":  # needs CUDA: not testable on the CPU
+        return pixels.pin_memory().to(device, non_blocking=True).permute(2, 0, 1)
+    return pixels.permute(2, 0, 1)
+
+
 def _decode_one(decode: JpegDecoder, data: torch.Tensor, device: torch.device, path: Path) -> torch.Tensor | Failure:
     try:
         return decode([data], device)[0]
     except RuntimeError as e:
         try:  # nvjpeg cannot do every JPEG (e.g. CMYK); PIL can, or names the problem
-            image = torch.from_numpy(read_image(path)).to(device).permute(2, 0, 1)
+            image = pixels_to_device(read_image(path), device)
         except ImageReadError as bad:
             return Failure.of(bad)
         log.warning(f"reader: nvjpeg cannot decode {path} ({str(e).splitlines()[0]}); decoded by PIL in the main process")

@@ -25,19 +25,26 @@ def to_host(tensor: torch.Tensor) -> OnHost:
     """Start copying a tensor (a bool mask, a batch of probabilities) to the host without stalling the
     device queue; the returned function waits for that copy alone (an event, not a device-wide sync)
     and gives the array."""
-    if tensor.device.type != "cuda":
-        return tensor.numpy
-    host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
-    host.copy_(tensor, non_blocking=True)  # queued on the current stream of the tensor's device
+    wait = to_host_all([tensor])
+    return lambda: wait()[0]
+
+
+def to_host_all(tensors: list[torch.Tensor]) -> Callable[[], list[np.ndarray]]:
+    """`to_host` for tensors on one device, all awaited at once: one host sync for a whole batch."""
+    if not tensors or tensors[0].device.type != "cuda":
+        return lambda: [tensor.numpy() for tensor in tensors]
+    hosts = [torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True) for tensor in tensors]
+    for host, tensor in zip(hosts, tensors):
+        host.copy_(tensor, non_blocking=True)  # queued on the current stream of the tensors' device
     done = torch.cuda.Event()
     # recorded on that same stream: a bare record() goes to the current device's stream, which is
-    # another GPU's on a worker computing on cuda:1, and would not wait for this copy.
+    # another GPU's on a worker computing on cuda:1, and would not wait for these copies.
     # Needs CUDA: not testable on the CPU (benchmarks/gpu_check.py runs two devices where there are two).
-    done.record(torch.cuda.current_stream(tensor.device))
+    done.record(torch.cuda.current_stream(tensors[0].device))
 
-    def wait() -> np.ndarray:
+    def wait() -> list[np.ndarray]:
         done.synchronize()
-        return host.numpy()
+        return [host.numpy() for host in hosts]
 
     return wait
 
