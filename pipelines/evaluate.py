@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import pandas as pd
@@ -25,9 +26,11 @@ from common.data.kaggle import Sample, index_split, split_by_car
 from common.errors import ConfigError, DataError, Failure
 from common.io import atomic_path, save_figure, write_csv, write_text
 from common.log import log
-from common.metrics import dice, dice_sweep
+from common.metrics import dice, dice_counts, dice_of, sweep_counts, sweep_dice
 from common.model import checkpoint_paths, pick_device
+from common.prediction.reader import from_host
 from common.prediction.step import Prediction
+from common.prediction.writer import to_host_all
 from common.training.losses import edge_band
 from stage1_lowres.predict import Coarse, cached_boxes
 from stage2_fullres.predict import Cascade
@@ -101,42 +104,62 @@ def score(cfg: Settings) -> Evaluation:
     predictor = Cascade.from_config(cfg, device) if has_refiner else Coarse.from_config(cfg, device)
     threshold = mask_threshold(cfg, strict=False)
     ranking = "dice_cascade" if has_refiner else "dice_stage1"
-    rows, sweeps, kept = [], [], {}
-    for i, result in predictor.run([x.image for x in val], [boxes[x.img] for x in val], desc="evaluate"):
-        if isinstance(result, Failure):
-            raise DataError(f"evaluate stopped, a validation image failed ({result.stage}): {result}")
-        row, sweep, masks = _score_image(val[i], result, cfg.stage1.threshold, threshold if has_refiner else None)
-        rows.append(row)
-        sweeps.append(sweep)
-        kept[val[i].img] = masks
+    rows, sweeps, kept, pending = [], [], {}, []
+
+    def finish() -> None:  # the pending images' figures, read from the device at once
+        nonlocal kept
+        for done in pending:
+            row, sweep, masks = done()
+            rows.append(row)
+            sweeps.append(sweep)
+            kept[row["img"]] = masks
+        pending.clear()
         if len(kept) > KEPT:  # keep only the worst few in memory for the overlays
             worst = sorted(rows, key=lambda r: r[ranking])[:KEPT]
             kept = {r["img"]: kept[r["img"]] for r in worst if r["img"] in kept}
+
+    for i, result in predictor.run([x.image for x in val], [boxes[x.img] for x in val], desc="evaluate"):
+        if isinstance(result, Failure):
+            raise DataError(f"evaluate stopped, a validation image failed ({result.stage}): {result}")
+        pending.append(_score_image(val[i], result, cfg.stage1.threshold, threshold if has_refiner else None))
+        if len(pending) == predictor.batch_size:  # one host sync per batch of images
+            finish()
+    finish()
     mean = np.mean(sweeps, axis=0)
     sweep = pd.DataFrame({"threshold": THRESHOLDS, "dice_stage1": mean[:, 0], "dice_cascade": mean[:, 1]})
     return Evaluation(pd.DataFrame(rows), sweep, kept, has_refiner)
 
 
-def _score_image(sample: Sample, pred: Prediction, stage1_threshold: float, threshold: float | None) -> tuple[dict, list, Kept]:
-    """One image's metrics row, its Dice at each threshold of the sweep and its masks; `threshold`
-    None: no refiner, stage 1 alone."""
+def _score_image(sample: Sample, pred: Prediction, stage1_threshold: float,
+                 threshold: float | None) -> Callable[[], tuple[dict, list, Kept]]:
+    """One image's counts taken on the device and their copy to the host started; the returned
+    function waits for that copy and gives the metrics row, the Dice at each threshold of the sweep
+    and the masks. `threshold` None: no refiner, stage 1 alone."""
     nan = float("nan")
     truth = read_mask(sample.mask, expect_size=(pred.width, pred.height))
-    on_device = torch.from_numpy(truth).to(pred.coarse.device)
-    sweep = list(zip(dice_sweep(pred.coarse, on_device, THRESHOLDS),
-                     dice_sweep(pred.prob, on_device, THRESHOLDS) if threshold is not None else [nan] * len(THRESHOLDS)))
+    on_device = from_host(truth, pred.coarse.device)
     band = edge_band(on_device[None, None].float(), EDGE_RADIUS)[0, 0] > 0  # where the refiner must earn its keep
     stage1 = pred.coarse > stage1_threshold
     cascade = pred.mask(threshold) if threshold is not None else stage1
-    stage1_host, cascade_host = stage1.cpu().numpy(), cascade.cpu().numpy()
-    x0, y0, x1, y1 = pred.box
-    inside, car = int(truth[y0:y1, x0:x1].sum()), int(truth.sum())
-    row = {"img": sample.img, "car": sample.car, "dice_stage1": dice(stage1_host, truth),
-           "dice_cascade": dice(cascade_host, truth) if threshold is not None else nan,
-           "edge_dice_stage1": dice(stage1[band], on_device[band]),
-           "edge_dice_cascade": dice(cascade[band], on_device[band]) if threshold is not None else nan,
-           "x0": x0, "y0": y0, "x1": x1, "y1": y1, "car_pixels_outside_box": car - inside, "box_coverage": inside / max(car, 1)}
-    return row, sweep, Kept(sample, truth, stage1_host, cascade_host, pred.box)
+    planes = [stage1, cascade, sweep_counts(pred.coarse, on_device, THRESHOLDS), dice_counts(stage1[band], on_device[band])]
+    if threshold is not None:
+        planes += [sweep_counts(pred.prob, on_device, THRESHOLDS), dice_counts(cascade[band], on_device[band])]
+    copy = to_host_all(planes)
+
+    def done() -> tuple[dict, list, Kept]:
+        stage1_host, cascade_host, sweep1, edge1, *refined = copy()
+        sweep2, edge2 = refined or (None, None)
+        sweep = list(zip(sweep_dice(torch.from_numpy(sweep1)),
+                         sweep_dice(torch.from_numpy(sweep2)) if refined else [nan] * len(THRESHOLDS)))
+        x0, y0, x1, y1 = pred.box
+        inside, car = int(truth[y0:y1, x0:x1].sum()), int(truth.sum())
+        row = {"img": sample.img, "car": sample.car, "dice_stage1": dice(stage1_host, truth),
+               "dice_cascade": dice(cascade_host, truth) if refined else nan,
+               "edge_dice_stage1": dice_of(*edge1.tolist()), "edge_dice_cascade": dice_of(*edge2.tolist()) if refined else nan,
+               "x0": x0, "y0": y0, "x1": x1, "y1": y1, "car_pixels_outside_box": car - inside, "box_coverage": inside / max(car, 1)}
+        return row, sweep, Kept(sample, truth, stage1_host, cascade_host, pred.box)
+
+    return done
 
 
 def save(cfg: Settings, ev: Evaluation) -> dict:

@@ -48,7 +48,7 @@ from common.data.rle import rle_encode
 from common.errors import ConfigError, Failure, ImageReadError, TooLarge, UnsupportedImage
 from common.log import log
 from common.model import pick_device, use_device
-from common.prediction.reader import pixels_to_device
+from common.prediction.reader import from_host
 from common.prediction.step import Prediction
 from common.prediction.writer import to_host_all
 from pipelines import matting
@@ -185,7 +185,7 @@ class Batcher:
         """One device step for the batch: the cascade's mask and soft alpha made on the device; only
         they come back, as bool and uint8, all in one copy awaited once (the step's one host sync
         besides stage 1's for the boxes)."""
-        results = cascade.predict([pixels_to_device(rgb, cascade.device) for rgb in photos], [None] * len(photos))
+        results = cascade.predict([from_host(rgb, cascade.device).permute(2, 0, 1) for rgb in photos], [None] * len(photos))
         done = [r for r in results if isinstance(r, Prediction)]
         planes = iter(to_host_all([plane for r in done for plane in (r.mask(self.threshold), matting.alpha(r, self.threshold))])())
         return [result.named("upload") if isinstance(result, Failure) else Cut(rgb, next(planes), next(planes), result.box, result.found)

@@ -149,13 +149,13 @@ def to_device(items: list[Loaded], paths: list[Path], device: torch.device, deco
     return [out[item.index] for item in items]
 
 
-def pixels_to_device(rgb: np.ndarray, device: torch.device) -> torch.Tensor:
-    """uint8 (H, W, 3) pixels decoded in this process -> (3, H, W) on the device: on CUDA through
-    pinned memory, so the copy does not hold the host until the device has it."""
-    pixels = torch.from_numpy(rgb)
+def from_host(array: np.ndarray, device: torch.device) -> torch.Tensor:
+    """An array made on the host (decoded pixels, a mask) as a tensor on the device: on CUDA through
+    pinned memory, so the copy is queued and does not hold the host."""
+    tensor = torch.from_numpy(array)
     if device.type == "cuda":  # needs CUDA: not testable on the CPU
-        return pixels.pin_memory().to(device, non_blocking=True).permute(2, 0, 1)
-    return pixels.permute(2, 0, 1)
+        return tensor.pin_memory().to(device, non_blocking=True)
+    return tensor
 
 
 def _decode_one(decode: JpegDecoder, data: torch.Tensor, device: torch.device, path: Path) -> torch.Tensor | Failure:
@@ -163,7 +163,7 @@ def _decode_one(decode: JpegDecoder, data: torch.Tensor, device: torch.device, p
         return decode([data], device)[0]
     except RuntimeError as e:
         try:  # nvjpeg cannot do every JPEG (e.g. CMYK); PIL can, or names the problem
-            image = pixels_to_device(read_image(path), device)
+            image = from_host(read_image(path), device).permute(2, 0, 1)
         except ImageReadError as bad:
             return Failure.of(bad)
         log.warning(f"reader: nvjpeg cannot decode {path} ({str(e).splitlines()[0]}); decoded by PIL in the main process")

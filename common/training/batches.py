@@ -50,8 +50,6 @@ class TensorBatches:
         nbytes = images.nbytes + masks.nbytes
         if device.type == "cuda" and nbytes < 0.4 * torch.cuda.mem_get_info(device)[0]:
             images, masks = images.to(device), masks.to(device)  # the set lives on the device: a batch is a gather
-        elif device.type == "cuda":
-            images, masks = images.pin_memory(), masks.pin_memory()  # too big: async copies from pinned memory
         self.images, self.masks = images, masks.to(torch.uint8)
 
     def __len__(self) -> int:
@@ -62,9 +60,12 @@ class TensorBatches:
         order = torch.tensor(list(self.sampler), dtype=torch.long)
         for k in range(len(self)):
             idx = order[k * self.batch_size : (k + 1) * self.batch_size].to(self.images.device, non_blocking=True)
-            x = self.images[idx].to(self.device, non_blocking=True).float().div_(255)
-            y = self.masks[idx].to(self.device, non_blocking=True).float()
-            yield x, y
+            x, y = self.images[idx], self.masks[idx]
+            if x.device.type != self.device.type:  # needs CUDA: not testable on the CPU
+                # the set is too big for the device: a gather on the host makes a new, pageable tensor,
+                # whose copy would hold the host; pinned, the copy is queued and the host goes on
+                x, y = x.pin_memory(), y.pin_memory()
+            yield x.to(self.device, non_blocking=True).float().div_(255), y.to(self.device, non_blocking=True).float()
 
 
 class _Keys(Sampler):

@@ -32,7 +32,7 @@ from common.config import Settings, Stage2, Training, save_config
 from common.errors import ConfigError, DataError, Failure, TrainingError
 from common.io import save_figure, save_torch, write_csv
 from common.log import log
-from common.metrics import dice
+from common.metrics import dice_counts, dice_of
 from common.model import DTYPES, amp_dtype, autocast, load_checkpoint, precision_name
 from common.training import distributed
 from common.training.augment import augment_batch
@@ -255,16 +255,20 @@ def validator(predict: Callable[[nn.Module], Predicted], truths: list[torch.Tens
     loss on each probability and the mean per-image Dice of `prob > threshold` against the (H, W) truth."""
 
     def validate(model: nn.Module) -> Scores:
-        losses, scores = [], []
+        counts, losses = [], []
         for i, prob in predict(model):
             if isinstance(prob, Failure):
                 raise DataError(f"validation stopped, a validation image failed ({prob.stage}): {prob}")
-            truth = truths[i].to(prob.device)
-            scores.append(dice(prob > threshold, truth))
+            if prob.device.type == "cuda" and not truths[i].is_pinned():  # needs CUDA: not testable on the CPU
+                truths[i] = truths[i].pin_memory()  # once: the copies of the later epochs are async
+            truth = truths[i].to(prob.device, non_blocking=True)
+            counts.append(dice_counts(prob > threshold, truth))
             logit = torch.logit(prob.clamp(1e-6, 1 - 1e-6))[None, None]
-            losses.append(bce_dice_loss(logit, truth.float()[None, None]).item())
-        if not scores:  # no images: no score, and never best.pt
+            losses.append(bce_dice_loss(logit, truth.float()[None, None]))
+        if not counts:  # no images: no score, and never best.pt
             return NOT_SCORED
+        losses = torch.stack(losses).tolist()  # the validation's one read of the device (with the next line's)
+        scores = [dice_of(*c) for c in torch.stack(counts).tolist()]
         return Scores(sum(losses) / len(losses), sum(scores) / len(scores))
 
     return validate
