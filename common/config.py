@@ -219,7 +219,7 @@ def depends(cfg: Settings, output: str) -> dict[str, Any]:
     """The settings `output` (one of OUTPUTS) depends on, by name within their section: what its
     cache key or pipeline fingerprint hashes, so a new setting needs only its declaration. A stage's
     budget (`max_minutes`) changes its model only when it fixes the epoch count (`epochs: auto`)."""
-    values = {k.rsplit(".", 1)[-1]: _get(cfg, k) for k in DEPENDS[output]}  # tests/test_config.py: names unique per output
+    values = {k.rsplit(".", 1)[-1]: setting_value(cfg, k) for k in DEPENDS[output]}  # tests/test_config.py: names unique per output
     stage = output.removesuffix(".model")
     if stage in ("stage1", "stage2") and getattr(cfg, stage).epochs == "auto":
         values["max_minutes"] = getattr(cfg, stage).max_minutes
@@ -231,7 +231,8 @@ def digest(parts: Any, length: int = 16) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:length]
 
 
-def _get(cfg: Settings, key: str) -> Any:
+def setting_value(cfg: Settings, key: str) -> Any:
+    """The value of the dotted setting `key`: for code that handles settings by name (cache keys, bundles)."""
     value: Any = cfg
     for part in key.split("."):
         value = getattr(value, part)

@@ -6,8 +6,9 @@ import os
 import re
 import sys
 import warnings
+from pathlib import Path
 
-from common.errors import CarvanaError, OutputError, SetupError
+from common.errors import CarvanaError, ConfigError, OutputError, SetupError
 
 OVERRIDE = re.compile(r"^[A-Za-z_]\w*(\.\w+)*=")  # stage1.epochs=3 or device=cpu, not a photo
 
@@ -15,6 +16,11 @@ OVERRIDE = re.compile(r"^[A-Za-z_]\w*(\.\w+)*=")  # stage1.epochs=3 or device=cp
 def _config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", default=None, help="YAML config file (defaults apply where it is silent)")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. stage1.epochs=3 data.root=/data/carvana")
+
+
+def _model_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=None, help="a folder written by `carvana bundle`: its nets and mask settings, "
+                                                 "instead of the config's checkpoints")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -31,6 +37,8 @@ def build_parser() -> argparse.ArgumentParser:
     for stage in ("stage1", "stage2"):
         p = sub.add_parser(stage, help=f"{stage}: train or predict")
         p.add_argument("action", choices=["train", "predict"])
+        if stage == "stage2":
+            _model_arg(p)
         _config_args(p)
 
     p = sub.add_parser("folds", help="train a stage on each of K folds of the cars (an ensemble for prediction)")
@@ -48,10 +56,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--alpha", choices=["soft", "hard"], default="soft",
                    help="soft: the car's edge semi-transparent as the probability says; hard: 0/255 at the threshold")
     p.add_argument("--config", default=None, help="YAML config naming the checkpoints (defaults apply where it is silent)")
+    _model_arg(p)
+
+    p = sub.add_parser("bundle", help="write a trained run's cascade as a folder to hand on: safetensors, bundle.json, a model card")
+    p.add_argument("--out", required=True, help="the bundle's folder")
+    p.add_argument("--onnx", action="store_true", help="also export both nets to ONNX (the onnx extra)")
+    p.add_argument("--name", default="carvana", help="the model's name on a server (/v2/models/NAME)")
+    _config_args(p)
 
     p = sub.add_parser("serve", help="background removal over HTTP: a page, POST /v1/cutout and /v1/segment, /healthz, /metrics")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000)
+    _model_arg(p)
     _config_args(p)
 
     p = sub.add_parser("config", help="print the resolved settings as YAML: what a job with this config and these overrides runs with")
@@ -92,18 +108,32 @@ def dispatch(args: argparse.Namespace) -> int:
     if args.command == "config":
         print(reference() if args.reference else as_yaml(cfg), end="")
         return 0
+    bundle = None
+    if getattr(args, "model", None):
+        from pipelines.bundle import warn_if_synthetic
+        from stage2_fullres.bundle import read_bundle
+
+        bundle = read_bundle(args.model)
+        cfg = bundle.settings(cfg)
+        if args.command in ("cutout", "serve"):
+            warn_if_synthetic(bundle)
     if args.command == "serve":  # writes nothing, so no output lock
         try:
             from pipelines.serve import serve
         except ImportError as e:
             raise SetupError(f"carvana serve needs the serve extra ({e.name} is missing): pip install '.[serve]'") from None
-        return serve(cfg, args.host, args.port)
+        return serve(cfg, args.host, args.port, bundle)
     command = " ".join(["carvana", args.command] + ([args.action] if hasattr(args, "action") else []))
-    with output_lock(args.out if args.command == "cutout" else cfg.output.dir, command):
+    with output_lock(args.out if args.command in ("cutout", "bundle") else cfg.output.dir, command):
         if args.command == "cutout":
             from pipelines.cutout import cutout
 
-            return cutout(args.photos, args.out, cfg, args.composite, args.alpha)
+            return cutout(args.photos, args.out, cfg, args.composite, args.alpha, bundle)
+        if args.command == "bundle":
+            from pipelines.bundle import make_bundle
+
+            make_bundle(cfg, Path(args.out), args.name, args.onnx)
+            return 0
         if args.command == "folds":
             from pipelines.folds import train_folds
 
@@ -112,11 +142,12 @@ def dispatch(args: argparse.Namespace) -> int:
             from pipelines.evaluate import main as evaluate
 
             return evaluate(cfg)
-        return _stage(args.command, args.action, cfg)
+        return _stage(args.command, args.action, cfg, bundle)
 
 
-def _stage(stage: str, action: str, cfg) -> int:
-    """`carvana stage1|stage2 train|predict`; stage 2 is handed its mask threshold (`mask_threshold`)."""
+def _stage(stage: str, action: str, cfg, bundle=None) -> int:
+    """`carvana stage1|stage2 train|predict`; stage 2 is handed its mask threshold (`mask_threshold`,
+    or the bundle's with `--model`)."""
     if stage == "stage1":
         from stage1_lowres import predict, train
 
@@ -124,6 +155,10 @@ def _stage(stage: str, action: str, cfg) -> int:
     from pipelines.evaluate import mask_threshold
     from stage2_fullres import predict, train
 
+    if action == "predict" and bundle is not None:
+        return predict.main(cfg, bundle.threshold, bundle)
+    if bundle is not None:
+        raise ConfigError("--model is for prediction: stage2 train trains from the config")
     threshold = mask_threshold(cfg, strict=action == "predict")  # training validates at 0.5 until a sweep exists
     return (train if action == "train" else predict).main(cfg, threshold)
 

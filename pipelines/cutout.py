@@ -26,9 +26,9 @@ from common.io import atomic_path, write_csv
 from common.log import log
 from common.model import pick_device
 from common.prediction.writer import OnHost, to_host
-from pipelines.evaluate import mask_threshold
+from pipelines.bundle import open_cascade
 from pipelines.matting import alpha, picture
-from stage2_fullres.predict import Cascade
+from stage2_fullres.bundle import Bundle
 
 SUFFIXES = {".jpg", ".jpeg", ".png", ".webp"}
 
@@ -75,7 +75,9 @@ def _write(photo: Path, mask: OnHost, edge: OnHost, paths: list[Path], colour: t
         _save(Image.fromarray(picture(rgb, a, "composite", colour)), paths[2], "JPEG")
 
 
-def cutout(inputs: list[str], out: str, cfg: Settings, composite: str | None = None, edge: str = "soft") -> int:
+def cutout(inputs: list[str], out: str, cfg: Settings, composite: str | None = None, edge: str = "soft",
+           bundle: Bundle | None = None) -> int:
+    """Cut out every photo of `inputs` not done yet into `out`, with the bundle's nets (`--model`) or the config's."""
     try:
         colour = ImageColor.getrgb(composite) if composite else None
     except ValueError:
@@ -87,8 +89,7 @@ def cutout(inputs: list[str], out: str, cfg: Settings, composite: str | None = N
     log.info(f"cutout: {len(todo)} photos to do, {len(photos) - len(todo)} already done")
     errors, pending, seconds = [], [], 0.0
     if todo:
-        cascade = Cascade.from_config(cfg, pick_device(cfg.device))
-        threshold = mask_threshold(cfg)
+        cascade, threshold = open_cascade(cfg, bundle, pick_device(cfg.device))
         started = time.monotonic()  # the nets loaded: from here to the last file written
         with ThreadPoolExecutor(1, thread_name_prefix="cutout-writer") as pool:
             for i, result in cascade.run(todo, desc="cutout"):

@@ -48,6 +48,7 @@ def _data_fingerprint(cfg: Settings) -> str:
 def steps(cfg: Settings) -> list[Step]:
     """The pipeline's steps, in order."""
     from common.data.synth import write_sample_data
+    from pipelines.bundle import make_bundle
     from pipelines.evaluate import main as evaluate
     from pipelines.evaluate import mask_threshold
     from stage1_lowres import predict as s1_predict
@@ -60,6 +61,10 @@ def steps(cfg: Settings) -> list[Step]:
     def sample(c: Settings) -> int:
         log.info(f"generating {c.sample.cars} training and {c.sample.test_cars} test cars into {c.data.root}")
         write_sample_data(c.data.root, c.sample.cars, c.sample.test_cars, c.sample.seed)
+        return 0
+
+    def bundle(c: Settings) -> int:
+        make_bundle(c, out / "bundle")
         return 0
 
     def reads(*outputs: str, files: bool = False) -> Callable[[], dict]:
@@ -78,6 +83,8 @@ def steps(cfg: Settings) -> list[Step]:
         Step("evaluate", ("stage2_train",), (out / "report" / "metrics.csv",), reads("masks"), evaluate),
         Step("stage2_predict", ("stage2_train", "evaluate") if auto else ("stage2_train",), (out / "submission.csv.gz",),
              reads("masks", "test_rows"), lambda c: s2_predict.main(c, mask_threshold(c))),
+        Step("bundle", ("stage2_train", "evaluate"), (out / "bundle" / "bundle.json",), reads("boxes", "masks"),
+             bundle),
     ]
 
 

@@ -20,6 +20,7 @@ import contextlib
 import ctypes
 import io
 import os
+import re
 import signal
 import socket
 import threading
@@ -28,9 +29,11 @@ import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from types import FrameType
 from typing import Literal
 
 import numpy as np
+import uvicorn
 from fastapi import APIRouter, FastAPI, HTTPException, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
@@ -52,7 +55,8 @@ from common.prediction.reader import from_host
 from common.prediction.step import Prediction
 from common.prediction.writer import to_host_all
 from pipelines import matting
-from pipelines.evaluate import mask_threshold
+from pipelines.bundle import open_cascade
+from stage2_fullres.bundle import Bundle
 from stage2_fullres.predict import Cascade
 
 FORMATS = ("JPEG", "PNG", "WEBP")
@@ -93,8 +97,9 @@ class Metrics:
 class Batcher:
     """The bounded queue and one batching task per device replica of the nets."""
 
-    def __init__(self, cfg: Settings, metrics: Metrics):
-        self.cfg, self.s, self.metrics = cfg, cfg.serve, metrics
+    def __init__(self, cfg: Settings, metrics: Metrics, bundle: Bundle | None = None):
+        self.cfg, self.s, self.metrics, self.bundle = cfg, cfg.serve, metrics, bundle
+        self.name = bundle.name if bundle is not None else "carvana"  # the model's name on /v2/models/{name}
         self.queue: asyncio.Queue = asyncio.Queue(maxsize=self.s.max_queue)
         self.cascades: list[Cascade] = []
         self.ready = threading.Event()
@@ -119,8 +124,8 @@ class Batcher:
 
     def load(self) -> None:
         try:
-            self.threshold = mask_threshold(self.cfg)
-            self.cascades = [Cascade.from_config(self.cfg, pick_device(name)) for name in self.s.devices or [self.cfg.device]]
+            opened = [open_cascade(self.cfg, self.bundle, pick_device(name)) for name in self.s.devices or [self.cfg.device]]
+            self.cascades, self.threshold = [cascade for cascade, _ in opened], opened[0][1]
             # a step thread per device, its current CUDA device set once (`use_device`)
             self.steps = [ThreadPoolExecutor(1, thread_name_prefix=f"serve-{c.device}", initializer=use_device, initargs=(c.device,))
                           for c in self.cascades]
@@ -291,13 +296,14 @@ router = APIRouter()
 ENDPOINTS = ("/", "/healthz", "/metrics", "/v1/cutout", "/v1/segment")
 
 
-def create_app(cfg: Settings) -> FastAPI:
-    """The app, its nets loading in a thread at start-up; `carvana serve` runs it on uvicorn, the tests in process."""
+def create_app(cfg: Settings, bundle: Bundle | None = None) -> FastAPI:
+    """The app, its nets (the bundle's, else the config's) loading in a thread at start-up; `carvana
+    serve` runs it on uvicorn, the tests in process."""
     s = cfg.serve
     key = os.environ.get(s.api_key_env, "") if s.api_key_env else ""
     if s.api_key_env and not key:
         raise ConfigError(f"serve.api_key_env={s.api_key_env}, but that environment variable is empty or unset")
-    batcher = Batcher(cfg, Metrics(s.max_batch))
+    batcher = Batcher(cfg, Metrics(s.max_batch), bundle)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -444,10 +450,10 @@ def listen(host: str, port: int) -> socket.socket:
         raise ConfigError(f"cannot listen on {host}:{port} ({e.strerror}); choose another --port or --host") from None
 
 
-def serve(cfg: Settings, host: str, port: int) -> int:
+def serve(cfg: Settings, host: str, port: int, bundle: Bundle | None = None) -> int:
     import uvicorn
 
-    app = create_app(cfg)
+    app = create_app(cfg, bundle)
     sock = listen(host, port)
     address = f"[{host}]" if ":" in host else host or "0.0.0.0"
     log.info(f"serve: http://{address}:{sock.getsockname()[1]}/ (the page), POST /v1/cutout, /v1/segment; GET /healthz, /metrics, /docs")

@@ -143,6 +143,11 @@ class Coarse(Predictor):
             size = ckpt["config"]["stage1"]["size"]
             if size != cfg.stage1.size:
                 raise CheckpointError(f"{path} was trained at stage1.size={size}, the config says {cfg.stage1.size}")
+        return cls.from_net(model, cfg, device)
+
+    @classmethod
+    def from_net(cls, model: nn.Module, cfg: Settings, device: torch.device) -> "Coarse":
+        """A stage-1 net (from checkpoints, or a bundle's weights) with the config's settings."""
         s, p = cfg.stage1, cfg.predict
         return cls(prepare(model, device, p.compile), s.size, device, flip=p.tta_flip,
                    static_batch=p.batch_size if static_shapes(device, p.compile) else 0, margin=s.margin, threshold=s.threshold,

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
 import numpy as np
 import torch
@@ -32,6 +32,9 @@ from common.prediction.step import Prediction, Predictor, Result, probabilities
 from common.prediction.writer import Output
 from stage1_lowres.predict import INPUT_VERSION, Coarse, cached_boxes
 from stage2_fullres.tiles import TooManyTiles, Window, blend_weights, cut_tiles, plan_tiles, stitch
+
+if TYPE_CHECKING:  # the bundle module builds on this one
+    from stage2_fullres.bundle import Bundle
 
 # --- the cascade
 
@@ -121,9 +124,14 @@ class MaskJob(Job):
     """The cascade's mask of every test image, in submission order."""
 
     threshold: float  # the mask threshold (`predict.threshold`, or with auto the best of `carvana evaluate`)
+    bundle: str = ""  # the folder of a `carvana bundle` whose nets to use (`--model`); empty: the config's checkpoints
 
     def build(self, device: torch.device) -> Cascade:
-        return Cascade.from_config(self.cfg, device, need_stage1=False)  # the boxes come from the cache
+        if self.bundle:  # the boxes come from the cache
+            from stage2_fullres.bundle import read_bundle
+
+            return read_bundle(self.bundle).cascade(self.cfg, device, need_stage1=False)
+        return Cascade.from_config(self.cfg, device, need_stage1=False)
 
     def outputs(self, cascade: Cascade, items: list[MaskItem], desc: str) -> Iterator[Output]:
         """An image without a box is a failure in its place; the others stream through the cascade."""
@@ -143,23 +151,29 @@ class MaskJob(Job):
         return {"img": item.img, "rle_mask": rle_encode(mask), "error": ""}
 
 
-def chunk_key(cfg: Settings, boxes: dict[str, Box], threshold: float) -> str:
-    """The checkpoints' content, the boxes, the mask threshold and every setting that changes a mask."""
+def chunk_key(cfg: Settings, boxes: dict[str, Box], threshold: float, bundle: Bundle | None = None) -> str:
+    """The nets' content (the checkpoints', or the bundle's weights), the boxes, the mask threshold
+    and every setting that changes a mask."""
+    def content(stage: str, net: str) -> str:
+        return bundle.hash(net) if bundle is not None else checkpoints_hash(checkpoint_paths(cfg, stage))
+
     # with a coarse channel stage 1 counts too (its probability is a refiner input); without one,
     # stage 2 needs no stage-1 checkpoint here, only the cached boxes
-    stage1 = checkpoints_hash(checkpoint_paths(cfg, "stage1")) if cfg.stage2.coarse_channel else None
+    stage1 = content("stage1", "stage1") if cfg.stage2.coarse_channel else None
     return digest({**depends(cfg, "masks"), "threshold": threshold, "stage1": stage1, "stage1_input": INPUT_VERSION,
-                   "stage2": checkpoints_hash(checkpoint_paths(cfg, "stage2")), "boxes": sorted(boxes.items())})
+                   "stage2": content("stage2", "refiner"), "boxes": sorted(boxes.items())})
 
 
-def main(cfg: Settings, threshold: float) -> int:
-    """`stage2 predict` with the mask threshold the caller resolved (pipelines/evaluate.py `mask_threshold`)."""
+def main(cfg: Settings, threshold: float, bundle: Bundle | None = None) -> int:
+    """`stage2 predict` with the mask threshold the caller resolved (pipelines/evaluate.py
+    `mask_threshold`, or the bundle's), with the config's checkpoints or the bundle's nets."""
     boxes = cached_boxes(cfg)
     test = test_samples(cfg)
     if not test:
         raise DataError(f"no test images under {cfg.data.root}: nothing to predict")
-    store = ChunkStore(Path(cfg.output.dir) / "stage2_chunks", chunk_key(cfg, boxes, threshold), COLUMNS, cfg.predict.chunk,
+    store = ChunkStore(Path(cfg.output.dir) / "stage2_chunks", chunk_key(cfg, boxes, threshold, bundle), COLUMNS, cfg.predict.chunk,
                        [x.img for x in test])
-    job = MaskJob(desc="stage 2 predict", cfg=cfg, store=store, noun="test images", threshold=threshold)
+    job = MaskJob(desc="stage 2 predict", cfg=cfg, store=store, noun="test images", threshold=threshold,
+                  bundle=str(bundle.folder) if bundle is not None else "")
     run_job(job, [MaskItem(x.img, str(x.image), boxes.get(x.img)) for x in test])
     return finish_predictions(Path(cfg.output.dir), store, test, test, "stage2", "submission.csv.gz")

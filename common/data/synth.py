@@ -8,6 +8,7 @@ the left/right image edge, as 2.3% of real ones do.
 """
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -18,7 +19,7 @@ from PIL import Image
 from skimage.draw import ellipse, polygon
 
 from common.data.rle import rle_encode
-from common.io import atomic_path, write_csv
+from common.io import atomic_path, write_csv, write_text
 
 WIDTH, HEIGHT = 1918, 1280
 ANGLES = 16
@@ -257,4 +258,6 @@ def write_sample_data(out: str | Path, cars: int = 6, test_cars: int = 2, seed: 
     meta = [{"id": p["id"], "year": 2010 + i % 8, "make": makes[i % 4], "model": f"Model {i % 3 + 1}", "trim1": "", "trim2": ""}
             for i, p in enumerate(train_cars + test)]
     write_csv(out / "metadata.csv", pd.DataFrame(meta))
+    # what a bundle's model card reads to say its nets learned synthetic cars only
+    write_text(out / "synthetic.json", json.dumps({"generator": "carvana sample-data", "cars": cars, "test_cars": test_cars, "seed": seed}))
     return out

@@ -1,0 +1,125 @@
+"""`carvana bundle --config FILE --out DIR [--onnx]`: a trained run's cascade as a folder to hand on
+(stage2_fullres/bundle.py holds the format); `open_cascade`: the cascade and mask threshold that
+`cutout` and `serve` predict with, from a bundle (`--model DIR`) or from a config's checkpoints."""
+from __future__ import annotations
+
+import datetime as dt
+import json
+from pathlib import Path
+
+import torch
+
+from common.config import Settings, setting_value
+from common.data.kaggle import index_split, split_by_car
+from common.errors import ConfigError
+from common.io import write_text
+from common.log import log
+from common.model import Ensemble, checkpoint_paths, load_checkpoint
+from pipelines.evaluate import mask_threshold
+from stage1_lowres.predict import Coarse
+from stage2_fullres.bundle import FIXED, FORMAT, INPUT, Bundle, Manifest, Net, save_net, sha256, write_manifest
+from stage2_fullres.predict import Cascade, load_refiner
+
+CPU = torch.device("cpu")
+
+
+def open_cascade(cfg: Settings, bundle: Bundle | None, device: torch.device) -> tuple[Cascade, float]:
+    """The cascade on `device` and its mask threshold: the bundle's, else the config's checkpoints and
+    `mask_threshold`. `cfg` from `Bundle.settings` where there is a bundle."""
+    if bundle is None:
+        return Cascade.from_config(cfg, device), mask_threshold(cfg)
+    return bundle.cascade(cfg, device), bundle.threshold
+
+
+def warn_if_synthetic(bundle: Bundle | None) -> None:
+    if bundle is not None and bundle.synthetic:
+        log.warning(f"{bundle.folder}: these nets learned synthetic cars only (carvana sample-data): for trying the commands, "
+                    "not for real photos; docs/bundle.md says how to make a bundle for real photos")
+
+
+def make_bundle(cfg: Settings, out: Path, name: str = "carvana", onnx: bool = False) -> Manifest:
+    """Write the run's bundle into `out`: the nets' weights (and ONNX files), the model card, then bundle.json."""
+    cfg = cfg.updated({"predict.compile": False})  # the nets themselves, not their compiled wrappers
+    coarse, refiner = Coarse.from_config(cfg, CPU), load_refiner(cfg, CPU)
+    for stage, net in (("stage1", coarse.model), ("stage2", refiner)):
+        if isinstance(net, Ensemble):
+            raise ConfigError(f"{stage}.checkpoint is an ensemble of {len(net.models)} nets; a bundle holds one net per stage")
+    threshold = mask_threshold(cfg)
+    out.mkdir(parents=True, exist_ok=True)
+    nets = {"stage1": (coarse.model, cfg.stage1.size), "refiner": (refiner, cfg.stage2.tile)}
+    files = []
+    for which, (net, _) in nets.items():
+        save_net(net, out / f"{which}.safetensors")
+        files.append(f"{which}.safetensors")
+    if onnx:
+        from pipelines.onnx_export import export
+
+        for which, (net, size) in nets.items():
+            export(net, net.args["in_channels"], size, out / f"{which}.onnx")
+            files.append(f"{which}.onnx")
+    manifest = Manifest(format=FORMAT, name=name, created=dt.date.today().isoformat(),
+                        nets={which: Net(file=f"{which}.safetensors", architecture="UNet", args=net.args) for which, (net, _) in nets.items()},
+                        prediction={k: setting_value(cfg, k) for k in FIXED if k != "predict.threshold"}, input=INPUT, threshold=threshold,
+                        files={f: sha256(out / f) for f in files}, validation=validation(cfg), training_data=training_data(cfg))
+    write_text(out / "README.md", model_card(manifest))
+    write_manifest(out, manifest)
+    log.info(f"bundle: {out} ({', '.join(files)}, bundle.json, README.md); use it with --model {out}")
+    return manifest
+
+
+def validation(cfg: Settings) -> dict:
+    """The run's figures: `carvana evaluate`'s summary where it ran, else the checkpoints' best validation Dice."""
+    summary = Path(cfg.output.dir) / "report" / "summary.json"
+    if summary.is_file():
+        s = json.loads(summary.read_text())
+        date = dt.date.fromtimestamp(summary.stat().st_mtime).isoformat()
+        return {"source": "carvana evaluate", "date": date, "images": s["images"], "mean_dice_stage1": s["mean_dice_stage1"],
+                "mean_dice_cascade": s["mean_dice_cascade"], "mean_edge_dice_cascade": s["mean_edge_dice_cascade"]}
+    best = {stage: load_checkpoint(checkpoint_paths(cfg, stage)[0], CPU)["best_dice"] for stage in ("stage1", "stage2")}
+    return {"source": "training validation (no carvana evaluate report)", "best_dice_stage1": best["stage1"],
+            "best_dice_stage2": best["stage2"]}
+
+
+def training_data(cfg: Settings) -> dict:
+    """What the nets learned from: the synthetic cars of `carvana sample-data` or photos, and which cars."""
+    root = Path(cfg.data.root)
+    samples = index_split(cfg.data.root, "train", cfg.data.hq)
+    train, val = split_by_car(samples, cfg.data.val_cars)
+    return {"kind": "synthetic" if (root / "synthetic.json").is_file() else "photos", "root": str(root),
+            "train_cars": sorted({x.car for x in train}), "val_cars": sorted({x.car for x in val}), "images": len(samples)}
+
+
+def model_card(m: Manifest) -> str:
+    """README.md of the bundle: what the nets are, what they learned, how well, and what they are not for."""
+    data = m.training_data
+    synthetic = data["kind"] == "synthetic"
+    figures = "\n".join(f"- {k}: {v:.4f}" if isinstance(v, float) else f"- {k}: {v}" for k, v in m.validation.items())
+    limits = ("**Trained on synthetic cars only** (`carvana sample-data`): the nets have never seen a photo. Use this bundle to "
+              "try the commands; on real photos it finds windows, lights and wheels, not the car. For real photos train with "
+              "`pipelines/pipeline.yaml` on the Kaggle Carvana data, then run `carvana bundle`." if synthetic else
+              "Trained on studio photos of cars on a turntable (the Kaggle Carvana layout): photos far from that (street scenes, "
+              "several cars, heavy occlusion) are outside what it learned.")
+    return f"""# {m.name}: a two-stage car-segmentation cascade
+
+Made by `carvana bundle` on {m.created}. Format {m.format} (docs/bundle.md).
+
+## Use
+`carvana cutout PHOTOS... --out DIR --model THIS_FOLDER`, `carvana serve --model THIS_FOLDER`, or
+`carvana stage2 predict --config CONFIG --model THIS_FOLDER`. Intended use: background removal of
+studio photos of a car, and Carvana submissions.
+
+## Nets
+- stage 1: UNet {m.nets['stage1'].args} on the whole photo at {m.prediction['stage1.size']} px
+- refiner: UNet {m.nets['refiner'].args} on {m.prediction['stage2.tile']} px tiles of the car's box
+- input: {m.input}; mask threshold {m.threshold}
+
+## Training data
+{data['kind']}: {data['images']} images of {len(data['train_cars']) + len(data['val_cars'])} cars under `{data['root']}`;
+validation cars: {', '.join(data['val_cars'])}.
+
+## Figures
+{figures}
+
+## Limits
+{limits}
+"""

@@ -1,0 +1,99 @@
+"""`carvana bundle`: a trained run as a folder that predicts the run's masks byte for byte with
+`--model` (cutout, stage2 predict), refuses a bundle of another format, with a changed or missing
+file or with weights that do not fit, in one line naming the file, and never unpickles."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import copy_run
+
+from common.config import save_config
+from pipelines.cli import main as cli
+
+
+@pytest.fixture(scope="module")
+def bundled(evaluated, tmp_path_factory):
+    """(the run's config file, the bundle's folder) of a copy of the evaluated tiny run."""
+    folder = tmp_path_factory.mktemp("bundled")
+    run = copy_run(evaluated[0], folder / "run")
+    config = folder / "run.yaml"
+    save_config(run, config)
+    assert cli(["bundle", "--config", str(config), "--out", str(folder / "bundle")]) == 0
+    return config, folder / "bundle"
+
+
+def test_the_bundle_describes_its_nets_data_and_figures(bundled):
+    _, bundle = bundled
+    manifest = json.loads((bundle / "bundle.json").read_text())
+    assert manifest["format"] == 1 and manifest["name"] == "carvana"
+    assert set(manifest["files"]) == {"stage1.safetensors", "refiner.safetensors"}
+    assert manifest["nets"]["refiner"]["args"]["in_channels"] == 4 and manifest["prediction"]["stage2.tile"] == 512
+    assert manifest["validation"]["source"] == "carvana evaluate" and 0 <= manifest["validation"]["mean_dice_cascade"] <= 1
+    assert manifest["training_data"]["kind"] == "synthetic"
+    card = (bundle / "README.md").read_text()
+    assert "synthetic cars only" in card and "mean_dice_cascade" in card
+
+
+def test_stage2_predict_and_cutout_with_the_bundle_give_the_runs_bytes(bundled, tmp_path, monkeypatch, capsys):
+    config, bundle = bundled
+    out = config.parent / "run"
+    assert cli(["stage2", "predict", "--config", str(config)]) == 0
+    from_run = (out / "submission.csv.gz").read_bytes()
+    (out / "submission.csv.gz").unlink()
+    monkeypatch.setattr(torch, "load", lambda *a, **k: pytest.fail("a bundle is read without unpickling"))
+    assert cli(["stage2", "predict", "--config", str(config), "--model", str(bundle)]) == 0
+    assert (out / "submission.csv.gz").read_bytes() == from_run
+
+    photos = sorted((Path(json.loads((bundle / "bundle.json").read_text())["training_data"]["root"]) / "test").glob("*.jpg"))[:2]
+    monkeypatch.undo()
+    assert cli(["cutout", *map(str, photos), "--out", str(tmp_path / "run"), "--config", str(config)]) == 0
+    capsys.readouterr()
+    monkeypatch.setattr(torch, "load", lambda *a, **k: pytest.fail("a bundle is read without unpickling"))
+    assert cli(["cutout", *map(str, photos), "--out", str(tmp_path / "bundle"), "--model", str(bundle), "device=cpu"]) == 0
+    warned = capsys.readouterr().err
+    assert warned.count("\n") == 1 and "synthetic cars only" in warned  # one line, and no other
+    for photo in photos:
+        for name in (f"{photo.stem}_mask.png", f"{photo.stem}.png"):
+            assert (tmp_path / "bundle" / name).read_bytes() == (tmp_path / "run" / name).read_bytes()
+
+
+def _format_2(b: Path) -> Path:
+    manifest = json.loads((b / "bundle.json").read_text())
+    (b / "bundle.json").write_text(json.dumps(manifest | {"format": 2}))
+    return b / "bundle.json"
+
+
+def _changed(b: Path) -> Path:
+    with open(b / "refiner.safetensors", "ab") as f:
+        f.write(b"\0")
+    return b / "refiner.safetensors"
+
+
+def _missing(b: Path) -> Path:
+    (b / "stage1.safetensors").unlink()
+    return b / "stage1.safetensors"
+
+
+def _misfit(b: Path) -> Path:
+    manifest = json.loads((b / "bundle.json").read_text())
+    manifest["nets"]["refiner"]["args"]["width"] = 8  # the weights are of a width-4 net
+    (b / "bundle.json").write_text(json.dumps(manifest))
+    return b / "refiner.safetensors"
+
+
+@pytest.mark.parametrize("spoil, says", [(_format_2, "format 2"), (_changed, "changed"), (_missing, "missing"),
+                                         (_misfit, "do not fit")])
+def test_a_spoilt_bundle_is_refused_in_one_line_naming_the_file(bundled, tmp_path, spoil, says, capsys):
+    _, bundle = bundled
+    copy = tmp_path / "bundle"
+    shutil.copytree(bundle, copy)
+    culprit = spoil(copy)
+    photo = next((Path(json.loads((bundle / "bundle.json").read_text())["training_data"]["root"]) / "test").glob("*.jpg"))
+    assert cli(["cutout", str(photo), "--out", str(tmp_path / "out"), "--model", str(copy), "device=cpu"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and str(culprit) in err and says in err, err
+    assert not (tmp_path / "out" / f"{photo.stem}.png").exists()
