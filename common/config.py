@@ -170,6 +170,11 @@ class Serve(Section):
     devices: list[str] = setting([], "one replica of the nets per device, e.g. [cuda:0, cuda:1]; empty = `device`")
 
 
+class Cutout(Section):
+    clean_edges: bool = setting(True, "`carvana cutout`: the soft edge in the car's own colour (blur fusion), not the photo's, which "
+                                      "carries the old background; `carvana serve` takes clean_edges=false per request")
+
+
 class Settings(Section):
     data: Data = Data()
     output: Output = Output()
@@ -180,6 +185,7 @@ class Settings(Section):
     stage2: Stage2 = Stage2()
     bboxes: Bboxes = Bboxes()
     predict: Predict = Predict()
+    cutout: Cutout = Cutout()
     serve: Serve = Serve()
 
     def updated(self, changes: dict[str, Any]) -> Settings:

@@ -4,10 +4,11 @@ Photos are JPEG, PNG or WebP files of any name and size (folders are searched); 
 car's box on the fly (photos are no data set, so nothing is cached), the refiner works on tiles of
 it. Photos are read as a viewer shows them (EXIF orientation applied). For each photo NAME:
 `NAME_mask.png` (8-bit, 0/255, the photo's size), `NAME.png` (RGBA, the background transparent; with
-`--alpha soft`, the default, the car's edge semi-transparent as the cascade's probability says) and
-with `--composite COLOUR` `NAME_on_COLOUR.jpg`. Every file is written atomically; a photo whose
-outputs all exist is skipped; a photo that cannot be read or cut out goes to `DIR/errors.csv` (photo,
-stage, reason) and the command exits 1 after finishing the rest.
+`--alpha soft`, the default, the car's edge semi-transparent as the cascade's probability says, in the
+car's own colour unless `cutout.clean_edges=false`) and with `--composite COLOUR` `NAME_on_COLOUR.jpg`.
+Every file is written atomically; a photo whose outputs all exist is skipped; a photo that cannot be
+read or cut out goes to `DIR/errors.csv` (photo, stage, reason) and the command exits 1 after
+finishing the rest.
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import torch
 from PIL import Image, ImageColor
 
 from common.config import Settings
@@ -27,7 +29,7 @@ from common.log import log
 from common.model import pick_device
 from common.prediction.writer import OnHost, to_host
 from pipelines.bundle import open_cascade
-from pipelines.matting import alpha, picture
+from pipelines.matting import alpha, foreground, picture
 from stage2_fullres.bundle import Bundle
 
 SUFFIXES = {".jpg", ".jpeg", ".png", ".webp"}
@@ -63,16 +65,18 @@ def _save(image: Image.Image, path: Path, fmt: str) -> None:
         image.save(tmp, format=fmt)
 
 
-def _write(photo: Path, mask: OnHost, edge: OnHost, paths: list[Path], colour: tuple | None) -> None:
+def _write(photo: Path, mask: OnHost, edge: OnHost, paths: list[Path], colour: tuple | None, clean: bool) -> None:
     """In the writer thread (`mask`, `edge`: the mask and the alpha on their way to the host): the
     photo's pixels are decoded again here, on the host, instead of copying the decoded image back
     from the device."""
     a = edge()
     rgb = read_image(photo)
     _save(Image.fromarray(mask().astype(np.uint8) * 255), paths[0], "PNG")
-    _save(Image.fromarray(picture(rgb, a, "rgba")), paths[1], "PNG")
+    if clean:
+        rgb = foreground(torch.from_numpy(rgb), torch.from_numpy(a)).numpy()  # once for both pictures
+    _save(Image.fromarray(picture(rgb, a, "rgba", clean=False)), paths[1], "PNG")
     if colour is not None:
-        _save(Image.fromarray(picture(rgb, a, "composite", colour)), paths[2], "JPEG")
+        _save(Image.fromarray(picture(rgb, a, "composite", colour, clean=False)), paths[2], "JPEG")
 
 
 def cutout(inputs: list[str], out: str, cfg: Settings, composite: str | None = None, edge: str = "soft",
@@ -98,7 +102,7 @@ def cutout(inputs: list[str], out: str, cfg: Settings, composite: str | None = N
                     continue
                 # made on the device; only the bool mask and the uint8 alpha travel
                 mask, a = to_host(result.mask(threshold)), to_host(alpha(result, threshold, soft=edge == "soft"))
-                pending.append(pool.submit(_write, todo[i], mask, a, outputs(out, todo[i], tag), colour))
+                pending.append(pool.submit(_write, todo[i], mask, a, outputs(out, todo[i], tag), colour, cfg.cutout.clean_edges))
                 _drain(pending, keep=8)
             _drain(pending, keep=0)
         seconds = time.monotonic() - started

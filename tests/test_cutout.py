@@ -16,6 +16,7 @@ from common.data.images import ORIENTATION, image_size, read_image
 from common.prediction.step import Prediction
 from pipelines.cli import main as cli
 from pipelines.matting import alpha as alpha_of
+from pipelines.matting import foreground
 
 
 def test_cutout_of_any_photos(tiny_run, tmp_path, capsys):
@@ -39,7 +40,11 @@ def test_cutout_of_any_photos(tiny_run, tmp_path, capsys):
         np.testing.assert_array_equal(alpha >= 128, mask == 255)  # the soft edge thresholds to the mask exactly
         assert 0 < np.mean((alpha > 0) & (alpha < 255)) < 0.05  # semi-transparent only along the edge
         photo = photos / ("My Car.JPG" if stem == "My Car" else "more/portrait.png")
-        np.testing.assert_array_equal(np.asarray(rgba)[..., :3], read_image(photo))  # straight alpha: edge colours kept
+        # straight alpha: the photo's own pixels, the soft edge in the car's own colour (clean edges)
+        clean = foreground(torch.from_numpy(read_image(photo)), torch.from_numpy(alpha.copy())).numpy()
+        np.testing.assert_array_equal(np.asarray(rgba)[..., :3], clean)
+        solid = (alpha == 0) | (alpha == 255)
+        np.testing.assert_array_equal(clean[solid], read_image(photo)[solid])
     errors = pd.read_csv(out / "errors.csv")
     assert errors.photo.str.endswith("broken.jpg").tolist() == [True] and "not a readable image" in errors.reason[0]
     assert errors.stage.tolist() == ["read"]
