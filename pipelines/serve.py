@@ -353,15 +353,26 @@ async def _count(request: Request, call_next) -> Response:
     return response
 
 
-async def _cut_of(request: Request) -> tuple[Cut, float]:
-    """The uploaded photo decoded, queued and cut; every way it can fail is an HTTP error naming it."""
-    batcher: Batcher = request.app.state.batcher
-    s = batcher.s
+def ensure_ready(batcher: Batcher) -> None:
+    """503 with Retry-After until the nets are loaded and warmed up, naming why."""
     if not batcher.ready.is_set():
         raise HTTPException(503, f"the nets are not loaded{': ' + batcher.failed if batcher.failed else ' yet'}",
                             headers={"Retry-After": "5"})
+
+
+async def _cut_of(request: Request) -> tuple[Cut, float]:
+    """The uploaded photo decoded, queued and cut, and the seconds from the upload read to the cut."""
+    batcher: Batcher = request.app.state.batcher
+    ensure_ready(batcher)
     started = time.perf_counter()
-    data = await _upload(request, s.max_bytes)
+    data = await _upload(request, batcher.s.max_bytes)
+    return await cut_photo(batcher, data), time.perf_counter() - started
+
+
+async def cut_photo(batcher: Batcher, data: bytes) -> Cut:
+    """The photo's bytes decoded, queued and cut (/v1's upload, /v2's input); every way it can fail
+    is an HTTP error naming it."""
+    s = batcher.s
     try:
         rgb = await batcher.on_host(decode_photo, data, "upload", FORMATS, s.max_pixels)
         cut = await asyncio.wait_for(batcher.cut(rgb), s.timeout_s)
@@ -377,7 +388,7 @@ async def _cut_of(request: Request) -> tuple[Cut, float]:
         raise HTTPException(504, f"not answered within serve.timeout_s={s.timeout_s} s") from None
     if isinstance(cut, Failure):  # e.g. a photo that needs more tiles than the settings allow
         raise HTTPException(422, str(cut))
-    return cut, time.perf_counter() - started
+    return cut
 
 
 @router.get("/healthz", response_model=Health, responses={503: {"model": Health, "description": "loading, or the nets failed to load"}})
