@@ -11,7 +11,8 @@ in one device step. The queue is bounded (`serve.max_queue`): when full, 503 wit
 memory stays bounded. Bad input gets a 4xx with `{"error": ...}` naming the problem; nothing is
 written to disk. SIGTERM (uvicorn's) stops accepting, lets the requests in flight finish, exits 0.
 Every parameter, body, answer and error is declared to FastAPI, so `/openapi.json` (and `/docs`)
-describe the API as it behaves.
+describe the API as it behaves. Beside /v1, the Open Inference Protocol (/v2, pipelines/oip.py) on
+the same batcher.
 """
 from __future__ import annotations
 
@@ -293,7 +294,9 @@ async def _upload(request: Request, max_bytes: int) -> bytes:
 
 
 router = APIRouter()
-ENDPOINTS = ("/", "/healthz", "/metrics", "/v1/cutout", "/v1/segment")
+ENDPOINTS = ("/", "/healthz", "/metrics", "/v1/cutout", "/v1/segment", "/v2", "/v2/health/live", "/v2/health/ready",
+             "/v2/models/{name}", "/v2/models/{name}/ready", "/v2/models/{name}/infer")  # pipelines/oip.py: the /v2 ones
+MODEL_PATH = re.compile(r"^/v2/models/[^/]+")  # counted as /v2/models/{name}, whatever the name
 
 
 def create_app(cfg: Settings, bundle: Bundle | None = None) -> FastAPI:
@@ -317,8 +320,13 @@ def create_app(cfg: Settings, bundle: Bundle | None = None) -> FastAPI:
     app.state.batcher, app.state.key, app.state.form_parser = batcher, key, form_parser(s.max_bytes)
     app.add_exception_handler(StarletteHTTPException, _http_error)  # FastAPI's HTTPException and the router's 404/405
     app.add_exception_handler(RequestValidationError, _bad_request)
+    app.state.model_name = batcher.name  # its name on /v2/models/{name}: the bundle's, else "carvana"
+    app.state.draining = False  # set by Server.handle_exit: /v2/health/ready answers 503 from SIGTERM on
     app.middleware("http")(_count)
     app.include_router(router)
+    from pipelines.oip import router as oip  # the Open Inference Protocol (/v2), which builds on this module
+
+    app.include_router(oip)
     return app
 
 
@@ -337,9 +345,10 @@ async def _count(request: Request, call_next) -> Response:
     """The API key check, every answer counted by endpoint and status with its latency, and anything
     unexpected (a device step that failed, a bug) answered 500 with the error body, its traceback logged."""
     started, key, metrics = time.perf_counter(), request.app.state.key, request.app.state.batcher.metrics
-    endpoint = request.url.path if request.url.path in ENDPOINTS else "other"
+    endpoint = MODEL_PATH.sub("/v2/models/{name}", request.url.path)
+    endpoint = endpoint if endpoint in ENDPOINTS else "other"
     sent = (request.headers.get("x-api-key"), request.headers.get("authorization", "").removeprefix("Bearer "))
-    if key and endpoint.startswith("/v1/") and key not in sent:
+    if key and (endpoint.startswith("/v1/") or endpoint.endswith("/infer")) and key not in sent:
         response: Response = JSONResponse({"error": "missing or wrong API key (X-API-Key or Authorization: Bearer)"}, 401)
     else:
         try:
@@ -461,9 +470,17 @@ def listen(host: str, port: int) -> socket.socket:
         raise ConfigError(f"cannot listen on {host}:{port} ({e.strerror}); choose another --port or --host") from None
 
 
-def serve(cfg: Settings, host: str, port: int, bundle: Bundle | None = None) -> int:
-    import uvicorn
+class Server(uvicorn.Server):
+    """uvicorn's server, which marks its app draining when a signal stops it, so /v2/health/ready
+    answers 503 while uvicorn lets the requests in flight finish. (uvicorn closes the listening socket
+    at its next tick, within 0.1 s: after that a probe's connection is refused, not ready either.)"""
 
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        self.config.app.state.draining = True
+        super().handle_exit(sig, frame)
+
+
+def serve(cfg: Settings, host: str, port: int, bundle: Bundle | None = None) -> int:
     app = create_app(cfg, bundle)
     sock = listen(host, port)
     address = f"[{host}]" if ":" in host else host or "0.0.0.0"
@@ -472,7 +489,7 @@ def serve(cfg: Settings, host: str, port: int, bundle: Bundle | None = None) -> 
     # drained server exits 0 instead of dying by the signal
     previous = signal.signal(signal.SIGTERM, lambda *_: None)
     try:
-        uvicorn.Server(uvicorn.Config(app, log_level="warning")).run(sockets=[sock])
+        Server(uvicorn.Config(app, log_level="warning")).run(sockets=[sock])
     finally:
         signal.signal(signal.SIGTERM, previous)
         sock.close()
