@@ -22,15 +22,18 @@ def bundled(evaluated, tmp_path_factory):
     run = copy_run(evaluated[0], folder / "run")
     config = folder / "run.yaml"
     save_config(run, config)
-    assert cli(["bundle", "--config", str(config), "--out", str(folder / "bundle")]) == 0
+    assert cli(["bundle", "--config", str(config), "--out", str(folder / "bundle"), "--onnx"]) == 0
     return config, folder / "bundle"
 
 
 def test_the_bundle_describes_its_nets_data_and_figures(bundled):
+    """bundle.json and the model card say what the nets are, what they learned, how well; with --onnx
+    the ONNX files sit beside the weights, their sha256 listed (pipelines/onnx_export.py is tested
+    against PyTorch in tests/test_onnx.py)."""
     _, bundle = bundled
     manifest = json.loads((bundle / "bundle.json").read_text())
     assert manifest["format"] == 1 and manifest["name"] == "carvana"
-    assert set(manifest["files"]) == {"stage1.safetensors", "refiner.safetensors"}
+    assert set(manifest["files"]) == {"stage1.safetensors", "refiner.safetensors", "stage1.onnx", "refiner.onnx"}
     assert manifest["nets"]["refiner"]["args"]["in_channels"] == 4 and manifest["prediction"]["stage2.tile"] == 512
     assert manifest["validation"]["source"] == "carvana evaluate" and 0 <= manifest["validation"]["mean_dice_cascade"] <= 1
     assert manifest["training_data"]["kind"] == "synthetic"
