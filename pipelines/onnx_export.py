@@ -44,12 +44,14 @@ def export(net: nn.Module, in_channels: int, size: int, path: Path) -> None:
         program.save(tmp, external_data=False)  # one file: external weights would name the temporary file
 
 
-class OnnxNet:
-    """An exported net in an onnxruntime session on the CPU: called on a float32 NCHW batch (numpy or
-    torch) it returns the logits as a CPU torch tensor, as the PyTorch net would. `threads`: the
-    session's intra-op threads, 0 for onnxruntime's default (one per physical core)."""
+class OnnxNet(nn.Module):
+    """An exported net in an onnxruntime session on the CPU, a stand-in for the PyTorch net wherever
+    one runs (`probabilities`, `Coarse`, `Cascade`): called on a float32 NCHW batch (a torch tensor in
+    any memory format, or numpy) it returns the logits as a CPU torch tensor, as the net would.
+    `threads`: the session's intra-op threads, 0 for onnxruntime's default (one per physical core)."""
 
     def __init__(self, path: Path, threads: int = 0):
+        super().__init__()
         _need("onnxruntime")
         import onnxruntime
 
@@ -57,7 +59,7 @@ class OnnxNet:
         options.intra_op_num_threads = threads
         self.session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
-    def __call__(self, x: np.ndarray | torch.Tensor) -> torch.Tensor:
+    def forward(self, x: np.ndarray | torch.Tensor) -> torch.Tensor:
         if isinstance(x, torch.Tensor):
             x = x.detach().cpu().numpy()
         logits = self.session.run([OUTPUT], {INPUT: np.ascontiguousarray(x, dtype=np.float32)})[0]
