@@ -21,11 +21,11 @@ httpclient = pytest.importorskip("tritonclient.http", reason="tritonclient is no
 pytest.importorskip("fastapi", reason="the serve extra is not installed (pip install '.[serve]')")
 
 import uvicorn  # noqa: E402
-from test_serve import _busy, _call, _until, _wait_healthy, running  # noqa: E402
+from test_serve import _busy, _call, _until, _wait_healthy, hold_warm_up, running  # noqa: E402
 from tritonclient.utils import InferenceServerException  # noqa: E402
 
 from common.data.rle import rle_decode  # noqa: E402
-from pipelines.serve import Batcher, Server, create_app, listen  # noqa: E402
+from pipelines.serve import Server, create_app, listen  # noqa: E402
 
 INFER = "/v2/models/carvana/infer"
 
@@ -181,15 +181,8 @@ def test_ready_only_from_the_warm_up_to_the_drain(tiny_run, photo, monkeypatch):
     SIGTERM (`Server.handle_exit`, what uvicorn's signal handler is) not ready while the request in
     flight, held in its device step, is answered 200. uvicorn closes the listening socket at its next
     tick, so no probe can connect after that; the app, asked directly, says 503."""
-    warming, warm, step = threading.Event(), threading.Event(), threading.Event()
-    real_warm_up = Batcher.warm_up
-
-    def held_warm_up(self, cascade):
-        warming.set()
-        warm.wait(120)
-        real_warm_up(self, cascade)
-
-    monkeypatch.setattr(Batcher, "warm_up", held_warm_up)
+    warming, warm = hold_warm_up(monkeypatch)
+    step = threading.Event()
     app, sock = create_app(tiny_run.updated({"serve.max_wait_ms": 0})), listen("127.0.0.1", 0)
     server = Server(uvicorn.Config(app, log_level="warning"))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)

@@ -174,9 +174,9 @@ def test_a_photo_the_tiles_cannot_cover_gets_422_naming_the_settings(tiny_run, p
         assert _call(url + "/healthz")[0] == 200
 
 
-def test_the_server_answers_not_ready_until_its_nets_are_warmed_up(tiny_run, photos, monkeypatch):
-    """A warm-up held by the test (as a compilation holds it for tens of seconds): meanwhile the
-    server answers, /healthz 503 loading and a photo 503 with Retry-After; once it is done, ready."""
+def hold_warm_up(monkeypatch) -> tuple[threading.Event, threading.Event]:
+    """Every server's warm-up held until the test sets the second event (the first says it has begun),
+    as a compilation holds it for tens of seconds."""
     from pipelines.serve import Batcher
 
     warming, release = threading.Event(), threading.Event()
@@ -188,6 +188,13 @@ def test_the_server_answers_not_ready_until_its_nets_are_warmed_up(tiny_run, pho
         real(self, cascade)
 
     monkeypatch.setattr(Batcher, "warm_up", held)
+    return warming, release
+
+
+def test_the_server_answers_not_ready_until_its_nets_are_warmed_up(tiny_run, photos, monkeypatch):
+    """A warm-up held by the test (as a compilation holds it for tens of seconds): meanwhile the
+    server answers, /healthz 503 loading and a photo 503 with Retry-After; once it is done, ready."""
+    warming, release = hold_warm_up(monkeypatch)
     data = photos[0][0]
     with running(tiny_run, healthy=False) as (url, _):
         assert warming.wait(120)
