@@ -21,7 +21,7 @@ EDGE_BAND = 2  # pixels either side of the mask's boundary where a soft alpha fo
 # rough mean of each; the narrow one reaches the opaque car and the open studio from every pixel of the soft
 # band (EDGE_BAND either side of the boundary; alpha 255 starts up to 3 px inside it)
 WIDE, NARROW = 91, 9
-STRIDE = 4  # the wide pass reads every 4th pixel each way: its means change little over 4 px
+STRIDE = 8  # the wide pass reads every 8th pixel each way: its means change little over 8 px
 TILE = 16  # the narrow pass works on the 16x16 tiles that hold soft pixels, not on the whole photo
 
 
@@ -43,18 +43,12 @@ def alpha(pred: Prediction, threshold: float, soft: bool = True, band: int = EDG
 
 
 def _box_sums(x: torch.Tensor, size: int) -> torch.Tensor:
-    """Sums of x (..., H, W) over the size x size window centred on each pixel, clipped at the border;
-    from cumulative sums, so a wide window costs what a narrow one does."""
-    half = size // 2
-    for dim in (-2, -1):
-        n = x.shape[dim]
-        c = F.pad(x, [half + 1, half] if dim == -1 else [0, 0, half + 1, half]).cumsum(dim)
-        x = c.narrow(dim, size, n) - c.narrow(dim, 0, n)
-    return x
+    """Sums of x (..., H, W) over every whole size x size window in it: (..., H - size + 1, W - size + 1)."""
+    return x.unfold(-1, size, 1).sum(-1).unfold(-2, size, 1).sum(-1)
 
 
 def _means(fg: torch.Tensor, bg: torch.Tensor, wf: torch.Tensor, wb: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The car's and the studio's colour around each pixel: fg weighted by wf, bg by wb, over size x size."""
+    """The car's and the studio's colour over each size x size window: fg weighted by wf, bg by wb."""
     s = _box_sums(torch.cat([wf * fg, wf, wb * bg, wb], -3), size)
     return s[..., :3, :, :] / s[..., 3:4, :, :].clamp_min(1e-6), s[..., 4:7, :, :] / s[..., 7:, :, :].clamp_min(1e-6)
 
@@ -64,39 +58,36 @@ def foreground(rgb: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
     pixels everywhere else. A photo's edge pixel mixes the car with the studio behind it: kept as it is,
     a composite on another background shows a fringe of the old one. Blur fusion (Forte and Pitie,
     "Approximate fast foreground colour estimation", ICIP 2021), in torch on the tensors' device: a wide
-    pass gives the car's and the studio's mean colour around each pixel, a narrow pass refines both from
-    the pixels nearby that are known car (alpha 255) or known studio (alpha 0), the first pass's estimate
-    standing in where a window has none; a soft pixel's colour is then the one that, blended with that
-    studio colour by its alpha, gives the photo's pixel."""
-    edge = (alpha > 0) & (alpha < 255)
-    if not edge.any():
+    pass gives the car's and the studio's mean colour around each tile of the soft band, a narrow pass
+    refines both from the pixels nearby that are known car (alpha 255) or known studio (alpha 0), the
+    wide means standing in where a window has none; a soft pixel's colour is then the one that, blended
+    with that studio colour by its alpha, gives the photo's pixel."""
+    ky, kx = ((alpha - 1) < 254).nonzero(as_tuple=True)  # uint8: 0 wraps to 255
+    if not len(ky):
         return rgb
     h, w = alpha.shape
-    a = alpha[::STRIDE, ::STRIDE].float()[None] / 255
-    image = rgb[::STRIDE, ::STRIDE].permute(2, 0, 1).float() / 255
-    fbar, bbar = _means(image, image, a, 1 - a, WIDE // STRIDE | 1)
-    th, tw = -(-h // TILE), -(-w // TILE)
-    tiles = F.pad(edge, (0, tw * TILE - w, 0, th * TILE - h)).view(th, TILE, tw, TILE).any(3).any(1).nonzero()
-    halo = NARROW // 2
-    span = torch.arange(TILE + 2 * halo, device=rgb.device)
-    ys, xs = tiles[:, :1] * TILE - halo + span, tiles[:, 1:] * TILE - halo + span  # (tiles, side) rows and columns
-    y, x = ys.clamp(0, h - 1)[:, :, None], xs.clamp(0, w - 1)[:, None, :]
-    image = rgb[y, x].permute(0, 3, 1, 2).float() / 255  # (tiles, 3, side, side)
-    known = alpha[y, x][:, None]
+    columns = -(-w // TILE)
+    tiles, which = torch.unique(ky // TILE * columns + kx // TILE, return_inverse=True)
+    ty, tx = tiles // columns * TILE, tiles % columns * TILE
+    half = WIDE // STRIDE // 2
+    image, a = rgb[::STRIDE, ::STRIDE].permute(2, 0, 1).float() / 255, alpha[::STRIDE, ::STRIDE].float()[None] / 255
+    image, a, inside = (F.pad(t, (half,) * 4) for t in (image, a, torch.ones_like(a)))
+    fbar, bbar = _means(image, image, a, inside - a, 2 * half + 1)  # the padding weighs nothing
+    cy = ((ty + TILE // 2) // STRIDE).clamp(max=fbar.shape[1] - 1)
+    cx = ((tx + TILE // 2) // STRIDE).clamp(max=fbar.shape[2] - 1)
+    fbar, bbar = (m[:, cy, cx].T[:, :, None, None] for m in (fbar, bbar))  # (tiles, 3, 1, 1): at each tile's centre
+    span = torch.arange(TILE + NARROW - 1, device=rgb.device) - NARROW // 2
+    y, x = (ty[:, None] + span).clamp(0, h - 1)[:, :, None], (tx[:, None] + span).clamp(0, w - 1)[:, None, :]
+    image, known = rgb[y, x].permute(0, 3, 1, 2).float() / 255, alpha[y, x][:, None]  # each tile and its margin
     a = known.float() / 255
-    cy, cx = (y // STRIDE).clamp(max=fbar.shape[1] - 1), (x // STRIDE).clamp(max=fbar.shape[2] - 1)
-    fbar, bbar = fbar[:, cy, cx].transpose(0, 1), bbar[:, cy, cx].transpose(0, 1)
     rest = image - a * fbar - (1 - a) * bbar  # what the two means do not explain, shared by their weights
     fbar, bbar = _means((fbar + a * rest).clamp(0, 1), (bbar + (1 - a) * rest).clamp(0, 1),
                         (known == 255).float() + 1e-3 * a, (known == 0).float() + 1e-3 * (1 - a), NARROW)
-    inner = slice(halo, halo + TILE)
-    image, a, fbar, bbar = (t[:, :, inner, inner] for t in (image, a, fbar, bbar))
+    inner = slice(NARROW // 2, NARROW // 2 + TILE)
+    image, a = image[:, :, inner, inner], a[:, :, inner, inner]
     car = (fbar + a * (image - a * fbar - (1 - a) * bbar)).clamp(0, 1)
-    y, x = ys[:, inner, None].expand(-1, -1, TILE), xs[:, None, inner].expand(-1, TILE, -1)
-    keep = (y < h) & (x < w)
-    keep &= edge[y.clamp(max=h - 1), x.clamp(max=w - 1)]
     out = rgb.clone()
-    out[y[keep], x[keep]] = (car.permute(0, 2, 3, 1)[keep] * 255).round().to(torch.uint8)
+    out[ky, kx] = (255 * car[which, :, ky - ty[which], kx - tx[which]]).round().to(torch.uint8)
     return out
 
 
