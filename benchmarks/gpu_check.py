@@ -116,7 +116,7 @@ S1_TRAIN_PER_S = 570  # stage-1 forward + backward at 512, images/s; 384 crops a
 PIL_PER_S_CORE = 32  # 1918x1280 JPEG decodes by PIL per core
 NVJPEG_PER_S = 3685
 # Guesses, to be replaced by the seconds the first run on a card records (its JSON has each part's):
-CUDA_S = 5  # what a fresh process adds on a card: CUDA context, cuDNN and cuBLAS handles, cuDNN's benchmark tuning
+CUDA_S = 5  # what a fresh process adds on a card (CUDA context, cuDNN and cuBLAS handles), or a net's new shapes (cuDNN's tuning)
 RUN_S = 3  # one more `stage2 predict` in a process already started: reader processes, chunks, the submission
 EPOCH_S = (0.5, 3)  # an epoch's fixed cost on a card: stage 1 (images in memory), stage 2 (loader, validation)
 COMPILE_S = 40  # inductor compiling one net for inference ("tens of seconds")
@@ -124,10 +124,11 @@ COMPILE_TRAIN_S = 90  # inductor compiling one net's forward and backward graphs
 COMPILE_CACHED_S = 10  # the same graph again: Dynamo traces, inductor's on-disk cache has the code
 CSAN = 3  # the sanitizer's Python hook records a stack trace at every kernel launch: a prediction a few times slower
 CPU_TILE_S = 3.4 / 6  # a 1024 tile through the checks' refiner in fp32 on the CPU: 3.4 s measured on 2 cores; 16 cores 6x faster
-# Seconds of each part in --quick on a 2-core CPU (2026-12, tiny nets, no TTA): process starts, reader processes,
-# Python; the fixed costs a full run pays too, to which the estimates add what grows with the nets and the images
-QUICK_CPU = {"checkpoints": 25, "environment": 1, "async_equals_sync": 8, "device_matches_cpu": 4, "compile_static": 6,
-             "predict_pil": 10, "train_plain": 15}
+# Seconds of each part in --quick on a 2-core CPU (2026-12-03, the least loaded of three runs; tiny nets, no TTA):
+# process starts, reader processes, Python, the fixed costs a full run pays too; the estimates add what grows
+# with the nets and the images
+QUICK_CPU = {"checkpoints": 11, "environment": 1, "async_equals_sync": 7, "device_matches_cpu": 1, "compile_static": 7,
+             "predict_pil": 5, "train_plain": 6}
 QUICK_EPOCHS = (2, 1)
 
 
@@ -184,6 +185,7 @@ class Context:
     runs: dict = field(default_factory=dict)  # (mode, decode) -> the submission of that `stage2 predict`
     planned: set = field(default_factory=set)  # the parts this run will run: a later one reuses what an earlier one made
     _trained: tuple | None = None
+    _untrainable: str = ""  # why training failed: the parts after the first that needs it fail at once
 
     @functools.cached_property
     def data(self) -> Path:
@@ -196,14 +198,20 @@ class Context:
 
     def checkpoints(self) -> tuple[Settings, Path]:
         """Both stages trained briefly, boxes cached (once); the config and its YAML file."""
+        if self._untrainable:
+            raise RuntimeError(f"no checkpoints: {self._untrainable}")
         if self._trained is None:
             t = time.monotonic()
             print(f"checkpoints: training both stages (estimate {estimate('checkpoints', self):.0f} s)", flush=True)
             cfg = load_config(None, [f"data.root={self.data}", f"output.dir={self.work / 'run'}",
                                      f"data.val_cars={1 if self.quick else 2}", *settings(self.quick)])
-            s1_train.main(cfg)
-            s1_predict.main(cfg)
-            s2_train.main(cfg, mask_threshold(cfg, strict=False))
+            try:
+                s1_train.main(cfg)
+                s1_predict.main(cfg)
+                s2_train.main(cfg, mask_threshold(cfg, strict=False))
+            except Exception as e:
+                self._untrainable = f"training failed: {type(e).__name__}: {e}"
+                raise
             path = self.work / "run.yaml"
             save_config(cfg, path)
             self._trained = cfg, path
@@ -501,12 +509,12 @@ def estimate(name: str, ctx: Context) -> float:
         "dask_two_devices": 3 * process + (0 if "async_equals_sync" in ctx.planned else process),
         "sanitizer": 2 * process + decodes * CSAN * RUN_S,  # the planted race, then the prediction
         "compile_static": q["compile_static"] + 2 * COMPILE_S,
-        "predict_pil": q["predict_pil"] + 2 * SPEED_IMAGES * tiles / TILES_PER_S,  # end to end, then each step alone
+        "predict_pil": q["predict_pil"] + CUDA_S + 2 * SPEED_IMAGES * tiles / TILES_PER_S,  # end to end, then each step alone
         "predict_nvjpeg": q["predict_pil"] + SPEED_IMAGES * tiles / TILES_PER_S,
         "predict_compiled": q["predict_pil"] + 2 * (COMPILE_CACHED_S if "compile_static" in ctx.planned else COMPILE_S)
         + SPEED_IMAGES * tiles / TILES_PER_S_COMPILED,
-        "train_plain": q["train_plain"] + (3 * TRAIN_STEPS + 3) * (32 / S1_TRAIN_PER_S + 16 / s2_train_per_s),
-        "train_compiled": q["train_plain"] + 2 * COMPILE_TRAIN_S + 2 * COMPILE_CACHED_S
+        "train_plain": q["train_plain"] + 2 * CUDA_S + (3 * TRAIN_STEPS + 3) * (32 / S1_TRAIN_PER_S + 16 / s2_train_per_s),
+        "train_compiled": q["train_plain"] + 2 * CUDA_S + 2 * COMPILE_TRAIN_S + 2 * COMPILE_CACHED_S
         + (3 * TRAIN_STEPS + 3) * (32 / S1_TRAIN_PER_S + 16 / s2_train_per_s),
     }[name]
 
@@ -658,13 +666,14 @@ def main() -> int:
 
 def run_part(p: Part, ctx: Context, result: dict) -> None:
     """Run one part; a part that crashes is a failed check (or a speed row holding the error), and the others still run."""
-    t = time.monotonic()
+    t, trained = time.monotonic(), "checkpoints" in ctx.seconds
     try:
         out = p.run(ctx)
         ok, details = out if p.check else (True, out)
     except Exception as e:
         ok, details = False, {"error": f"{type(e).__name__}: {e}"}
-    details["seconds"] = round(time.monotonic() - t, 1)
+    # the checkpoints' training, if this part asked for it first, is counted apart
+    details["seconds"] = round(time.monotonic() - t - (0 if trained else ctx.seconds.get("checkpoints", 0)), 1)
     ctx.seconds[p.name] = details["seconds"]
     if p.check:
         result["checks"][p.name], result["details"][p.name] = ok, details
