@@ -1,16 +1,22 @@
 """The nets as ONNX files (`export`, for `carvana bundle --onnx`) and those files run in onnxruntime
-(`OnnxNet`, for the tests and benchmarks/bench_onnx.py).
+(`OnnxNet`, which stands in for a PyTorch net).
 
 A file holds one net with its fp32 weights inside, at opset 18 (the PyTorch exporter's own, which
 onnxruntime has run since 1.14). Input `x`: float32 (batch, channels, size, size), NCHW, values as the
 net is fed in prediction (RGB in [0, 1], then stage 1's probability for a refiner with a coarse channel);
 the batch axis is free, height and width are fixed at export. Output `logits`: float32 (batch, 1, size,
 size), what `net(x)` returns; the probability is its sigmoid.
+
+On a 2-core CPU onnxruntime ran both nets 1.8-2.3x faster than eager PyTorch as prediction runs them,
+and a whole `Cascade.predict` 2x (docs/experiments/2026-12-03-onnx.md): `OnnxNet` is the net of an
+onnxruntime backend for prediction on the CPU.
 """
 from __future__ import annotations
 
 import copy
 import importlib.util
+import logging
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -38,8 +44,12 @@ def export(net: nn.Module, in_channels: int, size: int, path: Path) -> None:
     _need("onnxscript")
     net = copy.deepcopy(net).to("cpu", torch.float32, memory_format=torch.contiguous_format).eval()
     example = torch.rand(2, in_channels, size, size)
-    program = torch.onnx.export(net, (example,), dynamo=True, opset_version=OPSET, input_names=[INPUT],
-                                output_names=[OUTPUT], dynamic_shapes=({0: torch.export.Dim("batch")},), verbose=False)
+    # quiet: the exporter warns that torchvision's detection ops are missing, and trips torch's own deprecations
+    logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        program = torch.onnx.export(net, (example,), dynamo=True, opset_version=OPSET, input_names=[INPUT],
+                                    output_names=[OUTPUT], dynamic_shapes=({0: torch.export.Dim("batch")},), verbose=False)
     with atomic_path(path) as tmp:
         program.save(tmp, external_data=False)  # one file: external weights would name the temporary file
 

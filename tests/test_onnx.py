@@ -1,5 +1,6 @@
 """ONNX export (pipelines/onnx_export.py): both nets of the tiny trained cascade, exported once with a
-free batch axis, give PyTorch's fp32 probabilities and masks in onnxruntime on real photos."""
+free batch axis, give PyTorch's fp32 probabilities and masks in onnxruntime on real photos, and stand in
+for the PyTorch nets in the cascade."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -10,7 +11,8 @@ import torch
 from common.data.images import read_image
 from common.model import load_model, prepare
 from pipelines.onnx_export import OnnxNet, export
-from stage1_lowres.predict import to_stage1_input, upsample
+from stage1_lowres.predict import Coarse, to_stage1_input, upsample
+from stage2_fullres.predict import Cascade
 from stage2_fullres.tiles import cut_tiles, plan_tiles
 
 pytest.importorskip("onnxruntime", reason="onnxruntime is not installed (the onnx extra: pip install '.[onnx]')")
@@ -53,3 +55,12 @@ def test_exported_nets_match_pytorch_on_real_photos(tiny_run, real_samples, tmp_
     for n in (1, 3):
         _assert_agree(stage1, onnx_stage1, x[:n])
         _assert_agree(refiner, onnx_refiner, tiles[:n, :channels])
+
+    # OnnxNet stands in for the nets in the predictors (channels_last inputs, flip TTA doubling the batch);
+    # the PyTorch cascade runs in prediction's precision (bf16 on CPUs that have it). A box of two tiles: fast
+    flip, box = tiny_run.updated({"predict.tta_flip": True}), (400, 400, 1300, 900)
+    masks = [Cascade(Coarse(s1, size, CPU, flip=True), s2, flip, CPU).predict(photos[:1], [box])[0].mask(0.5)
+             for s1, s2 in ((stage1, refiner), (onnx_stage1, onnx_refiner))]
+    same = (masks[0] == masks[1]).double().mean().item()
+    print(f"Cascade with onnxruntime nets: masks agree with PyTorch's on {same:.6%}")
+    assert same >= 0.999
