@@ -198,10 +198,10 @@ class Batcher:
                 for rgb, result in zip(photos, results)]
 
 
-def render(cut: Cut, output: matting.Picture, background: str, soft: bool, crop: bool, fmt: str) -> bytes:
-    """The answer image of `/v1/cutout`'s query: rgba | mask | composite, soft or hard edge, cropped to the box."""
+def render(cut: Cut, output: matting.Picture, background: str, soft: bool, crop: bool, fmt: str, clean: bool = True) -> bytes:
+    """The answer image of `/v1/cutout`'s query: rgba | mask | composite, soft or hard edge, clean or not, cropped to the box."""
     a = cut.alpha if soft else cut.mask.astype(np.uint8) * 255
-    image = Image.fromarray(matting.picture(cut.rgb, a, output, ImageColor.getrgb(background), cut.box if crop else None))
+    image = Image.fromarray(matting.picture(cut.rgb, a, output, ImageColor.getrgb(background), cut.box if crop else None, clean))
     buf = io.BytesIO()
     image.save(buf, format=fmt.upper(), **({"quality": 92} if fmt != "png" else {"compress_level": 1}))  # level 1: 3x faster
     return buf.getvalue()
@@ -423,6 +423,7 @@ async def cutout(request: Request,
                  alpha: Literal["soft", "hard"] = Query("soft", description="soft: the edge follows the probability; hard: 0 or 255"),
                  fmt: Literal["png", "webp", "jpeg"] = Query("png", alias="format", description="jpeg has no alpha: not with output=rgba"),
                  crop: bool = Query(False, description="cut the picture to the car's box"),
+                 clean_edges: bool = Query(True, description="the soft edge in the car's own colour, not the photo's (the old background)"),
                  background: str = Query("white", description="composite's colour: a name such as white, or #rrggbb")) -> Response:
     """The car cut out of the uploaded photo."""
     try:
@@ -432,7 +433,7 @@ async def cutout(request: Request,
     if fmt == "jpeg" and output == "rgba":
         raise HTTPException(400, "format=jpeg has no alpha channel: use output=composite or mask, or format=png or webp")
     cut, seconds = await _cut_of(request)
-    body = await request.app.state.batcher.on_host(render, cut, output, background, alpha == "soft", crop, fmt)
+    body = await request.app.state.batcher.on_host(render, cut, output, background, alpha == "soft", crop, fmt, clean_edges)
     return Response(body, media_type=MEDIA[fmt], headers={"X-Car-Box": ",".join(map(str, cut.box)),
                                                           "X-Car-Found": str(int(cut.found)), "X-Seconds": f"{seconds:.3f}"})
 

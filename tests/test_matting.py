@@ -2,8 +2,12 @@
 it was photographed on; the alpha, the opaque car and the transparent studio are the photo's."""
 from __future__ import annotations
 
+import io
+
 import numpy as np
+import pytest
 import torch
+from PIL import Image
 
 from common.prediction.step import Prediction
 from pipelines.matting import alpha as alpha_of
@@ -54,3 +58,15 @@ def test_a_crop_is_the_crop_of_the_whole_picture_and_a_hard_alpha_changes_nothin
     np.testing.assert_array_equal(picture(photo.numpy(), alpha.numpy(), "rgba", box=box), whole[30:210, 40:290])
     hard = (alpha >= 128).to(torch.uint8) * 255
     assert foreground(photo, hard) is photo
+
+
+def test_the_servers_cutout_is_clean_unless_the_query_says_clean_edges_false():
+    pytest.importorskip("fastapi", reason="the serve extra is not installed (pip install '.[serve]')")
+    from pipelines.serve import Cut, render
+
+    photo, alpha, _ = _studio_shot()
+    cut = Cut(photo.numpy(), alpha.numpy() >= 128, alpha.numpy(), (0, 0, 320, 240), True)
+    for clean, colours in ((True, foreground(photo, alpha)), (False, photo)):
+        answer = np.asarray(Image.open(io.BytesIO(render(cut, "rgba", "white", True, False, "png", clean))))
+        np.testing.assert_array_equal(answer[..., :3], colours.numpy())
+        np.testing.assert_array_equal(answer[..., 3], alpha.numpy())
