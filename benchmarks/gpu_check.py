@@ -89,6 +89,7 @@ DECODE = "predict.decode" in FIELDS  # the setting that picks PIL or nvjpeg; bef
 CARS, TESTS = 10, 16  # training cars (16 angles each, 2 held out) and full-resolution photos a full run reads
 CARS_TRAIN = CARS - 2
 QUICK_CARS, QUICK_TESTS = 3, 2
+QUICK_BOX = (700, 400, 1200, 900)  # --quick's speed rows: one 512 tile a photo (the full run's: bench_predict.BOX, two 1024 tiles)
 EPOCHS = (24, 6)  # the checkpoints' training epochs, stage 1 and stage 2
 SPEED_IMAGES = 320  # the speed rows' photos, TESTS real ones linked under that many names
 TRAIN_STEPS = 20  # timed steps of each training row (bench_train: the net alone after 3 warm-up steps; the loop after an epoch as long)
@@ -434,7 +435,7 @@ def compile_static(ctx: Context) -> tuple[bool, dict]:
     n = 3 if ctx.quick else 11
     cfg = speed_run(ctx, f"compile-static-{n}", n, compile=True, decode="pil")
     paths = sorted(Path(cfg.data.root, "test").glob("*.jpg"))
-    boxes = [bench_predict.BOX] * len(paths)  # given boxes: the coarse channel still runs stage 1, so both nets run
+    boxes = [speed_box(ctx)] * len(paths)  # given boxes: the coarse channel still runs stage 1, so both nets run
     # Dynamo's guards decide what recompiles, whatever the backend: on a CPU in --quick the eager
     # backend stands in for inductor, whose C++ code generation takes minutes on two cores
     backend = "eager" if ctx.quick and not CUDA else "inductor"
@@ -461,7 +462,12 @@ def speed_run(ctx: Context, name: str, n: int, compile: bool, decode: str) -> Se
     return bench_predict.make_run(ctx.work / name, n, depth, width, size, [
         f"predict.batch_size={2 if ctx.quick else p.batch_size}", f"predict.tta_flip={p.tta_flip and not ctx.quick}",
         f"predict.workers={workers}", "predict.chunk=64", f"predict.compile={compile}", *decode_setting(decode),
-        f"stage2.tile={512 if ctx.quick else s2.tile}", f"stage2.min_overlap={s2.min_overlap}"], real=ctx.data / "test")
+        f"stage2.tile={512 if ctx.quick else s2.tile}", f"stage2.min_overlap={s2.min_overlap}"], real=ctx.data / "test",
+        box=speed_box(ctx))
+
+
+def speed_box(ctx: Context) -> tuple:
+    return QUICK_BOX if ctx.quick else bench_predict.BOX
 
 
 def predict_speed(ctx: Context, decode: str = "pil", compile: bool = False) -> dict:
@@ -472,7 +478,8 @@ def predict_speed(ctx: Context, decode: str = "pil", compile: bool = False) -> d
     row = {"images": n, "images_per_s": round(n / seconds, 2), "decode": decode, "compiled": compile,
            "nets": f"depth {cfg.stage2.depth}, width {cfg.stage2.width}, stage 1 at {cfg.stage1.size}"}
     if decode == "pil" and not compile:  # the steps read with PIL; a compiled Cascade would compile again
-        steps = bench_predict.stage_seconds(cfg, Cascade.from_config(cfg, DEVICE), DEVICE, cfg.predict.batch_size)
+        with unittest.mock.patch.object(bench_predict, "BOX", speed_box(ctx)):  # the box the run's bboxes.csv has
+            steps = bench_predict.stage_seconds(cfg, Cascade.from_config(cfg, DEVICE), DEVICE, cfg.predict.batch_size)
         row["shares"] = {k: round(v / sum(steps.values()), 4) for k, v in steps.items()}
     return row
 
