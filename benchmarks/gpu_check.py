@@ -21,8 +21,8 @@ Checks, each true or false (one this machine cannot run is listed under `skipped
   nvjpeg_predict_matches_pil  the submissions with predict.decode=nvjpeg and pil: per-image Dice >= 0.995
   device_matches_cpu   the same checkpoints on the device (fp16) and on the CPU (fp32): per-image Dice >= 0.997
   dask_two_devices     `predict.cluster=local:2` on two GPUs agrees with one process (Dice >= 0.997)
-  sanitizer            TORCH_CUDA_SANITIZER=1 first reports a planted race (a tensor written on a side
-                       stream and read on another without waiting), then none in a short prediction
+  sanitizer            TORCH_CUDA_SANITIZER=1 first reports a planted race (a tensor written on the default
+                       stream, then on a side stream that did not wait), then none in a short prediction
   compile_static       predict.compile: no new graph compiled after the warm-up pass (partial batches included)
 
 Speed rows, with pipeline.yaml's nets (depth 6, width 16, untrained: weights do not change the cost):
