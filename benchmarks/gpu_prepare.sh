@@ -23,7 +23,7 @@ root=$PWD
 $py benchmarks/gpu_check.py --list-samples --samples "$samples" | (cd "$samples" && xargs cp --parents -t "$root/.gpu/samples")
 
 kib=$(du -sk .gpu | cut -f1)
-echo "built .gpu: $(ls .gpu/wheels | wc -l) wheels ($pins), $(find .gpu/samples -type f | wc -l) sample files, $((kib / 1024)) MiB"
+echo "built .gpu: $(ls .gpu/wheels | wc -l) wheels ($pins), $(find .gpu/samples -type f | wc -l) sample files, $(( (kib + 512) / 1024 )) MiB"
 if [ "$kib" -gt $((16 * 1024)) ]; then
     echo "warning: .gpu is over 16 MiB; the device call carries it with the working tree (64 MiB at most)" >&2
 fi
