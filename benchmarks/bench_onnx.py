@@ -1,6 +1,6 @@
 """onnxruntime against eager PyTorch on the CPU, for both nets of pipelines/pipeline.yaml: stage 1 at
 stage1.size and the refiner on stage2.tile tiles with the coarse channel, untrained (weights do not
-change the cost), exported with pipelines/onnx_export.py. onnxruntime with default session options
+change the cost), exported with common/onnx_export.py. onnxruntime with default session options
 (CPU execution provider, intra-op threads: one per physical core); eager as `probabilities` runs it
 (channels_last, autocast) in fp32 and in the precision prediction picks on this CPU. Then the whole
 `Cascade.predict` on real 1918x1280 photos (a car box of two tiles, pipeline.yaml's flip TTA) with
@@ -33,8 +33,8 @@ from torch import nn  # noqa: E402
 from common.config import load_config  # noqa: E402
 from common.data.images import read_image  # noqa: E402
 from common.model import UNet, autocast, precision_name, prepare  # noqa: E402
+from common.onnx_export import OnnxNet, export  # noqa: E402
 from common.prediction.step import predict_dtype  # noqa: E402
-from pipelines.onnx_export import OnnxNet, export  # noqa: E402
 from stage1_lowres.predict import Coarse  # noqa: E402
 from stage2_fullres.predict import Cascade  # noqa: E402
 

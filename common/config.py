@@ -154,6 +154,9 @@ class Predict(Section):
         "pil", "where JPEGs are decoded: pil = in the reader processes (the tested path); nvjpeg = on the GPU with torchvision, "
         "for machines with too few cores to feed the GPU (unproven until benchmarks/gpu_check.py has passed on your card)")
     compile: bool = setting(False, "torch.compile the nets: faster on a GPU after a compilation of a minute or so")
+    backend: Literal["torch", "onnxruntime"] = setting(
+        "torch", "what runs the nets: torch; onnxruntime = a bundle's ONNX files (carvana bundle --onnx, then --model) on the CPU, "
+        "about 2x PyTorch's speed on a 2-core Xeon (docs/benchmarks.md); masks agree with torch's to within a few pixels")
     cluster: str = setting("", '"" = this process; local:N = a Dask LocalCluster of N workers; tcp://host:8786 = a Dask scheduler',
                            expect="empty, local:N or a scheduler address such as tcp://host:8786")
 

@@ -52,7 +52,7 @@ def make_bundle(cfg: Settings, out: Path, name: str = "carvana", onnx: bool = Fa
         save_net(net, out / f"{which}.safetensors")
         files.append(f"{which}.safetensors")
     if onnx:
-        from pipelines.onnx_export import export
+        from common.onnx_export import export
 
         for which, (net, size) in nets.items():
             export(net, net.args["in_channels"], size, out / f"{which}.onnx")

@@ -27,7 +27,7 @@ from common.config import Settings, depends, digest
 from common.data.chunks import ChunkStore, finish_predictions
 from common.data.kaggle import index_split, test_samples
 from common.data.rle import rle_encode
-from common.errors import CheckpointError, DataError, Failure
+from common.errors import CheckpointError, ConfigError, DataError, Failure
 from common.io import write_csv
 from common.log import log
 from common.model import checkpoint_paths, checkpoints_hash, load_models, prepare, static_shapes
@@ -120,6 +120,13 @@ def to_stage1_input(images: list[torch.Tensor], size: int) -> torch.Tensor:
                                     antialias=True, align_corners=False) for im in images])
 
 
+def torch_only(cfg: Settings) -> None:
+    """Checkpoints run in PyTorch: onnxruntime runs a bundle's ONNX files (`--model`)."""
+    if cfg.predict.backend != "torch":
+        raise ConfigError(f"predict.backend={cfg.predict.backend} runs the ONNX files of a bundle: make one with "
+                          "`carvana bundle --onnx` and predict with --model DIR (checkpoints run in torch)")
+
+
 class Coarse(Predictor):
     """Stage 1 as a predictor: decoded images -> low-resolution car probability -> full-resolution
     probability and car box (`predict`, the step `run` streams images through).
@@ -137,6 +144,7 @@ class Coarse(Predictor):
     @classmethod
     def from_config(cls, cfg: Settings, device: torch.device) -> "Coarse":
         """The stage-1 net(s) the config names, ready for inference (`prepare`: channels_last, compiled if predict.compile)."""
+        torch_only(cfg)
         paths = checkpoint_paths(cfg, "stage1")
         model, ckpts = load_models(paths, device)
         for path, ckpt in zip(paths, ckpts):

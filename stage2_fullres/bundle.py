@@ -21,7 +21,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from torch import nn
 
 from common.config import DEPENDS, Settings, setting_value
-from common.errors import CheckpointError
+from common.errors import CheckpointError, ConfigError
 from common.io import atomic_path, write_text
 from common.log import log
 from common.model import UNet, prepare
@@ -93,9 +93,16 @@ class Bundle:
         """Trained on `carvana sample-data`'s synthetic cars only: for trying the commands, not for real photos."""
         return self.manifest.training_data.get("kind") == "synthetic"
 
-    def hash(self, net: str) -> str:
-        """The sha256 of a net's weights: what cache keys hash instead of a checkpoint's content."""
-        return self.manifest.files[self.manifest.nets[net].file]
+    def hash(self, net: str, backend: str = "torch") -> str:
+        """The sha256 of the file that runs a net (its weights, or its ONNX file under onnxruntime):
+        what cache keys hash instead of a checkpoint's content."""
+        return self.manifest.files[self.manifest.nets[net].file if backend == "torch" else self._onnx(net)]
+
+    def _onnx(self, net: str) -> str:
+        name = f"{net}.onnx"
+        if name not in self.manifest.files:
+            raise CheckpointError(f"{self.folder}: no {name}; predict.backend=onnxruntime needs a bundle made with `carvana bundle --onnx`")
+        return name
 
     def settings(self, cfg: Settings) -> Settings:
         """`cfg` with the bundle's settings for every box and mask (they win; a differing value is said in one line)."""
@@ -119,9 +126,17 @@ class Bundle:
     def cascade(self, cfg: Settings, device: torch.device, need_stage1: bool = True) -> Cascade:
         """The cascade ready for inference, as `Cascade.from_config` makes it from checkpoints; `cfg`
         from `settings` (the bundle's box and mask settings, the user's device, batch and reader settings)."""
-        p = cfg.predict
-        refiner = prepare(self.net("refiner", device), device, p.compile)
-        coarse = Coarse.from_net(self.net("stage1", device), cfg, device) if need_stage1 or cfg.stage2.coarse_channel else None
+        if cfg.predict.backend == "onnxruntime":
+            if device.type != "cpu" or cfg.predict.compile:
+                raise ConfigError(f"predict.backend=onnxruntime runs the ONNX files on the CPU, uncompiled: set device=cpu and "
+                                  f"predict.compile=false (now device={device}, predict.compile={cfg.predict.compile})")
+            from common.onnx_export import OnnxNet
+
+            load = lambda which: OnnxNet(self.folder / self._onnx(which))  # noqa: E731
+        else:
+            load = lambda which: self.net(which, device)  # noqa: E731
+        refiner = prepare(load("refiner"), device, cfg.predict.compile)
+        coarse = Coarse.from_net(load("stage1"), cfg, device) if need_stage1 or cfg.stage2.coarse_channel else None
         return Cascade(coarse, refiner, cfg, device)
 
 

@@ -30,7 +30,7 @@ from common.prediction.jobs import Job, run_job
 from common.prediction.reader import reader_processes
 from common.prediction.step import Prediction, Predictor, Result, probabilities
 from common.prediction.writer import Output
-from stage1_lowres.predict import INPUT_VERSION, Coarse, cached_boxes
+from stage1_lowres.predict import INPUT_VERSION, Coarse, cached_boxes, torch_only
 from stage2_fullres.tiles import TooManyTiles, Window, blend_weights, cut_tiles, plan_tiles, stitch
 
 if TYPE_CHECKING:  # the bundle module builds on this one
@@ -63,6 +63,7 @@ class Cascade(Predictor):
     def from_config(cls, cfg: Settings, device: torch.device, need_stage1: bool = True) -> "Cascade":
         """The nets the config names, ready for inference (channels_last, compiled if predict.compile);
         stage 1 only where it is needed: boxes to find (`need_stage1`) or a coarse channel."""
+        torch_only(cfg)
         refiner = prepare(load_refiner(cfg, device), device, cfg.predict.compile)
         coarse = Coarse.from_config(cfg, device) if need_stage1 or cfg.stage2.coarse_channel else None
         return cls(coarse, refiner, cfg, device)
@@ -155,7 +156,7 @@ def chunk_key(cfg: Settings, boxes: dict[str, Box], threshold: float, bundle: Bu
     """The nets' content (the checkpoints', or the bundle's weights), the boxes, the mask threshold
     and every setting that changes a mask."""
     def content(stage: str, net: str) -> str:
-        return bundle.hash(net) if bundle is not None else checkpoints_hash(checkpoint_paths(cfg, stage))
+        return bundle.hash(net, cfg.predict.backend) if bundle is not None else checkpoints_hash(checkpoint_paths(cfg, stage))
 
     # with a coarse channel stage 1 counts too (its probability is a refiner input); without one,
     # stage 2 needs no stage-1 checkpoint here, only the cached boxes

@@ -28,7 +28,7 @@ def bundled(evaluated, tmp_path_factory):
 
 def test_the_bundle_describes_its_nets_data_and_figures(bundled):
     """bundle.json and the model card say what the nets are, what they learned, how well; with --onnx
-    the ONNX files sit beside the weights, their sha256 listed (pipelines/onnx_export.py is tested
+    the ONNX files sit beside the weights, their sha256 listed (common/onnx_export.py is tested
     against PyTorch in tests/test_onnx.py)."""
     _, bundle = bundled
     manifest = json.loads((bundle / "bundle.json").read_text())
@@ -100,3 +100,23 @@ def test_a_spoilt_bundle_is_refused_in_one_line_naming_the_file(bundled, tmp_pat
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and str(culprit) in err and says in err, err
     assert not (tmp_path / "out" / f"{photo.stem}.png").exists()
+
+
+def test_onnxruntime_runs_the_bundles_onnx_files_and_checkpoints_are_refused_it(bundled, tmp_path, capsys):
+    """predict.backend=onnxruntime with a bundle made with --onnx: the masks of torch's, to within a
+    few pixels (fp32 in onnxruntime, bf16 or fp32 in torch); with checkpoints: one line, exit 2."""
+    import numpy as np
+    from PIL import Image
+
+    config, bundle = bundled
+    photo = next((Path(json.loads((bundle / "bundle.json").read_text())["training_data"]["root"]) / "test").glob("*.jpg"))
+    masks = {}
+    for backend in ("torch", "onnxruntime"):
+        out = tmp_path / backend
+        assert cli(["cutout", str(photo), "--out", str(out), "--model", str(bundle), "device=cpu", f"predict.backend={backend}"]) == 0
+        masks[backend] = np.asarray(Image.open(out / f"{photo.stem}_mask.png"))
+    assert masks["torch"].any() and np.mean(masks["torch"] != masks["onnxruntime"]) < 1e-4
+    capsys.readouterr()
+    assert cli(["cutout", str(photo), "--out", str(tmp_path / "refused"), "--config", str(config), "predict.backend=onnxruntime"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "carvana bundle --onnx" in err, err

@@ -1,4 +1,4 @@
-"""ONNX export (pipelines/onnx_export.py): both nets of the tiny trained cascade, exported once with a
+"""ONNX export (common/onnx_export.py): both nets of the tiny trained cascade, exported once with a
 free batch axis, give PyTorch's fp32 probabilities and masks in onnxruntime on real photos, and stand in
 for the PyTorch nets in the cascade."""
 from __future__ import annotations
@@ -10,7 +10,7 @@ import torch
 
 from common.data.images import read_image
 from common.model import load_model, prepare
-from pipelines.onnx_export import OnnxNet, export
+from common.onnx_export import OnnxNet, export
 from stage1_lowres.predict import Coarse, to_stage1_input, upsample
 from stage2_fullres.predict import Cascade
 from stage2_fullres.tiles import cut_tiles, plan_tiles
