@@ -149,7 +149,7 @@ class Predict(Section):
     chunk: int = setting(16, "images per resumable chunk of prediction results", ge=1)
     workers: number_or_auto(int, ge=0) = setting(
         "auto", "reader processes decoding ahead of the device; 0 = in the main process; auto: 0 on a CPU (the fastest there), "
-        "on a GPU the cores but one, shared by the GPUs in use")
+        "on a GPU the cores but one, shared by the visible GPUs")
     decode: Literal["pil", "nvjpeg"] = setting(
         "pil", "where JPEGs are decoded: pil = in the reader processes (the tested path); nvjpeg = on the GPU with torchvision, "
         "for machines with too few cores to feed the GPU (unproven until benchmarks/gpu_check.py has passed on your card)")

@@ -17,7 +17,7 @@ from common.log import log
 from common.model import Ensemble, checkpoint_paths, load_checkpoint
 from pipelines.evaluate import mask_threshold
 from stage1_lowres.predict import Coarse
-from stage2_fullres.bundle import FIXED, FORMAT, INPUT, Bundle, Manifest, Net, save_net, sha256, write_manifest
+from stage2_fullres.bundle import FIXED, FORMAT, INPUT, MANIFEST, Bundle, Manifest, Net, save_net, sha256, write_manifest
 from stage2_fullres.predict import Cascade, load_refiner
 
 CPU = torch.device("cpu")
@@ -46,6 +46,8 @@ def make_bundle(cfg: Settings, out: Path, name: str = "carvana", onnx: bool = Fa
             raise ConfigError(f"{stage}.checkpoint is an ensemble of {len(net.models)} nets; a bundle holds one net per stage")
     threshold = mask_threshold(cfg)
     out.mkdir(parents=True, exist_ok=True)
+    for stale in (MANIFEST, "stage1.onnx", "refiner.onnx"):  # a rebuilt folder is no bundle until its new bundle.json
+        (out / stale).unlink(missing_ok=True)
     nets = {"stage1": (coarse.model, cfg.stage1.size), "refiner": (refiner, cfg.stage2.tile)}
     files = []
     for which, (net, _) in nets.items():

@@ -105,6 +105,7 @@ class Batcher:
         self.cascades: list[Cascade] = []
         self.ready = threading.Event()
         self.failed = ""
+        self.stopping = threading.Event()  # SIGTERM during the start-up: no further warm-up, never ready
         self.tasks: list[asyncio.Task] = []
         # few, long-lived threads: each thread that allocates gets its own malloc arena, and a pool that
         # rotates through many of them makes the server's memory grow (rembg's server-mode complaint)
@@ -131,7 +132,13 @@ class Batcher:
             self.steps = [ThreadPoolExecutor(1, thread_name_prefix=f"serve-{c.device}", initializer=use_device, initargs=(c.device,))
                           for c in self.cascades]
             for cascade, step in zip(self.cascades, self.steps):  # one device at a time: torch.compile is not
-                step.submit(self.warm_up, cascade).result()  # promised to be safe compiling on several at once
+                if self.stopping.is_set():  # promised to be safe compiling on several at once
+                    break
+                step.submit(self.warm_up, cascade).result()
+            if self.stopping.is_set():  # stopped while loading: `stop` may have run before these pools existed
+                for pool in self.steps:
+                    pool.shutdown(wait=False, cancel_futures=True)
+                return
             self.ready.set()
             log.info(f"serve: nets loaded and warmed up on {', '.join(str(c.device) for c in self.cascades)}")
         except Exception as e:  # the server keeps answering, /healthz says why
@@ -146,6 +153,7 @@ class Batcher:
         self._predict(cascade, [np.full((cascade.tile, cascade.tile, 3), 128, np.uint8)])
 
     def stop(self) -> None:
+        self.stopping.set()
         for task in self.tasks:
             task.cancel()
         for pool in [self.host, *self.steps]:

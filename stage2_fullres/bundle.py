@@ -163,6 +163,12 @@ def read_bundle(folder: str | Path) -> Bundle:
     unknown = sorted(set(manifest.prediction) - set(FIXED))
     if unknown or set(manifest.nets) != {"stage1", "refiner"}:
         raise CheckpointError(f"{path}: unexpected {'settings ' + ', '.join(unknown) if unknown else 'nets ' + ', '.join(manifest.nets)}")
+    for name in [*manifest.files, *(net.file for net in manifest.nets.values())]:
+        if Path(name).name != name:
+            raise CheckpointError(f"{path}: {name!r} is not a file name in the bundle's folder")
+    for which, net in manifest.nets.items():
+        if net.architecture != "UNet":
+            raise CheckpointError(f"{path}: {which} is a {net.architecture!r}; this carvana builds UNet nets only")
     for name, digest in manifest.files.items():
         file = folder / name
         if not file.is_file():
@@ -183,7 +189,7 @@ def _check_fit(path: Path, which: str, net: Net) -> None:
     try:
         with torch.device("meta"):  # shapes only: no memory, no initialisation work
             wanted = {k: tuple(v.shape) for k, v in UNet(**net.args).state_dict().items()}
-    except TypeError as e:
+    except Exception as e:  # wrong names (TypeError) or values (ValueError, RuntimeError) alike
         raise CheckpointError(f"{path.parent / MANIFEST}: {which}'s arguments {net.args} are not a UNet's ({e})") from None
     try:
         with safe_open(str(path), framework="pt") as f:

@@ -88,8 +88,22 @@ def _misfit(b: Path) -> Path:
     return b / "refiner.safetensors"
 
 
+def _foreign(b: Path) -> Path:
+    manifest = json.loads((b / "bundle.json").read_text())
+    manifest["nets"]["stage1"]["architecture"] = "ResNet"
+    (b / "bundle.json").write_text(json.dumps(manifest))
+    return b / "bundle.json"
+
+
+def _outside(b: Path) -> Path:
+    manifest = json.loads((b / "bundle.json").read_text())
+    manifest["files"]["../elsewhere.safetensors"] = manifest["files"].pop("refiner.safetensors")
+    (b / "bundle.json").write_text(json.dumps(manifest))
+    return b / "bundle.json"
+
+
 @pytest.mark.parametrize("spoil, says", [(_format_2, "format 2"), (_changed, "changed"), (_missing, "missing"),
-                                         (_misfit, "do not fit")])
+                                         (_misfit, "do not fit"), (_foreign, "UNet nets only"), (_outside, "not a file name")])
 def test_a_spoilt_bundle_is_refused_in_one_line_naming_the_file(bundled, tmp_path, spoil, says, capsys):
     _, bundle = bundled
     copy = tmp_path / "bundle"

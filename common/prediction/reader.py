@@ -82,7 +82,7 @@ def _as_list(items: list[Loaded]) -> list[Loaded]:
 def reader_processes(setting: int | Literal["auto"], device: torch.device) -> int:
     """`predict.workers`, resolved: auto is 0 on a CPU (decoding in the main process is fastest where
     the cores also run the nets); on a GPU the cores but one (the main process queues the device's
-    work), shared by the GPUs in use. PIL decodes 32-75 Carvana photos a second per core, and one
+    work), shared by the visible GPUs. PIL decodes 32-75 Carvana photos a second per core, and one
     H100 takes 100-420 (docs/benchmarks.md, "Cores per GPU")."""
     if setting != "auto":
         return setting
@@ -177,7 +177,9 @@ def read_batches(paths: list[Path], device: torch.device, batch_size: int, worke
     if multiprocessing.current_process().daemon:
         workers = 0  # a daemonic process (e.g. a Dask worker left at its default) may not start reader processes
     loader = DataLoader(ImageFiles(paths, encoded=nvjpeg is not None), batch_size=batch_size, num_workers=workers,
-                        collate_fn=_as_list, pin_memory=device.type == "cuda",  # pinned: the copy to the GPU is async
+                        # pinned: the copy to the GPU is async. JPEG bytes for nvjpeg stay pageable: torchvision hands
+                        # their pointers to nvJPEG, and no event keeps a pinned block from reuse while it reads them
+                        collate_fn=_as_list, pin_memory=device.type == "cuda" and nvjpeg is None,
                         prefetch_factor=4 if workers else None)
     for items in loader:
         yield to_device(items, paths, device, nvjpeg)

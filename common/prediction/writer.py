@@ -32,7 +32,7 @@ def to_host(tensor: torch.Tensor) -> OnHost:
 def to_host_all(tensors: list[torch.Tensor]) -> Callable[[], list[np.ndarray]]:
     """`to_host` for tensors on one device, all awaited at once: one host sync for a whole batch."""
     if not tensors or tensors[0].device.type != "cuda":
-        return lambda: [tensor.numpy() for tensor in tensors]
+        return lambda: [tensor.cpu().numpy() for tensor in tensors]  # cpu(): a no-op on the CPU
     hosts = [torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True) for tensor in tensors]
     for host, tensor in zip(hosts, tensors):
         host.copy_(tensor, non_blocking=True)  # queued on the current stream of the tensors' device
