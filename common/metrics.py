@@ -48,8 +48,3 @@ def sweep_dice(counts: torch.Tensor) -> list[float]:
     predicted, hits, true = counts
     total = predicted + true
     return torch.where(total > 0, 2 * hits / total.clamp(min=1), 1.0).tolist()
-
-
-def dice_sweep(prob: torch.Tensor, truth: torch.Tensor, thresholds) -> list[float]:
-    """Dice of `prob > t` against `truth` for every t."""
-    return sweep_dice(sweep_counts(prob, truth, thresholds))
