@@ -1,4 +1,4 @@
-"""`carvana run`: steps skipped when done, reruns limited to what changed, --force, resume after a kill;
+"""`carvana run`: resume after a kill, steps skipped when done, reruns limited to what changed, --force;
 the bundle it writes cuts photos out with the README's line."""
 import re
 import shlex
@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
 from conftest import TINY
 
@@ -18,29 +19,54 @@ def _states(stdout: str) -> dict[str, str]:
     return {line.split()[1].rstrip(":"): line.split()[0] for line in stdout.splitlines() if line.startswith(("[run]", "[skip]"))}
 
 
-def test_pipeline_caches_steps(sample_root, tmp_path):
-    config = tmp_path / "p.yaml"
-    config.write_text(yaml.safe_dump({"data": {"root": str(sample_root)}, "output": {"dir": str(tmp_path / "out")}}))
-    args = [*CLI, str(config), *TINY, "data.limit_test=2"]
-    first = subprocess.run(args, capture_output=True, text=True, check=True).stdout
-    assert set(_states(first).values()) == {"[run]"} and len(_states(first)) == 6
-    assert "validation Dice" in first and "stage 1 alone" in first and "cascade" in first
-    assert (tmp_path / "out" / "report" / "index.html").stat().st_size > 10_000
-    assert (tmp_path / "out" / "config.yaml").is_file()
-    _readme_cutout(tmp_path / "out" / "bundle", sorted((sample_root / "test").glob("*.jpg"))[:1], tmp_path / "cutouts")
+@pytest.fixture(scope="module")
+def resumed(sample_root, tmp_path_factory):
+    """A fresh `carvana run` killed by SIGKILL right after stage 2's first epoch is saved (sent by
+    tests/faults.py, not a race), then run again to the end: (its command, its folder, the killed
+    process, whether stage 2's last.pt was on disk after the kill, the rerun's stdout)."""
+    tmp = tmp_path_factory.mktemp("pipeline")
+    config = tmp / "p.yaml"
+    config.write_text(yaml.safe_dump({"data": {"root": str(sample_root)}, "output": {"dir": str(tmp / "out")}}))
+    args = [*CLI, str(config), *TINY, "stage2.epochs=2", "data.limit_test=2"]
+    killed = subprocess.run([*FAULTS, "--at", "stage2.epoch:1", "--", *args[3:]], capture_output=True, text=True)
+    saved = (tmp / "out" / "stage2" / "last.pt").is_file()
+    rerun = subprocess.run(args, capture_output=True, text=True, check=True).stdout
+    return args, tmp / "out", killed, saved, rerun
+
+
+def test_killed_pipeline_resumes_training_from_its_checkpoint(resumed):
+    """The rerun skips stage 1, resumes stage 2 from the checkpoint of the killed run and finishes."""
+    _, out, killed, saved, rerun = resumed
+    assert killed.returncode == -signal.SIGKILL and saved
+    states = _states(rerun)
+    assert states["stage1_train"] == states["stage1_predict"] == "[skip]" and states["stage2_train"] == "[run]"
+    assert "resuming an interrupted run" in rerun and "after epoch 1" in rerun
+    assert "epoch 2/2" in rerun and "epoch 1/2" not in rerun  # only the missing epoch was trained
+    assert (out / "submission.csv.gz").is_file()
+
+
+def test_pipeline_caches_steps(resumed, sample_root, tmp_path):
+    args, out, killed, _, rerun = resumed
+    # every step ran once: the killed run's up to stage 2's training, the rest in the rerun
+    assert set(_states(killed.stdout).values()) == {"[run]"} and len(_states(killed.stdout)) == 3
+    assert [s for s, state in _states(rerun).items() if state == "[run]"] == ["stage2_train", "evaluate", "stage2_predict", "bundle"]
+    assert "validation Dice" in rerun and "stage 1 alone" in rerun and "cascade" in rerun
+    assert (out / "report" / "index.html").stat().st_size > 10_000
+    assert (out / "config.yaml").is_file()
+    _readme_cutout(out / "bundle", sorted((sample_root / "test").glob("*.jpg"))[:1], tmp_path / "cutouts")
 
     again = subprocess.run(args, capture_output=True, text=True, check=True).stdout
-    assert set(_states(again).values()) == {"[skip]"}
+    assert set(_states(again).values()) == {"[skip]"} and len(_states(again)) == 6
 
     changed = subprocess.run([*args, "stage2.blend=mean"], capture_output=True, text=True, check=True).stdout
     states = _states(changed)
     assert states["stage1_train"] == states["stage1_predict"] == "[skip]"
     assert states["stage2_train"] == states["stage2_predict"] == states["evaluate"] == "[run]"
 
-    forced = subprocess.run([*args, "stage2.blend=mean", "--force", "stage1_predict"], capture_output=True, text=True, check=True).stdout
-    states = _states(forced)
-    assert states["stage1_train"] == "[skip]" and states["stage1_predict"] == states["stage2_train"] == "[run]"
-    assert "reusing" in forced  # the forced stage-1 predict still reuses its valid box cache
+    forced = subprocess.run([*args, "stage2.blend=mean", "--force", "evaluate"], capture_output=True, text=True, check=True).stdout
+    states = _states(forced)  # the forced step and the steps that read its outputs, no others
+    assert states["evaluate"] == states["bundle"] == "[run]"
+    assert states["stage1_train"] == states["stage1_predict"] == states["stage2_train"] == states["stage2_predict"] == "[skip]"
 
 
 def _readme_cutout(bundle: Path, photos: list[Path], out: Path) -> None:
@@ -56,20 +82,3 @@ def _readme_cutout(bundle: Path, photos: list[Path], out: Path) -> None:
     assert "synthetic cars only" in done.stderr  # the demo's nets say what they learned
     stem = photos[0].stem
     assert {f"{stem}_mask.png", f"{stem}.png", f"{stem}_on_white.jpg"} <= {p.name for p in out.iterdir()}
-
-
-def test_killed_pipeline_resumes_training_from_its_checkpoint(sample_root, tmp_path):
-    """SIGKILL right after stage 2's first epoch is saved (sent by tests/faults.py, not a race); the rerun skips
-    stage 1, resumes stage 2 from that checkpoint and finishes."""
-    out = tmp_path / "out"
-    config = tmp_path / "p.yaml"
-    config.write_text(yaml.safe_dump({"data": {"root": str(sample_root)}, "output": {"dir": str(out)}}))
-    args = [*CLI, str(config), *TINY, "stage2.epochs=2", "data.limit_test=2"]
-    killed = subprocess.run([*FAULTS, "--at", "stage2.epoch:1", "--", *args[3:]], capture_output=True)
-    assert killed.returncode == -signal.SIGKILL and (out / "stage2" / "last.pt").is_file()
-    rerun = subprocess.run(args, capture_output=True, text=True, check=True).stdout
-    states = _states(rerun)
-    assert states["stage1_train"] == states["stage1_predict"] == "[skip]" and states["stage2_train"] == "[run]"
-    assert "resuming an interrupted run" in rerun and "after epoch 1" in rerun
-    assert "epoch 2/2" in rerun and "epoch 1/2" not in rerun  # only the missing epoch was trained
-    assert (out / "submission.csv.gz").is_file()

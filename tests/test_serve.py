@@ -108,8 +108,8 @@ def test_concurrent_requests_are_batched_and_answered_as_cutout_answers(tiny_run
             assert status == 200, answer
             return np.asarray(Image.open(io.BytesIO(answer))), mask, headers
 
-        with ThreadPoolExecutor(16) as pool:
-            answers = list(pool.map(ask, range(16)))
+        with ThreadPoolExecutor(8) as pool:
+            answers = list(pool.map(ask, range(8)))
         for got, mask, headers in answers:
             # the same pixels through the same predictor; batched with other photos, bf16 convolutions
             # may round a few pixels on the threshold the other way (6 of 2.4 million seen), no more
@@ -338,13 +338,14 @@ def test_sigterm_lets_the_request_in_flight_finish_and_exits_0(tiny_run, photos,
 def test_the_api_is_as_its_openapi_document_says_under_schemathesis(tiny_run, tmp_path):
     """Schemathesis, an OpenAPI fuzzer, against a live server, with every check but positive_data_acceptance
     (random bytes are a valid upload by the schema, yet no photo): no 5xx, every status, media type, header
-    and body as /openapi.json declares it, malformed requests and unsupported methods rejected."""
+    and body as /openapi.json declares it, malformed requests and unsupported methods rejected. Its
+    stateful phase is left out: no operation's answer feeds another's request (the schema has no links)."""
     st = shutil.which("st", path=str(Path(sys.executable).parent))
     if st is None:
         pytest.skip("schemathesis is not installed (pip install '.[test]')")
     with running(tiny_run) as (url, _):
         done = subprocess.run([st, "run", f"{url}/openapi.json", "--checks", "all", "--exclude-checks", "positive_data_acceptance",
-                               "--max-examples", "20", "--seed", "0", "--generation-database", "none", "--no-color",
+                               "--phases", "examples,coverage,fuzzing", "--max-examples", "20", "--seed", "0", "--generation-database", "none", "--no-color",
                                "--report", "junit", "--report-junit-path", str(tmp_path / "junit.xml")],
                               cwd=tmp_path, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stdout[-6000:]
