@@ -7,10 +7,13 @@ Then what each stage of the Cascade costs alone, and peak memory of whole runs a
 
 batch (tiles per forward pass) defaults to 8 on CUDA and 2 on the CPU, where 2 measured fastest.
     .venv/bin/python benchmarks/bench_predict.py memory      # peak RSS at 32 and 320 images, tiny nets
+    .venv/bin/python benchmarks/bench_predict.py against DIR [images=32] [rounds=3]
+        # end to end in this tree against another checkout (git worktree add DIR COMMIT), alternating
 """
 from __future__ import annotations
 
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -116,11 +119,15 @@ def print_shares(steps: dict[str, float]) -> None:
 NETS = ("stage-1 net (resize on device)", "refiner")
 
 
+def run_settings(device: torch.device, batch: int) -> list[str]:
+    workers = min(12, len(os.sched_getaffinity(0)) - 1) if device.type == "cuda" else 0
+    return [f"predict.batch_size={batch}", "predict.chunk=64", f"predict.workers={workers}"]
+
+
 def compare(n: int, depth: int, width: int, batch: int) -> None:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     with tempfile.TemporaryDirectory() as tmp:
-        cfg = make_run(Path(tmp), n, depth, width, 512, [f"predict.batch_size={batch}", "predict.chunk=64",
-                                                         f"predict.workers={min(12, len(os.sched_getaffinity(0)) - 1) if device.type == 'cuda' else 0}"])
+        cfg = make_run(Path(tmp), n, depth, width, 512, run_settings(device, batch))
         new_s = end_to_end(cfg, device)
         paths = sorted(Path(cfg.data.root, "test").glob("*.jpg"))
         cascade = Cascade.from_config(cfg, device)
@@ -150,9 +157,42 @@ def memory() -> None:
         print(f"{n:6d} {seconds:8.1f} {rss:13.0f}")
 
 
+def against(baseline: Path, n: int, rounds: int, depth: int = 6, width: int = 16, batch: int = 2) -> None:
+    """End-to-end `stage2 predict` in this tree and in another checkout, each round a fresh process
+    per tree, which goes first alternating from round to round, so both see the same machine load;
+    the baseline's own make_run and end_to_end run its own code."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    settings = run_settings(torch.device(device), batch)
+    trees = {"baseline": baseline.resolve(), "this tree": Path(__file__).resolve().parents[1]}
+    seconds: dict[str, list[float]] = {name: [] for name in trees}
+    for r in range(rounds):
+        for name, tree in list(trees.items())[:: 1 if r % 2 == 0 else -1]:
+            code = (f"import sys, pathlib, tempfile, torch; sys.path[:0] = [{str(tree)!r}, {str(tree / 'benchmarks')!r}]; "
+                    f"import bench_predict as b, common; assert common.__file__.startswith({str(tree) + os.sep!r}), common.__file__; "
+                    f"d = tempfile.TemporaryDirectory(); cfg = b.make_run(pathlib.Path(d.name), {n}, {depth}, {width}, 512, {settings!r}, "
+                    f"real=pathlib.Path({str(REAL)!r})); print('RESULT', b.end_to_end(cfg, torch.device({device!r}))); d.cleanup()")
+            out = subprocess.run([sys.executable, "-c", code], cwd=tree, capture_output=True, text=True)
+            if out.returncode:
+                sys.exit(f"{name} ({tree}) failed:\n{out.stderr[-3000:]}")
+            seconds[name].append(float(out.stdout.rsplit("RESULT", 1)[1].split()[0]))
+            print(f"round {r + 1} {name:10} {seconds[name][-1]:7.1f} s  load {os.getloadavg()[0]:.1f}", flush=True)
+    base = statistics.median(seconds["baseline"])
+    print(f"\ndevice {device}, U-Net depth {depth} width {width}, {n} real 1918x1280 photos, batch {batch} tiles, "
+          f"median of {rounds} rounds\n{'tree':44} {'ms/image':>9} {'images/s':>9} {'speed':>6}")
+    for name, tree in trees.items():
+        s = statistics.median(seconds[name])
+        print(f"{name + ' ' + tree.name:44} {s / n * 1e3:9.1f} {n / s:9.2f} {base / s:6.2f}")
+
+
 if __name__ == "__main__":
     if sys.argv[1:2] == ["memory"]:
         memory()
+    elif sys.argv[1:2] == ["against"]:
+        if len(sys.argv) < 3 or not Path(sys.argv[2], "common").is_dir():
+            sys.exit("usage: bench_predict.py against DIR [IMAGES ROUNDS], DIR a checkout of this project "
+                     "(git worktree add DIR COMMIT)")
+        images, rounds = [int(a) for a in sys.argv[3:5]] + [32, 3][len(sys.argv[3:5]):]
+        against(Path(sys.argv[2]), images, max(rounds, 1))
     else:
         args = [int(a) for a in sys.argv[1:5]]
         compare(*(args + [64, 6, 16, 8 if torch.cuda.is_available() else 2][len(args):]))
