@@ -1,7 +1,7 @@
 """The Open Inference Protocol (KServe v2, Triton's HTTP/REST API) beside /v1: what model servers'
 clients (tritonclient, KServe's) and Kubernetes probes speak, on the same batcher as /v1.
 
-One model, `app.state.model_name`. Its input `image` is the encoded photo (BYTES, shape [1]); its
+One model, named `app.state.batcher.name`. Its input `image` is the encoded photo (BYTES, shape [1]); its
 outputs are `mask` (UINT8 [H, W], 1 on the car, 0 elsewhere: `/v1/segment`'s mask) and, only when a
 request names it, `rgba` (BYTES [1]: the PNG `/v1/cutout` answers by default, soft alpha). Tensors
 travel in JSON (a BYTES element as a base64 string) or with the binary data extension. Every error is
@@ -133,7 +133,7 @@ UNKNOWN = {404: {"model": ErrorBody, "description": "no model of that name here 
 
 def _model(request: Request, name: str) -> None:
     """404 unless `name` is the served model's."""
-    served = request.app.state.model_name
+    served = request.app.state.batcher.name
     if name != served:
         raise HTTPException(404, f"unknown model '{name}': this server serves '{served}'")
 
@@ -188,7 +188,7 @@ def _request(body: bytes, header_length: int | None) -> tuple[InferenceRequest, 
         raise HTTPException(400, f"not an inference request: {'.'.join(map(str, first['loc'])) or 'body'}: {first['msg']}") from None
 
 
-def _photo(request: InferenceRequest, binary: bytes, max_bytes: int) -> bytes:
+def _photo(request: InferenceRequest, binary: bytes) -> bytes:
     """The encoded photo: the one input `image`, BYTES of shape [1], a base64 string in JSON or one
     binary element (its 4-byte little-endian length, then the bytes)."""
     names = [tensor.name for tensor in request.inputs]
@@ -215,9 +215,7 @@ def _photo(request: InferenceRequest, binary: bytes, max_bytes: int) -> bytes:
             raise HTTPException(400, f"input 'image': its binary data ({size} bytes) is not one BYTES element "
                                      "(a 4-byte little-endian length, then that many bytes)")
         photo = binary[4:]
-    if len(photo) > max_bytes:
-        raise HTTPException(413, f"photo of {len(photo)} bytes is larger than serve.max_bytes={max_bytes}")
-    return photo
+    return photo  # cut_photo checks its size against serve.max_bytes
 
 
 def _wanted(request: InferenceRequest) -> dict[str, bool]:
@@ -234,7 +232,7 @@ def _wanted(request: InferenceRequest) -> dict[str, bool]:
 def _encoded(cut: Cut, name: str) -> tuple[str, list[int], bytes]:
     """An output's datatype, shape and bytes, as the binary data extension carries them."""
     if name == "mask":
-        return "UINT8", list(cut.mask.shape), cut.mask.astype(np.uint8).tobytes()  # row-major, 1 on the car
+        return "UINT8", list(cut.mask.shape), cut.mask.view(np.uint8).tobytes()  # row-major, 1 on the car (bool as bytes, no copy)
     png = render(cut, "rgba", "white", True, False, "png")  # /v1/cutout's default answer
     return "BYTES", [1], struct.pack("<I", len(png)) + png
 
@@ -279,13 +277,13 @@ async def infer(request: Request, name: str,
     batcher: Batcher = request.app.state.batcher
     # read to its end first, so that a client still sending sees the answer, not a reset connection;
     # room for the photo in base64 and the JSON around it
-    body = await _body(request, batcher.s.max_bytes * 4 // 3 + 64 * 1024)
+    body = await _body(request, batcher.s.max_bytes, batcher.s.max_bytes // 3 + 64 * 1024)
     _model(request, name)
     ensure_ready(batcher)
     if request.headers.get("content-encoding", "identity") != "identity":
         raise HTTPException(415, f"Content-Encoding {request.headers['content-encoding']}: send the request uncompressed")
     inference, binary = _request(body, header_length)
-    photo = _photo(inference, binary, batcher.s.max_bytes)
+    photo = _photo(inference, binary)
     wanted = _wanted(inference)
     cut = await cut_photo(batcher, photo)
     return await batcher.on_host(_answer, cut, wanted, name, inference.id)

@@ -255,18 +255,20 @@ UPLOAD = {"requestBody": {"required": True, "description": "the photo: the multi
 ANSWERS = _errors(400, 401, 413, 415, 422, 500, 503, 504)
 
 
-async def _body(request: Request, limit: int) -> bytes:
-    """The request body, kept up to `limit` bytes but read to its end: a client is answered once it
-    has sent everything, so it sees a 413, not a connection reset mid-upload."""
+async def _body(request: Request, max_bytes: int, room: int = 0) -> bytes:
+    """The request body, kept up to `max_bytes` (serve.max_bytes) and the `room` of its envelope, but
+    read to its end: a client is answered once it has sent everything, so it sees a 413, not a
+    connection reset mid-upload."""
+    limit = max_bytes + room
     if int(request.headers.get("content-length") or 0) > 20 * limit:  # not worth reading at all
-        raise HTTPException(413, f"upload is larger than serve.max_bytes={limit}")
+        raise HTTPException(413, f"upload is larger than serve.max_bytes={max_bytes} allows")
     chunks, size = [], 0
     async for chunk in request.stream():
         size += len(chunk)
         if size <= limit:
             chunks.append(chunk)
     if size > limit:
-        raise HTTPException(413, f"upload of {size} bytes is larger than serve.max_bytes={limit}")
+        raise HTTPException(413, f"upload of {size} bytes is larger than serve.max_bytes={max_bytes} allows")
     return b"".join(chunks)
 
 
@@ -281,7 +283,7 @@ async def _upload(request: Request, max_bytes: int) -> bytes:
     kind = request.headers.get("content-type", "")
     if not (kind.startswith(("multipart/form-data", "image/")) or kind == "application/octet-stream"):
         raise HTTPException(415, "send the photo as the multipart field 'image', or as the body with an image/* Content-Type")
-    body = await _body(request, max_bytes + (64 * 1024 if kind.startswith("multipart/") else 0))  # the envelope's room
+    body = await _body(request, max_bytes, 64 * 1024 if kind.startswith("multipart/") else 0)  # the envelope's room
     if not kind.startswith("multipart/"):
         return body
 
@@ -295,10 +297,7 @@ async def _upload(request: Request, max_bytes: int) -> bytes:
     upload = form.get("image")
     if upload is None or isinstance(upload, str):
         raise HTTPException(400, "missing the multipart field 'image' (the photo file)")
-    data = await upload.read()
-    if len(data) > max_bytes:
-        raise HTTPException(413, f"upload of {len(data)} bytes is larger than serve.max_bytes={max_bytes}")
-    return data
+    return await upload.read()
 
 
 router = APIRouter()
@@ -328,7 +327,6 @@ def create_app(cfg: Settings, bundle: Bundle | None = None) -> FastAPI:
     app.state.batcher, app.state.key, app.state.form_parser = batcher, key, form_parser(s.max_bytes)
     app.add_exception_handler(StarletteHTTPException, _http_error)  # FastAPI's HTTPException and the router's 404/405
     app.add_exception_handler(RequestValidationError, _bad_request)
-    app.state.model_name = batcher.name  # its name on /v2/models/{name}: the bundle's, else "carvana"
     app.state.draining = False  # set by Server.handle_exit: /v2/health/ready answers 503 from SIGTERM on
     app.middleware("http")(_count)
     app.include_router(router)
@@ -390,6 +388,8 @@ async def cut_photo(batcher: Batcher, data: bytes) -> Cut:
     """The photo's bytes decoded, queued and cut (/v1's upload, /v2's input); every way it can fail
     is an HTTP error naming it."""
     s = batcher.s
+    if len(data) > s.max_bytes:  # a photo out of a multipart form or base64 JSON: its envelope had room beside it
+        raise HTTPException(413, f"photo of {len(data)} bytes is larger than serve.max_bytes={s.max_bytes}")
     try:
         rgb = await batcher.on_host(decode_photo, data, "upload", FORMATS, s.max_pixels)
         cut = await asyncio.wait_for(batcher.cut(rgb), s.timeout_s)
@@ -493,7 +493,8 @@ def serve(cfg: Settings, host: str, port: int, bundle: Bundle | None = None) -> 
     app = create_app(cfg, bundle)
     sock = listen(host, port)
     address = f"[{host}]" if ":" in host else host or "0.0.0.0"
-    log.info(f"serve: http://{address}:{sock.getsockname()[1]}/ (the page), POST /v1/cutout, /v1/segment; GET /healthz, /metrics, /docs")
+    log.info(f"serve: http://{address}:{sock.getsockname()[1]}/ (the page), POST /v1/cutout, /v1/segment; the Open Inference "
+             "Protocol under /v2; GET /healthz, /metrics, /docs")
     # uvicorn drains on SIGTERM, then raises it again under the handler it found: this one, so a
     # drained server exits 0 instead of dying by the signal
     previous = signal.signal(signal.SIGTERM, lambda *_: None)

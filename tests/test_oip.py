@@ -8,6 +8,7 @@ import asyncio
 import base64
 import io
 import json
+import re
 import signal
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -127,6 +128,7 @@ def test_the_mask_is_v1_segments_and_the_cutouts_alpha_is_the_mask(served, photo
 def test_malformed_requests_get_400_with_the_protocols_error_body_and_the_server_keeps_serving(served, photo):
     url, _ = served
     client = _client(url)
+    before = {status: _infer_count(url, status) for status in ("400", "404")}  # the module's server: other tests' requests too
     wrong_type = httpclient.InferInput("image", [1], "UINT8")
     wrong_type.set_data_from_numpy(np.array([1], dtype=np.uint8), binary_data=True)
     for inputs, status, words in [([_image(photo, "photo")], "400", "one input, 'image'"),
@@ -158,9 +160,14 @@ def test_malformed_requests_get_400_with_the_protocols_error_body_and_the_server
     status, _, answer = _call(url + "/v2/models/bicycle/infer", _json_request(photo), "application/json")
     assert status == 404 and "unknown model 'bicycle'" in json.loads(answer)["error"]
     assert client.infer("carvana", [_image(photo)]).as_numpy("mask").ndim == 2  # still serving; no outputs named: the mask
-    metrics = _call(url + "/metrics")[2].decode()
-    assert 'carvana_requests_total{endpoint="/v2/models/{name}/infer",status="400"} 13.0' in metrics
-    assert 'carvana_requests_total{endpoint="/v2/models/{name}/infer",status="404"} 1.0' in metrics
+    assert _infer_count(url, "400") - before["400"] == 13 and _infer_count(url, "404") - before["404"] == 1
+
+
+def _infer_count(url: str, status: str) -> float:
+    """/metrics' count of /v2 inference requests answered with `status` (0 before the first)."""
+    found = re.search(r'^carvana_requests_total\{endpoint="/v2/models/\{name\}/infer",status="%s"\} (\S+)$' % status,
+                      _call(url + "/metrics")[2].decode(), re.M)
+    return float(found.group(1)) if found else 0.0
 
 
 def test_infer_needs_the_api_key_and_the_probes_do_not(tiny_run, monkeypatch):
@@ -201,7 +208,11 @@ def test_ready_only_from_the_warm_up_to_the_drain(tiny_run, photo, monkeypatch):
 
         batcher = app.state.batcher
         real_predict = batcher._predict
-        batcher._predict = lambda *a: step.wait(60) and real_predict(*a)
+        def held_predict(*a):
+            assert step.wait(60), "the test never released the device step"
+            return real_predict(*a)
+
+        batcher._predict = held_predict
         with ThreadPoolExecutor(1) as pool:
             flight = pool.submit(_call, url + INFER, _json_request(photo), "application/json")
             _until(lambda: _busy(url))  # in the device step
