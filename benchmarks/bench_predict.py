@@ -25,7 +25,7 @@ import torch
 from common.config import Settings, load_config
 from common.data.rle import rle_encode
 from common.model import UNet
-from common.prediction.reader import read_batches
+from common.prediction.reader import read_batches, reader_processes
 from pipelines.evaluate import mask_threshold
 from stage1_lowres.predict import upsample
 from stage2_fullres import predict as s2_predict
@@ -120,8 +120,7 @@ NETS = ("stage-1 net (resize on device)", "refiner")
 
 
 def run_settings(device: torch.device, batch: int) -> list[str]:
-    workers = min(12, len(os.sched_getaffinity(0)) - 1) if device.type == "cuda" else 0
-    return [f"predict.batch_size={batch}", "predict.chunk=64", f"predict.workers={workers}"]
+    return [f"predict.batch_size={batch}", "predict.chunk=64", f"predict.workers={reader_processes('auto', device)}"]
 
 
 def compare(n: int, depth: int, width: int, batch: int) -> None:
@@ -142,18 +141,30 @@ def compare(n: int, depth: int, width: int, batch: int) -> None:
     print_shares(steps)
 
 
+TREE = Path(__file__).resolve().parents[1]
+
+
+def in_fresh_process(body: str, tree: Path = TREE) -> list[float]:
+    """Run `body` in a new interpreter on `tree`'s code, `b` being that tree's bench_predict, `pathlib`,
+    `tempfile` and `torch` imported: the numbers it prints after RESULT."""
+    code = (f"import sys, pathlib, tempfile, torch; sys.path[:0] = [{str(tree)!r}, {str(tree / 'benchmarks')!r}]; "
+            f"import bench_predict as b, common; assert common.__file__.startswith({str(tree) + os.sep!r}), common.__file__; {body}")
+    out = subprocess.run([sys.executable, "-c", code], cwd=tree, capture_output=True, text=True)
+    if out.returncode:
+        sys.exit(f"a run on {tree} failed:\n{out.stderr[-3000:]}")
+    return [float(v) for v in out.stdout.rsplit("RESULT", 1)[1].split()]
+
+
 def memory() -> None:
     """Peak RSS of a whole `stage2 predict` process at 32 and 320 images (tiny nets): flat if nothing
     grows with the number of images."""
     print(f"{'images':>6} {'seconds':>8} {'peak RSS MiB':>13}")
     for n in (32, 320):
-        code = (f"import sys, resource, time; sys.path.insert(0, {str(Path(__file__).parent)!r}); import bench_predict as b; "
-                f"import tempfile, pathlib; from stage2_fullres import predict as p; d = tempfile.mkdtemp(); "
-                f"cfg = b.make_run(pathlib.Path(d), {n}, 3, 4, 64, ['predict.batch_size=4', 'predict.chunk=16', 'predict.workers=0']); "
-                f"t = time.perf_counter(); p.main(cfg); "
-                f"print('RESULT', time.perf_counter() - t, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)")
-        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-        seconds, rss = map(float, out.split("RESULT")[1].split())
+        seconds, rss = in_fresh_process(
+            f"import resource, time; from stage2_fullres import predict as p; d = tempfile.mkdtemp(); "
+            f"cfg = b.make_run(pathlib.Path(d), {n}, 3, 4, 64, ['predict.batch_size=4', 'predict.chunk=16', 'predict.workers=0']); "
+            f"t = time.perf_counter(); p.main(cfg, 0.5); "
+            f"print('RESULT', time.perf_counter() - t, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)")
         print(f"{n:6d} {seconds:8.1f} {rss:13.0f}")
 
 
@@ -163,18 +174,13 @@ def against(baseline: Path, n: int, rounds: int, depth: int = 6, width: int = 16
     the baseline's own make_run and end_to_end run its own code."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
     settings = run_settings(torch.device(device), batch)
-    trees = {"baseline": baseline.resolve(), "this tree": Path(__file__).resolve().parents[1]}
+    trees = {"baseline": baseline.resolve(), "this tree": TREE}
     seconds: dict[str, list[float]] = {name: [] for name in trees}
     for r in range(rounds):
         for name, tree in list(trees.items())[:: 1 if r % 2 == 0 else -1]:
-            code = (f"import sys, pathlib, tempfile, torch; sys.path[:0] = [{str(tree)!r}, {str(tree / 'benchmarks')!r}]; "
-                    f"import bench_predict as b, common; assert common.__file__.startswith({str(tree) + os.sep!r}), common.__file__; "
-                    f"d = tempfile.TemporaryDirectory(); cfg = b.make_run(pathlib.Path(d.name), {n}, {depth}, {width}, 512, {settings!r}, "
-                    f"real=pathlib.Path({str(REAL)!r})); print('RESULT', b.end_to_end(cfg, torch.device({device!r}))); d.cleanup()")
-            out = subprocess.run([sys.executable, "-c", code], cwd=tree, capture_output=True, text=True)
-            if out.returncode:
-                sys.exit(f"{name} ({tree}) failed:\n{out.stderr[-3000:]}")
-            seconds[name].append(float(out.stdout.rsplit("RESULT", 1)[1].split()[0]))
+            seconds[name] += in_fresh_process(
+                f"d = tempfile.TemporaryDirectory(); cfg = b.make_run(pathlib.Path(d.name), {n}, {depth}, {width}, 512, {settings!r}, "
+                f"real=pathlib.Path({str(REAL)!r})); print('RESULT', b.end_to_end(cfg, torch.device({device!r}))); d.cleanup()", tree)
             print(f"round {r + 1} {name:10} {seconds[name][-1]:7.1f} s  load {os.getloadavg()[0]:.1f}", flush=True)
     base = statistics.median(seconds["baseline"])
     print(f"\ndevice {device}, U-Net depth {depth} width {width}, {n} real 1918x1280 photos, batch {batch} tiles, "
@@ -182,6 +188,10 @@ def against(baseline: Path, n: int, rounds: int, depth: int = 6, width: int = 16
     for name, tree in trees.items():
         s = statistics.median(seconds[name])
         print(f"{name + ' ' + tree.name:44} {s / n * 1e3:9.1f} {n / s:9.2f} {base / s:6.2f}")
+    ratios = [b / t for b, t in zip(seconds["baseline"], seconds["this tree"])]  # each round's speed ratio
+    spread = f", standard error {statistics.stdev(ratios) / len(ratios) ** 0.5:.3f}" if len(ratios) > 1 else ""
+    print(f"speed ratio per round: median {statistics.median(ratios):.3f}, mean {statistics.mean(ratios):.3f}{spread}, "
+          f"from {min(ratios):.3f} to {max(ratios):.3f}")
 
 
 if __name__ == "__main__":

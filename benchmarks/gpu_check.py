@@ -135,10 +135,10 @@ QUICK_EPOCHS = (2, 1)
 
 def settings(quick: bool) -> list[str]:
     """The checkpoints' recipe: seconds of training, confident enough masks to compare paths on."""
-    workers = 0 if not CUDA else min(12, len(os.sched_getaffinity(0)) - 1)
+    workers = reader_processes("auto", DEVICE)
     if quick:
-        return ["stage1.size=64", "stage1.depth=3", "stage1.width=4", "stage1.epochs=2", "stage1.batch_size=8",
-                "stage2.depth=3", "stage2.width=4", "stage2.epochs=1", "stage2.crop=128", "stage2.batch_size=4",
+        return ["stage1.size=64", "stage1.depth=3", "stage1.width=4", f"stage1.epochs={QUICK_EPOCHS[0]}", "stage1.batch_size=8",
+                "stage2.depth=3", "stage2.width=4", f"stage2.epochs={QUICK_EPOCHS[1]}", "stage2.crop=128", "stage2.batch_size=4",
                 "stage2.tile=512", "stage2.min_overlap=32", "stage2.val_images=2", "predict.batch_size=2",
                 "stage1.workers=1", "stage2.workers=0", f"predict.workers={workers}", "predict.tta_flip=false"]
     # stage 1: demo.yaml's batch and learning rate, which reached val Dice 0.98 within 400 steps on 16 real cars
@@ -458,7 +458,7 @@ def speed_run(ctx: Context, name: str, n: int, compile: bool, decode: str) -> Se
     pipeline = load_config(ROOT / "pipelines" / "pipeline.yaml")
     s1, s2, p = pipeline.stage1, pipeline.stage2, pipeline.predict
     depth, width, size = (3, 4, 64) if ctx.quick else (s2.depth, s2.width, s1.size)
-    workers = reader_processes(p.workers, DEVICE) if CUDA else 0
+    workers = reader_processes(p.workers, DEVICE)  # 0 on a CPU
     return bench_predict.make_run(ctx.work / name, n, depth, width, size, [
         f"predict.batch_size={2 if ctx.quick else p.batch_size}", f"predict.tta_flip={p.tta_flip and not ctx.quick}",
         f"predict.workers={workers}", "predict.chunk=64", f"predict.compile={compile}", *decode_setting(decode),
