@@ -22,7 +22,6 @@ is the cost undisturbed).
 """
 from __future__ import annotations
 
-import io
 import os
 import statistics
 import sys
@@ -39,7 +38,8 @@ from PIL import Image  # noqa: E402
 
 from common.data.images import read_image, read_mask  # noqa: E402
 from common.prediction.step import Prediction  # noqa: E402
-from pipelines.matting import alpha, foreground, picture  # noqa: E402
+from pipelines.matting import alpha, foreground  # noqa: E402
+from pipelines.picture import Cut, Picture, render  # noqa: E402
 
 SAMPLES = Path(__file__).resolve().parents[2] / "shared" / "carvana_samples"
 WINDOW, CONTRAST = 15, 30  # the fringe's neighbourhood and the least car-studio difference, in levels
@@ -122,14 +122,17 @@ def cost(rounds: int) -> None:
         big = np.array(Image.fromarray(read_mask(mask)).resize(rgb.shape[1::-1], Image.NEAREST))
         work.append((rgb, soft_alpha(big)))
 
+    def cut(rgb: np.ndarray, a: np.ndarray) -> Cut:  # a new cut each call: a cut keeps its clean edge for its next picture
+        return Cut(rgb, a >= 128, a, (0, 0, rgb.shape[1], rgb.shape[0]), True)
+
     def png(rgb: np.ndarray, a: np.ndarray) -> None:
-        Image.fromarray(picture(rgb, a, "rgba", clean=False)).save(io.BytesIO(), format="PNG", compress_level=1)
+        render(cut(rgb, a), Picture("rgba", clean_edges=False), fast=True)
 
     variants: dict[str, Callable[[np.ndarray, np.ndarray], object]] = {
-        "rgba naive": lambda rgb, a: picture(rgb, a, "rgba", clean=False),
-        "rgba clean": lambda rgb, a: picture(rgb, a, "rgba"),
-        "composite naive": lambda rgb, a: picture(rgb, a, "composite", clean=False),
-        "composite clean": lambda rgb, a: picture(rgb, a, "composite"),
+        "rgba naive": lambda rgb, a: cut(rgb, a).pixels(Picture("rgba", clean_edges=False)),
+        "rgba clean": lambda rgb, a: cut(rgb, a).pixels(Picture("rgba")),
+        "composite naive": lambda rgb, a: cut(rgb, a).pixels(Picture("composite", clean_edges=False)),
+        "composite clean": lambda rgb, a: cut(rgb, a).pixels(Picture("composite")),
         "foreground alone": ours,
         "rgba naive + PNG encode (level 1)": png,
     }

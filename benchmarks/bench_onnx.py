@@ -35,8 +35,8 @@ from common.data.images import read_image  # noqa: E402
 from common.model import UNet, autocast, precision_name, prepare  # noqa: E402
 from common.onnx_export import OnnxNet, export  # noqa: E402
 from common.prediction.step import predict_dtype  # noqa: E402
-from stage1_lowres.predict import Coarse  # noqa: E402
-from stage2_fullres.predict import Cascade  # noqa: E402
+from stage1_lowres.coarse import Coarse  # noqa: E402
+from stage2_fullres.cascade import Cascade  # noqa: E402
 
 CPU = torch.device("cpu")
 PIPELINE = Path(__file__).resolve().parents[1] / "pipelines" / "pipeline.yaml"
@@ -89,7 +89,7 @@ def cascade_table(cfg, nets: dict[str, tuple[nn.Module, Path]], picked: torch.dt
     boxes = [BOX] * len(images)
 
     def cascade(s1: nn.Module, s2: nn.Module) -> Callable[[list[torch.Tensor]], list]:
-        c = Cascade(Coarse(s1, cfg.stage1.size, CPU, flip=cfg.predict.tta_flip), s2, cfg, CPU)
+        c = Cascade(Coarse(s1, cfg, CPU), s2, cfg, CPU)
         return lambda ims: c.predict(ims, boxes)
 
     runs = {f"PyTorch {precision_name(picked)}": cascade(prepare(stage1, CPU), prepare(refiner, CPU)),

@@ -25,11 +25,11 @@ import torch
 from common.config import Settings, load_config
 from common.data.rle import rle_encode
 from common.model import UNet
+from common.model_source import open_source
 from common.prediction.reader import read_batches, reader_processes
-from pipelines.evaluate import mask_threshold
-from stage1_lowres.predict import upsample
+from stage1_lowres.coarse import upsample
 from stage2_fullres import predict as s2_predict
-from stage2_fullres.predict import Cascade
+from stage2_fullres.cascade import Cascade
 from stage2_fullres.tiles import cut_tiles, plan_tiles, stitch
 
 REAL = Path(__file__).resolve().parents[2] / "shared" / "carvana_samples" / "test_fullres"
@@ -74,10 +74,10 @@ def timed(device, fn, *args):
 def end_to_end(cfg: Settings, device: torch.device) -> float:
     """Seconds of a whole `stage2 predict` over the run's test images, after a 2-image warm-up
     (cudnn benchmark, allocator, page cache) whose chunks are then deleted."""
-    s2_predict.main(cfg.updated({"data.limit_test": 2}), mask_threshold(cfg))
+    s2_predict.main(cfg.updated({"data.limit_test": 2}), open_source(cfg))
     for part in Path(cfg.output.dir, "stage2_chunks").glob("*/*"):
         part.unlink()
-    return timed(device, s2_predict.main, cfg, mask_threshold(cfg))[1]
+    return timed(device, s2_predict.main, cfg, open_source(cfg))[1]
 
 
 def stage_seconds(cfg: Settings, cascade: Cascade, device: torch.device, batch: int) -> dict[str, float]:
@@ -129,7 +129,7 @@ def compare(n: int, depth: int, width: int, batch: int) -> None:
         cfg = make_run(Path(tmp), n, depth, width, 512, run_settings(device, batch))
         new_s = end_to_end(cfg, device)
         paths = sorted(Path(cfg.data.root, "test").glob("*.jpg"))
-        cascade = Cascade.from_config(cfg, device)
+        cascade = Cascade.load(open_source(cfg), cfg, device)
         steps = stage_seconds(cfg, cascade, device, batch)
     nets = sum(t for name, t in steps.items() if name.startswith(NETS))  # seconds per image of the nets alone
 
@@ -161,9 +161,10 @@ def memory() -> None:
     print(f"{'images':>6} {'seconds':>8} {'peak RSS MiB':>13}")
     for n in (32, 320):
         seconds, rss = in_fresh_process(
-            f"import resource, time; from stage2_fullres import predict as p; d = tempfile.mkdtemp(); "
+            f"import resource, time; from stage2_fullres import predict as p; from common.model_source import open_source; "
+            f"d = tempfile.mkdtemp(); "
             f"cfg = b.make_run(pathlib.Path(d), {n}, 3, 4, 64, ['predict.batch_size=4', 'predict.chunk=16', 'predict.workers=0']); "
-            f"t = time.perf_counter(); p.main(cfg, 0.5); "
+            f"t = time.perf_counter(); p.main(cfg, open_source(cfg)); "
             f"print('RESULT', time.perf_counter() - t, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)")
         print(f"{n:6d} {seconds:8.1f} {rss:13.0f}")
 

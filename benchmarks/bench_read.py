@@ -30,12 +30,12 @@ def best_of(fn, *args, repeat: int = 10) -> float:
 def sample_images() -> list[Path]:
     if REAL.is_dir():
         return sorted(REAL.glob("*.jpg"))[:4]
-    from common.data.synth import car_params, render
+    from common.data.synth import car_params, draw_view
 
     tmp = Path(tempfile.mkdtemp())
     paths = []
     for angle in (1, 5):
-        img, _ = render(car_params(0, 0), angle, 0)
+        img, _ = draw_view(car_params(0, 0), angle, 0)
         Image.fromarray(img).save(tmp / f"{angle}.jpg", quality=92)
         paths.append(tmp / f"{angle}.jpg")
     return paths

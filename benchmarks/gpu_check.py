@@ -71,15 +71,15 @@ from common.errors import Failure
 from common.io import write_text
 from common.metrics import dice
 from common.model import UNet, amp_dtype, precision_name
+from common.model_source import open_source
 from common.prediction import step
 from common.prediction.reader import nvjpeg_decoder, reader_processes
 from common.training.batches import TensorBatches
 from common.training.trainer import Clock, Loop, build_optimizer, train_one_epoch
-from pipelines.evaluate import mask_threshold
 from stage1_lowres import predict as s1_predict
 from stage1_lowres import train as s1_train
 from stage2_fullres import train as s2_train
-from stage2_fullres.predict import Cascade
+from stage2_fullres.cascade import Cascade
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLES = ROOT.parent / "shared" / "carvana_samples"
@@ -208,8 +208,8 @@ class Context:
                                      f"data.val_cars={1 if self.quick else 2}", *settings(self.quick)])
             try:
                 s1_train.main(cfg)
-                s1_predict.main(cfg)
-                s2_train.main(cfg, mask_threshold(cfg, strict=False))
+                s1_predict.main(cfg, open_source(cfg))
+                s2_train.main(cfg, open_source(cfg))
             except Exception as e:
                 self._untrainable = f"training failed: {type(e).__name__}: {e}"
                 raise
@@ -375,7 +375,7 @@ def device_matches_cpu(ctx: Context) -> tuple[bool, dict]:
     for name, device in (("device", DEVICE), ("cpu_fp32", torch.device("cpu"))):
         fp32 = unittest.mock.patch.object(step, "predict_dtype", lambda d: None if d.type == "cpu" else dtype(d))
         with fp32 if name == "cpu_fp32" else contextlib.nullcontext():
-            cascade = Cascade.from_config(cfg, device)
+            cascade = Cascade.load(open_source(cfg), cfg, device)
             results = [result for _, result in cascade.run(paths, box)]
         failed = [str(r) for r in results if isinstance(r, Failure)]
         if failed:
@@ -440,7 +440,7 @@ def compile_static(ctx: Context) -> tuple[bool, dict]:
     # backend stands in for inductor, whose C++ code generation takes minutes on two cores
     backend = "eager" if ctx.quick and not CUDA else "inductor"
     with unittest.mock.patch("torch.compile", functools.partial(torch.compile, backend=backend)):
-        cascade = Cascade.from_config(cfg, DEVICE)
+        cascade = Cascade.load(open_source(cfg), cfg, DEVICE)
     for _ in cascade.run(paths, boxes):  # warm-up: compiles each net once
         pass
     graphs = counters["stats"]["unique_graphs"]
@@ -479,7 +479,7 @@ def predict_speed(ctx: Context, decode: str = "pil", compile: bool = False) -> d
            "nets": f"depth {cfg.stage2.depth}, width {cfg.stage2.width}, stage 1 at {cfg.stage1.size}"}
     if decode == "pil" and not compile:  # the steps read with PIL; a compiled Cascade would compile again
         with unittest.mock.patch.object(bench_predict, "BOX", speed_box(ctx)):  # the box the run's bboxes.csv has
-            steps = bench_predict.stage_seconds(cfg, Cascade.from_config(cfg, DEVICE), DEVICE, cfg.predict.batch_size)
+            steps = bench_predict.stage_seconds(cfg, Cascade.load(open_source(cfg), cfg, DEVICE), DEVICE, cfg.predict.batch_size)
         row["shares"] = {k: round(v / sum(steps.values()), 4) for k, v in steps.items()}
     return row
 

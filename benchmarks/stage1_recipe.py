@@ -30,7 +30,7 @@ from common.training.batches import Pair, scan_pairs
 from common.training.distributed import Ranks
 from common.training.losses import bce_dice_loss, edge_band
 from common.training.trainer import faster_cpu_dtype
-from stage1_lowres.predict import Coarse, upsample
+from stage1_lowres.coarse import Coarse, upsample
 from stage1_lowres.train import as_tensors
 
 ROOT = Path(__file__).resolve().parents[2] / "shared" / "carvana_samples" / "train_512"
@@ -86,7 +86,8 @@ def score(paths: list[str]) -> None:
         size = ckpt["config"]["stage1"]["size"]
         means, wrong, near = [], 0, [0, 0]
         for flip in (False, True):
-            coarse, scores = Coarse(prepare(model, CPU), size, CPU, flip=flip), []
+            cfg = load_config(None, [f"stage1.size={size}", f"predict.tta_flip={flip}"])
+            coarse, scores = Coarse(prepare(model, CPU), cfg, CPU), []
             for i in range(0, len(val), 8):
                 batch = val[i : i + 8]
                 probs = coarse.probs([torch.from_numpy(p.image).permute(2, 0, 1) for p in batch])

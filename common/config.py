@@ -53,11 +53,11 @@ class Data(Section):
     limit_test: int = setting(0, "predict on the first N test images only; 0 = all", ge=0, affects=("test_rows",))
 
 
-class Output(Section):
+class OutputFolder(Section):
     dir: str = setting("outputs/run", "the run folder: checkpoints, bboxes.csv, submissions, report")
 
 
-class Sample(Section):
+class SampleData(Section):
     cars: int = setting(0, "`carvana run` generates this many synthetic training cars into data.root when it has no train/; "
                            "0 = real data", ge=0, affects=("sample",))
     test_cars: int = setting(2, "synthetic test cars", ge=0, affects=("sample",))
@@ -180,8 +180,8 @@ class Cutout(Section):
 
 class Settings(Section):
     data: Data = Data()
-    output: Output = Output()
-    sample: Sample = Sample()
+    output: OutputFolder = OutputFolder()
+    sample: SampleData = SampleData()
     device: str = setting("auto", "auto | cpu | cuda | cuda:N", expect="auto, cpu, cuda or cuda:N")
     seed: int = setting(0, "seed of weights, crops and splits", affects=("stage1.model", "stage2.model"))
     stage1: Stage1 = Stage1()

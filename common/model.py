@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import io
+import pickle
 from pathlib import Path
 
 import torch
@@ -153,14 +155,28 @@ def static_shapes(device: torch.device, compile: bool) -> bool:
 
 # --- checkpoints
 
-def load_checkpoint(path: str | Path, device: torch.device, expect: dict | None = None) -> dict:
-    """Read a checkpoint; `expect` (model args) must match the net it holds, if given."""
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint not found: {path} (train first, or set the stage's checkpoint key)")
+def read_file(path: str | Path) -> bytes:
+    """A checkpoint's bytes: hashed and loaded from the same read, so what runs is what was hashed."""
     try:
-        ckpt = torch.load(path, map_location=device, weights_only=False)
+        return Path(path).read_bytes()
+    except FileNotFoundError:
+        raise CheckpointError(f"checkpoint not found: {path} (train first, or set the stage's checkpoint key)") from None
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot be read ({e.strerror})") from None
+
+
+def load_checkpoint(path: str | Path, device: torch.device, expect: dict | None = None, data: bytes | None = None) -> dict:
+    """Read a checkpoint (`data`: its bytes, when already read); `expect` (model args) must match the
+    net it holds, if given."""
+    data = read_file(path) if data is None else data
+    try:
+        # weights_only: tensors, numbers, strings, lists and dicts, which is all a checkpoint of ours holds;
+        # a pickle that would build anything else (run code) is refused, not executed
+        ckpt = torch.load(io.BytesIO(data), map_location=device, weights_only=True)
         args = ckpt["model_args"]
+    except pickle.UnpicklingError:
+        raise CheckpointError(f"{path}: holds more than tensors, numbers and text (a pickle that could run code when "
+                              "loaded); refused: use checkpoints written by this project") from None
     except Exception as e:  # a torn or foreign file: name it, do not dump a traceback
         raise CheckpointError(f"{path}: not a checkpoint of this project ({type(e).__name__}: {e})") from None
     if expect is not None and args != expect:
@@ -168,9 +184,10 @@ def load_checkpoint(path: str | Path, device: torch.device, expect: dict | None 
     return ckpt
 
 
-def load_model(path: str | Path, device: torch.device, expect: dict | None = None) -> tuple[nn.Module, dict]:
+def load_model(path: str | Path, device: torch.device, expect: dict | None = None,
+               data: bytes | None = None) -> tuple[nn.Module, dict]:
     """Rebuild the net a checkpoint was trained with, in eval mode."""
-    ckpt = load_checkpoint(path, device, expect)
+    ckpt = load_checkpoint(path, device, expect, data)
     model = UNet(**ckpt["model_args"]).to(device)
     model.load_state_dict(ckpt["model"])
     return model.eval(), ckpt
@@ -185,13 +202,11 @@ def checkpoint_paths(cfg: Settings, stage: str) -> list[Path]:
     return [Path(v) for v in (value if isinstance(value, list) else [value])]
 
 
-def checkpoints_hash(paths: list[Path]) -> str:
+def checkpoints_hash(blobs: list[bytes]) -> str:
     """Content hash of every checkpoint of an ensemble, in order: cache keys cover them all."""
     h = hashlib.sha256()
-    for path in paths:
-        with open(path, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                h.update(block)
+    for data in blobs:
+        h.update(data)
         h.update(b"|")
     return h.hexdigest()
 
@@ -210,12 +225,12 @@ class Ensemble(nn.Module):
         return torch.logit(prob, eps=1e-6)
 
 
-def load_models(paths: list[Path], device: torch.device) -> tuple[nn.Module, list[dict]]:
-    """One net, or the ensemble of several with the same inputs; and their checkpoints."""
-    loaded = [load_model(p, device) for p in paths]
+def load_models(paths: list[Path], device: torch.device, blobs: list[bytes]) -> tuple[nn.Module, list[dict]]:
+    """One net, or the ensemble of several with the same inputs, from the checkpoints' bytes; and their checkpoints."""
+    loaded = [load_model(p, device, data=data) for p, data in zip(paths, blobs, strict=True)]
     first = loaded[0][1]
-    for path, (_, ckpt) in zip(paths[1:], loaded[1:]):
+    for path, (_, ckpt) in zip(paths[1:], loaded[1:], strict=True):
         if ckpt["model_args"]["in_channels"] != first["model_args"]["in_channels"]:
             raise CheckpointError(f"{path} takes {ckpt['model_args']['in_channels']} input channels, {paths[0]} "
-                              f"{first['model_args']['in_channels']}: an ensemble's nets must take the same inputs")
+                                  f"{first['model_args']['in_channels']}: an ensemble's nets must take the same inputs")
     return (loaded[0][0] if len(loaded) == 1 else Ensemble([m for m, _ in loaded]).eval()), [c for _, c in loaded]

@@ -58,16 +58,17 @@ class OnnxNet(nn.Module):
     """An exported net in an onnxruntime session on the CPU, a stand-in for the PyTorch net wherever
     one runs (`probabilities`, `Coarse`, `Cascade`): called on a float32 NCHW batch (a torch tensor in
     any memory format, or numpy) it returns the logits as a CPU torch tensor, as the net would.
-    `threads`: the session's intra-op threads, 0 for onnxruntime's default (one per physical core)."""
+    `model`: the file, or its bytes; `threads`: the session's intra-op threads, 0 for onnxruntime's
+    default (one per physical core)."""
 
-    def __init__(self, path: Path, threads: int = 0):
+    def __init__(self, model: Path | bytes, threads: int = 0):
         super().__init__()
         _need("onnxruntime")
         import onnxruntime
 
         options = onnxruntime.SessionOptions()
         options.intra_op_num_threads = threads
-        self.session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        self.session = onnxruntime.InferenceSession(model if isinstance(model, bytes) else str(model), options, providers=["CPUExecutionProvider"])
 
     def forward(self, x: np.ndarray | torch.Tensor) -> torch.Tensor:
         if isinstance(x, torch.Tensor):

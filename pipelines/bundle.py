@@ -1,54 +1,35 @@
 """`carvana bundle --config FILE --out DIR [--onnx]`: a trained run's cascade as a folder to hand on
-(stage2_fullres/bundle.py holds the format); `open_cascade`: the cascade and mask threshold that
-`cutout` and `serve` predict with, from a bundle (`--model DIR`) or from a config's checkpoints."""
+(common/bundle.py holds the format and reads it back)."""
 from __future__ import annotations
 
 import datetime as dt
-import json
 from pathlib import Path
 
 import torch
 
+from common.bundle import FIXED, FORMAT, INPUT, MANIFEST, Manifest, NetSpec, save_net, sha256, write_manifest
 from common.config import Settings, setting_value
 from common.data.kaggle import index_split, split_by_car
 from common.errors import ConfigError
 from common.io import write_text
 from common.log import log
 from common.model import Ensemble, checkpoint_paths, load_checkpoint
-from pipelines.evaluate import mask_threshold
-from stage1_lowres.predict import Coarse
-from stage2_fullres.bundle import FIXED, FORMAT, INPUT, MANIFEST, Bundle, Manifest, Net, save_net, sha256, write_manifest
-from stage2_fullres.predict import Cascade, load_refiner
+from common.model_source import ModelSource
+from pipelines.evaluate import Summary
 
 CPU = torch.device("cpu")
 
 
-def open_cascade(cfg: Settings, bundle: Bundle | None, device: torch.device) -> tuple[Cascade, float]:
-    """The cascade on `device` and its mask threshold: the bundle's, else the config's checkpoints and
-    `mask_threshold`. `cfg` from `Bundle.settings` where there is a bundle."""
-    if bundle is None:
-        return Cascade.from_config(cfg, device), mask_threshold(cfg)
-    return bundle.cascade(cfg, device), bundle.threshold
-
-
-def warn_if_synthetic(bundle: Bundle | None) -> None:
-    if bundle is not None and bundle.synthetic:
-        log.warning(f"{bundle.folder}: these nets learned synthetic cars only (carvana sample-data): for trying the commands, "
-                    "not for real photos; docs/bundle.md says how to make a bundle for real photos")
-
-
-def make_bundle(cfg: Settings, out: Path, name: str = "carvana", onnx: bool = False) -> Manifest:
-    """Write the run's bundle into `out`: the nets' weights (and ONNX files), the model card, then bundle.json."""
-    cfg = cfg.updated({"predict.compile": False})  # the nets themselves, not their compiled wrappers
-    coarse, refiner = Coarse.from_config(cfg, CPU), load_refiner(cfg, CPU)
-    for stage, net in (("stage1", coarse.model), ("stage2", refiner)):
+def make_bundle(cfg: Settings, source: ModelSource, out: Path, name: str = "carvana", onnx: bool = False) -> Manifest:
+    """Write the source's cascade into `out` as a bundle: the nets' weights (and ONNX files), the model
+    card, then bundle.json."""
+    nets = {"stage1": (source.net("stage1", CPU), cfg.stage1.size), "refiner": (source.net("refiner", CPU), cfg.stage2.tile)}
+    for which, (net, _) in nets.items():
         if isinstance(net, Ensemble):
-            raise ConfigError(f"{stage}.checkpoint is an ensemble of {len(net.models)} nets; a bundle holds one net per stage")
-    threshold = mask_threshold(cfg)
+            raise ConfigError(f"the {which} net is an ensemble of {len(net.models)} nets; a bundle holds one net per stage")
     out.mkdir(parents=True, exist_ok=True)
     for stale in (MANIFEST, "stage1.onnx", "refiner.onnx"):  # a rebuilt folder is no bundle until its new bundle.json
         (out / stale).unlink(missing_ok=True)
-    nets = {"stage1": (coarse.model, cfg.stage1.size), "refiner": (refiner, cfg.stage2.tile)}
     files = []
     for which, (net, _) in nets.items():
         save_net(net, out / f"{which}.safetensors")
@@ -60,8 +41,8 @@ def make_bundle(cfg: Settings, out: Path, name: str = "carvana", onnx: bool = Fa
             export(net, net.args["in_channels"], size, out / f"{which}.onnx")
             files.append(f"{which}.onnx")
     manifest = Manifest(format=FORMAT, name=name, created=dt.date.today().isoformat(),
-                        nets={which: Net(file=f"{which}.safetensors", architecture="UNet", args=net.args) for which, (net, _) in nets.items()},
-                        prediction={k: setting_value(cfg, k) for k in FIXED if k != "predict.threshold"}, input=INPUT, threshold=threshold,
+                        nets={which: NetSpec(file=f"{which}.safetensors", architecture="UNet", args=net.args) for which, (net, _) in nets.items()},
+                        prediction={k: setting_value(cfg, k) for k in FIXED}, input=INPUT, threshold=source.threshold,
                         files={f: sha256(out / f) for f in files}, validation=validation(cfg), training_data=training_data(cfg))
     write_text(out / "README.md", model_card(manifest))
     write_manifest(out, manifest)
@@ -71,12 +52,11 @@ def make_bundle(cfg: Settings, out: Path, name: str = "carvana", onnx: bool = Fa
 
 def validation(cfg: Settings) -> dict:
     """The run's figures: `carvana evaluate`'s summary where it ran, else the checkpoints' best validation Dice."""
-    summary = Path(cfg.output.dir) / "report" / "summary.json"
-    if summary.is_file():
-        s = json.loads(summary.read_text())
-        date = dt.date.fromtimestamp(summary.stat().st_mtime).isoformat()
-        return {"source": "carvana evaluate", "date": date, "images": s["images"], "mean_dice_stage1": s["mean_dice_stage1"],
-                "mean_dice_cascade": s["mean_dice_cascade"], "mean_edge_dice_cascade": s["mean_edge_dice_cascade"]}
+    s = Summary.read(cfg)
+    if s is not None:
+        date = dt.date.fromtimestamp(Summary.path(cfg).stat().st_mtime).isoformat()
+        return {"source": "carvana evaluate", "date": date, "images": s.images, "mean_dice_stage1": s.mean_dice_stage1,
+                "mean_dice_cascade": s.mean_dice_cascade, "mean_edge_dice_cascade": s.mean_edge_dice_cascade}
     best = {stage: load_checkpoint(checkpoint_paths(cfg, stage)[0], CPU)["best_dice"] for stage in ("stage1", "stage2")}
     return {"source": "training validation (no carvana evaluate report)", "best_dice_stage1": best["stage1"],
             "best_dice_stage2": best["stage2"]}

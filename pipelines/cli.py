@@ -9,6 +9,7 @@ import warnings
 from pathlib import Path
 
 from common.errors import CarvanaError, ConfigError, OutputError, SetupError
+from common.log import log
 
 OVERRIDE = re.compile(r"^[A-Za-z_]\w*(\.\w+)*=")  # stage1.epochs=3 or device=cpu, not a photo
 
@@ -108,31 +109,26 @@ def dispatch(args: argparse.Namespace) -> int:
     if args.command == "config":
         print(reference() if args.reference else as_yaml(cfg), end="")
         return 0
-    bundle = None
-    if getattr(args, "model", None):
-        from pipelines.bundle import warn_if_synthetic
-        from stage2_fullres.bundle import read_bundle
-
-        bundle = read_bundle(args.model)
-        cfg = bundle.settings(cfg)
-        if args.command in ("cutout", "serve"):
-            warn_if_synthetic(bundle)
+    source = None
+    action = (args.command, getattr(args, "action", None))
+    if action in SOURCED:  # the nets, resolved once: the config's checkpoints, or the bundle of --model
+        source, cfg = _source(cfg, getattr(args, "model", None), action)
     if args.command == "serve":  # writes nothing, so no output lock
         try:
             from pipelines.serve import serve
         except ImportError as e:
             raise SetupError(f"carvana serve needs the serve extra ({e.name} is missing): pip install '.[serve]'") from None
-        return serve(cfg, args.host, args.port, bundle)
+        return serve(cfg, source, args.host, args.port)
     command = " ".join(["carvana", args.command] + ([args.action] if hasattr(args, "action") else []))
     with output_lock(args.out if args.command in ("cutout", "bundle") else cfg.output.dir, command):
         if args.command == "cutout":
-            from pipelines.cutout import cutout
+            from pipelines.cutout import cutout, pictures
 
-            return cutout(args.photos, args.out, cfg, args.composite, args.alpha, bundle)
+            return cutout(args.photos, args.out, cfg, source, pictures(args.alpha, cfg.cutout.clean_edges, args.composite))
         if args.command == "bundle":
             from pipelines.bundle import make_bundle
 
-            make_bundle(cfg, Path(args.out), args.name, args.onnx)
+            make_bundle(cfg, source, Path(args.out), args.name, args.onnx)
             return 0
         if args.command == "folds":
             from pipelines.folds import train_folds
@@ -141,26 +137,38 @@ def dispatch(args: argparse.Namespace) -> int:
         if args.command == "evaluate":
             from pipelines.evaluate import main as evaluate
 
-            return evaluate(cfg)
-        return _stage(args.command, args.action, cfg, bundle)
+            return evaluate(cfg, source)
+        return _stage(args.command, args.action, cfg, source)
 
 
-def _stage(stage: str, action: str, cfg, bundle=None) -> int:
-    """`carvana stage1|stage2 train|predict`; stage 2 is handed its mask threshold (`mask_threshold`,
-    or the bundle's with `--model`)."""
+# the commands that predict or validate with trained nets, and whether they need the mask threshold
+# itself (True) or may fall back to 0.5 while `predict.threshold: auto` has no sweep yet (False)
+SOURCED = {("stage1", "predict"): False, ("stage2", "train"): False, ("stage2", "predict"): True, ("evaluate", None): False,
+           ("cutout", None): True, ("serve", None): True, ("bundle", None): True}
+
+
+def _source(cfg, model: str | None, action: tuple[str, str | None]):
+    """The model source of a command and the settings it fixes; --model only where a command predicts."""
+    from common.model_source import open_source
+
+    if model is not None and action == ("stage2", "train"):
+        raise ConfigError("--model is for prediction: stage2 train trains from the config")
+    source = open_source(cfg, model, strict=SOURCED[action])
+    if action[0] in ("cutout", "serve") and source.synthetic:
+        log.warning(f"{model}: these nets learned synthetic cars only (carvana sample-data): for trying the commands, "
+                    "not for real photos; docs/bundle.md says how to make a bundle for real photos")
+    return source, source.settings(cfg)
+
+
+def _stage(stage: str, action: str, cfg, source) -> int:
+    """`carvana stage1|stage2 train|predict`."""
     if stage == "stage1":
         from stage1_lowres import predict, train
 
-        return (train if action == "train" else predict).main(cfg)
-    from pipelines.evaluate import mask_threshold
+        return train.main(cfg) if action == "train" else predict.main(cfg, source)
     from stage2_fullres import predict, train
 
-    if action == "predict" and bundle is not None:
-        return predict.main(cfg, bundle.threshold, bundle)
-    if bundle is not None:
-        raise ConfigError("--model is for prediction: stage2 train trains from the config")
-    threshold = mask_threshold(cfg, strict=action == "predict")  # training validates at 0.5 until a sweep exists
-    return (train if action == "train" else predict).main(cfg, threshold)
+    return (train if action == "train" else predict).main(cfg, source)
 
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:

@@ -13,24 +13,20 @@ finishing the rest.
 from __future__ import annotations
 
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
-import torch
-from PIL import Image, ImageColor
 
 from common.config import Settings
 from common.data.images import read_image
 from common.errors import ConfigError, Failure
-from common.io import atomic_path, write_csv
+from common.io import write_bytes, write_csv
 from common.log import log
 from common.model import pick_device
-from common.prediction.writer import OnHost, to_host
-from pipelines.bundle import open_cascade
-from pipelines.matting import alpha, foreground, picture
-from stage2_fullres.bundle import Bundle
+from common.model_source import ModelSource
+from common.prediction.writer import OnHostOutput, Output, PredictionWriter
+from pipelines.picture import Cut, Picture, cut_planes, render
+from stage2_fullres.cascade import Cascade
 
 SUFFIXES = {".jpg", ".jpeg", ".png", ".webp"}
 
@@ -55,56 +51,50 @@ def find_photos(inputs: list[str]) -> list[Path]:
     return list(stems.values())
 
 
-def outputs(out: Path, photo: Path, composite: str | None) -> list[Path]:
-    names = [f"{photo.stem}_mask.png", f"{photo.stem}.png"] + ([f"{photo.stem}_on_{composite}.jpg"] if composite else [])
-    return [out / name for name in names]
+def pictures(alpha: str = "soft", clean_edges: bool = True, composite: str | None = None) -> dict[str, Picture]:
+    """The files a photo NAME gets, by what follows NAME in their names: the mask, the cutout and,
+    with `composite` (a colour), the car on it."""
+    files = {"_mask.png": Picture("mask", "hard"), ".png": Picture("rgba", alpha, clean_edges)}
+    if composite:
+        try:
+            files[f"_on_{composite.lstrip('#')}.jpg"] = Picture("composite", alpha, clean_edges, composite, format="jpeg")
+        except ConfigError:
+            raise ConfigError(f"--composite {composite}: not a colour (a name such as white, or #rrggbb)") from None
+    return files
 
 
-def _save(image: Image.Image, path: Path, fmt: str) -> None:
-    with atomic_path(path) as tmp:
-        image.save(tmp, format=fmt)
+class CutoutWriter(PredictionWriter):
+    """Each photo's pictures, rendered and written (atomically) in the writer thread. The photo is
+    decoded again there, on the host, instead of copying the decoded image back from the device."""
+
+    def __init__(self, photos: list[Path], out: Path, files: dict[str, Picture]):
+        super().__init__("cutout-writer")
+        self.photos, self.out, self.files = photos, out, files
+
+    def write_on_host(self, output: OnHostOutput) -> None:
+        photo, result = self.photos[output.index], output.result
+        cut = Cut(read_image(photo), output.mask, output.alpha, result.box, result.found)
+        for suffix, picture in self.files.items():
+            write_bytes(self.out / f"{photo.stem}{suffix}", render(cut, picture))
 
 
-def _write(photo: Path, mask: OnHost, edge: OnHost, paths: list[Path], colour: tuple | None, clean: bool) -> None:
-    """In the writer thread (`mask`, `edge`: the mask and the alpha on their way to the host): the
-    photo's pixels are decoded again here, on the host, instead of copying the decoded image back
-    from the device."""
-    a = edge()
-    rgb = read_image(photo)
-    _save(Image.fromarray(mask().astype(np.uint8) * 255), paths[0], "PNG")
-    if clean:
-        rgb = foreground(torch.from_numpy(rgb), torch.from_numpy(a)).numpy()  # once for both pictures
-    _save(Image.fromarray(picture(rgb, a, "rgba", clean=False)), paths[1], "PNG")
-    if colour is not None:
-        _save(Image.fromarray(picture(rgb, a, "composite", colour, clean=False)), paths[2], "JPEG")
-
-
-def cutout(inputs: list[str], out: str, cfg: Settings, composite: str | None = None, edge: str = "soft",
-           bundle: Bundle | None = None) -> int:
-    """Cut out every photo of `inputs` not done yet into `out`, with the bundle's nets (`--model`) or the config's."""
-    try:
-        colour = ImageColor.getrgb(composite) if composite else None
-    except ValueError:
-        raise ConfigError(f"--composite {composite}: not a colour (a name such as white, or #rrggbb)") from None
-    tag = composite.lstrip("#") if composite else None
+def cutout(inputs: list[str], out: str, cfg: Settings, source: ModelSource, files: dict[str, Picture]) -> int:
+    """Cut out every photo of `inputs` not done yet into `out`, with the source's nets, as `files`
+    (`pictures`) says."""
     out = Path(out)
     photos = find_photos(inputs)
-    todo = [p for p in photos if not all(path.exists() for path in outputs(out, p, tag))]
+    todo = [p for p in photos if not all((out / f"{p.stem}{suffix}").exists() for suffix in files)]
     log.info(f"cutout: {len(todo)} photos to do, {len(photos) - len(todo)} already done")
-    errors, pending, seconds = [], [], 0.0
+    errors, seconds = [], 0.0
     if todo:
-        cascade, threshold = open_cascade(cfg, bundle, pick_device(cfg.device))
+        cascade = Cascade.load(source, cfg, pick_device(cfg.device))
         started = time.monotonic()  # the nets loaded: from here to the last file written
-        with ThreadPoolExecutor(1, thread_name_prefix="cutout-writer") as pool:
+        with CutoutWriter(todo, out, files) as writer:
             for i, result in cascade.run(todo, desc="cutout"):
                 if isinstance(result, Failure):
                     errors.append({"photo": str(todo[i]), "stage": result.stage, "reason": str(result)})
-                    continue
-                # made on the device; only the bool mask and the uint8 alpha travel
-                mask, a = to_host(result.mask(threshold)), to_host(alpha(result, threshold, soft=edge == "soft"))
-                pending.append(pool.submit(_write, todo[i], mask, a, outputs(out, todo[i], tag), colour, cfg.cutout.clean_edges))
-                _drain(pending, keep=8)
-            _drain(pending, keep=0)
+                else:  # made on the device; only the bool mask and the uint8 alpha travel
+                    writer.write(Output(i, result, *cut_planes(result, source.threshold)))
         seconds = time.monotonic() - started
     if errors or (out / "errors.csv").exists():
         write_csv(out / "errors.csv", pd.DataFrame(errors, columns=["photo", "stage", "reason"]))
@@ -114,9 +104,3 @@ def cutout(inputs: list[str], out: str, cfg: Settings, composite: str | None = N
         log.info(f"cutout: {len(errors)} photo(s) could not be cut out, listed in {out / 'errors.csv'}")
         return 1
     return 0
-
-
-def _drain(pending: list[Future], keep: int) -> None:
-    """Wait until at most `keep` photos are being written (bounded memory), raising a writer's error."""
-    while len(pending) > keep:
-        pending.pop(0).result()

@@ -3,14 +3,14 @@
 share of car pixels inside the stage-1 box, the threshold sweep, the ten worst images, and
 overlays showing where each stage is wrong. `score` computes, `save` writes the report files.
 
-The sweep is also where the mask threshold comes from under `predict.threshold: auto`
-(`mask_threshold`): this module writes `report/threshold_sweep.csv` and is the one that reads it,
-handing the stages a number.
+The sweep is also where the mask threshold comes from under `predict.threshold: auto`: this module
+writes `report/threshold_sweep.csv`, the model source of the config's checkpoints reads it
+(common/model_source.py `mask_threshold`).
 """
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -23,17 +23,18 @@ from common.boxes import Box
 from common.config import Settings
 from common.data.images import read_image, read_mask
 from common.data.kaggle import Sample, index_split, split_by_car
-from common.errors import ConfigError, DataError, Failure
+from common.errors import DataError, Failure
 from common.io import atomic_path, save_figure, write_csv, write_text
 from common.log import log
 from common.metrics import dice, dice_counts, dice_of, sweep_counts, sweep_dice
-from common.model import checkpoint_paths, pick_device
-from common.prediction.reader import from_host
+from common.model import pick_device
+from common.model_source import ModelSource, sweep_path
 from common.prediction.step import Prediction
-from common.prediction.writer import to_host_all
+from common.prediction.transfer import from_host, to_host_all
 from common.training.losses import edge_band
-from stage1_lowres.predict import Coarse, cached_boxes
-from stage2_fullres.predict import Cascade
+from stage1_lowres.box_cache import cached_boxes
+from stage1_lowres.coarse import Coarse
+from stage2_fullres.cascade import Cascade
 from stage2_fullres.tiles import plan_tiles
 
 FALSE_POSITIVE = np.array([255, 40, 40], np.uint8)  # predicted car, truly background
@@ -42,27 +43,6 @@ BOX, SEAM = np.array([255, 220, 0], np.uint8), np.array([0, 230, 230], np.uint8)
 THRESHOLDS = np.round(np.arange(0.1, 0.91, 0.05), 2)  # the sweep of validation Dice against the mask threshold
 EDGE_RADIUS = 3  # edge Dice: pixels within this distance of the true boundary
 KEPT = 12  # the worst images whose masks stay in memory for the overlays
-
-
-def sweep_path(cfg: Settings) -> Path:
-    return Path(cfg.output.dir) / "report" / "threshold_sweep.csv"
-
-
-def mask_threshold(cfg: Settings, strict: bool = True) -> float:
-    """The cascade's mask threshold: `predict.threshold`, or with `auto` the one that gave the best
-    mean validation Dice in the last `carvana evaluate` (report/threshold_sweep.csv). `strict=False`
-    (training, evaluation itself) falls back to 0.5 while no sweep exists yet."""
-    value = cfg.predict.threshold
-    if value != "auto":
-        return float(value)
-    path = sweep_path(cfg)
-    if not path.is_file():
-        if strict:
-            raise ConfigError(f"predict.threshold=auto uses the best threshold of `carvana evaluate`, and {path} does not "
-                              "exist yet: run `carvana evaluate` with the same config first, or set a number")
-        return 0.5
-    sweep = pd.read_csv(path)
-    return float(sweep.threshold[sweep.dice_cascade.idxmax()])
 
 
 @dataclass(frozen=True)
@@ -89,20 +69,19 @@ class Evaluation:
         return "dice_cascade" if self.refined else "dice_stage1"
 
 
-def score(cfg: Settings) -> Evaluation:
-    """Every validation image predicted as `stage2 predict` predicts (stage 1 alone without a refiner
-    checkpoint) and scored against its mask."""
+def score(cfg: Settings, source: ModelSource) -> Evaluation:
+    """Every validation image predicted as `stage2 predict` predicts (stage 1 alone without a refiner)
+    and scored against its mask."""
     samples = index_split(cfg.data.root, "train", cfg.data.hq)
     _, val = split_by_car(samples, cfg.data.val_cars)
     boxes = cached_boxes(cfg)
-    refiners = checkpoint_paths(cfg, "stage2")
-    has_refiner = all(p.is_file() for p in refiners)
+    has_refiner = source.has("refiner")
     if not has_refiner:
-        log.info(f"evaluate: no stage-2 checkpoint at {', '.join(map(str, refiners))}; scoring stage 1 alone")
+        log.info("evaluate: no stage-2 net yet; scoring stage 1 alone")
     device = pick_device(cfg.device)
     # stage 1 is scored even when the refiner takes no coarse channel
-    predictor = Cascade.from_config(cfg, device) if has_refiner else Coarse.from_config(cfg, device)
-    threshold = mask_threshold(cfg, strict=False)
+    predictor = Cascade.load(source, cfg, device) if has_refiner else Coarse.load(source, cfg, device)
+    threshold = source.threshold
     ranking = "dice_cascade" if has_refiner else "dice_stage1"
     rows, sweeps, kept, pending = [], [], {}, []
 
@@ -162,7 +141,36 @@ def _score_image(sample: Sample, pred: Prediction, stage1_threshold: float,
     return done
 
 
-def save(cfg: Settings, ev: Evaluation) -> dict:
+@dataclass(frozen=True)
+class Summary:
+    """report/summary.json: the validation's headline figures (the README's, the bundle's, the report's)."""
+
+    images: int
+    mean_dice_stage1: float
+    mean_dice_cascade: float  # NaN without a refiner
+    mean_edge_dice_stage1: float  # within `edge_radius` px of the true boundary
+    mean_edge_dice_cascade: float
+    edge_radius: int
+    min_box_coverage: float  # the least share of an image's car pixels inside its stage-1 box
+    images_losing_car_pixels_to_the_box: int
+    worst_box_coverage: list[str]  # images, worst first
+    worst: list[str]  # the ten worst images by the ranking Dice
+
+    @staticmethod
+    def path(cfg: Settings) -> Path:
+        return Path(cfg.output.dir) / "report" / "summary.json"
+
+    @classmethod
+    def read(cls, cfg: Settings) -> Summary | None:
+        """The last `carvana evaluate`'s summary of this run, or None where it has not run."""
+        path = cls.path(cfg)
+        return cls(**json.loads(path.read_text())) if path.is_file() else None
+
+    def write(self, cfg: Settings) -> None:
+        write_text(self.path(cfg), json.dumps(asdict(self), indent=2))
+
+
+def save(cfg: Settings, ev: Evaluation) -> Summary:
     """report/: metrics.csv, threshold_sweep.csv and .png, summary.json and the worst images' overlays;
     returns the summary."""
     report = Path(cfg.output.dir) / "report"
@@ -172,33 +180,30 @@ def save(cfg: Settings, ev: Evaluation) -> dict:
     plot_sweep(ev.sweep, report / "threshold_sweep.png")
     worst = metrics.nsmallest(10, ev.ranking)
     cut = metrics[metrics.car_pixels_outside_box > 0].nsmallest(10, "box_coverage")
-    summary = {"images": len(metrics), "mean_dice_stage1": float(metrics.dice_stage1.mean()),
-               "mean_dice_cascade": float(metrics.dice_cascade.mean()),
-               "mean_edge_dice_stage1": float(metrics.edge_dice_stage1.mean()),
-               "mean_edge_dice_cascade": float(metrics.edge_dice_cascade.mean()), "edge_radius": EDGE_RADIUS,
-               "min_box_coverage": float(metrics.box_coverage.min()), "images_losing_car_pixels_to_the_box": int(len(cut)),
-               "worst_box_coverage": cut.img.tolist(), "worst": worst.img.tolist()}
-    write_text(report / "summary.json", json.dumps(summary, indent=2))
+    summary = Summary(len(metrics), float(metrics.dice_stage1.mean()), float(metrics.dice_cascade.mean()),
+                      float(metrics.edge_dice_stage1.mean()), float(metrics.edge_dice_cascade.mean()), EDGE_RADIUS,
+                      float(metrics.box_coverage.min()), int(len(cut)), cut.img.tolist(), worst.img.tolist())
+    summary.write(cfg)
     for img in worst.img[:6]:
         if img in ev.kept:
             save_overlay(ev.kept[img], cfg, report / "overlays" / f"{Path(img).stem}.png", ev.refined)
     return summary
 
 
-def evaluate(cfg: Settings) -> pd.DataFrame:
+def evaluate(cfg: Settings, source: ModelSource) -> pd.DataFrame:
     """`score`, then `save`; returns the per-image metrics."""
-    ev = score(cfg)
-    summary = save(cfg, ev)
-    log.info(f"evaluate: {summary['images']} validation images; mean Dice stage 1 {summary['mean_dice_stage1']:.4f}, "
-             f"cascade {summary['mean_dice_cascade']:.4f}; within {EDGE_RADIUS} px of the boundary: stage 1 "
-             f"{summary['mean_edge_dice_stage1']:.4f}, cascade {summary['mean_edge_dice_cascade']:.4f}; box coverage min "
-             f"{summary['min_box_coverage']:.5f} ({summary['images_losing_car_pixels_to_the_box']} image(s) lose car pixels to "
-             f"the box); {Path(cfg.output.dir) / 'report' / 'metrics.csv'}")
+    ev = score(cfg, source)
+    s = save(cfg, ev)
+    log.info(f"evaluate: {s.images} validation images; mean Dice stage 1 {s.mean_dice_stage1:.4f}, cascade "
+             f"{s.mean_dice_cascade:.4f}; within {EDGE_RADIUS} px of the boundary: stage 1 {s.mean_edge_dice_stage1:.4f}, "
+             f"cascade {s.mean_edge_dice_cascade:.4f}; box coverage min {s.min_box_coverage:.5f} "
+             f"({s.images_losing_car_pixels_to_the_box} image(s) lose car pixels to the box); "
+             f"{Path(cfg.output.dir) / 'report' / 'metrics.csv'}")
     return ev.metrics
 
 
-def main(cfg: Settings) -> int:
-    evaluate(cfg)
+def main(cfg: Settings, source: ModelSource) -> int:
+    evaluate(cfg, source)
     return 0
 
 

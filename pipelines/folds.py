@@ -15,7 +15,7 @@ from common.model import checkpoint_paths
 
 
 def train_folds(stage: str, k: int, cfg: Settings) -> int:
-    from pipelines.evaluate import mask_threshold
+    from common.model_source import open_source
     from stage1_lowres import train as s1_train
     from stage2_fullres import train as s2_train
 
@@ -23,7 +23,7 @@ def train_folds(stage: str, k: int, cfg: Settings) -> int:
     if not 2 <= k <= cars:
         raise ConfigError(f"folds: K={k} must be between 2 and the number of training cars ({cars})")
     out = Path(cfg.output.dir)
-    main = s1_train.main if stage == "stage1" else lambda c: s2_train.main(c, mask_threshold(c, strict=False))
+    main = s1_train.main if stage == "stage1" else lambda c: s2_train.main(c, open_source(c, strict=False))
     best = []
     for fold in range(1, k + 1):
         changes = {"data.val_cars": f"{fold}/{k}", "output.dir": str(out / "folds" / str(fold))}

@@ -1,20 +1,14 @@
-"""Matting: what a background-removal user gets from a cascade's prediction. The alpha (hard: the
-mask; soft: the car's edge semi-transparent as the probability says), the car's own colour in that
-soft edge (`foreground`), and the picture: the cutout (RGBA), the alpha alone or the photo composited
-on a flat colour, optionally cropped to the car's box. `carvana cutout` and `carvana serve` both make
-their pictures here."""
+"""Matting: the pixels a background-removal user gets from a cascade's prediction. The alpha (hard:
+the mask; soft: the car's edge semi-transparent as the probability says), the car's own colour in that
+soft edge (`foreground`) and the composite on a flat colour. pipelines/picture.py puts them together
+into the picture a user asked for."""
 from __future__ import annotations
-
-from typing import Literal
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from common.boxes import Box
 from common.prediction.step import Prediction
-
-Picture = Literal["rgba", "mask", "composite"]
 
 EDGE_BAND = 2  # pixels either side of the mask's boundary where a soft alpha follows the probability
 # blur fusion's windows (Forte and Pitie 2021 use 90 and 6 px): the wide one holds car and studio for a
@@ -96,19 +90,3 @@ def composite_on(rgb: np.ndarray, alpha: np.ndarray, colour: tuple) -> np.ndarra
     colour mixed with the new background, never darkened."""
     a = alpha[..., None].astype(np.float32) / 255
     return np.rint(rgb * a + np.array(colour[:3], np.float32) * (1 - a)).astype(np.uint8)
-
-
-def picture(rgb: np.ndarray, alpha: np.ndarray, kind: Picture, colour: tuple = (255, 255, 255), box: Box | None = None,
-            clean: bool = True) -> np.ndarray:
-    """rgba: the photo's pixels with the alpha as a fourth channel (the cutout); mask: the alpha alone;
-    composite: the photo over `colour`. clean: the soft edge in the car's own colour (`foreground`), not
-    the photo's, which carries the old background. With `box`, cropped to it (after cleaning: a crop is
-    the crop of the whole picture)."""
-    if clean and kind != "mask":
-        rgb = foreground(torch.from_numpy(rgb), torch.from_numpy(alpha)).numpy()
-    if box is not None:
-        x0, y0, x1, y1 = box
-        rgb, alpha = rgb[y0:y1, x0:x1], alpha[y0:y1, x0:x1]
-    if kind == "mask":
-        return alpha
-    return composite_on(rgb, alpha, colour) if kind == "composite" else np.dstack([rgb, alpha])

@@ -3,13 +3,13 @@ from __future__ import annotations
 
 import base64
 import html
-import json
 from pathlib import Path
 
 import pandas as pd
 
 from common.config import Settings, as_yaml
 from common.io import write_text
+from pipelines.evaluate import Summary
 
 STYLE = """body{font-family:system-ui,sans-serif;margin:2em auto;max-width:1200px;color:#222}
 table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:4px 10px;text-align:right}
@@ -32,17 +32,17 @@ def write_report(cfg: Settings, steps: list[dict] | None = None) -> Path:
     out = Path(cfg.output.dir)
     report = out / "report"
     parts = [f"<h1>Carvana cascade: {html.escape(str(out))}</h1>"]
-    summary_path = report / "summary.json"
-    if summary_path.is_file():
-        summary = json.loads(summary_path.read_text())
+    summary = Summary.read(cfg)
+    if summary is not None:
+        s = summary
         parts.append(f"<h2>Validation Dice</h2><table><tr><th>model</th><th>mean Dice</th><th>images</th></tr>"
-                     f"<tr><td>stage 1 alone (upsampled)</td><td>{summary['mean_dice_stage1']:.4f}</td><td>{summary['images']}</td></tr>"
-                     f"<tr><td>cascade</td><td>{summary['mean_dice_cascade']:.4f}</td><td>{summary['images']}</td></tr></table>")
-        if "mean_edge_dice_stage1" in summary:
-            parts.append(f"<p>Within {summary['edge_radius']} px of the true boundary: stage 1 {summary['mean_edge_dice_stage1']:.4f}, "
-                         f"cascade {summary['mean_edge_dice_cascade']:.4f}. Stage-1 box coverage (share of car pixels inside the box): "
-                         f"min {summary['min_box_coverage']:.5f}; {summary['images_losing_car_pixels_to_the_box']} image(s) lose car "
-                         f"pixels to the box{': ' + html.escape(', '.join(summary['worst_box_coverage'])) if summary['worst_box_coverage'] else ''}.</p>")
+                     f"<tr><td>stage 1 alone (upsampled)</td><td>{s.mean_dice_stage1:.4f}</td><td>{s.images}</td></tr>"
+                     f"<tr><td>cascade</td><td>{s.mean_dice_cascade:.4f}</td><td>{s.images}</td></tr></table>")
+        losing = f": {html.escape(', '.join(s.worst_box_coverage))}" if s.worst_box_coverage else ""
+        parts.append(f"<p>Within {s.edge_radius} px of the true boundary: stage 1 {s.mean_edge_dice_stage1:.4f}, "
+                     f"cascade {s.mean_edge_dice_cascade:.4f}. Stage-1 box coverage (share of car pixels inside the box): "
+                     f"min {s.min_box_coverage:.5f}; {s.images_losing_car_pixels_to_the_box} image(s) lose car "
+                     f"pixels to the box{losing}.</p>")
     if steps:
         parts.append("<h2>Steps</h2>" + _table(pd.DataFrame(steps).assign(seconds=lambda f: f.seconds.map("{:.1f}".format))))
     parts.append("<h2>Validation Dice against the mask threshold</h2>" + _img(report / "threshold_sweep.png", "threshold sweep"))

@@ -15,7 +15,7 @@ import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 from common.config import Settings, depends, digest, load_config, save_config
 from common.errors import ConfigError
@@ -48,9 +48,9 @@ def _data_fingerprint(cfg: Settings) -> str:
 def steps(cfg: Settings) -> list[Step]:
     """The pipeline's steps, in order."""
     from common.data.synth import write_sample_data
+    from common.model_source import open_source
     from pipelines.bundle import make_bundle
     from pipelines.evaluate import main as evaluate
-    from pipelines.evaluate import mask_threshold
     from stage1_lowres import predict as s1_predict
     from stage1_lowres import train as s1_train
     from stage2_fullres import predict as s2_predict
@@ -64,8 +64,12 @@ def steps(cfg: Settings) -> list[Step]:
         return 0
 
     def bundle(c: Settings) -> int:
-        make_bundle(c, out / "bundle")
+        make_bundle(c, open_source(c), out / "bundle")
         return 0
+
+    def sourced(action: Callable[[Settings, Any], int], strict: bool) -> Callable[[Settings], int]:
+        """A command run with the run's checkpoints as its model source (`strict`: open_source's)."""
+        return lambda c: action(c, open_source(c, strict=strict))
 
     def reads(*outputs: str, files: bool = False) -> Callable[[], dict]:
         """A step's fingerprint: the settings its outputs depend on, as their declarations say."""
@@ -77,12 +81,12 @@ def steps(cfg: Settings) -> list[Step]:
         Step("stage1_train", ("sample_data",), (out / "stage1" / "best.pt",), reads("stage1.model", files=True), s1_train.main,
              every_rank=True),
         Step("stage1_predict", ("stage1_train",), (out / "bboxes.csv", out / "stage1_submission.csv.gz"),
-             reads("boxes", "test_rows"), s1_predict.main),
+             reads("boxes", "test_rows"), sourced(s1_predict.main, strict=False)),
         Step("stage2_train", ("stage1_predict",), (out / "stage2" / "best.pt",), reads("stage2.model"),
-             lambda c: s2_train.main(c, mask_threshold(c, strict=False)), every_rank=True),
-        Step("evaluate", ("stage2_train",), (out / "report" / "metrics.csv",), reads("masks"), evaluate),
+             sourced(s2_train.main, strict=False), every_rank=True),
+        Step("evaluate", ("stage2_train",), (out / "report" / "metrics.csv",), reads("masks"), sourced(evaluate, strict=False)),
         Step("stage2_predict", ("stage2_train", "evaluate") if auto else ("stage2_train",), (out / "submission.csv.gz",),
-             reads("masks", "test_rows"), lambda c: s2_predict.main(c, mask_threshold(c))),
+             reads("masks", "test_rows"), sourced(s2_predict.main, strict=True)),
         Step("bundle", ("stage2_train", "evaluate"), (out / "bundle" / "bundle.json",), reads("boxes", "masks"),
              bundle),
     ]
@@ -183,9 +187,10 @@ def _print_summary(cfg: Settings, table: list[dict], report: Path) -> None:
     log.info("\nstep             state      seconds")
     for row in table:
         log.info(f"{row['step']:<16} {row['state']:<10} {row['seconds']:>7.1f}")
-    summary = out / "report" / "summary.json"
-    if summary.is_file():
-        scores = json.loads(summary.read_text())
-        log.info(f"\nvalidation Dice ({scores['images']} images): stage 1 alone {scores['mean_dice_stage1']:.4f}   "
-                 f"cascade {scores['mean_dice_cascade']:.4f}")
+    from pipelines.evaluate import Summary
+
+    scores = Summary.read(cfg)
+    if scores is not None:
+        log.info(f"\nvalidation Dice ({scores.images} images): stage 1 alone {scores.mean_dice_stage1:.4f}   "
+                 f"cascade {scores.mean_dice_cascade:.4f}")
     log.info(f"submission: {out / 'submission.csv.gz'}\nreport:     {report}")

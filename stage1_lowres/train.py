@@ -10,8 +10,8 @@ from common.config import Settings
 from common.model import build_model
 from common.training import distributed
 from common.training.batches import Pair, TensorBatches, read_pairs
-from common.training.trainer import fit, validator
-from stage1_lowres.predict import Coarse
+from common.training.trainer import Run, fit, validator
+from stage1_lowres.coarse import Coarse
 
 
 def as_tensors(pairs: list[Pair]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -22,12 +22,13 @@ def as_tensors(pairs: list[Pair]) -> tuple[torch.Tensor, torch.Tensor]:
     return images, masks
 
 
-def coarse_predictions(images: torch.Tensor, device: torch.device, batch_size: int):
+def coarse_predictions(images: torch.Tensor, cfg: Settings, device: torch.device):
     """Validation's predictions: the decoded uint8 (N, 3, size, size) images through `Coarse`, stage 1's
-    predict step (without flip TTA), a batch at a time."""
+    predict step (without flip TTA), four prediction batches at a time."""
+    cfg, batch_size = cfg.updated({"predict.tta_flip": False}), cfg.predict.batch_size * 4
 
     def predict(model) -> Iterator[tuple[int, torch.Tensor]]:
-        coarse = Coarse(model, images.shape[-1], device)
+        coarse = Coarse(model, cfg, device)
         for i in range(0, len(images), batch_size):
             yield from enumerate(coarse.probs(list(images[i : i + batch_size].to(device))), i)
 
@@ -44,6 +45,6 @@ def main(cfg: Settings) -> int:
     batches = TensorBatches(*as_tensors(pairs.train), s.batch_size, device, ranks, seed=cfg.seed)
     val_images, val_masks = as_tensors(pairs.val)
     # Dice at 0.5, whatever stage1.threshold says: that setting changes boxes, not which epoch is best.pt
-    validate = validator(coarse_predictions(val_images, device, cfg.predict.batch_size * 4), list(val_masks[:, 0].bool()), 0.5)
-    fit(cfg, "stage1", model, batches, validate, pairs, about, device, ranks)
+    validate = validator(coarse_predictions(val_images, cfg, device), list(val_masks[:, 0].bool()), 0.5)
+    fit(Run.of(cfg, "stage1", device, ranks), model, batches, validate, pairs, about)
     return 0

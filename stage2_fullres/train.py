@@ -16,11 +16,13 @@ from common.config import Settings, Stage2
 from common.data.images import read_image, read_mask, read_mask_cached
 from common.errors import Failure
 from common.model import build_model
+from common.model_source import ModelSource
 from common.training import distributed
 from common.training.batches import LoaderBatches, Pair, read_pairs
-from common.training.trainer import fit, validator
-from stage1_lowres.predict import Coarse, cached_boxes, upsample
-from stage2_fullres.predict import Cascade
+from common.training.trainer import Run, fit, validator
+from stage1_lowres.box_cache import cached_boxes
+from stage1_lowres.coarse import Coarse, upsample
+from stage2_fullres.cascade import Cascade
 from stage2_fullres.tiles import cut_tiles
 
 
@@ -85,8 +87,9 @@ def cascade_predictions(pairs: list[Pair], boxes: dict[str, Box], coarse: Coarse
     return predict
 
 
-def main(cfg: Settings, threshold: float) -> int:
-    """`stage2 train`, validated at the mask threshold the caller resolved (pipelines/evaluate.py `mask_threshold`)."""
+def main(cfg: Settings, source: ModelSource) -> int:
+    """`stage2 train`: the source gives the stage-1 net (for the coarse channel) and the mask threshold
+    validation scores at (the refiner is what this trains)."""
     s = cfg.stage2
     out = Path(cfg.output.dir)
     ranks, device = distributed.init(cfg.device)
@@ -104,7 +107,7 @@ def main(cfg: Settings, threshold: float) -> int:
         train_box = {p.sample.img: cached[p.sample.img] for p in train_pairs}
     coarse_model, coarse = None, None
     if s.coarse_channel:
-        coarse_model = Coarse.from_config(cfg, device)
+        coarse_model = Coarse.load(source, cfg, device)
         coarse = {}
         for k in range(0, len(train_pairs), 32):  # the scan's stage-1-size images, no second decode
             batch = train_pairs[k : k + 32]
@@ -118,6 +121,6 @@ def main(cfg: Settings, threshold: float) -> int:
     crops = CropDataset(train_pairs, train_box, s, coarse, out / "cache" / "masks", seed=cfg.seed)
     with LoaderBatches(crops, s.batch_size, s.workers, device, ranks, seed=cfg.seed, per_item=s.crops_per_image) as batches:
         truths = [torch.from_numpy(read_mask(p.sample.mask)) for p in val_pairs]  # read once, not every epoch
-        validate = validator(cascade_predictions(val_pairs, cached, coarse_model, cfg, device), truths, threshold)
-        fit(cfg, "stage2", model, batches, validate, pairs, about, device, ranks)
+        validate = validator(cascade_predictions(val_pairs, cached, coarse_model, cfg, device), truths, source.threshold)
+        fit(Run.of(cfg, "stage2", device, ranks), model, batches, validate, pairs, about)
     return 0

@@ -54,16 +54,17 @@ def copy_run(cfg: dict, out: Path) -> dict:
 @pytest.fixture(scope="session")
 def evaluated(tiny_run, tmp_path_factory):
     """`carvana evaluate` once on a copy of the tiny run: (its config, the per-image metrics)."""
+    from common.model_source import open_source
     from pipelines.evaluate import evaluate
 
     cfg = copy_run(tiny_run, tmp_path_factory.mktemp("evaluated") / "run")
-    return cfg, evaluate(cfg)
+    return cfg, evaluate(cfg, open_source(cfg, strict=False))
 
 
 @pytest.fixture(scope="session")
 def tiny_run(sample_root, tmp_path_factory):
     """Both stages trained for a moment on the shared sample data, plus the stage-1 cache."""
-    from pipelines.evaluate import mask_threshold
+    from common.model_source import open_source
     from stage1_lowres import predict as s1_predict
     from stage1_lowres import train as s1_train
     from stage2_fullres import train as s2_train
@@ -71,6 +72,6 @@ def tiny_run(sample_root, tmp_path_factory):
     out = tmp_path_factory.mktemp("run")
     cfg = tiny_config(sample_root, out)
     s1_train.main(cfg)
-    assert s1_predict.main(cfg) == 0
-    s2_train.main(cfg, mask_threshold(cfg, strict=False))
+    assert s1_predict.main(cfg, open_source(cfg, strict=False)) == 0
+    s2_train.main(cfg, open_source(cfg, strict=False))
     return cfg

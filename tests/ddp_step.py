@@ -11,7 +11,7 @@ from test_trainer import CONFIG, Blobs, _settings, _validator  # noqa: E402
 from common.model import UNet  # noqa: E402
 from common.training import distributed  # noqa: E402
 from common.training.batches import TensorBatches  # noqa: E402
-from common.training.trainer import train  # noqa: E402
+from common.training.trainer import Run, train  # noqa: E402
 
 out = Path(sys.argv[1])
 ranks, device = distributed.init("cpu")
@@ -21,5 +21,5 @@ torch.manual_seed(0)
 model = UNet(3, 3, 8)
 settings = _settings(epochs=1, optimizer="sgd", momentum=0.0, lr=0.5, schedule="constant", batch_size=4,
                      precision="fp32")  # compared at 1e-5 with an fp32 step in the test
-train(model, shard, _validator(data), settings, out / "run", CONFIG, device, ranks=ranks)
+train(Run(settings, out / "run", CONFIG, device, ranks), model, shard, _validator(data))
 torch.save({k: v.detach() for k, v in model.state_dict().items()}, out / f"rank{ranks.rank}.pt")

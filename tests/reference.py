@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from common.data.images import read_image
-from stage1_lowres.predict import box_from_probability
+from stage1_lowres.coarse import box_from_probability
 from stage2_fullres.tiles import plan_tiles
 
 

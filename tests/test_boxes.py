@@ -3,7 +3,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from common.boxes import expand_box, jitter_box, largest_component, mask_extent, scale_box
-from stage1_lowres.predict import box_from_probability
+from stage1_lowres.coarse import box_from_probability
 
 
 def test_extent_and_empty():
@@ -72,7 +72,7 @@ def test_jittered_box_is_valid(amount, seed):
 def test_windowed_upsample_equals_the_full_one():
     import torch
 
-    from stage1_lowres.predict import upsample
+    from stage1_lowres.coarse import upsample
 
     prob = torch.rand(64, 64, generator=torch.Generator().manual_seed(0))
     full = upsample(prob, 1918, 1280)

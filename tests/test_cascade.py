@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import io
 import threading
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -19,13 +20,31 @@ from common.data.chunks import Chunk, ChunkStore
 from common.errors import DataError, Failure
 from common.metrics import dice
 from common.model import UNet, load_model
+from common.model_source import open_source
 from common.prediction.writer import ChunkWriter, Output
-from pipelines.evaluate import mask_threshold
-from stage1_lowres.predict import Coarse, cached_boxes
+from stage1_lowres.box_cache import cached_boxes
+from stage1_lowres.coarse import Coarse
 from stage2_fullres import predict as s2_predict
-from stage2_fullres.predict import Cascade
+from stage2_fullres.cascade import Cascade
 
 CPU = torch.device("cpu")
+
+
+def _settings(*more):
+    """Prediction settings with stage 1 at 32 px, no data or run folder needed."""
+    return tiny_config("unused", "unused", "stage1.size=32", *more)
+
+
+@dataclass(frozen=True)
+class Numbered:
+    """A chunk row of these tests: an image name and a number."""
+
+    img: str
+    n: int = 0
+    error: str = ""
+
+    def record(self) -> dict:
+        return {"img": self.img, "n": self.n}
 
 
 def _nets(run_cfg):
@@ -37,7 +56,7 @@ def _agreement(run_cfg, paths, boxes, flip=False):
     """Per-image Dice between the old path's masks and the Cascade's: (stage 1, cascade) lists."""
     stage1, refiner = _nets(run_cfg)
     cfg = tiny_config(run_cfg.data.root, run_cfg.output.dir, f"predict.tta_flip={flip}", "predict.workers=0")
-    cascade = Cascade(Coarse(stage1, cfg.stage1.size, CPU), refiner, cfg, CPU)
+    cascade = Cascade(Coarse(stage1, cfg, CPU), refiner, cfg, CPU)
     s1, s2 = [], []
     for i, pred in cascade.run(paths, boxes):
         old = reference.old_predict(stage1, refiner, paths[i], cfg.stage1.size, boxes[i], flip=flip,
@@ -72,9 +91,9 @@ def test_untrained_residual_refiner_reproduces_the_coarse_mask(height, width, ti
     training the whole refine path (tiles cut on the device, forward, blended, stitched; 64 px tiles
     overlapping, or one 512 px tile reflect-padded around a smaller image) gives back stage 1's
     probability inside the box and background outside."""
-    cfg = tiny_config("unused", "unused", f"stage2.tile={tile}", f"stage2.min_overlap={tile // 4}", "predict.batch_size=3")
+    cfg = _settings(f"stage2.tile={tile}", f"stage2.min_overlap={tile // 4}", "predict.batch_size=3")
     torch.manual_seed(0)
-    cascade = Cascade(Coarse(UNet(3, 2, 4).eval(), 32, CPU), UNet(4, 3, 4, prior_skip=True).eval(), cfg, CPU)
+    cascade = Cascade(Coarse(UNet(3, 2, 4).eval(), cfg, CPU), UNet(4, 3, 4, prior_skip=True).eval(), cfg, CPU)
     image = torch.randint(0, 256, (3, height, width), dtype=torch.uint8)
     pred = cascade.predict([image, image], [box, None])  # the second box found by stage 1, in the same batch
     x0, y0, x1, y1 = box
@@ -92,7 +111,7 @@ def test_every_image_comes_back_in_order_with_errors_named(tmp_path):
         paths.append(path)
     paths[2].write_bytes(b"")
     paths[5] = tmp_path / "missing.jpg"
-    coarse = Coarse(UNet(3, 2, 4).eval(), 32, CPU, batch_size=3, workers=2)
+    coarse = Coarse(UNet(3, 2, 4).eval(), _settings("predict.batch_size=3", "predict.workers=2"), CPU)
     results = list(coarse.run(paths))
     assert [i for i, _ in results] == list(range(7))
     assert [i for i, result in results if isinstance(result, Failure)] == [2, 5]
@@ -109,8 +128,8 @@ def test_an_image_too_large_for_the_tile_settings_is_an_error_and_the_batch_goes
     for k, (h, w) in enumerate(sizes):
         paths.append(tmp_path / f"photo{k}.png")
         Image.fromarray(np.full((h, w, 3), 40 * k, np.uint8)).save(paths[-1])
-    cfg = tiny_config("unused", "unused", "stage2.tile=64", "stage2.min_overlap=32", "predict.batch_size=3")
-    cascade = Cascade(Coarse(UNet(3, 2, 4).eval(), 32, CPU), UNet(4, 3, 4, prior_skip=True).eval(), cfg, CPU)
+    cfg = _settings("stage2.tile=64", "stage2.min_overlap=32", "predict.batch_size=3")
+    cascade = Cascade(Coarse(UNet(3, 2, 4).eval(), cfg, CPU), UNet(4, 3, 4, prior_skip=True).eval(), cfg, CPU)
     results = dict(cascade.run(paths, [(0, 0, w, h) for h, w in sizes]))
     failure = results[1]
     assert isinstance(failure, Failure) and (failure.file, failure.stage) == (str(paths[1]), "stage2")
@@ -141,7 +160,7 @@ def test_jpeg_bytes_path_decodes_on_the_device_and_falls_back(tiny_run, tmp_path
     bad.write_bytes(paths[0].read_bytes()[:5000])
     Image.open(paths[1]).convert("L").save(gray)
     stage1, _ = _nets(tiny_run)
-    coarse = Coarse(stage1, tiny_run.stage1.size, CPU, batch_size=4, workers=1)
+    coarse = Coarse(stage1, tiny_run.updated({"predict.batch_size": 4, "predict.workers": 1}), CPU)
     plain = [pred for _, pred in coarse.run(paths)]
     monkeypatch.setattr(reader, "nvjpeg_decoder", lambda device: fake_decode)
     assert [pred.box for _, pred in coarse.run(paths)] == [pred.box for pred in plain] and calls == []  # pil: nvjpeg unused
@@ -160,9 +179,9 @@ def test_static_batches_for_compile_do_not_change_results(tiny_run):
     paths = sorted(Path(tiny_run.data.root, "test").glob("*.jpg"))[:1]
     box = [cached_boxes(tiny_run)[paths[0].name]]
     cfg = tiny_config("unused", "unused", "predict.batch_size=3", "predict.tta_flip=true", "predict.workers=0")
-    cascade = Cascade(Coarse(stage1, cfg.stage1.size, CPU), refiner, cfg, CPU)
+    cascade = Cascade(Coarse(stage1, cfg, CPU), refiner, cfg, CPU)
     plain = next(cascade.run(paths, box))[1].prob
-    cascade.static = True  # the padding path (CUDA, compile), without a GPU or a compilation
+    cascade.pad_to = 3  # the padding path (CUDA, compile), without a GPU or a compilation
     torch.testing.assert_close(next(cascade.run(paths, box))[1].prob, plain, atol=1e-5, rtol=0)
 
 
@@ -179,29 +198,27 @@ def test_stage1_sees_one_batch_shape_under_compile_and_the_padding_does_not_leak
     torch.manual_seed(0)
     net = Recording(3, 2, 4).eval()
     images = [torch.randint(0, 256, (3, 40 + k, 60), dtype=torch.uint8) for k in range(5)]
-    plain = Coarse(net, 32, CPU, flip=True).probs(images)
+    plain = Coarse(net, _settings("predict.tta_flip=true"), CPU).probs(images)
     assert shapes == [10]
     shapes.clear()
-    static = Coarse(net, 32, CPU, flip=True, static_batch=2).probs(images)
+    # predict.compile sets the static batch; the net itself is compiled by `Coarse.load` only
+    static = Coarse(net, _settings("predict.tta_flip=true", "predict.compile=true"), CPU)
+    assert static.pad_to == 2 and Coarse(net, _settings("predict.compile=false"), CPU).pad_to == 0
+    static = static.probs(images)
     assert shapes == [4, 4, 4]
     torch.testing.assert_close(static, plain, atol=1e-6, rtol=0)
-    for compile, batch in ((True, 3), (False, 0)):  # the config's compile flag sets the static batch
-        cfg = tiny_config("unused", tmp_path, "predict.batch_size=3", "stage1.size=32", f"predict.compile={compile}")
-        (tmp_path / "stage1").mkdir(exist_ok=True)
-        torch.save({"model": net.state_dict(), "model_args": net.args, "config": cfg.model_dump()}, tmp_path / "stage1" / "best.pt")
-        assert Coarse.from_config(cfg, CPU).static_batch == batch
 
 
 def test_stage1_boxes_of_a_batch_reach_the_host_in_one_copy(monkeypatch):
     """Boxes found by stage 1 for a whole batch come from one device-to-host copy, not one per image;
     images with a given box need none."""
-    from stage1_lowres import predict as coarse_module
+    from stage1_lowres import coarse as coarse_module
 
     copies = []
     real = coarse_module.to_host
     monkeypatch.setattr(coarse_module, "to_host", lambda t: copies.append(tuple(t.shape)) or real(t))
     torch.manual_seed(0)
-    coarse = Coarse(UNet(3, 2, 4).eval(), 32, CPU)
+    coarse = Coarse(UNet(3, 2, 4).eval(), _settings(), CPU)
     images = [torch.randint(0, 256, (3, 60, 90), dtype=torch.uint8) for _ in range(4)]
     preds = coarse.predict(images, [None, (1, 2, 30, 40), None, None])
     assert copies == [(3, 32, 32)]
@@ -288,18 +305,18 @@ def test_writer_and_store_keep_a_fixed_chunk_grid(tmp_path):
     store = ChunkStore(tmp_path, "k", ["img", "n"], 4, names)
     assert not store.folder.exists()  # nothing on disk before work
     items = list(zip(names, range(10)))
-    store.write(1, [{"img": img, "n": n} for img, n in items[4:8]])  # finished first, e.g. by another worker
+    store.write(1, [Numbered(img, n) for img, n in items[4:8]])  # finished first, e.g. by another worker
     todo = store.todo(items)
     assert [chunk.number for chunk in todo] == [0, 2] and todo[1].items == items[8:]
     planned = [item for chunk in todo for item in chunk.items]
-    with ChunkWriter(store, todo, lambda i, result, mask: {"img": planned[i][0], "n": planned[i][1]}) as writer:
+    with ChunkWriter(store, todo, lambda output: Numbered(*planned[output.index])) as writer:
         for i in range(len(planned)):
             writer.write(Output(i, Failure(planned[i][0], "unused")))
     assert [len(p) for p in store.parts()] == [4, 4, 2] and store.todo(items) == []
     assert store.frame(["img"])["img"].tolist() == names
     assert ChunkStore(tmp_path, "k", ["img", "n"], 4, names[:9]).folder != store.folder  # another image list: other chunks
 
-    def boom(i, result, mask):
+    def boom(output):
         raise OSError("disk full")
 
     with pytest.raises(OSError, match="disk full"):
@@ -316,12 +333,12 @@ def test_a_failed_row_never_lets_the_rows_after_it_fill_its_chunk(tmp_path):
     store = ChunkStore(tmp_path, "k", ["img"], 2, names)
     queued = threading.Event()
 
-    def row(i, result, mask):
-        if i == 0:
+    def row(output):
+        if output.index == 0:
             queued.wait(10)
-        if i == 1:
+        if output.index == 1:
             raise OSError("disk full")
-        return {"img": names[i]}
+        return Numbered(names[output.index])
 
     with pytest.raises(OSError, match="disk full"):
         with ChunkWriter(store, store.todo(names), row) as writer:
@@ -334,4 +351,4 @@ def test_a_failed_row_never_lets_the_rows_after_it_fill_its_chunk(tmp_path):
 def test_stage2_needs_the_stage1_boxes_first(tiny_run, tmp_path):
     cfg = tiny_config(tiny_run.data.root, tmp_path / "fresh")
     with pytest.raises(DataError, match="run `carvana stage1 predict`"):
-        s2_predict.main(cfg, mask_threshold(cfg))
+        s2_predict.main(cfg, open_source(cfg))

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 from conftest import tiny_config
 
+from common.model_source import open_source
 from pipelines.cli import main as cli
-from pipelines.evaluate import mask_threshold
 from stage1_lowres import predict as s1_predict
 from stage2_fullres import predict as s2_predict
 
@@ -28,7 +28,7 @@ def _config(tiny_run, out, *more):
 
 
 def _predict(cfg) -> dict[str, bytes]:
-    assert s1_predict.main(cfg) == 0 and s2_predict.main(cfg, mask_threshold(cfg)) == 0
+    assert s1_predict.main(cfg, open_source(cfg)) == 0 and s2_predict.main(cfg, open_source(cfg)) == 0
     return {name: (Path(cfg.output.dir) / name).read_bytes() for name in OUTPUTS}
 
 
@@ -82,7 +82,7 @@ def test_a_cluster_started_with_the_dask_commands_gives_the_bytes_of_a_local_run
                 client.wait_for_workers(1, timeout=120)
                 cfg = _config(tiny_run, tmp_path / "cluster", f"predict.cluster={address}", "predict.chunk=2",
                               f"bboxes.path={local / 'bboxes.csv'}")  # 4 tasks of 2 images
-                assert s2_predict.main(cfg, mask_threshold(cfg)) == 0
+                assert s2_predict.main(cfg, open_source(cfg)) == 0
             finally:
                 worker.terminate()
                 worker.wait(60)
@@ -103,3 +103,25 @@ def test_unreachable_scheduler_is_one_line_exit_1_and_nothing_is_written(tiny_ru
     err = capsys.readouterr().err.strip()
     assert code == 1 and "cannot reach the Dask scheduler" in err and len(err.splitlines()) == 1, err
     assert not out.exists()
+
+
+def test_a_worker_refuses_nets_that_are_not_the_ones_the_client_hashed(tiny_run, tmp_path):
+    """The client hashes the refiner's checkpoint for the chunk key; the file is then replaced (another
+    training writing it, say) before the workers load it: each task refuses it, naming the file, and no
+    chunk is written with other nets than its key says."""
+    import shutil
+
+    import torch
+
+    from common.errors import CheckpointError
+
+    shutil.copytree(Path(tiny_run.output.dir) / "stage2", tmp_path / "stage2")
+    cfg = _config(tiny_run, tmp_path / "cluster", "predict.cluster=local:1", f"stage2.checkpoint={tmp_path / 'stage2' / 'best.pt'}",
+                  f"bboxes.path={tiny_run.output.dir}/bboxes.csv")
+    source = open_source(cfg)
+    source.hash("refiner")  # what the client's chunk key holds
+    checkpoint = torch.load(tmp_path / "stage2" / "best.pt", weights_only=True)
+    torch.save(checkpoint | {"epoch": checkpoint["epoch"] + 1}, tmp_path / "stage2" / "best.pt")
+    with pytest.raises(CheckpointError, match=f"{tmp_path / 'stage2' / 'best.pt'}: changed since this run hashed it"):
+        s2_predict.main(cfg, source)
+    assert not list((tmp_path / "cluster").glob("stage2_chunks/*/part-*.csv"))

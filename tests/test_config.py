@@ -95,14 +95,20 @@ def test_the_configuration_reference_is_generated_from_the_declarations():
 def test_cache_keys_follow_the_declarations(tmp_path):
     """A setting's `affects` decides which caches it invalidates: the box cache key changes with
     stage1.margin, not with a training-only setting or one about how prediction runs."""
-    from stage1_lowres.predict import cache_key
+    from common.model_source import open_source
+    from stage1_lowres.box_cache import cache_key
 
     (tmp_path / "net.pt").write_bytes(b"weights")
     base = load_config(None, [f"stage1.checkpoint={tmp_path / 'net.pt'}"])
-    same = [cache_key(base.updated({k: v})) for k, v in {"stage1.lr": 0.5, "predict.workers": 3, "predict.chunk": 4}.items()]
-    assert same == [cache_key(base)] * 3
-    assert cache_key(base.updated({"stage1.margin": 8})) != cache_key(base)
-    assert cache_key(base.updated({"predict.tta_flip": True})) != cache_key(base)
+    source = open_source(base)
+
+    def key(changes: dict) -> str:
+        return cache_key(base.updated(changes), source)
+
+    same = [key({k: v}) for k, v in {"stage1.lr": 0.5, "predict.workers": 3, "predict.chunk": 4}.items()]
+    assert same == [key({})] * 3
+    assert key({"stage1.margin": 8}) != key({})
+    assert key({"predict.tta_flip": True}) != key({})
 
 
 def test_overrides_parse_before_or_after_config_and_junk_is_refused(capsys):

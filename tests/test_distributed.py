@@ -62,7 +62,7 @@ def test_torchrun_stage1_train_writes_one_loadable_checkpoint(sample_root, tmp_p
     proc = _torchrun(["-m", "stage1_lowres", "train", f"data.root={sample_root}", f"output.dir={out}", *TINY, "stage1.epochs=2",
                       "stage1.max_minutes=5"])
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert proc.stdout.count("stage 1 done") == 1 and "2 ranks" in proc.stdout  # rank 0 alone prints
+    assert proc.stdout.count("stage1 done") == 1 and "2 ranks" in proc.stdout  # rank 0 alone prints
     history = pd.read_csv(out / "stage1" / "history.csv")
     assert list(history.epoch) == [1, 2] and (history.images == 2 * (36 // 2 // 8) * 8).all()  # each rank its own shard
     from common.model import load_model

@@ -11,7 +11,8 @@ from PIL import Image
 
 from common.prediction.step import Prediction
 from pipelines.matting import alpha as alpha_of
-from pipelines.matting import foreground, picture
+from pipelines.matting import foreground
+from pipelines.picture import Cut, Picture, render
 
 
 def _studio_shot() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -26,6 +27,10 @@ def _studio_shot() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return (a * car + (1 - a) * studio).round().to(torch.uint8), alpha, car
 
 
+def _cut(photo: torch.Tensor, alpha: torch.Tensor, box=(0, 0, 320, 240)) -> Cut:
+    return Cut(photo.numpy(), alpha.numpy() >= 128, alpha.numpy(), box, True)
+
+
 def test_the_soft_edge_gets_the_cars_colour_and_nothing_else_changes():
     photo, alpha, car = _studio_shot()
     clean = foreground(photo, alpha)
@@ -34,10 +39,10 @@ def test_the_soft_edge_gets_the_cars_colour_and_nothing_else_changes():
     naive = (photo.float() - car)[band].abs().mean()  # the photo's pixels: the studio mixed in
     assert (clean.float() - car)[band].abs().mean() < naive / 10  # measured: 0.024 of it
     assert torch.equal(clean[~band], photo[~band])  # opaque car and transparent studio: the photo's own pixels
-    rgba = picture(photo.numpy(), alpha.numpy(), "rgba")
+    rgba = _cut(photo, alpha).pixels(Picture("rgba"))
     np.testing.assert_array_equal(rgba[..., 3], alpha.numpy())
     np.testing.assert_array_equal(rgba[..., :3], clean.numpy())
-    np.testing.assert_array_equal(picture(photo.numpy(), alpha.numpy(), "rgba", clean=False)[..., :3], photo.numpy())
+    np.testing.assert_array_equal(_cut(photo, alpha).pixels(Picture("rgba", clean_edges=False))[..., :3], photo.numpy())
 
 
 def test_a_composite_on_white_shows_no_grey_fringe():
@@ -46,7 +51,7 @@ def test_a_composite_on_white_shows_no_grey_fringe():
     truth = a * car.numpy() + (1 - a) * 255  # the car photographed on white
     band = (alpha > 0) & (alpha < 255)
     for clean, most in ((False, 10.0), (True, 1.0)):  # levels of mean error in the band
-        on_white = picture(photo.numpy(), alpha.numpy(), "composite", (255, 255, 255), clean=clean).astype(float)
+        on_white = _cut(photo, alpha).pixels(Picture("composite", clean_edges=clean, background="white")).astype(float)
         error = np.abs(on_white - truth)[band.numpy()].mean()
         assert (error > most) if not clean else (error < most), (clean, error)
 
@@ -54,19 +59,17 @@ def test_a_composite_on_white_shows_no_grey_fringe():
 def test_a_crop_is_the_crop_of_the_whole_picture_and_a_hard_alpha_changes_nothing():
     photo, alpha, _ = _studio_shot()
     box = (40, 30, 290, 210)
-    whole = picture(photo.numpy(), alpha.numpy(), "rgba")
-    np.testing.assert_array_equal(picture(photo.numpy(), alpha.numpy(), "rgba", box=box), whole[30:210, 40:290])
+    whole = _cut(photo, alpha, box).pixels(Picture("rgba"))
+    np.testing.assert_array_equal(_cut(photo, alpha, box).pixels(Picture("rgba", crop=True)), whole[30:210, 40:290])
     hard = (alpha >= 128).to(torch.uint8) * 255
     assert foreground(photo, hard) is photo
 
 
 def test_the_servers_cutout_is_clean_unless_the_query_says_clean_edges_false():
     pytest.importorskip("fastapi", reason="the serve extra is not installed (pip install '.[serve]')")
-    from pipelines.serve import Cut, render
-
     photo, alpha, _ = _studio_shot()
-    cut = Cut(photo.numpy(), alpha.numpy() >= 128, alpha.numpy(), (0, 0, 320, 240), True)
+    cut = _cut(photo, alpha)
     for clean, colours in ((True, foreground(photo, alpha)), (False, photo)):
-        answer = np.asarray(Image.open(io.BytesIO(render(cut, "rgba", "white", True, False, "png", clean))))
+        answer = np.asarray(Image.open(io.BytesIO(render(cut, Picture(clean_edges=clean), fast=True))))
         np.testing.assert_array_equal(answer[..., :3], colours.numpy())
         np.testing.assert_array_equal(answer[..., 3], alpha.numpy())

@@ -77,8 +77,8 @@ def test_flip_augmentation_only_mirrors():
 def test_flip_tta_averages_with_the_mirrored_prediction():
     """Both stages: mirrored inputs ride in the same forward pass and are flipped back before averaging."""
     from common.config import load_config
-    from stage1_lowres.predict import Coarse
-    from stage2_fullres.predict import Cascade
+    from stage1_lowres.coarse import Coarse
+    from stage2_fullres.cascade import Cascade
 
     class Ramp(torch.nn.Module):  # predicts a left-to-right ramp whatever the input
         def forward(self, x):
@@ -91,6 +91,7 @@ def test_flip_tta_averages_with_the_mirrored_prediction():
         probs[flip] = Cascade(None, Ramp(), cfg, torch.device("cpu")).predict([image], [(0, 0, 50, 40)])[0].prob
     assert probs[False][0, 0] < 0.1 and probs[False][0, -1] > 0.9  # the ramp, stitched over two tiles
     torch.testing.assert_close(probs[True], torch.full((40, 50), 0.5), atol=1e-6, rtol=0)
-    coarse = {flip: Coarse(Ramp(), 16, torch.device("cpu"), flip=flip).probs([image])[0] for flip in (False, True)}
+    coarse = {flip: Coarse(Ramp(), load_config(None, ["stage1.size=16", f"predict.tta_flip={flip}"]), torch.device("cpu")).probs([image])[0]
+              for flip in (False, True)}
     assert coarse[False][0, 0] < 0.1 and coarse[False][0, -1] > 0.9
     torch.testing.assert_close(coarse[True], torch.full((16, 16), 0.5), atol=1e-6, rtol=0)

@@ -26,6 +26,7 @@ from test_serve import _busy, _call, _until, _wait_healthy, hold_warm_up, runnin
 from tritonclient.utils import InferenceServerException  # noqa: E402
 
 from common.data.rle import rle_decode  # noqa: E402
+from common.model_source import open_source  # noqa: E402
 from pipelines.serve import Server, create_app, listen  # noqa: E402
 
 INFER = "/v2/models/carvana/infer"
@@ -190,7 +191,8 @@ def test_ready_only_from_the_warm_up_to_the_drain(tiny_run, photo, monkeypatch):
     tick, so no probe can connect after that; the app, asked directly, says 503."""
     warming, warm = hold_warm_up(monkeypatch)
     step = threading.Event()
-    app, sock = create_app(tiny_run.updated({"serve.max_wait_ms": 0})), listen("127.0.0.1", 0)
+    cfg = tiny_run.updated({"serve.max_wait_ms": 0})
+    app, sock = create_app(cfg, open_source(cfg)), listen("127.0.0.1", 0)
     server = Server(uvicorn.Config(app, log_level="warning"))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()

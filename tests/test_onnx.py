@@ -11,8 +11,8 @@ import torch
 from common.data.images import read_image
 from common.model import load_model, prepare
 from common.onnx_export import OnnxNet, export
-from stage1_lowres.predict import Coarse, to_stage1_input, upsample
-from stage2_fullres.predict import Cascade
+from stage1_lowres.coarse import Coarse, to_stage1_input, upsample
+from stage2_fullres.cascade import Cascade
 from stage2_fullres.tiles import cut_tiles, plan_tiles
 
 pytest.importorskip("onnxruntime", reason="onnxruntime is not installed (the onnx extra: pip install '.[onnx]')")
@@ -59,7 +59,7 @@ def test_exported_nets_match_pytorch_on_real_photos(tiny_run, real_samples, tmp_
     # OnnxNet stands in for the nets in the predictors (channels_last inputs, flip TTA doubling the batch);
     # the PyTorch cascade runs in prediction's precision (bf16 on CPUs that have it). A box of two tiles: fast
     flip, box = tiny_run.updated({"predict.tta_flip": True}), (400, 400, 1300, 900)
-    masks = [Cascade(Coarse(s1, size, CPU, flip=True), s2, flip, CPU).predict(photos[:1], [box])[0].mask(0.5)
+    masks = [Cascade(Coarse(s1, flip, CPU), s2, flip, CPU).predict(photos[:1], [box])[0].mask(0.5)
              for s1, s2 in ((stage1, refiner), (onnx_stage1, onnx_refiner))]
     same = (masks[0] == masks[1]).double().mean().item()
     print(f"Cascade with onnxruntime nets: masks agree with PyTorch's on {same:.6%}")

@@ -17,9 +17,9 @@ from PIL import Image
 
 from common.data.kaggle import index_split
 from common.errors import DataError
+from common.model_source import open_source
 from common.training.batches import scan_pairs
 from pipelines.cli import main as cli
-from pipelines.evaluate import mask_threshold
 from stage1_lowres import predict as s1_predict
 from stage2_fullres import predict as s2_predict
 
@@ -95,8 +95,8 @@ def test_unreadable_test_images_do_not_stop_prediction(tiny_run, tmp_path):
     out = tmp_path / "out"
     cfg = tiny_config(root, out, f"stage1.checkpoint={tiny_run.output.dir}/stage1/best.pt",
                       f"stage2.checkpoint={tiny_run.output.dir}/stage2/best.pt", "data.limit_test=4")
-    assert s1_predict.main(cfg) == 1  # scripts notice
-    assert s2_predict.main(cfg, mask_threshold(cfg)) == 1
+    assert s1_predict.main(cfg, open_source(cfg)) == 1  # scripts notice
+    assert s2_predict.main(cfg, open_source(cfg)) == 1
     sub = pd.read_csv(gzip.open(out / "submission.csv.gz"), dtype=str, keep_default_na=False)
     errors = pd.read_csv(out / "errors.csv")
     assert len(sub) + len(errors[errors.stage == "stage2"]) == len(tests)  # no silent drops
@@ -118,13 +118,13 @@ def _flat(cfg, prefix=""):
 def test_empty_prediction_and_no_car_found(tiny_run, tmp_path, recwarn, monkeypatch):
     import torch
 
-    from stage1_lowres.predict import Coarse
+    from stage1_lowres.coarse import Coarse
 
     out = tmp_path / "out"
     cfg = tiny_config(tiny_run.data.root, out, f"stage1.checkpoint={tiny_run.output.dir}/stage1/best.pt",
                       "data.limit_test=2")
     monkeypatch.setattr(Coarse, "probs", lambda self, images: torch.zeros(len(images), self.size, self.size))  # sees no car
-    assert s1_predict.main(cfg) == 0
+    assert s1_predict.main(cfg, open_source(cfg)) == 0
     boxes = pd.read_csv(out / "bboxes.csv")
     assert (boxes.found == 0).all() and (boxes.x1 == 1918).all() and (boxes.x0 == 0).all()
     assert any("found no car" in str(w.message) for w in recwarn)
@@ -263,7 +263,7 @@ def test_unwritable_output_folder_is_an_error_before_any_work(tiny_run, tmp_path
     blocker.write_text("")
     import stage2_fullres.predict
 
-    monkeypatch.setattr(stage2_fullres.predict, "main", lambda cfg: pytest.fail("work started"))
+    monkeypatch.setattr(stage2_fullres.predict, "main", lambda cfg, source: pytest.fail("work started"))
     assert cli(_predict_args(tiny_run, blocker / "out")) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and f"output folder {blocker / 'out'} cannot be written" in err, err

@@ -28,6 +28,7 @@ pytest.importorskip("fastapi", reason="the serve extra is not installed (pip ins
 
 from common.config import save_config  # noqa: E402
 from common.errors import ConfigError  # noqa: E402
+from common.model_source import open_source  # noqa: E402
 from pipelines.cli import main as cli  # noqa: E402
 from pipelines.serve import create_app, listen  # noqa: E402
 
@@ -38,7 +39,7 @@ def running(cfg, healthy: bool = True):
     once, not `healthy`)."""
     import uvicorn
 
-    app, sock = create_app(cfg), listen("127.0.0.1", 0)  # a port of its own: nothing else can take it
+    app, sock = create_app(cfg, open_source(cfg)), listen("127.0.0.1", 0)  # a port of its own: nothing else can take it
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
@@ -284,7 +285,7 @@ def test_the_api_key_is_required_when_configured(tiny_run, photos, monkeypatch):
         assert _call(url + "/healthz")[0] == 200  # health checks need no key
     monkeypatch.delenv("CARVANA_TEST_KEY")
     with pytest.raises(ConfigError, match="CARVANA_TEST_KEY"):
-        create_app(tiny_run.updated({"serve.api_key_env": "CARVANA_TEST_KEY"}))
+        create_app(tiny_run.updated({"serve.api_key_env": "CARVANA_TEST_KEY"}), open_source(tiny_run))
 
 
 def test_the_server_listens_where_it_is_told_on_a_port_of_its_own():

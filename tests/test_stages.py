@@ -6,7 +6,7 @@ import pytest
 from conftest import copy_run, tiny_config
 
 from common.data.rle import rle_decode
-from pipelines.evaluate import mask_threshold
+from common.model_source import mask_threshold, open_source
 from stage1_lowres import predict as s1_predict
 from stage2_fullres import predict as s2_predict
 
@@ -33,12 +33,12 @@ def test_stage1_cache_is_reused_without_the_model_and_invalidated_by_settings(ti
     cfg = copy_run(tiny_run, tmp_path / "run")
     out = tmp_path / "run"
     before = (out / "bboxes.csv").read_bytes()
-    monkeypatch.setattr(s1_predict.Coarse, "from_config", lambda *a, **k: pytest.fail("the model must not be loaded"))
-    assert s1_predict.main(cfg) == 0
+    monkeypatch.setattr(s1_predict.Coarse, "load", lambda *a, **k: pytest.fail("the model must not be loaded"))
+    assert s1_predict.main(cfg, open_source(cfg)) == 0
     assert "reusing" in capsys.readouterr().out and (out / "bboxes.csv").read_bytes() == before
     monkeypatch.undo()
     wider = tiny_config(tiny_run.data.root, out, "stage1.margin=80")
-    assert s1_predict.main(wider) == 0
+    assert s1_predict.main(wider, open_source(wider)) == 0
     assert "reusing" not in capsys.readouterr().out
     old, new = pd.read_csv(pd.io.common.BytesIO(before)), pd.read_csv(out / "bboxes.csv")
     assert (new.x1 - new.x0 >= old.x1 - old.x0).all() and (new.key != old.key).all()
@@ -52,13 +52,13 @@ def test_changed_checkpoint_invalidates_the_cache(tiny_run, tmp_path, capsys):
     ckpt = torch.load(out / "stage1" / "best.pt", weights_only=False)
     ckpt["epoch"] += 100  # same net, different bytes: a different checkpoint
     torch.save(ckpt, out / "stage1" / "best.pt")
-    assert s1_predict.main(cfg) == 0
+    assert s1_predict.main(cfg, open_source(cfg)) == 0
     assert "reusing" not in capsys.readouterr().out
 
 
 def test_stage2_submission_format_and_order(tiny_run, sample_root, tmp_path):
     cfg = copy_run(tiny_run, tmp_path / "run")
-    assert s2_predict.main(cfg, mask_threshold(cfg)) == 0
+    assert s2_predict.main(cfg, open_source(cfg)) == 0
     out = cfg.output.dir
     sub = _submission(f"{out}/submission.csv.gz")
     assert list(sub.columns) == ["img", "rle_mask"]
@@ -71,7 +71,7 @@ def test_boxes_from_another_run_skip_stage1(tiny_run, tmp_path):
     cfg = tiny_config(tiny_run.data.root, tmp_path / "other", f"bboxes.path={tiny_run.output.dir}/bboxes.csv",
                       f"stage1.checkpoint={tiny_run.output.dir}/stage1/best.pt",
                       f"stage2.checkpoint={tiny_run.output.dir}/stage2/best.pt", "data.limit_test=2")
-    assert s2_predict.main(cfg, mask_threshold(cfg)) == 0
+    assert s2_predict.main(cfg, open_source(cfg)) == 0
     assert not (tmp_path / "other" / "bboxes.csv").exists()
     assert len(_submission(tmp_path / "other" / "submission.csv.gz")) == 2
 
@@ -81,7 +81,7 @@ def test_coarse_channel_mismatch_is_a_clear_error(tiny_run):
 
     cfg = tiny_config(tiny_run.data.root, tiny_run.output.dir, "stage2.coarse_channel=false")
     with pytest.raises(CheckpointError, match="input channels"):
-        s2_predict.main(cfg, mask_threshold(cfg))
+        s2_predict.main(cfg, open_source(cfg))
 
 
 def test_refiner_without_coarse_channel_needs_only_the_cached_boxes(tiny_run, sample_root, tmp_path):
@@ -99,7 +99,7 @@ def test_refiner_without_coarse_channel_needs_only_the_cached_boxes(tiny_run, sa
     torch.save(ckpt | {"model": rgb_only.state_dict(), "model_args": rgb_only.args}, out / "stage2" / "best.pt")
     (out / "stage1" / "best.pt").unlink()
     cfg = cfg.updated({"stage2.coarse_channel": False, "data.limit_test": 4})
-    assert s2_predict.main(cfg, mask_threshold(cfg)) == 0
+    assert s2_predict.main(cfg, open_source(cfg)) == 0
     sub = _submission(out / "submission.csv.gz")
     assert sub.img.tolist() == pd.read_csv(sample_root / "sample_submission.csv").img.tolist()[:4]
     assert (sub.rle_mask != "").all()
@@ -148,7 +148,7 @@ def test_fold_ensemble_trains_k_runs_and_predicts_with_their_mean(sample_root, t
 
     from common.model import Ensemble, UNet
     from pipelines.cli import main as cli
-    from stage1_lowres.predict import cache_key
+    from stage1_lowres.box_cache import cache_key
 
     a, b = UNet(3, 2, 4).eval(), UNet(3, 2, 4).eval()
     x = torch.rand(2, 3, 32, 32)
@@ -167,4 +167,5 @@ def test_fold_ensemble_trains_k_runs_and_predicts_with_their_mean(sample_root, t
     assert cli(["stage1", "predict", *ensemble]) == 0
     boxes = pd.read_csv(tmp_path / "pred" / "bboxes.csv")
     single = tiny_config(sample_root, tmp_path / "pred", f"stage1.checkpoint={folds[0]}")
-    assert set(boxes.key) == {cache_key(tiny_config(sample_root, tmp_path / "pred", ensemble[-3]))} != {cache_key(single)}
+    both = tiny_config(sample_root, tmp_path / "pred", ensemble[-3])
+    assert set(boxes.key) == {cache_key(both, open_source(both))} != {cache_key(single, open_source(single))}

@@ -4,7 +4,7 @@ import pandas as pd
 from common.data.images import read_image, read_mask
 from common.data.kaggle import index_split
 from common.data.rle import rle_decode
-from common.data.synth import HEIGHT, WIDTH, car_params, render
+from common.data.synth import HEIGHT, WIDTH, car_params, draw_view
 
 
 def test_sample_data_layout_and_files_decode(sample_root):
@@ -28,10 +28,10 @@ def test_sample_data_layout_and_files_decode(sample_root):
 
 def test_render_is_deterministic_and_views_differ():
     p = car_params(3, 0)
-    a1, m1 = render(p, 1, 3)
-    a2, m2 = render(p, 1, 3)
+    a1, m1 = draw_view(p, 1, 3)
+    a2, m2 = draw_view(p, 1, 3)
     assert (a1 == a2).all() and (m1 == m2).all()
-    _, side = render(p, 5, 3)
+    _, side = draw_view(p, 5, 3)
     width = lambda m: np.ptp(np.flatnonzero(m.any(0)))
     assert width(side) > 1.8 * width(m1)  # wider from the side than from the front
 
@@ -40,7 +40,7 @@ def test_some_cars_reach_the_image_edge_and_none_the_top_or_bottom():
     touches = 0
     for i in range(5):
         p = car_params(0, i)
-        _, m = render(p, 5, 0)
+        _, m = draw_view(p, 5, 0)
         touches += bool(m[:, 0].any() or m[:, -1].any())
         assert not m[0].any() and not m[-1].any()
     assert touches >= 1
@@ -49,7 +49,7 @@ def test_some_cars_reach_the_image_edge_and_none_the_top_or_bottom():
 def test_thin_parts_exist_at_full_resolution():
     """An antenna a few px wide: a row above the roof with a short run of car pixels."""
     p = car_params(0, 1)
-    _, m = render(p, 5, 0)
+    _, m = draw_view(p, 5, 0)
     rows = np.flatnonzero(m.any(1))
     top_rows = m[rows[0] : rows[0] + 20]
     widths = top_rows.sum(1)

@@ -8,7 +8,7 @@ from common.config import load_config
 from common.errors import CheckpointError
 from common.model import UNet, load_checkpoint, load_model
 from common.training.batches import TensorBatches
-from common.training.trainer import plot_history, train, validator
+from common.training.trainer import Run, plot_history, train, validator
 from stage1_lowres.train import coarse_predictions
 
 CONFIG = load_config(None, ["output.dir=elsewhere"])  # what a checkpoint records
@@ -46,12 +46,13 @@ def _settings(**kw):
 
 def _validator(data):
     """Stage 1's validation over these images: `Coarse` predicts, the shared validator scores."""
-    return validator(coarse_predictions(data.images, torch.device("cpu"), 16), data.truths, 0.5)
+    cfg = CONFIG.updated({"stage1.size": data.images.shape[-1], "predict.batch_size": 4})  # 16 images a validation batch
+    return validator(coarse_predictions(data.images, cfg, torch.device("cpu")), data.truths, 0.5)
 
 
 def test_loss_falls_and_outputs_are_written(tmp_path):
     data = _blobs()
-    history = train(UNet(3, 3, 8), data, _validator(data), _settings(epochs=6), tmp_path, CONFIG, torch.device("cpu"))
+    history = train(Run(_settings(epochs=6), tmp_path, CONFIG, torch.device("cpu")), UNet(3, 3, 8), data, _validator(data))
     assert history[-1]["train_loss"] < 0.6 * history[0]["train_loss"]
     assert history[-1]["val_dice"] > history[0]["val_dice"]
     for name in ("last.pt", "best.pt", "history.csv", "learning_curves.png"):
@@ -66,25 +67,25 @@ def test_resume_continues_exactly(tmp_path):
     data = _blobs()
     cpu = torch.device("cpu")
     s = _settings(schedule="constant", precision="fp32")  # not auto: the two runs could time bf16 against fp32 differently
-    full = train(UNet(3, 3, 8), data, _validator(data), s.model_copy(update={"epochs": 4}), tmp_path / "a", CONFIG, cpu)
-    train(UNet(3, 3, 8), data, _validator(data), s.model_copy(update={"epochs": 2}), tmp_path / "b", CONFIG, cpu)
+    full = train(Run(s.model_copy(update={"epochs": 4}), tmp_path / "a", CONFIG, cpu), UNet(3, 3, 8), data, _validator(data))
+    train(Run(s.model_copy(update={"epochs": 2}), tmp_path / "b", CONFIG, cpu), UNet(3, 3, 8), data, _validator(data))
     stopped = load_checkpoint(tmp_path / "b" / "last.pt", cpu)
     assert stopped["epoch"] == 2 and stopped["optimizer"]["state"]
-    resumed = train(UNet(3, 3, 8), data, _validator(data), s.model_copy(update={"epochs": 4, "resume": True}), tmp_path / "b", CONFIG, cpu)
+    resumed = train(Run(s.model_copy(update={"epochs": 4, "resume": True}), tmp_path / "b", CONFIG, cpu), UNet(3, 3, 8), data, _validator(data))
     assert [h["epoch"] for h in resumed] == [1, 2, 3, 4]
     assert [round(h["train_loss"], 5) for h in resumed] == [round(h["train_loss"], 5) for h in full]
 
 
 def test_adam_beta2_setting_reaches_the_optimizer_and_its_checkpoint(tmp_path):
     data = _blobs()
-    train(UNet(3, 3, 8), data, _validator(data), _settings(epochs=1, beta2=0.99, precision="fp32"), tmp_path, CONFIG, torch.device("cpu"))
+    train(Run(_settings(epochs=1, beta2=0.99, precision="fp32"), tmp_path, CONFIG, torch.device("cpu")), UNet(3, 3, 8), data, _validator(data))
     group = load_checkpoint(tmp_path / "last.pt", torch.device("cpu"))["optimizer"]["param_groups"][0]
     assert tuple(group["betas"]) == (0.9, 0.99)
 
 
 def test_max_minutes_stops_in_time_and_keeps_best(tmp_path):
     data = _blobs()
-    history = train(UNet(3, 3, 8), data, _validator(data), _settings(epochs=1000, max_minutes=0.05), tmp_path, CONFIG, torch.device("cpu"))
+    history = train(Run(_settings(epochs=1000, max_minutes=0.05), tmp_path, CONFIG, torch.device("cpu")), UNet(3, 3, 8), data, _validator(data))
     assert 1 <= len(history) < 1000  # stopped by the budget, not by the epoch count
     saved = load_checkpoint(tmp_path / "best.pt", torch.device("cpu"))
     assert saved["best_dice"] == max(h["val_dice"] for h in history)
@@ -92,11 +93,11 @@ def test_max_minutes_stops_in_time_and_keeps_best(tmp_path):
 
 def test_checkpoint_of_another_architecture_is_refused(tmp_path):
     data = _blobs(n=4)
-    train(UNet(3, 3, 8), data, _validator(data), _settings(epochs=1), tmp_path, CONFIG, torch.device("cpu"))
+    train(Run(_settings(epochs=1), tmp_path, CONFIG, torch.device("cpu")), UNet(3, 3, 8), data, _validator(data))
     with pytest.raises(CheckpointError, match="trained with"):
         load_model(tmp_path / "last.pt", torch.device("cpu"), expect=UNet(3, 4, 8).args)
     with pytest.raises(CheckpointError, match="trained with"):
-        train(UNet(3, 4, 8), data, _validator(data), _settings(epochs=2, resume=True), tmp_path, CONFIG, torch.device("cpu"))
+        train(Run(_settings(epochs=2, resume=True), tmp_path, CONFIG, torch.device("cpu")), UNet(3, 4, 8), data, _validator(data))
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(CheckpointError, match="junk.pt.*not a checkpoint"):
         load_model(tmp_path / "junk.pt", torch.device("cpu"))
@@ -106,7 +107,7 @@ def test_plot_command_redraws(tmp_path):
     from pipelines.cli import main
 
     data = _blobs(n=4)
-    train(UNet(3, 3, 8), data, _validator(data), _settings(epochs=1), tmp_path, CONFIG, torch.device("cpu"))
+    train(Run(_settings(epochs=1), tmp_path, CONFIG, torch.device("cpu")), UNet(3, 3, 8), data, _validator(data))
     (tmp_path / "learning_curves.png").unlink()
     assert main(["plot", str(tmp_path)]) == 0 and (tmp_path / "learning_curves.png").is_file()
     assert plot_history(tmp_path).stat().st_size > 1000
@@ -119,7 +120,7 @@ def test_non_finite_steps_are_skipped_counted_and_never_reach_best(tmp_path, mon
     from common.training.losses import bce_dice_loss
 
     data = _blobs()
-    train(UNet(3, 3, 8), data, _validator(data), _settings(epochs=1), tmp_path, CONFIG, torch.device("cpu"))
+    train(Run(_settings(epochs=1), tmp_path, CONFIG, torch.device("cpu")), UNet(3, 3, 8), data, _validator(data))
     calls = []
 
     def sometimes_nan(logits, target, edge_weight=0.0):
@@ -128,21 +129,21 @@ def test_non_finite_steps_are_skipped_counted_and_never_reach_best(tmp_path, mon
         return loss * math.nan if len(calls) % 2 else loss  # every other step overflows
 
     monkeypatch.setattr(trainer, "bce_dice_loss", sometimes_nan)
-    history = train(UNet(3, 3, 8), data, _validator(data), _settings(epochs=2, resume=True), tmp_path, CONFIG, torch.device("cpu"))
+    history = train(Run(_settings(epochs=2, resume=True), tmp_path, CONFIG, torch.device("cpu")), UNet(3, 3, 8), data, _validator(data))
     assert history[-1]["skipped_steps"] == 2 and math.isfinite(history[-1]["train_loss"])
     assert all(torch.isfinite(p).all() for p in load_checkpoint(tmp_path / "last.pt", torch.device("cpu"))["model"].values())
 
     # with accumulation, one non-finite micro-step spoils the whole optimizer step: skipped, weights untouched
     calls.clear()
     before = {k: v.clone() for k, v in load_checkpoint(tmp_path / "last.pt", torch.device("cpu"))["model"].items()}
-    accum = train(UNet(3, 3, 8), data, _validator(data), _settings(epochs=3, resume=True, accum=2), tmp_path, CONFIG, torch.device("cpu"))
+    accum = train(Run(_settings(epochs=3, resume=True, accum=2), tmp_path, CONFIG, torch.device("cpu")), UNet(3, 3, 8), data, _validator(data))
     assert accum[-1]["skipped_steps"] == 2  # 4 micro-steps, 2 optimizer steps, each with one NaN half
     after = load_checkpoint(tmp_path / "last.pt", torch.device("cpu"))["model"]
     assert all(torch.equal(before[k], after[k]) for k in before if "running" not in k and "num_batches" not in k)
 
     monkeypatch.setattr(trainer, "bce_dice_loss", lambda logits, target, edge_weight=0.0: logits.sum() * math.nan)
     with pytest.raises(trainer.TrainingError, match="3 optimizer steps in a row had a non-finite loss"):
-        train(UNet(3, 3, 8), data, _validator(data), _settings(epochs=4, resume=True, max_bad_steps=3), tmp_path, CONFIG, torch.device("cpu"))
+        train(Run(_settings(epochs=4, resume=True, max_bad_steps=3), tmp_path, CONFIG, torch.device("cpu")), UNet(3, 3, 8), data, _validator(data))
     saved = load_checkpoint(tmp_path / "best.pt", torch.device("cpu"))
     assert math.isfinite(saved["best_dice"]) and all(torch.isfinite(p).all() for p in saved["model"].values())
     assert load_checkpoint(tmp_path / "last.pt", torch.device("cpu"))["epoch"] == 3  # the diverged epoch wrote nothing
@@ -164,7 +165,7 @@ def test_epochs_auto_fits_the_schedule_to_the_budget_and_resume_keeps_the_count(
     data = _blobs()
     s = _settings(epochs="auto", max_minutes=10.0, precision="fp32")  # fp32: the two runs below compare bit for bit
     torch.manual_seed(0)
-    history = train(UNet(3, 3, 8), data, _validator(data), s, tmp_path / "a", CONFIG, torch.device("cpu"))
+    history = train(Run(s, tmp_path / "a", CONFIG, torch.device("cpu")), UNet(3, 3, 8), data, _validator(data))
     assert [h["planned_epochs"] for h in history] == [3, 3, 3]
     # the peak until the count is fixed after epoch 2, then the cosine's end, not a cut-off half
     assert [round(h["lr"] / s.lr, 4) for h in history] == [1.0, 1.0, 0.25]
@@ -173,7 +174,7 @@ def test_epochs_auto_fits_the_schedule_to_the_budget_and_resume_keeps_the_count(
     # that fixed the same count after epoch 2 trains alike
     monkeypatch.setattr(trainer, "planned_epochs", lambda clock, done, *a: 7 if done == 1 else 3)
     torch.manual_seed(0)
-    rerun = train(UNet(3, 3, 8), data, _validator(data), s, tmp_path / "a2", CONFIG, torch.device("cpu"))
+    rerun = train(Run(s, tmp_path / "a2", CONFIG, torch.device("cpu")), UNet(3, 3, 8), data, _validator(data))
     assert [h["planned_epochs"] for h in rerun] == [7, 3, 3]
     assert [(h["lr"], h["train_loss"], h["val_dice"]) for h in rerun] == [(h["lr"], h["train_loss"], h["val_dice"]) for h in history]
     monkeypatch.setattr(trainer, "planned_epochs", lambda *a: 3)
@@ -191,10 +192,10 @@ def test_epochs_auto_fits_the_schedule_to_the_budget_and_resume_keeps_the_count(
 
     monkeypatch.setattr(trainer, "save_epoch", save_then_die_after_epoch_2)
     with pytest.raises(Killed):
-        train(UNet(3, 3, 8), data, _validator(data), s, tmp_path / "b", CONFIG, torch.device("cpu"))
+        train(Run(s, tmp_path / "b", CONFIG, torch.device("cpu")), UNet(3, 3, 8), data, _validator(data))
     monkeypatch.setattr(trainer, "save_epoch", save_epoch)
     monkeypatch.setattr(trainer, "planned_epochs", lambda *a: pytest.fail("a resumed run must keep its recorded count"))
-    resumed = train(UNet(3, 3, 8), data, _validator(data), s.model_copy(update={"resume": True}), tmp_path / "b", CONFIG, torch.device("cpu"))
+    resumed = train(Run(s.model_copy(update={"resume": True}), tmp_path / "b", CONFIG, torch.device("cpu")), UNet(3, 3, 8), data, _validator(data))
     assert [h["epoch"] for h in resumed] == [1, 2, 3] and [h["lr"] for h in resumed] == [h["lr"] for h in history]
 
 
@@ -225,13 +226,13 @@ def test_cpu_precision_auto_trains_in_bf16_only_when_clearly_faster_and_resume_k
     monkeypatch.setattr(model, "cpu_has_bf16", lambda: True)
     monkeypatch.setattr(trainer, "step_seconds", lambda model, s, dtypes: {torch.bfloat16: bf16_seconds, None: 1.0})
     data, cpu = _blobs(), torch.device("cpu")
-    history = train(UNet(3, 3, 8), data, _validator(data), _settings(epochs=1), tmp_path, CONFIG, cpu)
+    history = train(Run(_settings(epochs=1), tmp_path, CONFIG, cpu), UNet(3, 3, 8), data, _validator(data))
     assert history[0]["precision"] == picked and f"training in {picked}" in capsys.readouterr().out
     assert pd.read_csv(tmp_path / "history.csv").precision.tolist() == [picked]
     monkeypatch.setattr(trainer, "step_seconds", lambda *a: pytest.fail("a resumed run must keep its recorded precision"))
-    resumed = train(UNet(3, 3, 8), data, _validator(data), _settings(epochs=2, resume=True), tmp_path, CONFIG, cpu)
+    resumed = train(Run(_settings(epochs=2, resume=True), tmp_path, CONFIG, cpu), UNet(3, 3, 8), data, _validator(data))
     assert [h["precision"] for h in resumed] == [picked, picked]
-    explicit = train(UNet(3, 3, 8), data, _validator(data), _settings(epochs=1, precision="bf16"), tmp_path / "b", CONFIG, cpu)
+    explicit = train(Run(_settings(epochs=1, precision="bf16"), tmp_path / "b", CONFIG, cpu), UNet(3, 3, 8), data, _validator(data))
     assert explicit[0]["precision"] == "bf16"
 
 

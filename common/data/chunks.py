@@ -13,13 +13,21 @@ from __future__ import annotations
 import gzip
 import hashlib
 from pathlib import Path
-from typing import Iterator, NamedTuple, Sequence
+from typing import Iterator, NamedTuple, Protocol, Sequence
 
 import pandas as pd
 
-from common.data.kaggle import Sample
 from common.io import atomic_path, write_csv
 from common.log import log
+
+
+class Row(Protocol):
+    """A row of a chunk file: a small dataclass of its command's (`CoarseRow`, `MaskRow`)."""
+
+    error: str  # why the image has no prediction; "" for one that has
+
+    def record(self) -> dict:
+        """The row as the file holds it, column by column."""
 
 
 class Chunk(NamedTuple):
@@ -54,8 +62,8 @@ class ChunkStore:
         parts = list(self.parts(columns))
         return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=columns or self.columns, dtype=str)
 
-    def write(self, k: int, rows: list[dict]) -> None:
-        write_csv(self.path(k), pd.DataFrame(rows, columns=self.columns))
+    def write(self, k: int, rows: list[Row]) -> None:
+        write_csv(self.path(k), pd.DataFrame([row.record() for row in rows], columns=self.columns))
 
 
 def write_submission(path: Path, store: ChunkStore, order: list[str]) -> int:
@@ -88,14 +96,15 @@ def write_errors(out: Path, errors: pd.DataFrame, stage: str) -> None:
         write_csv(path, merged.sort_values(["stage", "img"]))
 
 
-def finish_predictions(out: Path, store: ChunkStore, images: list[Sample], test: list[Sample], stage: str, submission: str) -> int:
-    """Write the submission and errors.csv from the chunks; exit status 1 if any image failed, so scripts notice."""
+def finish_predictions(out: Path, store: ChunkStore, stage: str, submission: str, order: list[str]) -> int:
+    """Write the submission (the test images of `order`) and errors.csv from the chunks; exit status 1
+    if any image failed, so scripts notice."""
     frame = store.frame(["img", "error"])
-    errors = frame[(frame["error"] != "") & frame["img"].isin({x.img for x in images})].rename(columns={"error": "reason"})
-    rows = write_submission(out / submission, store, [x.img for x in test])
+    errors = frame[frame["error"] != ""].rename(columns={"error": "reason"})
+    rows = write_submission(out / submission, store, order)
     write_errors(out, errors, stage)
     log.info(f"{stage}: wrote {out / submission} ({rows} rows)")
     if len(errors):
-        log.warning(f"{stage}: {len(errors)} of {len(images)} image(s) failed, listed in {out / 'errors.csv'}")
+        log.warning(f"{stage}: {len(errors)} of {len(frame)} image(s) failed, listed in {out / 'errors.csv'}")
         return 1
     return 0

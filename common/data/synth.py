@@ -113,7 +113,7 @@ class _View:
         self.front = np.sign(self.s) if abs(self.s) > 0.2 else 0  # which end is the hood in this view
 
 
-def render(p: dict, angle: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+def draw_view(p: dict, angle: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """One view of one car: (uint8 HxWx3 image, bool HxW mask)."""
     rng = np.random.default_rng([seed, int(p["id"], 16) % 2**31, angle])
     v = _View(p, angle)
@@ -230,7 +230,7 @@ def _antenna(canvas: _Canvas, p: dict, v: _View, ccx: float, top_w: float) -> No
 
 
 def _write_view(p: dict, angle: int, seed: int, image_dir: Path, mask_dir: Path | None) -> tuple[str, str]:
-    img, mask = render(p, angle, seed)
+    img, mask = draw_view(p, angle, seed)
     name = f"{p['id']}_{angle:02d}"
     with atomic_path(image_dir / f"{name}.jpg") as tmp:
         Image.fromarray(img).save(tmp, format="JPEG", quality=92)

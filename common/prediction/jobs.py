@@ -8,24 +8,26 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Iterator
 
-import numpy as np
 import torch
 
 from common.config import Settings
-from common.data.chunks import Chunk, ChunkStore
+from common.data.chunks import Chunk, ChunkStore, Row
 from common.log import log
 from common.model import pick_device, use_device
-from common.prediction.step import Predictor, Result
-from common.prediction.writer import ChunkWriter, Output
+from common.model_source import ModelSource
+from common.prediction.step import Predictor
+from common.prediction.writer import ChunkWriter, OnHostOutput, Output
 
 
 @dataclass(frozen=True, kw_only=True)
 class Job:
     """A predict command's work over a list of items (one per image, in the run's order). It travels
-    to Dask workers by pickle (settings, a chunk store, numbers), never as arrays or nets."""
+    to Dask workers by pickle (settings, the model source with its hashes, a chunk store), never as
+    arrays or nets."""
 
     desc: str  # "stage 1 predict": the progress bar and the log lines
     cfg: Settings
+    source: ModelSource  # the nets; a worker's loads are checked against the hashes the chunk key holds
     store: ChunkStore  # where the rows go; its key covers the checkpoints and every setting that changes them
     noun: str = "images"  # what the items are, for the log
 
@@ -37,9 +39,8 @@ class Job:
         """Every item's output, in order (`desc`: the progress bar's label, empty for none)."""
         raise NotImplementedError
 
-    def row(self, item: Any, result: Result, mask: np.ndarray | None) -> dict:
-        """The item's row of the chunk file, made in the writer thread (`mask`: the output's mask on the
-        host; a Prediction comes without its full-resolution maps)."""
+    def row(self, item: Any, output: OnHostOutput) -> Row:
+        """The item's row of the chunk file, made in the writer thread from its output on the host."""
         raise NotImplementedError
 
 
@@ -77,7 +78,7 @@ def _build_on_worker(job: Job, device: torch.device) -> Predictor:
 
 def _predict(chunks: list[Chunk], job: Job, predictor: Predictor, desc: str) -> int:
     items = [item for chunk in chunks for item in chunk.items]
-    with ChunkWriter(job.store, chunks, lambda i, result, mask: job.row(items[i], result, mask)) as writer:
+    with ChunkWriter(job.store, chunks, lambda output: job.row(items[output.index], output)) as writer:
         for output in job.outputs(predictor, items, desc):
             writer.write(output)
     return len(items)

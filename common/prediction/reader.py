@@ -16,7 +16,6 @@ import os
 from pathlib import Path
 from typing import Callable, Iterator, Literal, NamedTuple
 
-import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
@@ -24,6 +23,7 @@ from torch.utils.data import DataLoader, Dataset
 from common.data.images import ORIENTATION, read_image
 from common.errors import Failure, ImageReadError
 from common.log import log
+from common.prediction.transfer import from_host
 
 JpegDecoder = Callable[[list[torch.Tensor], torch.device], list[torch.Tensor]]  # encoded bytes -> uint8 (3, H, W)
 
@@ -147,15 +147,6 @@ def to_device(items: list[Loaded], paths: list[Path], device: torch.device, deco
         for item, image in zip(jpegs, decoded):
             out[item.index] = Decoded(item.index, image)
     return [out[item.index] for item in items]
-
-
-def from_host(array: np.ndarray, device: torch.device) -> torch.Tensor:
-    """An array made on the host (decoded pixels, a mask) as a tensor on the device: on CUDA through
-    pinned memory, so the copy is queued and does not hold the host."""
-    tensor = torch.from_numpy(array)
-    if device.type == "cuda":  # needs CUDA: not testable on the CPU
-        return tensor.pin_memory().to(device, non_blocking=True)
-    return tensor
 
 
 def _decode_one(decode: JpegDecoder, data: torch.Tensor, device: torch.device, path: Path) -> torch.Tensor | Failure:

@@ -1,9 +1,9 @@
 """The device step and the loop around it: a stage's `Predictor` turns a batch of decoded images
-into one `Prediction` or `Failure` each (`predict`), and `stream` runs it over image files, the
+into one `Prediction` or `Failure` each (`predict`), and `run` streams it over image files, the
 reader decoding ahead of the device.
 
-Stage 1's step (`stage1_lowres.predict.Coarse`: probability and box) and stage 2's
-(`stage2_fullres.predict.Cascade`: the same, then tiles, refiner and blend) are the only two;
+Stage 1's step (`stage1_lowres.coarse.Coarse`: probability and box) and stage 2's
+(`stage2_fullres.cascade.Cascade`: the same, then tiles, refiner and blend) are the only two;
 `stage1 predict`, `stage2 predict`, validation, `evaluate`, `cutout`, `serve` and the benchmarks
 all run them, so validation predicts exactly the way the submission is made.
 """
@@ -12,17 +12,18 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Literal
+from typing import Iterator
 
 import torch
 from torch import nn
 from tqdm import tqdm
 
 from common.boxes import Box
+from common.config import Settings
 from common.errors import Failure
 from common.log import log
-from common.model import amp_dtype, autocast, precision_name
-from common.prediction.reader import read_batches
+from common.model import amp_dtype, autocast, precision_name, static_shapes
+from common.prediction.reader import read_batches, reader_processes
 
 
 @dataclass(frozen=True)
@@ -43,9 +44,6 @@ class Prediction:
 
 
 Result = Prediction | Failure
-
-# decoded uint8 (3, H, W) images on the device and their boxes (None: stage 1 finds it) -> a result per image
-Step = Callable[[list[torch.Tensor], list[Box | None]], list[Result]]
 
 
 def predict_dtype(device: torch.device) -> torch.dtype | None:
@@ -73,36 +71,35 @@ def probabilities(net: nn.Module, x: torch.Tensor, device: torch.device, flip: b
 class Predictor:
     """What the stages' predictors share: `predict`, their device step, and `run`, that step streamed
     over image files with `batch_size` images per step, `workers` reader processes and JPEGs decoded
-    as `decode` says (`predict.decode`)."""
+    as `decode` says (`predict.decode`). `pad_to`: the batch every net call is padded to (0: none)."""
 
-    device: torch.device
-    batch_size: int
-    workers: int
-    decode: Literal["pil", "nvjpeg"] = "pil"
+    def __init__(self, cfg: Settings, device: torch.device):
+        p = cfg.predict
+        self.device, self.batch_size, self.flip, self.decode = device, p.batch_size, p.tta_flip, p.decode
+        self.workers = reader_processes(p.workers, device)
+        self.pad_to = p.batch_size if static_shapes(device, p.compile) else 0
 
     def predict(self, images: list[torch.Tensor], boxes: list[Box | None]) -> list[Result]:
+        """Decoded uint8 (3, H, W) images on the device and their boxes (None: stage 1 finds it) -> a result each."""
         raise NotImplementedError
 
     def run(self, paths: list[Path], boxes: list[Box | None] | None = None, desc: str = "") -> Iterator[tuple[int, Result]]:
-        return stream(self.predict, paths, boxes, self.device, self.batch_size, self.workers, desc, self.decode)
-
-
-def stream(step: Step, paths: list[Path], boxes: list[Box | None] | None, device: torch.device, batch_size: int,
-           workers: int, desc: str = "", decode: Literal["pil", "nvjpeg"] = "pil") -> Iterator[tuple[int, Result]]:
-    """(index into `paths`, its result), in order, reading `workers` processes ahead of the device.
-    With `desc`, a progress bar (images/s, ETA) and a summary line with the measured rate."""
-    boxes = boxes or [None] * len(paths)
-    started, done = time.monotonic(), 0
-    bar = tqdm(total=len(paths), desc=desc, unit="img", disable=None if desc else True, mininterval=1.0)
-    for batch in read_batches(paths, device, max(batch_size, 1), workers, decode):
-        read = [d for d in batch if not isinstance(d.image, Failure)]
-        results = dict(zip([d.index for d in read], step([d.image for d in read], [boxes[d.index] for d in read]))) if read else {}
-        for d in batch:
-            result = d.image if isinstance(d.image, Failure) else results[d.index]
-            yield d.index, result.named(str(paths[d.index])) if isinstance(result, Failure) else result
-        done += len(batch)
-        bar.update(len(batch))
-    bar.close()
-    if desc and done:
-        seconds = time.monotonic() - started
-        log.info(f"{desc}: {done} images in {seconds:.1f} s ({done / seconds:.1f} images/s on {device} in {precision_name(predict_dtype(device))})")
+        """(index into `paths`, its result), in order, reading `workers` processes ahead of the device.
+        With `desc`, a progress bar (images/s, ETA) and a summary line with the measured rate."""
+        boxes = boxes or [None] * len(paths)
+        started, done = time.monotonic(), 0
+        bar = tqdm(total=len(paths), desc=desc, unit="img", disable=None if desc else True, mininterval=1.0)
+        for batch in read_batches(paths, self.device, max(self.batch_size, 1), self.workers, self.decode):
+            read = [d for d in batch if not isinstance(d.image, Failure)]
+            results = dict(zip([d.index for d in read], self.predict([d.image for d in read], [boxes[d.index] for d in read]),
+                               strict=True)) if read else {}
+            for d in batch:
+                result = d.image if isinstance(d.image, Failure) else results[d.index]
+                yield d.index, result.named(str(paths[d.index])) if isinstance(result, Failure) else result
+            done += len(batch)
+            bar.update(len(batch))
+        bar.close()
+        if desc and done:
+            seconds = time.monotonic() - started
+            log.info(f"{desc}: {done} images in {seconds:.1f} s ({done / seconds:.1f} images/s on {self.device} in "
+                     f"{precision_name(predict_dtype(self.device))})")

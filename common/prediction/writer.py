@@ -1,9 +1,9 @@
-"""The writer, in the shape of Lightning's `BasePredictionWriter`: given each image's result with
-its index, it makes the image's row in a background thread (the mask's RLE string, while the device
-works on the next batch) and writes each planned chunk atomically as soon as its rows are in.
-
-Only the thresholded mask leaves the device, and its copy to the host is awaited by an event, not
-a device-wide sync (`to_host`).
+"""The writers, in the shape of Lightning's `BasePredictionWriter`: given each image's result with
+its index, a writer starts the result's planes on their way to the host (an event, not a device-wide
+sync: `to_host_all`) and does its work on them in one background thread, while the device works on
+the next batch. The queue to that thread is bounded: each waiting item holds full-resolution planes
+in host memory. `ChunkWriter` makes the predict commands' rows and writes each planned chunk
+atomically as soon as its rows are in; `carvana cutout` writes its pictures with one of its own.
 """
 from __future__ import annotations
 
@@ -15,111 +15,88 @@ from typing import Callable
 import numpy as np
 import torch
 
-from common.data.chunks import Chunk, ChunkStore
+from common.data.chunks import Chunk, ChunkStore, Row
 from common.prediction.step import Prediction, Result
+from common.prediction.transfer import to_host_all
 
-OnHost = Callable[[], np.ndarray]  # waits for a copy to the host, then gives the array
-
-
-def to_host(tensor: torch.Tensor) -> OnHost:
-    """Start copying a tensor (a bool mask, a batch of probabilities) to the host without stalling the
-    device queue; the returned function waits for that copy alone (an event, not a device-wide sync)
-    and gives the array."""
-    wait = to_host_all([tensor])
-    return lambda: wait()[0]
-
-
-def to_host_all(tensors: list[torch.Tensor]) -> Callable[[], list[np.ndarray]]:
-    """`to_host` for tensors on one device, all awaited at once: one host sync for a whole batch."""
-    if not tensors or tensors[0].device.type != "cuda":
-        return lambda: [tensor.cpu().numpy() for tensor in tensors]  # cpu(): a no-op on the CPU
-    hosts = [torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True) for tensor in tensors]
-    for host, tensor in zip(hosts, tensors):
-        host.copy_(tensor, non_blocking=True)  # queued on the current stream of the tensors' device
-    done = torch.cuda.Event()
-    # recorded on that same stream: a bare record() goes to the current device's stream, which is
-    # another GPU's on a worker computing on cuda:1, and would not wait for these copies.
-    # Needs CUDA: not testable on the CPU (benchmarks/gpu_check.py runs two devices where there are two).
-    done.record(torch.cuda.current_stream(tensors[0].device))
-
-    def wait() -> list[np.ndarray]:
-        done.synchronize()
-        return [host.numpy() for host in hosts]
-
-    return wait
+QUEUED = 8  # items waiting for the writer thread at most
 
 
 @dataclass(frozen=True)
 class Output:
-    """What the writer is given for item `index` of a job: its result and, for a prediction, the mask
-    whose RLE goes into the row (a bool tensor on the device; the writer copies it to the host)."""
+    """What a writer is given for item `index`: its result and, for a prediction, the planes its
+    writer needs (bool or uint8 tensors on the device: the mask, the alpha)."""
 
     index: int
     result: Result
     mask: torch.Tensor | None = None
+    alpha: torch.Tensor | None = None
 
 
-# (item index, result, mask on the host) -> the chunk row; a Prediction reaches it without its full-resolution
-# maps (`coarse`, `prob` None): a row is made of the box, the size and the mask
-Row = Callable[[int, Result, np.ndarray | None], dict]
+@dataclass(frozen=True)
+class OnHostOutput:
+    """An `Output` in the writer thread: the planes as host arrays. A Prediction arrives without its
+    full-resolution maps (`coarse`, `prob` None): they are freed as soon as the item is queued."""
+
+    index: int
+    result: Result
+    mask: np.ndarray | None
+    alpha: np.ndarray | None
 
 
-class ChunkWriter:
-    """Rows made by `row` in one background thread, in the order the outputs come; each planned chunk
-    is written as soon as its rows are in."""
+class PredictionWriter:
+    """One background thread and a bounded queue to it; `write_on_host` is what a writer does with
+    each item, in the order the items come. After a failed item nothing more is written: the items
+    after it would land in the wrong places."""
 
-    def __init__(self, store: ChunkStore, chunks: list[Chunk], row: Row):
-        self.store, self.row, self.rows, self.next, self.broken = store, row, [], 0, False
-        self.plan = deque((chunk.number, len(chunk.items)) for chunk in chunks)  # which chunk the next rows fill, and how many
-        self.pool = ThreadPoolExecutor(1, thread_name_prefix="chunk-writer")
+    def __init__(self, name: str):
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix=name)
         self.pending: deque[Future] = deque()
+        self.broken = False
+
+    def write_on_host(self, output: OnHostOutput) -> None:
+        raise NotImplementedError
 
     def write(self, output: Output) -> None:
-        """Queue the next item's row; its mask starts its way to the host here, the row is made in the writer thread."""
-        if output.index != self.next:
-            raise RuntimeError(f"{self.store.folder}: output {output.index} came when {self.next} was due")
-        self.next += 1
-        mask = None if output.mask is None else to_host(output.mask)
+        """Queue the next item; its planes start their way to the host here."""
+        planes = [t for t in (output.mask, output.alpha) if t is not None]
+        wait = to_host_all(planes) if planes else None
         result = output.result
-        if isinstance(result, Prediction):  # a row uses the box and the size: the full-resolution maps are freed now
+        if isinstance(result, Prediction):
             result = replace(result, coarse=None, prob=None)
-        self.pending.append(self.pool.submit(self._add, output.index, result, mask))
+        self.pending.append(self.pool.submit(self._on_host, output, result, wait))
         while self.pending and self.pending[0].done():
             self.pending.popleft().result()  # raise a writer error here, in the caller's thread
-        while len(self.pending) > 8:  # bounded: each row waiting for the writer holds a full-resolution mask in host memory
+        while len(self.pending) > QUEUED:
             self.pending.popleft().result()
 
-    def _add(self, index: int, result: Result, mask: OnHost | None) -> None:
-        if self.broken:  # a row before this one failed: a chunk made of the rows after it would hold the wrong images
+    def _on_host(self, output: Output, result: Result, wait: Callable[[], list[np.ndarray]] | None) -> None:
+        if self.broken:
             return
         try:
-            self.rows.append(self.row(index, result, None if mask is None else mask()))
-            k, n = self.plan[0]
-            if len(self.rows) == n:
-                self.store.write(k, self.rows)
-                self.plan.popleft()
-                self.rows = []
+            arrays = iter(wait() if wait is not None else [])
+            mask = next(arrays) if output.mask is not None else None
+            alpha = next(arrays) if output.alpha is not None else None
+            self.write_on_host(OnHostOutput(output.index, result, mask, alpha))
         except BaseException:
             self.broken = True
             raise
 
     def close(self) -> None:
-        """Wait for every queued row; every planned chunk must then be written."""
+        """Wait for every queued item."""
         try:
             while self.pending:
                 self.pending.popleft().result()
-        except BaseException:  # a failed row or Ctrl-C while waiting: nothing more is written
+        except BaseException:  # a failed item or Ctrl-C while waiting: nothing more is written
             self.stop()
             raise
         self.pool.shutdown()
-        if self.plan:
-            raise RuntimeError(f"{self.store.folder}: chunks {[k for k, _ in self.plan]} got fewer rows than planned")
 
     def stop(self) -> None:
-        """Keep the whole chunks already written, drop the queued rows and the partial chunk."""
+        """Keep what is written, drop the queued items."""
         self.pool.shutdown(wait=True, cancel_futures=True)
 
-    def __enter__(self) -> ChunkWriter:
+    def __enter__(self) -> PredictionWriter:
         return self
 
     def __exit__(self, kind, *_) -> None:
@@ -127,3 +104,35 @@ class ChunkWriter:
             self.close()
         else:  # interrupted
             self.stop()
+
+
+MakeRow = Callable[[OnHostOutput], Row]  # an item's row of a chunk file
+
+
+class ChunkWriter(PredictionWriter):
+    """Rows made by `row` in the writer thread; each planned chunk is written as soon as its rows are in."""
+
+    def __init__(self, store: ChunkStore, chunks: list[Chunk], row: MakeRow):
+        super().__init__("chunk-writer")
+        self.store, self.row, self.rows, self.next = store, row, [], 0
+        self.plan = deque((chunk.number, len(chunk.items)) for chunk in chunks)  # which chunk the next rows fill, and how many
+
+    def write(self, output: Output) -> None:
+        if output.index != self.next:
+            raise RuntimeError(f"{self.store.folder}: output {output.index} came when {self.next} was due")
+        self.next += 1
+        super().write(output)
+
+    def write_on_host(self, output: OnHostOutput) -> None:
+        self.rows.append(self.row(output))
+        k, n = self.plan[0]
+        if len(self.rows) == n:
+            self.store.write(k, self.rows)
+            self.plan.popleft()
+            self.rows = []
+
+    def close(self) -> None:
+        """Wait for every queued row; every planned chunk must then be written."""
+        super().close()
+        if self.plan:
+            raise RuntimeError(f"{self.store.folder}: chunks {[k for k, _ in self.plan]} got fewer rows than planned")

@@ -290,27 +290,41 @@ def save_epoch(run_dir: Path, model: nn.Module, opt, scaler, history: list[dict]
     return best
 
 
-def fit(cfg: Settings, stage: str, model: nn.Module, data: Batches, validate: Validate, pairs: TrainingPairs, about: str,
-        device: torch.device, ranks: Ranks) -> list[dict]:
+@dataclass(frozen=True)
+class Run:
+    """Where and how one training invocation runs: the stage's settings, its folder (checkpoints,
+    history), the whole resolved config (its seed; recorded in the checkpoints), the device and the ranks."""
+
+    settings: Training
+    folder: Path
+    config: Settings
+    device: torch.device
+    ranks: Ranks = Ranks()
+
+    @classmethod
+    def of(cls, cfg: Settings, stage: str, device: torch.device, ranks: Ranks) -> Run:
+        """The run of `stage` (stage1 | stage2) in `<output.dir>/<stage>/`."""
+        return cls(getattr(cfg, stage), Path(cfg.output.dir) / stage, cfg, device, ranks)
+
+
+def fit(run: Run, model: nn.Module, data: Batches, validate: Validate, pairs: TrainingPairs, about: str) -> list[dict]:
     """What both stages' `train` commands do around the loop: the resolved settings beside the
     checkpoints, one line on the data, the loop, the skipped pairs and the best Dice."""
-    run_dir = Path(cfg.output.dir) / stage
+    ranks = run.ranks
     if ranks.main:
-        save_config(cfg, run_dir / "config.yaml")
-    log.info(f"stage {stage[-1]}: {about}, on {device}" + (f", {ranks.world} ranks" if ranks.on else ""))
-    history = train(model, data, validate, getattr(cfg, stage), run_dir, cfg, device, ranks)
+        save_config(run.config, run.folder / "config.yaml")
+    log.info(f"{run.folder.name}: {about}, on {run.device}" + (f", {ranks.world} ranks" if ranks.on else ""))
+    history = train(run, model, data, validate)
     if ranks.main:
-        report_skipped(run_dir, pairs.skipped)
+        report_skipped(run.folder, pairs.skipped)
     best = max((h["val_dice"] for h in history), default=float("nan"))
-    log.info(f"stage {stage[-1]} done: best val Dice {best:.4f}; checkpoints in {run_dir}")
+    log.info(f"{run.folder.name} done: best val Dice {best:.4f}; checkpoints in {run.folder}")
     return history
 
 
-def train(model: nn.Module, data: Batches, validate: Validate, settings: Training, run_dir: str | Path,
-          config: Settings, device: torch.device, ranks: Ranks = Ranks()) -> list[dict]:
-    """Train `model` on `data` per the stage `settings` (seeded by `config.seed`, the whole resolved
-    config recorded in the checkpoints); returns the history, one row an epoch."""
-    s, run_dir, seed = settings, Path(run_dir), config.seed
+def train(run: Run, model: nn.Module, data: Batches, validate: Validate) -> list[dict]:
+    """Train `model` on `data` per the run's stage settings; returns the history, one row an epoch."""
+    s, run_dir, seed, config, device, ranks = run.settings, run.folder, run.config.seed, run.config, run.device, run.ranks
     clock = Clock(s.max_minutes)
     torch.manual_seed(seed)
     if device.type == "cuda":

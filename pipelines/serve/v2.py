@@ -1,7 +1,7 @@
 """The Open Inference Protocol (KServe v2, Triton's HTTP/REST API) beside /v1: what model servers'
 clients (tritonclient, KServe's) and Kubernetes probes speak, on the same batcher as /v1.
 
-One model, named `app.state.batcher.name`. Its input `image` is the encoded photo (BYTES, shape [1]); its
+One model, named as its source says (a bundle's name, else `carvana`). Its input `image` is the encoded photo (BYTES, shape [1]); its
 outputs are `mask` (UINT8 [H, W], 1 on the car, 0 elsewhere: `/v1/segment`'s mask) and, only when a
 request names it, `rgba` (BYTES [1]: the PNG `/v1/cutout` answers by default, soft alpha). Tensors
 travel in JSON (a BYTES element as a base64 string) or with the binary data extension. Every error is
@@ -16,13 +16,17 @@ from importlib.metadata import version
 from typing import Any
 
 import numpy as np
-from fastapi import APIRouter, Header, HTTPException, Request
+from fastapi import APIRouter, Depends, Header, HTTPException, Request
 from fastapi.responses import Response
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from pipelines.serve import BINARY, Batcher, Cut, ErrorBody, _body, _errors, cut_photo, ensure_ready, render
+from pipelines.picture import Cut, Picture, render
+from pipelines.serve.batcher import Batcher
+from pipelines.serve.http import BINARY, ErrorBody, cut_photo, ensure_ready, errors, read_body, require_key
 
-router = APIRouter(prefix="/v2", tags=["Open Inference Protocol (KServe v2)"])
+TAGS = ["Open Inference Protocol (KServe v2)"]
+open_routes = APIRouter(prefix="/v2", tags=TAGS)  # metadata and the probes
+protected = APIRouter(prefix="/v2", tags=TAGS, dependencies=[Depends(require_key)])  # inference needs the API key
 
 
 class TensorMetadata(BaseModel):
@@ -31,8 +35,9 @@ class TensorMetadata(BaseModel):
     shape: list[int]  # -1: any length
 
 
-INPUTS = [TensorMetadata(name="image", datatype="BYTES", shape=[1])]
-OUTPUTS = [TensorMetadata(name="mask", datatype="UINT8", shape=[-1, -1]), TensorMetadata(name="rgba", datatype="BYTES", shape=[1])]
+INPUT_TENSORS = [TensorMetadata(name="image", datatype="BYTES", shape=[1])]
+OUTPUT_TENSORS = [TensorMetadata(name="mask", datatype="UINT8", shape=[-1, -1]),
+                  TensorMetadata(name="rgba", datatype="BYTES", shape=[1])]
 
 
 class ServerMetadata(BaseModel):
@@ -138,37 +143,37 @@ def _model(request: Request, name: str) -> None:
         raise HTTPException(404, f"unknown model '{name}': this server serves '{served}'")
 
 
-@router.get("", response_model=ServerMetadata)
+@open_routes.get("", response_model=ServerMetadata)
 async def server_metadata() -> ServerMetadata:
     """The server's name, version and protocol extensions."""
     return ServerMetadata(name="carvana-cascade", version=version("carvana-cascade"), extensions=["binary_tensor_data"])
 
 
-@router.get("/health/live", response_model=Live)
+@open_routes.get("/health/live", response_model=Live)
 async def server_live() -> Live:
     """Live while the process answers (Kubernetes' liveness probe)."""
     return Live(live=True)
 
 
-@router.get("/health/ready", response_model=Ready, responses={503: NOT_READY})
+@open_routes.get("/health/ready", response_model=Ready, responses={503: NOT_READY})
 async def server_ready(request: Request) -> Ready:
     """Ready once the nets are loaded and warmed up, until SIGTERM (Kubernetes' readiness probe): not
     ready is 503, as KServe answers (the protocol says 4xx; clients and probes read any non-200 as not
     ready), with the reason in `{"error": ...}`."""
-    if request.app.state.draining:
+    if request.app.state.batcher.stopping.is_set():
         raise HTTPException(503, "draining: the server is stopping and finishing the requests in flight")
     ensure_ready(request.app.state.batcher)
     return Ready(ready=True)
 
 
-@router.get("/models/{name}", response_model=ModelMetadata, responses=UNKNOWN)
+@open_routes.get("/models/{name}", response_model=ModelMetadata, responses=UNKNOWN)
 async def model_metadata(request: Request, name: str) -> ModelMetadata:
     """The model's input and outputs, with their datatypes and shapes."""
     _model(request, name)
-    return ModelMetadata(name=name, platform="pytorch", inputs=INPUTS, outputs=OUTPUTS)
+    return ModelMetadata(name=name, platform="pytorch", inputs=INPUT_TENSORS, outputs=OUTPUT_TENSORS)
 
 
-@router.get("/models/{name}/ready", response_model=ModelReady, responses={**UNKNOWN, 503: NOT_READY})
+@open_routes.get("/models/{name}/ready", response_model=ModelReady, responses={**UNKNOWN, 503: NOT_READY})
 async def model_ready(request: Request, name: str) -> ModelReady:
     """Ready once its nets are loaded and warmed up (draining or not: the requests in flight use them)."""
     _model(request, name)
@@ -222,7 +227,7 @@ def _wanted(request: InferenceRequest) -> dict[str, bool]:
     """The outputs to answer, each with whether it goes as binary data."""
     binary = request.parameters.binary_data_output
     asked = request.outputs or [RequestOutput(name="mask")]
-    known = [tensor.name for tensor in OUTPUTS]
+    known = [tensor.name for tensor in OUTPUT_TENSORS]
     for output in asked:
         if output.name not in known:
             raise HTTPException(400, f"output '{output.name}': this model's outputs are {known}")
@@ -233,7 +238,7 @@ def _encoded(cut: Cut, name: str) -> tuple[str, list[int], bytes]:
     """An output's datatype, shape and bytes, as the binary data extension carries them."""
     if name == "mask":
         return "UINT8", list(cut.mask.shape), cut.mask.view(np.uint8).tobytes()  # row-major, 1 on the car (bool as bytes, no copy)
-    png = render(cut, "rgba", "white", True, False, "png")  # /v1/cutout's default answer
+    png = render(cut, Picture(), fast=True)  # /v1/cutout's default answer
     return "BYTES", [1], struct.pack("<I", len(png)) + png
 
 
@@ -265,10 +270,10 @@ INFER_ANSWERS = {200: {"model": InferenceResponse, "description": "the outputs: 
                        "content": {"application/octet-stream": BINARY}, "headers": HEADER_LENGTH},
                  400: {"model": ErrorBody, "description": "not an inference request of this model, or not a photo"},
                  **UNKNOWN, 415: {"model": ErrorBody, "description": "an image format other than JPEG, PNG or WebP, or a Content-Encoding"},
-                 **_errors(401, 413, 422, 500, 503, 504)}
+                 **errors(401, 413, 422, 500, 503, 504)}
 
 
-@router.post("/models/{name}/infer", response_class=Response, openapi_extra=INFER_BODY, responses=INFER_ANSWERS)
+@protected.post("/models/{name}/infer", response_class=Response, openapi_extra=INFER_BODY, responses=INFER_ANSWERS)
 async def infer(request: Request, name: str,
                 header_length: int | None = Header(None, alias="Inference-Header-Content-Length", ge=0,
                                                    description="the binary data extension: the bytes of JSON before the binary data")
@@ -277,7 +282,7 @@ async def infer(request: Request, name: str,
     batcher: Batcher = request.app.state.batcher
     # read to its end first, so that a client still sending sees the answer, not a reset connection;
     # room for the photo in base64 and the JSON around it
-    body = await _body(request, batcher.s.max_bytes, batcher.s.max_bytes // 3 + 64 * 1024)
+    body = await read_body(request, batcher.s.max_bytes, batcher.s.max_bytes // 3 + 64 * 1024)
     _model(request, name)
     ensure_ready(batcher)
     if request.headers.get("content-encoding", "identity") != "identity":

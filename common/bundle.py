@@ -1,12 +1,12 @@
 """A trained cascade as one folder that leaves its run: both nets' weights in safetensors, the
 settings that shape a mask, the mask threshold, the run's figures and what it was trained on, in
 `bundle.json`, and a model card (`README.md`). `carvana bundle` writes it (pipelines/bundle.py);
-`carvana cutout`, `carvana serve` and `stage2 predict` read it with `--model DIR` and predict the
-masks of the run it came from, byte for byte.
+every command that predicts reads it with `--model DIR` (a `ModelSource`, common/model_source.py)
+and predicts the masks of the run it came from, byte for byte.
 
 Reading checks everything before a net is built: the format version, every listed file's sha256,
-the architecture's arguments and that the weights fit them. Nothing is unpickled: safetensors
-holds tensors only. The format: docs/bundle.md.
+the architecture's arguments and that the weights fit them; a net is then loaded from the very bytes
+it hashes. Nothing is unpickled: safetensors holds tensors only. The format: docs/bundle.md.
 """
 from __future__ import annotations
 
@@ -24,18 +24,18 @@ from common.config import DEPENDS, Settings, setting_value
 from common.errors import CheckpointError, ConfigError
 from common.io import atomic_path, write_text
 from common.log import log
-from common.model import UNet, prepare
-from stage1_lowres.predict import Coarse
-from stage2_fullres.predict import Cascade
+from common.model import UNet
 
 FORMAT = 1
 MANIFEST = "bundle.json"
-# every setting a box or a mask depends on (the declarations say which), but where the data is read from
-FIXED = sorted({k for output in ("boxes", "masks") for k in DEPENDS[output] if not k.startswith("data.")})
+# every setting a box or a mask depends on (the declarations say which), but where the data is read from and
+# the mask threshold, which bundle.json holds on its own
+FIXED = sorted({k for output in ("boxes", "masks") for k in DEPENDS[output]
+                if not k.startswith("data.") and k != "predict.threshold"})
 INPUT = "RGB, uint8 divided by 255, no mean or std; the refiner also takes stage 1's probability when coarse_channel"
 
 
-class Net(BaseModel):
+class NetSpec(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
     file: str  # safetensors, beside bundle.json
     architecture: str  # "UNet", common/model.py
@@ -49,7 +49,7 @@ class Manifest(BaseModel):
     format: int
     name: str  # the model's name on the server (`/v2/models/{name}`)
     created: str  # ISO date
-    nets: dict[str, Net]  # stage1, refiner
+    nets: dict[str, NetSpec]  # stage1, refiner
     prediction: dict[str, Any]  # dotted setting -> value: every setting a box or mask depends on (FIXED)
     input: str  # the nets' input normalisation, in words
     threshold: float  # the mask threshold (`carvana evaluate`'s best, or predict.threshold)
@@ -77,8 +77,12 @@ def save_net(net: nn.Module, path: Path) -> None:
 
 @dataclass(frozen=True)
 class Bundle:
+    """A bundle read back and checked, as a `ModelSource`: its nets, threshold and settings. `backend`
+    says which of its files run the nets (the safetensors weights, or the ONNX files)."""
+
     folder: Path
     manifest: Manifest
+    backend: str = "torch"
 
     @property
     def name(self) -> str:
@@ -93,20 +97,26 @@ class Bundle:
         """Trained on `carvana sample-data`'s synthetic cars only: for trying the commands, not for real photos."""
         return self.manifest.training_data.get("kind") == "synthetic"
 
-    def hash(self, net: str, backend: str = "torch") -> str:
-        """The sha256 of the file that runs a net (its weights, or its ONNX file under onnxruntime):
-        what cache keys hash instead of a checkpoint's content."""
-        return self.manifest.files[self.manifest.nets[net].file if backend == "torch" else self._onnx(net)]
+    def has(self, net: str) -> bool:
+        return net in self.manifest.nets
 
-    def _onnx(self, net: str) -> str:
+    def file(self, net: str) -> str:
+        """The file that runs `net`: its weights, or its ONNX file under onnxruntime."""
+        if self.backend == "torch":
+            return self.manifest.nets[net].file
         name = f"{net}.onnx"
         if name not in self.manifest.files:
-            raise CheckpointError(f"{self.folder}: no {name}; predict.backend=onnxruntime needs a bundle made with `carvana bundle --onnx`")
+            raise CheckpointError(f"{self.folder}: no {name}; predict.backend=onnxruntime needs a bundle made with "
+                                  "`carvana bundle --onnx`")
         return name
+
+    def hash(self, net: str) -> str:
+        """The sha256 of the file that runs `net`, from bundle.json (checked when the bundle was read)."""
+        return self.manifest.files[self.file(net)]
 
     def settings(self, cfg: Settings) -> Settings:
         """`cfg` with the bundle's settings for every box and mask (they win; a differing value is said in one line)."""
-        fixed = self.manifest.prediction | {"predict.threshold": self.threshold}
+        fixed = self.manifest.prediction
         default = Settings()
         differ = [f"{k}={v} (the config: {setting_value(cfg, k)})" for k, v in fixed.items()
                   if setting_value(cfg, k) not in (v, setting_value(default, k))]  # set by the user, to another value
@@ -115,34 +125,33 @@ class Bundle:
         return cfg.updated(fixed)
 
     def net(self, which: str, device: torch.device) -> nn.Module:
-        """A net rebuilt from its architecture's arguments and its weights; weights that do not fit are refused."""
-        from safetensors.torch import load_file
+        """The net rebuilt from its architecture's arguments and the bytes of its file, which must hash as
+        bundle.json says (on a Dask worker: as the client read it); weights that do not fit are refused."""
+        name = self.file(which)
+        path = self.folder / name
+        try:
+            data = path.read_bytes()
+        except OSError as e:
+            raise CheckpointError(f"{path}: cannot be read ({e.strerror})") from None
+        if hashlib.sha256(data).hexdigest() != self.manifest.files[name]:
+            raise CheckpointError(f"{path}: changed since the bundle was read (sha256 differs from {MANIFEST})")
+        if self.backend == "onnxruntime":
+            if device.type != "cpu":
+                raise ConfigError(f"predict.backend=onnxruntime runs the ONNX files on the CPU: set device=cpu (now {device})")
+            from common.onnx_export import OnnxNet
+
+            return OnnxNet(data)
+        from safetensors.torch import load
 
         spec = self.manifest.nets[which]
         net = UNet(**spec.args)  # the arguments and the weights' shapes were checked by `read_bundle`
-        net.load_state_dict(load_file(str(self.folder / spec.file)), strict=True)
+        net.load_state_dict(load(data), strict=True)
         return net.to(device).eval()
 
-    def cascade(self, cfg: Settings, device: torch.device, need_stage1: bool = True) -> Cascade:
-        """The cascade ready for inference, as `Cascade.from_config` makes it from checkpoints; `cfg`
-        from `settings` (the bundle's box and mask settings, the user's device, batch and reader settings)."""
-        if cfg.predict.backend == "onnxruntime":
-            if device.type != "cpu" or cfg.predict.compile:
-                raise ConfigError(f"predict.backend=onnxruntime runs the ONNX files on the CPU, uncompiled: set device=cpu and "
-                                  f"predict.compile=false (now device={device}, predict.compile={cfg.predict.compile})")
-            from common.onnx_export import OnnxNet
 
-            load = lambda which: OnnxNet(self.folder / self._onnx(which))  # noqa: E731
-        else:
-            load = lambda which: self.net(which, device)  # noqa: E731
-        refiner = prepare(load("refiner"), device, cfg.predict.compile)
-        coarse = Coarse.from_net(load("stage1"), cfg, device) if need_stage1 or cfg.stage2.coarse_channel else None
-        return Cascade(coarse, refiner, cfg, device)
-
-
-def read_bundle(folder: str | Path) -> Bundle:
+def read_bundle(folder: str | Path, backend: str = "torch") -> Bundle:
     """The bundle in `folder`, checked: its format, every file present with its sha256; one line naming
-    the file at fault otherwise (CheckpointError: exit 2)."""
+    the file at fault otherwise (CheckpointError: exit 2). `backend`: `predict.backend`."""
     folder = Path(folder)
     path = folder / MANIFEST
     if not path.is_file():
@@ -179,10 +188,12 @@ def read_bundle(folder: str | Path) -> Bundle:
         if net.file not in manifest.files:
             raise CheckpointError(f"{path}: {net.file} has no sha256 under files")
         _check_fit(folder / net.file, which, net)
-    return Bundle(folder, manifest)
+    bundle = Bundle(folder, manifest, backend)
+    bundle.hash("refiner")  # an ONNX backend without ONNX files is refused here, before any work
+    return bundle
 
 
-def _check_fit(path: Path, which: str, net: Net) -> None:
+def _check_fit(path: Path, which: str, net: NetSpec) -> None:
     """The weights' names and shapes (from the file's header: nothing loaded) against the architecture's."""
     from safetensors import SafetensorError, safe_open
 
