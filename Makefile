@@ -20,7 +20,10 @@ $(STAMP): setup.cfg pyproject.toml
 	  || echo "compileall: the files above are compiled when imported instead (pip skips them too)"
 	touch $(STAMP)
 
+# the linter and the formatter's check first (pyproject.toml [tool.ruff]): a second, then the suite
 test: $(STAMP)
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
 	$(PY) -m pytest -q
 
 demo: $(STAMP)

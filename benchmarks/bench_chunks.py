@@ -7,6 +7,7 @@ submissions do). Each phase runs in its own process, so its peak RSS is its own.
 same run: what the bookkeeping did before (a glob of the whole folder at every chunk write; a
 resume that parsed every column, RLE strings included).
 """
+
 from __future__ import annotations
 
 import multiprocessing as mp
@@ -51,8 +52,14 @@ def _write(root: str, rows: int, chunk: int) -> dict:
         sorted(store.folder.glob("part-*.csv"))
         glob.append(time.perf_counter() - t)
     n = min(500, chunks)
-    return {"chunks": chunks, "first_ms": 1e3 * np.median(times[:n]), "last_ms": 1e3 * np.median(times[-n:]),
-            "total_s": sum(times), "glob_ms": 1e3 * np.median(glob), "mb": sum(p.stat().st_size for p in store.folder.iterdir()) / 2**20}
+    return {
+        "chunks": chunks,
+        "first_ms": 1e3 * np.median(times[:n]),
+        "last_ms": 1e3 * np.median(times[-n:]),
+        "total_s": sum(times),
+        "glob_ms": 1e3 * np.median(glob),
+        "mb": sum(p.stat().st_size for p in store.folder.iterdir()) / 2**20,
+    }
 
 
 def _resume(root: str, rows: int, chunk: int) -> dict:
@@ -102,12 +109,18 @@ if __name__ == "__main__":
     chunk = int(sys.argv[2]) if len(sys.argv) > 2 else 16
     with tempfile.TemporaryDirectory() as root:
         w = measure(_write, root, rows, chunk)
-        print(f"{rows} rows in {w['chunks']} chunks of {chunk} ({w['mb']:.0f} MiB of CSV), written in {w['total_s']:.1f} s, "
-              f"peak RSS {w['peak_mib']:.0f} MiB")
-        print(f"one chunk write: {w['first_ms']:.2f} ms (median of the first 500), {w['last_ms']:.2f} ms (last 500); "
-              f"ratio {w['last_ms'] / w['first_ms']:.2f}")
-        print(f"baseline: the folder glob the old write did each time costs {w['glob_ms']:.2f} ms at {w['chunks']} chunks "
-              f"({w['glob_ms'] / w['last_ms']:.1f}x a whole write now)\n")
+        print(
+            f"{rows} rows in {w['chunks']} chunks of {chunk} ({w['mb']:.0f} MiB of CSV), written in {w['total_s']:.1f} "
+            f"s, peak RSS {w['peak_mib']:.0f} MiB"
+        )
+        print(
+            f"one chunk write: {w['first_ms']:.2f} ms (median of the first 500), {w['last_ms']:.2f} ms (last 500); "
+            f"ratio {w['last_ms'] / w['first_ms']:.2f}"
+        )
+        print(
+            f"baseline: the folder glob the old write did each time costs {w['glob_ms']:.2f} ms at {w['chunks']} "
+            f"chunks ({w['glob_ms'] / w['last_ms']:.1f}x a whole write now)\n"
+        )
         print(f"{'phase':44} {'seconds':>8} {'peak MiB':>9}")
         r = measure(_resume, root, rows, chunk)
         print(f"{'resume: which chunks are done (file names)':44} {r['seconds']:8.3f} {r['peak_mib']:9.0f}")
@@ -117,4 +130,7 @@ if __name__ == "__main__":
         print(f"{'baseline: every column (RLE strings too)':44} {a['seconds']:8.2f} {a['peak_mib']:9.0f}")
         s = measure(_submission, root, rows, chunk)
         print(f"{'submission.csv.gz, streamed chunk by chunk':44} {s['seconds']:8.2f} {s['peak_mib']:9.0f}")
-        print(f"\nfinish vs baseline: {a['seconds'] / e['seconds']:.1f}x faster, {a['peak_mib'] / e['peak_mib']:.1f}x less memory")
+        print(
+            f"\nfinish vs baseline: {a['seconds'] / e['seconds']:.1f}x faster, {a['peak_mib'] / e['peak_mib']:.1f}x "
+            "less memory"
+        )

@@ -20,6 +20,7 @@ is the cost undisturbed).
 
     .venv/bin/python benchmarks/bench_matting.py [every=4] [rounds=3] [torch threads] [--pymatting]
 """
+
 from __future__ import annotations
 
 import os
@@ -29,7 +30,9 @@ import time
 from pathlib import Path
 from typing import Callable
 
-os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")  # before torch's first allocation, as every carvana command (pipelines/cli.py)
+os.environ.setdefault(
+    "THP_MEM_ALLOC_ENABLE", "1"
+)  # before torch's first allocation, as every carvana command (pipelines/cli.py)
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
@@ -49,7 +52,9 @@ Clean = Callable[[np.ndarray, np.ndarray], np.ndarray]  # (photo, alpha) -> the 
 
 def soft_alpha(mask: np.ndarray) -> np.ndarray:
     """The band `carvana cutout` draws, on a true boundary: matting.alpha of the mask blurred 3x3."""
-    prob = F.avg_pool2d(torch.from_numpy(mask).float()[None, None], 3, stride=1, padding=1, count_include_pad=False)[0, 0]
+    prob = F.avg_pool2d(torch.from_numpy(mask).float()[None, None], 3, stride=1, padding=1, count_include_pad=False)[
+        0, 0
+    ]
     h, w = mask.shape
     return alpha(Prediction(w, h, (0, 0, w, h), True, None, prob), 0.5).numpy()
 
@@ -84,6 +89,7 @@ def pymatting() -> Clean:
         out = photo.copy()
         out[soft] = np.rint(255 * estimate_foreground_ml(photo / 255.0, a / 255.0).clip(0, 1))[soft].astype(np.uint8)
         return out  # the same pixels changed as ours: only the band
+
     return clean
 
 
@@ -107,8 +113,10 @@ def quality(every: int, methods: dict[str, Clean]) -> None:
     base = torch.cat(fringes["naive"]).mean()
     for name in methods:
         t, v = torch.cat(leans[name]), torch.cat(fringes[name])
-        print(f"{name:12} {t.mean():6.3f} {t.abs().mean():7.3f} {v.mean():8.2f} levels {1000 * seconds[name] / len(photos):9.1f}"
-              f"   fringe x{v.mean() / base:.2f} of naive")
+        print(
+            f"{name:12} {t.mean():6.3f} {t.abs().mean():7.3f} {v.mean():8.2f} levels "
+            f"{1000 * seconds[name] / len(photos):9.1f}   fringe x{v.mean() / base:.2f} of naive"
+        )
 
 
 def cost(rounds: int) -> None:
@@ -122,7 +130,9 @@ def cost(rounds: int) -> None:
         big = np.array(Image.fromarray(read_mask(mask)).resize(rgb.shape[1::-1], Image.NEAREST))
         work.append((rgb, soft_alpha(big)))
 
-    def cut(rgb: np.ndarray, a: np.ndarray) -> Cut:  # a new cut each call: a cut keeps its clean edge for its next picture
+    def cut(
+        rgb: np.ndarray, a: np.ndarray
+    ) -> Cut:  # a new cut each call: a cut keeps its clean edge for its next picture
         return Cut(rgb, a >= 128, a, (0, 0, rgb.shape[1], rgb.shape[0]), True)
 
     def png(rgb: np.ndarray, a: np.ndarray) -> None:
@@ -138,22 +148,29 @@ def cost(rounds: int) -> None:
     }
     times: dict[str, list[float]] = {name: [] for name in variants}
     for r in range(rounds):
-        names = list(variants)[r % len(variants):] + list(variants)[:r % len(variants)]  # the order rotated each round
+        names = (
+            list(variants)[r % len(variants) :] + list(variants)[: r % len(variants)]
+        )  # the order rotated each round
         for rgb, a in work:
             for name in names:
                 started = time.perf_counter()
                 variants[name](rgb, a)
                 times[name].append(time.perf_counter() - started)
     soft = np.mean([((a > 0) & (a < 255)).sum() for _, a in work])
-    print(f"\ncost: {len(work)} photos 1918x1280, {soft:.0f} soft pixels each on average, {rounds} rounds, "
-          f"torch threads {torch.get_num_threads()}")
+    print(
+        f"\ncost: {len(work)} photos 1918x1280, {soft:.0f} soft pixels each on average, {rounds} rounds, torch threads "
+        f"{torch.get_num_threads()}"
+    )
     print(f"{'picture':22} {'median ms':>10} {'vs naive':>9} {'best ms':>8} {'vs naive':>9}")
     for name, t in times.items():
         naive = times[name.replace("clean", "naive")] if name.endswith("clean") else None
         row = f"{name:22}"
         for stat in (statistics.median, min):
             ms = 1000 * stat(t)
-            row += f" {ms:{10 if stat is statistics.median else 8}.1f} {f'{ms / (1000 * stat(naive)):.2f}x' if naive else '':>9}"
+            row += (
+                f" {ms:{10 if stat is statistics.median else 8}.1f} "
+                f"{f'{ms / (1000 * stat(naive)):.2f}x' if naive else '':>9}"
+            )
         print(row)
 
 

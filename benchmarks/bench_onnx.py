@@ -13,6 +13,7 @@ pace drifts); median ms per image or tile, and how far each variant's output is 
 
 batch: images or tiles per forward pass (the CPU's predict.batch_size); the cascade runs rounds // 2 rounds.
 """
+
 from __future__ import annotations
 
 import os
@@ -24,7 +25,9 @@ import time
 from pathlib import Path
 from typing import Callable
 
-os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")  # before torch's first allocation, as every carvana command (pipelines/cli.py)
+os.environ.setdefault(
+    "THP_MEM_ALLOC_ENABLE", "1"
+)  # before torch's first allocation, as every carvana command (pipelines/cli.py)
 
 import torch  # noqa: E402
 from bench_predict import BOX, REAL  # noqa: E402  the real test photos, a box of two 1024 tiles
@@ -50,6 +53,7 @@ def eager(net: nn.Module, dtype: torch.dtype | None) -> Callable[[torch.Tensor],
     def run(x: torch.Tensor) -> torch.Tensor:
         with autocast(CPU, dtype):
             return torch.sigmoid(net(x.contiguous(memory_format=torch.channels_last)).float())
+
     return run
 
 
@@ -60,7 +64,7 @@ def timings(runs: dict[str, Callable], arg, n: int, rounds: int) -> dict[str, fl
     seconds: dict[str, list[float]] = {name: [] for name in runs}
     names = list(runs)
     for r in range(rounds):
-        for name in names[r % len(names):] + names[: r % len(names)]:
+        for name in names[r % len(names) :] + names[: r % len(names)]:
             t = time.perf_counter()
             runs[name](arg)
             seconds[name].append(time.perf_counter() - t)
@@ -71,8 +75,11 @@ def nets_table(nets: dict[str, tuple[nn.Module, Path]], picked: torch.dtype | No
     print(f"{'net':26} {'variant':13} {'ms/item':>9} {'onnxruntime/this':>17} {'max |dp| vs fp32':>17}")
     for label, (net, path) in nets.items():
         session = OnnxNet(path)
-        runs = {"eager fp32": eager(net, None), f"eager {precision_name(picked)}": eager(net, picked),  # one key where both are fp32
-                "onnxruntime": lambda x: torch.sigmoid(session(x))}
+        runs = {
+            "eager fp32": eager(net, None),
+            f"eager {precision_name(picked)}": eager(net, picked),  # one key where both are fp32
+            "onnxruntime": lambda x, session=session: torch.sigmoid(session(x)),
+        }
         c = net.args["in_channels"]
         size = session.session.get_inputs()[0].shape[-1]
         x = torch.rand(batch, c, size, size)
@@ -83,7 +90,9 @@ def nets_table(nets: dict[str, tuple[nn.Module, Path]], picked: torch.dtype | No
             print(f"{label:26} {name:13} {t * 1e3:9.1f} {seconds['onnxruntime'] / t:17.2f} {diffs[name]:17.1e}")
 
 
-def cascade_table(cfg, nets: dict[str, tuple[nn.Module, Path]], picked: torch.dtype | None, photos: int, rounds: int) -> None:
+def cascade_table(
+    cfg, nets: dict[str, tuple[nn.Module, Path]], picked: torch.dtype | None, photos: int, rounds: int
+) -> None:
     (stage1, stage1_path), (refiner, refiner_path) = nets.values()
     images = [torch.from_numpy(read_image(p)).permute(2, 0, 1) for p in sorted(REAL.glob("*.jpg"))[:photos]]
     boxes = [BOX] * len(images)
@@ -92,12 +101,16 @@ def cascade_table(cfg, nets: dict[str, tuple[nn.Module, Path]], picked: torch.dt
         c = Cascade(Coarse(s1, cfg, CPU), s2, cfg, CPU)
         return lambda ims: c.predict(ims, boxes)
 
-    runs = {f"PyTorch {precision_name(picked)}": cascade(prepare(stage1, CPU), prepare(refiner, CPU)),
-            "onnxruntime": cascade(OnnxNet(stage1_path), OnnxNet(refiner_path))}
+    runs = {
+        f"PyTorch {precision_name(picked)}": cascade(prepare(stage1, CPU), prepare(refiner, CPU)),
+        "onnxruntime": cascade(OnnxNet(stage1_path), OnnxNet(refiner_path)),
+    }
     torch_prob, ort_prob = (torch.stack([p.prob for p in run(images)]) for run in runs.values())
     seconds = timings(runs, images, len(images), rounds)
-    print(f"\nCascade.predict, {len(images)} real 1918x1280 photos per call, box {BOX} ({cfg.stage2.tile} tiles), "
-          f"tta_flip={cfg.predict.tta_flip}, {cfg.predict.batch_size} tiles per pass, {rounds} rounds")
+    print(
+        f"\nCascade.predict, {len(images)} real 1918x1280 photos per call, box {BOX} ({cfg.stage2.tile} tiles), "
+        f"tta_flip={cfg.predict.tta_flip}, {cfg.predict.batch_size} tiles per pass, {rounds} rounds"
+    )
     for name, t in seconds.items():
         print(f"{name:20} {t * 1e3:9.1f} ms/photo   onnxruntime/this {seconds['onnxruntime'] / t:5.2f}")
     same = ((torch_prob > 0.5) == (ort_prob > 0.5)).double().mean().item()
@@ -109,15 +122,21 @@ def main(rounds: int, batch: int, photos: int) -> None:
     s1, s2 = cfg.stage1, cfg.stage2
     channels = 4 if s2.coarse_channel else 3
     stage1, refiner = UNet(3, s1.depth, s1.width), UNet(channels, s2.depth, s2.width, prior_skip=s2.prior_skip)
-    nn.init.normal_(refiner.head.weight, std=0.1)  # an untrained prior-skip refiner returns its prior exactly: no differences to see
+    nn.init.normal_(
+        refiner.head.weight, std=0.1
+    )  # an untrained prior-skip refiner returns its prior exactly: no differences to see
     picked = predict_dtype(CPU)
-    print(f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__} with "
-          f"{torch.get_num_threads()} threads, depth {s1.depth}/{s2.depth} width {s1.width}/{s2.width}, batch {batch}, "
-          f"{rounds} rounds; prediction's precision here: {precision_name(picked)}")
+    print(
+        f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__} with "
+        f"{torch.get_num_threads()} threads, depth {s1.depth}/{s2.depth} width {s1.width}/{s2.width}, batch {batch}, "
+        f"{rounds} rounds; prediction's precision here: {precision_name(picked)}"
+    )
     with tempfile.TemporaryDirectory() as tmp:
-        nets = {f"stage 1, {s1.size}x{s1.size} image": (stage1.eval(), Path(tmp, "stage1.onnx")),
-                f"refiner, {s2.tile}x{s2.tile} tile": (refiner.eval(), Path(tmp, "refiner.onnx"))}
-        for (net, path), size in zip(nets.values(), (s1.size, s2.tile)):
+        nets = {
+            f"stage 1, {s1.size}x{s1.size} image": (stage1.eval(), Path(tmp, "stage1.onnx")),
+            f"refiner, {s2.tile}x{s2.tile} tile": (refiner.eval(), Path(tmp, "refiner.onnx")),
+        }
+        for (net, path), size in zip(nets.values(), (s1.size, s2.tile), strict=True):
             export(net, net.args["in_channels"], size, path)
         nets_table(nets, picked, batch, rounds)
         cascade_table(cfg, nets, picked, photos, max(rounds // 2, 1))
@@ -125,4 +144,4 @@ def main(rounds: int, batch: int, photos: int) -> None:
 
 if __name__ == "__main__":
     args = [int(a) for a in sys.argv[1:4]]
-    main(*(args + [10, 2, 2][len(args):]))
+    main(*(args + [10, 2, 2][len(args) :]))

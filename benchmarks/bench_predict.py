@@ -10,6 +10,7 @@ batch (tiles per forward pass) defaults to 8 on CUDA and 2 on the CPU, where 2 m
     .venv/bin/python benchmarks/bench_predict.py against DIR [images=32] [rounds=3]
         # end to end in this tree against another checkout (git worktree add DIR COMMIT), alternating
 """
+
 from __future__ import annotations
 
 import os
@@ -36,8 +37,9 @@ REAL = Path(__file__).resolve().parents[2] / "shared" / "carvana_samples" / "tes
 BOX = (60, 300, 1860, 1100)  # a wide car: two 1024 tiles, as 69% of real cars need
 
 
-def make_run(root: Path, n: int, depth: int, width: int, size: int, extra: list[str], box: tuple = BOX,
-             real: Path = REAL) -> dict:
+def make_run(
+    root: Path, n: int, depth: int, width: int, size: int, extra: list[str], box: tuple = BOX, real: Path = REAL
+) -> dict:
     """A data root of n test images (links to the real photos in `real`), untrained checkpoints, cached boxes."""
     photos = sorted(real.glob("*.jpg"))
     if not photos:
@@ -47,11 +49,24 @@ def make_run(root: Path, n: int, depth: int, width: int, size: int, extra: list[
     for k, name in enumerate(names):
         (root / "data" / "test" / name).symlink_to(photos[k % len(photos)])
     out = root / "out"
-    cfg = load_config(None, [f"data.root={root / 'data'}", f"output.dir={out}", f"stage1.size={size}", f"stage1.depth={depth}",
-                             f"stage1.width={width}", f"stage2.depth={depth}", f"stage2.width={width}", *extra])
+    cfg = load_config(
+        None,
+        [
+            f"data.root={root / 'data'}",
+            f"output.dir={out}",
+            f"stage1.size={size}",
+            f"stage1.depth={depth}",
+            f"stage1.width={width}",
+            f"stage2.depth={depth}",
+            f"stage2.width={width}",
+            *extra,
+        ],
+    )
     for stage, net in (("stage1", UNet(3, depth, width)), ("stage2", UNet(4, depth, width, prior_skip=True))):
         (out / stage).mkdir(parents=True)
-        torch.save({"model": net.state_dict(), "model_args": net.args, "config": cfg.model_dump()}, out / stage / "best.pt")
+        torch.save(
+            {"model": net.state_dict(), "model_args": net.args, "config": cfg.model_dump()}, out / stage / "best.pt"
+        )
     rows = "\n".join(f"{name},test,1918,1280,{box[0]},{box[1]},{box[2]},{box[3]},1,bench" for name in names)
     (out / "bboxes.csv").write_text("img,split,width,height,x0,y0,x1,y1,found,key\n" + rows + "\n")
     return cfg
@@ -93,14 +108,25 @@ def stage_seconds(cfg: Settings, cascade: Cascade, device: torch.device, batch: 
     windows = plan_tiles(1918, 1280, BOX, cfg.stage2.tile, cfg.stage2.min_overlap)
     coarse, t = timed(device, lambda: [upsample(p, 1918, 1280) for p in small])
     steps["upsample prior"] = t / k
-    tiles, t = timed(device, lambda: (torch.cat([cut_tiles(im, windows) for im in images]),
-                                      torch.cat([cut_tiles(c[None], windows) for c in coarse])))
+    tiles, t = timed(
+        device,
+        lambda: (
+            torch.cat([cut_tiles(im, windows) for im in images]),
+            torch.cat([cut_tiles(c[None], windows) for c in coarse]),
+        ),
+    )
     steps["cut tiles"] = t / k
-    probs, t = timed(device, lambda: torch.cat([cascade.refine(tiles[0][i : i + batch], tiles[1][i : i + batch])
-                                                for i in range(0, len(tiles[0]), batch)]))
+    probs, t = timed(
+        device,
+        lambda: torch.cat(
+            [cascade.refine(tiles[0][i : i + batch], tiles[1][i : i + batch]) for i in range(0, len(tiles[0]), batch)]
+        ),
+    )
     steps[f"refiner, {len(windows)} tiles"] = t / k
     n = len(windows)
-    full, t = timed(device, lambda: [stitch(probs[n * j : n * j + n], windows, BOX, 1918, 1280, cascade.weights) for j in range(k)])
+    full, t = timed(
+        device, lambda: [stitch(probs[n * j : n * j + n], windows, BOX, 1918, 1280, cascade.weights) for j in range(k)]
+    )
     steps["stitch + blend"] = t / k
     masks, t = timed(device, lambda: [(f > 0.5).cpu().numpy() for f in full])
     steps["threshold + copy to host"] = t / k
@@ -133,11 +159,17 @@ def compare(n: int, depth: int, width: int, batch: int) -> None:
         steps = stage_seconds(cfg, cascade, device, batch)
     nets = sum(t for name, t in steps.items() if name.startswith(NETS))  # seconds per image of the nets alone
 
-    print(f"\ndevice {device}, U-Net depth {depth} width {width}, 1918x1280 real photos, box of two 1024 tiles, batch {batch} tiles")
+    print(
+        f"\ndevice {device}, U-Net depth {depth} width {width}, 1918x1280 real photos, box of two 1024 tiles, batch "
+        f"{batch} tiles"
+    )
     print(f"{'path':44} {'images':>6} {'ms/image':>9} {'images/s':>9}")
     print(f"{'the two nets alone on decoded tensors':44} {len(paths[:batch]):6d} {nets * 1e3:9.1f} {1 / nets:9.2f}")
     print(f"{'stage2 predict (Cascade), end to end':44} {n:6d} {new_s / n * 1e3:9.1f} {n / new_s:9.2f}")
-    print(f"end to end at {nets / (new_s / n):.0%} of the nets' own rate; 100,064 test images: {100_064 * new_s / n / 3600:.2f} h\n")
+    print(
+        f"end to end at {nets / (new_s / n):.0%} of the nets' own rate; 100,064 test images: "
+        f"{100_064 * new_s / n / 3600:.2f} h\n"
+    )
     print_shares(steps)
 
 
@@ -147,8 +179,11 @@ TREE = Path(__file__).resolve().parents[1]
 def in_fresh_process(body: str, tree: Path = TREE) -> list[float]:
     """Run `body` in a new interpreter on `tree`'s code, `b` being that tree's bench_predict, `pathlib`,
     `tempfile` and `torch` imported: the numbers it prints after RESULT."""
-    code = (f"import sys, pathlib, tempfile, torch; sys.path[:0] = [{str(tree)!r}, {str(tree / 'benchmarks')!r}]; "
-            f"import bench_predict as b, common; assert common.__file__.startswith({str(tree) + os.sep!r}), common.__file__; {body}")
+    code = (
+        f"import sys, pathlib, tempfile, torch; sys.path[:0] = [{str(tree)!r}, {str(tree / 'benchmarks')!r}]; import "
+        f"bench_predict as b, common; assert common.__file__.startswith({str(tree) + os.sep!r}), common.__file__; "
+        f"{body}"
+    )
     out = subprocess.run([sys.executable, "-c", code], cwd=tree, capture_output=True, text=True)
     if out.returncode:
         sys.exit(f"a run on {tree} failed:\n{out.stderr[-3000:]}")
@@ -161,11 +196,12 @@ def memory() -> None:
     print(f"{'images':>6} {'seconds':>8} {'peak RSS MiB':>13}")
     for n in (32, 320):
         seconds, rss = in_fresh_process(
-            f"import resource, time; from stage2_fullres import predict as p; from common.model_source import open_source; "
-            f"d = tempfile.mkdtemp(); "
-            f"cfg = b.make_run(pathlib.Path(d), {n}, 3, 4, 64, ['predict.batch_size=4', 'predict.chunk=16', 'predict.workers=0']); "
-            f"t = time.perf_counter(); p.main(cfg, open_source(cfg)); "
-            f"print('RESULT', time.perf_counter() - t, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)")
+            "import resource, time; from stage2_fullres import predict as p; from common.model_source import "
+            f"open_source; d = tempfile.mkdtemp(); cfg = b.make_run(pathlib.Path(d), {n}, 3, 4, 64, "
+            "['predict.batch_size=4', 'predict.chunk=16', 'predict.workers=0']); t = time.perf_counter(); p.main(cfg, "
+            "open_source(cfg)); print('RESULT', time.perf_counter() - t, "
+            "resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)"
+        )
         print(f"{n:6d} {seconds:8.1f} {rss:13.0f}")
 
 
@@ -180,19 +216,26 @@ def against(baseline: Path, n: int, rounds: int, depth: int = 6, width: int = 16
     for r in range(rounds):
         for name, tree in list(trees.items())[:: 1 if r % 2 == 0 else -1]:
             seconds[name] += in_fresh_process(
-                f"d = tempfile.TemporaryDirectory(); cfg = b.make_run(pathlib.Path(d.name), {n}, {depth}, {width}, 512, {settings!r}, "
-                f"real=pathlib.Path({str(REAL)!r})); print('RESULT', b.end_to_end(cfg, torch.device({device!r}))); d.cleanup()", tree)
+                f"d = tempfile.TemporaryDirectory(); cfg = b.make_run(pathlib.Path(d.name), {n}, {depth}, {width}, "
+                f"512, {settings!r}, real=pathlib.Path({str(REAL)!r})); print('RESULT', b.end_to_end(cfg, "
+                f"torch.device({device!r}))); d.cleanup()",
+                tree,
+            )
             print(f"round {r + 1} {name:10} {seconds[name][-1]:7.1f} s  load {os.getloadavg()[0]:.1f}", flush=True)
     base = statistics.median(seconds["baseline"])
-    print(f"\ndevice {device}, U-Net depth {depth} width {width}, {n} real 1918x1280 photos, batch {batch} tiles, "
-          f"median of {rounds} rounds\n{'tree':44} {'ms/image':>9} {'images/s':>9} {'speed':>6}")
+    print(
+        f"\ndevice {device}, U-Net depth {depth} width {width}, {n} real 1918x1280 photos, batch {batch} tiles, median "
+        f"of {rounds} rounds\n{'tree':44} {'ms/image':>9} {'images/s':>9} {'speed':>6}"
+    )
     for name, tree in trees.items():
         s = statistics.median(seconds[name])
         print(f"{name + ' ' + tree.name:44} {s / n * 1e3:9.1f} {n / s:9.2f} {base / s:6.2f}")
-    ratios = [b / t for b, t in zip(seconds["baseline"], seconds["this tree"])]  # each round's speed ratio
+    ratios = [b / t for b, t in zip(seconds["baseline"], seconds["this tree"], strict=True)]  # each round's speed ratio
     spread = f", standard error {statistics.stdev(ratios) / len(ratios) ** 0.5:.3f}" if len(ratios) > 1 else ""
-    print(f"speed ratio per round: median {statistics.median(ratios):.3f}, mean {statistics.mean(ratios):.3f}{spread}, "
-          f"from {min(ratios):.3f} to {max(ratios):.3f}")
+    print(
+        f"speed ratio per round: median {statistics.median(ratios):.3f}, mean {statistics.mean(ratios):.3f}{spread}, "
+        f"from {min(ratios):.3f} to {max(ratios):.3f}"
+    )
 
 
 if __name__ == "__main__":
@@ -200,10 +243,12 @@ if __name__ == "__main__":
         memory()
     elif sys.argv[1:2] == ["against"]:
         if len(sys.argv) < 3 or not Path(sys.argv[2], "common").is_dir():
-            sys.exit("usage: bench_predict.py against DIR [IMAGES ROUNDS], DIR a checkout of this project "
-                     "(git worktree add DIR COMMIT)")
-        images, rounds = [int(a) for a in sys.argv[3:5]] + [32, 3][len(sys.argv[3:5]):]
+            sys.exit(
+                "usage: bench_predict.py against DIR [IMAGES ROUNDS], DIR a checkout of this project (git worktree "
+                "add DIR COMMIT)"
+            )
+        images, rounds = [int(a) for a in sys.argv[3:5]] + [32, 3][len(sys.argv[3:5]) :]
         against(Path(sys.argv[2]), images, max(rounds, 1))
     else:
         args = [int(a) for a in sys.argv[1:5]]
-        compare(*(args + [64, 6, 16, 8 if torch.cuda.is_available() else 2][len(args):]))
+        compare(*(args + [64, 6, 16, 8 if torch.cuda.is_available() else 2][len(args) :]))

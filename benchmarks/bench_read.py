@@ -1,4 +1,5 @@
 """Reading a 1918x1280 JPEG at stage-1 size: decoder downscaling (PIL draft) vs decode then resize."""
+
 from __future__ import annotations
 
 import sys

@@ -1,4 +1,5 @@
 """RLE encoding of full-resolution (1280x1918) masks: project kernel vs the textbook numpy kernel."""
+
 from __future__ import annotations
 
 import time

@@ -14,6 +14,7 @@ failed requests, the server's RSS after a warm-up at full concurrency, halfway a
 each round) and the ratios: concurrent against one by one, and with --batch1 the batching server against the
 same server with serve.max_batch=1 (the GPU goal is >= 4x).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -59,11 +60,19 @@ class Server:
     """A real `carvana serve` process, driven in bursts of concurrent requests; it idles between them."""
 
     def __init__(self, config: Path, extra: list[str], photos: list[bytes], clients: int):
-        self.process = subprocess.Popen([sys.executable, "-m", "pipelines", "serve", "--port", "0", "--config", str(config), *extra],
-                                        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-        address = next((m[1] for line in self.process.stdout if (m := re.search(r"serve: (http://[^/\s]+)/", line))), None)
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "pipelines", "serve", "--port", "0", "--config", str(config), *extra],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
+        )
+        address = next(
+            (m[1] for line in self.process.stdout if (m := re.search(r"serve: (http://[^/\s]+)/", line))), None
+        )
         assert address, "the server died at start"
-        threading.Thread(target=self.process.stdout.read, daemon=True).start()  # the rest is drained: a full pipe would block it
+        threading.Thread(
+            target=self.process.stdout.read, daemon=True
+        ).start()  # the rest is drained: a full pipe would block it
         self.url, self.photos, self.clients = address, photos, clients
         self.results: list[tuple[int, float]] = []
         self.seconds, self.sent, self.rss, self.rss_rounds = 0.0, 0, [], []
@@ -84,7 +93,10 @@ class Server:
         started = time.perf_counter()
 
         def client(k: int) -> list[tuple[int, float]]:
-            return [post(self.url + "/v1/cutout", self.photos[i % len(self.photos)]) for i in range(first + k, first + count, self.clients)]
+            return [
+                post(self.url + "/v1/cutout", self.photos[i % len(self.photos)])
+                for i in range(first + k, first + count, self.clients)
+            ]
 
         with ThreadPoolExecutor(self.clients) as pool:
             parts = [pool.submit(client, k) for k in range(self.clients)]
@@ -100,10 +112,16 @@ class Server:
         text = urllib.request.urlopen(self.url + "/metrics").read().decode()
         value = {m[0]: float(m[1]) for m in re.findall(r"^(carvana_batch_size_(?:sum|count)) (\S+)$", text, re.M)}
         latencies = np.array([t for status, t in self.results if status == 200])
-        return {"requests": len(self.results), "failed": sum(status != 200 for status, _ in self.results),
-                "rate": len(latencies) / self.seconds, **{f"p{q}": float(np.percentile(latencies, q)) for q in (50, 95, 99)},
-                "batch": value["carvana_batch_size_sum"] / max(value["carvana_batch_size_count"], 1), "rss_start": self.rss_start,
-                "rss_mid": self.rss[len(self.rss) // 2] if self.rss else self.rss_start, "rss_end": rss_mib(self.process.pid)}
+        return {
+            "requests": len(self.results),
+            "failed": sum(status != 200 for status, _ in self.results),
+            "rate": len(latencies) / self.seconds,
+            **{f"p{q}": float(np.percentile(latencies, q)) for q in (50, 95, 99)},
+            "batch": value["carvana_batch_size_sum"] / max(value["carvana_batch_size_count"], 1),
+            "rss_start": self.rss_start,
+            "rss_mid": self.rss[len(self.rss) // 2] if self.rss else self.rss_start,
+            "rss_end": rss_mib(self.process.pid),
+        }
 
     def close(self) -> None:
         self.process.terminate()
@@ -113,8 +131,23 @@ class Server:
 def one_by_one(config: Path, paths: list[Path], out: Path) -> tuple[int, float]:
     """`carvana cutout` over the photos with batches of one: photos and seconds from its own rate line,
     from the nets loaded to the last file written (the server's rate, too, includes encoding every answer)."""
-    run = subprocess.run([sys.executable, "-m", "pipelines", "cutout", *map(str, paths), "--out", str(out), "--config", str(config),
-                          "predict.batch_size=1"], capture_output=True, text=True, check=True)
+    run = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pipelines",
+            "cutout",
+            *map(str, paths),
+            "--out",
+            str(out),
+            "--config",
+            str(config),
+            "predict.batch_size=1",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     done = re.search(r"cutout: (\d+) photos cut out into .* in ([\d.]+) s \(", run.stdout)
     return int(done[1]), float(done[2])
 
@@ -123,7 +156,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--clients", type=int, default=8)
     ap.add_argument("--requests", type=int, default=1000, help="per server, over all its bursts")
-    ap.add_argument("--rounds", type=int, default=8, help="bursts per server, with the baseline before each and after the last")
+    ap.add_argument(
+        "--rounds", type=int, default=8, help="bursts per server, with the baseline before each and after the last"
+    )
     ap.add_argument("--minutes", type=float, default=10, help="no round starts after this")
     ap.add_argument("--depth", type=int, default=6)
     ap.add_argument("--width", type=int, default=16)
@@ -135,7 +170,9 @@ def main() -> None:
     if not paths:
         sys.exit(f"needs the real test photos in {REAL}")
     with tempfile.TemporaryDirectory() as tmp:
-        cfg = make_run(Path(tmp), len(paths), args.depth, args.width, 256, [f"device={args.device}", "predict.batch_size=4"])
+        cfg = make_run(
+            Path(tmp), len(paths), args.depth, args.width, 256, [f"device={args.device}", "predict.batch_size=4"]
+        )
         save_config(cfg, Path(tmp) / "bench.yaml")
         config, photos = Path(tmp) / "bench.yaml", [p.read_bytes() for p in paths]
         settings = {f"serve, max_batch {args.max_batch}": [f"serve.max_batch={args.max_batch}"]}
@@ -157,15 +194,24 @@ def main() -> None:
                 server.close()
     rate = sum(n for n, _ in baseline) / sum(s for _, s in baseline)
     rates = [n / s for n, s in baseline]
-    print(f"{len(paths)} real photos, nets depth {args.depth} width {args.width}, {args.clients} clients, device {args.device}")
-    print(f"carvana cutout one by one, {len(baseline)} runs between the bursts: {rate:.2f} photos/s "
-          f"(runs {min(rates):.2f} to {max(rates):.2f})")
-    print(f"{'server':24} {'requests':>8} {'failed':>6} {'photos/s':>9} {'p50 s':>7} {'p95 s':>7} {'p99 s':>7} {'batch':>6} "
-          f"{'RSS MiB start->half->end':>26} {'growth':>7}")
+    print(
+        f"{len(paths)} real photos, nets depth {args.depth} width {args.width}, {args.clients} clients, device "
+        f"{args.device}"
+    )
+    print(
+        f"carvana cutout one by one, {len(baseline)} runs between the bursts: {rate:.2f} photos/s (runs "
+        f"{min(rates):.2f} to {max(rates):.2f})"
+    )
+    print(
+        f"{'server':24} {'requests':>8} {'failed':>6} {'photos/s':>9} {'p50 s':>7} {'p95 s':>7} {'p99 s':>7} "
+        f"{'batch':>6} {'RSS MiB start->half->end':>26} {'growth':>7}"
+    )
     for name, r in rows.items():
-        print(f"{name:24} {r['requests']:8d} {r['failed']:6d} {r['rate']:9.2f} {r['p50']:7.2f} {r['p95']:7.2f} {r['p99']:7.2f} "
-              f"{r['batch']:6.2f} {r['rss_start']:8.0f}->{r['rss_mid']:.0f}->{r['rss_end']:<7.0f} "
-              f"{r['rss_end'] / r['rss_start'] - 1:7.1%}")
+        print(
+            f"{name:24} {r['requests']:8d} {r['failed']:6d} {r['rate']:9.2f} {r['p50']:7.2f} {r['p95']:7.2f} "
+            f"{r['p99']:7.2f} {r['batch']:6.2f} {r['rss_start']:8.0f}->{r['rss_mid']:.0f}->{r['rss_end']:<7.0f} "
+            f"{r['rss_end'] / r['rss_start'] - 1:7.1%}"
+        )
     for name, server in servers.items():  # idle after each round: a plateau, or growth with the requests
         print(f"{name}: RSS MiB after each round: {' '.join(f'{m:.0f}' for m in server.rss_rounds)}")
     first = next(iter(rows.values()))

@@ -12,6 +12,7 @@ Stage 1: the real 512x512 training photos (../shared/carvana_samples/train_512) 
 (512 on CUDA, 256 on the CPU), in a device-resident uint8 tensor. Stage 2: synthetic full-resolution
 pairs (1918x1280 JPEG + GIF, generated once), 384 crops, with 1 and 4 crops per decoded image.
 """
+
 from __future__ import annotations
 
 import itertools
@@ -96,8 +97,16 @@ def loop_rate(model: torch.nn.Module, s: dict, data, steps: int) -> tuple[float,
 
 def stage1(steps: int, depth: int, width: int, compile: bool = False, real: Path = REAL, size: int = 0) -> list[tuple]:
     size = size or (512 if CUDA else 256)
-    cfg = load_config(None, [f"stage1.size={size}", f"stage1.depth={depth}", f"stage1.width={width}",
-                             f"stage1.batch_size={32 if CUDA else 4}", f"stage1.compile={compile}"])
+    cfg = load_config(
+        None,
+        [
+            f"stage1.size={size}",
+            f"stage1.depth={depth}",
+            f"stage1.width={width}",
+            f"stage1.batch_size={32 if CUDA else 4}",
+            f"stage1.compile={compile}",
+        ],
+    )
     s = cfg.stage1
     pairs, _ = scan_pairs(index_split(real, "train"), (size, size), jobs=os.cpu_count() or 1)
     images, masks = as_tensors(pairs)
@@ -108,12 +117,26 @@ def stage1(steps: int, depth: int, width: int, compile: bool = False, real: Path
     ceiling = net_rate(UNet(3, depth, width).to(DEVICE).to(memory_format=torch.channels_last), s, x, y, steps)
     torch.manual_seed(0)
     rate, wait = loop_rate(UNet(3, depth, width).to(DEVICE).to(memory_format=torch.channels_last), s, data, steps)
-    return [(f"stage 1, {size}px, batch {s.batch_size}, {len(pairs)} real photos on the {DEVICE.type}"
-             + (", compiled" if compile else ""), ceiling, rate, wait)]
+    return [
+        (
+            f"stage 1, {size}px, batch {s.batch_size}, {len(pairs)} real photos on the {DEVICE.type}"
+            + (", compiled" if compile else ""),
+            ceiling,
+            rate,
+            wait,
+        )
+    ]
 
 
-def stage2(steps: int, depth: int, width: int, compile: bool = False, crop: int = 384, per_item: tuple[int, ...] = (1, 4),
-           cars: int = 2) -> list[tuple]:
+def stage2(
+    steps: int,
+    depth: int,
+    width: int,
+    compile: bool = False,
+    crop: int = 384,
+    per_item: tuple[int, ...] = (1, 4),
+    cars: int = 2,
+) -> list[tuple]:
     from common.data.synth import write_sample_data
 
     rows = []
@@ -125,21 +148,46 @@ def stage2(steps: int, depth: int, width: int, compile: bool = False, crop: int 
         boxes = {p.sample.img: expand_box(p.box, 32, p.width, p.height) for p in pairs}
         ceiling = None
         for per in per_item:
-            cfg = load_config(None, [f"stage2.depth={depth}", f"stage2.width={width}", f"stage2.batch_size={batch}", f"stage2.crop={crop}",
-                                     f"stage2.crops_per_image={per}", "stage2.coarse_channel=false", f"stage2.workers={workers}",
-                                     f"stage2.compile={compile}"])
+            cfg = load_config(
+                None,
+                [
+                    f"stage2.depth={depth}",
+                    f"stage2.width={width}",
+                    f"stage2.batch_size={batch}",
+                    f"stage2.crop={crop}",
+                    f"stage2.crops_per_image={per}",
+                    "stage2.coarse_channel=false",
+                    f"stage2.workers={workers}",
+                    f"stage2.compile={compile}",
+                ],
+            )
             s = cfg.stage2
             crops = CropDataset(pairs, boxes, s, None, Path(tmp) / f"masks{per}")
-            with LoaderBatches(crops, batch, workers, DEVICE, per_item=per) as data:  # workers stopped before the folder goes
+            with LoaderBatches(
+                crops, batch, workers, DEVICE, per_item=per
+            ) as data:  # workers stopped before the folder goes
                 if ceiling is None:
                     x, y = next(data.epoch(0))
                     torch.manual_seed(0)
-                    ceiling = net_rate(UNet(3, depth, width).to(DEVICE).to(memory_format=torch.channels_last), s, x, y, steps)
+                    ceiling = net_rate(
+                        UNet(3, depth, width).to(DEVICE).to(memory_format=torch.channels_last), s, x, y, steps
+                    )
                 torch.manual_seed(0)
-                rate, wait = loop_rate(UNet(3, depth, width).to(DEVICE).to(memory_format=torch.channels_last), s, data,
-                                       min(steps, len(data)))
-            rows.append((f"stage 2, {crop}px crops, batch {batch}, {per} crop(s) per decode, {workers} workers"
-                         + (", compiled" if compile else ""), ceiling, rate, wait))
+                rate, wait = loop_rate(
+                    UNet(3, depth, width).to(DEVICE).to(memory_format=torch.channels_last),
+                    s,
+                    data,
+                    min(steps, len(data)),
+                )
+            rows.append(
+                (
+                    f"stage 2, {crop}px crops, batch {batch}, {per} crop(s) per decode, {workers} workers"
+                    + (", compiled" if compile else ""),
+                    ceiling,
+                    rate,
+                    wait,
+                )
+            )
     return rows
 
 
@@ -154,22 +202,25 @@ def precision(steps: int, depth: int, width: int, batch: int) -> None:
         torch.manual_seed(0)
         rates[name] = net_rate(UNet(3, depth, width).to(DEVICE).to(memory_format=torch.channels_last), s, x, y, steps)
     native = amp_dtype("bf16", DEVICE) is not None
-    print(f"U-Net depth {depth} width {width}, {size}px, batch {batch}, {steps} timed steps on the {DEVICE.type}: "
-          f"fp32 {rates['fp32']:.1f} images/s, bf16 {rates['bf16']:.1f}{'' if native else ' (not native here: ran in fp32)'}, "
-          f"ratio {rates['bf16'] / rates['fp32']:.2f}")
+    print(
+        f"U-Net depth {depth} width {width}, {size}px, batch {batch}, {steps} timed steps on the {DEVICE.type}: fp32 "
+        f"{rates['fp32']:.1f} images/s, bf16 {rates['bf16']:.1f}{'' if native else ' (not native here: ran in fp32)'}, "
+        f"ratio {rates['bf16'] / rates['fp32']:.2f}"
+    )
 
 
 if __name__ == "__main__":
     which = sys.argv[1] if len(sys.argv) > 1 else "both"
     if which == "precision":
         args = [int(a) for a in sys.argv[2:6]]
-        precision(*(args + [20, 6, 16, 4][len(args):]))
+        precision(*(args + [20, 6, 16, 4][len(args) :]))
         sys.exit(0)
-    steps, depth, width = (int(a) for a in (sys.argv[2:5] + ["20", "6", "16"][len(sys.argv[2:5]):]))
+    steps, depth, width = (int(a) for a in (sys.argv[2:5] + ["20", "6", "16"][len(sys.argv[2:5]) :]))
     if which in ("stage1", "both") and not REAL.is_dir():
         sys.exit(f"stage 1 needs the real samples in {REAL}")
-    rows = (stage1(steps, depth, width) if which in ("stage1", "both") else []) + \
-        (stage2(steps, depth, width) if which in ("stage2", "both") else [])
+    rows = (stage1(steps, depth, width) if which in ("stage1", "both") else []) + (
+        stage2(steps, depth, width) if which in ("stage2", "both") else []
+    )
     print(f"\nU-Net depth {depth} width {width}, {steps} timed steps, {torch.get_num_threads()} threads")
     print(f"{'what':72} {'net alone/s':>11} {'loop/s':>8} {'ratio':>6} {'data wait':>9}")
     for name, ceiling, rate, wait in rows:

@@ -1,6 +1,7 @@
 """Proof of the device path on a CUDA card, in parts: correctness checks, then speed rows.
 
-    .venv/bin/python benchmarks/gpu_check.py [--quick] [--only PARTS] [--out FILE] [--samples DIR] [--work DIR] [--budget S]
+    .venv/bin/python benchmarks/gpu_check.py [--quick] [--only PARTS] [--out FILE] [--samples DIR] [--work DIR]
+        [--budget S]
     .venv/bin/python benchmarks/gpu_check.py --list-samples     # the sample files a run reads, one a line
 
 benchmarks/gpu_prepare.sh copies those samples and the missing wheels into .gpu/ and prints the one
@@ -38,6 +39,7 @@ Targets on one H100/H200-class card: >= 150 images/s end to end, training loops 
 --quick: tiny nets, a few images and no flip TTA, so that it also runs on a CPU (tests/test_gpu_check.py
 runs it there); the compiled speed rows are left out. Exit status 1 if any check is false.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -89,10 +91,16 @@ DECODE = "predict.decode" in FIELDS  # the setting that picks PIL or nvjpeg; bef
 CARS, TESTS = 10, 16  # training cars (16 angles each, 2 held out) and full-resolution photos a full run reads
 CARS_TRAIN = CARS - 2
 QUICK_CARS, QUICK_TESTS = 3, 2
-QUICK_BOX = (700, 400, 1200, 900)  # --quick's speed rows: one 512 tile a photo (the full run's: bench_predict.BOX, two 1024 tiles)
+QUICK_BOX = (
+    700,
+    400,
+    1200,
+    900,
+)  # --quick's speed rows: one 512 tile a photo (the full run's: bench_predict.BOX, two 1024 tiles)
 EPOCHS = (24, 6)  # the checkpoints' training epochs, stage 1 and stage 2
 SPEED_IMAGES = 320  # the speed rows' photos, TESTS real ones linked under that many names
-TRAIN_STEPS = 20  # timed steps of each training row (bench_train: the net alone after 3 warm-up steps; the loop after an epoch as long)
+# timed steps of each training row (bench_train: the net alone after 3 warm-up steps; the loop after an epoch as long)
+TRAIN_STEPS = 20
 
 # Per-image Dice bounds, from a measurement on a 2-core CPU (docs/benchmarks.md, "The bounds"): nets of this
 # check's size where it counts (refiner depth 5, width 16 on 1024 tiles, flip TTA; stage 1 at 128, depth 4,
@@ -113,23 +121,35 @@ PIXEL_LEVELS = 2.0
 # What the estimates rest on. Measured on one H100 elsewhere (docs/benchmarks.md), pipeline.yaml's nets:
 TILES_PER_S = 394  # refiner inference on 1024 tiles, fp16, channels_last
 TILES_PER_S_COMPILED = 840  # the same under torch.compile
-S1_TRAIN_PER_S = 570  # stage-1 forward + backward at 512, images/s; 384 crops at the pixels' ratio, 256 at only 2x (small batches)
+S1_TRAIN_PER_S = (
+    570  # stage-1 forward + backward at 512, images/s; 384 crops at the pixels' ratio, 256 at only 2x (small batches)
+)
 PIL_PER_S_CORE = 32  # 1918x1280 JPEG decodes by PIL per core
 NVJPEG_PER_S = 3685
 # Guesses, to be replaced by the seconds the first run on a card records (its JSON has each part's):
-CUDA_S = 5  # what a fresh process adds on a card (CUDA context, cuDNN and cuBLAS handles), or a net's new shapes (cuDNN's tuning)
+# what a fresh process adds on a card (CUDA context, cuDNN and cuBLAS handles), or a net's new shapes (cuDNN's tuning)
+CUDA_S = 5
 RUN_S = 3  # one more `stage2 predict` in a process already started: reader processes, chunks, the submission
 EPOCH_S = (0.5, 3)  # an epoch's fixed cost on a card: stage 1 (images in memory), stage 2 (loader, validation)
 COMPILE_S = 40  # inductor compiling one net for inference ("tens of seconds")
 COMPILE_TRAIN_S = 90  # inductor compiling one net's forward and backward graphs
 COMPILE_CACHED_S = 10  # the same graph again: Dynamo traces, inductor's on-disk cache has the code
 CSAN = 3  # the sanitizer's Python hook records a stack trace at every kernel launch: a prediction a few times slower
-CPU_TILE_S = 3.4 / 6  # a 1024 tile through the checks' refiner in fp32 on the CPU: 3.4 s measured on 2 cores; 16 cores 6x faster
+CPU_TILE_S = (
+    3.4 / 6
+)  # a 1024 tile through the checks' refiner in fp32 on the CPU: 3.4 s measured on 2 cores; 16 cores 6x faster
 # Seconds of each part in --quick on a 2-core CPU (2026-12-03, the least loaded of three runs; tiny nets, no TTA):
 # process starts, reader processes, Python, the fixed costs a full run pays too; the estimates add what grows
 # with the nets and the images
-QUICK_CPU = {"checkpoints": 11, "environment": 1, "async_equals_sync": 7, "device_matches_cpu": 1, "compile_static": 7,
-             "predict_pil": 5, "train_plain": 6}
+QUICK_CPU = {
+    "checkpoints": 11,
+    "environment": 1,
+    "async_equals_sync": 7,
+    "device_matches_cpu": 1,
+    "compile_static": 7,
+    "predict_pil": 5,
+    "train_plain": 6,
+}
 QUICK_EPOCHS = (2, 1)
 
 
@@ -137,17 +157,48 @@ def settings(quick: bool) -> list[str]:
     """The checkpoints' recipe: seconds of training, confident enough masks to compare paths on."""
     workers = reader_processes("auto", DEVICE)
     if quick:
-        return ["stage1.size=64", "stage1.depth=3", "stage1.width=4", f"stage1.epochs={QUICK_EPOCHS[0]}", "stage1.batch_size=8",
-                "stage2.depth=3", "stage2.width=4", f"stage2.epochs={QUICK_EPOCHS[1]}", "stage2.crop=128", "stage2.batch_size=4",
-                "stage2.tile=512", "stage2.min_overlap=32", "stage2.val_images=2", "predict.batch_size=2",
-                "stage1.workers=1", "stage2.workers=0", f"predict.workers={workers}", "predict.tta_flip=false"]
+        return [
+            "stage1.size=64",
+            "stage1.depth=3",
+            "stage1.width=4",
+            f"stage1.epochs={QUICK_EPOCHS[0]}",
+            "stage1.batch_size=8",
+            "stage2.depth=3",
+            "stage2.width=4",
+            f"stage2.epochs={QUICK_EPOCHS[1]}",
+            "stage2.crop=128",
+            "stage2.batch_size=4",
+            "stage2.tile=512",
+            "stage2.min_overlap=32",
+            "stage2.val_images=2",
+            "predict.batch_size=2",
+            "stage1.workers=1",
+            "stage2.workers=0",
+            f"predict.workers={workers}",
+            "predict.tta_flip=false",
+        ]
     # stage 1: demo.yaml's batch and learning rate, which reached val Dice 0.98 within 400 steps on 16 real cars
     # (docs/experiments/2026-11-stage1-recipe-search.md); here 16 steps an epoch on 8 cars
-    return ["stage1.size=256", "stage1.depth=5", "stage1.width=16", f"stage1.epochs={EPOCHS[0]}", "stage1.batch_size=8",
-            "stage1.lr=0.003", "stage2.depth=5", "stage2.width=16", f"stage2.epochs={EPOCHS[1]}", "stage2.crop=256",
-            "stage2.batch_size=16", "stage2.crops_per_image=4", "stage2.val_images=8", "predict.batch_size=8",
-            f"stage1.workers={max(workers, 1)}", f"stage2.workers={workers}", f"predict.workers={min(workers, 4)}",
-            "predict.tta_flip=true"]
+    return [
+        "stage1.size=256",
+        "stage1.depth=5",
+        "stage1.width=16",
+        f"stage1.epochs={EPOCHS[0]}",
+        "stage1.batch_size=8",
+        "stage1.lr=0.003",
+        "stage2.depth=5",
+        "stage2.width=16",
+        f"stage2.epochs={EPOCHS[1]}",
+        "stage2.crop=256",
+        "stage2.batch_size=16",
+        "stage2.crops_per_image=4",
+        "stage2.val_images=8",
+        "predict.batch_size=8",
+        f"stage1.workers={max(workers, 1)}",
+        f"stage2.workers={workers}",
+        f"predict.workers={min(workers, 4)}",
+        "predict.tta_flip=true",
+    ]
 
 
 def sample_files(samples: Path, cars: int, tests: int) -> tuple[list[Path], list[Path]]:
@@ -184,7 +235,9 @@ class Context:
     nvjpeg: bool  # torchvision's nvjpeg decodes on this device
     seconds: dict = field(default_factory=dict)  # of each part run, and of the checkpoints' training
     runs: dict = field(default_factory=dict)  # (mode, decode) -> the submission of that `stage2 predict`
-    planned: set = field(default_factory=set)  # the parts this run will run: a later one reuses what an earlier one made
+    planned: set = field(
+        default_factory=set
+    )  # the parts this run will run: a later one reuses what an earlier one made
     _trained: tuple | None = None
     _untrainable: str = ""  # why training failed: the parts after the first that needs it fail at once
 
@@ -204,8 +257,15 @@ class Context:
         if self._trained is None:
             t = time.monotonic()
             print(f"checkpoints: training both stages (estimate {estimate('checkpoints', self):.0f} s)", flush=True)
-            cfg = load_config(None, [f"data.root={self.data}", f"output.dir={self.work / 'run'}",
-                                     f"data.val_cars={1 if self.quick else 2}", *settings(self.quick)])
+            cfg = load_config(
+                None,
+                [
+                    f"data.root={self.data}",
+                    f"output.dir={self.work / 'run'}",
+                    f"data.val_cars={1 if self.quick else 2}",
+                    *settings(self.quick),
+                ],
+            )
             try:
                 s1_train.main(cfg)
                 s1_predict.main(cfg, open_source(cfg))
@@ -245,17 +305,33 @@ for argv in job["runs"]:
 def predict_args(config: Path, out: Path, *more: str) -> list[str]:
     """`carvana stage2 predict`'s arguments on the trained checkpoints, writing into `out` (named last)."""
     run = config.parent / "run"
-    return ["stage2", "predict", "--config", str(config), f"stage1.checkpoint={run}/stage1/best.pt",
-            f"stage2.checkpoint={run}/stage2/best.pt", f"bboxes.path={run}/bboxes.csv", *more, f"output.dir={out}"]
+    return [
+        "stage2",
+        "predict",
+        "--config",
+        str(config),
+        f"stage1.checkpoint={run}/stage1/best.pt",
+        f"stage2.checkpoint={run}/stage2/best.pt",
+        f"bboxes.path={run}/bboxes.csv",
+        *more,
+        f"output.dir={out}",
+    ]
 
 
-def predict_process(runs: list[list[str]], env: dict | None = None, deterministic: bool = False) -> dict[str, tuple[int, str]]:
+def predict_process(
+    runs: list[list[str]], env: dict | None = None, deterministic: bool = False
+) -> dict[str, tuple[int, str]]:
     """The runs in one fresh process; each one's output folder -> (exit status, the process's log)."""
     job = json.dumps({"deterministic": deterministic, "runs": runs})
-    done = subprocess.run([sys.executable, "-c", RUNNER, job], cwd=ROOT, env={**os.environ, **(env or {})},
-                          capture_output=True, text=True)
+    done = subprocess.run(
+        [sys.executable, "-c", RUNNER, job], cwd=ROOT, env={**os.environ, **(env or {})}, capture_output=True, text=True
+    )
     log = done.stdout + done.stderr
-    codes = dict(json.loads(line[len("gpu_check run "):]) for line in done.stdout.splitlines() if line.startswith("gpu_check run "))
+    codes = dict(
+        json.loads(line[len("gpu_check run ") :])
+        for line in done.stdout.splitlines()
+        if line.startswith("gpu_check run ")
+    )
     return {argv[-1].split("=", 1)[1]: (codes.get(argv[-1], done.returncode or 1), log) for argv in runs}
 
 
@@ -270,8 +346,11 @@ def submissions(ctx: Context, mode: str, decodes: list[str]) -> dict[str, Path]:
     todo = [d for d in decodes if (mode, d) not in ctx.runs]
     if todo:
         outs = {d: ctx.work / f"predict-{mode}-{d}" for d in todo}
-        done = predict_process([predict_args(config, outs[d], *decode_setting(d)) for d in todo],
-                               env={"CUDA_LAUNCH_BLOCKING": "1"} if mode == "sync" else {}, deterministic=True)
+        done = predict_process(
+            [predict_args(config, outs[d], *decode_setting(d)) for d in todo],
+            env={"CUDA_LAUNCH_BLOCKING": "1"} if mode == "sync" else {},
+            deterministic=True,
+        )
         for d in todo:
             code, log = done[str(outs[d])]
             if code:
@@ -292,6 +371,7 @@ def agreement(a: Path, b: Path) -> tuple[list[str], list[float]]:
 
 
 # --- the checks: each returns (passed, details)
+
 
 def environment(ctx: Context) -> tuple[bool, dict]:
     info = {"torch": torch.__version__, "cuda": torch.version.cuda, "device": device_name(), "decode_setting": DECODE}
@@ -318,8 +398,12 @@ def nvjpeg_matches_pil(ctx: Context) -> tuple[bool, dict]:
         diff = (gpu.cpu().float() - pil.float()).abs()
         diffs.append(float(diff.mean()))
         worst = max(worst, float((diff > 16).float().mean()))
-    return max(diffs) < PIXEL_LEVELS, {"images": len(diffs), "max_mean_abs_diff": round(max(diffs), 3),
-                                        "bound": PIXEL_LEVELS, "max_share_over_16_levels": round(worst, 5)}
+    return max(diffs) < PIXEL_LEVELS, {
+        "images": len(diffs),
+        "max_mean_abs_diff": round(max(diffs), 3),
+        "bound": PIXEL_LEVELS,
+        "max_share_over_16_levels": round(worst, 5),
+    }
 
 
 def train_one_sync(ctx: Context, steps: int = 6) -> tuple[bool, dict]:
@@ -349,15 +433,22 @@ def async_equals_sync(ctx: Context) -> tuple[bool, dict]:
     runs = {mode: submissions(ctx, mode, ctx.decodes()) for mode in ("async", "sync")}
     same = {d: runs["async"][d].read_bytes() == runs["sync"][d].read_bytes() for d in ctx.decodes()}
     rows = len(gzip.decompress(runs["async"][ctx.decodes()[0]].read_bytes()).splitlines()) - 1
-    return all(same.values()) and rows == len(ctx.photos), {"rows": rows, "identical": same, "deterministic_cudnn": True}
+    return all(same.values()) and rows == len(ctx.photos), {
+        "rows": rows,
+        "identical": same,
+        "deterministic_cudnn": True,
+    }
 
 
 def nvjpeg_predict_matches_pil(ctx: Context) -> tuple[bool, dict]:
     runs = submissions(ctx, "async", ["pil", "nvjpeg"])
     images, scores = agreement(runs["pil"], runs["nvjpeg"])
     return len(images) == len(ctx.photos) and min(scores) >= AGREE_DECODE, {
-        "images": len(images), "min_dice": round(min(scores), 6), "bound": AGREE_DECODE,
-        "identical": runs["pil"].read_bytes() == runs["nvjpeg"].read_bytes()}
+        "images": len(images),
+        "min_dice": round(min(scores), 6),
+        "bound": AGREE_DECODE,
+        "identical": runs["pil"].read_bytes() == runs["nvjpeg"].read_bytes(),
+    }
 
 
 def device_matches_cpu(ctx: Context) -> tuple[bool, dict]:
@@ -381,10 +472,15 @@ def device_matches_cpu(ctx: Context) -> tuple[bool, dict]:
         if failed:
             return False, {"failed": failed}
         masks[name] = [r.mask(0.5).cpu().numpy() for r in results]
-    scores = [dice(a, b) for a, b in zip(masks["device"], masks["cpu_fp32"])]
+    scores = [dice(a, b) for a, b in zip(masks["device"], masks["cpu_fp32"], strict=True)]
     precision = precision_name(dtype(DEVICE))
-    return min(scores) >= AGREE, {"images": len(scores), "min_dice": round(min(scores), 6), "bound": AGREE,
-                                  "device_precision": precision, "reference": "cpu, fp32"}
+    return min(scores) >= AGREE, {
+        "images": len(scores),
+        "min_dice": round(min(scores), 6),
+        "bound": AGREE,
+        "device_precision": precision,
+        "reference": "cpu, fp32",
+    }
 
 
 def dask_two_devices(ctx: Context) -> tuple[bool, dict]:
@@ -392,12 +488,17 @@ def dask_two_devices(ctx: Context) -> tuple[bool, dict]:
     decode = ctx.decodes()[0]
     one = submissions(ctx, "async", [decode])[decode]
     out = ctx.work / "dask"
-    (code, log), = predict_process([predict_args(config, out, *decode_setting(decode), "predict.cluster=local:2", "device=auto")]).values()
+    ((code, log),) = predict_process(
+        [predict_args(config, out, *decode_setting(decode), "predict.cluster=local:2", "device=auto")]
+    ).values()
     if code:
         return False, {"error": f"exit {code}: {log[-2000:]}"}
     images, scores = agreement(one, out / "submission.csv.gz")
-    return len(images) == len(ctx.photos) and min(scores) >= AGREE, {"images": len(images), "min_dice": round(min(scores), 6),
-                                                                     "bound": AGREE}
+    return len(images) == len(ctx.photos) and min(scores) >= AGREE, {
+        "images": len(images),
+        "min_dice": round(min(scores), 6),
+        "bound": AGREE,
+    }
 
 
 # The sanitizer's own example of a race: `a` written on the default stream, then on a side stream
@@ -413,18 +514,30 @@ torch.cuda.synchronize()
 
 def sanitizer(ctx: Context) -> tuple[bool, dict]:
     env = {"TORCH_CUDA_SANITIZER": "1"}
-    planted = subprocess.run([sys.executable, "-c", PLANTED_RACE], cwd=ROOT, env={**os.environ, **env}, capture_output=True, text=True)
+    planted = subprocess.run(
+        [sys.executable, "-c", PLANTED_RACE], cwd=ROOT, env={**os.environ, **env}, capture_output=True, text=True
+    )
     found = (planted.stdout + planted.stderr).count("CSAN detected")
     if not found:
-        return False, {"error": "the sanitizer did not report the planted race", "log": (planted.stdout + planted.stderr)[-2000:]}
+        return False, {
+            "error": "the sanitizer did not report the planted race",
+            "log": (planted.stdout + planted.stderr)[-2000:],
+        }
     _, config = ctx.checkpoints()
-    runs = [predict_args(config, ctx.work / f"sanitized-{d}", "data.limit_test=4", *decode_setting(d)) for d in ctx.decodes()]
+    runs = [
+        predict_args(config, ctx.work / f"sanitized-{d}", "data.limit_test=4", *decode_setting(d))
+        for d in ctx.decodes()
+    ]
     done = predict_process(runs, env=env)
     log = next(iter(done.values()))[1]
     races = log.count("CSAN detected")
     codes = {Path(out).name: code for out, (code, _) in done.items()}
-    return races == 0 and not any(codes.values()), {"planted_race_reports": found, "exit": codes, "races": races,
-                                                   **({"log": log[-2000:]} if races or any(codes.values()) else {})}
+    return races == 0 and not any(codes.values()), {
+        "planted_race_reports": found,
+        "exit": codes,
+        "races": races,
+        **({"log": log[-2000:]} if races or any(codes.values()) else {}),
+    }
 
 
 def compile_static(ctx: Context) -> tuple[bool, dict]:
@@ -447,11 +560,17 @@ def compile_static(ctx: Context) -> tuple[bool, dict]:
     for _ in cascade.run(paths, boxes):
         pass
     new = counters["stats"]["unique_graphs"] - graphs
-    return new == 0 and graphs > 0, {"backend": backend, "graphs_after_warm_up": graphs, "new_graphs": new,
-                                     "images": len(paths), "batch": cfg.predict.batch_size}
+    return new == 0 and graphs > 0, {
+        "backend": backend,
+        "graphs_after_warm_up": graphs,
+        "new_graphs": new,
+        "images": len(paths),
+        "batch": cfg.predict.batch_size,
+    }
 
 
 # --- the speed rows: each returns its figures
+
 
 def speed_run(ctx: Context, name: str, n: int, compile: bool, decode: str) -> Settings:
     """A run folder of `n` linked photos with pipeline.yaml's nets and prediction settings (untrained checkpoints)."""
@@ -459,11 +578,25 @@ def speed_run(ctx: Context, name: str, n: int, compile: bool, decode: str) -> Se
     s1, s2, p = pipeline.stage1, pipeline.stage2, pipeline.predict
     depth, width, size = (3, 4, 64) if ctx.quick else (s2.depth, s2.width, s1.size)
     workers = reader_processes(p.workers, DEVICE)  # 0 on a CPU
-    return bench_predict.make_run(ctx.work / name, n, depth, width, size, [
-        f"predict.batch_size={2 if ctx.quick else p.batch_size}", f"predict.tta_flip={p.tta_flip and not ctx.quick}",
-        f"predict.workers={workers}", "predict.chunk=64", f"predict.compile={compile}", *decode_setting(decode),
-        f"stage2.tile={512 if ctx.quick else s2.tile}", f"stage2.min_overlap={s2.min_overlap}"], real=ctx.data / "test",
-        box=speed_box(ctx))
+    return bench_predict.make_run(
+        ctx.work / name,
+        n,
+        depth,
+        width,
+        size,
+        [
+            f"predict.batch_size={2 if ctx.quick else p.batch_size}",
+            f"predict.tta_flip={p.tta_flip and not ctx.quick}",
+            f"predict.workers={workers}",
+            "predict.chunk=64",
+            f"predict.compile={compile}",
+            *decode_setting(decode),
+            f"stage2.tile={512 if ctx.quick else s2.tile}",
+            f"stage2.min_overlap={s2.min_overlap}",
+        ],
+        real=ctx.data / "test",
+        box=speed_box(ctx),
+    )
 
 
 def speed_box(ctx: Context) -> tuple:
@@ -475,11 +608,18 @@ def predict_speed(ctx: Context, decode: str = "pil", compile: bool = False) -> d
     n = 2 if ctx.quick else SPEED_IMAGES
     cfg = speed_run(ctx, f"speed-{decode}{'-compiled' if compile else ''}", n, compile, decode)
     seconds = bench_predict.end_to_end(cfg, DEVICE)
-    row = {"images": n, "images_per_s": round(n / seconds, 2), "decode": decode, "compiled": compile,
-           "nets": f"depth {cfg.stage2.depth}, width {cfg.stage2.width}, stage 1 at {cfg.stage1.size}"}
+    row = {
+        "images": n,
+        "images_per_s": round(n / seconds, 2),
+        "decode": decode,
+        "compiled": compile,
+        "nets": f"depth {cfg.stage2.depth}, width {cfg.stage2.width}, stage 1 at {cfg.stage1.size}",
+    }
     if decode == "pil" and not compile:  # the steps read with PIL; a compiled Cascade would compile again
         with unittest.mock.patch.object(bench_predict, "BOX", speed_box(ctx)):  # the box the run's bboxes.csv has
-            steps = bench_predict.stage_seconds(cfg, Cascade.load(open_source(cfg), cfg, DEVICE), DEVICE, cfg.predict.batch_size)
+            steps = bench_predict.stage_seconds(
+                cfg, Cascade.load(open_source(cfg), cfg, DEVICE), DEVICE, cfg.predict.batch_size
+            )
         row["shares"] = {k: round(v / sum(steps.values()), 4) for k, v in steps.items()}
     return row
 
@@ -488,12 +628,22 @@ def train_speed(ctx: Context, compile: bool = False) -> dict:
     """Both training loops against their nets; stage 1 reads the linked training photos."""
     steps, depth, width = (3, 3, 4) if ctx.quick else (TRAIN_STEPS, 6, 16)
     rows = bench_train.stage1(steps, depth, width, compile, real=ctx.data, size=64 if ctx.quick else 0)
-    rows += bench_train.stage2(steps, depth, width, compile, crop=128 if ctx.quick else 384, per_item=(4,), cars=1 if ctx.quick else 2)
-    return {name: {"net_alone_per_s": round(ceiling, 2), "loop_per_s": round(rate, 2), "ratio": round(rate / ceiling, 3),
-                   "data_wait": round(wait, 3)} for name, ceiling, rate, wait in rows}
+    rows += bench_train.stage2(
+        steps, depth, width, compile, crop=128 if ctx.quick else 384, per_item=(4,), cars=1 if ctx.quick else 2
+    )
+    return {
+        name: {
+            "net_alone_per_s": round(ceiling, 2),
+            "loop_per_s": round(rate, 2),
+            "ratio": round(rate / ceiling, 3),
+            "data_wait": round(wait, 3),
+        }
+        for name, ceiling, rate, wait in rows
+    }
 
 
 # --- the parts, their estimates and what they need
+
 
 def estimate(name: str, ctx: Context) -> float:
     """Seconds the part should take on one H100/H200-class card with 16 cores (--quick: on a 2-core CPU):
@@ -505,8 +655,10 @@ def estimate(name: str, ctx: Context) -> float:
     process = q["async_equals_sync"] / 2 + CUDA_S  # a fresh process running one `stage2 predict`
     s2_train_per_s = S1_TRAIN_PER_S * (512 / 384) ** 2  # stage 2's 384 crops
     return {
-        "checkpoints": q["checkpoints"] + sum((e - e0) * s for e, e0, s in zip(EPOCHS, QUICK_EPOCHS, EPOCH_S))
-        + (EPOCHS[0] * CARS_TRAIN * 16 + EPOCHS[1] * CARS_TRAIN * 16 * 4) / (2 * S1_TRAIN_PER_S),  # 256 px: 2x the 512 rate
+        "checkpoints": q["checkpoints"]
+        + sum((e - e0) * s for e, e0, s in zip(EPOCHS, QUICK_EPOCHS, EPOCH_S, strict=True))
+        + (EPOCHS[0] * CARS_TRAIN * 16 + EPOCHS[1] * CARS_TRAIN * 16 * 4)
+        / (2 * S1_TRAIN_PER_S),  # 256 px: 2x the 512 rate
         "environment": q["environment"] + 1,
         "nvjpeg_matches_pil": 1 + TESTS / PIL_PER_S_CORE,
         "train_one_sync": 8,
@@ -516,12 +668,20 @@ def estimate(name: str, ctx: Context) -> float:
         "dask_two_devices": 3 * process + (0 if "async_equals_sync" in ctx.planned else process),
         "sanitizer": 2 * process + decodes * CSAN * RUN_S,  # the planted race, then the prediction
         "compile_static": q["compile_static"] + 2 * COMPILE_S,
-        "predict_pil": q["predict_pil"] + CUDA_S + 2 * SPEED_IMAGES * tiles / TILES_PER_S,  # end to end, then each step alone
+        "predict_pil": q["predict_pil"]
+        + CUDA_S
+        + 2 * SPEED_IMAGES * tiles / TILES_PER_S,  # end to end, then each step alone
         "predict_nvjpeg": q["predict_pil"] + SPEED_IMAGES * tiles / TILES_PER_S,
-        "predict_compiled": q["predict_pil"] + 2 * (COMPILE_CACHED_S if "compile_static" in ctx.planned else COMPILE_S)
+        "predict_compiled": q["predict_pil"]
+        + 2 * (COMPILE_CACHED_S if "compile_static" in ctx.planned else COMPILE_S)
         + SPEED_IMAGES * tiles / TILES_PER_S_COMPILED,
-        "train_plain": q["train_plain"] + 2 * CUDA_S + (3 * TRAIN_STEPS + 3) * (32 / S1_TRAIN_PER_S + 16 / s2_train_per_s),
-        "train_compiled": q["train_plain"] + 2 * CUDA_S + 2 * COMPILE_TRAIN_S + 2 * COMPILE_CACHED_S
+        "train_plain": q["train_plain"]
+        + 2 * CUDA_S
+        + (3 * TRAIN_STEPS + 3) * (32 / S1_TRAIN_PER_S + 16 / s2_train_per_s),
+        "train_compiled": q["train_plain"]
+        + 2 * CUDA_S
+        + 2 * COMPILE_TRAIN_S
+        + 2 * COMPILE_CACHED_S
         + (3 * TRAIN_STEPS + 3) * (32 / S1_TRAIN_PER_S + 16 / s2_train_per_s),
     }[name]
 
@@ -543,7 +703,9 @@ def needs_cuda(ctx: Context) -> str | None:
 def needs_nvjpeg(ctx: Context) -> str | None:
     if not DECODE:
         return "needs the setting predict.decode, which common/config.py does not have yet"
-    return needs_cuda(ctx) or (None if ctx.nvjpeg else "needs nvjpeg: torchvision cannot decode on this card (environment says why)")
+    return needs_cuda(ctx) or (
+        None if ctx.nvjpeg else "needs nvjpeg: torchvision cannot decode on this card (environment says why)"
+    )
 
 
 def needs_two_gpus(ctx: Context) -> str | None:
@@ -571,16 +733,21 @@ PARTS = [
     Part("train_plain", train_speed, False),
     Part("train_compiled", functools.partial(train_speed, compile=True), False, not_quick, default=False),
 ]
-GROUPS = {"checks": [p.name for p in PARTS if p.check and p.default], "speed": [p.name for p in PARTS if not p.check and p.default],
-          "all": [p.name for p in PARTS]}
+GROUPS = {
+    "checks": [p.name for p in PARTS if p.check and p.default],
+    "speed": [p.name for p in PARTS if not p.check and p.default],
+    "all": [p.name for p in PARTS],
+}
 
 
 def chosen(only: str) -> list[Part]:
     names = {n for word in only.split(",") if word.strip() for n in GROUPS.get(word.strip(), [word.strip()])}
     unknown = names - {p.name for p in PARTS}
     if unknown:
-        sys.exit(f"gpu_check: no part named {', '.join(sorted(unknown))}; parts: {', '.join(p.name for p in PARTS)}; "
-                 f"groups: {', '.join(GROUPS)}")
+        sys.exit(
+            f"gpu_check: no part named {', '.join(sorted(unknown))}; parts: {', '.join(p.name for p in PARTS)}; "
+            f"groups: {', '.join(GROUPS)}"
+        )
     return [p for p in PARTS if p.name in names]
 
 
@@ -592,11 +759,13 @@ def summary(result: dict) -> None:
     """The headline figures, from the speed rows run so far (None for one not run)."""
     speed = result["speed"]
     plain = speed.get("train_plain", {})
-    result |= {"predict_images_per_s": speed.get("predict_pil", {}).get("images_per_s"),
-               "predict_nvjpeg_images_per_s": speed.get("predict_nvjpeg", {}).get("images_per_s"),
-               "predict_compiled_images_per_s": speed.get("predict_compiled", {}).get("images_per_s"),
-               "stage1_train_ratio": next((v["ratio"] for k, v in plain.items() if k.startswith("stage 1")), None),
-               "stage2_train_ratio": next((v["ratio"] for k, v in plain.items() if k.startswith("stage 2")), None)}
+    result |= {
+        "predict_images_per_s": speed.get("predict_pil", {}).get("images_per_s"),
+        "predict_nvjpeg_images_per_s": speed.get("predict_nvjpeg", {}).get("images_per_s"),
+        "predict_compiled_images_per_s": speed.get("predict_compiled", {}).get("images_per_s"),
+        "stage1_train_ratio": next((v["ratio"] for k, v in plain.items() if k.startswith("stage 1")), None),
+        "stage2_train_ratio": next((v["ratio"] for k, v in plain.items() if k.startswith("stage 2")), None),
+    }
 
 
 def main() -> int:
@@ -607,7 +776,9 @@ def main() -> int:
     parser.add_argument("--samples", type=Path, default=SAMPLES, help="the real samples (train_512/, test_fullres/)")
     parser.add_argument("--work", type=Path, help="keep the runs in this folder (default: a temporary one)")
     parser.add_argument("--budget", type=float, help="skip a part its estimate says would end past this many seconds")
-    parser.add_argument("--list-samples", action="store_true", help="print the sample files a full run reads, relative to --samples")
+    parser.add_argument(
+        "--list-samples", action="store_true", help="print the sample files a full run reads, relative to --samples"
+    )
     args = parser.parse_args()
     samples = args.samples.resolve()  # linked from a temporary folder: a relative path would dangle
     if args.list_samples:
@@ -625,11 +796,24 @@ def main() -> int:
         work.mkdir(parents=True, exist_ok=True)
         ctx = Context(args.quick, samples, work, nvjpeg=nvjpeg_decoder(DEVICE) is not None)
         result = {
-            "device": device_name(), "date": time.strftime("%Y-%m-%d %H:%M:%S %z"), "quick": args.quick,
-            "torch": torch.__version__, "cuda": torch.version.cuda, "cudnn": torch.backends.cudnn.version() if CUDA else None,
-            "python": platform.python_version(), "cores": len(os.sched_getaffinity(0)), "decode_setting": DECODE,
-            "parts": [p.name for p in parts], "finished": False, "seconds": 0.0,
-            "estimates": {}, "checks": {}, "skipped": {}, "details": {}, "speed": {}, "part_seconds": ctx.seconds,
+            "device": device_name(),
+            "date": time.strftime("%Y-%m-%d %H:%M:%S %z"),
+            "quick": args.quick,
+            "torch": torch.__version__,
+            "cuda": torch.version.cuda,
+            "cudnn": torch.backends.cudnn.version() if CUDA else None,
+            "python": platform.python_version(),
+            "cores": len(os.sched_getaffinity(0)),
+            "decode_setting": DECODE,
+            "parts": [p.name for p in parts],
+            "finished": False,
+            "seconds": 0.0,
+            "estimates": {},
+            "checks": {},
+            "skipped": {},
+            "details": {},
+            "speed": {},
+            "part_seconds": ctx.seconds,
         }
         plan = [(p, p.needs(ctx)) for p in parts]
         runs = [p for p, why in plan if why is None]
@@ -654,7 +838,9 @@ def main() -> int:
         save()
         for p, why in plan:
             if why is None and args.budget is not None:
-                ahead = result["estimates"][p.name] + (result["estimates"].get("checkpoints", 0) if p.checkpoints and not ctx._trained else 0)
+                ahead = result["estimates"][p.name] + (
+                    result["estimates"].get("checkpoints", 0) if p.checkpoints and not ctx._trained else 0
+                )
                 if time.monotonic() - started + ahead > args.budget:
                     why = f"not started: its estimate ({ahead} s) would end past --budget {args.budget:.0f} s"
             if why:
@@ -672,7 +858,8 @@ def main() -> int:
 
 
 def run_part(p: Part, ctx: Context, result: dict) -> None:
-    """Run one part; a part that crashes is a failed check (or a speed row holding the error), and the others still run."""
+    """Run one part; a part that crashes is a failed check (or a speed row holding the error), and the others
+    still run."""
     t, trained = time.monotonic(), "checkpoints" in ctx.seconds
     try:
         out = p.run(ctx)
@@ -691,7 +878,10 @@ def run_part(p: Part, ctx: Context, result: dict) -> None:
 
 
 def print_table(r: dict) -> None:
-    print(f"\ngpu_check on {r['device']} ({r['date']}, torch {r['torch']}{', quick' if r['quick'] else ''}), {r['seconds']:.0f} s")
+    print(
+        f"\ngpu_check on {r['device']} ({r['date']}, torch {r['torch']}{', quick' if r['quick'] else ''}), "
+        f"{r['seconds']:.0f} s"
+    )
     print(f"{'part':28} {'result':8} {'seconds':>7} {'estimate':>8}")
     for name, ok in r["checks"].items():
         print(f"{name:28} {'ok' if ok else 'FAILED':8} {r['part_seconds'][name]:7.0f} {r['estimates'][name]:8d}")
@@ -711,7 +901,10 @@ def print_table(r: dict) -> None:
             for i, (name, v) in enumerate((k, v) for k, v in row.items() if k != "seconds"):
                 print(f"{name[:56] + ' (loop/net)':68} {v['ratio']:8.2f} {'0.80':>7} {took if i == 0 else ''}")
     if "checkpoints" in r["part_seconds"]:
-        print(f"\ncheckpoints trained in {r['part_seconds']['checkpoints']:.0f} s (estimate {r['estimates']['checkpoints']} s)")
+        print(
+            f"\ncheckpoints trained in {r['part_seconds']['checkpoints']:.0f} s (estimate "
+            f"{r['estimates']['checkpoints']} s)"
+        )
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ SIGKILL from outside once about half the chunks are on disk, and its rerun. Chec
 has a submission row or an errors.csv row, and the resumed submission is byte-identical to the
 uninterrupted one. The last line compares the largest N with the smallest (flat: ratio <= 1.2).
 """
+
 from __future__ import annotations
 
 import gzip
@@ -32,8 +33,12 @@ BOX = (700, 400, 1200, 900)  # one 512 tile: the soak is about the pipeline arou
 
 
 def carvana(config: Path) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "pipelines", "stage2", "predict", "--config", str(config)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "pipelines", "stage2", "predict", "--config", str(config)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def wait(proc: subprocess.Popen) -> tuple[int, float]:
@@ -44,8 +49,15 @@ def wait(proc: subprocess.Popen) -> tuple[int, float]:
 
 
 def setup(root: Path, n: int) -> tuple[Path, list[str]]:
-    cfg = make_run(root, n, 3, 4, 64, [f"predict.chunk={CHUNK}", "predict.batch_size=4", "predict.workers=0", "device=cpu",
-                                       "stage2.tile=512"], box=BOX)
+    cfg = make_run(
+        root,
+        n,
+        3,
+        4,
+        64,
+        [f"predict.chunk={CHUNK}", "predict.batch_size=4", "predict.workers=0", "device=cpu", "stage2.tile=512"],
+        box=BOX,
+    )
     test = Path(cfg.data.root) / "test"
     names = sorted(p.name for p in test.iterdir())
     for name in names[::250]:  # broken files among the good ones: they must become error rows, not stop the run
@@ -59,7 +71,9 @@ def setup(root: Path, n: int) -> tuple[Path, list[str]]:
 
 def check(out: Path, names: list[str]) -> str:
     sub = pd.read_csv(gzip.open(out / "submission.csv.gz"), dtype=str, keep_default_na=False)
-    errors = pd.read_csv(out / "errors.csv", dtype=str) if (out / "errors.csv").is_file() else pd.DataFrame(columns=["img"])
+    errors = (
+        pd.read_csv(out / "errors.csv", dtype=str) if (out / "errors.csv").is_file() else pd.DataFrame(columns=["img"])
+    )
     covered = set(sub.img) | set(errors.img)
     missing = [n for n in names if n not in covered]
     if missing or len(sub) + len(errors) != len(names):
@@ -93,8 +107,18 @@ def soak(n: int) -> dict:
         rerun_code, _ = wait(carvana(config))
         rerun_seconds = time.perf_counter() - t
         same = (out / "submission.csv.gz").read_bytes() == clean
-        return {"n": n, "code": code, "seconds": seconds, "rss": rss, "coverage": coverage, "killed_after": done,
-                "rerun_code": rerun_code, "rerun_seconds": rerun_seconds, "same": same, "rerun_coverage": check(out, names)}
+        return {
+            "n": n,
+            "code": code,
+            "seconds": seconds,
+            "rss": rss,
+            "coverage": coverage,
+            "killed_after": done,
+            "rerun_code": rerun_code,
+            "rerun_seconds": rerun_seconds,
+            "same": same,
+            "rerun_coverage": check(out, names),
+        }
 
 
 if __name__ == "__main__":
@@ -105,8 +129,13 @@ if __name__ == "__main__":
         r = soak(n)
         results.append(r)
         print(f"{n:6d} {r['code']:4d} {r['seconds']:8.1f} {n / r['seconds']:9.2f} {r['rss']:9.0f}  {r['coverage']}")
-        print(f"{'':6} killed by SIGKILL after {r['killed_after']} of {-(-n // CHUNK)} chunks; rerun exit {r['rerun_code']} in "
-              f"{r['rerun_seconds']:.1f} s, submission {'byte-identical' if r['same'] else 'DIFFERENT'}; {r['rerun_coverage']}")
+        print(
+            f"{'':6} killed by SIGKILL after {r['killed_after']} of {-(-n // CHUNK)} chunks; rerun exit "
+            f"{r['rerun_code']} in {r['rerun_seconds']:.1f} s, submission "
+            f"{'byte-identical' if r['same'] else 'DIFFERENT'}; {r['rerun_coverage']}"
+        )
     small, large = results[0], results[-1]
-    print(f"\n{large['n']} vs {small['n']} images: peak RSS ratio {large['rss'] / small['rss']:.2f}, "
-          f"images/s ratio {(large['n'] / large['seconds']) / (small['n'] / small['seconds']):.2f}")
+    print(
+        f"\n{large['n']} vs {small['n']} images: peak RSS ratio {large['rss'] / small['rss']:.2f}, images/s ratio "
+        f"{(large['n'] / large['seconds']) / (small['n'] / small['seconds']):.2f}"
+    )

@@ -13,6 +13,7 @@ the baseline a user would write, and any checkpoint scored the way prediction se
 Compare with `carvana stage1 train --config pipelines/demo.yaml data.root=../shared/carvana_samples/train_512
 data.val_cars=4 stage1.max_minutes=8 device=cpu output.dir=OUT` (README, "Stage 1 on real photos").
 """
+
 from __future__ import annotations
 
 import sys
@@ -73,14 +74,21 @@ def plain(minutes: float) -> None:
     with torch.no_grad(), autocast(CPU):
         for i in range(0, len(xv), 16):
             logits = model(xv[i : i + 16]).float()
-            scores += [dice(p, t) for p, t in zip(logits[:, 0].numpy() > 0, yv[i : i + 16, 0].numpy() > 0.5)]
-    print(f"plain loop: {steps} steps in {time.monotonic() - t0:.0f} s, held-out Dice at 256 {np.mean(scores):.4f} "
-          f"(worst {np.min(scores):.4f}, {len(scores)} images)")
+            scores += [
+                dice(p, t) for p, t in zip(logits[:, 0].numpy() > 0, yv[i : i + 16, 0].numpy() > 0.5, strict=True)
+            ]
+    print(
+        f"plain loop: {steps} steps in {time.monotonic() - t0:.0f} s, held-out Dice at 256 {np.mean(scores):.4f} "
+        f"(worst {np.min(scores):.4f}, {len(scores)} images)"
+    )
 
 
 def score(paths: list[str]) -> None:
     _, val = split(None)
-    print("| checkpoint | size | held-out Dice at 512 | with flip TTA | wrong px within 1 / 3 px of the boundary |\n|---|---|---|---|---|")
+    print(
+        "| checkpoint | size | held-out Dice at 512 | with flip TTA | wrong px within 1 / 3 px of the boundary "
+        "|\n|---|---|---|---|---|"
+    )
     for path in paths:
         model, ckpt = load_model(path, CPU)
         size = ckpt["config"]["stage1"]["size"]
@@ -91,7 +99,7 @@ def score(paths: list[str]) -> None:
             for i in range(0, len(val), 8):
                 batch = val[i : i + 8]
                 probs = coarse.probs([torch.from_numpy(p.image).permute(2, 0, 1) for p in batch])
-                for prob, p in zip(probs, batch):
+                for prob, p in zip(probs, batch, strict=True):
                     pred = upsample(prob, *p.mask.shape[::-1]) > 0.5
                     truth = torch.from_numpy(p.mask)
                     scores.append(dice(pred.numpy(), p.mask))
@@ -101,8 +109,10 @@ def score(paths: list[str]) -> None:
                         for k, r in enumerate((1, 3)):
                             near[k] += int((miss & (edge_band(truth[None, None].float(), r)[0, 0] > 0)).sum())
             means.append(np.mean(scores))
-        print(f"| {path} | {size} | {means[0]:.4f} | {means[1]:.4f} ({means[1] - means[0]:+.4f}) | "
-              f"{near[0] / max(wrong, 1):.2f} / {near[1] / max(wrong, 1):.2f} |")
+        print(
+            f"| {path} | {size} | {means[0]:.4f} | {means[1]:.4f} ({means[1] - means[0]:+.4f}) | "
+            f"{near[0] / max(wrong, 1):.2f} / {near[1] / max(wrong, 1):.2f} |"
+        )
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
 """Car boxes as (x0, y0, x1, y1) in pixels, x1/y1 exclusive; pure functions, property-tested."""
+
 from __future__ import annotations
 
 import math

@@ -8,6 +8,7 @@ Reading checks everything before a net is built: the format version, every liste
 the architecture's arguments and that the weights fit them; a net is then loaded from the very bytes
 it hashes. Nothing is unpickled: safetensors holds tensors only. The format: docs/bundle.md.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -30,8 +31,14 @@ FORMAT = 1
 MANIFEST = "bundle.json"
 # every setting a box or a mask depends on (the declarations say which), but where the data is read from and
 # the mask threshold, which bundle.json holds on its own
-FIXED = sorted({k for output in ("boxes", "masks") for k in DEPENDS[output]
-                if not k.startswith("data.") and k != "predict.threshold"})
+FIXED = sorted(
+    {
+        k
+        for output in ("boxes", "masks")
+        for k in DEPENDS[output]
+        if not k.startswith("data.") and k != "predict.threshold"
+    }
+)
 INPUT = "RGB, uint8 divided by 255, no mean or std; the refiner also takes stage 1's probability when coarse_channel"
 
 
@@ -106,8 +113,10 @@ class Bundle:
             return self.manifest.nets[net].file
         name = f"{net}.onnx"
         if name not in self.manifest.files:
-            raise CheckpointError(f"{self.folder}: no {name}; predict.backend=onnxruntime needs a bundle made with "
-                                  "`carvana bundle --onnx`")
+            raise CheckpointError(
+                f"{self.folder}: no {name}; predict.backend=onnxruntime needs a bundle made with `carvana bundle "
+                "--onnx`"
+            )
         return name
 
     def hash(self, net: str) -> str:
@@ -118,8 +127,11 @@ class Bundle:
         """`cfg` with the bundle's settings for every box and mask (they win; a differing value is said in one line)."""
         fixed = self.manifest.prediction
         default = Settings()
-        differ = [f"{k}={v} (the config: {setting_value(cfg, k)})" for k, v in fixed.items()
-                  if setting_value(cfg, k) not in (v, setting_value(default, k))]  # set by the user, to another value
+        differ = [
+            f"{k}={v} (the config: {setting_value(cfg, k)})"
+            for k, v in fixed.items()
+            if setting_value(cfg, k) not in (v, setting_value(default, k))
+        ]  # set by the user, to another value
         if differ:
             log.info(f"{self.folder}: the bundle fixes {', '.join(differ)}")
         return cfg.updated(fixed)
@@ -137,7 +149,9 @@ class Bundle:
             raise CheckpointError(f"{path}: changed since the bundle was read (sha256 differs from {MANIFEST})")
         if self.backend == "onnxruntime":
             if device.type != "cpu":
-                raise ConfigError(f"predict.backend=onnxruntime runs the ONNX files on the CPU: set device=cpu (now {device})")
+                raise ConfigError(
+                    f"predict.backend=onnxruntime runs the ONNX files on the CPU: set device=cpu (now {device})"
+                )
             from common.onnx_export import OnnxNet
 
             return OnnxNet(data)
@@ -162,8 +176,10 @@ def read_bundle(folder: str | Path, backend: str = "torch") -> Bundle:
         raise CheckpointError(f"{path}: not JSON ({e})") from None
     if not isinstance(raw, dict) or raw.get("format") != FORMAT:
         found = raw.get("format") if isinstance(raw, dict) else None
-        raise CheckpointError(f"{path}: bundle format {found!r}, this carvana reads format {FORMAT}; "
-                              "make the bundle again with this version (carvana bundle)")
+        raise CheckpointError(
+            f"{path}: bundle format {found!r}, this carvana reads format {FORMAT}; make the bundle again with this "
+            "version (carvana bundle)"
+        )
     try:
         manifest = Manifest.model_validate(raw)
     except ValidationError as e:
@@ -171,7 +187,9 @@ def read_bundle(folder: str | Path, backend: str = "torch") -> Bundle:
         raise CheckpointError(f"{path}: {'.'.join(map(str, first['loc']))}: {first['msg']}") from None
     unknown = sorted(set(manifest.prediction) - set(FIXED))
     if unknown or set(manifest.nets) != {"stage1", "refiner"}:
-        raise CheckpointError(f"{path}: unexpected {'settings ' + ', '.join(unknown) if unknown else 'nets ' + ', '.join(manifest.nets)}")
+        raise CheckpointError(
+            f"{path}: unexpected {'settings ' + ', '.join(unknown) if unknown else 'nets ' + ', '.join(manifest.nets)}"
+        )
     for name in [*manifest.files, *(net.file for net in manifest.nets.values())]:
         if Path(name).name != name:
             raise CheckpointError(f"{path}: {name!r} is not a file name in the bundle's folder")
@@ -201,7 +219,9 @@ def _check_fit(path: Path, which: str, net: NetSpec) -> None:
         with torch.device("meta"):  # shapes only: no memory, no initialisation work
             wanted = {k: tuple(v.shape) for k, v in UNet(**net.args).state_dict().items()}
     except Exception as e:  # wrong names (TypeError) or values (ValueError, RuntimeError) alike
-        raise CheckpointError(f"{path.parent / MANIFEST}: {which}'s arguments {net.args} are not a UNet's ({e})") from None
+        raise CheckpointError(
+            f"{path.parent / MANIFEST}: {which}'s arguments {net.args} are not a UNet's ({e})"
+        ) from None
     try:
         with safe_open(str(path), framework="pt") as f:
             found = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
@@ -209,11 +229,12 @@ def _check_fit(path: Path, which: str, net: NetSpec) -> None:
         raise CheckpointError(f"{path}: not safetensors ({e})") from None
     if found != wanted:
         odd = sorted(k for k in wanted.keys() | found.keys() if wanted.get(k) != found.get(k))
-        raise CheckpointError(f"{path}: the weights do not fit {which}'s architecture {net.args} "
-                              f"({len(odd)} tensors differ, e.g. {odd[0]}: {found.get(odd[0])} in the file, {wanted.get(odd[0])} wanted)")
+        raise CheckpointError(
+            f"{path}: the weights do not fit {which}'s architecture {net.args} ({len(odd)} tensors differ, e.g. "
+            f"{odd[0]}: {found.get(odd[0])} in the file, {wanted.get(odd[0])} wanted)"
+        )
 
 
 def write_manifest(folder: Path, manifest: Manifest) -> None:
     """bundle.json, written last: a folder with it is a whole bundle."""
     write_text(folder / MANIFEST, json.dumps(manifest.model_dump(), indent=2) + "\n")
-

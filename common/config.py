@@ -5,6 +5,7 @@ outputs the setting changes (`affects`): the cache keys and pipeline fingerprint
 it (`depends`), and docs/configuration.md is generated from it (`reference`). pydantic does the
 typing and the checks; this module turns its errors into one line naming the key.
 """
+
 from __future__ import annotations
 
 import difflib
@@ -27,8 +28,15 @@ from common.io import write_text
 OUTPUTS = ("sample", "stage1.model", "boxes", "stage2.model", "masks", "test_rows")
 
 
-def setting(default: Any, doc: str, *, ge: float | None = None, le: float | None = None, affects: tuple[str, ...] = (),
-            expect: str = "") -> Any:
+def setting(
+    default: Any,
+    doc: str,
+    *,
+    ge: float | None = None,
+    le: float | None = None,
+    affects: tuple[str, ...] = (),
+    expect: str = "",
+) -> Any:
     """One declaration; `expect` words the allowed values where the type alone does not (a pattern)."""
     return Field(default, description=doc, ge=ge, le=le, json_schema_extra={"affects": list(affects), "expect": expect})
 
@@ -44,12 +52,22 @@ class Section(BaseModel):
 
 
 class Data(Section):
-    root: str = setting("data/sample", "the Kaggle-layout folder: train/, train_masks/, test/", affects=("sample", "stage1.model"))
+    root: str = setting(
+        "data/sample", "the Kaggle-layout folder: train/, train_masks/, test/", affects=("sample", "stage1.model")
+    )
     val_cars: Union[int, list[Union[str, int]], str] = setting(
-        4, 'validation cars: a list of car ids, a count (the first N cars), or "k/K" (fold k of K)', affects=("stage1.model",))
+        4,
+        'validation cars: a list of car ids, a count (the first N cars), or "k/K" (fold k of K)',
+        affects=("stage1.model",),
+    )
     hq: bool = setting(False, "read train_hq/ and test_hq/", affects=("stage1.model", "boxes"))
-    max_bad_share: float = setting(0.01, "training refuses to start if more pairs than this share are unreadable", ge=0, le=1,
-                                   affects=("stage1.model",))
+    max_bad_share: float = setting(
+        0.01,
+        "training refuses to start if more pairs than this share are unreadable",
+        ge=0,
+        le=1,
+        affects=("stage1.model",),
+    )
     limit_test: int = setting(0, "predict on the first N test images only; 0 = all", ge=0, affects=("test_rows",))
 
 
@@ -58,8 +76,12 @@ class OutputFolder(Section):
 
 
 class SampleData(Section):
-    cars: int = setting(0, "`carvana run` generates this many synthetic training cars into data.root when it has no train/; "
-                           "0 = real data", ge=0, affects=("sample",))
+    cars: int = setting(
+        0,
+        "`carvana run` generates this many synthetic training cars into data.root when it has no train/; 0 = real data",
+        ge=0,
+        affects=("sample",),
+    )
     test_cars: int = setting(2, "synthetic test cars", ge=0, affects=("sample",))
     seed: int = setting(0, "seed of the synthetic data", affects=("sample",))
 
@@ -71,39 +93,72 @@ class Training(Section):
     """What both stages' training reads."""
 
     epochs: number_or_auto(int, ge=1) = setting(
-        10, "epochs; auto: the second epoch's pace fixes the count so the schedule ends within max_minutes "
-            "(recorded in history.csv and the checkpoints: a resume keeps it)", affects=("model",))
-    max_minutes: float = setting(0.0, "wall-clock budget per invocation, validation included; 0 = none: a safety stop that keeps the best "
-                                      "checkpoint (changes the model only with epochs: auto)", ge=0)
+        10,
+        "epochs; auto: the second epoch's pace fixes the count so the schedule ends within max_minutes (recorded in "
+        "history.csv and the checkpoints: a resume keeps it)",
+        affects=("model",),
+    )
+    max_minutes: float = setting(
+        0.0,
+        "wall-clock budget per invocation, validation included; 0 = none: a safety stop that keeps the best "
+        "checkpoint (changes the model only with epochs: auto)",
+        ge=0,
+    )
     batch_size: int = setting(4, "samples per step (stage 2: crops)", ge=1, affects=("model",))
     accum: int = setting(1, "gradient accumulation steps", ge=1, affects=("model",))
     optimizer: Literal["adam", "sgd"] = setting("adam", "adam | sgd", affects=("model",))
     lr: float = setting(1e-3, "learning rate", ge=1e-12, affects=("model",))
-    momentum: float = setting(0.9, "SGD only; the seed used 0.99 with lr 3e-4 and batch 1", ge=0, le=1, affects=("model",))
-    beta2: float = setting(0.999, "Adam only: decay of its squared-gradient average; lower follows the gradient scale faster",
-                           ge=0, le=0.9999, affects=("model",))
+    momentum: float = setting(
+        0.9, "SGD only; the seed used 0.99 with lr 3e-4 and batch 1", ge=0, le=1, affects=("model",)
+    )
+    beta2: float = setting(
+        0.999,
+        "Adam only: decay of its squared-gradient average; lower follows the gradient scale faster",
+        ge=0,
+        le=0.9999,
+        affects=("model",),
+    )
     weight_decay: float = setting(0.0, "weight decay", ge=0, affects=("model",))
     schedule: Literal["constant", "step", "cosine"] = setting("cosine", "learning-rate schedule", affects=("model",))
     step_every: int = setting(10, "epochs between steps of schedule: step", ge=1, affects=("model",))
-    edge_weight: float = setting(0.0, "extra BCE weight on pixels near the mask boundary; 0 = plain BCE", ge=0, affects=("model",))
+    edge_weight: float = setting(
+        0.0, "extra BCE weight on pixels near the mask boundary; 0 = plain BCE", ge=0, affects=("model",)
+    )
     depth: int = setting(5, "U-Net levels", ge=1, affects=("model",))
     width: int = setting(16, "channels of the first level, doubled per level", ge=1, affects=("model",))
     dropout: float = setting(0.0, "dropout in the two deepest levels", ge=0, le=0.99, affects=("model",))
     augment: Literal["full", "flip", "none"] = setting(
-        "full", "full (flip, scale/shift, brightness/contrast/hue) | flip | none", affects=("model",))
-    workers: int = setting(2, "threads reading every training pair once before training; stage 2 also uses this many "
-                              "data-loader processes", ge=0)
-    resume: bool = setting(False, "continue from last.pt of the run folder (`carvana run` sets it when a step was interrupted)")
+        "full", "full (flip, scale/shift, brightness/contrast/hue) | flip | none", affects=("model",)
+    )
+    workers: int = setting(
+        2,
+        "threads reading every training pair once before training; stage 2 also uses this many data-loader processes",
+        ge=0,
+    )
+    resume: bool = setting(
+        False, "continue from last.pt of the run folder (`carvana run` sets it when a step was interrupted)"
+    )
     precision: Precision = setting(
-        "auto", "auto (CUDA: bf16 where the card has it, else fp16 with loss scaling; CPU: bf16 where native and timed "
-                ">= 10% faster than fp32 when training starts, else fp32) | bf16 | fp16 | fp32", affects=("model",))
-    compile: bool = setting(False, "torch.compile the training step: faster on a GPU after a compilation of a minute or so",
-                            affects=("model",))
-    sync_bn: bool = setting(False, "under torchrun: batch-norm statistics over the global batch (small per-GPU batches)",
-                            affects=("model",))
-    max_bad_steps: int = setting(20, "a step whose loss is not finite on any rank is skipped and counted in history.csv; this many "
-                                 "in a row stop training with an error, and a NaN never becomes best.pt", ge=1,
-                                 affects=("model",))
+        "auto",
+        "auto (CUDA: bf16 where the card has it, else fp16 with loss scaling; CPU: bf16 where native and timed >= "
+        "10% faster than fp32 when training starts, else fp32) | bf16 | fp16 | fp32",
+        affects=("model",),
+    )
+    compile: bool = setting(
+        False,
+        "torch.compile the training step: faster on a GPU after a compilation of a minute or so",
+        affects=("model",),
+    )
+    sync_bn: bool = setting(
+        False, "under torchrun: batch-norm statistics over the global batch (small per-GPU batches)", affects=("model",)
+    )
+    max_bad_steps: int = setting(
+        20,
+        "a step whose loss is not finite on any rank is skipped and counted in history.csv; this many in a row stop "
+        "training with an error, and a NaN never becomes best.pt",
+        ge=1,
+        affects=("model",),
+    )
 
 
 Checkpoint = Union[str, list[str]]
@@ -112,27 +167,54 @@ Checkpoint = Union[str, list[str]]
 class Stage1(Training):
     size: int = setting(256, "square input size of the whole image", ge=16, affects=("model", "boxes"))
     margin: Union[int, list[int]] = setting(
-        [32, 96, 32, 32], "pixels added around the box: one number or [left, top, right, bottom]; more on top for antennas",
-        affects=("boxes",))
-    threshold: float = setting(0.5, "of the stage-1 probability, for its boxes and its baseline submission", ge=1e-6, le=1 - 1e-6,
-                               affects=("boxes",))
-    checkpoint: Checkpoint = setting("", "a checkpoint or a list of them (an ensemble); empty = <output.dir>/stage1/best.pt")
+        [32, 96, 32, 32],
+        "pixels added around the box: one number or [left, top, right, bottom]; more on top for antennas",
+        affects=("boxes",),
+    )
+    threshold: float = setting(
+        0.5,
+        "of the stage-1 probability, for its boxes and its baseline submission",
+        ge=1e-6,
+        le=1 - 1e-6,
+        affects=("boxes",),
+    )
+    checkpoint: Checkpoint = setting(
+        "", "a checkpoint or a list of them (an ensemble); empty = <output.dir>/stage1/best.pt"
+    )
 
 
 class Stage2(Training):
     tile: int = setting(1024, "side of the refiner's square tiles", ge=16, affects=("model", "masks"))
-    min_overlap: int = setting(64, "least overlap of neighbouring tiles, at most half a tile; an image whose box would need more than "
-                                                "256 tiles becomes an error row naming these settings", ge=0, affects=("model", "masks"))
+    min_overlap: int = setting(
+        64,
+        "least overlap of neighbouring tiles, at most half a tile; an image whose box would need more than 256 tiles "
+        "becomes an error row naming these settings",
+        ge=0,
+        affects=("model", "masks"),
+    )
     crop: int = setting(384, "training crop size", ge=16, affects=("model",))
-    crops_per_image: int = setting(1, "crops cut from each decoded training image (batch_size counts crops); "
-                                      "more = less decoding per crop", ge=1, affects=("model",))
+    crops_per_image: int = setting(
+        1,
+        "crops cut from each decoded training image (batch_size counts crops); more = less decoding per crop",
+        ge=1,
+        affects=("model",),
+    )
     box_jitter: int = setting(32, "pixels of random box jitter in training", ge=0, affects=("model",))
-    train_boxes: Literal["truth", "stage1"] = setting("truth", "boxes training crops are centred in", affects=("model",))
-    coarse_channel: bool = setting(True, "feed the stage-1 probability as a 4th input channel", affects=("model", "masks"))
-    prior_skip: bool = setting(True, "with coarse_channel: add its logit to the output, so the net learns a correction",
-                               affects=("model",))
-    blend: Literal["mean", "smooth"] = setting("smooth", "how overlapping tiles are blended", affects=("model", "masks"))
-    checkpoint: Checkpoint = setting("", "a checkpoint or a list of them (an ensemble); empty = <output.dir>/stage2/best.pt")
+    train_boxes: Literal["truth", "stage1"] = setting(
+        "truth", "boxes training crops are centred in", affects=("model",)
+    )
+    coarse_channel: bool = setting(
+        True, "feed the stage-1 probability as a 4th input channel", affects=("model", "masks")
+    )
+    prior_skip: bool = setting(
+        True, "with coarse_channel: add its logit to the output, so the net learns a correction", affects=("model",)
+    )
+    blend: Literal["mean", "smooth"] = setting(
+        "smooth", "how overlapping tiles are blended", affects=("model", "masks")
+    )
+    checkpoint: Checkpoint = setting(
+        "", "a checkpoint or a list of them (an ensemble); empty = <output.dir>/stage2/best.pt"
+    )
     val_images: int = setting(0, "validate on this many held-out images per epoch; 0 = all", ge=0, affects=("model",))
 
 
@@ -142,23 +224,39 @@ class Bboxes(Section):
 
 class Predict(Section):
     threshold: number_or_auto(float, ge=1e-6, le=1 - 1e-6) = setting(
-        0.5, "of the cascade's probability; auto: the threshold with the best mean validation Dice in the last "
-        "`carvana evaluate` sweep (report/threshold_sweep.csv; `carvana run` then evaluates before predicting)", affects=("masks",))
-    batch_size: int = setting(2, "tiles per forward pass, across images (mirrored copies ride along with tta_flip)", ge=1)
+        0.5,
+        "of the cascade's probability; auto: the threshold with the best mean validation Dice in the last `carvana "
+        "evaluate` sweep (report/threshold_sweep.csv; `carvana run` then evaluates before predicting)",
+        affects=("masks",),
+    )
+    batch_size: int = setting(
+        2, "tiles per forward pass, across images (mirrored copies ride along with tta_flip)", ge=1
+    )
     tta_flip: bool = setting(False, "average with the prediction of the mirrored image", affects=("boxes", "masks"))
     chunk: int = setting(16, "images per resumable chunk of prediction results", ge=1)
     workers: number_or_auto(int, ge=0) = setting(
-        "auto", "reader processes decoding ahead of the device; 0 = in the main process; auto: 0 on a CPU (the fastest there), "
-        "on a GPU the cores but one, shared by the visible GPUs")
+        "auto",
+        "reader processes decoding ahead of the device; 0 = in the main process; auto: 0 on a CPU (the fastest "
+        "there), on a GPU the cores but one, shared by the visible GPUs",
+    )
     decode: Literal["pil", "nvjpeg"] = setting(
-        "pil", "where JPEGs are decoded: pil = in the reader processes (the tested path); nvjpeg = on the GPU with torchvision, "
-        "for machines with too few cores to feed the GPU (unproven until benchmarks/gpu_check.py has passed on your card)")
+        "pil",
+        "where JPEGs are decoded: pil = in the reader processes (the tested path); nvjpeg = on the GPU with "
+        "torchvision, for machines with too few cores to feed the GPU (unproven until benchmarks/gpu_check.py has "
+        "passed on your card)",
+    )
     compile: bool = setting(False, "torch.compile the nets: faster on a GPU after a compilation of a minute or so")
     backend: Literal["torch", "onnxruntime"] = setting(
-        "torch", "what runs the nets: torch; onnxruntime = a bundle's ONNX files (carvana bundle --onnx, then --model) on the CPU, "
-        "about 2x PyTorch's speed on a 2-core Xeon (docs/benchmarks.md); masks agree with torch's to within a few pixels")
-    cluster: str = setting("", '"" = this process; local:N = a Dask LocalCluster of N workers; tcp://host:8786 = a Dask scheduler',
-                           expect="empty, local:N or a scheduler address such as tcp://host:8786")
+        "torch",
+        "what runs the nets: torch; onnxruntime = a bundle's ONNX files (carvana bundle --onnx, then --model) on the "
+        "CPU, about 2x PyTorch's speed on a 2-core Xeon (docs/benchmarks.md); masks agree with torch's to within a "
+        "few pixels",
+    )
+    cluster: str = setting(
+        "",
+        '"" = this process; local:N = a Dask LocalCluster of N workers; tcp://host:8786 = a Dask scheduler',
+        expect="empty, local:N or a scheduler address such as tcp://host:8786",
+    )
 
 
 class Serve(Section):
@@ -166,16 +264,22 @@ class Serve(Section):
     max_wait_ms: int = setting(10, "how long a batch's first request waits for more to join it", ge=0)
     max_queue: int = setting(32, "requests waiting for the device at most; beyond it 503 with Retry-After", ge=1)
     max_bytes: int = setting(50_000_000, "largest upload, in bytes (413 beyond it)", ge=1)
-    max_pixels: int = setting(100_000_000, "largest photo, width x height (413 beyond it, checked before decoding)", ge=1)
+    max_pixels: int = setting(
+        100_000_000, "largest photo, width x height (413 beyond it, checked before decoding)", ge=1
+    )
     timeout_s: int = setting(120, "a request not answered within this many seconds gets 504", ge=1)
-    api_key_env: str = setting("", "name of the environment variable holding the API key the /v1 requests must send; "
-                                   "empty = no key")
+    api_key_env: str = setting(
+        "", "name of the environment variable holding the API key the /v1 requests must send; empty = no key"
+    )
     devices: list[str] = setting([], "one replica of the nets per device, e.g. [cuda:0, cuda:1]; empty = `device`")
 
 
 class Cutout(Section):
-    clean_edges: bool = setting(True, "`carvana cutout`: the soft edge in the car's own colour (blur fusion), not the photo's, which "
-                                      "carries the old background; `carvana serve` takes clean_edges=false per request")
+    clean_edges: bool = setting(
+        True,
+        "`carvana cutout`: the soft edge in the car's own colour (blur fusion), not the photo's, which carries the "
+        "old background; `carvana serve` takes clean_edges=false per request",
+    )
 
 
 class Settings(Section):
@@ -200,6 +304,7 @@ class Settings(Section):
 
 
 # ---- declarations, walked ------------------------------------------------------------------------
+
 
 def _fields(model: type[BaseModel] = Settings, prefix: str = "") -> dict[str, Any]:
     """Every leaf setting by dotted key, in declaration order."""
@@ -228,7 +333,9 @@ def depends(cfg: Settings, output: str) -> dict[str, Any]:
     """The settings `output` (one of OUTPUTS) depends on, by name within their section: what its
     cache key or pipeline fingerprint hashes, so a new setting needs only its declaration. A stage's
     budget (`max_minutes`) changes its model only when it fixes the epoch count (`epochs: auto`)."""
-    values = {k.rsplit(".", 1)[-1]: setting_value(cfg, k) for k in DEPENDS[output]}  # tests/test_config.py: names unique per output
+    values = {
+        k.rsplit(".", 1)[-1]: setting_value(cfg, k) for k in DEPENDS[output]
+    }  # tests/test_config.py: names unique per output
     stage = output.removesuffix(".model")
     if stage in ("stage1", "stage2") and getattr(cfg, stage).epochs == "auto":
         values["max_minutes"] = getattr(cfg, stage).max_minutes
@@ -266,7 +373,9 @@ def _words(annotation: Any) -> tuple[list[str], list[str]]:
 
 
 def _bounds(f: Any) -> str:
-    marks = list(f.metadata) + [m for arm in _arms(f.annotation) if typing.get_origin(arm) is Annotated for m in arm.__metadata__]
+    marks = list(f.metadata) + [
+        m for arm in _arms(f.annotation) if typing.get_origin(arm) is Annotated for m in arm.__metadata__
+    ]
     lo = next((m.ge for m in marks if getattr(m, "ge", None) is not None), None)
     hi = next((m.le for m in marks if getattr(m, "le", None) is not None), None)
     if lo is None and hi is None:
@@ -365,28 +474,40 @@ def _validate(cfg: Settings) -> None:
     for stage in ("stage1", "stage2"):
         s = getattr(cfg, stage)
         if s.epochs == "auto" and not s.max_minutes:
-            raise ConfigError(f"config key '{stage}.epochs' is auto, which fits the schedule to a budget: set {stage}.max_minutes too")
+            raise ConfigError(
+                f"config key '{stage}.epochs' is auto, which fits the schedule to a budget: set {stage}.max_minutes too"
+            )
         if isinstance(s.checkpoint, list) and not (s.checkpoint and all(s.checkpoint)):
-            raise ConfigError(f"config key '{stage}.checkpoint' must be a path or a non-empty list of paths (an ensemble); "
-                              f"got {s.checkpoint!r}")
+            raise ConfigError(
+                f"config key '{stage}.checkpoint' must be a path or a non-empty list of paths (an ensemble); got "
+                f"{s.checkpoint!r}"
+            )
     if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", cfg.device):
         raise ConfigError(f"config key 'device' must be auto, cpu, cuda or cuda:N; got {cfg.device!r}")
     overlap, tile = cfg.stage2.min_overlap, cfg.stage2.tile
     if overlap > tile // 2:
-        raise ConfigError(f"stage2.min_overlap={overlap} must be at most half of stage2.tile={tile} ({tile // 2}): tiles start "
-                          "every tile - min_overlap pixels, so a larger overlap refines each pixel more than twice per axis "
-                          "and multiplies the tiles (the blend needs only a few dozen pixels)")
+        raise ConfigError(
+            f"stage2.min_overlap={overlap} must be at most half of stage2.tile={tile} ({tile // 2}): tiles start every "
+            "tile - min_overlap pixels, so a larger overlap refines each pixel more than twice per axis and "
+            "multiplies the tiles (the blend needs only a few dozen pixels)"
+        )
     margin = cfg.stage1.margin
     sides = [margin] if isinstance(margin, int) else margin
     if len(sides) not in (1, 4) or not all(m >= 0 for m in sides):
-        raise ConfigError(f"config key 'stage1.margin' must be pixels >= 0, one number or [left, top, right, bottom]; got {margin!r}")
+        raise ConfigError(
+            f"config key 'stage1.margin' must be pixels >= 0, one number or [left, top, right, bottom]; got {margin!r}"
+        )
     if cfg.stage2.batch_size % cfg.stage2.crops_per_image:
-        raise ConfigError(f"stage2.batch_size={cfg.stage2.batch_size} counts crops: make it a multiple of "
-                          f"stage2.crops_per_image={cfg.stage2.crops_per_image}")
+        raise ConfigError(
+            f"stage2.batch_size={cfg.stage2.batch_size} counts crops: make it a multiple of "
+            f"stage2.crops_per_image={cfg.stage2.crops_per_image}"
+        )
     cluster = cfg.predict.cluster
     if cluster and not (re.fullmatch(r"local:[1-9]\d*", cluster) or "://" in cluster):
-        raise ConfigError(f"config key 'predict.cluster' must be empty, local:N or a scheduler address such as tcp://host:8786; "
-                          f"got {cluster!r}")
+        raise ConfigError(
+            "config key 'predict.cluster' must be empty, local:N or a scheduler address such as tcp://host:8786; got "
+            f"{cluster!r}"
+        )
 
 
 def as_yaml(cfg: Settings) -> str:
@@ -400,20 +521,29 @@ def save_config(cfg: Settings, path: str | Path) -> None:
 
 def reference() -> str:
     """docs/configuration.md, generated from the declarations (a test keeps the file in step)."""
-    lines = ["# Configuration reference", "",
-             "Generated from the declarations in `common/config.py` by `carvana config --reference`; do not edit by hand.", "",
-             "Settings come from the defaults below, then a YAML file (`--config FILE`), then dotted overrides on the command line "
-             "(`stage1.epochs=3`). `carvana config --config FILE [overrides]` prints what a job would run with. An unknown key, "
-             "a value of the wrong type or out of range stops the command before any work, naming the key.", "",
-             "`stage1` and `stage2` share the training settings; *affects* lists the outputs that are recomputed when the "
-             "setting changes (the cache keys and the pipeline steps' fingerprints are derived from it).", "",
-             "| setting | type | default | allowed | affects | meaning |", "|---|---|---|---|---|---|"]
+    lines = [
+        "# Configuration reference",
+        "",
+        "Generated from the declarations in `common/config.py` by `carvana config --reference`; do not edit by hand.",
+        "",
+        "Settings come from the defaults below, then a YAML file (`--config FILE`), then dotted overrides on the "
+        "command line (`stage1.epochs=3`). `carvana config --config FILE [overrides]` prints what a job would run "
+        "with. An unknown key, a value of the wrong type or out of range stops the command before any work, naming "
+        "the key.",
+        "",
+        "`stage1` and `stage2` share the training settings; *affects* lists the outputs that are recomputed when the "
+        "setting changes (the cache keys and the pipeline steps' fingerprints are derived from it).",
+        "",
+        "| setting | type | default | allowed | affects | meaning |",
+        "|---|---|---|---|---|---|",
+    ]
     for key, f in FIELDS.items():
         names, values = _words(f.annotation)
         kind = " or ".join(names + (["auto"] if values == ["auto"] else []))
         allowed = f.json_schema_extra["expect"] or (", ".join(values) if values and not names else _bounds(f))
         default = yaml.safe_dump(f.default, default_flow_style=True).strip().removesuffix("...").strip() or '""'
         doc, allowed = f.description.replace("|", "/"), allowed.replace("|", "/")
-        lines.append(f"| `{key}` | {kind or 'str'} | `{default}` | {allowed} | "
-                     f"{', '.join(sorted(_affects(key)))} | {doc} |")
+        lines.append(
+            f"| `{key}` | {kind or 'str'} | `{default}` | {allowed} | {', '.join(sorted(_affects(key)))} | {doc} |"
+        )
     return "\n".join(lines) + "\n"

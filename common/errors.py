@@ -4,6 +4,7 @@ and `Failure`, the result of one image that could not be predicted, which is not
 User mistakes, which the message says how to fix, exit 2; failures during the work exit 1; an
 interrupt exits 130 (pipelines/cli.py). Every message names the file, setting or photo at fault.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, replace

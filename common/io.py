@@ -7,6 +7,7 @@ message. Text left behind by a holder that did not release it marks a stale lock
 over with a warning. The text is rewritten in place, under the lock, never renamed: a rename
 would move the lock to a new file that the next process does not share.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -53,7 +54,9 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     except OSError as e:
         if isinstance(e, OutputError) or e.errno not in PLACE_ERRORS | {errno.EEXIST}:
             raise
-        cause = "a file is in the way of its folder" if e.errno in (errno.EEXIST, errno.ENOTDIR) else os.strerror(e.errno)
+        cause = (
+            "a file is in the way of its folder" if e.errno in (errno.EEXIST, errno.ENOTDIR) else os.strerror(e.errno)
+        )
         raise OutputError(e.errno, f"cannot write {path}: {cause}") from None
     finally:
         if tmp is not None:
@@ -141,26 +144,39 @@ def output_lock(folder: str | Path, command: str) -> Iterator[None]:
         folder.mkdir(parents=True, exist_ok=True)
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     except OSError as e:
-        raise ConfigError(f"output folder {folder} cannot be written: {e.strerror}; set output.dir to a writable place") from None
+        raise ConfigError(
+            f"output folder {folder} cannot be written: {e.strerror}; set output.dir to a writable place"
+        ) from None
     held = False
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             text = os.pread(fd, 4096, 0).decode(errors="replace")
-            raise FolderBusy(f"output folder {folder} is in use by {_holder(text)}; wait for it to finish "
-                             "or use another output.dir") from None
+            raise FolderBusy(
+                f"output folder {folder} is in use by {_holder(text)}; wait for it to finish or use another output.dir"
+            ) from None
         except OSError as e:  # a file system without locks (rare): run unprotected, say so
             if e.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):
                 raise
-            warnings.warn(f"{path}: the file system does not support locks ({e.strerror}); "
-                          "make sure no other run writes this folder", stacklevel=3)
+            warnings.warn(
+                f"{path}: the file system does not support locks ({e.strerror}); make sure no other run writes this "
+                "folder",
+                stacklevel=3,
+            )
         stale = os.pread(fd, 4096, 0).decode(errors="replace").strip()
         if stale:
-            warnings.warn(f"{folder}: taking over the lock of {_holder(stale)}, which ended without releasing it "
-                          "(killed?); its finished work is kept", stacklevel=3)
-        me = {"pid": os.getpid(), "host": socket.gethostname(), "command": command,
-              "since": time.strftime("%Y-%m-%d %H:%M:%S")}
+            warnings.warn(
+                f"{folder}: taking over the lock of {_holder(stale)}, which ended without releasing it (killed?); its "
+                "finished work is kept",
+                stacklevel=3,
+            )
+        me = {
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "command": command,
+            "since": time.strftime("%Y-%m-%d %H:%M:%S"),
+        }
         held = True
         os.ftruncate(fd, 0)
         os.pwrite(fd, json.dumps(me).encode(), 0)

@@ -3,6 +3,7 @@
 
 Under torchrun the rank is in the environment before Python starts, so the filter is fixed at import.
 """
+
 from __future__ import annotations
 
 import logging

@@ -4,6 +4,7 @@ The counts are taken where the masks are (`dice_counts`, `sweep_counts`: tensors
 turned into scores on the host (`dice_of`, `sweep_dice`), so a loop over images reads the device
 once for all of them instead of once per count.
 """
+
 from __future__ import annotations
 
 import numpy as np

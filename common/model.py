@@ -1,12 +1,14 @@
 """The one U-Net both stages use, and everything about running it: the device, the precision
 policy for training and prediction, the inference layout, and checkpoints (read, rebuilt into
 nets, hashed for cache keys, averaged as an ensemble)."""
+
 from __future__ import annotations
 
 import functools
 import hashlib
 import io
 import pickle
+import re
 from pathlib import Path
 
 import torch
@@ -18,8 +20,14 @@ from common.errors import CheckpointError, SetupError
 
 
 def block(c_in: int, c_out: int, dropout: float = 0.0) -> nn.Sequential:
-    layers = [nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(inplace=True),
-              nn.Conv2d(c_out, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(inplace=True)]
+    layers = [
+        nn.Conv2d(c_in, c_out, 3, padding=1, bias=False),
+        nn.BatchNorm2d(c_out),
+        nn.ReLU(inplace=True),
+        nn.Conv2d(c_out, c_out, 3, padding=1, bias=False),
+        nn.BatchNorm2d(c_out),
+        nn.ReLU(inplace=True),
+    ]
     if dropout:
         layers.append(nn.Dropout2d(dropout))
     return nn.Sequential(*layers)
@@ -36,12 +44,22 @@ class UNet(nn.Module):
     reproduces the coarse mask and training starts from stage-1 quality.
     """
 
-    def __init__(self, in_channels: int = 3, depth: int = 5, width: int = 16, dropout: float = 0.0, prior_skip: bool = False):
+    def __init__(
+        self, in_channels: int = 3, depth: int = 5, width: int = 16, dropout: float = 0.0, prior_skip: bool = False
+    ):
         super().__init__()
-        self.args = {"in_channels": in_channels, "depth": depth, "width": width, "dropout": dropout, "prior_skip": prior_skip}
+        self.args = {
+            "in_channels": in_channels,
+            "depth": depth,
+            "width": width,
+            "dropout": dropout,
+            "prior_skip": prior_skip,
+        }
         chans = [min(width * 2**i, 512) for i in range(depth)]
         drops = [dropout if i >= depth - 2 else 0.0 for i in range(depth)]
-        self.encoder = nn.ModuleList(block(c_in, c, d) for c_in, c, d in zip([in_channels] + chans[:-1], chans, drops))
+        self.encoder = nn.ModuleList(
+            block(c_in, c, d) for c_in, c, d in zip([in_channels] + chans[:-1], chans, drops, strict=True)
+        )
         self.decoder = nn.ModuleList(block(chans[i + 1] + chans[i], chans[i]) for i in reversed(range(depth - 1)))
         self.head = nn.Conv2d(chans[0], 1, 1)
         for m in self.modules():
@@ -62,7 +80,7 @@ class UNet(nn.Module):
         for i, enc in enumerate(self.encoder):
             x = enc(x if i == 0 else F.max_pool2d(x, 2))
             skips.append(x)
-        for dec, skip in zip(self.decoder, reversed(skips[:-1])):
+        for dec, skip in zip(self.decoder, reversed(skips[:-1]), strict=True):
             x = F.interpolate(x, size=skip.shape[-2:], mode="bilinear", align_corners=False)
             x = dec(torch.cat([x, skip], 1))
         out = self.head(x)[..., :h, :w]
@@ -76,6 +94,7 @@ def build_model(settings: Training, in_channels: int, prior_skip: bool = False, 
 
 
 # --- where and in what precision nets run
+
 
 def pick_device(name: str) -> torch.device:
     """The device of `name` (auto | cpu | cuda | cuda:N), made the calling thread's current CUDA
@@ -155,17 +174,22 @@ def static_shapes(device: torch.device, compile: bool) -> bool:
 
 # --- checkpoints
 
+
 def read_file(path: str | Path) -> bytes:
     """A checkpoint's bytes: hashed and loaded from the same read, so what runs is what was hashed."""
     try:
         return Path(path).read_bytes()
     except FileNotFoundError:
-        raise CheckpointError(f"checkpoint not found: {path} (train first, or set the stage's checkpoint key)") from None
+        raise CheckpointError(
+            f"checkpoint not found: {path} (train first, or set the stage's checkpoint key)"
+        ) from None
     except OSError as e:
         raise CheckpointError(f"{path}: cannot be read ({e.strerror})") from None
 
 
-def load_checkpoint(path: str | Path, device: torch.device, expect: dict | None = None, data: bytes | None = None) -> dict:
+def load_checkpoint(
+    path: str | Path, device: torch.device, expect: dict | None = None, data: bytes | None = None
+) -> dict:
     """Read a checkpoint (`data`: its bytes, when already read); `expect` (model args) must match the
     net it holds, if given."""
     data = read_file(path) if data is None else data
@@ -174,18 +198,25 @@ def load_checkpoint(path: str | Path, device: torch.device, expect: dict | None 
         # a pickle that would build anything else (run code) is refused, not executed
         ckpt = torch.load(io.BytesIO(data), map_location=device, weights_only=True)
         args = ckpt["model_args"]
-    except pickle.UnpicklingError:
-        raise CheckpointError(f"{path}: holds more than tensors, numbers and text (a pickle that could run code when "
-                              "loaded); refused: use checkpoints written by this project") from None
+    except pickle.UnpicklingError as e:  # garbage, or a pickle of more than weights: neither is run
+        why = re.search(r"Unsupported [^\n]*", str(e))
+        raise CheckpointError(
+            f"{path}: not a checkpoint of this project: it holds more than tensors, numbers and text "
+            f"({why[0].split(' was ')[0] if why else e}), and is "
+            "not loaded, as it could run code"
+        ) from None
     except Exception as e:  # a torn or foreign file: name it, do not dump a traceback
         raise CheckpointError(f"{path}: not a checkpoint of this project ({type(e).__name__}: {e})") from None
     if expect is not None and args != expect:
-        raise CheckpointError(f"{path} was trained with {args}, the config asks for {expect}; change the config or retrain")
+        raise CheckpointError(
+            f"{path} was trained with {args}, the config asks for {expect}; change the config or retrain"
+        )
     return ckpt
 
 
-def load_model(path: str | Path, device: torch.device, expect: dict | None = None,
-               data: bytes | None = None) -> tuple[nn.Module, dict]:
+def load_model(
+    path: str | Path, device: torch.device, expect: dict | None = None, data: bytes | None = None
+) -> tuple[nn.Module, dict]:
     """Rebuild the net a checkpoint was trained with, in eval mode."""
     ckpt = load_checkpoint(path, device, expect, data)
     model = UNet(**ckpt["model_args"]).to(device)
@@ -231,6 +262,8 @@ def load_models(paths: list[Path], device: torch.device, blobs: list[bytes]) -> 
     first = loaded[0][1]
     for path, (_, ckpt) in zip(paths[1:], loaded[1:], strict=True):
         if ckpt["model_args"]["in_channels"] != first["model_args"]["in_channels"]:
-            raise CheckpointError(f"{path} takes {ckpt['model_args']['in_channels']} input channels, {paths[0]} "
-                                  f"{first['model_args']['in_channels']}: an ensemble's nets must take the same inputs")
+            raise CheckpointError(
+                f"{path} takes {ckpt['model_args']['in_channels']} input channels, {paths[0]} "
+                f"{first['model_args']['in_channels']}: an ensemble's nets must take the same inputs"
+            )
     return (loaded[0][0] if len(loaded) == 1 else Ensemble([m for m, _ in loaded]).eval()), [c for _, c in loaded]

@@ -7,6 +7,7 @@ hash), the mask threshold and the settings it fixes. A net is loaded from the by
 source that travels to a Dask worker carries the hashes its client took, so a worker whose files
 changed since refuses its task, naming the file, instead of predicting with other nets.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -58,8 +59,10 @@ def mask_threshold(cfg: Settings, strict: bool = True) -> float:
     path = sweep_path(cfg)
     if not path.is_file():
         if strict:
-            raise ConfigError(f"predict.threshold=auto uses the best threshold of `carvana evaluate`, and {path} does not "
-                              "exist yet: run `carvana evaluate` with the same config first, or set a number")
+            raise ConfigError(
+                f"predict.threshold=auto uses the best threshold of `carvana evaluate`, and {path} does not exist yet: "
+                "run `carvana evaluate` with the same config first, or set a number"
+            )
         return 0.5
     sweep = pd.read_csv(path)
     return float(sweep.threshold[sweep.dice_cascade.idxmax()])
@@ -93,19 +96,25 @@ class Checkpoints:
         blobs = [read_file(p) for p in paths]
         content = checkpoints_hash(blobs)
         if self.hashes.setdefault(which, content) != content:
-            raise CheckpointError(f"{', '.join(map(str, paths))}: changed since this run hashed it (another training "
-                                  "wrote it?); rerun the command")
+            raise CheckpointError(
+                f"{', '.join(map(str, paths))}: changed since this run hashed it (another training wrote it?); rerun "
+                "the command"
+            )
         model, ckpts = load_models(paths, device, blobs)
         if which == "stage1":
             for path, ckpt in zip(paths, ckpts, strict=True):
                 size = ckpt["config"]["stage1"]["size"]
                 if size != self.cfg.stage1.size:
-                    raise CheckpointError(f"{path} was trained at stage1.size={size}, the config says {self.cfg.stage1.size}")
+                    raise CheckpointError(
+                        f"{path} was trained at stage1.size={size}, the config says {self.cfg.stage1.size}"
+                    )
         else:
             wants, has = 4 if self.cfg.stage2.coarse_channel else 3, ckpts[0]["model_args"]["in_channels"]
             if has != wants:
-                raise CheckpointError(f"{paths[0]} takes {has} input channels but stage2.coarse_channel="
-                                      f"{self.cfg.stage2.coarse_channel} needs {wants}; set it to match the checkpoint or retrain")
+                raise CheckpointError(
+                    f"{paths[0]} takes {has} input channels but stage2.coarse_channel={self.cfg.stage2.coarse_channel} "
+                    f"needs {wants}; set it to match the checkpoint or retrain"
+                )
         return model
 
     def settings(self, cfg: Settings) -> Settings:
@@ -124,6 +133,8 @@ def open_source(cfg: Settings, model: str | Path | None = None, strict: bool = T
             raise ConfigError("predict.backend=onnxruntime runs the ONNX files as they are: set predict.compile=false")
         return read_bundle(model, backend)
     if backend != "torch":
-        raise ConfigError(f"predict.backend={backend} runs the ONNX files of a bundle: make one with `carvana bundle --onnx` "
-                          "and predict with --model DIR (checkpoints run in torch)")
+        raise ConfigError(
+            f"predict.backend={backend} runs the ONNX files of a bundle: make one with `carvana bundle --onnx` and "
+            "predict with --model DIR (checkpoints run in torch)"
+        )
     return Checkpoints(cfg, mask_threshold(cfg, strict))

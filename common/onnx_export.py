@@ -7,10 +7,10 @@ net is fed in prediction (RGB in [0, 1], then stage 1's probability for a refine
 the batch axis is free, height and width are fixed at export. Output `logits`: float32 (batch, 1, size,
 size), what `net(x)` returns; the probability is its sigmoid.
 
-On a 2-core CPU onnxruntime ran both nets 1.8-2.3x faster than eager PyTorch as prediction runs them,
-and a whole `Cascade.predict` 2x (docs/experiments/2026-12-03-onnx.md): `OnnxNet` is the net of an
-onnxruntime backend for prediction on the CPU.
+`OnnxNet` is the net of the onnxruntime backend for prediction on the CPU, faster than PyTorch on some
+CPUs (docs/experiments/2026-12-03-onnx.md).
 """
+
 from __future__ import annotations
 
 import copy
@@ -48,8 +48,16 @@ def export(net: nn.Module, in_channels: int, size: int, path: Path) -> None:
     logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
-        program = torch.onnx.export(net, (example,), dynamo=True, opset_version=OPSET, input_names=[INPUT],
-                                    output_names=[OUTPUT], dynamic_shapes=({0: torch.export.Dim("batch")},), verbose=False)
+        program = torch.onnx.export(
+            net,
+            (example,),
+            dynamo=True,
+            opset_version=OPSET,
+            input_names=[INPUT],
+            output_names=[OUTPUT],
+            dynamic_shapes=({0: torch.export.Dim("batch")},),
+            verbose=False,
+        )
     with atomic_path(path) as tmp:
         program.save(tmp, external_data=False)  # one file: external weights would name the temporary file
 
@@ -68,7 +76,9 @@ class OnnxNet(nn.Module):
 
         options = onnxruntime.SessionOptions()
         options.intra_op_num_threads = threads
-        self.session = onnxruntime.InferenceSession(model if isinstance(model, bytes) else str(model), options, providers=["CPUExecutionProvider"])
+        self.session = onnxruntime.InferenceSession(
+            model if isinstance(model, bytes) else str(model), options, providers=["CPUExecutionProvider"]
+        )
 
     def forward(self, x: np.ndarray | torch.Tensor) -> torch.Tensor:
         if isinstance(x, torch.Tensor):

@@ -1,5 +1,6 @@
 """`carvana bundle --config FILE --out DIR [--onnx]`: a trained run's cascade as a folder to hand on
 (common/bundle.py holds the format and reads it back)."""
+
 from __future__ import annotations
 
 import datetime as dt
@@ -23,10 +24,15 @@ CPU = torch.device("cpu")
 def make_bundle(cfg: Settings, source: ModelSource, out: Path, name: str = "carvana", onnx: bool = False) -> Manifest:
     """Write the source's cascade into `out` as a bundle: the nets' weights (and ONNX files), the model
     card, then bundle.json."""
-    nets = {"stage1": (source.net("stage1", CPU), cfg.stage1.size), "refiner": (source.net("refiner", CPU), cfg.stage2.tile)}
+    nets = {
+        "stage1": (source.net("stage1", CPU), cfg.stage1.size),
+        "refiner": (source.net("refiner", CPU), cfg.stage2.tile),
+    }
     for which, (net, _) in nets.items():
         if isinstance(net, Ensemble):
-            raise ConfigError(f"the {which} net is an ensemble of {len(net.models)} nets; a bundle holds one net per stage")
+            raise ConfigError(
+                f"the {which} net is an ensemble of {len(net.models)} nets; a bundle holds one net per stage"
+            )
     out.mkdir(parents=True, exist_ok=True)
     for stale in (MANIFEST, "stage1.onnx", "refiner.onnx"):  # a rebuilt folder is no bundle until its new bundle.json
         (out / stale).unlink(missing_ok=True)
@@ -40,10 +46,21 @@ def make_bundle(cfg: Settings, source: ModelSource, out: Path, name: str = "carv
         for which, (net, size) in nets.items():
             export(net, net.args["in_channels"], size, out / f"{which}.onnx")
             files.append(f"{which}.onnx")
-    manifest = Manifest(format=FORMAT, name=name, created=dt.date.today().isoformat(),
-                        nets={which: NetSpec(file=f"{which}.safetensors", architecture="UNet", args=net.args) for which, (net, _) in nets.items()},
-                        prediction={k: setting_value(cfg, k) for k in FIXED}, input=INPUT, threshold=source.threshold,
-                        files={f: sha256(out / f) for f in files}, validation=validation(cfg), training_data=training_data(cfg))
+    manifest = Manifest(
+        format=FORMAT,
+        name=name,
+        created=dt.date.today().isoformat(),
+        nets={
+            which: NetSpec(file=f"{which}.safetensors", architecture="UNet", args=net.args)
+            for which, (net, _) in nets.items()
+        },
+        prediction={k: setting_value(cfg, k) for k in FIXED},
+        input=INPUT,
+        threshold=source.threshold,
+        files={f: sha256(out / f) for f in files},
+        validation=validation(cfg),
+        training_data=training_data(cfg),
+    )
     write_text(out / "README.md", model_card(manifest))
     write_manifest(out, manifest)
     log.info(f"bundle: {out} ({', '.join(files)}, bundle.json, README.md); use it with --model {out}")
@@ -55,11 +72,20 @@ def validation(cfg: Settings) -> dict:
     s = Summary.read(cfg)
     if s is not None:
         date = dt.date.fromtimestamp(Summary.path(cfg).stat().st_mtime).isoformat()
-        return {"source": "carvana evaluate", "date": date, "images": s.images, "mean_dice_stage1": s.mean_dice_stage1,
-                "mean_dice_cascade": s.mean_dice_cascade, "mean_edge_dice_cascade": s.mean_edge_dice_cascade}
+        return {
+            "source": "carvana evaluate",
+            "date": date,
+            "images": s.images,
+            "mean_dice_stage1": s.mean_dice_stage1,
+            "mean_dice_cascade": s.mean_dice_cascade,
+            "mean_edge_dice_cascade": s.mean_edge_dice_cascade,
+        }
     best = {stage: load_checkpoint(checkpoint_paths(cfg, stage)[0], CPU)["best_dice"] for stage in ("stage1", "stage2")}
-    return {"source": "training validation (no carvana evaluate report)", "best_dice_stage1": best["stage1"],
-            "best_dice_stage2": best["stage2"]}
+    return {
+        "source": "training validation (no carvana evaluate report)",
+        "best_dice_stage1": best["stage1"],
+        "best_dice_stage2": best["stage2"],
+    }
 
 
 def training_data(cfg: Settings) -> dict:
@@ -67,8 +93,13 @@ def training_data(cfg: Settings) -> dict:
     root = Path(cfg.data.root)
     samples = index_split(cfg.data.root, "train", cfg.data.hq)
     train, val = split_by_car(samples, cfg.data.val_cars)
-    return {"kind": "synthetic" if (root / "synthetic.json").is_file() else "photos", "root": str(root),
-            "train_cars": sorted({x.car for x in train}), "val_cars": sorted({x.car for x in val}), "images": len(samples)}
+    return {
+        "kind": "synthetic" if (root / "synthetic.json").is_file() else "photos",
+        "root": str(root),
+        "train_cars": sorted({x.car for x in train}),
+        "val_cars": sorted({x.car for x in val}),
+        "images": len(samples),
+    }
 
 
 def model_card(m: Manifest) -> str:
@@ -76,11 +107,15 @@ def model_card(m: Manifest) -> str:
     data = m.training_data
     synthetic = data["kind"] == "synthetic"
     figures = "\n".join(f"- {k}: {v:.4f}" if isinstance(v, float) else f"- {k}: {v}" for k, v in m.validation.items())
-    limits = ("**Trained on synthetic cars only** (`carvana sample-data`): the nets have never seen a photo. Use this bundle to "
-              "try the commands; on real photos it finds windows, lights and wheels, not the car. For real photos train with "
-              "`pipelines/pipeline.yaml` on the Kaggle Carvana data, then run `carvana bundle`." if synthetic else
-              "Trained on studio photos of cars on a turntable (the Kaggle Carvana layout): photos far from that (street scenes, "
-              "several cars, heavy occlusion) are outside what it learned.")
+    limits = (
+        "**Trained on synthetic cars only** (`carvana sample-data`): the nets have never seen a photo. Use this "
+        "bundle to try the commands; on real photos it finds windows, lights and wheels, not the car. For real photos "
+        "train with `pipelines/pipeline.yaml` on the Kaggle Carvana data, then run `carvana bundle`."
+        if synthetic
+        else "Trained on studio photos of cars on a turntable (the Kaggle Carvana layout): photos far from that "
+        "(street scenes, several cars, heavy occlusion) are outside what it learned."
+    )
+    cars = len(data["train_cars"]) + len(data["val_cars"])
     return f"""# {m.name}: a two-stage car-segmentation cascade
 
 Made by `carvana bundle` on {m.created}. Format {m.format} (docs/bundle.md).
@@ -91,13 +126,13 @@ Made by `carvana bundle` on {m.created}. Format {m.format} (docs/bundle.md).
 studio photos of a car, and Carvana submissions.
 
 ## Nets
-- stage 1: UNet {m.nets['stage1'].args} on the whole photo at {m.prediction['stage1.size']} px
-- refiner: UNet {m.nets['refiner'].args} on {m.prediction['stage2.tile']} px tiles of the car's box
+- stage 1: UNet {m.nets["stage1"].args} on the whole photo at {m.prediction["stage1.size"]} px
+- refiner: UNet {m.nets["refiner"].args} on {m.prediction["stage2.tile"]} px tiles of the car's box
 - input: {m.input}; mask threshold {m.threshold}
 
 ## Training data
-{data['kind']}: {data['images']} images of {len(data['train_cars']) + len(data['val_cars'])} cars under `{data['root']}`;
-validation cars: {', '.join(data['val_cars'])}.
+{data["kind"]}: {data["images"]} images of {cars} cars under `{data["root"]}`;
+validation cars: {", ".join(data["val_cars"])}.
 
 ## Figures
 {figures}

@@ -1,4 +1,5 @@
 """`carvana`: one entry point over the stage scripts, evaluation and the pipeline runner."""
+
 from __future__ import annotations
 
 import argparse
@@ -20,8 +21,11 @@ def _config_args(p: argparse.ArgumentParser) -> None:
 
 
 def _model_arg(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default=None, help="a folder written by `carvana bundle`: its nets and mask settings, "
-                                                 "instead of the config's checkpoints")
+    p.add_argument(
+        "--model",
+        default=None,
+        help="a folder written by `carvana bundle`: its nets and mask settings, instead of the config's checkpoints",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -50,29 +54,47 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("evaluate", help="per-image Dice of stage 1 and the cascade on the validation cars")
     _config_args(p)
 
-    p = sub.add_parser("cutout", help="cut the car out of any photos: NAME_mask.png, NAME.png (RGBA), optional composite")
+    p = sub.add_parser(
+        "cutout", help="cut the car out of any photos: NAME_mask.png, NAME.png (RGBA), optional composite"
+    )
     p.add_argument("photos", nargs="+", help="JPEG/PNG/WebP files or folders; key=value words among them are overrides")
     p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--composite", default=None, help="also write NAME_on_COLOUR.jpg on this flat colour (e.g. white, #00ff00)")
-    p.add_argument("--alpha", choices=["soft", "hard"], default="soft",
-                   help="soft: the car's edge semi-transparent as the probability says; hard: 0/255 at the threshold")
-    p.add_argument("--config", default=None, help="YAML config naming the checkpoints (defaults apply where it is silent)")
+    p.add_argument(
+        "--composite", default=None, help="also write NAME_on_COLOUR.jpg on this flat colour (e.g. white, #00ff00)"
+    )
+    p.add_argument(
+        "--alpha",
+        choices=["soft", "hard"],
+        default="soft",
+        help="soft: the car's edge semi-transparent as the probability says; hard: 0/255 at the threshold",
+    )
+    p.add_argument(
+        "--config", default=None, help="YAML config naming the checkpoints (defaults apply where it is silent)"
+    )
     _model_arg(p)
 
-    p = sub.add_parser("bundle", help="write a trained run's cascade as a folder to hand on: safetensors, bundle.json, a model card")
+    p = sub.add_parser(
+        "bundle", help="write a trained run's cascade as a folder to hand on: safetensors, bundle.json, a model card"
+    )
     p.add_argument("--out", required=True, help="the bundle's folder")
     p.add_argument("--onnx", action="store_true", help="also export both nets to ONNX (the onnx extra)")
     p.add_argument("--name", default="carvana", help="the model's name on a server (/v2/models/NAME)")
     _config_args(p)
 
-    p = sub.add_parser("serve", help="background removal over HTTP: a page, POST /v1/cutout and /v1/segment, /healthz, /metrics")
+    p = sub.add_parser(
+        "serve", help="background removal over HTTP: a page, POST /v1/cutout and /v1/segment, /healthz, /metrics"
+    )
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000)
     _model_arg(p)
     _config_args(p)
 
-    p = sub.add_parser("config", help="print the resolved settings as YAML: what a job with this config and these overrides runs with")
-    p.add_argument("--reference", action="store_true", help="print the configuration reference (docs/configuration.md) instead")
+    p = sub.add_parser(
+        "config", help="print the resolved settings as YAML: what a job with this config and these overrides runs with"
+    )
+    p.add_argument(
+        "--reference", action="store_true", help="print the configuration reference (docs/configuration.md) instead"
+    )
     _config_args(p)
 
     p = sub.add_parser("plot", help="redraw learning_curves.png of a training run")
@@ -117,14 +139,18 @@ def dispatch(args: argparse.Namespace) -> int:
         try:
             from pipelines.serve import serve
         except ImportError as e:
-            raise SetupError(f"carvana serve needs the serve extra ({e.name} is missing): pip install '.[serve]'") from None
+            raise SetupError(
+                f"carvana serve needs the serve extra ({e.name} is missing): pip install '.[serve]'"
+            ) from None
         return serve(cfg, source, args.host, args.port)
     command = " ".join(["carvana", args.command] + ([args.action] if hasattr(args, "action") else []))
     with output_lock(args.out if args.command in ("cutout", "bundle") else cfg.output.dir, command):
         if args.command == "cutout":
             from pipelines.cutout import cutout, pictures
 
-            return cutout(args.photos, args.out, cfg, source, pictures(args.alpha, cfg.cutout.clean_edges, args.composite))
+            return cutout(
+                args.photos, args.out, cfg, source, pictures(args.alpha, cfg.cutout.clean_edges, args.composite)
+            )
         if args.command == "bundle":
             from pipelines.bundle import make_bundle
 
@@ -143,8 +169,15 @@ def dispatch(args: argparse.Namespace) -> int:
 
 # the commands that predict or validate with trained nets, and whether they need the mask threshold
 # itself (True) or may fall back to 0.5 while `predict.threshold: auto` has no sweep yet (False)
-SOURCED = {("stage1", "predict"): False, ("stage2", "train"): False, ("stage2", "predict"): True, ("evaluate", None): False,
-           ("cutout", None): True, ("serve", None): True, ("bundle", None): True}
+SOURCED = {
+    ("stage1", "predict"): False,
+    ("stage2", "train"): False,
+    ("stage2", "predict"): True,
+    ("evaluate", None): False,
+    ("cutout", None): True,
+    ("serve", None): True,
+    ("bundle", None): True,
+}
 
 
 def _source(cfg, model: str | None, action: tuple[str, str | None]):
@@ -155,8 +188,10 @@ def _source(cfg, model: str | None, action: tuple[str, str | None]):
         raise ConfigError("--model is for prediction: stage2 train trains from the config")
     source = open_source(cfg, model, strict=SOURCED[action])
     if action[0] in ("cutout", "serve") and source.synthetic:
-        log.warning(f"{model}: these nets learned synthetic cars only (carvana sample-data): for trying the commands, "
-                    "not for real photos; docs/bundle.md says how to make a bundle for real photos")
+        log.warning(
+            f"{model}: these nets learned synthetic cars only (carvana sample-data): for trying the commands, not for "
+            "real photos; docs/bundle.md says how to make a bundle for real photos"
+        )
     return source, source.settings(cfg)
 
 
@@ -195,12 +230,9 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
-    # PyTorch's CPU allocator backs each tensor of 2 MB or more with transparent huge pages when this is
-    # set (read at its first allocation, so before any command imports torch): a full-resolution step then
-    # faults its fresh buffers in 2 MB pages instead of 4 kB ones. On a 2-core CPU `carvana cutout` ran 1.36x
-    # faster with 3.4x less time in the kernel, and `carvana serve` went from 0.84x to 1.14x of cutout's rate
-    # (docs/experiments/2026-12-serve-throughput.md).
-    # Child processes inherit it; THP_MEM_ALLOC_ENABLE=0 turns it off.
+    # huge pages for PyTorch's large CPU buffers (read at torch's first allocation, so set before any import of
+    # it): fewer page faults per full-resolution step (docs/experiments/2026-12-serve-throughput.md); =0 is off
+
     os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
     warnings.formatwarning = lambda msg, cat, *a, **k: f"warning: {msg}\n"
     try:

@@ -10,6 +10,7 @@ Every file is written atomically; a photo whose outputs all exist is skipped; a 
 read or cut out goes to `DIR/errors.csv` (photo, stage, reason) and the command exits 1 after
 finishing the rest.
 """
+
 from __future__ import annotations
 
 import time
@@ -57,7 +58,9 @@ def pictures(alpha: str = "soft", clean_edges: bool = True, composite: str | Non
     files = {"_mask.png": Picture("mask", "hard"), ".png": Picture("rgba", alpha, clean_edges)}
     if composite:
         try:
-            files[f"_on_{composite.lstrip('#')}.jpg"] = Picture("composite", alpha, clean_edges, composite, format="jpeg")
+            files[f"_on_{composite.lstrip('#')}.jpg"] = Picture(
+                "composite", alpha, clean_edges, composite, format="jpeg"
+            )
         except ConfigError:
             raise ConfigError(f"--composite {composite}: not a colour (a name such as white, or #rrggbb)") from None
     return files
@@ -99,7 +102,10 @@ def cutout(inputs: list[str], out: str, cfg: Settings, source: ModelSource, file
     if errors or (out / "errors.csv").exists():
         write_csv(out / "errors.csv", pd.DataFrame(errors, columns=["photo", "stage", "reason"]))
     done = len(todo) - len(errors)
-    log.info(f"cutout: {done} photos cut out into {out}" + (f" in {seconds:.1f} s ({done / seconds:.2f} photos/s, files written)" if done else ""))
+    log.info(
+        f"cutout: {done} photos cut out into {out}"
+        + (f" in {seconds:.1f} s ({done / seconds:.2f} photos/s, files written)" if done else "")
+    )
     if errors:
         log.info(f"cutout: {len(errors)} photo(s) could not be cut out, listed in {out / 'errors.csv'}")
         return 1

@@ -7,6 +7,7 @@ The sweep is also where the mask threshold comes from under `predict.threshold: 
 writes `report/threshold_sweep.csv`, the model source of the config's checkpoints reads it
 (common/model_source.py `mask_threshold`).
 """
+
 from __future__ import annotations
 
 import json
@@ -109,8 +110,9 @@ def score(cfg: Settings, source: ModelSource) -> Evaluation:
     return Evaluation(pd.DataFrame(rows), sweep, kept, has_refiner)
 
 
-def _score_image(sample: Sample, pred: Prediction, stage1_threshold: float,
-                 threshold: float | None) -> Callable[[], tuple[dict, list, Kept]]:
+def _score_image(
+    sample: Sample, pred: Prediction, stage1_threshold: float, threshold: float | None
+) -> Callable[[], tuple[dict, list, Kept]]:
     """One image's counts taken on the device and their copy to the host started; the returned
     function waits for that copy and gives the metrics row, the Dice at each threshold of the sweep
     and the masks. `threshold` None: no refiner, stage 1 alone."""
@@ -120,7 +122,12 @@ def _score_image(sample: Sample, pred: Prediction, stage1_threshold: float,
     band = edge_band(on_device[None, None].float(), EDGE_RADIUS)[0, 0] > 0  # where the refiner must earn its keep
     stage1 = pred.coarse > stage1_threshold
     cascade = pred.mask(threshold) if threshold is not None else stage1
-    planes = [stage1, cascade, sweep_counts(pred.coarse, on_device, THRESHOLDS), dice_counts(stage1[band], on_device[band])]
+    planes = [
+        stage1,
+        cascade,
+        sweep_counts(pred.coarse, on_device, THRESHOLDS),
+        dice_counts(stage1[band], on_device[band]),
+    ]
     if threshold is not None:
         planes += [sweep_counts(pred.prob, on_device, THRESHOLDS), dice_counts(cascade[band], on_device[band])]
     copy = to_host_all(planes)
@@ -128,14 +135,29 @@ def _score_image(sample: Sample, pred: Prediction, stage1_threshold: float,
     def done() -> tuple[dict, list, Kept]:
         stage1_host, cascade_host, sweep1, edge1, *refined = copy()
         sweep2, edge2 = refined or (None, None)
-        sweep = list(zip(sweep_dice(torch.from_numpy(sweep1)),
-                         sweep_dice(torch.from_numpy(sweep2)) if refined else [nan] * len(THRESHOLDS)))
+        sweep = list(
+            zip(
+                sweep_dice(torch.from_numpy(sweep1)),
+                sweep_dice(torch.from_numpy(sweep2)) if refined else [nan] * len(THRESHOLDS),
+                strict=True,
+            )
+        )
         x0, y0, x1, y1 = pred.box
         inside, car = int(truth[y0:y1, x0:x1].sum()), int(truth.sum())
-        row = {"img": sample.img, "car": sample.car, "dice_stage1": dice(stage1_host, truth),
-               "dice_cascade": dice(cascade_host, truth) if refined else nan,
-               "edge_dice_stage1": dice_of(*edge1.tolist()), "edge_dice_cascade": dice_of(*edge2.tolist()) if refined else nan,
-               "x0": x0, "y0": y0, "x1": x1, "y1": y1, "car_pixels_outside_box": car - inside, "box_coverage": inside / max(car, 1)}
+        row = {
+            "img": sample.img,
+            "car": sample.car,
+            "dice_stage1": dice(stage1_host, truth),
+            "dice_cascade": dice(cascade_host, truth) if refined else nan,
+            "edge_dice_stage1": dice_of(*edge1.tolist()),
+            "edge_dice_cascade": dice_of(*edge2.tolist()) if refined else nan,
+            "x0": x0,
+            "y0": y0,
+            "x1": x1,
+            "y1": y1,
+            "car_pixels_outside_box": car - inside,
+            "box_coverage": inside / max(car, 1),
+        }
         return row, sweep, Kept(sample, truth, stage1_host, cascade_host, pred.box)
 
     return done
@@ -180,9 +202,18 @@ def save(cfg: Settings, ev: Evaluation) -> Summary:
     plot_sweep(ev.sweep, report / "threshold_sweep.png")
     worst = metrics.nsmallest(10, ev.ranking)
     cut = metrics[metrics.car_pixels_outside_box > 0].nsmallest(10, "box_coverage")
-    summary = Summary(len(metrics), float(metrics.dice_stage1.mean()), float(metrics.dice_cascade.mean()),
-                      float(metrics.edge_dice_stage1.mean()), float(metrics.edge_dice_cascade.mean()), EDGE_RADIUS,
-                      float(metrics.box_coverage.min()), int(len(cut)), cut.img.tolist(), worst.img.tolist())
+    summary = Summary(
+        len(metrics),
+        float(metrics.dice_stage1.mean()),
+        float(metrics.dice_cascade.mean()),
+        float(metrics.edge_dice_stage1.mean()),
+        float(metrics.edge_dice_cascade.mean()),
+        EDGE_RADIUS,
+        float(metrics.box_coverage.min()),
+        int(len(cut)),
+        cut.img.tolist(),
+        worst.img.tolist(),
+    )
     summary.write(cfg)
     for img in worst.img[:6]:
         if img in ev.kept:
@@ -194,11 +225,13 @@ def evaluate(cfg: Settings, source: ModelSource) -> pd.DataFrame:
     """`score`, then `save`; returns the per-image metrics."""
     ev = score(cfg, source)
     s = save(cfg, ev)
-    log.info(f"evaluate: {s.images} validation images; mean Dice stage 1 {s.mean_dice_stage1:.4f}, cascade "
-             f"{s.mean_dice_cascade:.4f}; within {EDGE_RADIUS} px of the boundary: stage 1 {s.mean_edge_dice_stage1:.4f}, "
-             f"cascade {s.mean_edge_dice_cascade:.4f}; box coverage min {s.min_box_coverage:.5f} "
-             f"({s.images_losing_car_pixels_to_the_box} image(s) lose car pixels to the box); "
-             f"{Path(cfg.output.dir) / 'report' / 'metrics.csv'}")
+    log.info(
+        f"evaluate: {s.images} validation images; mean Dice stage 1 {s.mean_dice_stage1:.4f}, cascade "
+        f"{s.mean_dice_cascade:.4f}; within {EDGE_RADIUS} px of the boundary: stage 1 {s.mean_edge_dice_stage1:.4f}, "
+        f"cascade {s.mean_edge_dice_cascade:.4f}; box coverage min {s.min_box_coverage:.5f} "
+        f"({s.images_losing_car_pixels_to_the_box} image(s) lose car pixels to the box); "
+        f"{Path(cfg.output.dir) / 'report' / 'metrics.csv'}"
+    )
     return ev.metrics
 
 
@@ -215,7 +248,13 @@ def plot_sweep(sweep: pd.DataFrame, path: Path) -> None:
     for column, label in (("dice_stage1", "stage 1 alone"), ("dice_cascade", "cascade")):
         if sweep[column].notna().any():
             best = sweep.loc[sweep[column].idxmax()]
-            ax.plot(sweep.threshold, sweep[column], "o-", ms=3, label=f"{label} (best {best[column]:.4f} at {best.threshold:.2f})")
+            ax.plot(
+                sweep.threshold,
+                sweep[column],
+                "o-",
+                ms=3,
+                label=f"{label} (best {best[column]:.4f} at {best.threshold:.2f})",
+            )
     ax.set(xlabel="mask threshold", ylabel="mean validation Dice")
     ax.grid(alpha=0.3)
     ax.legend()
@@ -228,8 +267,13 @@ def save_overlay(kept: Kept, cfg: Settings, path: Path, refined: bool) -> None:
     image = read_image(kept.sample.image)
     h, w = kept.truth.shape
     windows = plan_tiles(w, h, kept.box, cfg.stage2.tile, cfg.stage2.min_overlap) if refined else []
-    panels = np.concatenate([overlay(image, kept.stage1, kept.truth, kept.box, []),
-                             overlay(image, kept.cascade, kept.truth, kept.box, windows)], 1)
+    panels = np.concatenate(
+        [
+            overlay(image, kept.stage1, kept.truth, kept.box, []),
+            overlay(image, kept.cascade, kept.truth, kept.box, windows),
+        ],
+        1,
+    )
     small = Image.fromarray(panels).resize((panels.shape[1] // 2, panels.shape[0] // 2), Image.BILINEAR)
     with atomic_path(path) as tmp:
         small.save(tmp, format="PNG")

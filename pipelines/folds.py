@@ -3,6 +3,7 @@
 stage's checkpoint to the list of the K `best.pt` files then averages their probabilities at
 prediction, as the competition's winners did; the prediction caches are keyed on every file.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -28,8 +29,10 @@ def train_folds(stage: str, k: int, cfg: Settings) -> int:
     for fold in range(1, k + 1):
         changes = {"data.val_cars": f"{fold}/{k}", "output.dir": str(out / "folds" / str(fold))}
         if stage == "stage2":  # the refiner folds share the main run's stage 1: its boxes and its (ensemble of) nets
-            changes |= {"bboxes.path": cfg.bboxes.path or str(out / "bboxes.csv"),
-                        "stage1.checkpoint": [str(p) for p in checkpoint_paths(cfg, "stage1")]}
+            changes |= {
+                "bboxes.path": cfg.bboxes.path or str(out / "bboxes.csv"),
+                "stage1.checkpoint": [str(p) for p in checkpoint_paths(cfg, "stage1")],
+            }
         fold_cfg = cfg.updated(changes)
         log.info(f"folds: {stage} fold {fold}/{k} -> {fold_cfg.output.dir}")
         main(fold_cfg)

@@ -2,6 +2,7 @@
 the mask; soft: the car's edge semi-transparent as the probability says), the car's own colour in that
 soft edge (`foreground`) and the composite on a flat colour. pipelines/picture.py puts them together
 into the picture a user asked for."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -31,8 +32,11 @@ def alpha(pred: Prediction, threshold: float, soft: bool = True, band: int = EDG
     grown = F.max_pool2d(m, 2 * band + 1, stride=1, padding=band)[0, 0] > 0
     shrunk = -F.max_pool2d(-m, 2 * band + 1, stride=1, padding=band)[0, 0] > 0  # erosion; the border pads ignored
     p = pred.prob.float().clamp(0, 1)
-    ramp = torch.where(mask, 128 + torch.floor(127 * (p - threshold) / max(1 - threshold, 1e-6)),
-                       torch.floor(127 * p / max(threshold, 1e-6))).clamp(0, 255)
+    ramp = torch.where(
+        mask,
+        128 + torch.floor(127 * (p - threshold) / max(1 - threshold, 1e-6)),
+        torch.floor(127 * p / max(threshold, 1e-6)),
+    ).clamp(0, 255)
     return torch.where(grown & ~shrunk, ramp, m[0, 0] * 255).to(torch.uint8)
 
 
@@ -41,7 +45,9 @@ def _box_sums(x: torch.Tensor, size: int) -> torch.Tensor:
     return x.unfold(-1, size, 1).sum(-1).unfold(-2, size, 1).sum(-1)
 
 
-def _means(fg: torch.Tensor, bg: torch.Tensor, wf: torch.Tensor, wb: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _means(
+    fg: torch.Tensor, bg: torch.Tensor, wf: torch.Tensor, wb: torch.Tensor, size: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The car's and the studio's colour over each size x size window: fg weighted by wf, bg by wb."""
     s = _box_sums(torch.cat([wf * fg, wf, wb * bg, wb], -3), size)
     return s[..., :3, :, :] / s[..., 3:4, :, :].clamp_min(1e-6), s[..., 4:7, :, :] / s[..., 7:, :, :].clamp_min(1e-6)
@@ -75,8 +81,13 @@ def foreground(rgb: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
     image, known = rgb[y, x].permute(0, 3, 1, 2).float() / 255, alpha[y, x][:, None]  # each tile and its margin
     a = known.float() / 255
     rest = image - a * fbar - (1 - a) * bbar  # what the two means do not explain, shared by their weights
-    fbar, bbar = _means((fbar + a * rest).clamp(0, 1), (bbar + (1 - a) * rest).clamp(0, 1),
-                        (known == 255).float() + 1e-3 * a, (known == 0).float() + 1e-3 * (1 - a), NARROW)
+    fbar, bbar = _means(
+        (fbar + a * rest).clamp(0, 1),
+        (bbar + (1 - a) * rest).clamp(0, 1),
+        (known == 255).float() + 1e-3 * a,
+        (known == 0).float() + 1e-3 * (1 - a),
+        NARROW,
+    )
     inner = slice(NARROW // 2, NARROW // 2 + TILE)
     image, a = image[:, :, inner, inner], a[:, :, inner, inner]
     car = (fbar + a * (image - a * fbar - (1 - a) * bbar)).clamp(0, 1)

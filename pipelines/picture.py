@@ -2,6 +2,7 @@
 `carvana cutout`'s flags, `/v1/cutout`'s query, `/v2`'s `rgba` output and the Python API alike), `Cut`
 is one photo's cut-out on the host, and `render` makes the one from the other. The pixels come from
 pipelines/matting.py: the soft alpha, the clean edge and the composite."""
+
 from __future__ import annotations
 
 import io
@@ -45,7 +46,9 @@ class Picture:
         try:
             ImageColor.getrgb(self.background)
         except ValueError:
-            raise ConfigError(f"background={self.background}: not a colour (a name such as white, or #rrggbb)") from None
+            raise ConfigError(
+                f"background={self.background}: not a colour (a name such as white, or #rrggbb)"
+            ) from None
         if self.format == "jpeg" and self.output == "rgba":
             raise ConfigError("format=jpeg has no alpha channel: use output=composite or mask, or format=png or webp")
 
@@ -91,7 +94,8 @@ class Cut:
 
 
 def render(cut: Cut, picture: Picture, fast: bool = False) -> bytes:
-    """The picture encoded. `fast`: PNG at zlib level 1 (3x faster, larger: HTTP answers); files keep PIL's default level."""
+    """The picture encoded. `fast`: PNG at zlib level 1 (3x faster, larger: for HTTP answers); files keep PIL's
+    default level."""
     buf = io.BytesIO()
     options = {"quality": 92} if picture.format != "png" else {"compress_level": 1} if fast else {}
     Image.fromarray(cut.pixels(picture)).save(buf, format=picture.format.upper(), **options)

@@ -8,6 +8,7 @@ last checkpoint. State lives in `<output.dir>/pipeline_state.json`, written atom
 Under torchrun (`torchrun --nproc_per_node=8 -m pipelines run CONFIG`), the training steps run on
 every rank (DDP); the other steps and all files belong to rank 0 while the other ranks wait.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -78,17 +79,46 @@ def steps(cfg: Settings) -> list[Step]:
     auto = cfg.predict.threshold == "auto"  # the submission then uses the threshold evaluate found best
     return [
         Step("sample_data", (), (Path(cfg.data.root) / "train",), reads("sample"), sample),
-        Step("stage1_train", ("sample_data",), (out / "stage1" / "best.pt",), reads("stage1.model", files=True), s1_train.main,
-             every_rank=True),
-        Step("stage1_predict", ("stage1_train",), (out / "bboxes.csv", out / "stage1_submission.csv.gz"),
-             reads("boxes", "test_rows"), sourced(s1_predict.main, strict=False)),
-        Step("stage2_train", ("stage1_predict",), (out / "stage2" / "best.pt",), reads("stage2.model"),
-             sourced(s2_train.main, strict=False), every_rank=True),
-        Step("evaluate", ("stage2_train",), (out / "report" / "metrics.csv",), reads("masks"), sourced(evaluate, strict=False)),
-        Step("stage2_predict", ("stage2_train", "evaluate") if auto else ("stage2_train",), (out / "submission.csv.gz",),
-             reads("masks", "test_rows"), sourced(s2_predict.main, strict=True)),
-        Step("bundle", ("stage2_train", "evaluate"), (out / "bundle" / "bundle.json",), reads("boxes", "masks"),
-             bundle),
+        Step(
+            "stage1_train",
+            ("sample_data",),
+            (out / "stage1" / "best.pt",),
+            reads("stage1.model", files=True),
+            s1_train.main,
+            every_rank=True,
+        ),
+        Step(
+            "stage1_predict",
+            ("stage1_train",),
+            (out / "bboxes.csv", out / "stage1_submission.csv.gz"),
+            reads("boxes", "test_rows"),
+            sourced(s1_predict.main, strict=False),
+        ),
+        Step(
+            "stage2_train",
+            ("stage1_predict",),
+            (out / "stage2" / "best.pt",),
+            reads("stage2.model"),
+            sourced(s2_train.main, strict=False),
+            every_rank=True,
+        ),
+        Step(
+            "evaluate",
+            ("stage2_train",),
+            (out / "report" / "metrics.csv",),
+            reads("masks"),
+            sourced(evaluate, strict=False),
+        ),
+        Step(
+            "stage2_predict",
+            ("stage2_train", "evaluate") if auto else ("stage2_train",),
+            (out / "submission.csv.gz",),
+            reads("masks", "test_rows"),
+            sourced(s2_predict.main, strict=True),
+        ),
+        Step(
+            "bundle", ("stage2_train", "evaluate"), (out / "bundle" / "bundle.json",), reads("boxes", "masks"), bundle
+        ),
     ]
 
 
@@ -104,7 +134,9 @@ class State:
 
     def __init__(self, path: Path, ranks: distributed.Ranks):
         self.path, self.main = path, ranks.main
-        self.steps: dict[str, dict] = distributed.from_main(json.loads(path.read_text()) if ranks.main and path.is_file() else {})
+        self.steps: dict[str, dict] = distributed.from_main(
+            json.loads(path.read_text()) if ranks.main and path.is_file() else {}
+        )
 
     def of(self, name: str) -> dict:
         return self.steps.get(name, {})
@@ -137,14 +169,18 @@ def _run_steps(cfg: Settings, force: list[str]) -> int:
         if any(u in forced for u in step.inputs):
             forced.add(step.name)
         fp = fingerprints[step.name] = digest([step.reads(), [fingerprints.get(u, "") for u in step.inputs]])
-        reason = distributed.from_main(_why_run(step, state.of(step.name), fp, step.name in forced))  # rank 0's view decides
+        reason = distributed.from_main(
+            _why_run(step, state.of(step.name), fp, step.name in forced)
+        )  # rank 0's view decides
         if reason is None:
             log.info(f"[skip] {step.name}: outputs present and fingerprint {fp} unchanged")
             table.append({"step": step.name, "state": "skipped", "seconds": 0.0})
             continue
         resume = state.of(step.name).get("started") == fp and reason != "forced"
         log.info(f"[run]  {step.name}: {reason}" + (" (resuming an interrupted run)" if resume else ""))
-        code, seconds = _run_step(step, cfg.updated({"stage1.resume": resume, "stage2.resume": resume}), state, fp, ranks)
+        code, seconds = _run_step(
+            step, cfg.updated({"stage1.resume": resume, "stage2.resume": resume}), state, fp, ranks
+        )
         status = max(status, code)
         table.append({"step": step.name, "state": "ran" if code == 0 else f"ran (exit {code})", "seconds": seconds})
     if not ranks.main:
@@ -169,7 +205,8 @@ def _run_step(step: Step, cfg: Settings, state: State, fingerprint: str, ranks: 
 
 
 def _why_run(step: Step, record: dict, fingerprint: str, forced: bool) -> str | None:
-    """Why `step` runs (None: it is skipped): its record in pipeline_state.json and its outputs against `fingerprint`."""
+    """Why `step` runs (None: it is skipped): its record in pipeline_state.json and its outputs against
+    `fingerprint`."""
     missing = [str(p) for p in step.outputs if not p.exists()]
     if step.name == "sample_data" and not missing:
         return None  # a data root that has data is never overwritten
@@ -191,6 +228,8 @@ def _print_summary(cfg: Settings, table: list[dict], report: Path) -> None:
 
     scores = Summary.read(cfg)
     if scores is not None:
-        log.info(f"\nvalidation Dice ({scores.images} images): stage 1 alone {scores.mean_dice_stage1:.4f}   "
-                 f"cascade {scores.mean_dice_cascade:.4f}")
+        log.info(
+            f"\nvalidation Dice ({scores.images} images): stage 1 alone {scores.mean_dice_stage1:.4f}   cascade "
+            f"{scores.mean_dice_cascade:.4f}"
+        )
     log.info(f"submission: {out / 'submission.csv.gz'}\nreport:     {report}")

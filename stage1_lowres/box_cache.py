@@ -2,6 +2,7 @@
 net's content and every setting a box depends on. `stage1 predict` writes it; stage 2 reads it
 (`cached_boxes`) and never runs stage 1 for a box; a second `stage1 predict` with the same key
 reuses it without loading a net."""
+
 from __future__ import annotations
 
 from dataclasses import astuple, dataclass, fields
@@ -72,18 +73,32 @@ def box_rows(frame: pd.DataFrame, where: str) -> list[BoxRow]:
     first bad row and what is wrong."""
     missing = [c for c in COLUMNS if c not in frame.columns]
     if missing:
-        raise DataError(f"{where}: missing column(s) {', '.join(missing)}; expected {', '.join(COLUMNS)} "
-                        "(written by `carvana stage1 predict`)")
+        raise DataError(
+            f"{where}: missing column(s) {', '.join(missing)}; expected {', '.join(COLUMNS)} (written by `carvana "
+            "stage1 predict`)"
+        )
     numbers = frame[NUMBERS].apply(pd.to_numeric, errors="coerce")
-    bad = numbers.isna().any(axis=1) | ~((0 <= numbers.x0) & (numbers.x0 < numbers.x1) & (numbers.x1 <= numbers.width)
-                                         & (0 <= numbers.y0) & (numbers.y0 < numbers.y1) & (numbers.y1 <= numbers.height))
+    bad = numbers.isna().any(axis=1) | ~(
+        (0 <= numbers.x0)
+        & (numbers.x0 < numbers.x1)
+        & (numbers.x1 <= numbers.width)
+        & (0 <= numbers.y0)
+        & (numbers.y0 < numbers.y1)
+        & (numbers.y1 <= numbers.height)
+    )
     if bad.any():
         r = frame[bad].iloc[0]
-        raise DataError(f"{where}: {bad.sum()} box(es) not inside their image, e.g. {r.img}: x0={r.x0} y0={r.y0} x1={r.x1} "
-                        f"y1={r.y1} in {r.width}x{r.height}; rerun `carvana stage1 predict` to rebuild it")
+        raise DataError(
+            f"{where}: {bad.sum()} box(es) not inside their image, e.g. {r.img}: x0={r.x0} y0={r.y0} x1={r.x1} "
+            f"y1={r.y1} in {r.width}x{r.height}; rerun `carvana stage1 predict` to rebuild it"
+        )
     numbers = numbers.astype(int)
-    return [BoxRow(img, split, *values, key) for img, split, key, values in
-            zip(frame.img, frame.split, frame.key, numbers.itertuples(index=False, name=None), strict=True)]
+    return [
+        BoxRow(img, split, *values, key)
+        for img, split, key, values in zip(
+            frame.img, frame.split, frame.key, numbers.itertuples(index=False, name=None), strict=True
+        )
+    ]
 
 
 def cached_boxes(cfg: Settings) -> dict[str, Box]:
@@ -92,6 +107,8 @@ def cached_boxes(cfg: Settings) -> dict[str, Box]:
     if not path.is_file():
         if cfg.bboxes.path:
             raise DataError(f"bboxes.path={cfg.bboxes.path} does not exist")
-        raise DataError(f"{path} not found: run `carvana stage1 predict` with the same config first "
-                        "(or set bboxes.path to the bboxes.csv of another run)")
+        raise DataError(
+            f"{path} not found: run `carvana stage1 predict` with the same config first (or set bboxes.path to the "
+            "bboxes.csv of another run)"
+        )
     return {row.img: row.box for row in load_boxes(path)}

@@ -6,6 +6,7 @@ Prediction feeds stage 1 from the one full-resolution decode of each image, resi
 size); the two differ by less than JPEG noise, and tests/test_cascade.py measures that boxes and
 masks agree.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -52,8 +53,14 @@ def to_stage1_input(images: list[torch.Tensor], size: int) -> torch.Tensor:
     Antialiased, so a 1918x1280 photo squashed to 256 averages its pixels as the JPEG draft
     decoding used in training does, instead of sampling them.
     """
-    return torch.cat([F.interpolate(im[None].float().div_(255), size=(size, size), mode="bilinear",
-                                    antialias=True, align_corners=False) for im in images])
+    return torch.cat(
+        [
+            F.interpolate(
+                im[None].float().div_(255), size=(size, size), mode="bilinear", antialias=True, align_corners=False
+            )
+            for im in images
+        ]
+    )
 
 
 class Coarse(Predictor):
@@ -79,10 +86,16 @@ class Coarse(Predictor):
         host = to_host(small[need]) if need else None  # one copy for the batch, started before the upsampling is queued
         sizes = [(image.shape[-1], image.shape[-2]) for image in images]  # (width, height)
         coarse = [upsample(small[k], w, h) for k, (w, h) in enumerate(sizes)]
-        on_host = dict(zip(need, host())) if need else {}  # waits for that copy alone, while the device upsamples
+        on_host = (
+            dict(zip(need, host(), strict=True)) if need else {}
+        )  # waits for that copy alone, while the device upsamples
         preds = []
         for k, (width, height) in enumerate(sizes):
-            box = boxes[k] if k not in on_host else box_from_probability(on_host[k], width, height, self.margin, self.threshold)
+            box = (
+                boxes[k]
+                if k not in on_host
+                else box_from_probability(on_host[k], width, height, self.margin, self.threshold)
+            )
             preds.append(Prediction(width, height, box or (0, 0, width, height), box is not None, coarse[k]))
         return preds
 
@@ -93,5 +106,9 @@ class Coarse(Predictor):
         x = to_stage1_input(images, self.size)
         step = self.pad_to or len(x)
         # padded only under pad_to: one shape for the compiled net and for cuDNN's tuning
-        return torch.cat([probabilities(self.net, x[i : i + step], self.device, self.flip, pad_to=self.pad_to)
-                          for i in range(0, len(x), step)])
+        return torch.cat(
+            [
+                probabilities(self.net, x[i : i + step], self.device, self.flip, pad_to=self.pad_to)
+                for i in range(0, len(x), step)
+            ]
+        )

@@ -1,6 +1,7 @@
 """`carvana stage1 predict`: the box of every train and test image (`bboxes.csv`, the box cache) and
 the stage-1 submission (coarse masks upsampled to full size), the baseline stage 2 must beat. A
 second run with the same key reuses `bboxes.csv` without loading a net."""
+
 from __future__ import annotations
 
 import warnings
@@ -48,8 +49,11 @@ class CoarseRow:
 
     def record(self) -> dict:
         """The row as the chunk file holds it: a failed image's box columns empty."""
-        boxed = vars(self.box) if self.box is not None else dict.fromkeys(BOX_COLUMNS, "") | {
-            "img": self.img, "split": self.split, "key": self.key}
+        boxed = (
+            vars(self.box)
+            if self.box is not None
+            else dict.fromkeys(BOX_COLUMNS, "") | {"img": self.img, "split": self.split, "key": self.key}
+        )
         return boxed | {"rle_mask": self.rle_mask, "error": self.error}
 
 
@@ -94,9 +98,14 @@ def main(cfg: Settings, source: ModelSource) -> int:
     test = test_samples(cfg)  # in submission order, so the submission streams from the chunks
     key = cache_key(cfg, source)
     if _cache_is_valid(out, key, {x.img for x in train + test}):
-        log.info(f"stage 1: reusing {out / 'bboxes.csv'} (same net content, size {s.size}, margin {s.margin}); net not loaded")
+        log.info(
+            f"stage 1: reusing {out / 'bboxes.csv'} (same net content, size {s.size}, margin {s.margin}); net not "
+            "loaded"
+        )
         return 0
-    items = [BoxItem(x.img, str(x.image), "train") for x in train] + [BoxItem(x.img, str(x.image), "test") for x in test]
+    items = [BoxItem(x.img, str(x.image), "train") for x in train] + [
+        BoxItem(x.img, str(x.image), "test") for x in test
+    ]
     store = ChunkStore(out / "stage1_chunks", key, CoarseRow.COLUMNS, cfg.predict.chunk, [item.img for item in items])
     run_job(BoxJob(desc="stage 1 predict", cfg=cfg, source=source, store=store), items)
     frame = store.frame(BOX_COLUMNS + ["error"])

@@ -1,4 +1,5 @@
 """`carvana stage1 train`: the U-Net on whole images squashed to stage1.size x stage1.size."""
+
 from __future__ import annotations
 
 from typing import Iterator
@@ -39,8 +40,10 @@ def main(cfg: Settings) -> int:
     s = cfg.stage1
     ranks, device = distributed.init(cfg.device)
     pairs = read_pairs(cfg.data, (s.size, s.size), keep=True, workers=s.workers)
-    about = (f"{len(pairs.train)} training and {len(pairs.val)} validation images ({len({p.sample.car for p in pairs.val})} cars) "
-             f"at {s.size}x{s.size}")
+    about = (
+        f"{len(pairs.train)} training and {len(pairs.val)} validation images ({len({p.sample.car for p in pairs.val})} "
+        f"cars) at {s.size}x{s.size}"
+    )
     model = build_model(s, in_channels=3, seed=cfg.seed)
     batches = TensorBatches(*as_tensors(pairs.train), s.batch_size, device, ranks, seed=cfg.seed)
     val_images, val_masks = as_tensors(pairs.val)

@@ -1,6 +1,7 @@
 """Stage 2 at prediction: the cascade (`Cascade`), stage 1's `Coarse` and then the refiner on the tiles
 of several images at once, blended and pasted into the full canvas. `stage2 predict`, stage-2
 validation, `carvana evaluate`, `carvana cutout` and `carvana serve` all go through `Cascade.predict`."""
+
 from __future__ import annotations
 
 from dataclasses import replace
@@ -44,7 +45,10 @@ class Cascade(Predictor):
         if self.coarse is not None:
             preds = self.coarse.predict(images, boxes)
         else:  # every box given, no coarse channel: stage 1 is not needed
-            preds = [Prediction(image.shape[-1], image.shape[-2], box, True, None) for image, box in zip(images, boxes, strict=True)]
+            preds = [
+                Prediction(image.shape[-1], image.shape[-2], box, True, None)
+                for image, box in zip(images, boxes, strict=True)
+            ]
         plans = [self._plan(p) for p in preds]
         ok = [k for k, plan in enumerate(plans) if not isinstance(plan, Failure)]
         probs = self._refine([images[k] for k in ok], [preds[k] for k in ok], [plans[k] for k in ok]) if ok else []
@@ -57,17 +61,30 @@ class Cascade(Predictor):
         except TooManyTiles as e:
             return Failure(None, str(e), "stage2")
 
-    def _refine(self, images: list[torch.Tensor], preds: list[Prediction], plans: list[list[Window]]) -> list[torch.Tensor]:
+    def _refine(
+        self, images: list[torch.Tensor], preds: list[Prediction], plans: list[list[Window]]
+    ) -> list[torch.Tensor]:
         """Tiles of all images in one queue, `predict.batch_size` tiles per forward pass, then stitched
         into each image's full-resolution probability."""
-        rgb = torch.cat([cut_tiles(image, windows) for image, windows in zip(images, plans, strict=True)])  # uint8, on the device
-        prior = (torch.cat([cut_tiles(p.coarse[None], windows) for p, windows in zip(preds, plans, strict=True)])
-                 if self.coarse_channel else None)
-        probs = torch.cat([self.refine(rgb[i : i + self.batch_size], None if prior is None else prior[i : i + self.batch_size])
-                           for i in range(0, len(rgb), self.batch_size)])
+        rgb = torch.cat(
+            [cut_tiles(image, windows) for image, windows in zip(images, plans, strict=True)]
+        )  # uint8, on the device
+        prior = (
+            torch.cat([cut_tiles(p.coarse[None], windows) for p, windows in zip(preds, plans, strict=True)])
+            if self.coarse_channel
+            else None
+        )
+        probs = torch.cat(
+            [
+                self.refine(rgb[i : i + self.batch_size], None if prior is None else prior[i : i + self.batch_size])
+                for i in range(0, len(rgb), self.batch_size)
+            ]
+        )
         starts = np.cumsum([0] + [len(windows) for windows in plans]).tolist()
-        return [stitch(probs[a:b], windows, p.box, p.width, p.height, self.weights)
-                for p, windows, a, b in zip(preds, plans, starts, starts[1:], strict=False)]
+        return [
+            stitch(probs[a:b], windows, p.box, p.width, p.height, self.weights)
+            for p, windows, a, b in zip(preds, plans, starts, starts[1:], strict=False)
+        ]
 
     def refine(self, rgb: torch.Tensor, prior: torch.Tensor | None) -> torch.Tensor:
         """(n, tile, tile) probabilities of n uint8 RGB tiles (and their coarse prior); under `pad_to` a

@@ -3,6 +3,7 @@ with the cached boxes; the masks are thresholded on the device, RLE strings and 
 in a writer thread. Each chunk is written atomically, so a killed run continues where it stopped and
 ends with the same bytes as an uninterrupted one. With `predict.cluster`, the same chunks run as
 Dask tasks."""
+
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
@@ -77,8 +78,16 @@ def chunk_key(cfg: Settings, source: ModelSource, boxes: dict[str, Box]) -> str:
     coarse channel stage 1 counts too (its probability is a refiner input); without one, stage 2
     needs no stage-1 net here, only the cached boxes."""
     stage1 = source.hash("stage1") if cfg.stage2.coarse_channel else None
-    return digest({**depends(cfg, "masks"), "threshold": source.threshold, "stage1": stage1, "stage1_input": INPUT_VERSION,
-                   "stage2": source.hash("refiner"), "boxes": sorted(boxes.items())})
+    return digest(
+        {
+            **depends(cfg, "masks"),
+            "threshold": source.threshold,
+            "stage1": stage1,
+            "stage1_input": INPUT_VERSION,
+            "stage2": source.hash("refiner"),
+            "boxes": sorted(boxes.items()),
+        }
+    )
 
 
 def main(cfg: Settings, source: ModelSource) -> int:
@@ -87,8 +96,13 @@ def main(cfg: Settings, source: ModelSource) -> int:
     test = test_samples(cfg)
     if not test:
         raise DataError(f"no test images under {cfg.data.root}: nothing to predict")
-    store = ChunkStore(Path(cfg.output.dir) / "stage2_chunks", chunk_key(cfg, source, boxes), MaskRow.COLUMNS,
-                       cfg.predict.chunk, [x.img for x in test])
+    store = ChunkStore(
+        Path(cfg.output.dir) / "stage2_chunks",
+        chunk_key(cfg, source, boxes),
+        MaskRow.COLUMNS,
+        cfg.predict.chunk,
+        [x.img for x in test],
+    )
     job = MaskJob(desc="stage 2 predict", cfg=cfg, source=source, store=store, noun="test images")
     run_job(job, [MaskItem(x.img, str(x.image), boxes.get(x.img)) for x in test])
     return finish_predictions(Path(cfg.output.dir), store, "stage2", "submission.csv.gz", [x.img for x in test])

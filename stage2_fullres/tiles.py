@@ -7,6 +7,7 @@ A window is (x0, y0, x1, y1) with x1 - x0 == y1 - y0 == tile. Along an axis at l
 the tile, windows lie inside the image; along a shorter axis the one window starts at 0 and the
 image is reflect-padded to fill it.
 """
+
 from __future__ import annotations
 
 import math
@@ -18,9 +19,8 @@ from common.boxes import Box
 Window = tuple[int, int, int, int]
 
 
-# Windows planned for one image at most. Real photos need 1-6 (1024 tiles on a 1918x1280 car box),
-# a 12000x8000 photo 117; more comes from settings no one means (an overlap close to the tile, a
-# tiny tile on a large photo) and would hold gigabytes of tiles in memory.
+# Windows planned for one image at most: a real photo needs 1-6 and a 12000x8000 one 117; more comes from
+# settings no one means and would hold gigabytes of tiles in memory.
 MAX_TILES = 256
 
 
@@ -51,9 +51,11 @@ def plan_tiles(width: int, height: int, box: Box, tile: int = 1024, min_overlap:
     xs = plan_axis(x0, x1, width, tile, min_overlap)
     ys = plan_axis(y0, y1, height, tile, min_overlap)
     if len(xs) * len(ys) > MAX_TILES:
-        raise TooManyTiles(f"stage2.tile={tile} with stage2.min_overlap={min_overlap} cuts the {x1 - x0}x{y1 - y0} car box of "
-                           f"this {width}x{height} image into {len(xs) * len(ys)} tiles, more than the {MAX_TILES} allowed "
-                           "per image; raise stage2.tile or lower stage2.min_overlap")
+        raise TooManyTiles(
+            f"stage2.tile={tile} with stage2.min_overlap={min_overlap} cuts the {x1 - x0}x{y1 - y0} car box of this "
+            f"{width}x{height} image into {len(xs) * len(ys)} tiles, more than the {MAX_TILES} allowed per image; "
+            "raise stage2.tile or lower stage2.min_overlap"
+        )
     return [(x, y, x + tile, y + tile) for y in ys for x in xs]
 
 
@@ -87,13 +89,14 @@ def blend_weights(tile: int, kind: str = "smooth", device: torch.device | str = 
     raise ValueError(f"stage2.blend must be 'mean' or 'smooth', got {kind!r}")
 
 
-def stitch(tile_probs: torch.Tensor, windows: list[Window], box: Box, width: int, height: int,
-           weights: torch.Tensor) -> torch.Tensor:
+def stitch(
+    tile_probs: torch.Tensor, windows: list[Window], box: Box, width: int, height: int, weights: torch.Tensor
+) -> torch.Tensor:
     """Blend (N, tile, tile) predictions into a full (height, width) canvas; outside `box` is background (0)."""
     x0, y0, x1, y1 = box
     acc = tile_probs.new_zeros((y1 - y0, x1 - x0), dtype=torch.float32)
     total = torch.zeros_like(acc)
-    for prob, (wx0, wy0, wx1, wy1) in zip(tile_probs, windows):
+    for prob, (wx0, wy0, wx1, wy1) in zip(tile_probs, windows, strict=True):
         # the part of this window that lies inside the box, in box and in tile coordinates
         bx0, by0, bx1, by1 = max(wx0, x0), max(wy0, y0), min(wx1, x1), min(wy1, y1)
         if bx0 >= bx1 or by0 >= by1:

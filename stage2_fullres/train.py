@@ -3,6 +3,7 @@
 The net is fully convolutional, so it trains on crops (stage2.crop) and predicts on whole tiles.
 Validation runs the `Cascade` on whole held-out images, as prediction does.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -27,7 +28,8 @@ from stage2_fullres.tiles import cut_tiles
 
 
 def crop_window(box: Box, crop: int, width: int, height: int, rng: np.random.Generator) -> tuple[int, int]:
-    """Top-left corner of a random crop x crop window centred somewhere inside `box`, kept inside the image where it fits."""
+    """Top-left corner of a random crop x crop window centred somewhere inside `box`, kept inside the image
+    where it fits."""
     x0, y0, x1, y1 = box
     cx, cy = rng.integers(x0, x1), rng.integers(y0, y1)
     left = int(min(max(cx - crop // 2, 0), max(width - crop, 0)))
@@ -43,8 +45,15 @@ class CropDataset(Dataset):
     randomness is seeded from its key, so crops do not depend on the worker that cuts them.
     """
 
-    def __init__(self, pairs: list[Pair], boxes: dict[str, Box], settings: Stage2, coarse: dict[str, np.ndarray] | None,
-                 mask_cache: Path, seed: int = 0):
+    def __init__(
+        self,
+        pairs: list[Pair],
+        boxes: dict[str, Box],
+        settings: Stage2,
+        coarse: dict[str, np.ndarray] | None,
+        mask_cache: Path,
+        seed: int = 0,
+    ):
         self.pairs, self.boxes, self.s, self.coarse = pairs, boxes, settings, coarse
         self.mask_cache, self.seed = mask_cache, seed
 
@@ -75,7 +84,9 @@ class CropDataset(Dataset):
         return torch.stack(xs), torch.stack(ys)
 
 
-def cascade_predictions(pairs: list[Pair], boxes: dict[str, Box], coarse: Coarse | None, cfg: Settings, device: torch.device):
+def cascade_predictions(
+    pairs: list[Pair], boxes: dict[str, Box], coarse: Coarse | None, cfg: Settings, device: torch.device
+):
     """Validation's predictions: whole held-out images through the `Cascade`, as `stage2 predict` makes
     them (flip TTA included)."""
     paths, val_boxes = [p.sample.image for p in pairs], [boxes[p.sample.img] for p in pairs]
@@ -112,15 +123,25 @@ def main(cfg: Settings, source: ModelSource) -> int:
         for k in range(0, len(train_pairs), 32):  # the scan's stage-1-size images, no second decode
             batch = train_pairs[k : k + 32]
             probs = coarse_model.probs([torch.from_numpy(p.image).permute(2, 0, 1).to(device) for p in batch])
-            coarse |= {p.sample.img: (prob * 255).round().byte().cpu().numpy() for p, prob in zip(batch, probs)}
+            coarse |= {
+                p.sample.img: (prob * 255).round().byte().cpu().numpy() for p, prob in zip(batch, probs, strict=True)
+            }
         for p in pairs.train + pairs.val:
             p.image = p.mask = None  # the crops read full-resolution files
-    about = (f"{len(train_pairs)} training images ({s.crops_per_image} x {s.crop}px crops each, {s.train_boxes} boxes), "
-             f"{len(val_pairs)} validation images on {s.tile}px tiles")
-    model = build_model(s, in_channels=4 if s.coarse_channel else 3, prior_skip=s.coarse_channel and s.prior_skip, seed=cfg.seed)
+    about = (
+        f"{len(train_pairs)} training images ({s.crops_per_image} x {s.crop}px crops each, {s.train_boxes} boxes), "
+        f"{len(val_pairs)} validation images on {s.tile}px tiles"
+    )
+    model = build_model(
+        s, in_channels=4 if s.coarse_channel else 3, prior_skip=s.coarse_channel and s.prior_skip, seed=cfg.seed
+    )
     crops = CropDataset(train_pairs, train_box, s, coarse, out / "cache" / "masks", seed=cfg.seed)
-    with LoaderBatches(crops, s.batch_size, s.workers, device, ranks, seed=cfg.seed, per_item=s.crops_per_image) as batches:
+    with LoaderBatches(
+        crops, s.batch_size, s.workers, device, ranks, seed=cfg.seed, per_item=s.crops_per_image
+    ) as batches:
         truths = [torch.from_numpy(read_mask(p.sample.mask)) for p in val_pairs]  # read once, not every epoch
-        validate = validator(cascade_predictions(val_pairs, cached, coarse_model, cfg, device), truths, source.threshold)
+        validate = validator(
+            cascade_predictions(val_pairs, cached, coarse_model, cfg, device), truths, source.threshold
+        )
         fit(Run.of(cfg, "stage2", device, ranks), model, batches, validate, pairs, about)
     return 0

@@ -30,10 +30,26 @@ def sample_root(tmp_path_factory) -> Path:
     return write_sample_data(tmp_path_factory.mktemp("sample"), cars=3, test_cars=1, seed=1, jobs=2)
 
 
-TINY = ["data.val_cars=1", "stage1.size=64", "stage1.epochs=2", "stage1.depth=3", "stage1.width=4", "stage1.batch_size=8",
-        "stage1.workers=1", "stage2.epochs=1", "stage2.depth=3", "stage2.width=4", "stage2.crop=128", "stage2.batch_size=4",
-        "stage2.val_images=1", "stage2.workers=0", "predict.batch_size=2", "device=cpu",
-        "stage2.tile=512", "stage2.min_overlap=32"]  # 512 tiles hug a ~700 px tall box: half the CPU time of 1024
+TINY = [
+    "data.val_cars=1",
+    "stage1.size=64",
+    "stage1.epochs=2",
+    "stage1.depth=3",
+    "stage1.width=4",
+    "stage1.batch_size=8",
+    "stage1.workers=1",
+    "stage2.epochs=1",
+    "stage2.depth=3",
+    "stage2.width=4",
+    "stage2.crop=128",
+    "stage2.batch_size=4",
+    "stage2.val_images=1",
+    "stage2.workers=0",
+    "predict.batch_size=2",
+    "device=cpu",
+    "stage2.tile=512",
+    "stage2.min_overlap=32",
+]  # 512 tiles hug a ~700 px tall box: half the CPU time of 1024
 
 
 def tiny_config(root, out, *more):

@@ -13,6 +13,7 @@ arrive there, never by racing it. Nothing in the project knows about it.
 As a Dask preload (`distributed.worker.preload: [tests/faults.py]`, or `dask worker --preload
 tests/faults.py`) it arms the worker processes with the fault in CARVANA_FAULT ("chunk:2:KILL:MARKER").
 """
+
 from __future__ import annotations
 
 import argparse

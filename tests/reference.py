@@ -1,5 +1,6 @@
 """The old per-image prediction path, in numpy, kept as the reference the device code is tested
 against (and timed against in benchmarks/bench_predict.py). Not used by the project itself."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -35,7 +36,7 @@ def stitch(tile_probs: np.ndarray, windows: list, box, width: int, height: int, 
     x0, y0, x1, y1 = box
     shape = (max(height, *(w[3] for w in windows)), max(width, *(w[2] for w in windows)))
     acc, total = np.zeros(shape, np.float32), np.zeros(shape, np.float32)
-    for prob, (wx0, wy0, wx1, wy1) in zip(tile_probs, windows):
+    for prob, (wx0, wy0, wx1, wy1) in zip(tile_probs, windows, strict=True):
         acc[wy0:wy1, wx0:wx1] += prob * weights
         total[wy0:wy1, wx0:wx1] += weights
     canvas = np.zeros((height, width), np.float32)
@@ -51,19 +52,35 @@ def _probs(model, x: np.ndarray, batch: int, flip: bool = False) -> np.ndarray:
     device = next(model.parameters()).device
     out = torch.cat([torch.sigmoid(model(t[i : i + batch].to(device)).float()).cpu() for i in range(0, len(t), batch)])
     if flip:
-        mirrored = torch.cat([torch.sigmoid(model(t[i : i + batch].flip(-1).to(device)).float()).cpu() for i in range(0, len(t), batch)])
+        mirrored = torch.cat(
+            [torch.sigmoid(model(t[i : i + batch].flip(-1).to(device)).float()).cpu() for i in range(0, len(t), batch)]
+        )
         out = (out + mirrored.flip(-1)) / 2
     return out[:, 0].numpy()
 
 
-def old_predict(stage1, refiner, path: Path, size: int, box, tile: int = 1024, min_overlap: int = 64, blend: str = "smooth",
-                batch: int = 2, flip: bool = False, margin: int = 32, threshold: float = 0.5) -> dict:
+def old_predict(
+    stage1,
+    refiner,
+    path: Path,
+    size: int,
+    box,
+    tile: int = 1024,
+    min_overlap: int = 64,
+    blend: str = "smooth",
+    batch: int = 2,
+    flip: bool = False,
+    margin: int = 32,
+    threshold: float = 0.5,
+) -> dict:
     """One image as the project predicted before the streaming `Cascade`: a full decode for the tiles,
     a second, reduced-size (JPEG draft) decode for stage 1, tiles and stitching in numpy."""
     image = read_image(path)
     height, width = image.shape[:2]
     small = _probs(stage1, read_image(path, size=(size, size))[None], 1)[0]
-    coarse = F.interpolate(torch.from_numpy(small)[None, None], size=(height, width), mode="bilinear", align_corners=False)[0, 0].numpy()
+    coarse = F.interpolate(
+        torch.from_numpy(small)[None, None], size=(height, width), mode="bilinear", align_corners=False
+    )[0, 0].numpy()
     box = box or box_from_probability(small, width, height, margin, threshold) or (0, 0, width, height)
     out = {"image": image, "small": small, "coarse": coarse, "box": box, "prob": None}
     if refiner is not None:

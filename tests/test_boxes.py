@@ -26,7 +26,11 @@ def test_box_from_probability_margin_and_clamp():
     prob[2, 2] = 0.9  # a stray blob stage 1 hallucinated on the wall
     # 64 -> 1918x1280: x scales by 29.97, y by 20
     assert box_from_probability(prob, 1918, 1280, margin=32, threshold=0.5) == (
-        int(np.floor(10 * 1918 / 64)) - 32, 20 * 20 - 32, int(np.ceil(50 * 1918 / 64)) + 32, 40 * 20 + 32)
+        int(np.floor(10 * 1918 / 64)) - 32,
+        20 * 20 - 32,
+        int(np.ceil(50 * 1918 / 64)) + 32,
+        40 * 20 + 32,
+    )
     assert box_from_probability(np.zeros((64, 64)), 1918, 1280, 32, 0.5) is None
 
 
@@ -56,8 +60,12 @@ def test_each_side_grows_by_its_own_margin_within_the_image(corners, margin):
     y0, y1 = sorted(corners[2:])
     box = (x0, y0, x1 + 1, y1 + 1)
     left, top, right, bottom = margin
-    assert expand_box(box, margin, 2100, 2100) == (max(x0 - left, 0), max(y0 - top, 0), min(x1 + 1 + right, 2100),
-                                                   min(y1 + 1 + bottom, 2100))
+    assert expand_box(box, margin, 2100, 2100) == (
+        max(x0 - left, 0),
+        max(y0 - top, 0),
+        min(x1 + 1 + right, 2100),
+        min(y1 + 1 + bottom, 2100),
+    )
     assert expand_box(box, left, 2100, 2100) == expand_box(box, [left] * 4, 2100, 2100)
 
 

@@ -1,6 +1,7 @@
 """`carvana bundle`: a trained run as a folder that predicts the run's masks byte for byte with
 `--model` (cutout, stage2 predict), refuses a bundle of another format, with a changed or missing
 file or with weights that do not fit, in one line naming the file, and never unpickles."""
+
 from __future__ import annotations
 
 import json
@@ -35,7 +36,9 @@ def test_the_bundle_describes_its_nets_data_and_figures(bundled):
     assert manifest["format"] == 1 and manifest["name"] == "carvana"
     assert set(manifest["files"]) == {"stage1.safetensors", "refiner.safetensors", "stage1.onnx", "refiner.onnx"}
     assert manifest["nets"]["refiner"]["args"]["in_channels"] == 4 and manifest["prediction"]["stage2.tile"] == 512
-    assert manifest["validation"]["source"] == "carvana evaluate" and 0 <= manifest["validation"]["mean_dice_cascade"] <= 1
+    assert (
+        manifest["validation"]["source"] == "carvana evaluate" and 0 <= manifest["validation"]["mean_dice_cascade"] <= 1
+    )
     assert manifest["training_data"]["kind"] == "synthetic"
     card = (bundle / "README.md").read_text()
     assert "synthetic cars only" in card and "mean_dice_cascade" in card
@@ -51,12 +54,16 @@ def test_stage2_predict_and_cutout_with_the_bundle_give_the_runs_bytes(bundled, 
     assert cli(["stage2", "predict", "--config", str(config), "--model", str(bundle), "data.limit_test=3"]) == 0
     assert (out / "submission.csv.gz").read_bytes() == from_run
 
-    photos = sorted((Path(json.loads((bundle / "bundle.json").read_text())["training_data"]["root"]) / "test").glob("*.jpg"))[:2]
+    photos = sorted(
+        (Path(json.loads((bundle / "bundle.json").read_text())["training_data"]["root"]) / "test").glob("*.jpg")
+    )[:2]
     monkeypatch.undo()
     assert cli(["cutout", *map(str, photos), "--out", str(tmp_path / "run"), "--config", str(config)]) == 0
     capsys.readouterr()
     monkeypatch.setattr(torch, "load", lambda *a, **k: pytest.fail("a bundle is read without unpickling"))
-    assert cli(["cutout", *map(str, photos), "--out", str(tmp_path / "bundle"), "--model", str(bundle), "device=cpu"]) == 0
+    assert (
+        cli(["cutout", *map(str, photos), "--out", str(tmp_path / "bundle"), "--model", str(bundle), "device=cpu"]) == 0
+    )
     warned = capsys.readouterr().err
     assert warned.count("\n") == 1 and "synthetic cars only" in warned  # one line, and no other
     for photo in photos:
@@ -102,14 +109,25 @@ def _outside(b: Path) -> Path:
     return b / "bundle.json"
 
 
-@pytest.mark.parametrize("spoil, says", [(_format_2, "format 2"), (_changed, "changed"), (_missing, "missing"),
-                                         (_misfit, "do not fit"), (_foreign, "UNet nets only"), (_outside, "not a file name")])
+@pytest.mark.parametrize(
+    "spoil, says",
+    [
+        (_format_2, "format 2"),
+        (_changed, "changed"),
+        (_missing, "missing"),
+        (_misfit, "do not fit"),
+        (_foreign, "UNet nets only"),
+        (_outside, "not a file name"),
+    ],
+)
 def test_a_spoilt_bundle_is_refused_in_one_line_naming_the_file(bundled, tmp_path, spoil, says, capsys):
     _, bundle = bundled
     copy = tmp_path / "bundle"
     shutil.copytree(bundle, copy)
     culprit = spoil(copy)
-    photo = next((Path(json.loads((bundle / "bundle.json").read_text())["training_data"]["root"]) / "test").glob("*.jpg"))
+    photo = next(
+        (Path(json.loads((bundle / "bundle.json").read_text())["training_data"]["root"]) / "test").glob("*.jpg")
+    )
     assert cli(["cutout", str(photo), "--out", str(tmp_path / "out"), "--model", str(copy), "device=cpu"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and str(culprit) in err and says in err, err
@@ -123,14 +141,43 @@ def test_onnxruntime_runs_the_bundles_onnx_files_and_checkpoints_are_refused_it(
     from PIL import Image
 
     config, bundle = bundled
-    photo = next((Path(json.loads((bundle / "bundle.json").read_text())["training_data"]["root"]) / "test").glob("*.jpg"))
+    photo = next(
+        (Path(json.loads((bundle / "bundle.json").read_text())["training_data"]["root"]) / "test").glob("*.jpg")
+    )
     masks = {}
     for backend in ("torch", "onnxruntime"):
         out = tmp_path / backend
-        assert cli(["cutout", str(photo), "--out", str(out), "--model", str(bundle), "device=cpu", f"predict.backend={backend}"]) == 0
+        assert (
+            cli(
+                [
+                    "cutout",
+                    str(photo),
+                    "--out",
+                    str(out),
+                    "--model",
+                    str(bundle),
+                    "device=cpu",
+                    f"predict.backend={backend}",
+                ]
+            )
+            == 0
+        )
         masks[backend] = np.asarray(Image.open(out / f"{photo.stem}_mask.png"))
     assert masks["torch"].any() and np.mean(masks["torch"] != masks["onnxruntime"]) < 1e-4
     capsys.readouterr()
-    assert cli(["cutout", str(photo), "--out", str(tmp_path / "refused"), "--config", str(config), "predict.backend=onnxruntime"]) == 2
+    assert (
+        cli(
+            [
+                "cutout",
+                str(photo),
+                "--out",
+                str(tmp_path / "refused"),
+                "--config",
+                str(config),
+                "predict.backend=onnxruntime",
+            ]
+        )
+        == 2
+    )
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "carvana bundle --onnx" in err, err

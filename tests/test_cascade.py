@@ -1,6 +1,7 @@
 """The streaming `Cascade` predictor: the same masks as the old per-image path (tests/reference.py),
 every image accounted for, the GPU-only code paths (nvjpeg bytes, static compiled batches) exercised
 on the CPU, and the writer that keeps submission order."""
+
 from __future__ import annotations
 
 import contextlib
@@ -59,9 +60,17 @@ def _agreement(run_cfg, paths, boxes, flip=False):
     cascade = Cascade(Coarse(stage1, cfg, CPU), refiner, cfg, CPU)
     s1, s2 = [], []
     for i, pred in cascade.run(paths, boxes):
-        old = reference.old_predict(stage1, refiner, paths[i], cfg.stage1.size, boxes[i], flip=flip,
-                                    batch=cfg.predict.batch_size, tile=cfg.stage2.tile,
-                                    min_overlap=cfg.stage2.min_overlap)
+        old = reference.old_predict(
+            stage1,
+            refiner,
+            paths[i],
+            cfg.stage1.size,
+            boxes[i],
+            flip=flip,
+            batch=cfg.predict.batch_size,
+            tile=cfg.stage2.tile,
+            min_overlap=cfg.stage2.min_overlap,
+        )
         s1.append(dice(pred.coarse.numpy() > 0.5, old["coarse"] > 0.5))
         s2.append(dice(pred.prob.numpy() > 0.5, old["prob"] > 0.5))
     return s1, s2
@@ -85,7 +94,9 @@ def test_cascade_matches_the_old_path_on_real_photos(tiny_run, real_samples):
     assert min(s2) >= 0.9995 and min(s1) >= 0.9995
 
 
-@pytest.mark.parametrize("height,width,tile,box", [(90, 150, 64, (5, 10, 140, 85)), (300, 500, 512, (10, 20, 480, 290))])
+@pytest.mark.parametrize(
+    "height,width,tile,box", [(90, 150, 64, (5, 10, 140, 85)), (300, 500, 512, (10, 20, 480, 290))]
+)
 def test_untrained_residual_refiner_reproduces_the_coarse_mask(height, width, tile, box):
     """The refiner's last layer starts at zero and adds its output to the coarse logit, so before any
     training the whole refine path (tiles cut on the device, forward, blended, stitched; 64 px tiles
@@ -97,7 +108,9 @@ def test_untrained_residual_refiner_reproduces_the_coarse_mask(height, width, ti
     image = torch.randint(0, 256, (3, height, width), dtype=torch.uint8)
     pred = cascade.predict([image, image], [box, None])  # the second box found by stage 1, in the same batch
     x0, y0, x1, y1 = box
-    torch.testing.assert_close(pred[0].prob[y0:y1, x0:x1], pred[0].coarse[y0:y1, x0:x1].clamp(1e-4, 1 - 1e-4), atol=1e-5, rtol=0)
+    torch.testing.assert_close(
+        pred[0].prob[y0:y1, x0:x1], pred[0].coarse[y0:y1, x0:x1].clamp(1e-4, 1 - 1e-4), atol=1e-5, rtol=0
+    )
     outside = torch.ones(height, width, dtype=torch.bool)
     outside[y0:y1, x0:x1] = False
     assert pred[0].prob[outside].eq(0).all() and pred[1].prob.shape == (height, width)
@@ -163,11 +176,13 @@ def test_jpeg_bytes_path_decodes_on_the_device_and_falls_back(tiny_run, tmp_path
     coarse = Coarse(stage1, tiny_run.updated({"predict.batch_size": 4, "predict.workers": 1}), CPU)
     plain = [pred for _, pred in coarse.run(paths)]
     monkeypatch.setattr(reader, "nvjpeg_decoder", lambda device: fake_decode)
-    assert [pred.box for _, pred in coarse.run(paths)] == [pred.box for pred in plain] and calls == []  # pil: nvjpeg unused
+    assert [pred.box for _, pred in coarse.run(paths)] == [
+        pred.box for pred in plain
+    ] and calls == []  # pil: nvjpeg unused
     coarse.decode = "nvjpeg"
     got = [pred for _, pred in coarse.run([paths[0], gray, paths[1], bad, paths[2]])]
     assert calls == [3, 1, 1, 1, 1]  # the gray JPEG fails the batch of three: one by one; the truncated one never comes
-    for a, b in zip(plain, [got[0], got[2], got[4]]):
+    for a, b in zip(plain, [got[0], got[2], got[4]], strict=True):
         torch.testing.assert_close(a.coarse, b.coarse)
     assert isinstance(got[3], Failure) and got[3].file.endswith("bad.jpg") and "truncated" in got[3].reason
     assert got[1].coarse.shape == (1280, 1918)
@@ -304,7 +319,7 @@ def test_writer_and_store_keep_a_fixed_chunk_grid(tmp_path):
     names = [f"{n}.jpg" for n in range(10)]
     store = ChunkStore(tmp_path, "k", ["img", "n"], 4, names)
     assert not store.folder.exists()  # nothing on disk before work
-    items = list(zip(names, range(10)))
+    items = list(zip(names, range(10), strict=True))
     store.write(1, [Numbered(img, n) for img, n in items[4:8]])  # finished first, e.g. by another worker
     todo = store.todo(items)
     assert [chunk.number for chunk in todo] == [0, 2] and todo[1].items == items[8:]
@@ -314,7 +329,9 @@ def test_writer_and_store_keep_a_fixed_chunk_grid(tmp_path):
             writer.write(Output(i, Failure(planned[i][0], "unused")))
     assert [len(p) for p in store.parts()] == [4, 4, 2] and store.todo(items) == []
     assert store.frame(["img"])["img"].tolist() == names
-    assert ChunkStore(tmp_path, "k", ["img", "n"], 4, names[:9]).folder != store.folder  # another image list: other chunks
+    assert (
+        ChunkStore(tmp_path, "k", ["img", "n"], 4, names[:9]).folder != store.folder
+    )  # another image list: other chunks
 
     def boom(output):
         raise OSError("disk full")

@@ -1,6 +1,7 @@
 """Prediction on Dask distributed (predict.cluster): the bytes of a local run, on a LocalCluster
 with a worker killed by SIGKILL mid-run (retried by Dask) and on a cluster started as users start
 one (`dask scheduler`, `dask worker`); an unreachable scheduler refused before any work."""
+
 from __future__ import annotations
 
 import os
@@ -23,8 +24,15 @@ OUTPUTS = ["bboxes.csv", "stage1_submission.csv.gz", "submission.csv.gz"]
 
 def _config(tiny_run, out, *more):
     src = tiny_run.output.dir
-    return tiny_config(tiny_run.data.root, out, f"stage1.checkpoint={src}/stage1/best.pt",
-                       f"stage2.checkpoint={src}/stage2/best.pt", "predict.chunk=8", "data.limit_test=8", *more)
+    return tiny_config(
+        tiny_run.data.root,
+        out,
+        f"stage1.checkpoint={src}/stage1/best.pt",
+        f"stage2.checkpoint={src}/stage2/best.pt",
+        "predict.chunk=8",
+        "data.limit_test=8",
+        *more,
+    )
 
 
 def _predict(cfg) -> dict[str, bytes]:
@@ -40,7 +48,9 @@ def local(tiny_run, tmp_path_factory) -> Path:
     return Path(cfg.output.dir)
 
 
-def test_local_cluster_gives_the_bytes_of_a_local_run_even_when_a_worker_dies(tiny_run, local, tmp_path, monkeypatch, capsys):
+def test_local_cluster_gives_the_bytes_of_a_local_run_even_when_a_worker_dies(
+    tiny_run, local, tmp_path, monkeypatch, capsys
+):
     import dask
 
     for key in ("OMP_NUM_THREADS", "MALLOC_TRIM_THRESHOLD_"):  # unset, so a leak would show as a new value
@@ -70,18 +80,39 @@ def test_a_cluster_started_with_the_dask_commands_gives_the_bytes_of_a_local_run
     dask_cli = Path(sys.executable).with_name("dask")
     address_file = tmp_path / "scheduler.json"
     worker_log = tmp_path / "worker.log"
-    scheduler = subprocess.Popen([dask_cli, "scheduler", "--scheduler-file", address_file, "--port", "0", "--no-dashboard"],
-                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    scheduler = subprocess.Popen(
+        [dask_cli, "scheduler", "--scheduler-file", address_file, "--port", "0", "--no-dashboard"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         with Client(scheduler_file=str(address_file), timeout="60s") as client:  # waits for the file and the scheduler
             address = client.scheduler.address
             with worker_log.open("w") as log_file:
-                worker = subprocess.Popen([dask_cli, "worker", "--scheduler-file", address_file, "--nthreads", "2",
-                                           "--nworkers", "1", "--no-dashboard"], stdout=log_file, stderr=subprocess.STDOUT)
+                worker = subprocess.Popen(
+                    [
+                        dask_cli,
+                        "worker",
+                        "--scheduler-file",
+                        address_file,
+                        "--nthreads",
+                        "2",
+                        "--nworkers",
+                        "1",
+                        "--no-dashboard",
+                    ],
+                    stdout=log_file,
+                    stderr=subprocess.STDOUT,
+                )
             try:
                 client.wait_for_workers(1, timeout=120)
-                cfg = _config(tiny_run, tmp_path / "cluster", f"predict.cluster={address}", "predict.chunk=2",
-                              f"bboxes.path={local / 'bboxes.csv'}")  # 4 tasks of 2 images
+                cfg = _config(
+                    tiny_run,
+                    tmp_path / "cluster",
+                    f"predict.cluster={address}",
+                    "predict.chunk=2",
+                    f"bboxes.path={local / 'bboxes.csv'}",
+                )  # 4 tasks of 2 images
                 assert s2_predict.main(cfg, open_source(cfg)) == 0
             finally:
                 worker.terminate()
@@ -97,9 +128,20 @@ def test_a_cluster_started_with_the_dask_commands_gives_the_bytes_of_a_local_run
 def test_unreachable_scheduler_is_one_line_exit_1_and_nothing_is_written(tiny_run, tmp_path, capsys):
     out = tmp_path / "out"
     src = tiny_run.output.dir
-    code = cli(["stage2", "predict", f"data.root={tiny_run.data.root}", f"output.dir={out}", f"bboxes.path={src}/bboxes.csv",
-                f"stage2.checkpoint={src}/stage2/best.pt", f"stage1.checkpoint={src}/stage1/best.pt", "stage1.size=64",
-                "predict.cluster=tcp://127.0.0.1:9", "device=cpu"])
+    code = cli(
+        [
+            "stage2",
+            "predict",
+            f"data.root={tiny_run.data.root}",
+            f"output.dir={out}",
+            f"bboxes.path={src}/bboxes.csv",
+            f"stage2.checkpoint={src}/stage2/best.pt",
+            f"stage1.checkpoint={src}/stage1/best.pt",
+            "stage1.size=64",
+            "predict.cluster=tcp://127.0.0.1:9",
+            "device=cpu",
+        ]
+    )
     err = capsys.readouterr().err.strip()
     assert code == 1 and "cannot reach the Dask scheduler" in err and len(err.splitlines()) == 1, err
     assert not out.exists()
@@ -116,8 +158,13 @@ def test_a_worker_refuses_nets_that_are_not_the_ones_the_client_hashed(tiny_run,
     from common.errors import CheckpointError
 
     shutil.copytree(Path(tiny_run.output.dir) / "stage2", tmp_path / "stage2")
-    cfg = _config(tiny_run, tmp_path / "cluster", "predict.cluster=local:1", f"stage2.checkpoint={tmp_path / 'stage2' / 'best.pt'}",
-                  f"bboxes.path={tiny_run.output.dir}/bboxes.csv")
+    cfg = _config(
+        tiny_run,
+        tmp_path / "cluster",
+        "predict.cluster=local:1",
+        f"stage2.checkpoint={tmp_path / 'stage2' / 'best.pt'}",
+        f"bboxes.path={tiny_run.output.dir}/bboxes.csv",
+    )
     source = open_source(cfg)
     source.hash("refiner")  # what the client's chunk key holds
     checkpoint = torch.load(tmp_path / "stage2" / "best.pt", weights_only=True)

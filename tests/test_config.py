@@ -10,7 +10,9 @@ from common.errors import ConfigError
 
 
 def test_overrides_parse_types():
-    cfg = load_config(None, ["stage1.epochs=3", "predict.threshold=0.4", "data.root=/data/carvana", "data.val_cars=[a, b]"])
+    cfg = load_config(
+        None, ["stage1.epochs=3", "predict.threshold=0.4", "data.root=/data/carvana", "data.val_cars=[a, b]"]
+    )
     assert cfg.stage1.epochs == 3
     assert cfg.predict.threshold == 0.4
     assert cfg.data.root == "/data/carvana"
@@ -88,7 +90,9 @@ def test_the_configuration_reference_is_generated_from_the_declarations():
     from common.config import FIELDS, reference
 
     doc = (Path(__file__).resolve().parents[1] / "docs" / "configuration.md").read_text()
-    assert doc == reference(), "docs/configuration.md is stale: run `carvana config --reference > docs/configuration.md`"
+    assert doc == reference(), (
+        "docs/configuration.md is stale: run `carvana config --reference > docs/configuration.md`"
+    )
     assert all(f"| `{key}` |" in doc for key in FIELDS) and len(FIELDS) > 60
 
 
@@ -115,8 +119,12 @@ def test_overrides_parse_before_or_after_config_and_junk_is_refused(capsys):
     """The README writes `carvana stage1 train --config FILE key=value ...`; both orders must work."""
     from pipelines.cli import parse
 
-    after = parse(["stage1", "train", "--config", "pipelines/pipeline.yaml", "stage1.epochs=3", "data.root=/data/carvana"])
-    before = parse(["stage1", "train", "stage1.epochs=3", "--config", "pipelines/pipeline.yaml", "data.root=/data/carvana"])
+    after = parse(
+        ["stage1", "train", "--config", "pipelines/pipeline.yaml", "stage1.epochs=3", "data.root=/data/carvana"]
+    )
+    before = parse(
+        ["stage1", "train", "stage1.epochs=3", "--config", "pipelines/pipeline.yaml", "data.root=/data/carvana"]
+    )
     assert after.overrides == before.overrides == ["stage1.epochs=3", "data.root=/data/carvana"]
     assert after.config == before.config == "pipelines/pipeline.yaml"
     assert parse(["run", "p.yaml", "--force", "stage2_train", "stage2.epochs=1"]).overrides == ["stage2.epochs=1"]
@@ -126,20 +134,26 @@ def test_overrides_parse_before_or_after_config_and_junk_is_refused(capsys):
         assert "unrecognized arguments" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("override, message", [
-    ("stage2.blend=soft", "'stage2.blend' must be one of mean, smooth; got 'soft'"),
-    ("stage2.train_boxes=gt", "'stage2.train_boxes' must be one of truth, stage1"),
-    ("stage1.optimizer=rmsprop", "'stage1.optimizer' must be one of adam, sgd"),
-    ("stage1.augment=heavy", "'stage1.augment' must be one of full, flip, none"),
-    ("stage2.schedule=linear", "'stage2.schedule' must be one of constant, step, cosine"),
-    ("device=gpu", "'device' must be auto, cpu, cuda or cuda:N"),
-    ("stage1.batch_size=0", "'stage1.batch_size' must be >= 1"),
-    ("predict.threshold=1.5", "'predict.threshold' must be in"),
-    ("stage1.beta2=1", "'stage1.beta2' must be in"),
-    ("stage2.min_overlap=1024", "stage2.min_overlap=1024 must be at most half of stage2.tile=1024 (512)"),
-    ("stage2.min_overlap=513", "stage2.min_overlap=513 must be at most half of stage2.tile=1024 (512): tiles start"),
-    ("predict.cluster=host:8786", "'predict.cluster' must be empty, local:N or a scheduler address"),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("stage2.blend=soft", "'stage2.blend' must be one of mean, smooth; got 'soft'"),
+        ("stage2.train_boxes=gt", "'stage2.train_boxes' must be one of truth, stage1"),
+        ("stage1.optimizer=rmsprop", "'stage1.optimizer' must be one of adam, sgd"),
+        ("stage1.augment=heavy", "'stage1.augment' must be one of full, flip, none"),
+        ("stage2.schedule=linear", "'stage2.schedule' must be one of constant, step, cosine"),
+        ("device=gpu", "'device' must be auto, cpu, cuda or cuda:N"),
+        ("stage1.batch_size=0", "'stage1.batch_size' must be >= 1"),
+        ("predict.threshold=1.5", "'predict.threshold' must be in"),
+        ("stage1.beta2=1", "'stage1.beta2' must be in"),
+        ("stage2.min_overlap=1024", "stage2.min_overlap=1024 must be at most half of stage2.tile=1024 (512)"),
+        (
+            "stage2.min_overlap=513",
+            "stage2.min_overlap=513 must be at most half of stage2.tile=1024 (512): tiles start",
+        ),
+        ("predict.cluster=host:8786", "'predict.cluster' must be empty, local:N or a scheduler address"),
+    ],
+)
 def test_settings_with_fixed_values_fail_when_the_config_loads(override, message):
     """Checked at load, naming the allowed values: not minutes later, at first use."""
     with pytest.raises(ConfigError, match=re.escape(message)):
@@ -193,7 +207,11 @@ def test_every_error_class_ends_the_command_with_one_line_and_its_own_status(mon
         monkeypatch.setattr(cli, "dispatch", lambda args, error=error: (_ for _ in ()).throw(error))
         assert cli.main(["stage2", "predict"]) == (2 if issubclass(cls, errors.UserError) else 1), cls
         err = capsys.readouterr().err
-        assert err.count("\n") == 1 and err.startswith("error: ") and ("No space" in err or f"the {cls.__name__} text" in err)
+        assert (
+            err.count("\n") == 1
+            and err.startswith("error: ")
+            and ("No space" in err or f"the {cls.__name__} text" in err)
+        )
 
     def interrupted(args):
         raise KeyboardInterrupt
@@ -222,10 +240,15 @@ def test_config_command_prints_what_a_job_runs_with(capsys, tmp_path):
     assert yaml.safe_load(printed)["stage1"]["epochs"] == 3
 
     def keys(tree: dict, prefix: str = "") -> list[str]:
-        return [k for name, value in tree.items()
-                for k in (keys(value, f"{prefix}{name}.") if isinstance(value, dict) else [f"{prefix}{name}"])]
+        return [
+            k
+            for name, value in tree.items()
+            for k in (keys(value, f"{prefix}{name}.") if isinstance(value, dict) else [f"{prefix}{name}"])
+        ]
 
     doc = (Path(__file__).resolve().parents[1] / "docs" / "configuration.md").read_text()
     printed_keys = keys(yaml.safe_load(printed))
-    assert len(printed_keys) > 60 and [k for k in printed_keys if f"| `{k}` |" not in doc] == []  # the reference names each
+    assert (
+        len(printed_keys) > 60 and [k for k in printed_keys if f"| `{k}` |" not in doc] == []
+    )  # the reference names each
     assert main(["config", "stage1.epoch=3"]) == 2 and "did you mean 'stage1.epochs'" in capsys.readouterr().err

@@ -1,6 +1,7 @@
 """`carvana cutout`: any photos (names, sizes, portrait, PNG, EXIF-turned) -> mask, RGBA cutout with a
 soft or hard edge, and composite, written atomically; unreadable photos listed and exit 1 after the
 rest; a rerun skips finished photos."""
+
 from __future__ import annotations
 
 import shutil
@@ -28,13 +29,29 @@ def test_cutout_of_any_photos(tiny_run, tmp_path, capsys):
     (photos / "broken.jpg").write_bytes(b"not a photo")
     out = tmp_path / "out"
     run = tiny_run.output.dir
-    args = ["cutout", str(photos), "--out", str(out), "--composite", "white", f"stage1.checkpoint={run}/stage1/best.pt",
-            f"stage2.checkpoint={run}/stage2/best.pt", "stage1.size=64", "stage2.tile=512", "device=cpu"]
+    args = [
+        "cutout",
+        str(photos),
+        "--out",
+        str(out),
+        "--composite",
+        "white",
+        f"stage1.checkpoint={run}/stage1/best.pt",
+        f"stage2.checkpoint={run}/stage2/best.pt",
+        "stage1.size=64",
+        "stage2.tile=512",
+        "device=cpu",
+    ]
     assert cli(args) == 1  # the broken photo, after finishing the others
     for stem, size in (("My Car", (1918, 1280)), ("portrait", (600, 900))):
         mask = np.asarray(Image.open(out / f"{stem}_mask.png"))
         rgba = Image.open(out / f"{stem}.png")
-        assert Image.open(out / f"{stem}_mask.png").size == rgba.size == Image.open(out / f"{stem}_on_white.jpg").size == size
+        assert (
+            Image.open(out / f"{stem}_mask.png").size
+            == rgba.size
+            == Image.open(out / f"{stem}_on_white.jpg").size
+            == size
+        )
         assert set(np.unique(mask)) <= {0, 255} and rgba.mode == "RGBA"
         alpha = np.asarray(rgba)[..., 3]
         np.testing.assert_array_equal(alpha >= 128, mask == 255)  # the soft edge thresholds to the mask exactly
@@ -54,7 +71,9 @@ def test_cutout_of_any_photos(tiny_run, tmp_path, capsys):
     assert "1 photos to do, 2 already done" in capsys.readouterr().out
     hard = tmp_path / "hard"
     assert cli([*args[:1], str(photos / "My Car.JPG"), "--out", str(hard), "--alpha", "hard", *args[4:]]) == 0
-    np.testing.assert_array_equal(np.asarray(Image.open(hard / "My Car.png"))[..., 3], np.asarray(Image.open(hard / "My Car_mask.png")))
+    np.testing.assert_array_equal(
+        np.asarray(Image.open(hard / "My Car.png"))[..., 3], np.asarray(Image.open(hard / "My Car_mask.png"))
+    )
 
 
 def test_a_photo_the_tiles_cannot_cover_is_its_own_failure_and_the_others_are_cut_out(tiny_run, tmp_path, capsys):
@@ -68,9 +87,23 @@ def test_a_photo_the_tiles_cannot_cover_is_its_own_failure_and_the_others_are_cu
     Image.open(src[1]).resize((120, 80)).save(photos / "small.png")
     run = tiny_run.output.dir
     out = tmp_path / "out"
-    assert cli(["cutout", str(photos), "--out", str(out), f"stage1.checkpoint={run}/stage1/best.pt",
-                f"stage2.checkpoint={run}/stage2/best.pt", "stage1.size=64", "stage2.tile=64", "stage2.min_overlap=32",
-                "device=cpu"]) == 1
+    assert (
+        cli(
+            [
+                "cutout",
+                str(photos),
+                "--out",
+                str(out),
+                f"stage1.checkpoint={run}/stage1/best.pt",
+                f"stage2.checkpoint={run}/stage2/best.pt",
+                "stage1.size=64",
+                "stage2.tile=64",
+                "stage2.min_overlap=32",
+                "device=cpu",
+            ]
+        )
+        == 1
+    )
     errors = pd.read_csv(out / "errors.csv")
     assert errors.photo.tolist() == [str(photos / "large.jpg")] and errors.stage.tolist() == ["stage2"]
     assert "stage2.tile=64 with stage2.min_overlap=32" in errors.reason[0] and "raise stage2.tile" in errors.reason[0]
@@ -109,9 +142,26 @@ def test_photos_are_read_as_shown_with_their_exif_orientation(tiny_run, tmp_path
     assert image_size(tmp_path / "phone.jpg") == (300, 400)
     Image.fromarray(shown).save(tmp_path / "upright.png")
     run = tiny_run.output.dir
-    nets = [f"stage1.checkpoint={run}/stage1/best.pt", f"stage2.checkpoint={run}/stage2/best.pt", "stage1.size=64",
-            "stage2.tile=512", "device=cpu"]
-    assert cli(["cutout", str(tmp_path / "phone.jpg"), str(tmp_path / "upright.png"), "--out", str(tmp_path / "out"), *nets]) == 0
+    nets = [
+        f"stage1.checkpoint={run}/stage1/best.pt",
+        f"stage2.checkpoint={run}/stage2/best.pt",
+        "stage1.size=64",
+        "stage2.tile=512",
+        "device=cpu",
+    ]
+    assert (
+        cli(
+            [
+                "cutout",
+                str(tmp_path / "phone.jpg"),
+                str(tmp_path / "upright.png"),
+                "--out",
+                str(tmp_path / "out"),
+                *nets,
+            ]
+        )
+        == 0
+    )
     phone, upright = (np.asarray(Image.open(tmp_path / "out" / f"{n}.png")) for n in ("phone", "upright"))
     assert phone.shape == (400, 300, 4)
     np.testing.assert_array_equal(phone, upright)
@@ -124,7 +174,11 @@ def test_report_keeps_ids_that_look_like_numbers(tmp_path):
     from pipelines.report import write_report
 
     cfg = load_config(None, [f"output.dir={tmp_path}"])
-    write_csv(tmp_path / "report" / "metrics.csv", pd.DataFrame(
-        {"img": ["02159e548029_01.jpg"], "car": ["02159e548029"], "dice_stage1": [0.98], "dice_cascade": [0.99]}))
+    write_csv(
+        tmp_path / "report" / "metrics.csv",
+        pd.DataFrame(
+            {"img": ["02159e548029_01.jpg"], "car": ["02159e548029"], "dice_stage1": [0.98], "dice_cascade": [0.99]}
+        ),
+    )
     page = write_report(cfg).read_text()
     assert "02159e548029" in page and "inf" not in page.split("<h2>Configuration")[0]

@@ -20,13 +20,23 @@ def _layout(tmp_path, names, masks):
 
 
 def test_index_parses_ids_and_skips_strays_with_one_warning(tmp_path):
-    root = _layout(tmp_path, ["abcdef123456_01.jpg", "abcdef123456_02.jpg", "fa613ac8eac5_01(1).jpg", "notes.txt"],
-                   ["abcdef123456_01_mask.gif", "abcdef123456_02_mask.png"])
+    root = _layout(
+        tmp_path,
+        ["abcdef123456_01.jpg", "abcdef123456_02.jpg", "fa613ac8eac5_01(1).jpg", "notes.txt"],
+        ["abcdef123456_01_mask.gif", "abcdef123456_02_mask.png"],
+    )
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         samples = index_split(root, "train")
-    assert len(caught) == 1 and "fa613ac8eac5_01(1).jpg" in str(caught[0].message) and "notes.txt" in str(caught[0].message)
-    assert [(s.id, s.car, s.angle) for s in samples] == [("abcdef123456_01", "abcdef123456", 1), ("abcdef123456_02", "abcdef123456", 2)]
+    assert (
+        len(caught) == 1
+        and "fa613ac8eac5_01(1).jpg" in str(caught[0].message)
+        and "notes.txt" in str(caught[0].message)
+    )
+    assert [(s.id, s.car, s.angle) for s in samples] == [
+        ("abcdef123456_01", "abcdef123456", 1),
+        ("abcdef123456_02", "abcdef123456", 2),
+    ]
     assert samples[1].mask.name == "abcdef123456_02_mask.png"
     assert samples[0].img == "abcdef123456_01.jpg"
 
@@ -56,7 +66,11 @@ def _fake_samples(n_cars):
 
     from common.data.kaggle import Sample
 
-    return [Sample(f"car{c:09d}_{a:02d}", f"car{c:09d}", a, Path(f"car{c:09d}_{a:02d}.jpg")) for c in range(n_cars) for a in range(1, 17)]
+    return [
+        Sample(f"car{c:09d}_{a:02d}", f"car{c:09d}", a, Path(f"car{c:09d}_{a:02d}.jpg"))
+        for c in range(n_cars)
+        for a in range(1, 17)
+    ]
 
 
 def test_split_by_car_never_splits_a_car():

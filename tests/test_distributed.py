@@ -1,4 +1,5 @@
 """DDP under torchrun, for real: two CPU processes with the gloo backend."""
+
 import copy
 import os
 import subprocess
@@ -30,7 +31,9 @@ def test_gradients_are_averaged_over_ranks(tmp_path):
     proc = _torchrun([str(HERE / "ddp_step.py"), str(tmp_path)])
     assert proc.returncode == 0, proc.stderr[-3000:]
     rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
-    weights = [k for k in rank0 if "running_" not in k and "num_batches" not in k]  # BN running stats stay per rank until
+    weights = [
+        k for k in rank0 if "running_" not in k and "num_batches" not in k
+    ]  # BN running stats stay per rank until
     for name in weights:  # DDP broadcasts rank 0's at the next forward
         torch.testing.assert_close(rank0[name], rank1[name], rtol=0, atol=0)
 
@@ -59,8 +62,18 @@ def test_gradients_are_averaged_over_ranks(tmp_path):
 
 def test_torchrun_stage1_train_writes_one_loadable_checkpoint(sample_root, tmp_path):
     out = tmp_path / "out"
-    proc = _torchrun(["-m", "stage1_lowres", "train", f"data.root={sample_root}", f"output.dir={out}", *TINY, "stage1.epochs=2",
-                      "stage1.max_minutes=5"])
+    proc = _torchrun(
+        [
+            "-m",
+            "stage1_lowres",
+            "train",
+            f"data.root={sample_root}",
+            f"output.dir={out}",
+            *TINY,
+            "stage1.epochs=2",
+            "stage1.max_minutes=5",
+        ]
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count("stage1 done") == 1 and "2 ranks" in proc.stdout  # rank 0 alone prints
     history = pd.read_csv(out / "stage1" / "history.csv")
@@ -68,10 +81,23 @@ def test_torchrun_stage1_train_writes_one_loadable_checkpoint(sample_root, tmp_p
     from common.model import load_model
 
     model, ckpt = load_model(out / "stage1" / "best.pt", torch.device("cpu"))
-    assert ckpt["epoch"] in (1, 2) and sorted(p.name for p in (out / "stage1").iterdir() if p.suffix == ".pt") == ["best.pt", "last.pt"]
+    assert ckpt["epoch"] in (1, 2) and sorted(p.name for p in (out / "stage1").iterdir() if p.suffix == ".pt") == [
+        "best.pt",
+        "last.pt",
+    ]
     # resume under torchrun: one more epoch from last.pt
-    proc = _torchrun(["-m", "stage1_lowres", "train", f"data.root={sample_root}", f"output.dir={out}", *TINY, "stage1.epochs=3",
-                      "stage1.resume=true"])
+    proc = _torchrun(
+        [
+            "-m",
+            "stage1_lowres",
+            "train",
+            f"data.root={sample_root}",
+            f"output.dir={out}",
+            *TINY,
+            "stage1.epochs=3",
+            "stage1.resume=true",
+        ]
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "resuming" in proc.stdout and "after epoch 2" in proc.stdout
     assert list(pd.read_csv(out / "stage1" / "history.csv").epoch) == [1, 2, 3]

@@ -1,5 +1,6 @@
 """Clean edges: in the soft band of the alpha the cutout carries the car's own colour, not the studio's
 it was photographed on; the alpha, the opaque car and the transparent studio are the photo's."""
+
 from __future__ import annotations
 
 import io

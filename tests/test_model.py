@@ -87,11 +87,17 @@ def test_flip_tta_averages_with_the_mirrored_prediction():
     image = torch.randint(0, 255, (3, 40, 50), dtype=torch.uint8)
     probs = {}
     for flip in (False, True):
-        cfg = load_config(None, ["stage2.tile=32", "stage2.min_overlap=8", "stage2.coarse_channel=false", f"predict.tta_flip={flip}"])
+        cfg = load_config(
+            None, ["stage2.tile=32", "stage2.min_overlap=8", "stage2.coarse_channel=false", f"predict.tta_flip={flip}"]
+        )
         probs[flip] = Cascade(None, Ramp(), cfg, torch.device("cpu")).predict([image], [(0, 0, 50, 40)])[0].prob
     assert probs[False][0, 0] < 0.1 and probs[False][0, -1] > 0.9  # the ramp, stitched over two tiles
     torch.testing.assert_close(probs[True], torch.full((40, 50), 0.5), atol=1e-6, rtol=0)
-    coarse = {flip: Coarse(Ramp(), load_config(None, ["stage1.size=16", f"predict.tta_flip={flip}"]), torch.device("cpu")).probs([image])[0]
-              for flip in (False, True)}
+    coarse = {
+        flip: Coarse(
+            Ramp(), load_config(None, ["stage1.size=16", f"predict.tta_flip={flip}"]), torch.device("cpu")
+        ).probs([image])[0]
+        for flip in (False, True)
+    }
     assert coarse[False][0, 0] < 0.1 and coarse[False][0, -1] > 0.9
     torch.testing.assert_close(coarse[True], torch.full((16, 16), 0.5), atol=1e-6, rtol=0)

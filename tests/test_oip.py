@@ -2,6 +2,7 @@
 server and its model described, the mask /v1/segment's, the cutout's alpha the mask, malformed requests
 400 with the protocol's error body, an unknown model 404, the API key, ready only from the warm-up to
 the drain."""
+
 from __future__ import annotations
 
 import asyncio
@@ -79,9 +80,26 @@ def _asgi_status(app, path: str) -> int:
     async def send(message):
         sent.append(message)
 
-    asyncio.run(app({"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "GET", "scheme": "http", "path": path,
-                     "raw_path": path.encode(), "root_path": "", "query_string": b"", "headers": [], "client": ("127.0.0.1", 1),
-                     "server": ("127.0.0.1", 80)}, receive, send))
+    asyncio.run(
+        app(
+            {
+                "type": "http",
+                "asgi": {"version": "3.0"},
+                "http_version": "1.1",
+                "method": "GET",
+                "scheme": "http",
+                "path": path,
+                "raw_path": path.encode(),
+                "root_path": "",
+                "query_string": b"",
+                "headers": [],
+                "client": ("127.0.0.1", 1),
+                "server": ("127.0.0.1", 80),
+            },
+            receive,
+            send,
+        )
+    )
     return sent[0]["status"]
 
 
@@ -94,7 +112,10 @@ def test_a_triton_client_sees_the_server_live_and_ready_and_the_model_described(
     model = client.get_model_metadata("carvana")
     assert model["name"] == "carvana" and model["platform"] == "pytorch"
     assert model["inputs"] == [{"name": "image", "datatype": "BYTES", "shape": [1]}]
-    assert {t["name"]: (t["datatype"], t["shape"]) for t in model["outputs"]} == {"mask": ("UINT8", [-1, -1]), "rgba": ("BYTES", [1])}
+    assert {t["name"]: (t["datatype"], t["shape"]) for t in model["outputs"]} == {
+        "mask": ("UINT8", [-1, -1]),
+        "rgba": ("BYTES", [1]),
+    }
     with pytest.raises(InferenceServerException) as e:
         client.get_model_metadata("bicycle")
     assert e.value.status() == "404" and "unknown model 'bicycle'" in e.value.message()
@@ -110,18 +131,32 @@ def test_the_mask_is_v1_segments_and_the_cutouts_alpha_is_the_mask(served, photo
     assert status == 200
     truth = rle_decode(segment["rle_mask"], (segment["height"], segment["width"]))
 
-    result = _client(url).infer("carvana", [_image(photo)], request_id="car-1",
-                                outputs=[httpclient.InferRequestedOutput(name, binary_data=True) for name in ("mask", "rgba")])
+    result = _client(url).infer(
+        "carvana",
+        [_image(photo)],
+        request_id="car-1",
+        outputs=[httpclient.InferRequestedOutput(name, binary_data=True) for name in ("mask", "rgba")],
+    )
     mask = result.as_numpy("mask")
-    assert mask.dtype == np.uint8 and np.array_equal(mask, truth.astype(np.uint8)) and result.get_response()["id"] == "car-1"
+    assert (
+        mask.dtype == np.uint8
+        and np.array_equal(mask, truth.astype(np.uint8))
+        and result.get_response()["id"] == "car-1"
+    )
     png = result.as_numpy("rgba")[0]
     cutout = Image.open(io.BytesIO(png))
     assert cutout.format == "PNG" and cutout.mode == "RGBA" and cutout.size == (segment["width"], segment["height"])
     assert np.array_equal(np.asarray(cutout)[..., 3] >= 128, truth)
 
-    status, headers, answer = _call(url + INFER, _json_request(photo, outputs=[{"name": "mask"}, {"name": "rgba"}]), "application/json")
+    status, headers, answer = _call(
+        url + INFER, _json_request(photo, outputs=[{"name": "mask"}, {"name": "rgba"}]), "application/json"
+    )
     outputs = {output["name"]: output for output in json.loads(answer)["outputs"]}
-    assert status == 200 and headers["Content-Type"] == "application/json" and "Inference-Header-Content-Length" not in headers
+    assert (
+        status == 200
+        and headers["Content-Type"] == "application/json"
+        and "Inference-Header-Content-Length" not in headers
+    )
     assert outputs["mask"]["shape"] == list(truth.shape) and np.array_equal(outputs["mask"]["data"], mask.ravel())
     assert base64.b64decode(outputs["rgba"]["data"][0]) == png
 
@@ -129,13 +164,17 @@ def test_the_mask_is_v1_segments_and_the_cutouts_alpha_is_the_mask(served, photo
 def test_malformed_requests_get_400_with_the_protocols_error_body_and_the_server_keeps_serving(served, photo):
     url, _ = served
     client = _client(url)
-    before = {status: _infer_count(url, status) for status in ("400", "404")}  # the module's server: other tests' requests too
+    before = {
+        status: _infer_count(url, status) for status in ("400", "404")
+    }  # the module's server: other tests' requests too
     wrong_type = httpclient.InferInput("image", [1], "UINT8")
     wrong_type.set_data_from_numpy(np.array([1], dtype=np.uint8), binary_data=True)
-    for inputs, status, words in [([_image(photo, "photo")], "400", "one input, 'image'"),
-                                  ([wrong_type], "400", "is UINT8 [1]: it is BYTES [1]"),
-                                  ([_image(photo, count=2)], "400", "is BYTES [2]"),
-                                  ([_image(b"this is not a photo")], "400", "not an image")]:
+    for inputs, status, words in [
+        ([_image(photo, "photo")], "400", "one input, 'image'"),
+        ([wrong_type], "400", "is UINT8 [1]: it is BYTES [1]"),
+        ([_image(photo, count=2)], "400", "is BYTES [2]"),
+        ([_image(b"this is not a photo")], "400", "not an image"),
+    ]:
         with pytest.raises(InferenceServerException) as e:
             client.infer("carvana", inputs)
         assert (e.value.status(), words in e.value.message()) == (status, True), e.value.message()
@@ -143,15 +182,26 @@ def test_malformed_requests_get_400_with_the_protocols_error_body_and_the_server
         client.infer("carvana", [_image(photo)], request_compression_algorithm="gzip")
     assert e.value.status() == "415" and "Content-Encoding" in e.value.message()
 
-    head = json.dumps({"inputs": [{"name": "image", "shape": [1], "datatype": "BYTES", "parameters": {"binary_data_size": 100}}]}).encode()
+    head = json.dumps(
+        {"inputs": [{"name": "image", "shape": [1], "datatype": "BYTES", "parameters": {"binary_data_size": 100}}]}
+    ).encode()
     for body, headers, words in [
         (b"{not json", {}, "Invalid JSON"),
         (json.dumps({"inputs": {"name": "image"}}).encode(), {}, "inputs: Input should be a valid array"),
         (_json_request(b"", outputs=[{"name": "depth"}]), {}, "output 'depth'"),
         (_json_request(b"", parameters={"binary_data_output": "yes"}), {}, "binary_data_output"),
-        (json.dumps({"inputs": [{"name": "image", "shape": [1], "datatype": "BYTES", "data": ["*** not base64 ***"]}]}).encode(), {},
-         "not base64"),
-        (head, {"Inference-Header-Content-Length": str(len(head))}, "binary_data_size=100, but 0 bytes follow"),  # the binary part missing
+        (
+            json.dumps(
+                {"inputs": [{"name": "image", "shape": [1], "datatype": "BYTES", "data": ["*** not base64 ***"]}]}
+            ).encode(),
+            {},
+            "not base64",
+        ),
+        (
+            head,
+            {"Inference-Header-Content-Length": str(len(head))},
+            "binary_data_size=100, but 0 bytes follow",
+        ),  # the binary part missing
         (head + b"\x00" * 100, {"Inference-Header-Content-Length": str(len(head))}, "not one BYTES element"),
         (head, {"Inference-Header-Content-Length": str(len(head) + 1)}, "but the body has"),
         (head, {"Inference-Header-Content-Length": "many"}, "Inference-Header-Content-Length=many"),
@@ -160,14 +210,19 @@ def test_malformed_requests_get_400_with_the_protocols_error_body_and_the_server
         assert (status, words in json.loads(answer)["error"]) == (400, True), answer
     status, _, answer = _call(url + "/v2/models/bicycle/infer", _json_request(photo), "application/json")
     assert status == 404 and "unknown model 'bicycle'" in json.loads(answer)["error"]
-    assert client.infer("carvana", [_image(photo)]).as_numpy("mask").ndim == 2  # still serving; no outputs named: the mask
+    assert (
+        client.infer("carvana", [_image(photo)]).as_numpy("mask").ndim == 2
+    )  # still serving; no outputs named: the mask
     assert _infer_count(url, "400") - before["400"] == 13 and _infer_count(url, "404") - before["404"] == 1
 
 
 def _infer_count(url: str, status: str) -> float:
     """/metrics' count of /v2 inference requests answered with `status` (0 before the first)."""
-    found = re.search(r'^carvana_requests_total\{endpoint="/v2/models/\{name\}/infer",status="%s"\} (\S+)$' % status,
-                      _call(url + "/metrics")[2].decode(), re.M)
+    found = re.search(
+        r'^carvana_requests_total\{endpoint="/v2/models/\{name\}/infer",status="%s"\} (\S+)$' % status,
+        _call(url + "/metrics")[2].decode(),
+        re.M,
+    )
     return float(found.group(1)) if found else 0.0
 
 
@@ -210,6 +265,7 @@ def test_ready_only_from_the_warm_up_to_the_drain(tiny_run, photo, monkeypatch):
 
         batcher = app.state.batcher
         real_predict = batcher._predict
+
         def held_predict(*a):
             assert step.wait(60), "the test never released the device step"
             return real_predict(*a)

@@ -1,6 +1,7 @@
 """ONNX export (common/onnx_export.py): both nets of the tiny trained cascade, exported once with a
 free batch axis, give PyTorch's fp32 probabilities and masks in onnxruntime on real photos, and stand in
 for the PyTorch nets in the cascade."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -45,13 +46,22 @@ def test_exported_nets_match_pytorch_on_real_photos(tiny_run, real_samples, tmp_
     assert [(i.name, i.shape) for i in onnx_refiner.session.get_inputs()] == [("x", ["batch", channels, tile, tile])]
     assert [o.name for o in onnx_refiner.session.get_outputs()] == ["logits"]
 
-    photos = [torch.from_numpy(read_image(p)).permute(2, 0, 1) for p in sorted((real_samples / "test_fullres").glob("*.jpg"))[::11]]
+    photos = [
+        torch.from_numpy(read_image(p)).permute(2, 0, 1)
+        for p in sorted((real_samples / "test_fullres").glob("*.jpg"))[::11]
+    ]
     x = to_stage1_input(photos, size)
     with torch.no_grad():
         small = torch.sigmoid(stage1(x))[:, 0]
-    windows = plan_tiles(1918, 1280, BOX, tile, tiny_run.stage2.min_overlap)[::3]  # a different part of each photo's car
-    tiles = torch.cat([torch.cat([cut_tiles(im, [w]).float() / 255, upsample(p, 1918, 1280, w)[None, None]], 1)
-                       for im, p, w in zip(photos, small, windows)])
+    windows = plan_tiles(1918, 1280, BOX, tile, tiny_run.stage2.min_overlap)[
+        ::3
+    ]  # a different part of each photo's car
+    tiles = torch.cat(
+        [
+            torch.cat([cut_tiles(im, [w]).float() / 255, upsample(p, 1918, 1280, w)[None, None]], 1)
+            for im, p, w in zip(photos, small, windows, strict=True)
+        ]
+    )
     for n in (1, 3):
         _assert_agree(stage1, onnx_stage1, x[:n])
         _assert_agree(refiner, onnx_refiner, tiles[:n, :channels])
@@ -59,8 +69,10 @@ def test_exported_nets_match_pytorch_on_real_photos(tiny_run, real_samples, tmp_
     # OnnxNet stands in for the nets in the predictors (channels_last inputs, flip TTA doubling the batch);
     # the PyTorch cascade runs in prediction's precision (bf16 on CPUs that have it). A box of two tiles: fast
     flip, box = tiny_run.updated({"predict.tta_flip": True}), (400, 400, 1300, 900)
-    masks = [Cascade(Coarse(s1, flip, CPU), s2, flip, CPU).predict(photos[:1], [box])[0].mask(0.5)
-             for s1, s2 in ((stage1, refiner), (onnx_stage1, onnx_refiner))]
+    masks = [
+        Cascade(Coarse(s1, flip, CPU), s2, flip, CPU).predict(photos[:1], [box])[0].mask(0.5)
+        for s1, s2 in ((stage1, refiner), (onnx_stage1, onnx_refiner))
+    ]
     same = (masks[0] == masks[1]).double().mean().item()
     print(f"Cascade with onnxruntime nets: masks agree with PyTorch's on {same:.6%}")
     assert same >= 0.999

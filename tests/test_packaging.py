@@ -1,5 +1,6 @@
 """What `pip install .` ships: every package of the four layers, so a new sub-package cannot be left
 out of a wheel while the tests (run from the source tree) still pass."""
+
 from __future__ import annotations
 
 import configparser
@@ -16,5 +17,9 @@ def test_every_package_of_the_layers_is_in_the_wheel():
     setup.read(ROOT / "setup.cfg")
     include = [p.strip() for p in setup["options.packages.find"]["include"].replace("\n", ",").split(",") if p.strip()]
     shipped = set(find_packages(str(ROOT), include=include))
-    on_disk = {".".join(init.parent.relative_to(ROOT).parts) for layer in LAYERS for init in (ROOT / layer).rglob("__init__.py")}
+    on_disk = {
+        ".".join(init.parent.relative_to(ROOT).parts)
+        for layer in LAYERS
+        for init in (ROOT / layer).rglob("__init__.py")
+    }
     assert on_disk and on_disk <= shipped, f"setup.cfg's include misses {sorted(on_disk - shipped)}"

@@ -1,5 +1,6 @@
 """`carvana run`: resume after a kill, steps skipped when done, reruns limited to what changed, --force;
 the bundle it writes cuts photos out with the README's line."""
+
 import re
 import shlex
 import signal
@@ -16,7 +17,11 @@ FAULTS = [sys.executable, str(Path(__file__).with_name("faults.py"))]  # a comma
 
 
 def _states(stdout: str) -> dict[str, str]:
-    return {line.split()[1].rstrip(":"): line.split()[0] for line in stdout.splitlines() if line.startswith(("[run]", "[skip]"))}
+    return {
+        line.split()[1].rstrip(":"): line.split()[0]
+        for line in stdout.splitlines()
+        if line.startswith(("[run]", "[skip]"))
+    }
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +54,12 @@ def test_pipeline_caches_steps(resumed, sample_root, tmp_path):
     args, out, killed, _, rerun = resumed
     # every step ran once: the killed run's up to stage 2's training, the rest in the rerun
     assert set(_states(killed.stdout).values()) == {"[run]"} and len(_states(killed.stdout)) == 3
-    assert [s for s, state in _states(rerun).items() if state == "[run]"] == ["stage2_train", "evaluate", "stage2_predict", "bundle"]
+    assert [s for s, state in _states(rerun).items() if state == "[run]"] == [
+        "stage2_train",
+        "evaluate",
+        "stage2_predict",
+        "bundle",
+    ]
     assert "validation Dice" in rerun and "stage 1 alone" in rerun and "cascade" in rerun
     assert (out / "report" / "index.html").stat().st_size > 10_000
     assert (out / "config.yaml").is_file()
@@ -63,10 +73,18 @@ def test_pipeline_caches_steps(resumed, sample_root, tmp_path):
     assert states["stage1_train"] == states["stage1_predict"] == "[skip]"
     assert states["stage2_train"] == states["stage2_predict"] == states["evaluate"] == "[run]"
 
-    forced = subprocess.run([*args, "stage2.blend=mean", "--force", "evaluate"], capture_output=True, text=True, check=True).stdout
+    forced = subprocess.run(
+        [*args, "stage2.blend=mean", "--force", "evaluate"], capture_output=True, text=True, check=True
+    ).stdout
     states = _states(forced)  # the forced step and the steps that read its outputs, no others
     assert states["evaluate"] == states["bundle"] == "[run]"
-    assert states["stage1_train"] == states["stage1_predict"] == states["stage2_train"] == states["stage2_predict"] == "[skip]"
+    assert (
+        states["stage1_train"]
+        == states["stage1_predict"]
+        == states["stage2_train"]
+        == states["stage2_predict"]
+        == "[skip]"
+    )
 
 
 def _readme_cutout(bundle: Path, photos: list[Path], out: Path) -> None:
@@ -75,9 +93,14 @@ def _readme_cutout(bundle: Path, photos: list[Path], out: Path) -> None:
     words = shlex.split(re.search(r"```\n(carvana cutout .*)\n```", section).group(1))
     assert words[words.index("--model") + 1] == "outputs/demo/bundle"  # what `make demo` writes
     swap = {"--out": str(out), "--model": str(bundle)}
-    args = [swap.get(words[i - 1], w) for i, w in enumerate(words) if i > 1 and not (w.endswith("/") or w.endswith(".jpg"))]
-    done = subprocess.run([sys.executable, "-m", "pipelines", "cutout", *map(str, photos), *args, "device=cpu"],
-                          capture_output=True, text=True)
+    args = [
+        swap.get(words[i - 1], w) for i, w in enumerate(words) if i > 1 and not (w.endswith("/") or w.endswith(".jpg"))
+    ]
+    done = subprocess.run(
+        [sys.executable, "-m", "pipelines", "cutout", *map(str, photos), *args, "device=cpu"],
+        capture_output=True,
+        text=True,
+    )
     assert done.returncode == 0, done.stderr
     assert "synthetic cars only" in done.stderr  # the demo's nets say what they learned
     stem = photos[0].stem

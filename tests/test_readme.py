@@ -1,6 +1,7 @@
 """The documentation's commands work as written: every `carvana ...`, `python -m ...` and `torchrun ... -m`
 line of the code blocks of README.md and docs/ parses, and its config file and overrides load (keys, types
 and allowed values checked); every relative link resolves, anchors included."""
+
 from __future__ import annotations
 
 import re
@@ -23,14 +24,18 @@ def doc_commands() -> list[tuple[str, str]]:
         for block in re.findall(r"```[a-z]*\n(.*?)```", page.read_text(), flags=re.S):
             for line in block.replace("\\\n", " ").splitlines():
                 line = line.split(" #")[0].strip()
-                if re.match(r"(\.venv/bin/)?carvana |(python|torchrun .*) -m (pipelines|stage1_lowres|stage2_fullres) ", line):
+                if re.match(
+                    r"(\.venv/bin/)?carvana |(python|torchrun .*) -m (pipelines|stage1_lowres|stage2_fullres) ", line
+                ):
                     lines.append((page.relative_to(ROOT).as_posix(), line))
     return lines
 
 
 def test_the_docs_have_commands_to_check():
     pages = {page for page, _ in doc_commands()}
-    assert len(doc_commands()) >= 20 and {"README.md", "docs/usage.md", "docs/distributed.md", "docs/cutout.md"} <= pages
+    assert (
+        len(doc_commands()) >= 20 and {"README.md", "docs/usage.md", "docs/distributed.md", "docs/cutout.md"} <= pages
+    )
 
 
 @pytest.mark.parametrize("page, line", doc_commands())

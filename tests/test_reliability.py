@@ -1,4 +1,5 @@
 """Bad input, interrupted runs and atomic outputs, each case tested."""
+
 import errno
 import gzip
 import os
@@ -77,8 +78,21 @@ def test_training_run_lists_skipped_pairs(sample_root, tmp_path, capsys):
     root = _copy(sample_root, tmp_path / "data")
     bad = _break_training_pairs(root)
     out = tmp_path / "out"
-    code = cli(["stage1", "train", f"data.root={root}", f"output.dir={out}", "data.max_bad_share=0.2", "stage1.epochs=1",
-                "stage1.size=32", "stage1.depth=2", "stage1.width=4", "data.val_cars=1", "device=cpu"])
+    code = cli(
+        [
+            "stage1",
+            "train",
+            f"data.root={root}",
+            f"output.dir={out}",
+            "data.max_bad_share=0.2",
+            "stage1.epochs=1",
+            "stage1.size=32",
+            "stage1.depth=2",
+            "stage1.width=4",
+            "data.val_cars=1",
+            "device=cpu",
+        ]
+    )
     assert code == 0
     listed = pd.read_csv(out / "stage1" / "skipped.csv")
     assert set(listed.img) == set(bad)
@@ -93,8 +107,13 @@ def test_unreadable_test_images_do_not_stop_prediction(tiny_run, tmp_path):
     data = tests[1].read_bytes()
     tests[1].write_bytes(data[: len(data) // 2])
     out = tmp_path / "out"
-    cfg = tiny_config(root, out, f"stage1.checkpoint={tiny_run.output.dir}/stage1/best.pt",
-                      f"stage2.checkpoint={tiny_run.output.dir}/stage2/best.pt", "data.limit_test=4")
+    cfg = tiny_config(
+        root,
+        out,
+        f"stage1.checkpoint={tiny_run.output.dir}/stage1/best.pt",
+        f"stage2.checkpoint={tiny_run.output.dir}/stage2/best.pt",
+        "data.limit_test=4",
+    )
     assert s1_predict.main(cfg, open_source(cfg)) == 1  # scripts notice
     assert s2_predict.main(cfg, open_source(cfg)) == 1
     sub = pd.read_csv(gzip.open(out / "submission.csv.gz"), dtype=str, keep_default_na=False)
@@ -103,7 +122,9 @@ def test_unreadable_test_images_do_not_stop_prediction(tiny_run, tmp_path):
     assert set(errors.img) == {tests[0].name, tests[1].name} and set(errors.stage) == {"stage1", "stage2"}
     assert errors.reason.str.contains("empty file").any()
     # the same from the command line: exit status 1 and a count
-    proc = subprocess.run([*CLI, "stage2", "predict", *[f"{k}={v}" for k, v in _flat(cfg.model_dump())]], capture_output=True, text=True)
+    proc = subprocess.run(
+        [*CLI, "stage2", "predict", *[f"{k}={v}" for k, v in _flat(cfg.model_dump())]], capture_output=True, text=True
+    )
     assert proc.returncode == 1 and "2 of 4 image(s) failed" in proc.stderr
 
 
@@ -121,9 +142,12 @@ def test_empty_prediction_and_no_car_found(tiny_run, tmp_path, recwarn, monkeypa
     from stage1_lowres.coarse import Coarse
 
     out = tmp_path / "out"
-    cfg = tiny_config(tiny_run.data.root, out, f"stage1.checkpoint={tiny_run.output.dir}/stage1/best.pt",
-                      "data.limit_test=2")
-    monkeypatch.setattr(Coarse, "probs", lambda self, images: torch.zeros(len(images), self.size, self.size))  # sees no car
+    cfg = tiny_config(
+        tiny_run.data.root, out, f"stage1.checkpoint={tiny_run.output.dir}/stage1/best.pt", "data.limit_test=2"
+    )
+    monkeypatch.setattr(
+        Coarse, "probs", lambda self, images: torch.zeros(len(images), self.size, self.size)
+    )  # sees no car
     assert s1_predict.main(cfg, open_source(cfg)) == 0
     boxes = pd.read_csv(out / "bboxes.csv")
     assert (boxes.found == 0).all() and (boxes.x1 == 1918).all() and (boxes.x0 == 0).all()
@@ -150,9 +174,23 @@ def test_config_mistakes_fail_at_start_with_one_line(tmp_path, capsys):
 def _predict_args(tiny_run, out, *more, images=4):
     """`stage2 predict` of the first `images` test images, one chunk each."""
     src = tiny_run.output.dir
-    return ["stage2", "predict", f"output.dir={out}", f"data.root={tiny_run.data.root}", f"bboxes.path={src}/bboxes.csv",
-            f"stage1.checkpoint={src}/stage1/best.pt", f"stage2.checkpoint={src}/stage2/best.pt", "predict.chunk=1",
-            f"data.limit_test={images}", "stage2.depth=3", "stage2.width=4", "stage2.tile=512", "stage1.size=64", "device=cpu", *more]
+    return [
+        "stage2",
+        "predict",
+        f"output.dir={out}",
+        f"data.root={tiny_run.data.root}",
+        f"bboxes.path={src}/bboxes.csv",
+        f"stage1.checkpoint={src}/stage1/best.pt",
+        f"stage2.checkpoint={src}/stage2/best.pt",
+        "predict.chunk=1",
+        f"data.limit_test={images}",
+        "stage2.depth=3",
+        "stage2.width=4",
+        "stage2.tile=512",
+        "stage1.size=64",
+        "device=cpu",
+        *more,
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -172,14 +210,26 @@ def test_a_prediction_stopped_mid_run_resumes_to_the_same_bytes(tiny_run, uninte
     out = tmp_path / "out"
     args = _predict_args(tiny_run, out, images=6)
     # SIGINT handled as in a terminal, even when this test runs under a parent that ignores it (a background job)
-    stopped = subprocess.run([*FAULTS, "--at", "chunk:3", "--signal", sig, "--", *args], capture_output=True, text=True,
-                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    stopped = subprocess.run(
+        [*FAULTS, "--at", "chunk:3", "--signal", sig, "--", *args],
+        capture_output=True,
+        text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
     parts = sorted(p.name for p in out.glob("stage2_chunks/*/part-*.csv"))
     if sig == "KILL":
-        assert stopped.returncode == -signal.SIGKILL and parts == ["part-000000.csv", "part-000001.csv", "part-000002.csv"]
+        assert stopped.returncode == -signal.SIGKILL and parts == [
+            "part-000000.csv",
+            "part-000001.csv",
+            "part-000002.csv",
+        ]
     else:  # the writer thread may finish the chunk in hand before the main thread stops
-        assert stopped.returncode == 130 and stopped.stderr.strip().splitlines()[-1].startswith("interrupted; finished work is saved")
-        assert 3 <= len(parts) < 6 and all(len(pd.read_csv(part)) == 1 for part in out.glob("stage2_chunks/*/part-*.csv"))
+        assert stopped.returncode == 130 and stopped.stderr.strip().splitlines()[-1].startswith(
+            "interrupted; finished work is saved"
+        )
+        assert 3 <= len(parts) < 6 and all(
+            len(pd.read_csv(part)) == 1 for part in out.glob("stage2_chunks/*/part-*.csv")
+        )
     assert not list(out.glob("stage2_chunks/*/.part-*")) and not (out / "submission.csv.gz").exists()  # no partial file
     rerun = subprocess.run([*CLI, *args], check=True, capture_output=True, text=True)
     assert f"{6 - len(parts)} test images to do, {len(parts)} already done" in rerun.stdout
@@ -191,16 +241,24 @@ def test_one_run_per_output_folder_and_a_stale_lock_is_taken_over(tiny_run, tmp_
     so it is alive and mid-run); a second command on the same folder refuses, naming the holder.
     After the holder is killed (SIGKILL: no clean-up), the next run takes the stale lock over and finishes."""
     out = tmp_path / "out"
-    holder = subprocess.Popen([*FAULTS, "--at", "chunk:1", "--signal", "STOP", "--", *_predict_args(tiny_run, out)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    holder = subprocess.Popen(
+        [*FAULTS, "--at", "chunk:1", "--signal", "STOP", "--", *_predict_args(tiny_run, out)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         _, status = os.waitpid(holder.pid, os.WUNTRACED)  # returns once the hook has stopped it
         assert os.WIFSTOPPED(status)
-        second = subprocess.run([*CLI, "stage1", "predict", f"output.dir={out}", f"data.root={tiny_run.data.root}"],
-                                capture_output=True, text=True)
+        second = subprocess.run(
+            [*CLI, "stage1", "predict", f"output.dir={out}", f"data.root={tiny_run.data.root}"],
+            capture_output=True,
+            text=True,
+        )
         assert second.returncode == 2 and len(second.stderr.strip().splitlines()) == 1
         assert f"in use by pid {holder.pid} on " in second.stderr and "carvana stage2 predict" in second.stderr
-        assert not (out / "bboxes.csv").exists() and not list(out.glob("stage1_chunks"))  # the refused run wrote nothing
+        assert not (out / "bboxes.csv").exists() and not list(
+            out.glob("stage1_chunks")
+        )  # the refused run wrote nothing
     finally:
         holder.kill()
         holder.wait()
@@ -228,7 +286,9 @@ def _fail_writes(monkeypatch, name: str, code: int = errno.ENOSPC):
     monkeypatch.setattr(common.io.os, "fsync", fsync)
 
 
-def test_full_disk_during_prediction_ends_with_one_line_and_the_rerun_gives_the_same_bytes(tiny_run, tmp_path, monkeypatch, capsys):
+def test_full_disk_during_prediction_ends_with_one_line_and_the_rerun_gives_the_same_bytes(
+    tiny_run, tmp_path, monkeypatch, capsys
+):
     assert cli(_predict_args(tiny_run, tmp_path / "clean")) == 0
     capsys.readouterr()
     out = tmp_path / "out"
@@ -236,7 +296,10 @@ def test_full_disk_during_prediction_ends_with_one_line_and_the_rerun_gives_the_
     assert cli(_predict_args(tiny_run, out)) == 1
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "part-000002.csv" in err and "No space left on device" in err, err
-    assert sorted(p.name for p in out.glob("stage2_chunks/*/*")) == ["part-000000.csv", "part-000001.csv"]  # no partial file
+    assert sorted(p.name for p in out.glob("stage2_chunks/*/*")) == [
+        "part-000000.csv",
+        "part-000001.csv",
+    ]  # no partial file
     assert not (out / "submission.csv.gz").exists()
     monkeypatch.undo()  # space freed
     assert cli(_predict_args(tiny_run, out)) == 0
@@ -245,10 +308,22 @@ def test_full_disk_during_prediction_ends_with_one_line_and_the_rerun_gives_the_
 
 
 @pytest.mark.parametrize("name,code", [("best.pt", errno.ENOSPC), ("history.csv", errno.EACCES)])
-def test_failed_checkpoint_or_history_write_ends_training_with_one_line(sample_root, tmp_path, monkeypatch, capsys, name, code):
+def test_failed_checkpoint_or_history_write_ends_training_with_one_line(
+    sample_root, tmp_path, monkeypatch, capsys, name, code
+):
     out = tmp_path / "out"
-    args = ["stage1", "train", f"data.root={sample_root}", f"output.dir={out}", "stage1.epochs=1", "stage1.size=32",
-            "stage1.depth=2", "stage1.width=4", "data.val_cars=1", "device=cpu"]
+    args = [
+        "stage1",
+        "train",
+        f"data.root={sample_root}",
+        f"output.dir={out}",
+        "stage1.epochs=1",
+        "stage1.size=32",
+        "stage1.depth=2",
+        "stage1.width=4",
+        "data.val_cars=1",
+        "device=cpu",
+    ]
     _fail_writes(monkeypatch, name, code)
     assert cli(args) == 1
     err = capsys.readouterr().err.strip()
@@ -289,7 +364,10 @@ def _malformed_cases(tiny_run, tmp_path):
         (["--config", str(tmp_path / "bad.yaml")], "bad.yaml: not valid YAML at line 2"),
         (["--config", str(tmp_path / "list.yaml")], "list.yaml: expected a mapping"),
         ([f"bboxes.path={tmp_path / 'nocols.csv'}"], "nocols.csv: missing column(s) x1, y1"),
-        ([f"bboxes.path={tmp_path / 'outside.csv'}"], f"outside.csv: 1 box(es) not inside their image, e.g. {boxes.img[3]}"),
+        (
+            [f"bboxes.path={tmp_path / 'outside.csv'}"],
+            f"outside.csv: 1 box(es) not inside their image, e.g. {boxes.img[3]}",
+        ),
         ([f"data.root={data}"], "sample_submission.csv: needs an 'img' column"),
         ([f"stage2.checkpoint={tmp_path / 'torn.pt'}"], "torn.pt: not a checkpoint of this project"),
     ]
@@ -304,4 +382,7 @@ def test_malformed_inputs_beyond_images_are_one_line_exit_2_and_nothing_written(
         assert not out.exists()
     with pytest.raises(SystemExit) as stop:
         cli(["stage2", "predict", "--config", str(tmp_path / "list.yaml"), "stage1.epochs"])
-    assert stop.value.code == 2 and capsys.readouterr().err.strip() == "error: override 'stage1.epochs' must look like key=value"
+    assert (
+        stop.value.code == 2
+        and capsys.readouterr().err.strip() == "error: override 'stage1.epochs' must look like key=value"
+    )

@@ -1,6 +1,7 @@
 """`carvana serve`: concurrent requests batched through the one predictor and answered as `carvana
 cutout` answers; every bad input a 4xx naming the problem while the server keeps serving; a full
 queue 503; the API key; SIGTERM drains."""
+
 from __future__ import annotations
 
 import contextlib
@@ -65,8 +66,9 @@ def _wait_healthy(url: str, seconds: float = 120) -> None:
 
 def _call(url: str, body: bytes | None = None, content_type: str = "", headers: dict | None = None):
     """(status, headers, body) of a GET (no body) or POST."""
-    request = urllib.request.Request(url, data=body, headers={**({"Content-Type": content_type} if content_type else {}),
-                                                              **(headers or {})})
+    request = urllib.request.Request(
+        url, data=body, headers={**({"Content-Type": content_type} if content_type else {}), **(headers or {})}
+    )
     try:
         with urllib.request.urlopen(request, timeout=120) as answer:
             return answer.status, answer.headers, answer.read()
@@ -76,14 +78,22 @@ def _call(url: str, body: bytes | None = None, content_type: str = "", headers: 
 
 def _multipart(field: str, data: bytes, name: str = "photo.jpg") -> tuple[bytes, str]:
     boundary = "carvanaboundary"
-    body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"{field}\"; filename=\"{name}\"\r\n"
-            f"Content-Type: application/octet-stream\r\n\r\n").encode() + data + f"\r\n--{boundary}--\r\n".encode()
+    body = (
+        (
+            f'--{boundary}\r\nContent-Disposition: form-data; name="{field}"; filename="{name}"\r\n'
+            f"Content-Type: application/octet-stream\r\n\r\n"
+        ).encode()
+        + data
+        + f"\r\n--{boundary}--\r\n".encode()
+    )
     return body, f"multipart/form-data; boundary={boundary}"
 
 
 def _mean_batch(url: str) -> float:
     text = _call(url + "/metrics")[2].decode()
-    values = {line.split()[0]: float(line.split()[1]) for line in text.splitlines() if line.startswith("carvana_batch_size_")}
+    values = {
+        line.split()[0]: float(line.split()[1]) for line in text.splitlines() if line.startswith("carvana_batch_size_")
+    }
     return values["carvana_batch_size_sum"] / values["carvana_batch_size_count"]
 
 
@@ -93,15 +103,31 @@ def photos(tiny_run, tmp_path_factory):
     folder = tmp_path_factory.mktemp("serve")
     paths = sorted(Path(tiny_run.data.root, "test").glob("*.jpg"))[:3]
     run = tiny_run.output.dir
-    assert cli(["cutout", *map(str, paths), "--out", str(folder / "cut"), "--alpha", "hard",
-                f"stage1.checkpoint={run}/stage1/best.pt", f"stage2.checkpoint={run}/stage2/best.pt", "stage1.size=64",
-                "stage2.tile=512", "device=cpu"]) == 0
+    assert (
+        cli(
+            [
+                "cutout",
+                *map(str, paths),
+                "--out",
+                str(folder / "cut"),
+                "--alpha",
+                "hard",
+                f"stage1.checkpoint={run}/stage1/best.pt",
+                f"stage2.checkpoint={run}/stage2/best.pt",
+                "stage1.size=64",
+                "stage2.tile=512",
+                "device=cpu",
+            ]
+        )
+        == 0
+    )
     return [(p.read_bytes(), np.asarray(Image.open(folder / "cut" / f"{p.stem}_mask.png"))) for p in paths]
 
 
 def test_concurrent_requests_are_batched_and_answered_as_cutout_answers(tiny_run, photos):
     cfg = tiny_run.updated({"serve.max_wait_ms": 500, "serve.max_batch": 4})  # 8 requests: more than one batch
     with running(cfg) as (url, _):
+
         def ask(k: int):
             data, mask = photos[k % len(photos)]
             body, kind = _multipart("image", data) if k % 2 else (data, "image/jpeg")  # both ways of sending
@@ -130,12 +156,16 @@ def test_concurrent_requests_are_batched_and_answered_as_cutout_answers(tiny_run
         x0, y0, x1, y1 = map(int, headers["X-Car-Box"].split(","))
         cropped = Image.open(io.BytesIO(answer))
         assert status == 200 and cropped.mode == "RGBA" and cropped.size == (x1 - x0, y1 - y0)
-        status, _, answer = _call(url + "/v1/cutout?output=composite&background=%2300ff00&format=jpeg", data, "image/jpeg")
+        status, _, answer = _call(
+            url + "/v1/cutout?output=composite&background=%2300ff00&format=jpeg", data, "image/jpeg"
+        )
         assert status == 200 and Image.open(io.BytesIO(answer)).format == "JPEG"
         page = _call(url + "/")[2].decode()
         assert "/v1/cutout" in page and "http://" not in page and "https://" not in page  # works offline
         metrics = _call(url + "/metrics")[2].decode()
-        assert 'carvana_requests_total{endpoint="/v1/cutout",status="200"}' in metrics and "carvana_queue_depth" in metrics
+        assert (
+            'carvana_requests_total{endpoint="/v1/cutout",status="200"}' in metrics and "carvana_queue_depth" in metrics
+        )
 
 
 def test_bad_input_gets_a_4xx_naming_the_problem_and_the_server_keeps_serving(tiny_run, photos):
@@ -255,7 +285,9 @@ def test_a_failed_device_step_gets_500_naming_the_error_and_the_server_keeps_ser
         batcher._predict = out_of_memory
         status, headers, answer = _call(url + "/v1/segment", data, "image/jpeg")
         error = json.loads(answer)["error"]
-        assert status == 500 and error.startswith("internal error ") and "CUDA" not in error  # the details only in the log
+        assert (
+            status == 500 and error.startswith("internal error ") and "CUDA" not in error
+        )  # the details only in the log
         assert 'carvana_requests_total{endpoint="/v1/segment",status="500"} 1.0' in _call(url + "/metrics")[2].decode()
         batcher._predict = real
         assert _call(url + "/v1/segment", data, "image/jpeg")[0] == 200
@@ -317,10 +349,24 @@ def test_sigterm_lets_the_request_in_flight_finish_and_exits_0(tiny_run, photos,
     """A real `carvana serve` on a port of its own choosing (--port 0): a request waits in the batcher
     (max_wait_ms 3 s) when SIGTERM arrives; it is answered, new connections are refused, the process exits 0."""
     save_config(tiny_run, tmp_path / "tiny.yaml")
-    args = [sys.executable, "-m", "pipelines", "serve", "--port", "0", "--config", str(tmp_path / "tiny.yaml"),
-            "serve.max_wait_ms=3000"]
-    server = subprocess.Popen(args, cwd=Path(__file__).resolve().parents[1], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                              env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    args = [
+        sys.executable,
+        "-m",
+        "pipelines",
+        "serve",
+        "--port",
+        "0",
+        "--config",
+        str(tmp_path / "tiny.yaml"),
+        "serve.max_wait_ms=3000",
+    ]
+    server = subprocess.Popen(
+        args,
+        cwd=Path(__file__).resolve().parents[1],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
     try:
         url = _serving_at(server)
         _wait_healthy(url)
@@ -346,19 +392,49 @@ def test_the_api_is_as_its_openapi_document_says_under_schemathesis(tiny_run, tm
     if st is None:
         pytest.skip("schemathesis is not installed (pip install '.[test]')")
     with running(tiny_run) as (url, _):
-        done = subprocess.run([st, "run", f"{url}/openapi.json", "--checks", "all", "--exclude-checks", "positive_data_acceptance",
-                               "--phases", "examples,coverage,fuzzing", "--max-examples", "20", "--seed", "0", "--generation-database", "none", "--no-color",
-                               "--report", "junit", "--report-junit-path", str(tmp_path / "junit.xml")],
-                              cwd=tmp_path, capture_output=True, text=True, timeout=900)
+        done = subprocess.run(
+            [
+                st,
+                "run",
+                f"{url}/openapi.json",
+                "--checks",
+                "all",
+                "--exclude-checks",
+                "positive_data_acceptance",
+                "--phases",
+                "examples,coverage,fuzzing",
+                "--max-examples",
+                "20",
+                "--seed",
+                "0",
+                "--generation-database",
+                "none",
+                "--no-color",
+                "--report",
+                "junit",
+                "--report-junit-path",
+                str(tmp_path / "junit.xml"),
+            ],
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=900,
+        )
     assert done.returncode == 0, done.stdout[-6000:]
-    tested = {case.get("name") for case in ElementTree.parse(tmp_path / "junit.xml").iter("testcase") if case.find("skipped") is None}
+    tested = {
+        case.get("name")
+        for case in ElementTree.parse(tmp_path / "junit.xml").iter("testcase")
+        if case.find("skipped") is None
+    }
     assert {"POST /v1/cutout", "POST /v1/segment", "GET /healthz", "GET /metrics", "GET /"} <= tested, tested
 
 
 CHROMEDRIVER = shutil.which("chromedriver")
 
 
-@pytest.mark.skipif(CHROMEDRIVER is None, reason="Chromium's driver is not installed (apt-get install chromium chromium-driver)")
+@pytest.mark.skipif(
+    CHROMEDRIVER is None, reason="Chromium's driver is not installed (apt-get install chromium chromium-driver)"
+)
 def test_the_page_cuts_out_an_uploaded_photo_in_chromium(tiny_run, photos, tmp_path):
     """The page in headless Chromium (selenium): pick a photo, its cutout appears beside it."""
     webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed (pip install selenium)")

@@ -1,4 +1,5 @@
 """Stage 1 boxes and cache, stage 2 submission: on a tiny run over the synthetic sample data."""
+
 import gzip
 
 import pandas as pd
@@ -20,7 +21,9 @@ def test_stage1_writes_boxes_for_train_and_test_and_a_submission(tiny_run, sampl
     boxes = pd.read_csv(f"{out}/bboxes.csv")
     assert list(boxes.columns[:9]) == ["img", "split", "width", "height", "x0", "y0", "x1", "y1", "found"]
     assert sorted(boxes.split.unique()) == ["test", "train"] and len(boxes) == 64
-    assert ((boxes.x0 >= 0) & (boxes.x1 <= 1918) & (boxes.x0 < boxes.x1) & (boxes.y0 < boxes.y1) & (boxes.y1 <= 1280)).all()
+    assert (
+        (boxes.x0 >= 0) & (boxes.x1 <= 1918) & (boxes.x0 < boxes.x1) & (boxes.y0 < boxes.y1) & (boxes.y1 <= 1280)
+    ).all()
     sub = _submission(f"{out}/stage1_submission.csv.gz")
     order = pd.read_csv(sample_root / "sample_submission.csv").img.tolist()
     assert list(sub.columns) == ["img", "rle_mask"] and sub.img.tolist() == order
@@ -68,9 +71,14 @@ def test_stage2_submission_format_and_order(tiny_run, sample_root, tmp_path):
 
 
 def test_boxes_from_another_run_skip_stage1(tiny_run, tmp_path):
-    cfg = tiny_config(tiny_run.data.root, tmp_path / "other", f"bboxes.path={tiny_run.output.dir}/bboxes.csv",
-                      f"stage1.checkpoint={tiny_run.output.dir}/stage1/best.pt",
-                      f"stage2.checkpoint={tiny_run.output.dir}/stage2/best.pt", "data.limit_test=2")
+    cfg = tiny_config(
+        tiny_run.data.root,
+        tmp_path / "other",
+        f"bboxes.path={tiny_run.output.dir}/bboxes.csv",
+        f"stage1.checkpoint={tiny_run.output.dir}/stage1/best.pt",
+        f"stage2.checkpoint={tiny_run.output.dir}/stage2/best.pt",
+        "data.limit_test=2",
+    )
     assert s2_predict.main(cfg, open_source(cfg)) == 0
     assert not (tmp_path / "other" / "bboxes.csv").exists()
     assert len(_submission(tmp_path / "other" / "submission.csv.gz")) == 2
@@ -125,7 +133,9 @@ def test_stage1_training_is_reproducible_on_cpu(sample_root, tmp_path):
         # fp32: under `auto` a CPU with native bf16 times bf16 against fp32, and two runs may pick differently
         cfg = tiny_config(sample_root, tmp_path / run, "stage1.epochs=1", "stage1.precision=fp32")
         s1_train.main(cfg)
-        histories.append(pd.read_csv(tmp_path / run / "stage1" / "history.csv").drop(columns=["seconds", "data_seconds"]))  # timings
+        histories.append(
+            pd.read_csv(tmp_path / run / "stage1" / "history.csv").drop(columns=["seconds", "data_seconds"])
+        )  # timings
     pd.testing.assert_frame_equal(histories[0], histories[1])
 
 
@@ -137,8 +147,9 @@ def test_threshold_auto_takes_the_best_of_the_evaluate_sweep(tmp_path):
         mask_threshold(cfg)
     assert mask_threshold(cfg, strict=False) == 0.5  # training and evaluation itself, before any sweep
     (tmp_path / "out" / "report").mkdir(parents=True)
-    pd.DataFrame({"threshold": [0.3, 0.35, 0.4], "dice_stage1": [0.99, 0.98, 0.97],
-                  "dice_cascade": [0.995, 0.997, 0.996]}).to_csv(tmp_path / "out" / "report" / "threshold_sweep.csv", index=False)
+    pd.DataFrame(
+        {"threshold": [0.3, 0.35, 0.4], "dice_stage1": [0.99, 0.98, 0.97], "dice_cascade": [0.995, 0.997, 0.996]}
+    ).to_csv(tmp_path / "out" / "report" / "threshold_sweep.csv", index=False)
     assert mask_threshold(cfg) == 0.35  # the cascade's best, not stage 1's
     assert mask_threshold(tiny_config(tmp_path / "data", tmp_path / "out", "predict.threshold=0.6")) == 0.6
 
@@ -156,14 +167,28 @@ def test_fold_ensemble_trains_k_runs_and_predicts_with_their_mean(sample_root, t
     torch.testing.assert_close(Ensemble([a, b])(x), expected)
 
     out = tmp_path / "out"
-    args = [f"data.root={sample_root}", f"output.dir={out}", "data.val_cars=1", "stage1.size=64", "stage1.depth=3",
-            "stage1.width=4", "stage1.epochs=1", "stage1.workers=1", "device=cpu"]
+    args = [
+        f"data.root={sample_root}",
+        f"output.dir={out}",
+        "data.val_cars=1",
+        "stage1.size=64",
+        "stage1.depth=3",
+        "stage1.width=4",
+        "stage1.epochs=1",
+        "stage1.workers=1",
+        "device=cpu",
+    ]
     assert cli(["folds", "stage1", "2", *args]) == 0
     folds = [out / "folds" / str(k) / "stage1" / "best.pt" for k in (1, 2)]
     assert all(p.is_file() for p in folds)
     histories = [pd.read_csv(p.parent / "history.csv") for p in folds]
     assert histories[0].val_dice.iloc[0] != histories[1].val_dice.iloc[0]  # different held-out cars
-    ensemble = [*args, f"stage1.checkpoint=[{folds[0]}, {folds[1]}]", "data.limit_test=2", f"output.dir={tmp_path / 'pred'}"]
+    ensemble = [
+        *args,
+        f"stage1.checkpoint=[{folds[0]}, {folds[1]}]",
+        "data.limit_test=2",
+        f"output.dir={tmp_path / 'pred'}",
+    ]
     assert cli(["stage1", "predict", *ensemble]) == 0
     boxes = pd.read_csv(tmp_path / "pred" / "bboxes.csv")
     single = tiny_config(sample_root, tmp_path / "pred", f"stage1.checkpoint={folds[0]}")

@@ -32,7 +32,10 @@ def test_render_is_deterministic_and_views_differ():
     a2, m2 = draw_view(p, 1, 3)
     assert (a1 == a2).all() and (m1 == m2).all()
     _, side = draw_view(p, 5, 3)
-    width = lambda m: np.ptp(np.flatnonzero(m.any(0)))
+
+    def width(m):
+        return np.ptp(np.flatnonzero(m.any(0)))
+
     assert width(side) > 1.8 * width(m1)  # wider from the side than from the front
 
 

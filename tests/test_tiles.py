@@ -54,7 +54,7 @@ def test_planner_invariants(case):
     assert covered[by0:by1, bx0:bx1].all()
     xs, ys = sorted({x0 for x0, _, _, _ in windows}), sorted({y0 for _, y0, _, _ in windows})
     for starts in (xs, ys):
-        assert all(0 < b - a <= tile - overlap for a, b in zip(starts, starts[1:]))
+        assert all(0 < b - a <= tile - overlap for a, b in zip(starts, starts[1:], strict=False))
     assert windows == [(x, y, x + tile, y + tile) for y in ys for x in xs]  # a grid, row by row
 
 
@@ -92,7 +92,9 @@ def test_planner_refuses_more_tiles_than_the_limit_and_names_the_settings(tile, 
     if count <= MAX_TILES:
         assert len(plan_tiles(w, h, box, tile, overlap)) == count
     else:
-        with pytest.raises(TooManyTiles, match=rf"stage2.tile={tile} with stage2.min_overlap={overlap} .* into {count} tiles"):
+        with pytest.raises(
+            TooManyTiles, match=rf"stage2.tile={tile} with stage2.min_overlap={overlap} .* into {count} tiles"
+        ):
             plan_tiles(w, h, box, tile, overlap)
 
 
@@ -141,7 +143,9 @@ def test_device_tiles_match_the_numpy_reference(case, blend):
     np.testing.assert_allclose(blend_weights(tile, blend).numpy(), reference.blend_weights(tile, blend), rtol=1e-6)
     probs = rng.random((len(windows), tile, tile), dtype=np.float32)
     got = stitch(torch.from_numpy(probs), windows, box, w, h, blend_weights(tile, blend)).numpy()
-    np.testing.assert_allclose(got, reference.stitch(probs, windows, box, w, h, reference.blend_weights(tile, blend)), atol=1e-6)
+    np.testing.assert_allclose(
+        got, reference.stitch(probs, windows, box, w, h, reference.blend_weights(tile, blend)), atol=1e-6
+    )
 
 
 def test_blending_weights_sum_correctly_in_overlaps():
@@ -153,7 +157,7 @@ def test_blending_weights_sum_correctly_in_overlaps():
     tiles = torch.stack([torch.full((tile, tile), 0.2), torch.full((tile, tile), 0.8)])
     mean = stitch(tiles, windows, box, w, h, blend_weights(tile, "mean")).numpy()
     overlap_cols = range(windows[1][0], windows[0][2])
-    assert np.allclose(mean[:, overlap_cols], 0.5) and np.allclose(mean[:, :windows[1][0]], 0.2)
+    assert np.allclose(mean[:, overlap_cols], 0.5) and np.allclose(mean[:, : windows[1][0]], 0.2)
     smooth = stitch(tiles, windows, box, w, h, blend_weights(tile, "smooth")).numpy()
     row = smooth[50, overlap_cols]
     assert (np.diff(row) >= -1e-6).all() and 0.2 < row[0] < row[-1] < 0.8  # fades from one tile to the other

@@ -46,19 +46,25 @@ def _settings(**kw):
 
 def _validator(data):
     """Stage 1's validation over these images: `Coarse` predicts, the shared validator scores."""
-    cfg = CONFIG.updated({"stage1.size": data.images.shape[-1], "predict.batch_size": 4})  # 16 images a validation batch
+    cfg = CONFIG.updated(
+        {"stage1.size": data.images.shape[-1], "predict.batch_size": 4}
+    )  # 16 images a validation batch
     return validator(coarse_predictions(data.images, cfg, torch.device("cpu")), data.truths, 0.5)
 
 
 def test_loss_falls_and_outputs_are_written(tmp_path):
     data = _blobs()
-    history = train(Run(_settings(epochs=6), tmp_path, CONFIG, torch.device("cpu")), UNet(3, 3, 8), data, _validator(data))
+    history = train(
+        Run(_settings(epochs=6), tmp_path, CONFIG, torch.device("cpu")), UNet(3, 3, 8), data, _validator(data)
+    )
     assert history[-1]["train_loss"] < 0.6 * history[0]["train_loss"]
     assert history[-1]["val_dice"] > history[0]["val_dice"]
     for name in ("last.pt", "best.pt", "history.csv", "learning_curves.png"):
         assert (tmp_path / name).is_file()
     frame = pd.read_csv(tmp_path / "history.csv")
-    assert list(frame.columns[:6]) == ["epoch", "train_loss", "val_loss", "val_dice", "lr", "seconds"] and len(frame) == 6
+    assert (
+        list(frame.columns[:6]) == ["epoch", "train_loss", "val_loss", "val_dice", "lr", "seconds"] and len(frame) == 6
+    )
     assert (frame.images == 16).all() and (frame.skipped_steps == 0).all()
     assert load_checkpoint(tmp_path / "last.pt", torch.device("cpu"))["config"] == CONFIG.model_dump()
 
@@ -66,26 +72,45 @@ def test_loss_falls_and_outputs_are_written(tmp_path):
 def test_resume_continues_exactly(tmp_path):
     data = _blobs()
     cpu = torch.device("cpu")
-    s = _settings(schedule="constant", precision="fp32")  # not auto: the two runs could time bf16 against fp32 differently
-    full = train(Run(s.model_copy(update={"epochs": 4}), tmp_path / "a", CONFIG, cpu), UNet(3, 3, 8), data, _validator(data))
+    s = _settings(
+        schedule="constant", precision="fp32"
+    )  # not auto: the two runs could time bf16 against fp32 differently
+    full = train(
+        Run(s.model_copy(update={"epochs": 4}), tmp_path / "a", CONFIG, cpu), UNet(3, 3, 8), data, _validator(data)
+    )
     train(Run(s.model_copy(update={"epochs": 2}), tmp_path / "b", CONFIG, cpu), UNet(3, 3, 8), data, _validator(data))
     stopped = load_checkpoint(tmp_path / "b" / "last.pt", cpu)
     assert stopped["epoch"] == 2 and stopped["optimizer"]["state"]
-    resumed = train(Run(s.model_copy(update={"epochs": 4, "resume": True}), tmp_path / "b", CONFIG, cpu), UNet(3, 3, 8), data, _validator(data))
+    resumed = train(
+        Run(s.model_copy(update={"epochs": 4, "resume": True}), tmp_path / "b", CONFIG, cpu),
+        UNet(3, 3, 8),
+        data,
+        _validator(data),
+    )
     assert [h["epoch"] for h in resumed] == [1, 2, 3, 4]
     assert [round(h["train_loss"], 5) for h in resumed] == [round(h["train_loss"], 5) for h in full]
 
 
 def test_adam_beta2_setting_reaches_the_optimizer_and_its_checkpoint(tmp_path):
     data = _blobs()
-    train(Run(_settings(epochs=1, beta2=0.99, precision="fp32"), tmp_path, CONFIG, torch.device("cpu")), UNet(3, 3, 8), data, _validator(data))
+    train(
+        Run(_settings(epochs=1, beta2=0.99, precision="fp32"), tmp_path, CONFIG, torch.device("cpu")),
+        UNet(3, 3, 8),
+        data,
+        _validator(data),
+    )
     group = load_checkpoint(tmp_path / "last.pt", torch.device("cpu"))["optimizer"]["param_groups"][0]
     assert tuple(group["betas"]) == (0.9, 0.99)
 
 
 def test_max_minutes_stops_in_time_and_keeps_best(tmp_path):
     data = _blobs()
-    history = train(Run(_settings(epochs=1000, max_minutes=0.05), tmp_path, CONFIG, torch.device("cpu")), UNet(3, 3, 8), data, _validator(data))
+    history = train(
+        Run(_settings(epochs=1000, max_minutes=0.05), tmp_path, CONFIG, torch.device("cpu")),
+        UNet(3, 3, 8),
+        data,
+        _validator(data),
+    )
     assert 1 <= len(history) < 1000  # stopped by the budget, not by the epoch count
     saved = load_checkpoint(tmp_path / "best.pt", torch.device("cpu"))
     assert saved["best_dice"] == max(h["val_dice"] for h in history)
@@ -97,7 +122,12 @@ def test_checkpoint_of_another_architecture_is_refused(tmp_path):
     with pytest.raises(CheckpointError, match="trained with"):
         load_model(tmp_path / "last.pt", torch.device("cpu"), expect=UNet(3, 4, 8).args)
     with pytest.raises(CheckpointError, match="trained with"):
-        train(Run(_settings(epochs=2, resume=True), tmp_path, CONFIG, torch.device("cpu")), UNet(3, 4, 8), data, _validator(data))
+        train(
+            Run(_settings(epochs=2, resume=True), tmp_path, CONFIG, torch.device("cpu")),
+            UNet(3, 4, 8),
+            data,
+            _validator(data),
+        )
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(CheckpointError, match="junk.pt.*not a checkpoint"):
         load_model(tmp_path / "junk.pt", torch.device("cpu"))
@@ -129,21 +159,38 @@ def test_non_finite_steps_are_skipped_counted_and_never_reach_best(tmp_path, mon
         return loss * math.nan if len(calls) % 2 else loss  # every other step overflows
 
     monkeypatch.setattr(trainer, "bce_dice_loss", sometimes_nan)
-    history = train(Run(_settings(epochs=2, resume=True), tmp_path, CONFIG, torch.device("cpu")), UNet(3, 3, 8), data, _validator(data))
+    history = train(
+        Run(_settings(epochs=2, resume=True), tmp_path, CONFIG, torch.device("cpu")),
+        UNet(3, 3, 8),
+        data,
+        _validator(data),
+    )
     assert history[-1]["skipped_steps"] == 2 and math.isfinite(history[-1]["train_loss"])
-    assert all(torch.isfinite(p).all() for p in load_checkpoint(tmp_path / "last.pt", torch.device("cpu"))["model"].values())
+    assert all(
+        torch.isfinite(p).all() for p in load_checkpoint(tmp_path / "last.pt", torch.device("cpu"))["model"].values()
+    )
 
     # with accumulation, one non-finite micro-step spoils the whole optimizer step: skipped, weights untouched
     calls.clear()
     before = {k: v.clone() for k, v in load_checkpoint(tmp_path / "last.pt", torch.device("cpu"))["model"].items()}
-    accum = train(Run(_settings(epochs=3, resume=True, accum=2), tmp_path, CONFIG, torch.device("cpu")), UNet(3, 3, 8), data, _validator(data))
+    accum = train(
+        Run(_settings(epochs=3, resume=True, accum=2), tmp_path, CONFIG, torch.device("cpu")),
+        UNet(3, 3, 8),
+        data,
+        _validator(data),
+    )
     assert accum[-1]["skipped_steps"] == 2  # 4 micro-steps, 2 optimizer steps, each with one NaN half
     after = load_checkpoint(tmp_path / "last.pt", torch.device("cpu"))["model"]
     assert all(torch.equal(before[k], after[k]) for k in before if "running" not in k and "num_batches" not in k)
 
     monkeypatch.setattr(trainer, "bce_dice_loss", lambda logits, target, edge_weight=0.0: logits.sum() * math.nan)
     with pytest.raises(trainer.TrainingError, match="3 optimizer steps in a row had a non-finite loss"):
-        train(Run(_settings(epochs=4, resume=True, max_bad_steps=3), tmp_path, CONFIG, torch.device("cpu")), UNet(3, 3, 8), data, _validator(data))
+        train(
+            Run(_settings(epochs=4, resume=True, max_bad_steps=3), tmp_path, CONFIG, torch.device("cpu")),
+            UNet(3, 3, 8),
+            data,
+            _validator(data),
+        )
     saved = load_checkpoint(tmp_path / "best.pt", torch.device("cpu"))
     assert math.isfinite(saved["best_dice"]) and all(torch.isfinite(p).all() for p in saved["model"].values())
     assert load_checkpoint(tmp_path / "last.pt", torch.device("cpu"))["epoch"] == 3  # the diverged epoch wrote nothing
@@ -176,7 +223,9 @@ def test_epochs_auto_fits_the_schedule_to_the_budget_and_resume_keeps_the_count(
     torch.manual_seed(0)
     rerun = train(Run(s, tmp_path / "a2", CONFIG, torch.device("cpu")), UNet(3, 3, 8), data, _validator(data))
     assert [h["planned_epochs"] for h in rerun] == [7, 3, 3]
-    assert [(h["lr"], h["train_loss"], h["val_dice"]) for h in rerun] == [(h["lr"], h["train_loss"], h["val_dice"]) for h in history]
+    assert [(h["lr"], h["train_loss"], h["val_dice"]) for h in rerun] == [
+        (h["lr"], h["train_loss"], h["val_dice"]) for h in history
+    ]
     monkeypatch.setattr(trainer, "planned_epochs", lambda *a: 3)
 
     class Killed(Exception):
@@ -195,7 +244,12 @@ def test_epochs_auto_fits_the_schedule_to_the_budget_and_resume_keeps_the_count(
         train(Run(s, tmp_path / "b", CONFIG, torch.device("cpu")), UNet(3, 3, 8), data, _validator(data))
     monkeypatch.setattr(trainer, "save_epoch", save_epoch)
     monkeypatch.setattr(trainer, "planned_epochs", lambda *a: pytest.fail("a resumed run must keep its recorded count"))
-    resumed = train(Run(s.model_copy(update={"resume": True}), tmp_path / "b", CONFIG, torch.device("cpu")), UNet(3, 3, 8), data, _validator(data))
+    resumed = train(
+        Run(s.model_copy(update={"resume": True}), tmp_path / "b", CONFIG, torch.device("cpu")),
+        UNet(3, 3, 8),
+        data,
+        _validator(data),
+    )
     assert [h["epoch"] for h in resumed] == [1, 2, 3] and [h["lr"] for h in resumed] == [h["lr"] for h in history]
 
 
@@ -215,7 +269,9 @@ def test_cpu_precision_is_bf16_only_where_the_cpu_has_it(monkeypatch, native):
 
 
 @pytest.mark.parametrize("bf16_seconds,picked", [(0.5, "bf16"), (2.0, "fp32"), (0.95, "fp32")])
-def test_cpu_precision_auto_trains_in_bf16_only_when_clearly_faster_and_resume_keeps_it(tmp_path, monkeypatch, capsys, bf16_seconds, picked):
+def test_cpu_precision_auto_trains_in_bf16_only_when_clearly_faster_and_resume_keeps_it(
+    tmp_path, monkeypatch, capsys, bf16_seconds, picked
+):
     """On a CPU with native bf16, precision=auto times both on this net and trains in bf16 only if
     it is clearly (10%) faster (it measured 1.5x faster on one such CPU and slower on another; a near
     tie stays fp32, so reruns agree); the pick is in history.csv and a resumed run keeps it without
@@ -229,10 +285,14 @@ def test_cpu_precision_auto_trains_in_bf16_only_when_clearly_faster_and_resume_k
     history = train(Run(_settings(epochs=1), tmp_path, CONFIG, cpu), UNet(3, 3, 8), data, _validator(data))
     assert history[0]["precision"] == picked and f"training in {picked}" in capsys.readouterr().out
     assert pd.read_csv(tmp_path / "history.csv").precision.tolist() == [picked]
-    monkeypatch.setattr(trainer, "step_seconds", lambda *a: pytest.fail("a resumed run must keep its recorded precision"))
+    monkeypatch.setattr(
+        trainer, "step_seconds", lambda *a: pytest.fail("a resumed run must keep its recorded precision")
+    )
     resumed = train(Run(_settings(epochs=2, resume=True), tmp_path, CONFIG, cpu), UNet(3, 3, 8), data, _validator(data))
     assert [h["precision"] for h in resumed] == [picked, picked]
-    explicit = train(Run(_settings(epochs=1, precision="bf16"), tmp_path / "b", CONFIG, cpu), UNet(3, 3, 8), data, _validator(data))
+    explicit = train(
+        Run(_settings(epochs=1, precision="bf16"), tmp_path / "b", CONFIG, cpu), UNet(3, 3, 8), data, _validator(data)
+    )
     assert explicit[0]["precision"] == "bf16"
 
 
@@ -296,7 +356,9 @@ def test_a_loop_that_stops_early_leaves_no_worker_writing(tmp_path):
         next(batches)  # a loop that stops after one batch and keeps its iterator; the workers have more in flight
         workers = set(multiprocessing.active_children()) - before
         assert len(workers) == 2
-    assert not workers & set(multiprocessing.active_children())  # joined: nothing writes into a folder about to be removed
+    assert not workers & set(
+        multiprocessing.active_children()
+    )  # joined: nothing writes into a folder about to be removed
     assert len(list(tmp_path.iterdir())) < 64  # it did stop early
 
 

@@ -8,6 +8,7 @@ order, so they are byte-identical to those of an uninterrupted run. The chunk fo
 the key (checkpoints, settings), the chunk size and a hash of the image list: another run's chunks
 are never read.
 """
+
 from __future__ import annotations
 
 import gzip
@@ -37,7 +38,9 @@ class Chunk(NamedTuple):
 
 class ChunkStore:
     def __init__(self, root: str | Path, key: str, columns: list[str], size: int, names: Sequence[str]):
-        listing = hashlib.sha256("\n".join(names).encode()).hexdigest()[:8]  # not `digest`: the folder names of runs stay
+        listing = hashlib.sha256("\n".join(names).encode()).hexdigest()[
+            :8
+        ]  # not `digest`: the folder names of runs stay
         self.folder = Path(root) / f"{key}-{size}-{listing}"  # created by the first write: nothing on disk before work
         self.key, self.columns, self.size = key, columns, size
 
@@ -51,7 +54,11 @@ class ChunkStore:
     def todo(self, items: list) -> list[Chunk]:
         """The chunks of `items` (the run's whole image order) not yet written."""
         done = self.done()
-        return [Chunk(k, items[k * self.size : (k + 1) * self.size]) for k in range(-(-len(items) // self.size)) if k not in done]
+        return [
+            Chunk(k, items[k * self.size : (k + 1) * self.size])
+            for k in range(-(-len(items) // self.size))
+            if k not in done
+        ]
 
     def parts(self, columns: list[str] | None = None) -> Iterator[pd.DataFrame]:
         """The chunks one at a time, in chunk order; `columns` reads only those (not the RLE strings)."""
@@ -60,7 +67,9 @@ class ChunkStore:
 
     def frame(self, columns: list[str] | None = None) -> pd.DataFrame:
         parts = list(self.parts(columns))
-        return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=columns or self.columns, dtype=str)
+        return (
+            pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=columns or self.columns, dtype=str)
+        )
 
     def write(self, k: int, rows: list[Row]) -> None:
         write_csv(self.path(k), pd.DataFrame([row.record() for row in rows], columns=self.columns))
@@ -74,7 +83,11 @@ def write_submission(path: Path, store: ChunkStore, order: list[str]) -> int:
     """
     position = pd.Index(order)  # its hash table is built once: a lookup per chunk costs the chunk, not the whole order
     written = 0
-    with atomic_path(path) as tmp, open(tmp, "wb") as raw, gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0) as gz:
+    with (
+        atomic_path(path) as tmp,
+        open(tmp, "wb") as raw,
+        gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0) as gz,
+    ):
         gz.write(b"img,rle_mask\n")
         for part in store.parts():
             part = part.assign(pos=position.get_indexer(part["img"]))
@@ -90,8 +103,14 @@ def write_errors(out: Path, errors: pd.DataFrame, stage: str) -> None:
     """Put the images this stage's command could not read or predict (img, reason) into `<out>/errors.csv`,
     keeping other stages' rows."""
     path = out / "errors.csv"
-    old = pd.read_csv(path, dtype=str, keep_default_na=False) if path.is_file() else pd.DataFrame(columns=["img", "stage", "reason"])
-    merged = pd.concat([old[old["stage"] != stage], errors.assign(stage=stage)[["img", "stage", "reason"]]], ignore_index=True)
+    old = (
+        pd.read_csv(path, dtype=str, keep_default_na=False)
+        if path.is_file()
+        else pd.DataFrame(columns=["img", "stage", "reason"])
+    )
+    merged = pd.concat(
+        [old[old["stage"] != stage], errors.assign(stage=stage)[["img", "stage", "reason"]]], ignore_index=True
+    )
     if len(merged) or path.is_file():
         write_csv(path, merged.sort_values(["stage", "img"]))
 

@@ -1,6 +1,7 @@
 """The one image reader and the one mask reader: files (and uploads) decoded by PIL, read as a
 viewer shows them (EXIF orientation applied); every decoder failure becomes an ImageReadError
 naming the file and the reason."""
+
 from __future__ import annotations
 
 import io
@@ -28,7 +29,9 @@ def _open(path: Path, kind: str, draft: Size | None = None) -> Image.Image:
     except FileNotFoundError:
         raise ImageReadError(path, f"{kind} file not found") from None
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-        raise ImageReadError(path, "empty file" if path.stat().st_size == 0 else f"not a readable {kind} ({e})") from None
+        raise ImageReadError(
+            path, "empty file" if path.stat().st_size == 0 else f"not a readable {kind} ({e})"
+        ) from None
 
 
 def _load(im: Image.Image, kind: str) -> Image.Image:

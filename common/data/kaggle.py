@@ -4,6 +4,7 @@ images in submission order.
 <root>/train/<car>_<angle>.jpg, <root>/train_masks/<car>_<angle>_mask.gif (or .png),
 <root>/test/<car>_<angle>.jpg; train_hq/ and test_hq/ when `hq` is set.
 """
+
 from __future__ import annotations
 
 import re
@@ -58,7 +59,9 @@ def index_split(root: str | Path, split: str = "train", hq: bool = False) -> lis
             continue
         samples.append(Sample(path.stem, m["car"], int(m["angle"]), path))
     if stray:
-        warnings.warn(f"{folder}: skipped {len(stray)} file(s) not named <car>_<angle>.jpg: {_listing(stray)}", stacklevel=2)
+        warnings.warn(
+            f"{folder}: skipped {len(stray)} file(s) not named <car>_<angle>.jpg: {_listing(stray)}", stacklevel=2
+        )
     if not samples:
         raise DataError(f"no images named <car>_<angle>.jpg in {folder}")
     if split == "train":
@@ -94,19 +97,24 @@ def split_by_car(samples: list[Sample], val_cars: int | str | list) -> tuple[lis
         chosen = set(val_cars)
     elif isinstance(val_cars, int):
         if not 0 <= val_cars < len(cars):
-            raise DataError(f"data.val_cars={val_cars} but the data has {len(cars)} cars; keep at least one for training")
+            raise DataError(
+                f"data.val_cars={val_cars} but the data has {len(cars)} cars; keep at least one for training"
+            )
         chosen = set(cars[:val_cars])
     else:
         m = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", str(val_cars))
         if not m or not 1 <= int(m[1]) <= int(m[2]) or int(m[2]) > len(cars):
-            raise DataError(f"data.val_cars='{val_cars}' must be a list, a count, or 'k/K' with 1 <= k <= K <= {len(cars)}")
+            raise DataError(
+                f"data.val_cars='{val_cars}' must be a list, a count, or 'k/K' with 1 <= k <= K <= {len(cars)}"
+            )
         k, n = int(m[1]), int(m[2])
         chosen = {c for i, c in enumerate(cars) if i % n == k - 1}
     return [s for s in samples if s.car not in chosen], [s for s in samples if s.car in chosen]
 
 
 def test_samples(cfg: Settings) -> list[Sample]:
-    """Test images in sample_submission.csv order when the data has that file (else by name), limited by data.limit_test.
+    """Test images in sample_submission.csv order when the data has that file (else by name), limited by
+    data.limit_test.
 
     A data root without a test folder (training data only, e.g. for `evaluate`) has none.
     """

@@ -1,5 +1,6 @@
 """The Kaggle run-length encoding of a mask: 1-based (start, length) pairs over the row-major
 pixels; the empty mask is the empty string."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -35,6 +36,6 @@ def rle_decode(rle: str, shape: tuple[int, int]) -> np.ndarray:
     starts, lengths = numbers[0::2] - 1, numbers[1::2]
     if (starts < 0).any() or (lengths < 0).any() or (starts + lengths > mask.size).any():
         raise ValueError(f"RLE runs fall outside a mask of shape {shape}")
-    for s, n in zip(starts.tolist(), lengths.tolist()):
+    for s, n in zip(starts.tolist(), lengths.tolist(), strict=True):
         mask[s : s + n] = True
     return mask.reshape(shape)

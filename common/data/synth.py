@@ -6,6 +6,7 @@ logo, grey turntable floor, soft shadow). Thin parts (a 2-4 px antenna, a few-pi
 mirror and cabin) are deliberately below what a 256-px model can resolve, and some cars run off
 the left/right image edge, as 2.3% of real ones do.
 """
+
 from __future__ import annotations
 
 import json
@@ -23,7 +24,16 @@ from common.io import atomic_path, write_csv, write_text
 
 WIDTH, HEIGHT = 1918, 1280
 ANGLES = 16
-COLOURS = [(20, 20, 24), (235, 235, 238), (170, 172, 178), (150, 20, 25), (25, 45, 120), (95, 98, 105), (30, 70, 45), (200, 160, 60)]
+COLOURS = [
+    (20, 20, 24),
+    (235, 235, 238),
+    (170, 172, 178),
+    (150, 20, 25),
+    (25, 45, 120),
+    (95, 98, 105),
+    (30, 70, 45),
+    (200, 160, 60),
+]
 
 
 def car_params(seed: int, index: int) -> dict:
@@ -68,8 +78,10 @@ def _background(rng: np.random.Generator) -> np.ndarray:
         if k % 2:  # an "A": triangle with a hole
             shapes = [([bottom, top, bottom], [x0, x0 + step * 0.4, x0 + step * 0.8])]
         else:  # a thick "C"/"R"-like block with a notch
-            shapes = [([top, top, bottom, bottom], [x0, x0 + step * 0.7, x0 + step * 0.7, x0]),
-                      ([top + 30, top + 30, bottom - 30, bottom - 30], [x0 + 28, x0 + step * 0.7, x0 + step * 0.7, x0 + 28])]
+            shapes = [
+                ([top, top, bottom, bottom], [x0, x0 + step * 0.7, x0 + step * 0.7, x0]),
+                ([top + 30, top + 30, bottom - 30, bottom - 30], [x0 + 28, x0 + step * 0.7, x0 + step * 0.7, x0 + 28]),
+            ]
         rr, cc = polygon(*shapes[0], shape=(HEIGHT, WIDTH))
         img[rr, cc] = grey
         if len(shapes) > 1:
@@ -83,7 +95,7 @@ def _soft_shadow(img: np.ndarray, cx: float, cy: float, rx: float, ry: float) ->
     x0, x1 = int(max(cx - 1.3 * rx, 0)), int(min(cx + 1.3 * rx, WIDTH))
     yy = (np.arange(y0, y1, dtype=np.float32)[:, None] - cy) / ry
     xx = (np.arange(x0, x1, dtype=np.float32)[None, :] - cx) / rx
-    img[y0:y1, x0:x1] *= (1 - 0.55 * np.exp(-(xx**2) ** 2 - yy**2))[..., None]
+    img[y0:y1, x0:x1] *= (1 - 0.55 * np.exp(-((xx**2) ** 2) - yy**2))[..., None]
 
 
 class _Canvas:
@@ -138,7 +150,17 @@ def _body(canvas: _Canvas, p: dict, v: _View, colour: np.ndarray) -> None:
     top_l = v.shoulder + (hood_drop if v.front < 0 else 0)
     top_r = v.shoulder + (hood_drop if v.front > 0 else 0)
     mid = v.cx + v.front * 0.12 * p["length"] * abs(v.s)  # where the hood starts to drop
-    ys = [v.body_bottom, v.body_bottom, v.body_bottom - r, top_r + r * 0.5, top_r, v.shoulder, top_l, top_l + r * 0.5, v.body_bottom - r]
+    ys = [
+        v.body_bottom,
+        v.body_bottom,
+        v.body_bottom - r,
+        top_r + r * 0.5,
+        top_r,
+        v.shoulder,
+        top_l,
+        top_l + r * 0.5,
+        v.body_bottom - r,
+    ]
     xs = [x0 + r, x1 - r, x1, x1, x1 - r, mid, x0 + r, x0, x0]
     rr, cc = polygon(ys, xs, shape=(HEIGHT, WIDTH))
     canvas.paint(rr, cc, colour)
@@ -177,14 +199,19 @@ def _lights(canvas: _Canvas, p: dict, v: _View) -> None:
         canvas.paint(rr, cc, light)
 
 
-def _cabin(canvas: _Canvas, p: dict, v: _View, colour: np.ndarray, rng: np.random.Generator) -> tuple[float, float, float]:
+def _cabin(
+    canvas: _Canvas, p: dict, v: _View, colour: np.ndarray, rng: np.random.Generator
+) -> tuple[float, float, float]:
     """A trapezoid with windows (diagonal reflections) and a B-pillar; returns its centre, base and top widths."""
     shape, L, Wd = (HEIGHT, WIDTH), p["length"], p["width"]
     cw = p["cabin_len"] * L * abs(v.s) + 0.86 * Wd * abs(v.c)
     ccx = v.cx - 0.06 * L * v.s
     top_w = cw * (0.72 if abs(v.s) < 0.5 else 0.6)
-    rr, cc = polygon([v.shoulder + 2, v.shoulder + 2, v.roof, v.roof], [ccx - cw / 2, ccx + cw / 2, ccx + top_w / 2, ccx - top_w / 2],
-                     shape=shape)
+    rr, cc = polygon(
+        [v.shoulder + 2, v.shoulder + 2, v.roof, v.roof],
+        [ccx - cw / 2, ccx + cw / 2, ccx + top_w / 2, ccx - top_w / 2],
+        shape=shape,
+    )
     canvas.paint(rr, cc, colour * 0.9)
     glass = np.float32([40, 48, 58]) + rng.uniform(-8, 8)
     inset = 14
@@ -215,7 +242,9 @@ def _mirrors(canvas: _Canvas, p: dict, v: _View, colour: np.ndarray, ccx: float,
         keep = side * (cc - edge_x) > gap  # keep the gap clear
         canvas.paint(rr[keep], cc[keep], colour * 0.8)
         stalk_x = sorted([edge_x, edge_x + side * (gap + 2)])
-        rr, cc = polygon([my + 8, my + 8, my + 11, my + 11], [stalk_x[0], stalk_x[1], stalk_x[1], stalk_x[0]], shape=shape)
+        rr, cc = polygon(
+            [my + 8, my + 8, my + 11, my + 11], [stalk_x[0], stalk_x[1], stalk_x[1], stalk_x[0]], shape=shape
+        )
         canvas.paint(rr, cc, colour * 0.8)
 
 
@@ -225,7 +254,9 @@ def _antenna(canvas: _Canvas, p: dict, v: _View, ccx: float, top_w: float) -> No
     ax = ccx + back * 0.3 * top_w
     aw, ah = p["antenna_w"], p["antenna_h"]
     tip = ax + back * 0.4 * ah
-    rr, cc = polygon([v.roof + 2, v.roof + 2, v.roof - ah, v.roof - ah], [ax, ax + aw, tip + aw, tip], shape=(HEIGHT, WIDTH))
+    rr, cc = polygon(
+        [v.roof + 2, v.roof + 2, v.roof - ah, v.roof - ah], [ax, ax + aw, tip + aw, tip], shape=(HEIGHT, WIDTH)
+    )
     canvas.paint(rr, cc, np.float32([25, 25, 25]))
 
 
@@ -255,9 +286,21 @@ def write_sample_data(out: str | Path, cars: int = 6, test_cars: int = 2, seed: 
     write_csv(out / "train_masks.csv", pd.DataFrame(rows[:n_train], columns=["img", "rle_mask"]))
     write_csv(out / "sample_submission.csv", pd.DataFrame({"img": [r[0] for r in rows[n_train:]], "rle_mask": "1 1"}))
     makes = ["Acme", "Borealis", "Cirrus", "Dynamo"]
-    meta = [{"id": p["id"], "year": 2010 + i % 8, "make": makes[i % 4], "model": f"Model {i % 3 + 1}", "trim1": "", "trim2": ""}
-            for i, p in enumerate(train_cars + test)]
+    meta = [
+        {
+            "id": p["id"],
+            "year": 2010 + i % 8,
+            "make": makes[i % 4],
+            "model": f"Model {i % 3 + 1}",
+            "trim1": "",
+            "trim2": "",
+        }
+        for i, p in enumerate(train_cars + test)
+    ]
     write_csv(out / "metadata.csv", pd.DataFrame(meta))
     # what a bundle's model card reads to say its nets learned synthetic cars only
-    write_text(out / "synthetic.json", json.dumps({"generator": "carvana sample-data", "cars": cars, "test_cars": test_cars, "seed": seed}))
+    write_text(
+        out / "synthetic.json",
+        json.dumps({"generator": "carvana sample-data", "cars": cars, "test_cars": test_cars, "seed": seed}),
+    )
     return out

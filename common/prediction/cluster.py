@@ -8,6 +8,7 @@ local run and writes its chunk file atomically into the shared output folder, so
 retried run skips what is on disk and the final files do not depend on who finished first.
 Checkpoints and boxes travel as paths and small tuples, never as arrays through the scheduler.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -64,8 +65,13 @@ def connect(spec: str) -> Iterator[Any]:
         raise SetupError(f"predict.cluster={spec} needs Dask distributed: pip install '.[cluster]'") from None
     if spec.startswith("local:"):
         # the scope ends after the cluster is closed: no nanny restarts a worker outside it
-        with local_cluster_scope(), LocalCluster(n_workers=int(spec[6:]), threads_per_worker=1, processes=True,
-                                                  dashboard_address=None) as cluster, Client(cluster) as client:
+        with (
+            local_cluster_scope(),
+            LocalCluster(
+                n_workers=int(spec[6:]), threads_per_worker=1, processes=True, dashboard_address=None
+            ) as cluster,
+            Client(cluster) as client,
+        ):
             yield client
         return
     try:
@@ -102,9 +108,16 @@ def run_chunks(spec: str, task: Callable[..., int], chunks: list[Chunk], args: t
     with connect(spec) as client:
         workers = len(client.scheduler_info()["workers"])
         started, done = time.monotonic(), 0
-        futures = [client.submit(task, [chunk], *args, key=f"{desc.replace(' ', '-')}-{chunk.number}", pure=False, retries=2)
-                   for chunk in chunks]
-        with tqdm(total=sum(len(chunk.items) for chunk in chunks), desc=f"{desc} ({workers} workers)", unit="img", disable=None) as bar:
+        futures = [
+            client.submit(task, [chunk], *args, key=f"{desc.replace(' ', '-')}-{chunk.number}", pure=False, retries=2)
+            for chunk in chunks
+        ]
+        with tqdm(
+            total=sum(len(chunk.items) for chunk in chunks),
+            desc=f"{desc} ({workers} workers)",
+            unit="img",
+            disable=None,
+        ) as bar:
             for future in as_completed(futures):
                 n = future.result()
                 done += n

@@ -3,6 +3,7 @@ LightningModule's predict step with its prediction writer) and `run_job` does th
 stages: the chunks not finished yet, here or as Dask tasks (`predict.cluster`), the predictor
 streamed over the images, each output handed to the `ChunkWriter`.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass

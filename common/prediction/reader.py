@@ -7,6 +7,7 @@ files travel as bytes instead and nvjpeg decodes a whole batch on the GPU: for a
 too few cores for its GPU. Any failure becomes a `Failure` naming the file in the image's place:
 never a crash, never a silent drop.
 """
+
 from __future__ import annotations
 
 import functools
@@ -82,8 +83,7 @@ def _as_list(items: list[Loaded]) -> list[Loaded]:
 def reader_processes(setting: int | Literal["auto"], device: torch.device) -> int:
     """`predict.workers`, resolved: auto is 0 on a CPU (decoding in the main process is fastest where
     the cores also run the nets); on a GPU the cores but one (the main process queues the device's
-    work), shared by the visible GPUs. PIL decodes 32-75 Carvana photos a second per core, and one
-    H100 takes 100-420 (docs/benchmarks.md, "Cores per GPU")."""
+    work), shared by the visible GPUs (docs/benchmarks.md, "Cores per GPU")."""
     if setting != "auto":
         return setting
     if device.type != "cuda":
@@ -101,18 +101,16 @@ def nvjpeg_decoder(device: torch.device) -> JpegDecoder | None:
     try:
         from torchvision.io import ImageReadMode, decode_jpeg
     except ImportError:
-        log.warning("reader: predict.decode=nvjpeg needs torchvision (pip install torchvision); JPEGs are decoded by PIL "
-                    "in the reader processes instead")
+        log.warning(
+            "reader: predict.decode=nvjpeg needs torchvision (pip install torchvision); JPEGs are decoded by PIL in "
+            "the reader processes instead"
+        )
         return None
     side = torch.cuda.Stream(device)
 
     def decode(data: list[torch.Tensor], dev: torch.device) -> list[torch.Tensor]:
-        # nvJPEG's hardware engine does not wait for the stream it is given, and the caching allocator hands
-        # a stream blocks that its queued kernels may still read (torchvision PR #9606, torchcodec PR #1634).
-        # So the decodes run on a stream of their own, whose blocks only they and (after record_stream) the
-        # compute stream touch, and the compute stream waits for them on the device: no host-side wait, so
-        # the next batch decodes while this one computes. Needs CUDA: not testable on the CPU
-        # (benchmarks/gpu_check.py compares it with PIL on a card).
+        # a stream of its own: nvJPEG does not wait for the stream it is given (docs/architecture.md, "The device
+        # path"); the compute stream waits on the device, not the host. Needs CUDA (benchmarks/gpu_check.py)
         compute = torch.cuda.current_stream(dev)
         with torch.cuda.stream(side):
             images = decode_jpeg(data, mode=ImageReadMode.RGB, device=dev)
@@ -126,17 +124,25 @@ def nvjpeg_decoder(device: torch.device) -> JpegDecoder | None:
     try:
         decode([torch.frombuffer(bytearray(buf.getvalue()), dtype=torch.uint8)], device)
     except RuntimeError as e:
-        log.warning(f"reader: nvjpeg cannot decode on {device} ({e}); JPEGs are decoded by PIL in the reader processes instead")
+        log.warning(
+            f"reader: nvjpeg cannot decode on {device} ({e}); JPEGs are decoded by PIL in the reader processes instead"
+        )
         return None
     return decode
 
 
-def to_device(items: list[Loaded], paths: list[Path], device: torch.device, decode: JpegDecoder | None) -> list[Decoded]:
+def to_device(
+    items: list[Loaded], paths: list[Path], device: torch.device, decode: JpegDecoder | None
+) -> list[Decoded]:
     """Move a loader batch to the device: pixels by an async copy from pinned memory, JPEG bytes through `decode`."""
     out: dict[int, Decoded] = {}
     for item in items:
         if not item.encoded:
-            image = item.data if isinstance(item.data, Failure) else item.data.to(device, non_blocking=True).permute(2, 0, 1)
+            image = (
+                item.data
+                if isinstance(item.data, Failure)
+                else item.data.to(device, non_blocking=True).permute(2, 0, 1)
+            )
             out[item.index] = Decoded(item.index, image)
     jpegs = [item for item in items if item.encoded]
     if jpegs:
@@ -144,7 +150,7 @@ def to_device(items: list[Loaded], paths: list[Path], device: torch.device, deco
             decoded = decode([item.data for item in jpegs], device)
         except RuntimeError:  # one bad file fails the batch: decode one by one, PIL for the rest
             decoded = [_decode_one(decode, item.data, device, paths[item.index]) for item in jpegs]
-        for item, image in zip(jpegs, decoded):
+        for item, image in zip(jpegs, decoded, strict=True):
             out[item.index] = Decoded(item.index, image)
     return [out[item.index] for item in items]
 
@@ -157,20 +163,28 @@ def _decode_one(decode: JpegDecoder, data: torch.Tensor, device: torch.device, p
             image = from_host(read_image(path), device).permute(2, 0, 1)
         except ImageReadError as bad:
             return Failure.of(bad)
-        log.warning(f"reader: nvjpeg cannot decode {path} ({str(e).splitlines()[0]}); decoded by PIL in the main process")
+        log.warning(
+            f"reader: nvjpeg cannot decode {path} ({str(e).splitlines()[0]}); decoded by PIL in the main process"
+        )
         return image
 
 
-def read_batches(paths: list[Path], device: torch.device, batch_size: int, workers: int,
-                 decode: Literal["pil", "nvjpeg"] = "pil") -> Iterator[list[Decoded]]:
+def read_batches(
+    paths: list[Path], device: torch.device, batch_size: int, workers: int, decode: Literal["pil", "nvjpeg"] = "pil"
+) -> Iterator[list[Decoded]]:
     """Batches of decoded images on `device`, in the order of `paths`, read `workers` processes ahead."""
     nvjpeg = nvjpeg_decoder(device) if decode == "nvjpeg" else None
     if multiprocessing.current_process().daemon:
         workers = 0  # a daemonic process (e.g. a Dask worker left at its default) may not start reader processes
-    loader = DataLoader(ImageFiles(paths, encoded=nvjpeg is not None), batch_size=batch_size, num_workers=workers,
-                        # pinned: the copy to the GPU is async. JPEG bytes for nvjpeg stay pageable: torchvision hands
-                        # their pointers to nvJPEG, and no event keeps a pinned block from reuse while it reads them
-                        collate_fn=_as_list, pin_memory=device.type == "cuda" and nvjpeg is None,
-                        prefetch_factor=4 if workers else None)
+    loader = DataLoader(
+        ImageFiles(paths, encoded=nvjpeg is not None),
+        batch_size=batch_size,
+        num_workers=workers,
+        # pinned: the copy to the GPU is async. JPEG bytes for nvjpeg stay pageable: torchvision hands
+        # their pointers to nvJPEG, and no event keeps a pinned block from reuse while it reads them
+        collate_fn=_as_list,
+        pin_memory=device.type == "cuda" and nvjpeg is None,
+        prefetch_factor=4 if workers else None,
+    )
     for items in loader:
         yield to_device(items, paths, device, nvjpeg)

@@ -7,6 +7,7 @@ Stage 1's step (`stage1_lowres.coarse.Coarse`: probability and box) and stage 2'
 `stage1 predict`, `stage2 predict`, validation, `evaluate`, `cutout`, `serve` and the benchmarks
 all run them, so validation predicts exactly the way the submission is made.
 """
+
 from __future__ import annotations
 
 import time
@@ -51,7 +52,9 @@ def predict_dtype(device: torch.device) -> torch.dtype | None:
     return amp_dtype("auto", device, training=False)
 
 
-def probabilities(net: nn.Module, x: torch.Tensor, device: torch.device, flip: bool = False, pad_to: int = 0) -> torch.Tensor:
+def probabilities(
+    net: nn.Module, x: torch.Tensor, device: torch.device, flip: bool = False, pad_to: int = 0
+) -> torch.Tensor:
     """(n, H, W) float32 probabilities of the net's one output channel, in `predict_dtype`: the inputs
     padded with zeros to `pad_to` (one static shape for a compiled net); with flip TTA the mirrored
     inputs ride in the same pass and the two predictions are averaged (both stages' one TTA)."""
@@ -83,7 +86,9 @@ class Predictor:
         """Decoded uint8 (3, H, W) images on the device and their boxes (None: stage 1 finds it) -> a result each."""
         raise NotImplementedError
 
-    def run(self, paths: list[Path], boxes: list[Box | None] | None = None, desc: str = "") -> Iterator[tuple[int, Result]]:
+    def run(
+        self, paths: list[Path], boxes: list[Box | None] | None = None, desc: str = ""
+    ) -> Iterator[tuple[int, Result]]:
         """(index into `paths`, its result), in order, reading `workers` processes ahead of the device.
         With `desc`, a progress bar (images/s, ETA) and a summary line with the measured rate."""
         boxes = boxes or [None] * len(paths)
@@ -91,8 +96,17 @@ class Predictor:
         bar = tqdm(total=len(paths), desc=desc, unit="img", disable=None if desc else True, mininterval=1.0)
         for batch in read_batches(paths, self.device, max(self.batch_size, 1), self.workers, self.decode):
             read = [d for d in batch if not isinstance(d.image, Failure)]
-            results = dict(zip([d.index for d in read], self.predict([d.image for d in read], [boxes[d.index] for d in read]),
-                               strict=True)) if read else {}
+            results = (
+                dict(
+                    zip(
+                        [d.index for d in read],
+                        self.predict([d.image for d in read], [boxes[d.index] for d in read]),
+                        strict=True,
+                    )
+                )
+                if read
+                else {}
+            )
             for d in batch:
                 result = d.image if isinstance(d.image, Failure) else results[d.index]
                 yield d.index, result.named(str(paths[d.index])) if isinstance(result, Failure) else result
@@ -101,5 +115,7 @@ class Predictor:
         bar.close()
         if desc and done:
             seconds = time.monotonic() - started
-            log.info(f"{desc}: {done} images in {seconds:.1f} s ({done / seconds:.1f} images/s on {self.device} in "
-                     f"{precision_name(predict_dtype(self.device))})")
+            log.info(
+                f"{desc}: {done} images in {seconds:.1f} s ({done / seconds:.1f} images/s on {self.device} in "
+                f"{precision_name(predict_dtype(self.device))})"
+            )

@@ -1,6 +1,7 @@
 """Moving arrays between the host and the device without stalling the device's queue: a copy to the
 device goes through pinned memory (`from_host`), a copy back is awaited by an event recorded on the
 tensors' own stream, not by a device-wide sync (`to_host`, `to_host_all`)."""
+
 from __future__ import annotations
 
 from typing import Callable

@@ -5,6 +5,7 @@ the next batch. The queue to that thread is bounded: each waiting item holds ful
 in host memory. `ChunkWriter` makes the predict commands' rows and writes each planned chunk
 atomically as soon as its rows are in; `carvana cutout` writes its pictures with one of its own.
 """
+
 from __future__ import annotations
 
 from collections import deque
@@ -115,7 +116,9 @@ class ChunkWriter(PredictionWriter):
     def __init__(self, store: ChunkStore, chunks: list[Chunk], row: MakeRow):
         super().__init__("chunk-writer")
         self.store, self.row, self.rows, self.next = store, row, [], 0
-        self.plan = deque((chunk.number, len(chunk.items)) for chunk in chunks)  # which chunk the next rows fill, and how many
+        self.plan = deque(
+            (chunk.number, len(chunk.items)) for chunk in chunks
+        )  # which chunk the next rows fill, and how many
 
     def write(self, output: Output) -> None:
         if output.index != self.next:

@@ -5,6 +5,7 @@ scale/shift (bilinear resampling, so a mask edge moves by up to half a pixel aga
 brightness/contrast/hue. Geometric changes apply to every input channel and the mask; photometric
 ones to the RGB channels only, so a coarse-mask channel stays a mask.
 """
+
 from __future__ import annotations
 
 import functools
@@ -14,8 +15,16 @@ import torch
 import torch.nn.functional as F
 
 
-def augment_batch(x: torch.Tensor, y: torch.Tensor, gen: torch.Generator, level: str = "full",
-                  scale: float = 0.1, shift: float = 0.06, colour: float = 0.15, hue_deg: float = 10.0) -> tuple[torch.Tensor, torch.Tensor]:
+def augment_batch(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    gen: torch.Generator,
+    level: str = "full",
+    scale: float = 0.1,
+    shift: float = 0.06,
+    colour: float = 0.15,
+    hue_deg: float = 10.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """x: (N, C, H, W) in [0, 1] with RGB first; y: (N, 1, H, W) in {0, 1}; level "flip" or "full"."""
     n = x.shape[0]
     # the step's random numbers in one draw on the host (the CPU generator keeps runs reproducible

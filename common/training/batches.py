@@ -11,6 +11,7 @@ the device):
 Both draw the epoch's order from DistributedSampler: seeded by (seed, epoch), so a resumed run
 sees the same order without saved generator state, and each rank gets its own shard of equal length.
 """
+
 from __future__ import annotations
 
 import warnings
@@ -39,12 +40,21 @@ Batch = tuple[torch.Tensor, torch.Tensor]
 
 def _sampler(n: int, ranks: Ranks, seed: int) -> DistributedSampler:
     # drop_last: every rank takes the same number of steps (DDP needs that), at most world-1 items dropped
-    return DistributedSampler(range(n), num_replicas=ranks.world, rank=ranks.rank, shuffle=True, seed=seed, drop_last=ranks.on)
+    return DistributedSampler(
+        range(n), num_replicas=ranks.world, rank=ranks.rank, shuffle=True, seed=seed, drop_last=ranks.on
+    )
 
 
 class TensorBatches:
-    def __init__(self, images: torch.Tensor, masks: torch.Tensor, batch_size: int, device: torch.device,
-                 ranks: Ranks = Ranks(), seed: int = 0):
+    def __init__(
+        self,
+        images: torch.Tensor,
+        masks: torch.Tensor,
+        batch_size: int,
+        device: torch.device,
+        ranks: Ranks = Ranks(),
+        seed: int = 0,
+    ):
         """images: uint8 (N, C, H, W); masks: bool or uint8 (N, 1, H, W)."""
         self.sampler, self.batch_size, self.device = _sampler(len(images), ranks, seed), batch_size, device
         nbytes = images.nbytes + masks.nbytes
@@ -83,15 +93,30 @@ class _Keys(Sampler):
 
 
 class LoaderBatches:
-    def __init__(self, dataset: Dataset, batch_size: int, workers: int, device: torch.device, ranks: Ranks = Ranks(),
-                 seed: int = 0, per_item: int = 1):
+    def __init__(
+        self,
+        dataset: Dataset,
+        batch_size: int,
+        workers: int,
+        device: torch.device,
+        ranks: Ranks = Ranks(),
+        seed: int = 0,
+        per_item: int = 1,
+    ):
         """`dataset[(index, epoch)]` -> (x, y); `per_item`: samples in one item (crops of one decoded image),
         `batch_size` counts samples."""
         self.sampler, self.device = _sampler(len(dataset), ranks, seed), device
         items = max(batch_size // per_item, 1)
-        self.loader = DataLoader(dataset, batch_size=items, sampler=_Keys(self.sampler), drop_last=len(self.sampler) > items,
-                                 num_workers=workers, pin_memory=device.type == "cuda", persistent_workers=workers > 0,
-                                 prefetch_factor=4 if workers else None)
+        self.loader = DataLoader(
+            dataset,
+            batch_size=items,
+            sampler=_Keys(self.sampler),
+            drop_last=len(self.sampler) > items,
+            num_workers=workers,
+            pin_memory=device.type == "cuda",
+            persistent_workers=workers > 0,
+            prefetch_factor=4 if workers else None,
+        )
 
     def __len__(self) -> int:
         return len(self.loader)
@@ -101,7 +126,10 @@ class LoaderBatches:
         for x, y in self.loader:
             if x.dim() == 5:  # (items, crops, C, H, W): several crops per decoded image
                 x, y = x.flatten(0, 1), y.flatten(0, 1)
-            yield x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)  # async copy from pinned memory
+            yield (
+                x.to(self.device, non_blocking=True),
+                y.to(self.device, non_blocking=True),
+            )  # async copy from pinned memory
 
     def close(self) -> None:
         """Stop the persistent workers now: a loop that stops early (a time limit, a benchmark) would
@@ -118,6 +146,7 @@ class LoaderBatches:
 
 
 # --- the training pairs, read once before training
+
 
 @dataclass
 class Pair:
@@ -140,12 +169,17 @@ def _scan_one(sample: Sample, size: Size | None, keep: bool) -> Pair | Failure:
         return Failure.of(e)
     if not keep:
         return Pair(sample, width, height, mask_extent(full))
-    mask = full if size is None else np.asarray(Image.fromarray(full.view(np.uint8) * 255).resize(size, Image.BILINEAR)) >= 128
+    mask = (
+        full
+        if size is None
+        else np.asarray(Image.fromarray(full.view(np.uint8) * 255).resize(size, Image.BILINEAR)) >= 128
+    )
     return Pair(sample, width, height, mask_extent(full), image, mask)
 
 
-def scan_pairs(samples: list[Sample], size: Size | None = None, keep: bool = True, max_bad_share: float = 0.01,
-               jobs: int = 4) -> tuple[list[Pair], dict[str, Failure]]:
+def scan_pairs(
+    samples: list[Sample], size: Size | None = None, keep: bool = True, max_bad_share: float = 0.01, jobs: int = 4
+) -> tuple[list[Pair], dict[str, Failure]]:
     """Read every training pair once, before training starts: the readable pairs, and img -> why
     for the others.
 
@@ -155,11 +189,13 @@ def scan_pairs(samples: list[Sample], size: Size | None = None, keep: bool = Tru
     """
     results = Parallel(n_jobs=jobs, prefer="threads")(delayed(_scan_one)(s, size, keep) for s in samples)
     pairs = [r for r in results if isinstance(r, Pair)]
-    bad = {s.img: r for s, r in zip(samples, results) if isinstance(r, Failure)}
+    bad = {s.img: r for s, r in zip(samples, results, strict=True) if isinstance(r, Failure)}
     if samples and len(bad) / len(samples) > max_bad_share:
         listing = "\n  ".join(map(str, list(bad.values())[:20]))
-        raise DataError(f"{len(bad)} of {len(samples)} training pairs are unreadable, more than "
-                        f"data.max_bad_share={max_bad_share}; fix or remove them:\n  {listing}")
+        raise DataError(
+            f"{len(bad)} of {len(samples)} training pairs are unreadable, more than "
+            f"data.max_bad_share={max_bad_share}; fix or remove them:\n  {listing}"
+        )
     for failure in bad.values():
         warnings.warn(f"skipping training pair: {failure}", stacklevel=2)
     return pairs, bad
@@ -183,14 +219,18 @@ def read_pairs(data: Data, size: Size, keep: bool, workers: int) -> TrainingPair
         raise DataError("training needs validation cars; set data.val_cars to a count, a list or k/K")
     pairs, bad = scan_pairs(samples, size, keep=keep, max_bad_share=data.max_bad_share, jobs=max(workers, 1))
     val_ids = {v.id for v in val_samples}
-    return TrainingPairs([p for p in pairs if p.sample.id not in val_ids], [p for p in pairs if p.sample.id in val_ids], bad)
+    return TrainingPairs(
+        [p for p in pairs if p.sample.id not in val_ids], [p for p in pairs if p.sample.id in val_ids], bad
+    )
 
 
 def report_skipped(run_dir: Path, skipped: dict[str, Failure]) -> None:
     """The run summary's list of skipped pairs, also kept as `<run_dir>/skipped.csv`."""
     if not skipped:
         return
-    write_csv(run_dir / "skipped.csv", pd.DataFrame([(img, str(f)) for img, f in skipped.items()], columns=["img", "reason"]))
+    write_csv(
+        run_dir / "skipped.csv", pd.DataFrame([(img, str(f)) for img, f in skipped.items()], columns=["img", "reason"])
+    )
     log.info(f"skipped {len(skipped)} unreadable pair(s), listed in {run_dir / 'skipped.csv'}:")
     for failure in skipped.values():
         log.info(f"  {failure}")

@@ -6,6 +6,7 @@ torchrun sets RANK, LOCAL_RANK and WORLD_SIZE; without them this is one process 
 is a no-op. NCCL on CUDA, gloo on the CPU (which is how the tests run two ranks for real).
 Rank 0 alone prints, writes checkpoints, history, plots and pipeline state.
 """
+
 from __future__ import annotations
 
 import os
@@ -36,7 +37,9 @@ class Ranks:
 
 def ranks() -> Ranks:
     """This process's place in a torchrun job (0 of 1 outside one)."""
-    return Ranks(int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_RANK", 0)))
+    return Ranks(
+        int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_RANK", 0))
+    )
 
 
 def init(device_name: str) -> tuple[Ranks, torch.device]:
@@ -57,13 +60,17 @@ def init(device_name: str) -> tuple[Ranks, torch.device]:
     return r, device
 
 
-def step_agreement(finite: torch.Tensor, late: bool, total: torch.Tensor, seen: torch.Tensor) -> tuple[bool, bool, tuple[float, float]]:
+def step_agreement(
+    finite: torch.Tensor, late: bool, total: torch.Tensor, seen: torch.Tensor
+) -> tuple[bool, bool, tuple[float, float]]:
     """One optimizer step's decisions, in one collective and one host read (the step's only sync
     point): was the loss finite on every rank, does rank 0's clock say stop (every rank then stops
     after the same step), and the running loss sum and image count over all ranks (progress bar)."""
     world = dist.get_world_size() if dist.is_initialized() else 1
     decides = not dist.is_initialized() or dist.get_rank() == 0
-    flags = torch.stack([finite.to(total.dtype), total.new_full((), float(late and decides)), total, seen])  # no host copy
+    flags = torch.stack(
+        [finite.to(total.dtype), total.new_full((), float(late and decides)), total, seen]
+    )  # no host copy
     if dist.is_initialized():
         dist.all_reduce(flags)
     ok, stop, loss_sum, images = flags.tolist()  # a sync point, once per optimizer step

@@ -1,4 +1,5 @@
 """BCE + (1 - soft Dice), with optional extra BCE weight on a band around the mask boundary."""
+
 from __future__ import annotations
 
 import torch

@@ -13,6 +13,7 @@ at least 10% faster than fp32 for this net, timed once per run), optional
 torch.compile. Under torchrun: DDP (gradients averaged over ranks in backward), optional
 SyncBatchNorm, rank 0 validates and writes, and its time-budget decision is shared.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -50,7 +51,9 @@ class Scores:
 
 
 Validate = Callable[[nn.Module], Scores]
-Predicted = Iterator[tuple[int, "torch.Tensor | Failure"]]  # index, float32 (H, W) probability on the device, or why not
+Predicted = Iterator[
+    tuple[int, "torch.Tensor | Failure"]
+]  # index, float32 (H, W) probability on the device, or why not
 
 
 class Batches(Protocol):  # common/training/batches.py
@@ -79,21 +82,26 @@ def step_seconds(model: nn.Module, s: Training, dtypes: tuple[torch.dtype | None
 def faster_cpu_dtype(model: nn.Module, s: Training, history: list[dict], ranks: Ranks) -> torch.dtype | None:
     """precision=auto on a CPU with native bf16: bf16 where it trains this net at least 10% faster
     here, else fp32.
-    The CPU flag does not predict it: the demo net's step at 256 px was 1.5x faster in bf16 on a
-    2-core AMD EPYC and 0.88x on a 2-core Intel Xeon with the same AVX512-BF16 (`bench_train.py precision`).
-    Rank 0 times it; history.csv records the pick, so a resumed run keeps it."""
+    The CPU flag does not predict it (docs/experiments/2026-11-precision-on-cpus.md). Rank 0 times it;
+    history.csv records the pick, so a resumed run keeps it."""
     if history and history[-1].get("precision") in ("bf16", "fp32"):
         return DTYPES[history[-1]["precision"]]
     seconds = step_seconds(model, s, (torch.bfloat16, None)) if ranks.main else {}
     # bf16 only when clearly faster: fp32 is the safer choice, and a tie would make reruns pick at random
-    name = distributed.from_main(("bf16" if seconds[torch.bfloat16] < 0.9 * seconds[None] else "fp32") if ranks.main else None)
+    name = distributed.from_main(
+        ("bf16" if seconds[torch.bfloat16] < 0.9 * seconds[None] else "fp32") if ranks.main else None
+    )
     if ranks.main:  # the other ranks have no timings to show
-        log.info(f"precision=auto: a training step takes {seconds[torch.bfloat16] * 1000:.0f} ms in bf16 and "
-                 f"{seconds[None] * 1000:.0f} ms in fp32 on this CPU; training in {name}")
+        log.info(
+            f"precision=auto: a training step takes {seconds[torch.bfloat16] * 1000:.0f} ms in bf16 and "
+            f"{seconds[None] * 1000:.0f} ms in fp32 on this CPU; training in {name}"
+        )
     return DTYPES[name]
 
 
-def training_dtype(model: nn.Module, s: Training, history: list[dict], device: torch.device, ranks: Ranks) -> torch.dtype | None:
+def training_dtype(
+    model: nn.Module, s: Training, history: list[dict], device: torch.device, ranks: Ranks
+) -> torch.dtype | None:
     """The autocast type training runs in: `amp_dtype`, and with precision=auto on a CPU with native
     bf16 the faster of bf16 and fp32 for this net (`faster_cpu_dtype`)."""
     dtype = amp_dtype(s.precision, device)
@@ -179,14 +187,26 @@ def train_one_epoch(loop: Loop, data: Batches, epoch: int) -> EpochStats:
     travel in one collective and one read (`distributed.step_agreement`); everything else stays queued."""
     net, opt, scaler, s, device, ranks = loop.net, loop.opt, loop.scaler, loop.settings, loop.device, loop.ranks
     net.train()
-    aug_gen = torch.Generator().manual_seed(loop.seed * 1_000_003 + epoch * 1009 + ranks.rank)  # resume needs no saved state
+    aug_gen = torch.Generator().manual_seed(
+        loop.seed * 1_000_003 + epoch * 1009 + ranks.rank
+    )  # resume needs no saved state
     accum = s.accum
-    total, seen = torch.zeros((), device=device), torch.zeros((), device=device)  # over finite steps, summed on the device
-    window_finite = torch.ones((), dtype=torch.bool, device=device)  # every micro-step of this optimizer step was finite
+    total, seen = (
+        torch.zeros((), device=device),
+        torch.zeros((), device=device),
+    )  # over finite steps, summed on the device
+    window_finite = torch.ones(
+        (), dtype=torch.bool, device=device
+    )  # every micro-step of this optimizer step was finite
     skipped, bad_run, out_of_time, shown = 0, 0, False, (0.0, 0.0)
     data_s, step_s, t0, t = 0.0, 0.0, time.monotonic(), time.monotonic()
-    bar = tqdm(total=len(data), desc=f"epoch {epoch + 1}/{s.epochs}", leave=False, mininterval=1.0,  # "auto" in epoch 1
-               disable=None if ranks.main else True)
+    bar = tqdm(
+        total=len(data),
+        desc=f"epoch {epoch + 1}/{s.epochs}",
+        leave=False,
+        mininterval=1.0,  # "auto" in epoch 1
+        disable=None if ranks.main else True,
+    )
     opt.zero_grad(set_to_none=True)
     for i, (x, y) in enumerate(data.epoch(epoch)):
         t_data = time.monotonic()
@@ -195,7 +215,9 @@ def train_one_epoch(loop: Loop, data: Batches, epoch: int) -> EpochStats:
             x, y = augment_batch(x, y, aug_gen, s.augment)
         x = x.contiguous(memory_format=torch.channels_last)
         boundary = (i + 1) % accum == 0 or i + 1 == len(data)
-        sync = net.no_sync() if ranks.on and not boundary else contextlib.nullcontext()  # DDP: average gradients once per optimizer step
+        sync = (
+            net.no_sync() if ranks.on and not boundary else contextlib.nullcontext()
+        )  # DDP: average gradients once per optimizer step
         with sync:
             with autocast(device, loop.dtype):
                 loss = bce_dice_loss(net(x), y, s.edge_weight)
@@ -205,8 +227,13 @@ def train_one_epoch(loop: Loop, data: Batches, epoch: int) -> EpochStats:
         total += torch.where(finite, loss.detach(), 0.0) * len(x)
         seen += finite * len(x)
         if boundary:
-            ok, late, shown = distributed.step_agreement(window_finite, loop.clock.late(), total, seen)  # the step's sync point
-            bad_run, skipped = optimizer_step(opt, scaler, ok, bad_run, s.max_bad_steps, f"epoch {epoch + 1}, step {i + 1}"), skipped + (not ok)
+            ok, late, shown = distributed.step_agreement(
+                window_finite, loop.clock.late(), total, seen
+            )  # the step's sync point
+            bad_run, skipped = (
+                optimizer_step(opt, scaler, ok, bad_run, s.max_bad_steps, f"epoch {epoch + 1}, step {i + 1}"),
+                skipped + (not ok),
+            )
             window_finite.fill_(True)
             out_of_time = late
         t = time.monotonic()
@@ -222,7 +249,9 @@ def train_one_epoch(loop: Loop, data: Batches, epoch: int) -> EpochStats:
     return EpochStats(mean, int(images), skipped, data_s, step_s, out_of_time)
 
 
-def optimizer_step(opt: torch.optim.Optimizer, scaler: torch.amp.GradScaler, ok: bool, bad_run: int, max_bad: int, where: str) -> int:
+def optimizer_step(
+    opt: torch.optim.Optimizer, scaler: torch.amp.GradScaler, ok: bool, bad_run: int, max_bad: int, where: str
+) -> int:
     """Step when every rank's losses were finite, else skip; returns the run of skipped steps, and
     stops training when it reaches `max_bad` (best.pt keeps the last good model)."""
     if ok:
@@ -232,8 +261,10 @@ def optimizer_step(opt: torch.optim.Optimizer, scaler: torch.amp.GradScaler, ok:
         return 0
     opt.zero_grad(set_to_none=True)
     if bad_run + 1 >= max_bad:
-        raise TrainingError(f"{bad_run + 1} optimizer steps in a row had a non-finite loss ({where}); "
-                            f"lower lr (now {opt.param_groups[0]['lr']:.2e}) or set precision=fp32; best.pt still holds the last good model")
+        raise TrainingError(
+            f"{bad_run + 1} optimizer steps in a row had a non-finite loss ({where}); lower lr (now "
+            f"{opt.param_groups[0]['lr']:.2e}) or set precision=fp32; best.pt still holds the last good model"
+        )
     return bad_run + 1
 
 
@@ -274,12 +305,22 @@ def validator(predict: Callable[[nn.Module], Predicted], truths: list[torch.Tens
     return validate
 
 
-def save_epoch(run_dir: Path, model: nn.Module, opt, scaler, history: list[dict], best: float, config: Settings) -> float:
+def save_epoch(
+    run_dir: Path, model: nn.Module, opt, scaler, history: list[dict], best: float, config: Settings
+) -> float:
     """last.pt always; best.pt when this epoch's Dice is finite and the best so far (a NaN never
     becomes best.pt); history.csv and the plot. Returns the new best."""
     row = history[-1]
-    state = {"model": model.state_dict(), "model_args": model.args, "optimizer": opt.state_dict(), "scaler": scaler.state_dict(),
-             "epoch": row["epoch"], "best_dice": best, "history": history, "config": config.model_dump()}
+    state = {
+        "model": model.state_dict(),
+        "model_args": model.args,
+        "optimizer": opt.state_dict(),
+        "scaler": scaler.state_dict(),
+        "epoch": row["epoch"],
+        "best_dice": best,
+        "history": history,
+        "config": config.model_dump(),
+    }
     finite = math.isfinite(row["val_dice"]) and math.isfinite(row["val_loss"])
     if finite and row["val_dice"] > best and all(torch.isfinite(p).all() for p in model.parameters()):
         best = state["best_dice"] = row["val_dice"]
@@ -324,14 +365,23 @@ def fit(run: Run, model: nn.Module, data: Batches, validate: Validate, pairs: Tr
 
 def train(run: Run, model: nn.Module, data: Batches, validate: Validate) -> list[dict]:
     """Train `model` on `data` per the run's stage settings; returns the history, one row an epoch."""
-    s, run_dir, seed, config, device, ranks = run.settings, run.folder, run.config.seed, run.config, run.device, run.ranks
+    s, run_dir, seed, config, device, ranks = (
+        run.settings,
+        run.folder,
+        run.config.seed,
+        run.config,
+        run.device,
+        run.ranks,
+    )
     clock = Clock(s.max_minutes)
     torch.manual_seed(seed)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed input sizes: the fastest kernels are picked once
     model.to(device).to(memory_format=torch.channels_last)
     opt = build_optimizer(model, s)
-    scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype(s.precision, device) == torch.float16)  # bf16, fp32: no loss scaling
+    scaler = torch.amp.GradScaler(
+        "cuda", enabled=amp_dtype(s.precision, device) == torch.float16
+    )  # bf16, fp32: no loss scaling
     epoch, best, history = _resume(run_dir / "last.pt", model, opt, scaler, device) if s.resume else (0, -1.0, [])
     dtype = training_dtype(model, s, history, device, ranks)
     precision = precision_name(dtype)  # recorded per epoch
@@ -354,17 +404,32 @@ def train(run: Run, model: nn.Module, data: Batches, validate: Validate) -> list
         epoch += 1
         if auto and epoch <= 2 and len(history) < 2:  # plan after epoch 1, fix after epoch 2
             epochs = planned_epochs(clock, epoch, clock.elapsed() if epoch == 1 else clock.now() - t0)
-            log.info(f"epochs=auto: {clock.elapsed():.0f} s of the {s.max_minutes} min budget spent after "
-                     f"epoch {epoch}, so the {s.schedule} schedule runs over {epochs} epochs")
-        history.append({"epoch": epoch, "train_loss": stats.train_loss, "val_loss": val.loss, "val_dice": val.dice,
-                        "lr": lr, "seconds": round(clock.now() - t0, 2), "images": stats.images,
-                        "skipped_steps": stats.skipped, "data_seconds": round(stats.data_seconds, 2), "planned_epochs": epochs,
-                        "precision": precision})
+            log.info(
+                f"epochs=auto: {clock.elapsed():.0f} s of the {s.max_minutes} min budget spent after epoch {epoch}, so "
+                f"the {s.schedule} schedule runs over {epochs} epochs"
+            )
+        history.append(
+            {
+                "epoch": epoch,
+                "train_loss": stats.train_loss,
+                "val_loss": val.loss,
+                "val_dice": val.dice,
+                "lr": lr,
+                "seconds": round(clock.now() - t0, 2),
+                "images": stats.images,
+                "skipped_steps": stats.skipped,
+                "data_seconds": round(stats.data_seconds, 2),
+                "planned_epochs": epochs,
+                "precision": precision,
+            }
+        )
         if ranks.main:
             best = save_epoch(run_dir, model, opt, scaler, history, best, config)
         _log_epoch(history[-1], stats, epochs)
         if stats.out_of_time:
-            log.info(f"time budget of {s.max_minutes} min spent; stopping after epoch {epoch} (best val Dice {best:.4f})")
+            log.info(
+                f"time budget of {s.max_minutes} min spent; stopping after epoch {epoch} (best val Dice {best:.4f})"
+            )
             break
     distributed.barrier()  # every rank leaves with rank 0's files written
     return history
@@ -382,7 +447,8 @@ def _parallel(model: nn.Module, s: Training, ranks: Ranks, device: torch.device)
 
 
 def _resume(last: Path, model: nn.Module, opt, scaler, device: torch.device) -> tuple[int, float, list[dict]]:
-    """(epoch, best Dice, history) of `last.pt`, with the weights, optimizer and scaler restored; a fresh start without it."""
+    """(epoch, best Dice, history) of `last.pt`, with the weights, optimizer and scaler restored; a fresh start
+    without it."""
     if not last.is_file():
         return 0, -1.0, []
     ckpt = load_checkpoint(last, device, expect=model.args)
@@ -394,10 +460,12 @@ def _resume(last: Path, model: nn.Module, opt, scaler, device: torch.device) -> 
 
 
 def _log_epoch(row: dict, stats: EpochStats, epochs: int | None) -> None:
-    log.info(f"epoch {row['epoch']}/{epochs}: train loss {row['train_loss']:.4f}  val loss {row['val_loss']:.4f}  "
-             f"val Dice {row['val_dice']:.4f}  lr {row['lr']:.2e}  {row['seconds']:.0f}s "
-             f"({stats.images / max(stats.data_seconds + stats.step_seconds, 1e-9):.1f} img/s, data wait {stats.data_seconds:.1f}s)"
-             + (f"  skipped {stats.skipped} non-finite steps" if stats.skipped else ""))
+    log.info(
+        f"epoch {row['epoch']}/{epochs}: train loss {row['train_loss']:.4f}  val loss {row['val_loss']:.4f}  val Dice "
+        f"{row['val_dice']:.4f}  lr {row['lr']:.2e}  {row['seconds']:.0f}s "
+        f"({stats.images / max(stats.data_seconds + stats.step_seconds, 1e-9):.1f} img/s, data wait "
+        f"{stats.data_seconds:.1f}s)" + (f"  skipped {stats.skipped} non-finite steps" if stats.skipped else "")
+    )
 
 
 def plot_history(run_dir: str | Path) -> Path:

@@ -15,6 +15,7 @@ loop) and queued; the queue is bounded (`serve.max_queue`: when full, 503 with R
 input gets a 4xx with `{"error": ...}` naming the problem; nothing is written to disk. SIGTERM
 (uvicorn's) stops accepting, lets the requests in flight finish, exits 0.
 """
+
 from pipelines.serve.app import Server, create_app, listen, serve
 from pipelines.serve.batcher import Batcher
 

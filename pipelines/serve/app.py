@@ -1,5 +1,6 @@
 """The app and its server: `create_app` puts the parts together (the batcher, the routers of /v1 and
 /v2, the middleware and the error handlers), `serve` runs it on uvicorn."""
+
 from __future__ import annotations
 
 import asyncio
@@ -43,13 +44,18 @@ def create_app(cfg: Settings, source: ModelSource) -> FastAPI:
         opening.cancel()
         batcher.stop()  # uvicorn has let the requests in flight finish
 
-    app = FastAPI(title="carvana serve", summary="Cut the car out of studio photos: the two-stage Carvana cascade",
-                  lifespan=lifespan)
+    app = FastAPI(
+        title="carvana serve",
+        summary="Cut the car out of studio photos: the two-stage Carvana cascade",
+        lifespan=lifespan,
+    )
     app.state.batcher, app.state.api_key = batcher, key
     app.add_exception_handler(StarletteHTTPException, http_error)  # FastAPI's HTTPException and the router's 404/405
     app.add_exception_handler(RequestValidationError, bad_request)
     app.add_middleware(CrashGuard)
-    app.add_middleware(CountRequests, metrics=batcher.metrics)  # added last, so outermost: it counts the crash guard's 500s
+    app.add_middleware(
+        CountRequests, metrics=batcher.metrics
+    )  # added last, so outermost: it counts the crash guard's 500s
     for router in (v1_open, v1_protected, v2_open, v2_protected):
         app.include_router(router)
     return app
@@ -59,8 +65,12 @@ def listen(host: str, port: int) -> socket.socket:
     """The server's socket, bound here so that the log can say the port it got (`--port 0`: any free
     one); IPv4 or IPv6 as the host resolves (`--host ::` listens on both where the system allows)."""
     try:
-        family = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0][0]  # "": all
-        return socket.create_server((host, port), family=family, dualstack_ipv6=host == "::" and socket.has_dualstack_ipv6())
+        family = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0][
+            0
+        ]  # "": all
+        return socket.create_server(
+            (host, port), family=family, dualstack_ipv6=host == "::" and socket.has_dualstack_ipv6()
+        )
     except OSError as e:
         raise ConfigError(f"cannot listen on {host}:{port} ({e.strerror}); choose another --port or --host") from None
 
@@ -80,8 +90,10 @@ def serve(cfg: Settings, source: ModelSource, host: str, port: int) -> int:
     app = create_app(cfg, source)
     sock = listen(host, port)
     address = f"[{host}]" if ":" in host else host or "0.0.0.0"
-    log.info(f"serve: http://{address}:{sock.getsockname()[1]}/ (the page), POST /v1/cutout, /v1/segment; the Open Inference "
-             "Protocol under /v2; GET /healthz, /metrics, /docs")
+    log.info(
+        f"serve: http://{address}:{sock.getsockname()[1]}/ (the page), POST /v1/cutout, /v1/segment; the Open "
+        "Inference Protocol under /v2; GET /healthz, /metrics, /docs"
+    )
     # uvicorn drains on SIGTERM, then raises it again under the handler it found: this one, so a
     # drained server exits 0 instead of dying by the signal
     previous = signal.signal(signal.SIGTERM, lambda *_: None)

@@ -3,6 +3,7 @@ nets. A task takes the first waiting photo, waits up to `serve.max_wait_ms` for 
 `serve.max_batch`) and runs them through `Cascade.predict`, as `stage2 predict` and `carvana cutout`
 do, in one device step on that device's own thread. The nets load and warm up in a thread while the
 server already answers (503 until ready)."""
+
 from __future__ import annotations
 
 import asyncio
@@ -60,14 +61,22 @@ class Batcher:
         loading), then start a batching task per device."""
         await asyncio.to_thread(self.load)
         if self.ready.is_set():
-            self.tasks = [asyncio.create_task(self._work(c, step)) for c, step in zip(self.cascades, self.steps, strict=True)]
+            self.tasks = [
+                asyncio.create_task(self._work(c, step)) for c, step in zip(self.cascades, self.steps, strict=True)
+            ]
 
     def load(self) -> None:
         try:
-            self.cascades = [Cascade.load(self.source, self.cfg, pick_device(name)) for name in self.s.devices or [self.cfg.device]]
+            self.cascades = [
+                Cascade.load(self.source, self.cfg, pick_device(name)) for name in self.s.devices or [self.cfg.device]
+            ]
             # a step thread per device, its current CUDA device set once (`use_device`)
-            self.steps = [ThreadPoolExecutor(1, thread_name_prefix=f"serve-{c.device}", initializer=use_device, initargs=(c.device,))
-                          for c in self.cascades]
+            self.steps = [
+                ThreadPoolExecutor(
+                    1, thread_name_prefix=f"serve-{c.device}", initializer=use_device, initargs=(c.device,)
+                )
+                for c in self.cascades
+            ]
             for cascade, step in zip(self.cascades, self.steps, strict=True):  # one device at a time: torch.compile
                 if self.stopping.is_set():  # is not promised to be safe compiling on several at once
                     break
@@ -138,8 +147,14 @@ class Batcher:
         """One device step for the batch: the cascade's mask and soft alpha made on the device; only
         they come back, as bool and uint8, all in one copy awaited once (the step's one host sync
         besides stage 1's for the boxes)."""
-        results = cascade.predict([from_host(rgb, cascade.device).permute(2, 0, 1) for rgb in photos], [None] * len(photos))
+        results = cascade.predict(
+            [from_host(rgb, cascade.device).permute(2, 0, 1) for rgb in photos], [None] * len(photos)
+        )
         done = [r for r in results if isinstance(r, Prediction)]
         planes = iter(to_host_all([plane for r in done for plane in cut_planes(r, self.threshold)])())
-        return [result.named("upload") if isinstance(result, Failure) else Cut(rgb, next(planes), next(planes), result.box, result.found)
-                for rgb, result in zip(photos, results, strict=True)]
+        return [
+            result.named("upload")
+            if isinstance(result, Failure)
+            else Cut(rgb, next(planes), next(planes), result.box, result.found)
+            for rgb, result in zip(photos, results, strict=True)
+        ]

@@ -1,6 +1,7 @@
 """What the server's routes share: the error body and the answers the API declares, the body read
 within its limits, the API key (a dependency of the protected routers), crash handling (a middleware
 that answers 500 with an incident id), and a photo's way from bytes to a `Cut`."""
+
 from __future__ import annotations
 
 import asyncio
@@ -27,11 +28,16 @@ class ErrorBody(BaseModel):
     error: str
 
 
-WHY = {400: "not a photo, a truncated one, or a parameter out of its values", 401: "missing or wrong API key",
-       413: "more bytes than serve.max_bytes or pixels than serve.max_pixels",
-       415: "a Content-Type or an image format other than JPEG, PNG or WebP",
-       422: "a photo the tile settings cannot cover", 500: "an unexpected failure of the server (its log has the traceback)",
-       503: "the nets are not loaded yet, or the queue is full (see Retry-After)", 504: "not answered within serve.timeout_s"}
+WHY = {
+    400: "not a photo, a truncated one, or a parameter out of its values",
+    401: "missing or wrong API key",
+    413: "more bytes than serve.max_bytes or pixels than serve.max_pixels",
+    415: "a Content-Type or an image format other than JPEG, PNG or WebP",
+    422: "a photo the tile settings cannot cover",
+    500: "an unexpected failure of the server (its log has the traceback)",
+    503: "the nets are not loaded yet, or the queue is full (see Retry-After)",
+    504: "not answered within serve.timeout_s",
+}
 BINARY = {"schema": {"type": "string", "format": "binary"}}
 
 
@@ -85,7 +91,9 @@ class CrashGuard:
                 raise
             incident = uuid.uuid4().hex[:8]
             log.error(f"serve: {scope['method']} {scope['path']} failed (incident {incident})", exc_info=True)
-            answer = JSONResponse({"error": f"internal error {incident}; the server's log has the details"}, status_code=500)
+            answer = JSONResponse(
+                {"error": f"internal error {incident}; the server's log has the details"}, status_code=500
+            )
             await answer(scope, receive, send)
 
 
@@ -109,8 +117,11 @@ async def read_body(request: Request, max_bytes: int, room: int = 0) -> bytes:
 def ensure_ready(batcher: Batcher) -> None:
     """503 with Retry-After until the nets are loaded and warmed up, naming why."""
     if not batcher.ready.is_set():
-        raise HTTPException(503, f"the nets are not loaded{': ' + batcher.failed if batcher.failed else ' yet'}",
-                            headers={"Retry-After": "5"})
+        raise HTTPException(
+            503,
+            f"the nets are not loaded{': ' + batcher.failed if batcher.failed else ' yet'}",
+            headers={"Retry-After": "5"},
+        )
 
 
 async def cut_photo(batcher: Batcher, data: bytes) -> Cut:
@@ -129,7 +140,9 @@ async def cut_photo(batcher: Batcher, data: bytes) -> Cut:
     except ImageReadError as e:
         raise HTTPException(400, str(e)) from None
     except asyncio.QueueFull:
-        raise HTTPException(503, f"busy: {s.max_queue} photos are waiting (serve.max_queue)", headers={"Retry-After": "1"}) from None
+        raise HTTPException(
+            503, f"busy: {s.max_queue} photos are waiting (serve.max_queue)", headers={"Retry-After": "1"}
+        ) from None
     except asyncio.TimeoutError:
         raise HTTPException(504, f"not answered within serve.timeout_s={s.timeout_s} s") from None
     if isinstance(cut, Failure):  # e.g. a photo that needs more tiles than the settings allow

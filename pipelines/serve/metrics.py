@@ -1,5 +1,6 @@
 """What `/metrics` shows (Prometheus): requests by route and status with their latency, photos per
 device step and the queue's depth. `CountRequests` counts every answer, whatever answered it."""
+
 from __future__ import annotations
 
 import time
@@ -12,10 +13,18 @@ class Metrics:
     def __init__(self, max_batch: int):
         self.registry = CollectorRegistry()  # one per app: tests run several in one process
         self.requests = Counter("carvana_requests", "requests answered", ["endpoint", "status"], registry=self.registry)
-        self.latency = Histogram("carvana_request_seconds", "time from request to answer", ["endpoint"], registry=self.registry)
-        self.batch = Histogram("carvana_batch_size", "photos per device step", registry=self.registry,
-                               buckets=sorted({1, 2, 4, 8, 16, 32, 64, max_batch}))
-        self.queue = Gauge("carvana_queue_depth", "photos accepted and not yet through the device", registry=self.registry)
+        self.latency = Histogram(
+            "carvana_request_seconds", "time from request to answer", ["endpoint"], registry=self.registry
+        )
+        self.batch = Histogram(
+            "carvana_batch_size",
+            "photos per device step",
+            registry=self.registry,
+            buckets=sorted({1, 2, 4, 8, 16, 32, 64, max_batch}),
+        )
+        self.queue = Gauge(
+            "carvana_queue_depth", "photos accepted and not yet through the device", registry=self.registry
+        )
 
 
 class CountRequests:

@@ -2,6 +2,7 @@
 mask as Kaggle RLE, with the box), behind the API key; the page (`/`), `/healthz` and `/metrics`, open.
 Every parameter, body, answer and error is declared, so `/openapi.json` (and `/docs`) describe the
 API as it behaves."""
+
 from __future__ import annotations
 
 import functools
@@ -43,14 +44,27 @@ class Health(BaseModel):
 
 
 UPLOAD_TYPES = ("image/jpeg", "image/png", "image/webp", "application/octet-stream")
-UPLOAD = {"requestBody": {"required": True, "description": "the photo: the multipart field `image`, or the body itself",
-                          "content": {"multipart/form-data": {"schema": {"type": "object", "required": ["image"],
-                                                                         "properties": {"image": BINARY["schema"]}}},
-                                      **{kind: BINARY for kind in UPLOAD_TYPES}}}}
+UPLOAD = {
+    "requestBody": {
+        "required": True,
+        "description": "the photo: the multipart field `image`, or the body itself",
+        "content": {
+            "multipart/form-data": {
+                "schema": {"type": "object", "required": ["image"], "properties": {"image": BINARY["schema"]}}
+            },
+            **{kind: BINARY for kind in UPLOAD_TYPES},
+        },
+    }
+}
 ANSWERS = errors(400, 401, 413, 415, 422, 500, 503, 504)
-CUT_HEADERS = {"X-Car-Box": {"description": "x0,y0,x1,y1 of the car's box in the photo", "schema": {"type": "string"}},
-               "X-Car-Found": {"description": "1 if stage 1 saw a car, else 0 (the box is the whole photo)", "schema": {"type": "string"}},
-               "X-Seconds": {"description": "seconds from the upload read to the cut", "schema": {"type": "string"}}}
+CUT_HEADERS = {
+    "X-Car-Box": {"description": "x0,y0,x1,y1 of the car's box in the photo", "schema": {"type": "string"}},
+    "X-Car-Found": {
+        "description": "1 if stage 1 saw a car, else 0 (the box is the whole photo)",
+        "schema": {"type": "string"},
+    },
+    "X-Seconds": {"description": "seconds from the upload read to the cut", "schema": {"type": "string"}},
+}
 
 
 @functools.cache
@@ -64,7 +78,9 @@ async def read_upload(request: Request, max_bytes: int) -> bytes:
     """The photo: the multipart field `image`, or the raw body with an image Content-Type."""
     kind = request.headers.get("content-type", "")
     if not (kind.startswith(("multipart/form-data", "image/")) or kind == "application/octet-stream"):
-        raise HTTPException(415, "send the photo as the multipart field 'image', or as the body with an image/* Content-Type")
+        raise HTTPException(
+            415, "send the photo as the multipart field 'image', or as the body with an image/* Content-Type"
+        )
     body = await read_body(request, max_bytes, 64 * 1024 if kind.startswith("multipart/") else 0)  # the envelope's room
     if not kind.startswith("multipart/"):
         return body
@@ -91,17 +107,37 @@ async def cut_upload(request: Request) -> tuple[Cut, float]:
     return await cut_photo(batcher, data), time.perf_counter() - started
 
 
-@protected.post("/v1/cutout", response_class=Response, openapi_extra=UPLOAD,
-                responses={200: {"description": "the picture", "content": {media: BINARY for media in MEDIA.values()},
-                                 "headers": CUT_HEADERS}, **ANSWERS})
-async def cutout(request: Request,
-                 output: Literal["rgba", "mask", "composite"] = Query(
-                     "rgba", description="rgba: the photo with the car's alpha; mask: the alpha alone; composite: the car on `background`"),
-                 alpha: Literal["soft", "hard"] = Query("soft", description="soft: the edge follows the probability; hard: 0 or 255"),
-                 fmt: Literal["png", "webp", "jpeg"] = Query("png", alias="format", description="jpeg has no alpha: not with output=rgba"),
-                 crop: bool = Query(False, description="cut the picture to the car's box"),
-                 clean_edges: bool = Query(True, description="the soft edge in the car's own colour, not the photo's (the old background)"),
-                 background: str = Query("white", description="composite's colour: a name such as white, or #rrggbb")) -> Response:
+@protected.post(
+    "/v1/cutout",
+    response_class=Response,
+    openapi_extra=UPLOAD,
+    responses={
+        200: {
+            "description": "the picture",
+            "content": {media: BINARY for media in MEDIA.values()},
+            "headers": CUT_HEADERS,
+        },
+        **ANSWERS,
+    },
+)
+async def cutout(
+    request: Request,
+    output: Literal["rgba", "mask", "composite"] = Query(
+        "rgba",
+        description="rgba: the photo with the car's alpha; mask: the alpha alone; composite: the car on `background`",
+    ),
+    alpha: Literal["soft", "hard"] = Query(
+        "soft", description="soft: the edge follows the probability; hard: 0 or 255"
+    ),
+    fmt: Literal["png", "webp", "jpeg"] = Query(
+        "png", alias="format", description="jpeg has no alpha: not with output=rgba"
+    ),
+    crop: bool = Query(False, description="cut the picture to the car's box"),
+    clean_edges: bool = Query(
+        True, description="the soft edge in the car's own colour, not the photo's (the old background)"
+    ),
+    background: str = Query("white", description="composite's colour: a name such as white, or #rrggbb"),
+) -> Response:
     """The car cut out of the uploaded photo."""
     try:
         picture = Picture(output, alpha, clean_edges, background, crop, fmt)
@@ -109,8 +145,15 @@ async def cutout(request: Request,
         raise HTTPException(400, str(e)) from None
     cut, seconds = await cut_upload(request)
     body = await request.app.state.batcher.on_host(render, cut, picture, True)
-    return Response(body, media_type=picture.media_type, headers={"X-Car-Box": ",".join(map(str, cut.box)),
-                                                                  "X-Car-Found": str(int(cut.found)), "X-Seconds": f"{seconds:.3f}"})
+    return Response(
+        body,
+        media_type=picture.media_type,
+        headers={
+            "X-Car-Box": ",".join(map(str, cut.box)),
+            "X-Car-Found": str(int(cut.found)),
+            "X-Seconds": f"{seconds:.3f}",
+        },
+    )
 
 
 @protected.post("/v1/segment", response_model=Segment, openapi_extra=UPLOAD, responses=ANSWERS)
@@ -119,12 +162,23 @@ async def segment(request: Request) -> JSONResponse:
     cut, seconds = await cut_upload(request)
     height, width = cut.mask.shape
     rle = await request.app.state.batcher.on_host(rle_encode, cut.mask)
-    return JSONResponse({"width": width, "height": height, "box": list(cut.box), "found": cut.found, "rle_mask": rle,
-                         "seconds": round(seconds, 3)})
+    return JSONResponse(
+        {
+            "width": width,
+            "height": height,
+            "box": list(cut.box),
+            "found": cut.found,
+            "rle_mask": rle,
+            "seconds": round(seconds, 3),
+        }
+    )
 
 
-@open_routes.get("/healthz", response_model=Health,
-                 responses={503: {"model": Health, "description": "loading, or the nets failed to load"}})
+@open_routes.get(
+    "/healthz",
+    response_model=Health,
+    responses={503: {"model": Health, "description": "loading, or the nets failed to load"}},
+)
 async def healthz(request: Request) -> JSONResponse:
     """Ready when the nets are loaded."""
     batcher: Batcher = request.app.state.batcher
@@ -133,9 +187,16 @@ async def healthz(request: Request) -> JSONResponse:
     return JSONResponse({"status": "failed" if batcher.failed else "loading", "error": batcher.failed}, 503)
 
 
-@open_routes.get("/metrics", response_class=Response,
-                 responses={200: {"description": "Prometheus metrics",
-                                  "content": {CONTENT_TYPE_LATEST.split(";")[0]: {"schema": {"type": "string"}}}}})
+@open_routes.get(
+    "/metrics",
+    response_class=Response,
+    responses={
+        200: {
+            "description": "Prometheus metrics",
+            "content": {CONTENT_TYPE_LATEST.split(";")[0]: {"schema": {"type": "string"}}},
+        }
+    },
+)
 async def prometheus(request: Request) -> Response:
     """Requests by endpoint and status, latencies, batch sizes and the queue's depth."""
     return Response(generate_latest(request.app.state.batcher.metrics.registry), media_type=CONTENT_TYPE_LATEST)

@@ -1,12 +1,13 @@
-"""The Open Inference Protocol (KServe v2, Triton's HTTP/REST API) beside /v1: what model servers'
-clients (tritonclient, KServe's) and Kubernetes probes speak, on the same batcher as /v1.
+"""The Open Inference Protocol (KServe v2, Triton's HTTP/REST API) beside /v1: what model servers' clients
+(tritonclient, KServe's) and Kubernetes probes speak, on the same batcher as /v1.
 
-One model, named as its source says (a bundle's name, else `carvana`). Its input `image` is the encoded photo (BYTES, shape [1]); its
-outputs are `mask` (UINT8 [H, W], 1 on the car, 0 elsewhere: `/v1/segment`'s mask) and, only when a
-request names it, `rgba` (BYTES [1]: the PNG `/v1/cutout` answers by default, soft alpha). Tensors
-travel in JSON (a BYTES element as a base64 string) or with the binary data extension. Every error is
-the protocol's `{"error": ...}` with the status /v1 gives the same fault.
+One model, named as its source says (a bundle's name, else `carvana`). Its input `image` is the encoded
+photo (BYTES, shape [1]); its outputs are `mask` (UINT8 [H, W], 1 on the car, 0 elsewhere:
+`/v1/segment`'s mask) and, only when a request names it, `rgba` (BYTES [1]: the PNG `/v1/cutout` answers
+by default, soft alpha). Tensors travel in JSON (a BYTES element as a base64 string) or with the binary
+data extension. Every error is the protocol's `{"error": ...}` with the status /v1 gives the same fault.
 """
+
 from __future__ import annotations
 
 import base64
@@ -36,8 +37,10 @@ class TensorMetadata(BaseModel):
 
 
 INPUT_TENSORS = [TensorMetadata(name="image", datatype="BYTES", shape=[1])]
-OUTPUT_TENSORS = [TensorMetadata(name="mask", datatype="UINT8", shape=[-1, -1]),
-                  TensorMetadata(name="rgba", datatype="BYTES", shape=[1])]
+OUTPUT_TENSORS = [
+    TensorMetadata(name="mask", datatype="UINT8", shape=[-1, -1]),
+    TensorMetadata(name="rgba", datatype="BYTES", shape=[1]),
+]
 
 
 class ServerMetadata(BaseModel):
@@ -126,14 +129,26 @@ def _inlined(model: type[BaseModel]) -> dict:
 
     def inline(node: Any) -> Any:
         if isinstance(node, dict):
-            return inline(defs[node["$ref"].rsplit("/", 1)[1]]) if "$ref" in node else {k: inline(v) for k, v in node.items()}
+            return (
+                inline(defs[node["$ref"].rsplit("/", 1)[1]])
+                if "$ref" in node
+                else {k: inline(v) for k, v in node.items()}
+            )
         return [inline(v) for v in node] if isinstance(node, list) else node
 
     return inline(schema)
 
 
-NOT_READY = {"model": ErrorBody, "description": "the nets are not loaded and warmed up yet, or failed to load, or (server) draining"}
-UNKNOWN = {404: {"model": ErrorBody, "description": "no model of that name here (GET /v2/models/{name} of the served one answers 200)"}}
+NOT_READY = {
+    "model": ErrorBody,
+    "description": "the nets are not loaded and warmed up yet, or failed to load, or (server) draining",
+}
+UNKNOWN = {
+    404: {
+        "model": ErrorBody,
+        "description": "no model of that name here (GET /v2/models/{name} of the served one answers 200)",
+    }
+}
 
 
 def _model(request: Request, name: str) -> None:
@@ -190,7 +205,9 @@ def _request(body: bytes, header_length: int | None) -> tuple[InferenceRequest, 
         return InferenceRequest.model_validate_json(head), binary
     except ValidationError as e:
         first = e.errors()[0]
-        raise HTTPException(400, f"not an inference request: {'.'.join(map(str, first['loc'])) or 'body'}: {first['msg']}") from None
+        raise HTTPException(
+            400, f"not an inference request: {'.'.join(map(str, first['loc'])) or 'body'}: {first['msg']}"
+        ) from None
 
 
 def _photo(request: InferenceRequest, binary: bytes) -> bytes:
@@ -201,24 +218,33 @@ def _photo(request: InferenceRequest, binary: bytes) -> bytes:
         raise HTTPException(400, f"inputs {names}: this model takes one input, 'image' (the encoded photo)")
     image = request.inputs[0]
     if image.datatype != "BYTES" or image.shape != [1]:
-        raise HTTPException(400, f"input 'image' is {image.datatype} {image.shape}: it is BYTES [1] (the encoded photo)")
+        raise HTTPException(
+            400, f"input 'image' is {image.datatype} {image.shape}: it is BYTES [1] (the encoded photo)"
+        )
     size = image.parameters.binary_data_size
     if size is None:
         if binary:
             raise HTTPException(400, f"{len(binary)} bytes of binary data, but input 'image' has no binary_data_size")
         if not (image.data and len(image.data) == 1 and isinstance(image.data[0], str)):
-            raise HTTPException(400, "input 'image' needs its data: one base64 string, or binary_data_size and the binary data")
+            raise HTTPException(
+                400, "input 'image' needs its data: one base64 string, or binary_data_size and the binary data"
+            )
         try:
             photo = base64.b64decode(image.data[0], validate=True)
         except binascii.Error as e:
             raise HTTPException(400, f"input 'image': its data is not base64 ({e})") from None
     else:
         if size != len(binary):
-            raise HTTPException(400, f"input 'image' has binary_data_size={size}, but {len(binary)} bytes follow the JSON")
+            raise HTTPException(
+                400, f"input 'image' has binary_data_size={size}, but {len(binary)} bytes follow the JSON"
+            )
         length = struct.unpack_from("<I", binary)[0] if size >= 4 else -1
         if length != size - 4:
-            raise HTTPException(400, f"input 'image': its binary data ({size} bytes) is not one BYTES element "
-                                     "(a 4-byte little-endian length, then that many bytes)")
+            raise HTTPException(
+                400,
+                f"input 'image': its binary data ({size} bytes) is not one BYTES element (a 4-byte little-endian "
+                "length, then that many bytes)",
+            )
         photo = binary[4:]
     return photo  # cut_photo checks its size against serve.max_bytes
 
@@ -231,13 +257,20 @@ def _wanted(request: InferenceRequest) -> dict[str, bool]:
     for output in asked:
         if output.name not in known:
             raise HTTPException(400, f"output '{output.name}': this model's outputs are {known}")
-    return {output.name: binary if output.parameters.binary_data is None else output.parameters.binary_data for output in asked}
+    return {
+        output.name: binary if output.parameters.binary_data is None else output.parameters.binary_data
+        for output in asked
+    }
 
 
 def _encoded(cut: Cut, name: str) -> tuple[str, list[int], bytes]:
     """An output's datatype, shape and bytes, as the binary data extension carries them."""
     if name == "mask":
-        return "UINT8", list(cut.mask.shape), cut.mask.view(np.uint8).tobytes()  # row-major, 1 on the car (bool as bytes, no copy)
+        return (
+            "UINT8",
+            list(cut.mask.shape),
+            cut.mask.view(np.uint8).tobytes(),
+        )  # row-major, 1 on the car (bool as bytes, no copy)
     png = render(cut, Picture(), fast=True)  # /v1/cutout's default answer
     return "BYTES", [1], struct.pack("<I", len(png)) + png
 
@@ -247,37 +280,66 @@ def _answer(cut: Cut, wanted: dict[str, bool], model: str, request_id: str | Non
     outputs, blobs = [], []
     for name, binary in wanted.items():
         datatype, shape, raw = _encoded(cut, name)
-        output = ResponseOutput.model_construct(name=name, datatype=datatype, shape=shape)  # not checked: millions of ints
+        output = ResponseOutput.model_construct(
+            name=name, datatype=datatype, shape=shape
+        )  # not checked: millions of ints
         if binary:
             output.parameters = {"binary_data_size": len(raw)}
             blobs.append(raw)
         else:
             output.data = list(raw) if datatype == "UINT8" else [base64.b64encode(raw[4:]).decode()]
         outputs.append(output)
-    head = InferenceResponse(model_name=model, id=request_id, outputs=outputs).model_dump_json(exclude_none=True).encode()
+    head = (
+        InferenceResponse(model_name=model, id=request_id, outputs=outputs).model_dump_json(exclude_none=True).encode()
+    )
     if not blobs:
         return Response(head, media_type="application/json")
-    return Response(b"".join([head, *blobs]), media_type="application/octet-stream",
-                    headers={"Inference-Header-Content-Length": str(len(head))})
+    return Response(
+        b"".join([head, *blobs]),
+        media_type="application/octet-stream",
+        headers={"Inference-Header-Content-Length": str(len(head))},
+    )
 
 
-INFER_BODY = {"requestBody": {"required": True, "description": "the inference request as JSON, or (binary data extension, with "
-                              "Inference-Header-Content-Length) its JSON followed by the binary data of its inputs",
-                              "content": {"application/json": {"schema": _inlined(InferenceRequest)}, "application/octet-stream": BINARY}}}
-HEADER_LENGTH = {"Inference-Header-Content-Length": {"description": "the bytes of JSON before the binary data",
-                                                    "schema": {"type": "string"}}}
-INFER_ANSWERS = {200: {"model": InferenceResponse, "description": "the outputs: JSON, or JSON then binary data",
-                       "content": {"application/octet-stream": BINARY}, "headers": HEADER_LENGTH},
-                 400: {"model": ErrorBody, "description": "not an inference request of this model, or not a photo"},
-                 **UNKNOWN, 415: {"model": ErrorBody, "description": "an image format other than JPEG, PNG or WebP, or a Content-Encoding"},
-                 **errors(401, 413, 422, 500, 503, 504)}
+INFER_BODY = {
+    "requestBody": {
+        "required": True,
+        "description": "the inference request as JSON, or (binary data extension, with "
+        "Inference-Header-Content-Length) its JSON followed by the binary data of its inputs",
+        "content": {"application/json": {"schema": _inlined(InferenceRequest)}, "application/octet-stream": BINARY},
+    }
+}
+HEADER_LENGTH = {
+    "Inference-Header-Content-Length": {
+        "description": "the bytes of JSON before the binary data",
+        "schema": {"type": "string"},
+    }
+}
+INFER_ANSWERS = {
+    200: {
+        "model": InferenceResponse,
+        "description": "the outputs: JSON, or JSON then binary data",
+        "content": {"application/octet-stream": BINARY},
+        "headers": HEADER_LENGTH,
+    },
+    400: {"model": ErrorBody, "description": "not an inference request of this model, or not a photo"},
+    **UNKNOWN,
+    415: {"model": ErrorBody, "description": "an image format other than JPEG, PNG or WebP, or a Content-Encoding"},
+    **errors(401, 413, 422, 500, 503, 504),
+}
 
 
 @protected.post("/models/{name}/infer", response_class=Response, openapi_extra=INFER_BODY, responses=INFER_ANSWERS)
-async def infer(request: Request, name: str,
-                header_length: int | None = Header(None, alias="Inference-Header-Content-Length", ge=0,
-                                                   description="the binary data extension: the bytes of JSON before the binary data")
-                ) -> Response:
+async def infer(
+    request: Request,
+    name: str,
+    header_length: int | None = Header(
+        None,
+        alias="Inference-Header-Content-Length",
+        ge=0,
+        description="the binary data extension: the bytes of JSON before the binary data",
+    ),
+) -> Response:
     """The car's mask (and, when asked for, its cutout) of the photo in input `image`."""
     batcher: Batcher = request.app.state.batcher
     # read to its end first, so that a client still sending sees the answer, not a reset connection;
@@ -286,7 +348,9 @@ async def infer(request: Request, name: str,
     _model(request, name)
     ensure_ready(batcher)
     if request.headers.get("content-encoding", "identity") != "identity":
-        raise HTTPException(415, f"Content-Encoding {request.headers['content-encoding']}: send the request uncompressed")
+        raise HTTPException(
+            415, f"Content-Encoding {request.headers['content-encoding']}: send the request uncompressed"
+        )
     inference, binary = _request(body, header_length)
     photo = _photo(inference, binary)
     wanted = _wanted(inference)
