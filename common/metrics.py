@@ -10,11 +10,17 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from common.prediction.transfer import from_host
 
-def dice_counts(pred: torch.Tensor, truth: torch.Tensor) -> torch.Tensor:
-    """(both, predicted, true) pixel counts of two boolean masks, int64 on their device."""
+
+def dice_counts(pred: torch.Tensor, truth: torch.Tensor, within: torch.Tensor | None = None) -> torch.Tensor:
+    """(both, predicted, true) pixel counts of two boolean masks, int64 on their device; with `within`
+    (a boolean mask of the same shape), of the pixels it marks only: masked sums, not boolean indexing,
+    whose result size the host would have to read from the device."""
     if pred.shape != truth.shape:
         raise ValueError(f"shapes differ: {tuple(pred.shape)} vs {tuple(truth.shape)}")
+    if within is not None:
+        pred, truth = pred & within, truth & within
     return torch.stack([(pred & truth).sum(), pred.sum(), truth.sum()])
 
 
@@ -37,11 +43,18 @@ def dice(pred: np.ndarray | torch.Tensor, truth: np.ndarray | torch.Tensor) -> f
 def sweep_counts(prob: torch.Tensor, truth: torch.Tensor, thresholds) -> torch.Tensor:
     """(3, T) counts for the Dice of `prob > t` against `truth` at every t: pixels predicted, hits, and
     the true pixels (repeated), in one pass over the pixels (not one per threshold): each pixel
-    counted once by how many thresholds lie below its probability."""
-    bounds = torch.as_tensor(thresholds, dtype=prob.dtype, device=prob.device)
-    bins = torch.bucketize(prob, bounds)  # thresholds strictly below each probability
-    above = lambda b: torch.bincount(b, minlength=len(bounds) + 1).flip(0).cumsum(0).flip(0)[1:]  # noqa: E731
-    return torch.stack([above(bins.flatten()), above(bins[truth]), truth.sum().expand(len(bounds))])
+    counted once by how many thresholds lie below its probability. Fixed-size sums into T + 1 bins
+    (`scatter_add_`): `bincount` and boolean indexing size their results on the host, a device read each."""
+    # through pinned memory: an array given to the device directly is a copy from pageable memory, a sync
+    bounds = from_host(np.asarray(thresholds, dtype=np.float32), prob.device).to(prob.dtype)
+    bins = torch.bucketize(prob, bounds).flatten()  # thresholds strictly below each probability
+    true = truth.flatten().long()
+
+    def above(weights: torch.Tensor) -> torch.Tensor:  # the weights' sum over the pixels above each threshold
+        sums = torch.zeros(len(bounds) + 1, dtype=torch.int64, device=prob.device).scatter_add_(0, bins, weights)
+        return sums.flip(0).cumsum(0).flip(0)[1:]
+
+    return torch.stack([above(torch.ones_like(bins)), above(true), true.sum().expand(len(bounds))])
 
 
 def sweep_dice(counts: torch.Tensor) -> list[float]:

@@ -156,20 +156,31 @@ def autocast(device: torch.device, dtype: torch.dtype | None) -> torch.autocast:
 def prepare(model: nn.Module, device: torch.device, compile: bool = False) -> nn.Module:
     """Eval mode, channels_last weights (inputs are channels_last too: tensor-core convolutions
     without layout transposes on CUDA; measured 1.5-2x faster on the CPU as well, docs/benchmarks.md),
-    cudnn benchmark mode on CUDA (the predictors feed one batch shape, `static_shapes`, so the fastest
-    kernels are picked once); optionally torch.compile, worth it for long runs (the first batches pay
-    for the compilation)."""
+    cudnn benchmark mode on CUDA (the predictors feed a few batch shapes, `batch_buckets`, so the
+    fastest kernels are picked once per shape); optionally torch.compile, worth it for long runs (the
+    first batches pay for the compilation)."""
     model = model.eval().to(memory_format=torch.channels_last)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     return torch.compile(model, dynamic=False) if compile else model
 
 
-def static_shapes(device: torch.device, compile: bool) -> bool:
-    """Whether a predictor pads each partial batch to the full batch size: a compiled net recompiles
-    for every new shape, and on CUDA cudnn.benchmark re-tunes for every new one. On a CPU an
-    uncompiled net takes the partial batch as it is (padding would be work for nothing)."""
-    return compile or device.type == "cuda"
+def batch_buckets(device: torch.device, compile: bool, batch_size: int) -> tuple[int, ...]:
+    """The batch sizes a predictor pads each net call up to, smallest first (empty: none, a call runs
+    as it comes). Compiled: the full batch alone, as a compiled net recompiles for every new shape.
+    Eager CUDA: the powers of two below the batch and the batch itself, so cudnn.benchmark tunes each
+    shape once while a lone photo runs as its own tiles, not as a full batch of padding. CPU: none
+    (padding would be work for nothing)."""
+    if compile:
+        return (batch_size,)
+    if device.type == "cuda":
+        return tuple(sorted({1 << k for k in range(batch_size.bit_length()) if 1 << k < batch_size} | {batch_size}))
+    return ()
+
+
+def padded_size(n: int, buckets: tuple[int, ...]) -> int:
+    """The smallest bucket that holds `n` items; `n` itself without buckets or past the largest."""
+    return next((b for b in buckets if b >= n), n)
 
 
 # --- checkpoints

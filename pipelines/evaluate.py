@@ -86,10 +86,12 @@ def score(cfg: Settings, source: ModelSource) -> Evaluation:
     ranking = "dice_cascade" if has_refiner else "dice_stage1"
     rows, sweeps, kept, pending = [], [], {}, []
 
-    def finish() -> None:  # the pending images' figures, read from the device at once
+    def finish() -> None:  # the pending images' figures, read from the device in one copy
         nonlocal kept
-        for done in pending:
-            row, sweep, masks = done()
+        planes = [plane for image_planes, _ in pending for plane in image_planes]
+        on_host = iter(to_host_all(planes)())
+        for image_planes, done in pending:
+            row, sweep, masks = done([next(on_host) for _ in image_planes])
             rows.append(row)
             sweeps.append(sweep)
             kept[row["img"]] = masks
@@ -112,10 +114,10 @@ def score(cfg: Settings, source: ModelSource) -> Evaluation:
 
 def _score_image(
     sample: Sample, pred: Prediction, stage1_threshold: float, threshold: float | None
-) -> Callable[[], tuple[dict, list, Kept]]:
-    """One image's counts taken on the device and their copy to the host started; the returned
-    function waits for that copy and gives the metrics row, the Dice at each threshold of the sweep
-    and the masks. `threshold` None: no refiner, stage 1 alone."""
+) -> tuple[list[torch.Tensor], Callable[[list[np.ndarray]], tuple[dict, list, Kept]]]:
+    """One image's counts and masks taken on the device, as fixed-size tensors (no size the host must
+    read), and the function that makes its metrics row, the Dice at each threshold of the sweep and the
+    masks kept from those tensors once on the host. `threshold` None: no refiner, stage 1 alone."""
     nan = float("nan")
     truth = read_mask(sample.mask, expect_size=(pred.width, pred.height))
     on_device = from_host(truth, pred.coarse.device)
@@ -126,14 +128,13 @@ def _score_image(
         stage1,
         cascade,
         sweep_counts(pred.coarse, on_device, THRESHOLDS),
-        dice_counts(stage1[band], on_device[band]),
+        dice_counts(stage1, on_device, band),
     ]
     if threshold is not None:
-        planes += [sweep_counts(pred.prob, on_device, THRESHOLDS), dice_counts(cascade[band], on_device[band])]
-    copy = to_host_all(planes)
+        planes += [sweep_counts(pred.prob, on_device, THRESHOLDS), dice_counts(cascade, on_device, band)]
 
-    def done() -> tuple[dict, list, Kept]:
-        stage1_host, cascade_host, sweep1, edge1, *refined = copy()
+    def done(on_host: list[np.ndarray]) -> tuple[dict, list, Kept]:
+        stage1_host, cascade_host, sweep1, edge1, *refined = on_host
         sweep2, edge2 = refined or (None, None)
         sweep = list(
             zip(
@@ -160,7 +161,7 @@ def _score_image(
         }
         return row, sweep, Kept(sample, truth, stage1_host, cascade_host, pred.box)
 
-    return done
+    return planes, done
 
 
 @dataclass(frozen=True)

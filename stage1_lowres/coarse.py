@@ -83,12 +83,13 @@ class Coarse(Predictor):
         with the upsampled probability and the box."""
         small = self.probs(images)
         need = [k for k, box in enumerate(boxes) if box is None]
-        host = to_host(small[need]) if need else None  # one copy for the batch, started before the upsampling is queued
+        # the whole batch in one copy to the host, started before the upsampling is queued, and the rows picked
+        # there: picking them on the device by a Python list would copy that list from pageable memory, a sync
+        host = to_host(small) if need else None
         sizes = [(image.shape[-1], image.shape[-2]) for image in images]  # (width, height)
         coarse = [upsample(small[k], w, h) for k, (w, h) in enumerate(sizes)]
-        on_host = (
-            dict(zip(need, host(), strict=True)) if need else {}
-        )  # waits for that copy alone, while the device upsamples
+        rows = host() if need else None  # waits for that copy alone, while the device upsamples
+        on_host = {k: rows[k] for k in need}
         preds = []
         for k, (width, height) in enumerate(sizes):
             box = (
@@ -104,11 +105,10 @@ class Coarse(Predictor):
         """(N, size, size) probabilities, float32 on the device, computed under `autocast`; with
         flip TTA the mirrored images ride in the same pass and the two predictions are averaged."""
         x = to_stage1_input(images, self.size)
-        step = self.pad_to or len(x)
-        # padded only under pad_to: one shape for the compiled net and for cuDNN's tuning
+        step = self.buckets[-1] if self.buckets else len(x)  # with buckets, at most the largest per call
         return torch.cat(
             [
-                probabilities(self.net, x[i : i + step], self.device, self.flip, pad_to=self.pad_to)
+                probabilities(self.net, x[i : i + step], self.device, self.flip, self.buckets)
                 for i in range(0, len(x), step)
             ]
         )

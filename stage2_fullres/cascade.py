@@ -87,9 +87,10 @@ class Cascade(Predictor):
         ]
 
     def refine(self, rgb: torch.Tensor, prior: torch.Tensor | None) -> torch.Tensor:
-        """(n, tile, tile) probabilities of n uint8 RGB tiles (and their coarse prior); under `pad_to` a
-        partial batch is padded to one shape, which would otherwise recompile or re-tune."""
+        """(n, tile, tile) probabilities of n uint8 RGB tiles (and their coarse prior); with `buckets` a
+        partial batch is padded up to the next bucket, so the shapes a compiled net or cuDNN's tuning
+        sees stay few."""
         x = rgb.float().div_(255)
         if prior is not None:
             x = torch.cat([x, prior], 1)
-        return probabilities(self.refiner, x, self.device, self.flip, pad_to=self.pad_to)
+        return probabilities(self.refiner, x, self.device, self.flip, self.buckets)

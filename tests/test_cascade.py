@@ -189,14 +189,14 @@ def test_jpeg_bytes_path_decodes_on_the_device_and_falls_back(tiny_run, tmp_path
 
 
 def test_static_batches_for_compile_do_not_change_results(tiny_run):
-    """On CUDA or with predict.compile, partial batches are padded to one shape; the padding must not leak."""
+    """With predict.compile, partial batches are padded to one shape; the padding must not leak."""
     stage1, refiner = _nets(tiny_run)
     paths = sorted(Path(tiny_run.data.root, "test").glob("*.jpg"))[:1]
     box = [cached_boxes(tiny_run)[paths[0].name]]
     cfg = tiny_config("unused", "unused", "predict.batch_size=3", "predict.tta_flip=true", "predict.workers=0")
     cascade = Cascade(Coarse(stage1, cfg, CPU), refiner, cfg, CPU)
     plain = next(cascade.run(paths, box))[1].prob
-    cascade.pad_to = 3  # the padding path (CUDA, compile), without a GPU or a compilation
+    cascade.buckets = cascade.coarse.buckets = (3,)  # the padding path (compile), without a compilation
     torch.testing.assert_close(next(cascade.run(paths, box))[1].prob, plain, atol=1e-5, rtol=0)
 
 
@@ -218,15 +218,15 @@ def test_stage1_sees_one_batch_shape_under_compile_and_the_padding_does_not_leak
     shapes.clear()
     # predict.compile sets the static batch; the net itself is compiled by `Coarse.load` only
     static = Coarse(net, _settings("predict.tta_flip=true", "predict.compile=true"), CPU)
-    assert static.pad_to == 2 and Coarse(net, _settings("predict.compile=false"), CPU).pad_to == 0
+    assert static.buckets == (2,) and Coarse(net, _settings("predict.compile=false"), CPU).buckets == ()
     static = static.probs(images)
     assert shapes == [4, 4, 4]
     torch.testing.assert_close(static, plain, atol=1e-6, rtol=0)
 
 
 def test_stage1_boxes_of_a_batch_reach_the_host_in_one_copy(monkeypatch):
-    """Boxes found by stage 1 for a whole batch come from one device-to-host copy, not one per image;
-    images with a given box need none."""
+    """Boxes found by stage 1 for a whole batch come from one device-to-host copy of the batch, not one
+    per image; a batch whose boxes are all given needs none."""
     from stage1_lowres import coarse as coarse_module
 
     copies = []
@@ -236,10 +236,10 @@ def test_stage1_boxes_of_a_batch_reach_the_host_in_one_copy(monkeypatch):
     coarse = Coarse(UNet(3, 2, 4).eval(), _settings(), CPU)
     images = [torch.randint(0, 256, (3, 60, 90), dtype=torch.uint8) for _ in range(4)]
     preds = coarse.predict(images, [None, (1, 2, 30, 40), None, None])
-    assert copies == [(3, 32, 32)]
+    assert copies == [(4, 32, 32)]
     assert preds[1].box == (1, 2, 30, 40) and all(p.coarse.shape == (60, 90) for p in preds)
     coarse.predict(images, [(0, 0, 90, 60)] * 4)
-    assert copies == [(3, 32, 32)]
+    assert copies == [(4, 32, 32)]
 
 
 def test_nvjpeg_is_probed_once_and_a_failing_decoder_falls_back_to_pil_with_one_line(monkeypatch, capsys):
@@ -295,6 +295,14 @@ def test_nvjpeg_is_probed_once_and_a_failing_decoder_falls_back_to_pil_with_one_
     out = capsys.readouterr().err  # a warning
     assert out.count("\n") == 1 and "nvjpeg library not found" in out and "PIL in the reader processes" in out
     assert events == ["decode"]  # probed once
+
+    def without_image_ops(data, mode, device):  # a torchvision built without its image extension
+        raise AttributeError("'_OpNamespace' 'image' object has no attribute 'decode_jpegs_cuda'")
+
+    install(without_image_ops)
+    assert reader.nvjpeg_decoder(cuda) is None
+    out = capsys.readouterr().err
+    assert out.count("\n") == 1 and "AttributeError" in out and "PIL in the reader processes" in out
 
     class Image:
         def record_stream(self, stream):

@@ -98,13 +98,14 @@ def nvjpeg_decoder(device: torch.device) -> JpegDecoder | None:
     (the reader processes decode with PIL, said in one line) where it is missing or fails."""
     if device.type != "cuda":
         return None
+    instead = "JPEGs are decoded by PIL in the reader processes instead"
     try:
         from torchvision.io import ImageReadMode, decode_jpeg
     except ImportError:
-        log.warning(
-            "reader: predict.decode=nvjpeg needs torchvision (pip install torchvision); JPEGs are decoded by PIL in "
-            "the reader processes instead"
-        )
+        log.warning(f"reader: predict.decode=nvjpeg needs torchvision (pip install torchvision); {instead}")
+        return None
+    except Exception as e:  # a torchvision built for another torch fails in its own ways (RuntimeError, ...)
+        log.warning(f"reader: torchvision cannot be imported ({_first_line(e)}); {instead}")
         return None
     side = torch.cuda.Stream(device)
 
@@ -123,12 +124,14 @@ def nvjpeg_decoder(device: torch.device) -> JpegDecoder | None:
     Image.new("RGB", (16, 16), (200, 30, 30)).save(buf, format="JPEG")
     try:
         decode([torch.frombuffer(bytearray(buf.getvalue()), dtype=torch.uint8)], device)
-    except RuntimeError as e:
-        log.warning(
-            f"reader: nvjpeg cannot decode on {device} ({e}); JPEGs are decoded by PIL in the reader processes instead"
-        )
+    except Exception as e:  # any: a torchvision without its image ops raises AttributeError, not RuntimeError
+        log.warning(f"reader: nvjpeg cannot decode on {device} ({_first_line(e)}); {instead}")
         return None
     return decode
+
+
+def _first_line(e: Exception) -> str:
+    return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
 
 
 def to_device(
@@ -169,14 +172,32 @@ def _decode_one(decode: JpegDecoder, data: torch.Tensor, device: torch.device, p
         return image
 
 
-def read_batches(
-    paths: list[Path], device: torch.device, batch_size: int, workers: int, decode: Literal["pil", "nvjpeg"] = "pil"
-) -> Iterator[list[Decoded]]:
-    """Batches of decoded images on `device`, in the order of `paths`, read `workers` processes ahead."""
-    nvjpeg = nvjpeg_decoder(device) if decode == "nvjpeg" else None
+# Photos decoded ahead of the device at most (reader processes x batches each prepares ahead x batch size).
+# On CUDA each is pinned, and the caching host allocator keeps page-locked blocks for reuse, never handing
+# them back: 64 Carvana photos (1918x1280x3) are 450 MiB, where 15 processes 4 batches of 8 ahead pinned 3.5 GB.
+PINNED_PHOTOS = 64
+
+
+def read_ahead(batch_size: int, workers: int) -> tuple[int, int | None]:
+    """(reader processes, batches each prepares ahead): PyTorch's default 2 batches a process where
+    the photos ahead stay within PINNED_PHOTOS, else 1, else fewer processes (at least one batch of
+    one process). 8 processes at PIL's 32 photos/s per core still decode 250 photos/s, more than an H100
+    predicts (docs/benchmarks.md, "Cores per GPU")."""
+    if workers == 0:
+        return 0, None
+    batches = max(PINNED_PHOTOS // batch_size, 1)
+    workers = min(workers, batches)
+    return workers, min(2, batches // workers)
+
+
+def loader_for(
+    paths: list[Path], device: torch.device, batch_size: int, workers: int, nvjpeg: JpegDecoder | None
+) -> DataLoader:
+    """The DataLoader of `read_batches`: reader processes and their read-ahead within PINNED_PHOTOS."""
     if multiprocessing.current_process().daemon:
         workers = 0  # a daemonic process (e.g. a Dask worker left at its default) may not start reader processes
-    loader = DataLoader(
+    workers, ahead = read_ahead(batch_size, workers)
+    return DataLoader(
         ImageFiles(paths, encoded=nvjpeg is not None),
         batch_size=batch_size,
         num_workers=workers,
@@ -184,7 +205,14 @@ def read_batches(
         # their pointers to nvJPEG, and no event keeps a pinned block from reuse while it reads them
         collate_fn=_as_list,
         pin_memory=device.type == "cuda" and nvjpeg is None,
-        prefetch_factor=4 if workers else None,
+        prefetch_factor=ahead,
     )
-    for items in loader:
+
+
+def read_batches(
+    paths: list[Path], device: torch.device, batch_size: int, workers: int, decode: Literal["pil", "nvjpeg"] = "pil"
+) -> Iterator[list[Decoded]]:
+    """Batches of decoded images on `device`, in the order of `paths`, read `workers` processes ahead."""
+    nvjpeg = nvjpeg_decoder(device) if decode == "nvjpeg" else None
+    for items in loader_for(paths, device, batch_size, workers, nvjpeg):
         yield to_device(items, paths, device, nvjpeg)

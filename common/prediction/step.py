@@ -23,7 +23,7 @@ from common.boxes import Box
 from common.config import Settings
 from common.errors import Failure
 from common.log import log
-from common.model import amp_dtype, autocast, precision_name, static_shapes
+from common.model import amp_dtype, autocast, batch_buckets, padded_size, precision_name
 from common.prediction.reader import read_batches, reader_processes
 
 
@@ -53,14 +53,16 @@ def predict_dtype(device: torch.device) -> torch.dtype | None:
 
 
 def probabilities(
-    net: nn.Module, x: torch.Tensor, device: torch.device, flip: bool = False, pad_to: int = 0
+    net: nn.Module, x: torch.Tensor, device: torch.device, flip: bool = False, buckets: tuple[int, ...] = ()
 ) -> torch.Tensor:
     """(n, H, W) float32 probabilities of the net's one output channel, in `predict_dtype`: the inputs
-    padded with zeros to `pad_to` (one static shape for a compiled net); with flip TTA the mirrored
-    inputs ride in the same pass and the two predictions are averaged (both stages' one TTA)."""
+    padded with zeros up to the smallest of `buckets` that holds them (`batch_buckets`: a few shapes for
+    cuDNN's tuning, one for a compiled net); with flip TTA the mirrored inputs ride in the same pass and
+    the two predictions are averaged (both stages' one TTA)."""
     n = len(x)
-    if n < pad_to:
-        x = torch.cat([x, x.new_zeros(pad_to - n, *x.shape[1:])])
+    size = padded_size(n, buckets)
+    if n < size:
+        x = torch.cat([x, x.new_zeros(size - n, *x.shape[1:])])
     if flip:
         x = torch.cat([x, x.flip(-1)])
     with autocast(device, predict_dtype(device)):
@@ -74,13 +76,14 @@ def probabilities(
 class Predictor:
     """What the stages' predictors share: `predict`, their device step, and `run`, that step streamed
     over image files with `batch_size` images per step, `workers` reader processes and JPEGs decoded
-    as `decode` says (`predict.decode`). `pad_to`: the batch every net call is padded to (0: none)."""
+    as `decode` says (`predict.decode`). `buckets`: the batch sizes a net call is padded up to (none: no
+    padding), from `batch_buckets`."""
 
     def __init__(self, cfg: Settings, device: torch.device):
         p = cfg.predict
         self.device, self.batch_size, self.flip, self.decode = device, p.batch_size, p.tta_flip, p.decode
         self.workers = reader_processes(p.workers, device)
-        self.pad_to = p.batch_size if static_shapes(device, p.compile) else 0
+        self.buckets = batch_buckets(device, p.compile, p.batch_size)
 
     def predict(self, images: list[torch.Tensor], boxes: list[Box | None]) -> list[Result]:
         """Decoded uint8 (3, H, W) images on the device and their boxes (None: stage 1 finds it) -> a result each."""
