@@ -92,11 +92,14 @@ class Batcher:
             log.warning(f"serve: cannot load the nets: {self.failed}")
 
     def warm_up(self, cascade: Cascade) -> None:
-        """One device step on a blank photo before the server says it is ready: it compiles the nets
-        (predict.compile: tens of seconds) and lets cuDNN pick its kernels for each padded shape, so
-        the first clients do not wait for it and time out."""
+        """A device step on blank photos for each batch size the nets are padded to (`Cascade.buckets`:
+        one tile a photo) before the server says it is ready: it compiles the nets (predict.compile: tens
+        of seconds) and lets cuDNN pick its kernels for each padded shape, so the first clients do not
+        wait for it and time out."""
         log.info(f"serve: warming up on {cascade.device}")
-        self._predict(cascade, [np.full((cascade.tile, cascade.tile, 3), 128, np.uint8)])
+        blank = np.full((cascade.tile, cascade.tile, 3), 128, np.uint8)
+        for photos in cascade.buckets or (1,):
+            self._predict(cascade, [blank] * photos)
 
     def stop(self) -> None:
         self.stopping.set()
