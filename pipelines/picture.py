@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import io
 from dataclasses import dataclass, field
-from typing import Literal, get_args
+from typing import Any, Literal, get_args
 
 import numpy as np
 import torch
@@ -78,6 +78,15 @@ class Cut:
         if edge not in self.cleaned:
             self.cleaned[edge] = foreground(torch.from_numpy(self.rgb), torch.from_numpy(self.alpha_of(edge))).numpy()
         return self.cleaned[edge]
+
+    @property
+    def rgba(self) -> Image.Image:
+        """The cutout as a PIL RGBA image: soft, clean edges, as `carvana cutout` writes NAME.png by default."""
+        return self.picture()
+
+    def picture(self, **choices: Any) -> Image.Image:
+        """The picture `Picture(**choices)` describes (output, alpha, clean_edges, background, crop) as a PIL image."""
+        return Image.fromarray(self.pixels(Picture(**choices)))
 
     def pixels(self, picture: Picture) -> np.ndarray:
         """The picture as an array: (H, W, 4) rgba, (H, W) mask, (H, W, 3) composite; cropped after cleaning."""
