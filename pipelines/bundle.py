@@ -7,6 +7,7 @@ import datetime as dt
 from pathlib import Path
 
 import torch
+import yaml
 
 from common.bundle import FIXED, FORMAT, INPUT, MANIFEST, Manifest, NetSpec, save_net, sha256, write_manifest
 from common.config import Settings, setting_value
@@ -102,6 +103,51 @@ def training_data(cfg: Settings) -> dict:
     }
 
 
+KAGGLE = "carvana-image-masking-challenge"
+RULES = "https://www.kaggle.com/competitions/carvana-image-masking-challenge/rules"
+FIGURES = {  # bundle.json's validation figures -> their names on a model card
+    "mean_dice_cascade": "mean Dice, cascade",
+    "mean_dice_stage1": "mean Dice, stage 1 alone",
+    "mean_edge_dice_cascade": "mean Dice within 3 px of the true boundary, cascade",
+    "best_dice_stage2": "best validation Dice while training, cascade",
+    "best_dice_stage1": "best validation Dice while training, stage 1",
+}
+
+
+def front_matter(m: Manifest) -> dict:
+    """The model card's metadata as a model hub reads it: licence, library, task, data set and the
+    validation figures (a `model-index`). Weights trained on the Kaggle photos carry the competition's
+    terms; the synthetic cars are the project's own, under its licence."""
+    synthetic = m.training_data["kind"] == "synthetic"
+    licence = (
+        {"license": "mit"}
+        if synthetic
+        else {"license": "other", "license_name": f"{KAGGLE}-rules", "license_link": RULES}
+    )
+    dataset = "carvana-sample-data" if synthetic else KAGGLE
+    onnx = ["onnx"] if any(f.endswith(".onnx") for f in m.files) else []
+    metrics = [{"type": "dice", "name": FIGURES[k], "value": v} for k, v in m.validation.items() if k in FIGURES]
+    return licence | {
+        "library_name": "carvana-cascade",
+        "pipeline_tag": "image-segmentation",
+        "tags": ["image-segmentation", "background-removal", "cars", "carvana", "unet", "safetensors", *onnx],
+        "datasets": [dataset],
+        "metrics": ["dice"],
+        "model-index": [
+            {
+                "name": m.name,
+                "results": [
+                    {
+                        "task": {"type": "image-segmentation", "name": "Image Segmentation"},
+                        "dataset": {"type": dataset, "name": f"{dataset}, validation cars", "split": "validation"},
+                        "metrics": metrics,
+                    }
+                ],
+            }
+        ],
+    }
+
+
 def model_card(m: Manifest) -> str:
     """README.md of the bundle: what the nets are, what they learned, how well, and what they are not for."""
     data = m.training_data
@@ -116,14 +162,19 @@ def model_card(m: Manifest) -> str:
         "(street scenes, several cars, heavy occlusion) are outside what it learned."
     )
     cars = len(data["train_cars"]) + len(data["val_cars"])
-    return f"""# {m.name}: a two-stage car-segmentation cascade
+    meta = yaml.safe_dump(front_matter(m), sort_keys=False)
+    return f"""---
+{meta}---
+
+# {m.name}: a two-stage car-segmentation cascade
 
 Made by `carvana bundle` on {m.created}. Format {m.format} (docs/bundle.md).
 
 ## Use
-`carvana cutout PHOTOS... --out DIR --model THIS_FOLDER`, `carvana serve --model THIS_FOLDER`, or
-`carvana stage2 predict --config CONFIG --model THIS_FOLDER`. Intended use: background removal of
-studio photos of a car, and Carvana submissions.
+`carvana cutout PHOTOS... --out DIR --model THIS_FOLDER`, `carvana serve --model THIS_FOLDER`,
+`carvana stage2 predict --config CONFIG --model THIS_FOLDER`, or from Python
+`pipelines.load_model("THIS_FOLDER").cutout("car.jpg")` (the carvana-cascade project: docs/python.md).
+Intended use: background removal of studio photos of a car, and Carvana submissions.
 
 ## Nets
 - stage 1: UNet {m.nets["stage1"].args} on the whole photo at {m.prediction["stage1.size"]} px
