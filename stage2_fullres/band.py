@@ -1,0 +1,125 @@
+"""The band: where stage 1 may be wrong, and the patches that cover it (`stage2.refine: band`).
+
+Stage 1's mistakes sit at the car's outline (docs/experiments/2026-11-stage1-recipe-search.md: 90% of
+its wrong pixels within 3 px of the true boundary at 512 px). So instead of two tiles over the whole
+box, the refiner can look at the band alone: the pixels within `stage2.band` px of stage 1's 0.5
+contour, and every pixel whose probability is uncertain. The image is cut into a grid of cells of
+`stage2.patch - 2 * stage2.context` px; each cell holding a band pixel becomes one patch: the cell
+(its centre region, whose prediction is kept) with `stage2.context` px of context around it, moved
+inside the image where it would leave it. Planning is a pure function of the occupied cells
+(property-tested); the band and the cells are found on the device.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from common.boxes import Box
+
+Window = tuple[int, int, int, int]  # x0, y0, x1, y1; x1/y1 exclusive
+UNCERTAIN = 0.1  # a probability within 0.5 +- (0.5 - UNCERTAIN) is in the band wherever it lies
+# Patches planned for one image at most: a car's outline needs a few dozen at the defaults; thousands
+# come from a stage 1 that sees noise everywhere, and would hold gigabytes of patches in memory
+MAX_PATCHES = 2048
+
+
+class TooManyPatches(ValueError):
+    """The band of this image needs more than MAX_PATCHES patches; the message names the settings. The
+    image's failure, not the settings' (they serve every other image): the cascade turns it into that
+    image's `Failure`."""
+
+
+def core_of(patch: int, context: int) -> int:
+    """The side of a patch's centre region: the grid's cell."""
+    return patch - 2 * context
+
+
+def band_of(coarse: torch.Tensor, box: Box, band: int) -> torch.Tensor:
+    """bool (H, W): the pixels of `box` within `band` px (Chebyshev distance) of the 0.5 contour of the
+    full-resolution stage-1 probability `coarse`, and those whose probability is uncertain. Separable
+    max-pools, on `coarse`'s device."""
+    x0, y0, x1, y1 = box
+    inside = coarse[y0:y1, x0:x1]
+    car = (inside > 0.5).float()[None, None]
+    grow = _dilate(car, band)
+    shrink = 1 - _dilate(1 - car, band)
+    near = (grow > 0) & (shrink < 1)
+    unsure = (inside > UNCERTAIN) & (inside < 1 - UNCERTAIN)
+    out = torch.zeros_like(coarse, dtype=torch.bool)
+    out[y0:y1, x0:x1] = near[0, 0] | unsure
+    return out
+
+
+def _dilate(x: torch.Tensor, r: int) -> torch.Tensor:
+    """Max over a (2r+1)-square, as two 1-D max-pools (2(2r+1) reads a pixel, not (2r+1)^2)."""
+    if r <= 0:
+        return x
+    x = F.max_pool2d(x, (1, 2 * r + 1), stride=1, padding=(0, r))
+    return F.max_pool2d(x, (2 * r + 1, 1), stride=1, padding=(r, 0))
+
+
+def occupied_cells(band: torch.Tensor, cell: int) -> torch.Tensor:
+    """bool (ceil(H / cell), ceil(W / cell)): which cells of the grid hold a band pixel."""
+    h, w = band.shape
+    padded = F.pad(band[None, None].float(), (0, -w % cell, 0, -h % cell))
+    return F.max_pool2d(padded, cell)[0, 0] > 0
+
+
+class Patch(NamedTuple):
+    window: Window  # patch x patch: what the refiner sees
+    cores: tuple[Window, ...]  # the cells inside it whose prediction is kept (several where windows met at an edge)
+
+
+def plan_patches(occupied: np.ndarray, width: int, height: int, patch: int, context: int) -> list[Patch]:
+    """The patches covering the occupied cells, row by row: each cell (clipped to the image) with `context`
+    px around it, a patch x patch window moved inside the image where it would leave it (along an axis
+    shorter than the patch it starts at 0 and the image is reflect-padded, as for tiles); cells whose
+    windows would be the same share one patch. TooManyPatches beyond MAX_PATCHES."""
+    cell = core_of(patch, context)
+    cores: dict[Window, list[Window]] = {}
+    for r, c in zip(*np.nonzero(occupied), strict=True):
+        core = (int(c) * cell, int(r) * cell, min((int(c) + 1) * cell, width), min((int(r) + 1) * cell, height))
+        x, y = _start(core[0] - context, width, patch), _start(core[1] - context, height, patch)
+        cores.setdefault((x, y, x + patch, y + patch), []).append(core)
+    if len(cores) > MAX_PATCHES:
+        raise TooManyPatches(
+            f"stage2.band with stage2.patch={patch} and stage2.context={context} needs {len(cores)} patches for this "
+            f"{width}x{height} image, more than the {MAX_PATCHES} allowed per image (stage 1 sees no clear outline); "
+            "raise stage2.patch or lower stage2.band"
+        )
+    return [Patch(window, tuple(kept)) for window, kept in cores.items()]
+
+
+def _start(want: int, length: int, patch: int) -> int:
+    """Where a window that wants to start at `want` starts: inside [0, length) when the patch fits."""
+    return 0 if length <= patch else min(max(want, 0), length - patch)
+
+
+def lower_bound(band: np.ndarray, cell: int) -> int:
+    """A number of cell-sized squares no cover of `band` can do with fewer than: band pixels picked
+    greedily at Chebyshev distance >= `cell` from each other, which no single square can hold two of.
+    The grid's patches are at most FACTOR times it: every band pixel lies within `cell` of a picked one,
+    so the band fits in squares of 2 * cell - 1 around them, each meeting at most 3 x 3 cells."""
+    picked: list[tuple[int, int]] = []
+    for y, x in zip(*np.nonzero(band), strict=True):
+        if all(max(abs(y - py), abs(x - px)) >= cell for py, px in picked):
+            picked.append((int(y), int(x)))
+    return len(picked)
+
+
+FACTOR = 9  # patches planned, at most, per square of `lower_bound`
+
+
+def refined_pixels(patches: list[Patch]) -> int:
+    """The refiner's work for a plan, in pixels."""
+    return sum((w[2] - w[0]) * (w[3] - w[1]) for w, _ in patches)
+
+
+def patches_per_pass(batch_size: int, tile: int, patch: int) -> int:
+    """Patches in one forward pass: `predict.batch_size` tiles' worth of pixels."""
+    return max(1, batch_size * math.floor(tile / patch) ** 2)

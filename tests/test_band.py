@@ -1,0 +1,95 @@
+"""The band refiner's geometry (`stage2.refine: band`): where stage 1 may be wrong (the band), and the
+patches that cover it, property-tested against direct computations."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from stage2_fullres.band import (
+    FACTOR,
+    MAX_PATCHES,
+    TooManyPatches,
+    band_of,
+    core_of,
+    lower_bound,
+    occupied_cells,
+    plan_patches,
+)
+
+
+@st.composite
+def bands(draw):
+    """A band mask of a small image, and patch settings (the patch may be larger than the image)."""
+    height, width = draw(st.integers(8, 90)), draw(st.integers(8, 90))
+    patch = draw(st.integers(6, 48))
+    context = draw(st.integers(0, (patch - 2) // 2))
+    density = draw(st.sampled_from([0.0, 0.002, 0.02, 0.2, 1.0]))
+    band = np.random.default_rng(draw(st.integers(0, 2**32 - 1))).random((height, width)) < density
+    return band, patch, context
+
+
+@settings(max_examples=300, deadline=None)
+@given(bands())
+def test_patches_cover_the_band_with_their_centres_inside_the_image_each_once(case):
+    band, patch, context = case
+    height, width = band.shape
+    cell = core_of(patch, context)
+    occupied = occupied_cells(torch.from_numpy(band), cell).numpy()
+    patches = plan_patches(occupied, width, height, patch, context)
+    kept = np.zeros_like(band)
+    for (x0, y0, x1, y1), cores in patches:
+        assert x1 - x0 == y1 - y0 == patch
+        for length, start in ((width, x0), (height, y0)):  # inside the image; at 0 along an axis shorter than the patch
+            assert (0 <= start <= length - patch) if length >= patch else start == 0
+        for cx0, cy0, cx1, cy1 in cores:
+            assert x0 <= cx0 < cx1 <= x1 and y0 <= cy0 < cy1 <= y1  # the kept centre lies in what the refiner sees
+            assert not kept[cy0:cy1, cx0:cx1].any()  # no pixel kept twice
+            kept[cy0:cy1, cx0:cx1] = True
+    assert not (band & ~kept).any()  # every band pixel lies in some patch's centre
+    assert len({window for window, _ in patches}) == len(patches)  # no two patches alike
+    assert len(patches) <= FACTOR * lower_bound(band, cell)  # and within FACTOR of what any cover needs
+
+
+def test_occupied_cells_are_the_cells_that_hold_a_band_pixel():
+    rng = np.random.default_rng(0)
+    band = rng.random((37, 53)) > 0.97
+    cells = occupied_cells(torch.from_numpy(band), 8).numpy()
+    assert cells.shape == (5, 7)
+    for r in range(5):
+        for c in range(7):
+            assert cells[r, c] == band[r * 8 : (r + 1) * 8, c * 8 : (c + 1) * 8].any()
+
+
+def test_the_band_is_the_pixels_near_the_contour_and_the_uncertain_ones_inside_the_box():
+    """Against a direct computation: a pixel is in the band when within `band` px (Chebyshev) of a pixel
+    on the other side of the 0.5 contour, or when its probability lies in (0.1, 0.9); never outside the box."""
+    rng = np.random.default_rng(1)
+    prob = np.clip(rng.random((40, 60)) * 0.2 + (np.add.outer(np.arange(40), np.arange(60)) > 50), 0, 1).astype(
+        np.float32
+    )
+    prob[30, 10] = 0.5  # uncertain, far from the contour
+    box, r = (2, 3, 58, 37), 3
+    got = band_of(torch.from_numpy(prob), box, r).numpy()
+    car = prob > 0.5
+    want = np.zeros_like(car)
+    for y in range(box[1], box[3]):
+        for x in range(box[0], box[2]):
+            ys, xs = (
+                slice(max(y - r, box[1]), min(y + r + 1, box[3])),
+                slice(max(x - r, box[0]), min(x + r + 1, box[2])),
+            )
+            near = (car[ys, xs] != car[y, x]).any()
+            want[y, x] = near or 0.1 < prob[y, x] < 0.9
+    np.testing.assert_array_equal(got, want)
+    assert got[30, 10] and not got[:3].any() and not got[:, :2].any()
+
+
+def test_a_band_too_large_for_the_patch_settings_is_refused_naming_them():
+    occupied = np.ones((50, 50), bool)  # 2500 cells
+    assert 2500 > MAX_PATCHES
+    with pytest.raises(TooManyPatches, match="stage2.patch=16 and stage2.context=4 needs 2500 patches"):
+        plan_patches(occupied, 400, 400, 16, 4)
