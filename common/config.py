@@ -12,6 +12,7 @@ import difflib
 import hashlib
 import json
 import re
+import reprlib
 import types
 import typing
 from pathlib import Path
@@ -104,7 +105,7 @@ class Training(Section):
         "checkpoint (changes the model only with epochs: auto)",
         ge=0,
     )
-    batch_size: int = setting(4, "samples per step (stage 2: crops)", ge=1, affects=("model",))
+    batch_size: int = setting(4, "samples per step (stage 2: crops)", ge=1, le=1024, affects=("model",))
     accum: int = setting(1, "gradient accumulation steps", ge=1, affects=("model",))
     optimizer: Literal["adam", "sgd"] = setting("adam", "adam | sgd", affects=("model",))
     lr: float = setting(1e-3, "learning rate", ge=1e-12, affects=("model",))
@@ -124,8 +125,10 @@ class Training(Section):
     edge_weight: float = setting(
         0.0, "extra BCE weight on pixels near the mask boundary; 0 = plain BCE", ge=0, affects=("model",)
     )
-    depth: int = setting(5, "U-Net levels", ge=1, affects=("model",))
-    width: int = setting(16, "channels of the first level, doubled per level", ge=1, affects=("model",))
+    depth: int = setting(5, "U-Net levels", ge=1, le=10, affects=("model",))
+    width: int = setting(
+        16, "channels of the first level, doubled per level (at most 512)", ge=1, le=256, affects=("model",)
+    )
     dropout: float = setting(0.0, "dropout in the two deepest levels", ge=0, le=0.99, affects=("model",))
     augment: Literal["full", "flip", "none"] = setting(
         "full", "full (flip, scale/shift, brightness/contrast/hue) | flip | none", affects=("model",)
@@ -134,6 +137,7 @@ class Training(Section):
         2,
         "threads reading every training pair once before training; stage 2 also uses this many data-loader processes",
         ge=0,
+        le=64,
     )
     resume: bool = setting(
         False, "continue from last.pt of the run folder (`carvana run` sets it when a step was interrupted)"
@@ -165,7 +169,7 @@ Checkpoint = Union[str, list[str]]
 
 
 class Stage1(Training):
-    size: int = setting(256, "square input size of the whole image", ge=16, affects=("model", "boxes"))
+    size: int = setting(256, "square input size of the whole image", ge=16, le=2048, affects=("model", "boxes"))
     margin: Union[int, list[int]] = setting(
         [32, 96, 32, 32],
         "pixels added around the box: one number or [left, top, right, bottom]; more on top for antennas",
@@ -184,7 +188,7 @@ class Stage1(Training):
 
 
 class Stage2(Training):
-    tile: int = setting(1024, "side of the refiner's square tiles", ge=16, affects=("model", "masks"))
+    tile: int = setting(1024, "side of the refiner's square tiles", ge=16, le=4096, affects=("model", "masks"))
     min_overlap: int = setting(
         64,
         "least overlap of neighbouring tiles, at most half a tile; an image whose box would need more than 256 tiles "
@@ -192,11 +196,12 @@ class Stage2(Training):
         ge=0,
         affects=("model", "masks"),
     )
-    crop: int = setting(384, "training crop size", ge=16, affects=("model",))
+    crop: int = setting(384, "training crop size", ge=16, le=4096, affects=("model",))
     crops_per_image: int = setting(
         1,
         "crops cut from each decoded training image (batch_size counts crops); more = less decoding per crop",
         ge=1,
+        le=64,
         affects=("model",),
     )
     box_jitter: int = setting(32, "pixels of random box jitter in training", ge=0, affects=("model",))
@@ -230,11 +235,11 @@ class Predict(Section):
         affects=("masks",),
     )
     batch_size: int = setting(
-        2, "tiles per forward pass, across images (mirrored copies ride along with tta_flip)", ge=1
+        2, "tiles per forward pass, across images (mirrored copies ride along with tta_flip)", ge=1, le=256
     )
     tta_flip: bool = setting(False, "average with the prediction of the mirrored image", affects=("boxes", "masks"))
     chunk: int = setting(16, "images per resumable chunk of prediction results", ge=1)
-    workers: number_or_auto(int, ge=0) = setting(
+    workers: number_or_auto(int, ge=0, le=64) = setting(
         "auto",
         "reader processes decoding ahead of the device; 0 = in the main process; auto: 0 on a CPU (the fastest "
         "there), on a GPU the cores but one, shared by the visible GPUs",
@@ -260,16 +265,57 @@ class Predict(Section):
 
 
 class Serve(Section):
-    max_batch: int = setting(8, "`carvana serve`: images predicted together in one device step", ge=1)
+    """`carvana serve`: every limit a client can meet (docs/reliability.md, "Hostile input", says what each answers)."""
+
+    max_batch: int = setting(8, "`carvana serve`: images predicted together in one device step", ge=1, le=64)
     max_wait_ms: int = setting(10, "how long a batch's first request waits for more to join it", ge=0)
-    max_queue: int = setting(32, "requests waiting for the device at most; beyond it 503 with Retry-After", ge=1)
-    max_bytes: int = setting(50_000_000, "largest upload, in bytes (413 beyond it)", ge=1)
-    max_pixels: int = setting(
-        100_000_000, "largest photo, width x height (413 beyond it, checked before decoding)", ge=1
+    max_queue: int = setting(32, "photos waiting for the device at most; beyond it 503 with Retry-After", ge=1)
+    max_bytes: int = setting(
+        50_000_000,
+        "largest photo, in bytes; a request body may add a third for base64 and its envelope (413 beyond, the "
+        "upload not read further)",
+        ge=1,
+        le=2_000_000_000,
     )
-    timeout_s: int = setting(120, "a request not answered within this many seconds gets 504", ge=1)
+    max_pixels: int = setting(
+        40_000_000,
+        "largest photo, width x height: an 8K frame is 33.2 M, a 12 MP phone photo 12 M (413 beyond it, from the "
+        "header, before decoding)",
+        ge=1,
+    )
+    max_pixels_in_flight: int = setting(
+        120_000_000,
+        "pixels of the photos decoded and not yet answered, all requests together; a photo that would go beyond "
+        "gets 503 with Retry-After, before it is decoded",
+        ge=1,
+    )
+    max_uploads: int = setting(
+        16, "request bodies being received at once; beyond it 503 with Retry-After, before any byte is read", ge=1
+    )
+    read_timeout_s: int = setting(
+        60,
+        "a request's headers, and then its body, must each arrive within this many seconds (a body: 408; headers: "
+        "the connection is closed)",
+        ge=1,
+    )
+    timeout_s: int = setting(120, "a photo not cut out within this many seconds of joining the queue gets 504", ge=1)
+    shutdown_timeout_s: int = setting(
+        140,
+        "after SIGTERM, the requests in flight get this many seconds to finish; then their connections are closed "
+        "(give the orchestrator a longer grace period)",
+        ge=1,
+    )
     api_key_env: str = setting(
-        "", "name of the environment variable holding the API key the /v1 requests must send; empty = no key"
+        "",
+        "name of the environment variable holding the API key; with it, POST /v1/cutout, /v1/segment and "
+        "/v2/models/NAME/infer need the key (X-API-Key or Authorization: Bearer); the page, the probes (/healthz, "
+        "/v2/health/*), model metadata, /docs and /metrics stay open, for browsers, orchestrators and Prometheus. "
+        "Empty = no key: bind beyond 127.0.0.1 only behind something that checks",
+    )
+    allowed_hosts: list[str] = setting(
+        [],
+        "Host headers the server answers (e.g. [cars.example.com, '*.example.com']); others get 400. Empty = any; "
+        "set it where a browser could reach a server without a key (DNS rebinding)",
     )
     devices: list[str] = setting([], "one replica of the nets per device, e.g. [cuda:0, cuda:1]; empty = `device`")
 
@@ -407,23 +453,34 @@ def _message(errors: list[dict], tree: dict) -> str:
     for part in parts:
         value = value.get(part) if isinstance(value, dict) else None
     if key not in FIELDS:  # a section given as something else than a mapping
-        return f"config key '{key}' must be a mapping of settings, got {value!r}"
+        return f"config key '{key}' must be a mapping of settings, got {shown(value)}"
     f, mine = FIELDS[key], [e for e in errors if e["loc"][: len(parts)] == tuple(parts)]
     names, values = _words(f.annotation)
     if any(e["type"] in _RANGE_ERRORS for e in mine):
-        return f"config key '{key}' must be {_bounds(f)}; got {value!r}"
+        return f"config key '{key}' must be {_bounds(f)}; got {shown(value)}"
     if f.json_schema_extra["expect"]:
-        return f"config key '{key}' must be {f.json_schema_extra['expect']}; got {value!r}"
+        return f"config key '{key}' must be {f.json_schema_extra['expect']}; got {shown(value)}"
     if values == ["auto"]:
-        return f"config key '{key}' must be a number or auto; got {value!r}"
+        return f"config key '{key}' must be a number or auto; got {shown(value)}"
     if values and not names and isinstance(value, str):
-        return f"config key '{key}' must be one of {', '.join(values)}; got {value!r}"
-    return f"config key '{key}' must be {' or '.join(names or ['str'])}, got {value!r}"
+        return f"config key '{key}' must be one of {', '.join(values)}; got {shown(value)}"
+    return f"config key '{key}' must be {' or '.join(names or ['str'])}, got {shown(value)}"
 
 
 def _unknown(key: str) -> str:
-    close = difflib.get_close_matches(key, FIELDS, n=1, cutoff=0.6)
-    return f"unknown config key '{key}'" + (f" (did you mean '{close[0]}'?)" if close else "")
+    close = difflib.get_close_matches(key[:200], FIELDS, n=1, cutoff=0.6)
+    return f"unknown config key {shown(key)}" + (f" (did you mean '{close[0]}'?)" if close else "")
+
+
+_SHOWN = reprlib.Repr()
+_SHOWN.maxlevel, _SHOWN.maxlist, _SHOWN.maxdict, _SHOWN.maxstring, _SHOWN.maxother = 2, 4, 4, 60, 60
+
+
+def shown(value: Any, limit: int = 100) -> str:
+    """`value` as an error message quotes it: its repr, cut short, so that a long string or a YAML alias
+    bomb (a few lines that expand to billions of items) gives one short line, not megabytes."""
+    text = _SHOWN.repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _parse(tree: dict, where: str = "") -> Settings:
@@ -480,10 +537,10 @@ def _validate(cfg: Settings) -> None:
         if isinstance(s.checkpoint, list) and not (s.checkpoint and all(s.checkpoint)):
             raise ConfigError(
                 f"config key '{stage}.checkpoint' must be a path or a non-empty list of paths (an ensemble); got "
-                f"{s.checkpoint!r}"
+                f"{shown(s.checkpoint)}"
             )
     if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", cfg.device):
-        raise ConfigError(f"config key 'device' must be auto, cpu, cuda or cuda:N; got {cfg.device!r}")
+        raise ConfigError(f"config key 'device' must be auto, cpu, cuda or cuda:N; got {shown(cfg.device)}")
     overlap, tile = cfg.stage2.min_overlap, cfg.stage2.tile
     if overlap > tile // 2:
         raise ConfigError(
@@ -495,18 +552,25 @@ def _validate(cfg: Settings) -> None:
     sides = [margin] if isinstance(margin, int) else margin
     if len(sides) not in (1, 4) or not all(m >= 0 for m in sides):
         raise ConfigError(
-            f"config key 'stage1.margin' must be pixels >= 0, one number or [left, top, right, bottom]; got {margin!r}"
+            "config key 'stage1.margin' must be pixels >= 0, one number or [left, top, right, bottom]; got "
+            f"{shown(margin)}"
         )
     if cfg.stage2.batch_size % cfg.stage2.crops_per_image:
         raise ConfigError(
             f"stage2.batch_size={cfg.stage2.batch_size} counts crops: make it a multiple of "
             f"stage2.crops_per_image={cfg.stage2.crops_per_image}"
         )
+    serve = cfg.serve
+    if serve.max_pixels > serve.max_pixels_in_flight:
+        raise ConfigError(
+            f"serve.max_pixels={serve.max_pixels} must be at most serve.max_pixels_in_flight="
+            f"{serve.max_pixels_in_flight}: a photo of the largest size must fit in what the server holds at once"
+        )
     cluster = cfg.predict.cluster
     if cluster and not (re.fullmatch(r"local:[1-9]\d*", cluster) or "://" in cluster):
         raise ConfigError(
             "config key 'predict.cluster' must be empty, local:N or a scheduler address such as tcp://host:8786; got "
-            f"{cluster!r}"
+            f"{shown(cluster)}"
         )
 
 

@@ -143,7 +143,7 @@ def test_overrides_parse_before_or_after_config_and_junk_is_refused(capsys):
         ("stage1.augment=heavy", "'stage1.augment' must be one of full, flip, none"),
         ("stage2.schedule=linear", "'stage2.schedule' must be one of constant, step, cosine"),
         ("device=gpu", "'device' must be auto, cpu, cuda or cuda:N"),
-        ("stage1.batch_size=0", "'stage1.batch_size' must be >= 1"),
+        ("stage1.batch_size=0", "'stage1.batch_size' must be in [1, 1024]"),
         ("predict.threshold=1.5", "'predict.threshold' must be in"),
         ("stage1.beta2=1", "'stage1.beta2' must be in"),
         ("stage2.min_overlap=1024", "stage2.min_overlap=1024 must be at most half of stage2.tile=1024 (512)"),
