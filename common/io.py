@@ -4,7 +4,8 @@ lock (one run per folder).
 The lock is the kernel's (flock), so a process killed by SIGKILL or a power cut releases it with
 no help; the lock file's text names the holder (pid, host, command, start time) for the refusal
 message. Text left behind by a holder that did not release it marks a stale lock: it is taken
-over with a warning. The text is rewritten in place, under the lock, never renamed: a rename
+over with a warning. The lock file is opened without following a symbolic link, and must be a
+regular file. The text is rewritten in place, under the lock, never renamed: a rename
 would move the lock to a new file that the next process does not share.
 """
 
@@ -19,6 +20,7 @@ import json
 import os
 import secrets
 import socket
+import stat
 import time
 import warnings
 from pathlib import Path
@@ -142,11 +144,17 @@ def output_lock(folder: str | Path, command: str) -> Iterator[None]:
     path = folder / LOCK_NAME
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        # never through a link: a lock planted as a link to another file would have that file truncated
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK, 0o644)
     except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise ConfigError(f"{path} is a symbolic link; the lock is never taken through one: remove it") from None
         raise ConfigError(
             f"output folder {folder} cannot be written: {e.strerror}; set output.dir to a writable place"
         ) from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise ConfigError(f"{path} is not a regular file; the lock is taken on a file only: remove it")
     held = False
     try:
         try:

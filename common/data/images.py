@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import zlib
 from pathlib import Path
 
@@ -58,28 +59,50 @@ def read_image(path: str | os.PathLike, size: Size | None = None) -> np.ndarray:
     return np.array(im)  # writable, so torch can wrap it without a copy warning
 
 
-def decode_photo(data: bytes, name: str, formats: tuple[str, ...], max_pixels: int) -> np.ndarray:
-    """An uploaded photo as uint8 HWC RGB, as `read_image` reads a file. ImageReadError naming `name`
-    for anything but a whole image of `formats`; TooLarge, before any pixel is decoded, for one of
-    more than `max_pixels` (a decompression bomb: a blank 12000x12000 PNG is 140 kB)."""
+# a phone's MPO is a JPEG with more pictures after the first (depth maps, previews): its first is the photo
+SAME_AS = {"MPO": "JPEG"}
+
+
+def open_photo(data: bytes, name: str, formats: tuple[str, ...], max_pixels: int) -> Image.Image:
+    """An uploaded photo opened, its header read and checked, no pixel decoded yet (`decoded` decodes it):
+    ImageReadError naming `name` for anything but an image of `formats`; TooLarge for one of more than
+    `max_pixels` (a decompression bomb: a blank 12000x12000 PNG is 140 kB). The messages quote nothing
+    of the process (PIL's own name the in-memory file by its address)."""
     if not data:
         raise ImageReadError(name, "empty upload")
     try:
         im = Image.open(io.BytesIO(data))
-    except Image.DecompressionBombError as e:
-        raise TooLarge(name, str(e)) from None
-    except (OSError, SyntaxError, ValueError) as e:
-        raise ImageReadError(name, f"not an image ({e})") from None
-    if im.format not in formats:
+    except Image.DecompressionBombError:
+        raise TooLarge(name, "more pixels than PIL decodes (a decompression bomb)") from None
+    except (OSError, SyntaxError, ValueError):
+        raise ImageReadError(name, f"not an image (send {', '.join(formats)})") from None
+    kind = SAME_AS.get(im.format, im.format)
+    if kind not in formats:
         raise UnsupportedImage(name, f"{im.format} is not supported; send {', '.join(formats)}")
     if im.width * im.height > max_pixels:
         raise TooLarge(name, f"{im.width}x{im.height} is more than serve.max_pixels={max_pixels} pixels")
+    return im
+
+
+def decoded(im: Image.Image, name: str) -> np.ndarray:
+    """An image `open_photo` opened, decoded as `read_image` reads a file: uint8 HWC RGB, EXIF
+    orientation applied; ImageReadError naming `name` if its data is broken."""
     try:
         return np.array(_rgb(_load(im, "image")))
-    except Image.DecompressionBombError as e:
-        raise TooLarge(name, str(e)) from None
+    except Image.DecompressionBombError:
+        raise TooLarge(name, "more pixels than PIL decodes (a decompression bomb)") from None
     except (OSError, SyntaxError, ValueError) as e:
-        raise ImageReadError(name, f"not a readable image ({e})") from None
+        raise ImageReadError(name, f"not a readable image ({_address_free(e)})") from None
+
+
+def decode_photo(data: bytes, name: str, formats: tuple[str, ...], max_pixels: int) -> np.ndarray:
+    """An uploaded photo as uint8 HWC RGB: `open_photo`, then `decoded`."""
+    return decoded(open_photo(data, name, formats, max_pixels), name)
+
+
+def _address_free(e: Exception) -> str:
+    """A decoder's message without the repr of an in-memory file (`<_io.BytesIO object at 0x...>`)."""
+    return re.sub(r"<[^<>]* at 0x[0-9a-fA-F]+>", "the upload", str(e))
 
 
 def image_size(path: str | os.PathLike) -> Size:
