@@ -101,3 +101,25 @@ def test_torchrun_stage1_train_writes_one_loadable_checkpoint(sample_root, tmp_p
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "resuming" in proc.stdout and "after epoch 2" in proc.stdout
     assert list(pd.read_csv(out / "stage1" / "history.csv").epoch) == [1, 2, 3]
+
+
+def test_a_ddp_run_ends_its_process_group_before_the_process_exits(tmp_path):
+    """Each rank destroys its process group at exit (NCCL warns, and may drop queued work, when the group
+    is left to its destructor). A handler registered before joining runs after the project's own and
+    prints whether a group is still there."""
+    script = tmp_path / "join.py"
+    script.write_text(
+        "import atexit, torch.distributed as dist\n"
+        "from common.training import distributed\n"
+        "atexit.register(lambda: print('group at exit:', dist.is_initialized(), flush=True))\n"
+        "ranks, device = distributed.init('cpu')\n"
+        "distributed.barrier()\n"
+        "print('joined', ranks.rank, dist.is_initialized(), flush=True)\n"
+    )
+    proc = _torchrun([str(script)])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert sorted(line for line in proc.stdout.splitlines() if line.startswith("joined")) == [
+        "joined 0 True",
+        "joined 1 True",
+    ]
+    assert proc.stdout.count("group at exit: False") == 2 and "group at exit: True" not in proc.stdout

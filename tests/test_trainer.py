@@ -91,6 +91,31 @@ def test_resume_continues_exactly(tmp_path):
     assert [round(h["train_loss"], 5) for h in resumed] == [round(h["train_loss"], 5) for h in full]
 
 
+def test_a_run_saved_without_loss_scaling_resumes_with_it_and_back(tmp_path, caplog):
+    """A run trained in bf16 (no loss scale saved) resumes on a card without bf16, in fp16 with loss
+    scaling: it starts from the default scale instead of failing on the empty state; an fp16 run's scale
+    is ignored by a run without scaling. A CPU GradScaler stands in for the card's (the same class)."""
+    from common.training.trainer import _resume, build_optimizer
+
+    data, cpu = _blobs(8), torch.device("cpu")
+    s = _settings(epochs=1, precision="bf16")  # bf16 where this CPU has it, else fp32: no loss scale either way
+    train(Run(s, tmp_path, CONFIG, cpu), UNet(3, 3, 8), data, _validator(data))
+    saved = load_checkpoint(tmp_path / "last.pt", cpu)
+    assert saved["scaler"] == {}
+    model = UNet(3, 3, 8)
+    fp16 = torch.amp.GradScaler("cpu", enabled=True)
+    with caplog.at_level("INFO", logger="carvana"):
+        epoch, _, history = _resume(tmp_path / "last.pt", model, build_optimizer(model, s), fp16, cpu)
+    assert epoch == 1 and len(history) == 1 and fp16.get_scale() == 2.0**16
+    assert "fp16 starts from the default scale" in caplog.text
+    for name, value in model.state_dict().items():
+        torch.testing.assert_close(value, saved["model"][name], rtol=0, atol=0)
+    # the other way: a scaled fp16 run's checkpoint resumed where no scaling runs
+    torch.save(saved | {"scaler": fp16.state_dict() | {"scale": 1024.0}}, tmp_path / "fp16.pt")
+    plain = torch.amp.GradScaler("cpu", enabled=False)
+    assert _resume(tmp_path / "fp16.pt", model, build_optimizer(model, s), plain, cpu)[0] == 1
+
+
 def test_adam_beta2_setting_reaches_the_optimizer_and_its_checkpoint(tmp_path):
     data = _blobs()
     train(

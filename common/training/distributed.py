@@ -9,6 +9,7 @@ Rank 0 alone prints, writes checkpoints, history, plots and pipeline state.
 
 from __future__ import annotations
 
+import atexit
 import os
 from dataclasses import dataclass
 from datetime import timedelta
@@ -57,7 +58,16 @@ def init(device_name: str) -> tuple[Ranks, torch.device]:
     if not dist.is_initialized():
         # long timeout: under `carvana run` the other ranks wait while rank 0 alone predicts and evaluates
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timedelta(hours=12))
+        # ended when the process exits, whichever command joined it (`carvana run` joins once for all its
+        # steps): a group left to its destructor makes NCCL warn at exit and may drop its queued work
+        atexit.register(end)
     return r, device
+
+
+def end() -> None:
+    """Leave the torchrun job: the process group destroyed (a no-op outside one)."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def step_agreement(

@@ -448,13 +448,17 @@ def _parallel(model: nn.Module, s: Training, ranks: Ranks, device: torch.device)
 
 def _resume(last: Path, model: nn.Module, opt, scaler, device: torch.device) -> tuple[int, float, list[dict]]:
     """(epoch, best Dice, history) of `last.pt`, with the weights, optimizer and scaler restored; a fresh start
-    without it."""
+    without it. A run may resume on another card: one trained in bf16 (no loss scale) continues in fp16
+    with a fresh scale, and an fp16 run's scale is ignored by a run without scaling."""
     if not last.is_file():
         return 0, -1.0, []
     ckpt = load_checkpoint(last, device, expect=model.args)
     model.load_state_dict(ckpt["model"])
     opt.load_state_dict(ckpt["optimizer"])
-    scaler.load_state_dict(ckpt["scaler"])
+    if ckpt["scaler"] or not scaler.is_enabled():
+        scaler.load_state_dict(ckpt["scaler"])
+    else:  # saved without loss scaling (bf16, fp32), resumed with it (fp16: a card without bf16)
+        log.info(f"{last}: no loss scale saved (trained without fp16); fp16 starts from the default scale")
     log.info(f"resuming {last} after epoch {ckpt['epoch']} (best val Dice {ckpt['best_dice']:.4f})")
     return ckpt["epoch"], ckpt["best_dice"], ckpt["history"]
 
