@@ -4,9 +4,10 @@ settings that shape a mask, the mask threshold, the run's figures and what it wa
 every command that predicts reads it with `--model DIR` (a `ModelSource`, common/model_source.py)
 and predicts the masks of the run it came from, byte for byte.
 
-Reading checks everything before a net is built: the format version, every listed file's sha256,
-the architecture's arguments and that the weights fit them; a net is then loaded from the very bytes
-it hashes. Nothing is unpickled: safetensors holds tensors only. The format: docs/bundle.md.
+Reading checks everything before a net is built: the format version, every listed file's sha256, the
+architecture's arguments and the settings against the bounds common/config.py declares, that the weights
+fit them, and (for onnxruntime) that each ONNX file holds its weights itself; a net is then loaded from
+the very bytes it hashes. Nothing is unpickled: safetensors holds tensors only. The format: docs/bundle.md.
 """
 
 from __future__ import annotations
@@ -15,13 +16,13 @@ import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from torch import nn
 
-from common.config import DEPENDS, Settings, setting_value
+from common.config import DEPENDS, Settings, Training, setting_value, shown
 from common.errors import CheckpointError, ConfigError
 from common.io import atomic_path, write_text
 from common.log import log
@@ -40,6 +41,28 @@ FIXED = sorted(
     }
 )
 INPUT = "RGB, uint8 divided by 255, no mean or std; the refiner also takes stage 1's probability when coarse_channel"
+MAX_MANIFEST = 1 << 20  # bytes of bundle.json: a few kB are written
+
+
+def _as_declared(name: str) -> Any:
+    """A UNet argument typed and bounded as the training setting of the same name (common/config.py)."""
+    f = Training.model_fields[name]
+    return Annotated[(f.annotation, *f.metadata)]
+
+
+Depth, Width, Dropout = (_as_declared(name) for name in ("depth", "width", "dropout"))
+
+
+class NetArgs(BaseModel):
+    """A UNet's constructor arguments as bundle.json gives them, checked before any net is built
+    (`depth: 1000000` would take hours to build before any other check)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+    in_channels: Literal[3, 4]  # RGB, and stage 1's probability for a refiner with coarse_channel
+    depth: Depth
+    width: Width
+    dropout: Dropout
+    prior_skip: bool
 
 
 class NetSpec(BaseModel):
@@ -59,7 +82,7 @@ class Manifest(BaseModel):
     nets: dict[str, NetSpec]  # stage1, refiner
     prediction: dict[str, Any]  # dotted setting -> value: every setting a box or mask depends on (FIXED)
     input: str  # the nets' input normalisation, in words
-    threshold: float  # the mask threshold (`carvana evaluate`'s best, or predict.threshold)
+    threshold: float = Field(gt=0, lt=1)  # the mask threshold (`carvana evaluate`'s best, or predict.threshold)
     files: dict[str, str]  # file -> sha256, every file but bundle.json and README.md (a card may be edited)
     validation: dict[str, Any]  # the run's figures and where they come from
     training_data: dict[str, Any]  # kind (synthetic | photos), root, cars
@@ -154,7 +177,7 @@ class Bundle:
                 )
             from common.onnx_export import OnnxNet
 
-            return OnnxNet(data)
+            return OnnxNet(data, name=str(path))
         from safetensors.torch import load
 
         spec = self.manifest.nets[which]
@@ -170,6 +193,8 @@ def read_bundle(folder: str | Path, backend: str = "torch") -> Bundle:
     path = folder / MANIFEST
     if not path.is_file():
         raise CheckpointError(f"{path} not found: --model takes a folder written by `carvana bundle`")
+    if path.stat().st_size > MAX_MANIFEST:
+        raise CheckpointError(f"{path}: {path.stat().st_size} bytes, not a bundle.json (at most {MAX_MANIFEST})")
     try:
         raw = json.loads(path.read_text())
     except (OSError, ValueError) as e:
@@ -195,7 +220,19 @@ def read_bundle(folder: str | Path, backend: str = "torch") -> Bundle:
             raise CheckpointError(f"{path}: {name!r} is not a file name in the bundle's folder")
     for which, net in manifest.nets.items():
         if net.architecture != "UNet":
-            raise CheckpointError(f"{path}: {which} is a {net.architecture!r}; this carvana builds UNet nets only")
+            raise CheckpointError(f"{path}: {which} is a {shown(net.architecture)}; this carvana builds UNet nets only")
+        try:  # the bounds first: nothing is built from arguments out of them, not even on the meta device
+            NetArgs.model_validate(net.args)
+        except ValidationError as e:
+            first = e.errors()[0]
+            where = ".".join(map(str, first["loc"]))
+            raise CheckpointError(
+                f"{path}: nets.{which}.args.{where}={shown(first.get('input'))}: {first['msg']}"
+            ) from None
+    try:  # the settings it fixes, within the bounds their declarations give (stage2.tile sizes tensors)
+        Settings().updated(manifest.prediction)
+    except ConfigError as e:
+        raise CheckpointError(f"{path}: prediction: {e}") from None
     for name, digest in manifest.files.items():
         file = folder / name
         if not file.is_file():
@@ -206,6 +243,12 @@ def read_bundle(folder: str | Path, backend: str = "torch") -> Bundle:
         if net.file not in manifest.files:
             raise CheckpointError(f"{path}: {net.file} has no sha256 under files")
         _check_fit(folder / net.file, which, net)
+    if backend == "onnxruntime":
+        from common.onnx_export import self_contained
+
+        for which in manifest.nets:
+            if f"{which}.onnx" in manifest.files:
+                self_contained((folder / f"{which}.onnx").read_bytes(), str(folder / f"{which}.onnx"))
     bundle = Bundle(folder, manifest, backend)
     bundle.hash("refiner")  # an ONNX backend without ONNX files is refused here, before any work
     return bundle

@@ -8,7 +8,8 @@ the batch axis is free, height and width are fixed at export. Output `logits`: f
 size), what `net(x)` returns; the probability is its sigmoid.
 
 `OnnxNet` is the net of the onnxruntime backend for prediction on the CPU, faster than PyTorch on some
-CPUs (docs/experiments/2026-12-03-onnx.md).
+CPUs (docs/experiments/2026-12-03-onnx.md). It runs the bytes it was given and nothing else: a file whose
+weights live in other files (ONNX's external data) is refused, as those files are not what was hashed.
 """
 
 from __future__ import annotations
@@ -18,12 +19,13 @@ import importlib.util
 import logging
 import warnings
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import torch
 from torch import nn
 
-from common.errors import SetupError
+from common.errors import CheckpointError, SetupError
 from common.io import atomic_path
 
 OPSET = 18
@@ -62,23 +64,71 @@ def export(net: nn.Module, in_channels: int, size: int, path: Path) -> None:
         program.save(tmp, external_data=False)  # one file: external weights would name the temporary file
 
 
+def self_contained(data: bytes, name: str) -> None:
+    """Refuse (CheckpointError naming `name`) ONNX bytes that are not a model, or whose tensors point
+    into other files (external data): onnxruntime would read those, and they are not the bytes that were
+    hashed and checked."""
+    _need("onnx")
+    import onnx
+    from google.protobuf.message import DecodeError
+    from onnx.external_data_helper import uses_external_data
+
+    try:
+        model = onnx.load_model_from_string(data)
+    except (DecodeError, ValueError, RuntimeError) as e:
+        raise CheckpointError(f"{name}: not an ONNX model ({type(e).__name__})") from None
+    outside = [t.name for t in _tensors(model) if uses_external_data(t)]
+    if outside:
+        raise CheckpointError(
+            f"{name}: {len(outside)} tensor(s) (e.g. {outside[0]!r}) are kept in files beside it (ONNX external data); "
+            "only self-contained ONNX files are run: export it again with carvana bundle --onnx"
+        )
+
+
+def _tensors(model) -> Iterator:
+    """Every tensor an ONNX model holds: initializers, sparse ones, and those in node attributes, in
+    subgraphs (If, Loop) and in functions too."""
+
+    def of_nodes(nodes) -> Iterator:
+        for node in nodes:
+            for attr in node.attribute:
+                yield from ([attr.t] if attr.HasField("t") else [])
+                yield from attr.tensors
+                for sparse in [attr.sparse_tensor] * attr.HasField("sparse_tensor") + list(attr.sparse_tensors):
+                    yield from (sparse.values, sparse.indices)
+                for graph in [attr.g] * attr.HasField("g") + list(attr.graphs):
+                    yield from of_graph(graph)
+
+    def of_graph(graph) -> Iterator:
+        yield from graph.initializer
+        for sparse in graph.sparse_initializer:
+            yield from (sparse.values, sparse.indices)
+        yield from of_nodes(graph.node)
+
+    yield from of_graph(model.graph)
+    for function in model.functions:
+        yield from of_nodes(function.node)
+
+
 class OnnxNet(nn.Module):
     """An exported net in an onnxruntime session on the CPU, a stand-in for the PyTorch net wherever
     one runs (`probabilities`, `Coarse`, `Cascade`): called on a float32 NCHW batch (a torch tensor in
     any memory format, or numpy) it returns the logits as a CPU torch tensor, as the net would.
-    `model`: the file, or its bytes; `threads`: the session's intra-op threads, 0 for onnxruntime's
-    default (one per physical core)."""
+    `model`: the file, or its bytes (`name` names them in errors), checked `self_contained` and run from
+    that one read; `threads`: the session's intra-op threads, 0 for onnxruntime's default (one per
+    physical core)."""
 
-    def __init__(self, model: Path | bytes, threads: int = 0):
+    def __init__(self, model: Path | bytes, threads: int = 0, name: str = "ONNX model"):
         super().__init__()
         _need("onnxruntime")
         import onnxruntime
 
+        if not isinstance(model, bytes):
+            model, name = Path(model).read_bytes(), str(model)
+        self_contained(model, name)
         options = onnxruntime.SessionOptions()
         options.intra_op_num_threads = threads
-        self.session = onnxruntime.InferenceSession(
-            model if isinstance(model, bytes) else str(model), options, providers=["CPUExecutionProvider"]
-        )
+        self.session = onnxruntime.InferenceSession(model, options, providers=["CPUExecutionProvider"])
 
     def forward(self, x: np.ndarray | torch.Tensor) -> torch.Tensor:
         if isinstance(x, torch.Tensor):
