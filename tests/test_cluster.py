@@ -172,3 +172,79 @@ def test_a_worker_refuses_nets_that_are_not_the_ones_the_client_hashed(tiny_run,
     with pytest.raises(CheckpointError, match=f"{tmp_path / 'stage2' / 'best.pt'}: changed since this run hashed it"):
         s2_predict.main(cfg, source)
     assert not list((tmp_path / "cluster").glob("stage2_chunks/*/part-*.csv"))
+
+
+def _place(name, address="tcp://10.0.0.5:4002", neighbours=None, visible=None, dask_cuda=False):
+    from common.prediction.cluster import WorkerPlace
+
+    return WorkerPlace(name, address, tuple(neighbours or [address]), visible, dask_cuda)
+
+
+def test_a_worker_takes_its_own_gpu_from_the_surest_evidence_and_says_when_it_guesses():
+    """Stand-ins for what a worker sees, one case for each way users start workers on a 4-GPU machine."""
+    from common.prediction.cluster import worker_gpu
+
+    host = [f"tcp://10.0.0.5:{port}" for port in (4001, 4002, 4003)]
+    cases = [
+        # CUDA_VISIBLE_DEVICES names one GPU (SLURM, `CUDA_VISIBLE_DEVICES=2 dask worker`): the only one it sees
+        (_place("tcp://10.0.0.5:4002", neighbours=host, visible="2"), 1, 0, True),
+        # dask-cuda: each worker's list starts with its own GPU, whatever its name
+        (_place(3, neighbours=host, visible="3,0,1,2", dask_cuda=True), 4, 0, True),
+        # a LocalCluster (predict.cluster=local:N): names 0..N-1
+        (_place(1, neighbours=host), 4, 1, True),
+        (_place("5", neighbours=host), 4, 1, False),  # more workers than GPUs: they share, and it says so
+        # `dask worker --nworkers 3 --name box`: box-0, box-1, box-2
+        (_place("box-2", neighbours=host), 4, 2, True),
+        # a plain `dask worker --nworkers 3`: named by their addresses; their order on the host is a guess
+        (_place("tcp://10.0.0.5:4002", neighbours=host), 4, 1, False),
+        (_place("tcp://10.0.0.5:4002"), 4, 0, True),  # alone on its host: no one to share with
+        # several GPUs listed without dask-cuda: the list is not the worker's own, so the name decides
+        (_place(2, neighbours=host, visible="0,1,2,3"), 4, 2, True),
+    ]
+    for place, gpus, index, sure in cases:
+        choice = worker_gpu(place, gpus)
+        assert (choice.index, choice.sure) == (index, sure), (place, choice)
+        assert choice.reason
+
+
+def test_a_worker_that_guesses_its_gpu_says_so(monkeypatch, caplog):
+    """device=auto on a plain `dask worker`'s process (stand-ins for CUDA with 4 GPUs and for the worker's
+    place): the GPU of its place among its host's workers, and a warning that it is a guess."""
+    import torch
+
+    from common.prediction import cluster
+
+    host = ("tcp://10.0.0.5:4001", "tcp://10.0.0.5:4002")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    monkeypatch.setattr(cluster, "pick_device", torch.device)  # the real one would make it current
+    monkeypatch.setattr(cluster.WorkerPlace, "here", classmethod(lambda cls: _place(host[1], host[1], host)))
+    with caplog.at_level("WARNING", logger="carvana"):
+        assert cluster.worker_device("auto") == torch.device("cuda:1")
+    assert "cuda:1 chosen by its place 2 of 2 among its host's workers" in caplog.text
+    caplog.clear()
+    monkeypatch.setattr(cluster.WorkerPlace, "here", classmethod(lambda cls: _place(1, host[1], host)))
+    with caplog.at_level("WARNING", logger="carvana"):
+        assert cluster.worker_device("auto") == torch.device("cuda:1")
+    assert not caplog.text  # a LocalCluster's worker 1 knows
+
+
+def test_a_worker_finds_its_place_on_a_real_cluster():
+    """On a LocalCluster of two workers (threads, this process), each worker reads its own name, address
+    and its host's workers from the scheduler."""
+    from distributed import Client, LocalCluster
+
+    from common.prediction.cluster import WorkerPlace, worker_gpu
+
+    with (
+        LocalCluster(n_workers=2, threads_per_worker=1, processes=False, dashboard_address=None) as cluster,
+        Client(cluster) as client,
+    ):
+        workers = sorted(client.scheduler_info()["workers"])
+        places = {
+            w: client.submit(WorkerPlace.here, workers=[w], pure=False, allow_other_workers=False).result()
+            for w in workers
+        }
+    for address, place in places.items():
+        assert place.address == address and place.neighbours == tuple(workers) and place.name in (0, 1)
+    assert sorted(worker_gpu(p, 2).index for p in places.values()) == [0, 1]  # two workers, two GPUs

@@ -13,8 +13,11 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
+import sys
 import threading
 import time
+from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
 import torch
@@ -41,18 +44,78 @@ def cached(key: str, build: Callable[[], Any]) -> Iterator[Any]:
         yield _LOADED[key]
 
 
+@dataclass(frozen=True)
+class WorkerPlace:
+    """What a Dask worker can see of its place on its machine."""
+
+    name: object  # an int on a LocalCluster, "NAME-K" from `dask worker --nworkers`, else its address
+    address: str
+    neighbours: tuple[str, ...]  # the addresses of the workers on this worker's host, itself included
+    visible: str | None  # CUDA_VISIBLE_DEVICES as the worker's process sees it
+    dask_cuda: bool  # started by dask-cuda, which lists each worker's own GPU first in CUDA_VISIBLE_DEVICES
+
+    @classmethod
+    def here(cls) -> WorkerPlace:
+        """This Dask worker's place (in one of its tasks), the scheduler asked for its host's workers."""
+        from distributed import get_client, get_worker
+
+        worker = get_worker()
+        workers = get_client().scheduler_info()["workers"]
+        host = workers.get(worker.address, {}).get("host")
+        return cls(
+            worker.name,
+            worker.address,
+            tuple(sorted(a for a, info in workers.items() if info.get("host") == host)),
+            os.environ.get("CUDA_VISIBLE_DEVICES"),
+            "dask_cuda" in sys.modules,
+        )
+
+
+@dataclass(frozen=True)
+class GpuChoice:
+    index: int  # of the GPUs the worker sees
+    reason: str
+    sure: bool  # False: a guess that two workers could share a GPU, said in a warning
+
+
+def worker_gpu(place: WorkerPlace, gpus: int) -> GpuChoice:
+    """Which of the `gpus` a worker sees is its own, from the surest evidence it has: a single visible GPU
+    (CUDA_VISIBLE_DEVICES naming one, as SLURM or `CUDA_VISIBLE_DEVICES=N dask worker` give it); dask-cuda's
+    list, which puts the worker's own GPU first; the number in its name (a LocalCluster's workers are
+    0..N-1, `dask worker --nworkers N` names them NAME-0..NAME-N-1); else its place among its host's
+    workers by address, a guess (a worker joining later changes the order)."""
+    if gpus == 1:
+        return GpuChoice(0, "the one GPU it sees", True)
+    if place.visible and place.dask_cuda:
+        return GpuChoice(0, f"dask-cuda's CUDA_VISIBLE_DEVICES={place.visible} lists its own GPU first", True)
+    number = place.name if isinstance(place.name, int) else None
+    if isinstance(place.name, str) and (m := re.fullmatch(r"(?:.*-)?(\d+)", place.name)) and "://" not in place.name:
+        number = int(m[1])
+    if number is not None:
+        fits = number < gpus
+        why = f"worker number {number} of its name" + ("" if fits else f", more workers than its {gpus} GPUs")
+        return GpuChoice(number % gpus, why, fits)
+    if place.address in place.neighbours:
+        k, n = place.neighbours.index(place.address), len(place.neighbours)
+        why = f"its place {k + 1} of {n} among its host's workers by address"
+        return GpuChoice(k % gpus, why, n == 1)
+    return GpuChoice(0, "nothing tells its GPU", False)
+
+
 def worker_device(name: str) -> torch.device:
-    """`auto` on a Dask worker of a LocalCluster: GPU number = worker number, so N workers use N GPUs;
-    the worker's current CUDA device is set to it (`pick_device`)."""
+    """`auto` on a Dask worker: its own GPU (`worker_gpu`), said in a warning where it is a guess; the
+    worker's current CUDA device is set to it (`pick_device`)."""
     if name != "auto" or not torch.cuda.is_available():
         return pick_device(name)
-    try:
-        from distributed import get_worker
-
-        index = int(get_worker().name)
-    except (ImportError, ValueError, TypeError):
-        index = 0
-    return pick_device(f"cuda:{index % torch.cuda.device_count()}")
+    place = WorkerPlace.here()
+    choice = worker_gpu(place, torch.cuda.device_count())
+    if not choice.sure:
+        log.warning(
+            f"Dask worker {place.name}: cuda:{choice.index} chosen by {choice.reason}, which cannot rule out "
+            "another worker on the same GPU; give each worker its GPU (CUDA_VISIBLE_DEVICES=N dask worker ..., "
+            "or dask-cuda), or name one (device=cuda:N)"
+        )
+    return pick_device(f"cuda:{choice.index}")
 
 
 @contextlib.contextmanager
