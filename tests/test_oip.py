@@ -22,13 +22,13 @@ from PIL import Image
 httpclient = pytest.importorskip("tritonclient.http", reason="tritonclient is not installed (pip install '.[test]')")
 pytest.importorskip("fastapi", reason="the serve extra is not installed (pip install '.[serve]')")
 
-import uvicorn  # noqa: E402
 from test_serve import _busy, _call, _until, _wait_healthy, hold_warm_up, running  # noqa: E402
 from tritonclient.utils import InferenceServerException  # noqa: E402
 
 from common.data.rle import rle_decode  # noqa: E402
 from common.model_source import open_source  # noqa: E402
 from pipelines.serve import Server, create_app, listen  # noqa: E402
+from pipelines.serve.app import server_config  # noqa: E402
 
 INFER = "/v2/models/carvana/infer"
 
@@ -248,7 +248,7 @@ def test_ready_only_from_the_warm_up_to_the_drain(tiny_run, photo, monkeypatch):
     step = threading.Event()
     cfg = tiny_run.updated({"serve.max_wait_ms": 0})
     app, sock = create_app(cfg, open_source(cfg)), listen("127.0.0.1", 0)
-    server = Server(uvicorn.Config(app, log_level="warning"))
+    server = Server(server_config(app))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     url, client = f"http://127.0.0.1:{sock.getsockname()[1]}", _client(f"127.0.0.1:{sock.getsockname()[1]}")

@@ -32,6 +32,7 @@ from common.errors import ConfigError  # noqa: E402
 from common.model_source import open_source  # noqa: E402
 from pipelines.cli import main as cli  # noqa: E402
 from pipelines.serve import create_app, listen  # noqa: E402
+from pipelines.serve.app import server_config  # noqa: E402
 
 
 @contextlib.contextmanager
@@ -41,7 +42,7 @@ def running(cfg, healthy: bool = True):
     import uvicorn
 
     app, sock = create_app(cfg, open_source(cfg)), listen("127.0.0.1", 0)  # a port of its own: nothing else can take it
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    server = uvicorn.Server(server_config(app))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     url = f"http://127.0.0.1:{sock.getsockname()[1]}"

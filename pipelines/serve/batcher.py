@@ -2,15 +2,17 @@
 nets. A task takes the first waiting photo, waits up to `serve.max_wait_ms` for more (up to
 `serve.max_batch`) and runs them through `Cascade.predict`, as `stage2 predict` and `carvana cutout`
 do, in one device step on that device's own thread. The nets load and warm up in a thread while the
-server already answers (503 until ready)."""
+server already answers (503 until ready). The work is bounded twice: photos waiting (`serve.max_queue`)
+and pixels in flight, from decoding to the answer (`serve.max_pixels_in_flight`, counted before decoding)."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ctypes
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import numpy as np
 
@@ -34,6 +36,10 @@ except (AttributeError, OSError):
     _malloc_trim = None
 
 
+class Busy(Exception):
+    """The server holds all the work it may (serve.max_pixels_in_flight): the client retries later (503)."""
+
+
 class Batcher:
     """The bounded queue and one batching task per device replica of the source's nets."""
 
@@ -45,7 +51,8 @@ class Batcher:
         self.steps: list[ThreadPoolExecutor] = []  # a device step thread per replica
         self.tasks: list[asyncio.Task] = []
         self.ready = threading.Event()  # the nets are loaded and warmed up
-        self.failed = ""  # why the nets could not be loaded
+        self.failed = ""  # why the nets could not be loaded, as a client may read it (the log has the details)
+        self.pixels = 0  # of the photos decoded (or being decoded) and not yet answered
         self.stopping = threading.Event()  # SIGTERM: no further warm-up, not ready, the requests in flight finish
         # few, long-lived threads: each thread that allocates gets its own malloc arena, and a pool that
         # rotates through many of them makes the server's memory grow (rembg's server-mode complaint)
@@ -87,9 +94,9 @@ class Batcher:
                 return
             self.ready.set()
             log.info(f"serve: nets loaded and warmed up on {', '.join(str(c.device) for c in self.cascades)}")
-        except Exception as e:  # the server keeps answering, /healthz says why
-            self.failed = f"{type(e).__name__}: {e}"
-            log.warning(f"serve: cannot load the nets: {self.failed}")
+        except Exception as e:  # the server keeps answering, /healthz says that it failed; the log says why
+            self.failed = f"{type(e).__name__} (the server's log says why)"
+            log.warning(f"serve: cannot load the nets: {type(e).__name__}: {e}")
 
     def warm_up(self, cascade: Cascade) -> None:
         """A device step on blank photos for each batch size the nets are padded to (`Cascade.buckets`:
@@ -107,6 +114,23 @@ class Batcher:
             task.cancel()
         for pool in [self.host, *self.steps]:
             pool.shutdown(wait=False, cancel_futures=True)
+
+    @contextlib.contextmanager
+    def holding(self, pixels: int) -> Iterator[None]:
+        """A photo's `pixels` counted in flight while the block decodes, cuts and answers it; Busy, before
+        any of that, when they would take the server past serve.max_pixels_in_flight."""
+        if self.pixels + pixels > self.s.max_pixels_in_flight:
+            raise Busy(
+                f"busy: {self.pixels} pixels are at work and this photo's {pixels} would pass "
+                f"serve.max_pixels_in_flight={self.s.max_pixels_in_flight}; retry"
+            )
+        self.pixels += pixels
+        self.metrics.pixels.set(self.pixels)
+        try:
+            yield
+        finally:
+            self.pixels -= pixels
+            self.metrics.pixels.set(self.pixels)
 
     async def cut(self, rgb: np.ndarray) -> Cut | Failure:
         """The photo's cut, after it has waited its turn; QueueFull when the queue is full."""

@@ -1,8 +1,10 @@
 """What `/metrics` shows (Prometheus): requests by route and status with their latency, photos per
-device step and the queue's depth. `CountRequests` counts every answer, whatever answered it."""
+device step, the queue's depth, the uploads arriving and the pixels in flight. `CountRequests` counts
+every answer, whatever answered it."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -24,6 +26,11 @@ class Metrics:
         )
         self.queue = Gauge(
             "carvana_queue_depth", "photos accepted and not yet through the device", registry=self.registry
+        )
+        self.uploads = Gauge("carvana_uploads_arriving", "request bodies being received", registry=self.registry)
+        self.cut_off = 0  # requests cancelled unanswered: the drain after SIGTERM ran out (serve.shutdown_timeout_s)
+        self.pixels = Gauge(
+            "carvana_pixels_in_flight", "pixels of the photos decoded and not yet answered", registry=self.registry
         )
 
 
@@ -48,6 +55,9 @@ class CountRequests:
 
         try:
             await self.app(scope, receive, sending)
+        except asyncio.CancelledError:
+            self.metrics.cut_off += 1
+            raise
         finally:
             endpoint = getattr(scope.get("route"), "path", "other")  # set by the router on the scope it was given
             self.metrics.requests.labels(endpoint, str(status)).inc()

@@ -8,7 +8,7 @@ from __future__ import annotations
 import functools
 import time
 from pathlib import Path
-from typing import Literal
+from typing import Callable, Literal, TypeVar
 
 from fastapi import APIRouter, Depends, HTTPException, Query, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response
@@ -21,12 +21,13 @@ from common.data.rle import rle_encode
 from common.errors import ConfigError
 from pipelines.picture import MEDIA, Cut, Picture, render
 from pipelines.serve.batcher import Batcher
-from pipelines.serve.http import BINARY, cut_photo, ensure_ready, errors, read_body, require_key
+from pipelines.serve.http import BINARY, cut_photo, ensure_ready, errors, open_upload, read_body, require_key
 
 open_routes = APIRouter()
 protected = APIRouter(dependencies=[Depends(require_key)])  # every route added here needs the API key
 
 PAGE = Path(__file__).with_name("page.html").read_text()
+T = TypeVar("T")
 
 
 class Segment(BaseModel):
@@ -56,14 +57,14 @@ UPLOAD = {
         },
     }
 }
-ANSWERS = errors(400, 401, 413, 415, 422, 500, 503, 504)
+ANSWERS = errors(400, 401, 408, 413, 415, 422, 500, 503, 504)
 CUT_HEADERS = {
     "X-Car-Box": {"description": "x0,y0,x1,y1 of the car's box in the photo", "schema": {"type": "string"}},
     "X-Car-Found": {
         "description": "1 if stage 1 saw a car, else 0 (the box is the whole photo)",
         "schema": {"type": "string"},
     },
-    "X-Seconds": {"description": "seconds from the upload read to the cut", "schema": {"type": "string"}},
+    "X-Seconds": {"description": "seconds from the upload read to the answer", "schema": {"type": "string"}},
 }
 
 
@@ -81,7 +82,7 @@ async def read_upload(request: Request, max_bytes: int) -> bytes:
         raise HTTPException(
             415, "send the photo as the multipart field 'image', or as the body with an image/* Content-Type"
         )
-    body = await read_body(request, max_bytes, 64 * 1024 if kind.startswith("multipart/") else 0)  # the envelope's room
+    body = await read_body(request)
     if not kind.startswith("multipart/"):
         return body
 
@@ -98,13 +99,13 @@ async def read_upload(request: Request, max_bytes: int) -> bytes:
     return await upload.read()
 
 
-async def cut_upload(request: Request) -> tuple[Cut, float]:
-    """The uploaded photo decoded, queued and cut, and the seconds from the upload read to the cut."""
+async def cut_upload(request: Request, answer: Callable[[Cut], T]) -> tuple[T, float]:
+    """`answer` of the uploaded photo's cut, and the seconds from the upload read to the answer."""
     batcher: Batcher = request.app.state.batcher
     ensure_ready(batcher)
     started = time.perf_counter()
-    data = await read_upload(request, batcher.s.max_bytes)
-    return await cut_photo(batcher, data), time.perf_counter() - started
+    photo = await open_upload(batcher, await read_upload(request, batcher.s.max_bytes))
+    return await cut_photo(batcher, photo, answer), time.perf_counter() - started
 
 
 @protected.post(
@@ -143,31 +144,28 @@ async def cutout(
         picture = Picture(output, alpha, clean_edges, background, crop, fmt)
     except ConfigError as e:
         raise HTTPException(400, str(e)) from None
-    cut, seconds = await cut_upload(request)
-    body = await request.app.state.batcher.on_host(render, cut, picture, True)
+    (body, box, found), seconds = await cut_upload(
+        request, lambda cut: (render(cut, picture, True), cut.box, cut.found)
+    )
     return Response(
         body,
         media_type=picture.media_type,
-        headers={
-            "X-Car-Box": ",".join(map(str, cut.box)),
-            "X-Car-Found": str(int(cut.found)),
-            "X-Seconds": f"{seconds:.3f}",
-        },
+        headers={"X-Car-Box": ",".join(map(str, box)), "X-Car-Found": str(int(found)), "X-Seconds": f"{seconds:.3f}"},
     )
 
 
 @protected.post("/v1/segment", response_model=Segment, openapi_extra=UPLOAD, responses=ANSWERS)
 async def segment(request: Request) -> JSONResponse:
     """The car mask of the uploaded photo as Kaggle RLE, with its box."""
-    cut, seconds = await cut_upload(request)
-    height, width = cut.mask.shape
-    rle = await request.app.state.batcher.on_host(rle_encode, cut.mask)
+    (rle, (height, width), box, found), seconds = await cut_upload(
+        request, lambda cut: (rle_encode(cut.mask), cut.mask.shape, cut.box, cut.found)
+    )
     return JSONResponse(
         {
             "width": width,
             "height": height,
-            "box": list(cut.box),
-            "found": cut.found,
+            "box": list(box),
+            "found": found,
             "rle_mask": rle,
             "seconds": round(seconds, 3),
         }

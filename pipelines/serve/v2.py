@@ -6,12 +6,17 @@ photo (BYTES, shape [1]); its outputs are `mask` (UINT8 [H, W], 1 on the car, 0 
 `/v1/segment`'s mask) and, only when a request names it, `rgba` (BYTES [1]: the PNG `/v1/cutout` answers
 by default, soft alpha). Tensors travel in JSON (a BYTES element as a base64 string) or with the binary
 data extension. Every error is the protocol's `{"error": ...}` with the status /v1 gives the same fault.
+
+A request is bounded before it costs anything: its JSON is counted (values) before it is parsed, and
+parsed off the event loop into a closed schema (lengths capped, unknown keys dropped); the JSON part of
+a binary request is small; a mask goes out as JSON numbers only for a photo of a few megapixels.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import struct
 from importlib.metadata import version
 from typing import Any
@@ -23,11 +28,26 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from pipelines.picture import Cut, Picture, render
 from pipelines.serve.batcher import Batcher
-from pipelines.serve.http import BINARY, ErrorBody, cut_photo, ensure_ready, errors, read_body, require_key
+from pipelines.serve.http import (
+    BINARY,
+    CLOSE,
+    ErrorBody,
+    cut_photo,
+    ensure_ready,
+    errors,
+    open_upload,
+    read_body,
+    require_key,
+)
 
 TAGS = ["Open Inference Protocol (KServe v2)"]
 open_routes = APIRouter(prefix="/v2", tags=TAGS)  # metadata and the probes
 protected = APIRouter(prefix="/v2", tags=TAGS, dependencies=[Depends(require_key)])  # inference needs the API key
+
+MAX_HEAD = 64 * 1024  # bytes of JSON before a binary request's data: tritonclient's are a few hundred
+MAX_VALUES = 1000  # JSON values of a request: one input, two outputs and their parameters are a few dozen
+JSON_MASK_PIXELS = 2048 * 2048  # a larger mask goes out as binary data only (as JSON, 2 bytes a pixel and a list)
+MEDIA_TYPES = ("application/json", "application/octet-stream")  # none at all too: tritonclient sends none
 
 
 class TensorMetadata(BaseModel):
@@ -70,9 +90,10 @@ class ModelReady(BaseModel):
 
 
 class _Strict(BaseModel):
-    """Types as the protocol's JSON gives them: "1" is no integer, 1 no boolean."""
+    """Types as the protocol's JSON gives them: "1" is no integer, 1 no boolean; keys this server does not
+    read (other parameters) are dropped, not kept."""
 
-    model_config = ConfigDict(strict=True, extra="allow")  # parameters this server does not read are let be
+    model_config = ConfigDict(strict=True, extra="ignore")
 
 
 class InputParameters(_Strict):
@@ -88,23 +109,23 @@ class RequestParameters(_Strict):
 
 
 class RequestInput(_Strict):
-    name: str
-    shape: list[int]
-    datatype: str
+    name: str = Field(max_length=64)
+    shape: list[int] = Field(max_length=8)
+    datatype: str = Field(max_length=16)
     parameters: InputParameters = Field(default_factory=InputParameters)
-    data: list[Any] | None = None
+    data: list[str] | None = Field(None, max_length=1)  # the one BYTES element, as a base64 string
 
 
 class RequestOutput(_Strict):
-    name: str
+    name: str = Field(max_length=64)
     parameters: OutputParameters = Field(default_factory=OutputParameters)
 
 
 class InferenceRequest(_Strict):
-    id: str | None = None
+    id: str | None = Field(None, max_length=256)
     parameters: RequestParameters = Field(default_factory=RequestParameters)
-    inputs: list[RequestInput]
-    outputs: list[RequestOutput] | None = None  # none named: `mask` alone
+    inputs: list[RequestInput] = Field(max_length=4)
+    outputs: list[RequestOutput] | None = Field(None, max_length=4)  # none named: `mask` alone
 
 
 class ResponseOutput(BaseModel):
@@ -196,11 +217,27 @@ async def model_ready(request: Request, name: str) -> ModelReady:
     return ModelReady(name=name, ready=True)
 
 
+def _parsed(body: bytes, header_length: int | None) -> tuple[InferenceRequest, bytes, dict[str, bool]]:
+    """The request read (on a host thread): the inference request, the encoded photo and the outputs wanted."""
+    inference, binary = _request(body, header_length)
+    return inference, _photo(inference, binary), _wanted(inference)
+
+
 def _request(body: bytes, header_length: int | None) -> tuple[InferenceRequest, bytes]:
-    """The inference request and the binary data after its JSON (with Inference-Header-Content-Length)."""
+    """The inference request and the binary data after its JSON (with Inference-Header-Content-Length).
+    The JSON's values are counted before it is parsed: a body of `[{},{},...]` would take tens of bytes
+    of memory per byte to parse."""
     if header_length is not None and header_length > len(body):
         raise HTTPException(400, f"Inference-Header-Content-Length={header_length}, but the body has {len(body)} bytes")
+    if header_length is not None and header_length > MAX_HEAD:
+        raise HTTPException(
+            413, f"Inference-Header-Content-Length={header_length}: the JSON of a binary request is at most {MAX_HEAD}"
+        )
     head, binary = (body, b"") if header_length is None else (body[:header_length], body[header_length:])
+    if sum(head.count(c) for c in (b"{", b"[", b",")) > MAX_VALUES:  # base64 has none of them
+        raise HTTPException(
+            400, f"not an inference request of this model: more than {MAX_VALUES} JSON values (it has a few dozen)"
+        )
     try:
         return InferenceRequest.model_validate_json(head), binary
     except ValidationError as e:
@@ -324,8 +361,12 @@ INFER_ANSWERS = {
     },
     400: {"model": ErrorBody, "description": "not an inference request of this model, or not a photo"},
     **UNKNOWN,
-    415: {"model": ErrorBody, "description": "an image format other than JPEG, PNG or WebP, or a Content-Encoding"},
-    **errors(401, 413, 422, 500, 503, 504),
+    415: {
+        "model": ErrorBody,
+        "description": "a Content-Type other than JSON or octet-stream, an image format other than JPEG, PNG or "
+        "WebP, or a Content-Encoding",
+    },
+    **errors(401, 408, 413, 422, 500, 503, 504),
 }
 
 
@@ -342,17 +383,28 @@ async def infer(
 ) -> Response:
     """The car's mask (and, when asked for, its cutout) of the photo in input `image`."""
     batcher: Batcher = request.app.state.batcher
-    # read to its end first, so that a client still sending sees the answer, not a reset connection;
-    # room for the photo in base64 and the JSON around it
-    body = await read_body(request, batcher.s.max_bytes, batcher.s.max_bytes // 3 + 64 * 1024)
+    kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if kind and kind not in MEDIA_TYPES:  # a form or text/plain: what a web page may send without asking
+        raise HTTPException(415, f"Content-Type {kind[:100]}: send application/json or application/octet-stream", CLOSE)
+    # read to its end first (within its limits), so that a client still sending sees the answer, not a
+    # reset connection
+    body = await read_body(request)
     _model(request, name)
     ensure_ready(batcher)
     if request.headers.get("content-encoding", "identity") != "identity":
         raise HTTPException(
-            415, f"Content-Encoding {request.headers['content-encoding']}: send the request uncompressed"
+            415, f"Content-Encoding {request.headers['content-encoding'][:100]}: send the request uncompressed"
         )
-    inference, binary = _request(body, header_length)
-    photo = _photo(inference, binary)
-    wanted = _wanted(inference)
-    cut = await cut_photo(batcher, photo)
-    return await batcher.on_host(_answer, cut, wanted, name, inference.id)
+    inference, data, wanted = await batcher.on_host(_parsed, body, header_length)
+    del body
+    photo = await open_upload(batcher, data)
+    if wanted.get("mask") is False and photo.width * photo.height > JSON_MASK_PIXELS:
+        raise HTTPException(
+            400,
+            f"output 'mask' of a {photo.width}x{photo.height} photo as JSON would be {photo.width * photo.height} "
+            f"numbers: ask for it as binary data (its parameters.binary_data: true), as JSON up to {JSON_MASK_PIXELS} "
+            "pixels",
+        )
+    return await cut_photo(
+        batcher, photo, functools.partial(_answer, wanted=wanted, model=name, request_id=inference.id)
+    )
