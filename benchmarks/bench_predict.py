@@ -19,18 +19,26 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterator
 
 import torch
 
 from common.config import Settings, load_config
+from common.data.chunks import ChunkStore
+from common.data.kaggle import test_samples
 from common.data.rle import rle_encode
 from common.model import UNet
 from common.model_source import open_source
+from common.prediction.jobs import predict_chunks
 from common.prediction.reader import read_batches, reader_processes
+from common.prediction.writer import Output
+from stage1_lowres.box_cache import cached_boxes
 from stage1_lowres.coarse import upsample
 from stage2_fullres import predict as s2_predict
 from stage2_fullres.cascade import Cascade
+from stage2_fullres.predict import MaskItem, MaskJob, MaskRow
 from stage2_fullres.tiles import cut_tiles, plan_tiles, stitch
 
 REAL = Path(__file__).resolve().parents[2] / "shared" / "carvana_samples" / "test_fullres"
@@ -95,9 +103,69 @@ def end_to_end(cfg: Settings, device: torch.device) -> float:
     return timed(device, s2_predict.main, cfg, open_source(cfg))[1]
 
 
+@dataclass(frozen=True, kw_only=True)
+class FirstTimed(MaskJob):
+    """`stage2 predict`'s job, noting when its first output comes (the reader started, a batch predicted)."""
+
+    first: list = field(default_factory=list)
+
+    def outputs(self, cascade: Cascade, items: list[MaskItem], desc: str) -> Iterator[Output]:
+        for output in super().outputs(cascade, items, desc):
+            if not self.first:
+                self.first.append(time.perf_counter())
+            yield output
+
+
+STEADY_INCLUDES = (
+    "the steady state of stage2 predict's loop, from its first mask to its last chunk file: reading and decoding "
+    "(reader processes, or nvjpeg), Cascade.predict on the cached boxes, the threshold, the copies to the host, "
+    "RLE and chunk files in the writer thread; not in it, timed apart (startup_s): loading the nets, a warm-up "
+    "pass (cuDNN tuning, compilation), the reader's start and first batch; nor the submission's assembly"
+)
+
+
+@dataclass(frozen=True)
+class Steady:
+    """A speed row of `stage2 predict`'s steady state, and the start-up seconds it leaves out."""
+
+    images: int
+    images_per_s: float  # after the first reader batch, from the first mask to the last chunk file
+    startup_s: dict[str, float]
+    timed_run_s: float  # the timed run whole: its reader's start and first batch too
+    includes: str = STEADY_INCLUDES
+
+
+def steady_state(cfg: Settings, device: torch.device, warm: int) -> tuple[Steady, Cascade]:
+    """`stage2 predict`'s work over the run's test images with a cascade built once and warmed up on `warm`
+    photos (every padded shape of a full batch tuned, a compiled net compiled); and that cascade."""
+    source, boxes, test = open_source(cfg), cached_boxes(cfg), test_samples(cfg)
+    items = [MaskItem(x.img, str(x.image), boxes.get(x.img)) for x in test]
+    cascade, loaded = timed(device, Cascade.load, source, cfg, device, False)
+
+    def job(name: str, chosen: list[MaskItem]) -> FirstTimed:
+        names = [item.img for item in chosen]
+        store = ChunkStore(Path(cfg.output.dir) / name, "bench", MaskRow.COLUMNS, cfg.predict.chunk, names)
+        return FirstTimed(desc=f"stage 2 predict ({name})", cfg=cfg, source=source, store=store)
+
+    warm_up = job("warm-up", items[:warm])
+    _, warming = timed(device, predict_chunks, warm_up.store.todo(items[:warm]), warm_up, cascade)
+    run = job("timed", items)
+    t0 = time.perf_counter()
+    timed(device, predict_chunks, run.store.todo(items), run, cascade)
+    end, first = time.perf_counter(), run.first[0]
+    steady = len(items) - min(cascade.batch_size, len(items))  # the images after the first reader batch
+    startup = {
+        "nets_loaded": round(loaded, 2),
+        f"warm_up_{warm}_photos": round(warming, 2),
+        "reader_start_and_first_batch": round(first - t0, 2),
+    }
+    return Steady(len(items), round(steady / (end - first), 2), startup, round(end - t0, 2)), cascade
+
+
 def stage_seconds(cfg: Settings, cascade: Cascade, device: torch.device, batch: int) -> dict[str, float]:
-    """Seconds per image of each step of the Cascade timed alone, on one reader batch of decoded images."""
-    paths = sorted(Path(cfg.data.root, "test").glob("*.jpg"))
+    """Seconds per image of each step of the Cascade timed alone, on one reader batch of decoded images
+    (read from the first 4 batches' photos)."""
+    paths = sorted(Path(cfg.data.root, "test").glob("*.jpg"))[: 4 * batch]
     steps: dict[str, float] = {}
     batches, t_read = timed(device, lambda: [b for b in read_batches(paths, device, batch, cascade.workers)])
     steps["read + decode (workers, overlapped)"] = t_read / len(paths)

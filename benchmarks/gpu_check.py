@@ -1,15 +1,21 @@
-"""Proof of the device path on a CUDA card, in parts: correctness checks, then speed rows.
+"""Proof of the device path on a CUDA card, in parts: correctness checks, then speed rows, then the parts
+that compile.
 
-    .venv/bin/python benchmarks/gpu_check.py [--quick] [--only PARTS] [--out FILE] [--samples DIR] [--work DIR]
-        [--budget S]
+    .venv/bin/python benchmarks/gpu_check.py [--quick] [--only PARTS] [--out FILE] [--samples DIR|generated]
+        [--work DIR] [--budget S]
     .venv/bin/python benchmarks/gpu_check.py --list-samples     # the sample files a run reads, one a line
 
 benchmarks/gpu_prepare.sh copies those samples and the missing wheels into .gpu/ and prints the one
-command for a lent card. Before each part the script prints its estimate (and the total before the
-first); with --out the JSON is rewritten atomically after every part, so a killed run keeps every
-finished result. --only takes part names and the groups `checks`, `speed` and `all`; the default is
-`checks,speed`, which leaves out train_compiled. --budget S skips a part that its estimate says would
-end past S seconds from the start.
+command for a lent card. The script prints its plan first (each part's estimate, its limit and the
+total), then each part's estimate as it starts and its result as it ends. With --out the JSON is
+written (atomically) before anything that can fail, with what is known of the machine, and again after
+every part, so a killed run keeps every finished result. Every part runs within a limit derived from its
+estimate (and, with --budget S, within S seconds from the start): a part past it is stopped, its child
+processes killed, and it is a failed part whose reason says so; the parts after it still run. --only
+takes part names and the groups `checks`, `speed`, `compile` and `all`; the default is
+`checks,speed,compile` without train_compiled. --samples: the real samples (train_512/, test_fullres/ as in
+../shared/carvana_samples, the default where it exists), or `generated`: cars drawn by
+common/data/synth.py, so that the script runs on any clone (the JSON says which).
 
 Checks, each true or false (one this machine cannot run is listed under `skipped` with the reason):
 
@@ -23,21 +29,28 @@ Checks, each true or false (one this machine cannot run is listed under `skipped
   device_matches_cpu   the same checkpoints on the device (fp16) and on the CPU (fp32): per-image Dice >= 0.997
   dask_two_devices     `predict.cluster=local:2` on two GPUs agrees with one process (Dice >= 0.997)
   sanitizer            TORCH_CUDA_SANITIZER=1 first reports a planted race (a tensor written on the default
-                       stream, then on a side stream that did not wait), then none in a short prediction
-  compile_static       predict.compile: no new graph compiled after the warm-up pass (partial batches included)
+                       stream, then on a side stream that did not wait), then none in a short prediction, run
+                       in one process (predict.workers=0: a reader process forked under the sanitizer fails)
 
-Speed rows, with pipeline.yaml's nets (depth 6, width 16, untrained: weights do not change the cost):
+Speed rows, with pipeline.yaml's nets (depth 6, width 16, untrained: weights do not change the cost), each
+the steady state of `stage2 predict`'s loop over 1,024 linked photos with a cascade built once and warmed
+up; the start-up (nets loaded, the warm-up pass, the reader's start and first batch) is timed apart:
 
-  predict_pil          `stage2 predict` end to end on 320 linked photos, each step's share
+  predict_pil          PIL decoding in reader processes, and each Cascade step timed alone (its share)
   predict_nvjpeg       the same with predict.decode=nvjpeg
-  predict_compiled     the same with predict.compile (PIL decode)
   train_plain          both training loops against the net alone (bench_train.py)
-  train_compiled       the same compiled: two nets' forward and backward graphs to compile (only when named)
+
+Compiling, last (tens of seconds of inductor each):
+
+  compile_static       predict.compile: no new graph compiled after the warm-up pass (partial batches included)
+  predict_compiled     the speed row compiled (PIL decode; inductor's cache from compile_static)
+  train_compiled       both training loops compiled: two nets' forward and backward graphs (only when named)
 
 Targets on one H100/H200-class card: >= 150 images/s end to end, training loops >= 80% of the net.
 
 --quick: tiny nets, a few images and no flip TTA, so that it also runs on a CPU (tests/test_gpu_check.py
-runs it there); the compiled speed rows are left out. Exit status 1 if any check is false.
+runs it there, on generated cars); the compiled speed rows are left out. Exit status 1 if any check is
+false or any part failed.
 """
 
 from __future__ import annotations
@@ -56,7 +69,7 @@ import tempfile
 import time
 import unittest.mock
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -98,7 +111,8 @@ QUICK_BOX = (
     900,
 )  # --quick's speed rows: one 512 tile a photo (the full run's: bench_predict.BOX, two 1024 tiles)
 EPOCHS = (24, 6)  # the checkpoints' training epochs, stage 1 and stage 2
-SPEED_IMAGES = 320  # the speed rows' photos, TESTS real ones linked under that many names
+SPEED_IMAGES = 1024  # the speed rows' photos, TESTS real ones linked under that many names
+QUICK_SPEED_IMAGES = 8
 # timed steps of each training row (bench_train: the net alone after 3 warm-up steps; the loop after an epoch as long)
 TRAIN_STEPS = 20
 
@@ -135,6 +149,9 @@ COMPILE_S = 40  # inductor compiling one net for inference ("tens of seconds")
 COMPILE_TRAIN_S = 90  # inductor compiling one net's forward and backward graphs
 COMPILE_CACHED_S = 10  # the same graph again: Dynamo traces, inductor's on-disk cache has the code
 CSAN = 3  # the sanitizer's Python hook records a stack trace at every kernel launch: a prediction a few times slower
+# a photo's device work besides the refiner, a guess: stage 1 at 512 with flip TTA (an eighth of the refiner's
+# pixels: 1.3 ms at its rate) and the full-resolution upsampling, tile cutting, stitching, threshold and copies (1 ms)
+REST_MS = 2.5
 CPU_TILE_S = (
     3.4 / 6
 )  # a 1024 tile through the checks' refiner in fp32 on the CPU: 3.4 s measured on 2 cores; 16 cores 6x faster
@@ -151,6 +168,14 @@ QUICK_CPU = {
     "train_plain": 6,
 }
 QUICK_EPOCHS = (2, 1)
+# A part's limit: its estimate 3x over, at least a minute more than it. In --quick (a CPU that may be busy
+# with other work: the tests run it) 10x over, at least 5 minutes: a limit there guards against a hang, not
+# a slow machine. --budget caps every limit at the budget's end.
+LIMIT = (3, 60)
+QUICK_LIMIT = (10, 300)
+# What a full run may hold up for the JSON to come back in the documented call (docs/benchmarks.md): the
+# default plan must fit in it, the call's 600 s leaving the rest for the pip install and the start.
+DEFAULT_PLAN_S = 420
 
 
 def settings(quick: bool) -> list[str]:
@@ -225,12 +250,58 @@ def link_data(samples: Path, root: Path, cars: int, tests: int) -> Path:
     return root
 
 
+def generated_samples(folder: Path, cars: int) -> Path:
+    """Cars drawn by common/data/synth.py in the samples' layout (train_512/ of full-size photos with their
+    masks, test_fullres/ the 16 photos of one more car): for a clone without the real samples."""
+    from common.data.synth import write_sample_data
+
+    drawn = write_sample_data(folder / "drawn", cars=cars, test_cars=1, seed=0, jobs=min(os.cpu_count() or 1, 8))
+    (folder / "train_512").mkdir(parents=True, exist_ok=True)
+    for name, source in (
+        ("train_512/train", "train"),
+        ("train_512/train_masks", "train_masks"),
+        ("test_fullres", "test"),
+    ):
+        (folder / name).symlink_to(drawn / source, target_is_directory=True)
+    return folder
+
+
+def has_samples(folder: Path) -> bool:
+    return (folder / "train_512" / "train").is_dir() and (folder / "test_fullres").is_dir()
+
+
+class PartTimeout(Exception):
+    """A part ran past its limit."""
+
+
+def child(argv: list[str], ctx: Context, what: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    """A child process of the running part, within the part's limit: past it, the child and its own children
+    (reader processes) are killed and the part fails with the reason."""
+    proc = subprocess.Popen(
+        argv,
+        cwd=ROOT,
+        env={**os.environ, **(env or {})},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,  # a group of its own: killed with its children
+    )
+    try:
+        out, err = proc.communicate(timeout=max(ctx.deadline - time.monotonic(), 0))
+    except (subprocess.TimeoutExpired, PartTimeout):
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        raise PartTimeout(f"{ctx.limit_reason}; its child process ({what}) was killed") from None
+    return subprocess.CompletedProcess(argv, proc.returncode, out, err)
+
+
 @dataclass
 class Context:
     """What the parts share: the options, the work folder, and what is made once on first need."""
 
     quick: bool
-    samples: Path
+    given: Path | None  # the real samples; None: cars drawn on first need (`samples`)
     work: Path
     nvjpeg: bool  # torchvision's nvjpeg decodes on this device
     seconds: dict = field(default_factory=dict)  # of each part run, and of the checkpoints' training
@@ -238,8 +309,14 @@ class Context:
     planned: set = field(
         default_factory=set
     )  # the parts this run will run: a later one reuses what an earlier one made
+    deadline: float = float("inf")  # the running part's end (time.monotonic), from its limit
+    limit_reason: str = ""  # what a part stopped at its deadline says
     _trained: tuple | None = None
     _untrainable: str = ""  # why training failed: the parts after the first that needs it fail at once
+
+    @functools.cached_property
+    def samples(self) -> Path:
+        return self.given or generated_samples(self.work / "generated", QUICK_CARS if self.quick else CARS)
 
     @functools.cached_property
     def data(self) -> Path:
@@ -319,13 +396,11 @@ def predict_args(config: Path, out: Path, *more: str) -> list[str]:
 
 
 def predict_process(
-    runs: list[list[str]], env: dict | None = None, deterministic: bool = False
+    ctx: Context, runs: list[list[str]], env: dict | None = None, deterministic: bool = False
 ) -> dict[str, tuple[int, str]]:
     """The runs in one fresh process; each one's output folder -> (exit status, the process's log)."""
     job = json.dumps({"deterministic": deterministic, "runs": runs})
-    done = subprocess.run(
-        [sys.executable, "-c", RUNNER, job], cwd=ROOT, env={**os.environ, **(env or {})}, capture_output=True, text=True
-    )
+    done = child([sys.executable, "-c", RUNNER, job], ctx, f"{len(runs)} stage2 predict run(s)", env)
     log = done.stdout + done.stderr
     codes = dict(
         json.loads(line[len("gpu_check run ") :])
@@ -347,6 +422,7 @@ def submissions(ctx: Context, mode: str, decodes: list[str]) -> dict[str, Path]:
     if todo:
         outs = {d: ctx.work / f"predict-{mode}-{d}" for d in todo}
         done = predict_process(
+            ctx,
             [predict_args(config, outs[d], *decode_setting(d)) for d in todo],
             env={"CUDA_LAUNCH_BLOCKING": "1"} if mode == "sync" else {},
             deterministic=True,
@@ -489,7 +565,7 @@ def dask_two_devices(ctx: Context) -> tuple[bool, dict]:
     one = submissions(ctx, "async", [decode])[decode]
     out = ctx.work / "dask"
     ((code, log),) = predict_process(
-        [predict_args(config, out, *decode_setting(decode), "predict.cluster=local:2", "device=auto")]
+        ctx, [predict_args(config, out, *decode_setting(decode), "predict.cluster=local:2", "device=auto")]
     ).values()
     if code:
         return False, {"error": f"exit {code}: {log[-2000:]}"}
@@ -514,9 +590,7 @@ torch.cuda.synchronize()
 
 def sanitizer(ctx: Context) -> tuple[bool, dict]:
     env = {"TORCH_CUDA_SANITIZER": "1"}
-    planted = subprocess.run(
-        [sys.executable, "-c", PLANTED_RACE], cwd=ROOT, env={**os.environ, **env}, capture_output=True, text=True
-    )
+    planted = child([sys.executable, "-c", PLANTED_RACE], ctx, "the planted race", env)
     found = (planted.stdout + planted.stderr).count("CSAN detected")
     if not found:
         return False, {
@@ -524,11 +598,13 @@ def sanitizer(ctx: Context) -> tuple[bool, dict]:
             "log": (planted.stdout + planted.stderr)[-2000:],
         }
     _, config = ctx.checkpoints()
+    # one process: the sanitizer's dispatch mode is inherited by forked reader processes, whose first tensor
+    # operation then initialises CUDA in a forked child and fails, a harness failure with no race found
     runs = [
-        predict_args(config, ctx.work / f"sanitized-{d}", "data.limit_test=4", *decode_setting(d))
+        predict_args(config, ctx.work / f"sanitized-{d}", "data.limit_test=4", "predict.workers=0", *decode_setting(d))
         for d in ctx.decodes()
     ]
-    done = predict_process(runs, env=env)
+    done = predict_process(ctx, runs, env=env)
     log = next(iter(done.values()))[1]
     races = log.count("CSAN detected")
     codes = {Path(out).name: code for out, (code, _) in done.items()}
@@ -536,6 +612,7 @@ def sanitizer(ctx: Context) -> tuple[bool, dict]:
         "planted_race_reports": found,
         "exit": codes,
         "races": races,
+        "reader_processes": 0,
         **({"log": log[-2000:]} if races or any(codes.values()) else {}),
     }
 
@@ -604,22 +681,22 @@ def speed_box(ctx: Context) -> tuple:
 
 
 def predict_speed(ctx: Context, decode: str = "pil", compile: bool = False) -> dict:
-    """`stage2 predict` end to end; for the plain PIL row, each Cascade step timed alone too."""
-    n = 2 if ctx.quick else SPEED_IMAGES
+    """The steady state of `stage2 predict`'s loop on a warm cascade, its start-up apart; for the plain PIL
+    row, each Cascade step timed alone too (on the same warm cascade)."""
+    n = QUICK_SPEED_IMAGES if ctx.quick else SPEED_IMAGES
     cfg = speed_run(ctx, f"speed-{decode}{'-compiled' if compile else ''}", n, compile, decode)
-    seconds = bench_predict.end_to_end(cfg, DEVICE)
-    row = {
-        "images": n,
-        "images_per_s": round(n / seconds, 2),
+    steady, cascade = bench_predict.steady_state(cfg, DEVICE, warm=2 * cfg.predict.batch_size)
+    row = asdict(steady) | {
         "decode": decode,
         "compiled": compile,
         "nets": f"depth {cfg.stage2.depth}, width {cfg.stage2.width}, stage 1 at {cfg.stage1.size}",
+        "batch": cfg.predict.batch_size,
+        "tta_flip": cfg.predict.tta_flip,
+        "reader_processes": cascade.workers,
     }
-    if decode == "pil" and not compile:  # the steps read with PIL; a compiled Cascade would compile again
+    if decode == "pil" and not compile:
         with unittest.mock.patch.object(bench_predict, "BOX", speed_box(ctx)):  # the box the run's bboxes.csv has
-            steps = bench_predict.stage_seconds(
-                cfg, Cascade.load(open_source(cfg), cfg, DEVICE), DEVICE, cfg.predict.batch_size
-            )
+            steps = bench_predict.stage_seconds(cfg, cascade, DEVICE, cfg.predict.batch_size)
         row["shares"] = {k: round(v / sum(steps.values()), 4) for k, v in steps.items()}
     return row
 
@@ -645,6 +722,14 @@ def train_speed(ctx: Context, compile: bool = False) -> dict:
 # --- the parts, their estimates and what they need
 
 
+def photos_per_s(compiled: bool) -> float:
+    """Estimated photos/s of `stage2 predict` on one H100 with pipeline.yaml's settings: a photo's two 1024
+    tiles, four refiner inputs with flip TTA, at the refiner's measured rate, plus REST_MS of other device
+    work. Eager 4/394 s = 10.2 ms + 2.5: 79/s, the refiner 80% of the device's time; compiled 4/840 s =
+    4.8 ms + 2.5: 138/s (150/s if the rest, stage 1 included, compiles as much faster)."""
+    return 1000 / (4000 / (TILES_PER_S_COMPILED if compiled else TILES_PER_S) + REST_MS)
+
+
 def estimate(name: str, ctx: Context) -> float:
     """Seconds the part should take on one H100/H200-class card with 16 cores (--quick: on a 2-core CPU):
     its --quick seconds, plus what the card's rates say the full part's nets and images take."""
@@ -668,13 +753,12 @@ def estimate(name: str, ctx: Context) -> float:
         "dask_two_devices": 3 * process + (0 if "async_equals_sync" in ctx.planned else process),
         "sanitizer": 2 * process + decodes * CSAN * RUN_S,  # the planted race, then the prediction
         "compile_static": q["compile_static"] + 2 * COMPILE_S,
-        "predict_pil": q["predict_pil"]
-        + CUDA_S
-        + 2 * SPEED_IMAGES * tiles / TILES_PER_S,  # end to end, then each step alone
-        "predict_nvjpeg": q["predict_pil"] + SPEED_IMAGES * tiles / TILES_PER_S,
+        # nets loaded and cuDNN's tuning, the steady state, then each step alone on 4 batches
+        "predict_pil": q["predict_pil"] + CUDA_S + SPEED_IMAGES / photos_per_s(False) + 32 / PIL_PER_S_CORE,
+        "predict_nvjpeg": q["predict_pil"] + CUDA_S + SPEED_IMAGES / photos_per_s(False),
         "predict_compiled": q["predict_pil"]
         + 2 * (COMPILE_CACHED_S if "compile_static" in ctx.planned else COMPILE_S)
-        + SPEED_IMAGES * tiles / TILES_PER_S_COMPILED,
+        + SPEED_IMAGES / photos_per_s(True),
         "train_plain": q["train_plain"]
         + 2 * CUDA_S
         + (3 * TRAIN_STEPS + 3) * (32 / S1_TRAIN_PER_S + 16 / s2_train_per_s),
@@ -693,7 +777,8 @@ class Part:
     check: bool  # a check (true or false) or a speed row (figures)
     needs: Callable[[Context], str | None] = lambda ctx: None  # why it cannot run here, or None
     checkpoints: bool = False  # it predicts with the trained checkpoints
-    default: bool = True  # in `checks,speed`
+    compiles: bool = False  # it runs torch.compile: last
+    default: bool = True  # in the default run
 
 
 def needs_cuda(ctx: Context) -> str | None:
@@ -717,7 +802,7 @@ def not_quick(ctx: Context) -> str | None:
     return "needs a full run: compiling on a CPU takes minutes" if ctx.quick else None
 
 
-PARTS = [
+PARTS = [  # in the order they run: correctness first, speed next, compiling (slow, the least sure) last
     Part("environment", environment, True),
     Part("nvjpeg_matches_pil", nvjpeg_matches_pil, True, needs_nvjpeg),
     Part("train_one_sync", train_one_sync, True, needs_cuda),
@@ -726,18 +811,27 @@ PARTS = [
     Part("device_matches_cpu", device_matches_cpu, True, checkpoints=True),
     Part("dask_two_devices", dask_two_devices, True, needs_two_gpus, checkpoints=True),
     Part("sanitizer", sanitizer, True, needs_cuda, checkpoints=True),
-    Part("compile_static", compile_static, True),
     Part("predict_pil", predict_speed, False),
     Part("predict_nvjpeg", functools.partial(predict_speed, decode="nvjpeg"), False, needs_nvjpeg),
-    Part("predict_compiled", functools.partial(predict_speed, compile=True), False, not_quick),
     Part("train_plain", train_speed, False),
-    Part("train_compiled", functools.partial(train_speed, compile=True), False, not_quick, default=False),
+    Part("compile_static", compile_static, True, compiles=True),
+    Part("predict_compiled", functools.partial(predict_speed, compile=True), False, not_quick, compiles=True),
+    Part(
+        "train_compiled",
+        functools.partial(train_speed, compile=True),
+        False,
+        not_quick,
+        compiles=True,
+        default=False,
+    ),
 ]
 GROUPS = {
-    "checks": [p.name for p in PARTS if p.check and p.default],
-    "speed": [p.name for p in PARTS if not p.check and p.default],
+    "checks": [p.name for p in PARTS if p.check and not p.compiles],
+    "speed": [p.name for p in PARTS if not p.check and not p.compiles],
+    "compile": [p.name for p in PARTS if p.compiles and p.default],
     "all": [p.name for p in PARTS],
 }
+DEFAULT_PARTS = "checks,speed,compile"
 
 
 def chosen(only: str) -> list[Part]:
@@ -768,85 +862,135 @@ def summary(result: dict) -> None:
     }
 
 
+def plan_estimates(ctx: Context, parts: list[Part]) -> dict[str, int]:
+    """Each part's estimate in seconds, the checkpoints' training first where a part needs it; the parts
+    this machine cannot run left out."""
+    runs = [p for p in parts if p.needs(ctx) is None]
+    ctx.planned = {p.name for p in runs}
+    names = [*(["checkpoints"] if any(p.checkpoints for p in runs) else []), *(p.name for p in runs)]
+    return {name: round(estimate(name, ctx)) for name in names}
+
+
+def limit_of(seconds: float, quick: bool) -> float:
+    """A part's limit from its estimate (LIMIT, QUICK_LIMIT)."""
+    times, more = QUICK_LIMIT if quick else LIMIT
+    return max(times * seconds, seconds + more)
+
+
+def probe(result: dict, name: str, fn: Callable[[], object], failed: object) -> object:
+    """A start-up probe: its value, or `failed` with the exception recorded under `probes`."""
+    try:
+        return fn()
+    except Exception as e:  # any: a broken driver or a torchvision built for another torch fails in its own ways
+        result["probes"][name] = f"{type(e).__name__}: {e}"
+        print(f"gpu_check: probe {name} failed: {type(e).__name__}: {e}", flush=True)
+        return failed
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="tiny nets, a few images: runs on a CPU too")
-    parser.add_argument("--only", default="checks,speed", help="parts or groups (checks, speed, all), comma-separated")
+    parser.add_argument(
+        "--only", default=DEFAULT_PARTS, help="parts or groups (checks, speed, compile, all), comma-separated"
+    )
     parser.add_argument("--out", type=Path, help="write the results as JSON here, after every part")
-    parser.add_argument("--samples", type=Path, default=SAMPLES, help="the real samples (train_512/, test_fullres/)")
+    parser.add_argument(
+        "--samples",
+        help="the real samples (train_512/, test_fullres/), or `generated`; default: ../shared/carvana_samples "
+        "where it exists, else generated",
+    )
     parser.add_argument("--work", type=Path, help="keep the runs in this folder (default: a temporary one)")
-    parser.add_argument("--budget", type=float, help="skip a part its estimate says would end past this many seconds")
+    parser.add_argument("--budget", type=float, help="no part starts or runs past this many seconds from the start")
     parser.add_argument(
         "--list-samples", action="store_true", help="print the sample files a full run reads, relative to --samples"
     )
     args = parser.parse_args()
-    samples = args.samples.resolve()  # linked from a temporary folder: a relative path would dangle
+    started = time.monotonic()
+    given = None if args.samples in (None, "generated") else Path(args.samples).resolve()  # linked: no relative path
     if args.list_samples:
+        samples = given or SAMPLES
         train, test = sample_files(samples, CARS, TESTS)
         for p in [*train, *(mask_of(samples, p) for p in train), *test]:
             print(p.relative_to(samples))
         return 0
-    if not (samples / "train_512" / "train").is_dir():
-        sys.exit(f"gpu_check needs the real samples in {samples} (train_512/, test_fullres/); pass --samples DIR")
     parts = chosen(args.only)
-    started = time.monotonic()
+    if args.samples is None and has_samples(SAMPLES):
+        given = SAMPLES
+    result = {
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %z"),
+        "quick": args.quick,
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "python": platform.python_version(),
+        "cores": len(os.sched_getaffinity(0)),
+        "decode_setting": DECODE,
+        "samples": str(given)
+        if given
+        else f"generated by common/data/synth.py ({QUICK_CARS if args.quick else CARS} cars)",
+        "parts": [p.name for p in parts],
+        "finished": False,
+        "seconds": 0.0,
+        "probes": {},
+        "estimates": {},
+        "limits": {},
+        "checks": {},
+        "skipped": {},
+        "details": {},
+        "speed": {},
+        "part_seconds": {},
+    }
+
+    def save() -> None:
+        result["seconds"] = round(time.monotonic() - started, 1)
+        summary(result)
+        if args.out:
+            write_text(args.out, json.dumps(result, indent=2) + "\n")
+
+    save()  # before anything that can fail: the JSON says at least what ran where
+    if given is not None and not has_samples(given):
+        result["error"] = f"no samples in {given} (train_512/, test_fullres/); pass --samples DIR or generated"
+        save()
+        print(f"gpu_check: {result['error']}", file=sys.stderr)
+        return 2
+    result["device"] = probe(result, "device", device_name, "unknown")
+    result["cudnn"] = probe(result, "cudnn", lambda: torch.backends.cudnn.version() if CUDA else None, None)
+    nvjpeg = probe(result, "nvjpeg", lambda: nvjpeg_decoder(DEVICE) is not None, False)
+    save()
 
     with contextlib.ExitStack() as stack:
         work = args.work or Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="gpu_check-")))
         work.mkdir(parents=True, exist_ok=True)
-        ctx = Context(args.quick, samples, work, nvjpeg=nvjpeg_decoder(DEVICE) is not None)
-        result = {
-            "device": device_name(),
-            "date": time.strftime("%Y-%m-%d %H:%M:%S %z"),
-            "quick": args.quick,
-            "torch": torch.__version__,
-            "cuda": torch.version.cuda,
-            "cudnn": torch.backends.cudnn.version() if CUDA else None,
-            "python": platform.python_version(),
-            "cores": len(os.sched_getaffinity(0)),
-            "decode_setting": DECODE,
-            "parts": [p.name for p in parts],
-            "finished": False,
-            "seconds": 0.0,
-            "estimates": {},
-            "checks": {},
-            "skipped": {},
-            "details": {},
-            "speed": {},
-            "part_seconds": ctx.seconds,
-        }
+        ctx = Context(args.quick, given, work, nvjpeg=bool(nvjpeg), seconds=result["part_seconds"])
         plan = [(p, p.needs(ctx)) for p in parts]
-        runs = [p for p, why in plan if why is None]
-        ctx.planned = {p.name for p in runs}
-        for p in [*(["checkpoints"] if any(p.checkpoints for p in runs) else []), *(p.name for p in runs)]:
-            result["estimates"][p] = round(estimate(p, ctx))
+        result["estimates"] = plan_estimates(ctx, parts)
+        result["limits"] = {name: round(limit_of(e, args.quick)) for name, e in result["estimates"].items()}
         where = "this CPU (--quick)" if args.quick else "one H100/H200-class card"
-        print(f"gpu_check plan on {device_name()}, estimates for {where}:", flush=True)
+        print(f"gpu_check plan on {result['device']}, estimates for {where} (seconds):", flush=True)
+        print(f"  {'part':28} {'estimate':>8} {'limit':>6}", flush=True)
         for name, seconds in result["estimates"].items():
-            print(f"  {name:28} {seconds:5d} s", flush=True)
+            print(f"  {name:28} {seconds:8d} {result['limits'][name]:6d}", flush=True)
         for p, why in plan:
             if why:
                 print(f"  {p.name:28}  skipped: {why}", flush=True)
-        print(f"  {'total':28} {sum(result['estimates'].values()):5d} s", flush=True)
-
-        def save() -> None:
-            result["seconds"] = round(time.monotonic() - started, 1)
-            summary(result)
-            if args.out:
-                write_text(args.out, json.dumps(result, indent=2) + "\n")
-
+        print(f"  {'total':28} {sum(result['estimates'].values()):8d}", flush=True)
         save()
         for p, why in plan:
-            if why is None and args.budget is not None:
-                ahead = result["estimates"][p.name] + (
-                    result["estimates"].get("checkpoints", 0) if p.checkpoints and not ctx._trained else 0
-                )
-                if time.monotonic() - started + ahead > args.budget:
-                    why = f"not started: its estimate ({ahead} s) would end past --budget {args.budget:.0f} s"
+            ahead = result["estimates"].get(p.name, 0) + (
+                result["estimates"].get("checkpoints", 0) if p.checkpoints and ctx._trained is None else 0
+            )
+            elapsed = time.monotonic() - started
+            if why is None and args.budget is not None and elapsed + ahead > args.budget:
+                why = f"not started: its estimate ({ahead} s) would end past --budget {args.budget:.0f} s"
             if why:
                 result["skipped"][p.name] = why
             else:
-                print(f"{p.name}: running (estimate {result['estimates'][p.name]} s)", flush=True)
+                limit = limit_of(ahead, args.quick)
+                ctx.limit_reason = f"stopped at its limit of {limit:.0f} s (from its estimate, {ahead} s)"
+                if args.budget is not None and elapsed + limit > args.budget:
+                    limit = args.budget - elapsed
+                    ctx.limit_reason = f"stopped at --budget {args.budget:.0f} s, {limit:.0f} s after it started"
+                ctx.deadline = time.monotonic() + limit
+                print(f"{p.name}: running (estimate {result['estimates'][p.name]} s, limit {limit:.0f} s)", flush=True)
                 run_part(p, ctx, result)
             save()
             if os.environ.get("GPU_CHECK_KILL_AFTER") == p.name:  # for the tests: a run killed mid-way
@@ -854,18 +998,31 @@ def main() -> int:
         result["finished"] = True
         save()
     print_table(result)
-    return 0 if all(result["checks"].values()) else 1
+    failed = [name for name, row in result["speed"].items() if "error" in row]
+    return 0 if all(result["checks"].values()) and not failed else 1
 
 
 def run_part(p: Part, ctx: Context, result: dict) -> None:
-    """Run one part; a part that crashes is a failed check (or a speed row holding the error), and the others
-    still run."""
+    """Run one part within its deadline (`ctx.deadline`: an alarm raises PartTimeout in it, again every 5 s
+    should something inside catch it; its child processes are killed by `child`); a part that crashes or
+    runs out of time is a failed check (or a speed row holding the error), and the others still run."""
     t, trained = time.monotonic(), "checkpoints" in ctx.seconds
+
+    def expired(signum, frame):
+        raise PartTimeout(ctx.limit_reason)
+
+    before = signal.signal(signal.SIGALRM, expired)
     try:
-        out = p.run(ctx)
+        try:
+            signal.setitimer(signal.ITIMER_REAL, max(ctx.deadline - time.monotonic(), 0.01), 5)
+            out = p.run(ctx)
+        finally:
+            signal.setitimer(signal.ITIMER_REAL, 0)
         ok, details = out if p.check else (True, out)
     except Exception as e:
         ok, details = False, {"error": f"{type(e).__name__}: {e}"}
+    finally:
+        signal.signal(signal.SIGALRM, before)
     # the checkpoints' training, if this part asked for it first, is counted apart
     details["seconds"] = round(time.monotonic() - t - (0 if trained else ctx.seconds.get("checkpoints", 0)), 1)
     ctx.seconds[p.name] = details["seconds"]
@@ -893,8 +1050,10 @@ def print_table(r: dict) -> None:
         if "error" in row:
             print(f"{key:68} {'error':>8} {'':7} {took}  {row['error'][:200]}")
         elif key.startswith("predict"):
-            label = f"stage2 predict end to end, {key[8:]}, {row['nets']} (images/s)"
+            label = f"stage2 predict, steady state, {key[8:]}, {row['nets']} (images/s)"
             print(f"{label:68} {row['images_per_s']:8.1f} {'150':>7} {took}")
+            for name, seconds in row["startup_s"].items():
+                print(f"{'  start-up, not in the rate: ' + name + ' (s)':68} {seconds:8.1f}")
             for name, share in row.get("shares", {}).items():
                 print(f"{'  ' + name + ' (share)':68} {share:8.1%}")
         else:

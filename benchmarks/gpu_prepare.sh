@@ -7,8 +7,27 @@
 # then prints the device call: its command and its carry.
 #
 #   benchmarks/gpu_prepare.sh [SAMPLES]      SAMPLES: default ../shared/carvana_samples
+#   benchmarks/gpu_prepare.sh --print        the call alone, nothing built
 set -euo pipefail
 cd "$(dirname "$0")/.."
+
+print_call() {
+    cat <<'CALL'
+
+The device call (the device tool's run), with carry [".gpu"] and timeout_s 600:
+
+set -o pipefail; python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .gpu/wheels/*.whl && export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 && python3 benchmarks/gpu_check.py --samples .gpu/samples --out $OUT/gpu_check.json --budget 420 2>&1 | tee $OUT/gpu_check.log
+
+--budget 420: no part starts or runs past 420 s (each part also stops at its own limit), so the call's
+600 s leave the pip install, the start and the JSON's way back. One part alone: add --only NAME[,NAME]
+(parts, or checks / speed / compile / all); train_compiled runs only when named.
+CALL
+}
+
+if [ "${1:-}" = "--print" ]; then
+    print_call
+    exit 0
+fi
 samples=${1:-../shared/carvana_samples}
 py=.venv/bin/python
 packages="pydantic pydantic-core annotated-types typing-inspection typing-extensions"
@@ -27,11 +46,4 @@ echo "built .gpu: $(ls .gpu/wheels | wc -l) wheels ($pins), $(find .gpu/samples 
 if [ "$kib" -gt $((16 * 1024)) ]; then
     echo "warning: .gpu is over 16 MiB; the device call carries it with the working tree (64 MiB at most)" >&2
 fi
-cat <<'EOF'
-
-The device call (the device tool's run), with carry [".gpu"] and timeout_s 600:
-
-set -o pipefail; python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .gpu/wheels/*.whl && export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 && python3 benchmarks/gpu_check.py --samples .gpu/samples --out $OUT/gpu_check.json --budget 480 2>&1 | tee $OUT/gpu_check.log
-
-One part alone: add --only NAME[,NAME] (parts, or checks / speed / all); train_compiled runs only when named.
-EOF
+print_call

@@ -174,15 +174,16 @@ def _decode_one(decode: JpegDecoder, data: torch.Tensor, device: torch.device, p
 
 # Photos decoded ahead of the device at most (reader processes x batches each prepares ahead x batch size).
 # On CUDA each is pinned, and the caching host allocator keeps page-locked blocks for reuse, never handing
-# them back: 64 Carvana photos (1918x1280x3) are 450 MiB, where 15 processes 4 batches of 8 ahead pinned 3.5 GB.
-PINNED_PHOTOS = 64
+# them back: 128 Carvana photos (1918x1280x3) are 0.9 GiB, where 15 processes 4 batches of 8 ahead pinned
+# 3.5 GB. 128 still lets 15 processes each prepare a batch of 8: the decoding that the fastest row of
+# docs/benchmarks.md's "Cores per GPU" asks for.
+PINNED_PHOTOS = 128
 
 
 def read_ahead(batch_size: int, workers: int) -> tuple[int, int | None]:
     """(reader processes, batches each prepares ahead): PyTorch's default 2 batches a process where
     the photos ahead stay within PINNED_PHOTOS, else 1, else fewer processes (at least one batch of
-    one process). 8 processes at PIL's 32 photos/s per core still decode 250 photos/s, more than an H100
-    predicts (docs/benchmarks.md, "Cores per GPU")."""
+    one process)."""
     if workers == 0:
         return 0, None
     batches = max(PINNED_PHOTOS // batch_size, 1)
