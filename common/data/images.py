@@ -63,7 +63,9 @@ def read_image(path: str | os.PathLike, size: Size | None = None) -> np.ndarray:
 SAME_AS = {"MPO": "JPEG"}
 
 
-def open_photo(data: bytes, name: str, formats: tuple[str, ...], max_pixels: int) -> Image.Image:
+def open_photo(
+    data: bytes | bytearray | memoryview, name: str, formats: tuple[str, ...], max_pixels: int
+) -> Image.Image:
     """An uploaded photo opened, its header read and checked, no pixel decoded yet (`decoded` decodes it):
     ImageReadError naming `name` for anything but an image of `formats`; TooLarge for one of more than
     `max_pixels` (a decompression bomb: a blank 12000x12000 PNG is 140 kB). The messages quote nothing

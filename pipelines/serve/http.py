@@ -13,7 +13,7 @@ import contextlib
 import hmac
 import re
 import uuid
-from typing import Callable, Iterator, TypeVar
+from typing import Callable, Iterator, TypeVar, Union
 
 from fastapi import HTTPException, Request
 from fastapi.exceptions import RequestValidationError
@@ -35,6 +35,7 @@ FORMATS = ("JPEG", "PNG", "WEBP")  # an MPO (a phone's JPEG with more pictures a
 ENVELOPE = 64 * 1024  # bytes a request may add around a photo: a multipart form's headers, the JSON of /v2
 CLOSE = {"Connection": "close"}  # an answer given before the body was read: the rest of it is not read either
 T = TypeVar("T")
+Bytes = Union[bytes, bytearray, memoryview]  # a body as read, or a part of it (no copy)
 
 
 class ErrorBody(BaseModel):
@@ -127,7 +128,7 @@ def body_limit(s: Serve) -> int:
     return 4 * -(-s.max_bytes // 3) + ENVELOPE
 
 
-async def read_body(request: Request) -> bytes:
+async def read_body(request: Request) -> bytearray:
     """The request body, received within serve.read_timeout_s and `body_limit`: a body declared or found
     larger is answered 413 and not read further, a late one 408, both closing the connection; 503 before
     any byte is read while serve.max_uploads others are being received. (FastAPI's own `max_body_size`
@@ -150,14 +151,13 @@ async def read_body(request: Request) -> bytes:
         )
     state.uploads += 1
     batcher.metrics.uploads.inc()
-    chunks, size = [], 0
+    body = bytearray()  # grown in place: no second copy of the whole body
     try:
         async with asyncio.timeout(s.read_timeout_s):
             async for chunk in request.stream():
-                size += len(chunk)
-                if size > limit:  # a chunked upload, or one longer than it said: not read further
+                if len(body) + len(chunk) > limit:  # a chunked upload, or one longer than it said: not read further
                     raise too_large
-                chunks.append(chunk)
+                body += chunk
     except TimeoutError:
         raise HTTPException(
             408, f"the upload did not arrive within serve.read_timeout_s={s.read_timeout_s}", CLOSE
@@ -167,7 +167,7 @@ async def read_body(request: Request) -> bytes:
     finally:
         state.uploads -= 1
         batcher.metrics.uploads.dec()
-    return b"".join(chunks)
+    return body
 
 
 def ensure_ready(batcher: Batcher) -> None:
@@ -193,7 +193,7 @@ def _as_http() -> Iterator[None]:
         raise HTTPException(400, str(e)) from None
 
 
-async def open_upload(batcher: Batcher, data: bytes) -> Image.Image:
+async def open_upload(batcher: Batcher, data: Bytes) -> Image.Image:
     """The photo's bytes opened and its header checked (format, pixels), nothing decoded yet (/v1's
     upload, /v2's input)."""
     s = batcher.s

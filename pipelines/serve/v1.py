@@ -21,7 +21,7 @@ from common.data.rle import rle_encode
 from common.errors import ConfigError
 from pipelines.picture import MEDIA, Cut, Picture, render
 from pipelines.serve.batcher import Batcher
-from pipelines.serve.http import BINARY, cut_photo, ensure_ready, errors, open_upload, read_body, require_key
+from pipelines.serve.http import BINARY, Bytes, cut_photo, ensure_ready, errors, open_upload, read_body, require_key
 
 open_routes = APIRouter()
 protected = APIRouter(dependencies=[Depends(require_key)])  # every route added here needs the API key
@@ -75,7 +75,7 @@ def form_parser(max_bytes: int) -> type[MultiPartParser]:
     return type("UploadParser", (MultiPartParser,), {"spool_max_size": max_bytes + 1})
 
 
-async def read_upload(request: Request, max_bytes: int) -> bytes:
+async def read_upload(request: Request, max_bytes: int) -> Bytes:
     """The photo: the multipart field `image`, or the raw body with an image Content-Type."""
     kind = request.headers.get("content-type", "")
     if not (kind.startswith(("multipart/form-data", "image/")) or kind == "application/octet-stream"):

@@ -30,7 +30,7 @@ from pipelines.picture import Cut, Picture, render
 from pipelines.serve.batcher import Batcher
 from pipelines.serve.http import (
     BINARY,
-    CLOSE,
+    Bytes,
     ErrorBody,
     cut_photo,
     ensure_ready,
@@ -217,13 +217,13 @@ async def model_ready(request: Request, name: str) -> ModelReady:
     return ModelReady(name=name, ready=True)
 
 
-def _parsed(body: bytes, header_length: int | None) -> tuple[InferenceRequest, bytes, dict[str, bool]]:
+def _parsed(body: Bytes, header_length: int | None) -> tuple[InferenceRequest, Bytes, dict[str, bool]]:
     """The request read (on a host thread): the inference request, the encoded photo and the outputs wanted."""
     inference, binary = _request(body, header_length)
     return inference, _photo(inference, binary), _wanted(inference)
 
 
-def _request(body: bytes, header_length: int | None) -> tuple[InferenceRequest, bytes]:
+def _request(body: Bytes, header_length: int | None) -> tuple[InferenceRequest, Bytes]:
     """The inference request and the binary data after its JSON (with Inference-Header-Content-Length).
     The JSON's values are counted before it is parsed: a body of `[{},{},...]` would take tens of bytes
     of memory per byte to parse."""
@@ -233,7 +233,8 @@ def _request(body: bytes, header_length: int | None) -> tuple[InferenceRequest, 
         raise HTTPException(
             413, f"Inference-Header-Content-Length={header_length}: the JSON of a binary request is at most {MAX_HEAD}"
         )
-    head, binary = (body, b"") if header_length is None else (body[:header_length], body[header_length:])
+    view = memoryview(body)  # the binary part is a view of the body, not a copy
+    head, binary = (body, b"") if header_length is None else (bytes(view[:header_length]), view[header_length:])
     if sum(head.count(c) for c in (b"{", b"[", b",")) > MAX_VALUES:  # base64 has none of them
         raise HTTPException(
             400, f"not an inference request of this model: more than {MAX_VALUES} JSON values (it has a few dozen)"
@@ -247,7 +248,7 @@ def _request(body: bytes, header_length: int | None) -> tuple[InferenceRequest, 
         ) from None
 
 
-def _photo(request: InferenceRequest, binary: bytes) -> bytes:
+def _photo(request: InferenceRequest, binary: Bytes) -> Bytes:
     """The encoded photo: the one input `image`, BYTES of shape [1], a base64 string in JSON or one
     binary element (its 4-byte little-endian length, then the bytes)."""
     names = [tensor.name for tensor in request.inputs]
@@ -283,7 +284,7 @@ def _photo(request: InferenceRequest, binary: bytes) -> bytes:
                 "length, then that many bytes)",
             )
         photo = binary[4:]
-    return photo  # cut_photo checks its size against serve.max_bytes
+    return photo  # open_upload checks its size against serve.max_bytes
 
 
 def _wanted(request: InferenceRequest) -> dict[str, bool]:
@@ -383,13 +384,13 @@ async def infer(
 ) -> Response:
     """The car's mask (and, when asked for, its cutout) of the photo in input `image`."""
     batcher: Batcher = request.app.state.batcher
-    kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
-    if kind and kind not in MEDIA_TYPES:  # a form or text/plain: what a web page may send without asking
-        raise HTTPException(415, f"Content-Type {kind[:100]}: send application/json or application/octet-stream", CLOSE)
     # read to its end first (within its limits), so that a client still sending sees the answer, not a
     # reset connection
     body = await read_body(request)
     _model(request, name)
+    kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if kind and kind not in MEDIA_TYPES:  # a form or text/plain: what a web page may send without asking
+        raise HTTPException(415, f"Content-Type {kind[:100]}: send application/json or application/octet-stream")
     ensure_ready(batcher)
     if request.headers.get("content-encoding", "identity") != "identity":
         raise HTTPException(
