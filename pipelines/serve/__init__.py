@@ -11,9 +11,11 @@
 FastAPI on uvicorn (the `serve` extra): the ecosystem's standard, and the one the settings' pydantic
 already belongs to. LitServe batches too, but adds a second framework and its own worker model for
 what one asyncio task per device does here. Requests are decoded in a thread pool (off the event
-loop) and queued; the queue is bounded (`serve.max_queue`: when full, 503 with Retry-After). Bad
+loop) and queued. Every request is bounded before the work it costs: its body in size and time, the
+uploads arriving at once, a photo's pixels and the pixels at work, the photos waiting (503 with
+Retry-After when the server is full); docs/reliability.md, "Hostile input", lists the limits. Bad
 input gets a 4xx with `{"error": ...}` naming the problem; nothing is written to disk. SIGTERM
-(uvicorn's) stops accepting, lets the requests in flight finish, exits 0.
+(uvicorn's) stops accepting, lets the requests in flight finish within serve.shutdown_timeout_s, exits 0.
 """
 
 from pipelines.serve.app import Server, create_app, listen, serve
