@@ -972,7 +972,10 @@ def main() -> int:
         for p, why in plan:
             if why:
                 print(f"  {p.name:28}  skipped: {why}", flush=True)
-        print(f"  {'total':28} {sum(result['estimates'].values()):8d}", flush=True)
+        total = sum(result["estimates"].values())
+        print(f"  {'total':28} {total:8d}", flush=True)
+        if not args.quick and total > DEFAULT_PLAN_S:
+            print(f"  (over the {DEFAULT_PLAN_S} s the documented call's --budget leaves: the last parts may not run)")
         save()
         for p, why in plan:
             ahead = result["estimates"].get(p.name, 0) + (
