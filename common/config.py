@@ -196,6 +196,28 @@ class Stage2(Training):
         ge=0,
         affects=("model", "masks"),
     )
+    refine: Literal["tiles", "band"] = setting(
+        "tiles",
+        "what the refiner sees: tiles = overlapping tiles over the whole car box; band = patches over the pixels "
+        "near stage 1's outline and the uncertain ones (stage2.band, stage2.patch, stage2.context), training crops "
+        "centred on the outlines (docs/experiments/2026-12-06-band-refiner.md)",
+        affects=("model", "masks"),
+    )
+    band: int = setting(
+        16,
+        "refine=band: pixels either side of stage 1's 0.5 contour the refiner sees",
+        ge=0,
+        le=256,
+        affects=("masks",),
+    )
+    patch: int = setting(128, "refine=band: side of the refiner's square patches", ge=16, le=4096, affects=("masks",))
+    context: int = setting(
+        16,
+        "refine=band: pixels along each patch's edges that are context only; its centre, patch - 2 x context, is kept",
+        ge=0,
+        le=2048,
+        affects=("masks",),
+    )
     crop: int = setting(384, "training crop size", ge=16, le=4096, affects=("model",))
     crops_per_image: int = setting(
         1,
@@ -547,6 +569,12 @@ def _validate(cfg: Settings) -> None:
             f"stage2.min_overlap={overlap} must be at most half of stage2.tile={tile} ({tile // 2}): tiles start every "
             "tile - min_overlap pixels, so a larger overlap refines each pixel more than twice per axis and "
             "multiplies the tiles (the blend needs only a few dozen pixels)"
+        )
+    patch, context = cfg.stage2.patch, cfg.stage2.context
+    if patch - 2 * context < 8:
+        raise ConfigError(
+            f"stage2.context={context} leaves stage2.patch={patch} a centre of {patch - 2 * context} px; the centre, "
+            "patch - 2 x context, is what a patch keeps: make it at least 8 px"
         )
     margin = cfg.stage1.margin
     sides = [margin] if isinstance(margin, int) else margin

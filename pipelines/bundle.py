@@ -27,7 +27,7 @@ def make_bundle(cfg: Settings, source: ModelSource, out: Path, name: str = "carv
     card, then bundle.json."""
     nets = {
         "stage1": (source.net("stage1", CPU), cfg.stage1.size),
-        "refiner": (source.net("refiner", CPU), cfg.stage2.tile),
+        "refiner": (source.net("refiner", CPU), cfg.stage2.patch if cfg.stage2.refine == "band" else cfg.stage2.tile),
     }
     for which, (net, _) in nets.items():
         if isinstance(net, Ensemble):
@@ -162,6 +162,12 @@ def model_card(m: Manifest) -> str:
         "(street scenes, several cars, heavy occlusion) are outside what it learned."
     )
     cars = len(data["train_cars"]) + len(data["val_cars"])
+    pred = m.prediction
+    refines = (
+        f"{pred['stage2.patch']} px patches over the band within {pred['stage2.band']} px of stage 1's outline"
+        if pred.get("stage2.refine") == "band"
+        else f"{pred['stage2.tile']} px tiles of the car's box"
+    )
     meta = yaml.safe_dump(front_matter(m), sort_keys=False)
     return f"""---
 {meta}---
@@ -178,7 +184,7 @@ Intended use: background removal of studio photos of a car, and Carvana submissi
 
 ## Nets
 - stage 1: UNet {m.nets["stage1"].args} on the whole photo at {m.prediction["stage1.size"]} px
-- refiner: UNet {m.nets["refiner"].args} on {m.prediction["stage2.tile"]} px tiles of the car's box
+- refiner: UNet {m.nets["refiner"].args} on {refines}
 - input: {m.input}; mask threshold {m.threshold}
 
 ## Training data

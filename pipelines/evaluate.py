@@ -36,7 +36,6 @@ from common.training.losses import edge_band
 from stage1_lowres.box_cache import cached_boxes
 from stage1_lowres.coarse import Coarse
 from stage2_fullres.cascade import Cascade
-from stage2_fullres.tiles import plan_tiles
 
 FALSE_POSITIVE = np.array([255, 40, 40], np.uint8)  # predicted car, truly background
 FALSE_NEGATIVE = np.array([40, 120, 255], np.uint8)  # missed car
@@ -55,6 +54,7 @@ class Kept:
     stage1: np.ndarray
     cascade: np.ndarray
     box: Box
+    windows: tuple[Box, ...]  # what the refiner saw: tiles or band patches (none from stage 1 alone)
 
 
 @dataclass
@@ -159,7 +159,7 @@ def _score_image(
             "car_pixels_outside_box": car - inside,
             "box_coverage": inside / max(car, 1),
         }
-        return row, sweep, Kept(sample, truth, stage1_host, cascade_host, pred.box)
+        return row, sweep, Kept(sample, truth, stage1_host, cascade_host, pred.box, pred.windows)
 
     return planes, done
 
@@ -218,7 +218,7 @@ def save(cfg: Settings, ev: Evaluation) -> Summary:
     summary.write(cfg)
     for img in worst.img[:6]:
         if img in ev.kept:
-            save_overlay(ev.kept[img], cfg, report / "overlays" / f"{Path(img).stem}.png", ev.refined)
+            save_overlay(ev.kept[img], report / "overlays" / f"{Path(img).stem}.png")
     return summary
 
 
@@ -262,16 +262,14 @@ def plot_sweep(sweep: pd.DataFrame, path: Path) -> None:
     save_figure(fig, path)
 
 
-def save_overlay(kept: Kept, cfg: Settings, path: Path, refined: bool) -> None:
-    """Stage 1 (left) and the cascade (right) over the image, half size; the refiner's tile edges
-    drawn when a refiner ran (`refined`)."""
+def save_overlay(kept: Kept, path: Path) -> None:
+    """Stage 1 (left) and the cascade (right) over the image, half size, with the edges of the windows
+    the refiner saw (its tiles or band patches)."""
     image = read_image(kept.sample.image)
-    h, w = kept.truth.shape
-    windows = plan_tiles(w, h, kept.box, cfg.stage2.tile, cfg.stage2.min_overlap) if refined else []
     panels = np.concatenate(
         [
             overlay(image, kept.stage1, kept.truth, kept.box, []),
-            overlay(image, kept.cascade, kept.truth, kept.box, windows),
+            overlay(image, kept.cascade, kept.truth, kept.box, kept.windows),
         ],
         1,
     )
@@ -281,7 +279,7 @@ def save_overlay(kept: Kept, cfg: Settings, path: Path, refined: bool) -> None:
 
 
 def overlay(image: np.ndarray, pred: np.ndarray, truth: np.ndarray, box: Box | None, windows: list) -> np.ndarray:
-    """The image dimmed, errors in two colours, the box and the tile edges drawn."""
+    """The image dimmed, errors in two colours, the box and the windows' edges drawn."""
     out = (image * 0.55).astype(np.uint8)
     out[pred & ~truth] = FALSE_POSITIVE
     out[~pred & truth] = FALSE_NEGATIVE

@@ -69,7 +69,7 @@ def write_report(cfg: Settings, steps: list[dict] | None = None) -> Path:
             '<span style="background:#ff2828">false positive</span><span style="background:#2878ff">false '
             "negative</span>"
             '<span style="background:#ffdc00;color:#000">stage-1 box</span><span '
-            'style="background:#00e6e6;color:#000">tile edges</span></p>'
+            'style="background:#00e6e6;color:#000">refiner windows (tiles or band patches)</span></p>'
         )
         for png in sorted((report / "overlays").glob("*.png")):
             row = metrics[metrics.img == png.stem + ".jpg"]

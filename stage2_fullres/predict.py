@@ -23,7 +23,7 @@ from common.prediction.jobs import Job, run_job
 from common.prediction.step import Prediction
 from common.prediction.writer import OnHostOutput, Output
 from stage1_lowres.box_cache import INPUT_VERSION, cached_boxes
-from stage2_fullres.cascade import Cascade
+from stage2_fullres.cascade import Cascade, needs_stage1
 
 
 @dataclass(frozen=True)
@@ -74,10 +74,10 @@ class MaskJob(Job):
 
 
 def chunk_key(cfg: Settings, source: ModelSource, boxes: dict[str, Box]) -> str:
-    """The nets' content, the boxes, the mask threshold and every setting that changes a mask. With a
-    coarse channel stage 1 counts too (its probability is a refiner input); without one, stage 2
+    """The nets' content, the boxes, the mask threshold and every setting that changes a mask. Where the
+    refiner reads stage 1's probability (a coarse channel, the band) stage 1 counts too; else stage 2
     needs no stage-1 net here, only the cached boxes."""
-    stage1 = source.hash("stage1") if cfg.stage2.coarse_channel else None
+    stage1 = source.hash("stage1") if needs_stage1(cfg) else None
     return digest(
         {
             **depends(cfg, "masks"),

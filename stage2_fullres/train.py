@@ -1,4 +1,6 @@
-"""`carvana stage2 train`: the refiner on random full-resolution crops inside jittered car boxes.
+"""`carvana stage2 train`: the refiner on random full-resolution crops inside jittered car boxes; with
+`stage2.refine: band`, most crops centred on the outlines (the truth's and stage 1's), where the band
+refiner works.
 
 The net is fully convolutional, so it trains on crops (stage2.crop) and predicts on whole tiles.
 Validation runs the `Cascade` on whole held-out images, as prediction does.
@@ -23,7 +25,7 @@ from common.training.batches import LoaderBatches, Pair, read_pairs
 from common.training.trainer import Run, fit, validator
 from stage1_lowres.box_cache import cached_boxes
 from stage1_lowres.coarse import Coarse, upsample
-from stage2_fullres.cascade import Cascade
+from stage2_fullres.cascade import Cascade, needs_stage1
 from stage2_fullres.tiles import cut_tiles
 
 
@@ -37,8 +39,18 @@ def crop_window(box: Box, crop: int, width: int, height: int, rng: np.random.Gen
     return left, top
 
 
+OUTLINE_SHARE = 0.75  # refine=band: crops centred on an outline; the rest anywhere in the box, as for tiles
+
+
+def outline_points(mask: np.ndarray) -> np.ndarray:
+    """(n, 2) y, x of the pixels where a bool mask changes from one pixel to the next, down or across."""
+    down, across = np.nonzero(mask[1:] != mask[:-1]), np.nonzero(mask[:, 1:] != mask[:, :-1])
+    return np.concatenate([np.stack(down, 1), np.stack(across, 1)])
+
+
 class CropDataset(Dataset):
-    """Random crops of full-resolution pairs, with the coarse probability as a 4th channel if given.
+    """Random crops of full-resolution pairs, with the coarse probability as a 4th channel under
+    `stage2.coarse_channel` (`coarse`: each image's, at stage 1's size; with the band, also where crops centre).
 
     An item is `crops` crops of one image: the JPEG is decoded once for all of them and the mask
     comes from the compact mask cache after its first read. Keys are (index, epoch), and an item's
@@ -66,10 +78,16 @@ class CropDataset(Dataset):
         p, crop = self.pairs[i], self.s.crop
         image = torch.from_numpy(read_image(p.sample.image)).permute(2, 0, 1)
         mask = torch.from_numpy(read_mask_cached(p.sample.mask, self.mask_cache))[None]
-        prob = None if self.coarse is None else torch.from_numpy(self.coarse[p.sample.img]).float().div_(255)
+        small = None if self.coarse is None else self.coarse[p.sample.img]
+        prob = torch.from_numpy(small).float().div_(255) if small is not None and self.s.coarse_channel else None
+        outlines = self._outlines(mask[0].numpy(), small, p.width, p.height) if self.s.refine == "band" else []
         xs, ys = [], []
         for _ in range(self.s.crops_per_image):
             box = jitter_box(self.boxes[p.sample.img], self.s.box_jitter, rng, p.width, p.height)
+            if outlines and rng.random() < OUTLINE_SHARE:  # a point of one of the outlines, the crop around it
+                points = outlines[rng.integers(len(outlines))]
+                y, x = (int(v) for v in points[rng.integers(len(points))])
+                box = (x, y, x + 1, y + 1)
             left, top = crop_window(box, crop, p.width, p.height, rng)
             window = [(left, top, left + crop, top + crop)]
             x = cut_tiles(image, window)[0].float().div_(255)
@@ -82,6 +100,16 @@ class CropDataset(Dataset):
             xs.append(x)
             ys.append(cut_tiles(mask, window)[0].float())
         return torch.stack(xs), torch.stack(ys)
+
+    @staticmethod
+    def _outlines(truth: np.ndarray, small: np.ndarray | None, width: int, height: int) -> list[np.ndarray]:
+        """The truth's outline and stage 1's (from its low-resolution probability, in full-resolution
+        pixels), those that have points."""
+        found = [outline_points(truth)]
+        if small is not None:
+            scale = np.array([height / small.shape[0], width / small.shape[1]])
+            found.append((outline_points(small >= 128) * scale).astype(np.int64))
+        return [points for points in found if len(points)]
 
 
 def cascade_predictions(
@@ -104,8 +132,8 @@ def main(cfg: Settings, source: ModelSource) -> int:
     s = cfg.stage2
     out = Path(cfg.output.dir)
     ranks, device = distributed.init(cfg.device)
-    # the scan decodes every image once at stage-1 size; keep those only when the coarse channel needs them
-    pairs = read_pairs(cfg.data, (cfg.stage1.size, cfg.stage1.size), keep=s.coarse_channel, workers=s.workers)
+    # the scan decodes every image once at stage-1 size; keep those only when stage 1's probability is needed
+    pairs = read_pairs(cfg.data, (cfg.stage1.size, cfg.stage1.size), keep=needs_stage1(cfg), workers=s.workers)
     cached = cached_boxes(cfg)
     train_pairs = [p for p in pairs.train if p.box is not None]
     val_pairs = [p for p in pairs.val if p.sample.img in cached]
@@ -117,7 +145,7 @@ def main(cfg: Settings, source: ModelSource) -> int:
         train_pairs = [p for p in train_pairs if p.sample.img in cached]
         train_box = {p.sample.img: cached[p.sample.img] for p in train_pairs}
     coarse_model, coarse = None, None
-    if s.coarse_channel:
+    if needs_stage1(cfg):  # its probability: the refiner's 4th channel, or where the band's crops centre
         coarse_model = Coarse.load(source, cfg, device)
         coarse = {}
         for k in range(0, len(train_pairs), 32):  # the scan's stage-1-size images, no second decode
@@ -130,7 +158,8 @@ def main(cfg: Settings, source: ModelSource) -> int:
             p.image = p.mask = None  # the crops read full-resolution files
     about = (
         f"{len(train_pairs)} training images ({s.crops_per_image} x {s.crop}px crops each, {s.train_boxes} boxes), "
-        f"{len(val_pairs)} validation images on {s.tile}px tiles"
+        f"{len(val_pairs)} validation images on "
+        + (f"band patches of {s.patch}px" if s.refine == "band" else f"{s.tile}px tiles")
     )
     model = build_model(
         s, in_channels=4 if s.coarse_channel else 3, prior_skip=s.coarse_channel and s.prior_skip, seed=cfg.seed

@@ -93,3 +93,60 @@ def test_a_band_too_large_for_the_patch_settings_is_refused_naming_them():
     assert 2500 > MAX_PATCHES
     with pytest.raises(TooManyPatches, match="stage2.patch=16 and stage2.context=4 needs 2500 patches"):
         plan_patches(occupied, 400, 400, 16, 4)
+
+
+def _cascade(*more):
+    from conftest import tiny_config
+
+    from common.model import UNet
+    from stage1_lowres.coarse import Coarse
+    from stage2_fullres.cascade import Cascade
+
+    cfg = tiny_config("unused", "unused", "stage1.size=32", "stage2.refine=band", *more)
+    torch.manual_seed(0)
+    return Cascade(Coarse(UNet(3, 2, 4).eval(), cfg, CPU), UNet(4, 3, 4, prior_skip=True).eval(), cfg, CPU)
+
+
+CPU = torch.device("cpu")
+
+
+def test_an_untrained_band_refiner_gives_back_stage_1_inside_the_box_and_nothing_outside():
+    """The residual refiner starts at zero: on the band's patches it returns stage 1's probability, so
+    the whole band path (band, cells, patches cut, refined, centres pasted) gives back stage 1 inside the
+    box; outside the box nothing, as with tiles; the patches are the prediction's windows."""
+    cascade = _cascade("stage2.band=4", "stage2.patch=32", "stage2.context=8")
+    image = torch.randint(0, 256, (3, 90, 150), dtype=torch.uint8)
+    box = (5, 10, 140, 85)
+    pred = cascade.predict([image], [box])[0]
+    x0, y0, x1, y1 = box
+    torch.testing.assert_close(
+        pred.prob[y0:y1, x0:x1], pred.coarse[y0:y1, x0:x1].clamp(1e-4, 1 - 1e-4), atol=1e-5, rtol=0
+    )
+    outside = torch.ones(90, 150, dtype=torch.bool)
+    outside[y0:y1, x0:x1] = False
+    assert pred.prob[outside].eq(0).all()
+    band = band_of(pred.coarse, box, 4)
+    assert band.any() and pred.windows and all(w[2] - w[0] == 32 for w in pred.windows)
+
+
+def test_a_photo_without_an_outline_is_stage_1s_answer_and_a_band_too_large_fails_that_photo_alone():
+    from common.errors import Failure
+
+    class Sure(torch.nn.Module):  # stage 1 sure of "no car" everywhere: no contour, nothing uncertain
+        args = {"in_channels": 3}
+
+        def forward(self, x):
+            return torch.full((len(x), 1, *x.shape[-2:]), -20.0)
+
+    cascade = _cascade()
+    cascade.coarse.net = Sure()
+    image = torch.randint(0, 256, (3, 60, 80), dtype=torch.uint8)
+    pred = cascade.predict([image], [(0, 0, 80, 60)])[0]
+    assert pred.windows == () and torch.equal(pred.prob, pred.coarse)
+
+    noisy = _cascade("stage2.band=0", "stage2.patch=16", "stage2.context=4")  # 8 px cells: 4096 on a 512 px photo
+    big = torch.randint(0, 256, (3, 512, 512), dtype=torch.uint8)
+    noisy.coarse.probs = lambda images: torch.full((len(images), 32, 32), 0.5)  # unsure everywhere: all band
+    results = noisy.predict([big, image], [(0, 0, 512, 512), (0, 0, 80, 60)])
+    assert isinstance(results[0], Failure) and "patches" in results[0].reason and results[0].stage == "stage2"
+    assert results[1].prob.shape == (60, 80)

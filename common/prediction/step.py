@@ -37,6 +37,7 @@ class Prediction:
     found: bool  # stage 1 saw a car (False: the box is the whole image)
     coarse: torch.Tensor | None  # stage-1 probability upsampled (None when neither box nor refiner needs stage 1)
     prob: torch.Tensor | None = None  # the cascade's probability, 0 outside the box (None from stage 1 alone)
+    windows: tuple[Box, ...] = ()  # what the refiner saw: tiles or band patches (the report draws them)
 
     def mask(self, threshold: float) -> torch.Tensor:
         """The car mask: the cascade's probability above the mask threshold. The one definition, which
