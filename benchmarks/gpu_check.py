@@ -165,6 +165,7 @@ QUICK_CPU = {
     "device_matches_cpu": 1,
     "compile_static": 7,
     "predict_pil": 5,
+    "band_vs_tiles": 4,
     "train_plain": 6,
 }
 QUICK_EPOCHS = (2, 1)
@@ -701,6 +702,41 @@ def predict_speed(ctx: Context, decode: str = "pil", compile: bool = False) -> d
     return row
 
 
+def band_speed(ctx: Context) -> dict:
+    """`stage2.refine: band` against the tiles on the trained checkpoints' nets (a refiner trained on tiles:
+    the speed and the refined pixels are the figures, not the Dice): each mode's device seconds per photo
+    over the test photos, decoded once and on the device, after a first pass that tunes cuDNN."""
+    cfg, _ = ctx.checkpoints()
+    boxes = pd.read_csv(Path(cfg.output.dir) / "bboxes.csv", dtype={"img": str}).set_index("img")
+    paths = ctx.photos
+    box = [tuple(int(v) for v in boxes.loc[p.name, ["x0", "y0", "x1", "y1"]]) for p in paths]
+    images = [torch.from_numpy(read_image(p)).permute(2, 0, 1).to(DEVICE) for p in paths]
+    row = {}
+    for refine in ("tiles", "band"):
+        mode = cfg.updated({"stage2.refine": refine})
+        cascade = Cascade.load(open_source(mode), mode, DEVICE)
+        n = mode.predict.batch_size
+
+        def once(cascade: Cascade = cascade, n: int = n) -> list:
+            return [r for i in range(0, len(images), n) for r in cascade.predict(images[i : i + n], box[i : i + n])]
+
+        once()
+        results, seconds = bench_predict.timed(DEVICE, once)
+        done = [r for r in results if not isinstance(r, Failure)]
+        pixels = [sum((w[2] - w[0]) * (w[3] - w[1]) for w in r.windows) for r in done]
+        row[refine] = {
+            "ms_per_photo": round(1000 * seconds / len(images), 2),
+            "refined_pixels_per_photo": int(np.mean(pixels)) if pixels else 0,
+            "failed": len(results) - len(done),
+        }
+    row["band_time_share"] = round(row["band"]["ms_per_photo"] / row["tiles"]["ms_per_photo"], 3)
+    row["settings"] = {k: getattr(cfg.stage2, k) for k in ("tile", "band", "patch", "context")} | {
+        "tta_flip": cfg.predict.tta_flip,
+        "batch": cfg.predict.batch_size,
+    }
+    return row
+
+
 def train_speed(ctx: Context, compile: bool = False) -> dict:
     """Both training loops against their nets; stage 1 reads the linked training photos."""
     steps, depth, width = (3, 3, 4) if ctx.quick else (TRAIN_STEPS, 6, 16)
@@ -756,6 +792,7 @@ def estimate(name: str, ctx: Context) -> float:
         # nets loaded and cuDNN's tuning, the steady state, then each step alone on 4 batches
         "predict_pil": q["predict_pil"] + CUDA_S + SPEED_IMAGES / photos_per_s(False) + 32 / PIL_PER_S_CORE,
         "predict_nvjpeg": q["predict_pil"] + CUDA_S + SPEED_IMAGES / photos_per_s(False),
+        "band_vs_tiles": q["band_vs_tiles"] + 2 * CUDA_S + 4 * TESTS / photos_per_s(False),  # both modes, twice
         "predict_compiled": q["predict_pil"]
         + 2 * (COMPILE_CACHED_S if "compile_static" in ctx.planned else COMPILE_S)
         + SPEED_IMAGES / photos_per_s(True),
@@ -813,6 +850,7 @@ PARTS = [  # in the order they run: correctness first, speed next, compiling (sl
     Part("sanitizer", sanitizer, True, needs_cuda, checkpoints=True),
     Part("predict_pil", predict_speed, False),
     Part("predict_nvjpeg", functools.partial(predict_speed, decode="nvjpeg"), False, needs_nvjpeg),
+    Part("band_vs_tiles", band_speed, False, checkpoints=True),
     Part("train_plain", train_speed, False),
     Part("compile_static", compile_static, True, compiles=True),
     Part("predict_compiled", functools.partial(predict_speed, compile=True), False, not_quick, compiles=True),
@@ -1052,6 +1090,11 @@ def print_table(r: dict) -> None:
         took = f"{r['part_seconds'][key]:7.0f} {r['estimates'][key]:8d}"
         if "error" in row:
             print(f"{key:68} {'error':>8} {'':7} {took}  {row['error'][:200]}")
+        elif key == "band_vs_tiles":
+            for mode in ("tiles", "band"):
+                label = f"stage2.refine={mode}: device ms a photo, {row[mode]['refined_pixels_per_photo']:,} px refined"
+                print(f"{label:68} {row[mode]['ms_per_photo']:8.1f} {'':7} {took if mode == 'tiles' else ''}")
+            print(f"{'  the band in the tiles time (share)':68} {row['band_time_share']:8.1%} {'0.40':>7}")
         elif key.startswith("predict"):
             label = f"stage2 predict, steady state, {key[8:]}, {row['nets']} (images/s)"
             print(f"{label:68} {row['images_per_s']:8.1f} {'150':>7} {took}")

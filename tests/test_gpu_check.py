@@ -75,6 +75,9 @@ def test_gpu_check_quick_passes_on_the_cpu_on_generated_cars(tmp_path):
     assert row["images"] == 8 and row["images_per_s"] > 0 and "steady state" in row["includes"]
     assert set(row["startup_s"]) == {"nets_loaded", "warm_up_4_photos", "reader_start_and_first_batch"}
     assert 0 < sum(row["shares"].values()) <= 1.0001
+    band = result["speed"]["band_vs_tiles"]  # the band against the tiles, on the trained nets
+    assert band["tiles"]["failed"] == band["band"]["failed"] == 0 and band["band"]["refined_pixels_per_photo"] > 0
+    assert band["band_time_share"] > 0
     assert 0 < result["stage1_train_ratio"] and 0 < result["stage2_train_ratio"]
     assert "gpu_check on cpu" in done.stdout and re.search(r"^async_equals_sync +ok", done.stdout, re.M)
     assert re.search(r"^  total +\d+$", done.stdout, re.M)  # the plan, before the first part
