@@ -7,7 +7,8 @@ contour, and every pixel whose probability is uncertain. The image is cut into a
 `stage2.patch - 2 * stage2.context` px; each cell holding a band pixel becomes one patch: the cell
 (its centre region, whose prediction is kept) with `stage2.context` px of context around it, moved
 inside the image where it would leave it. Planning is a pure function of the occupied cells
-(property-tested); the band and the cells are found on the device.
+(property-tested); the band (from a summed-area table, whatever its width) and the cells are found on
+the device.
 """
 
 from __future__ import annotations
@@ -41,26 +42,31 @@ def core_of(patch: int, context: int) -> int:
 
 def band_of(coarse: torch.Tensor, box: Box, band: int) -> torch.Tensor:
     """bool (H, W): the pixels of `box` within `band` px (Chebyshev distance) of the 0.5 contour of the
-    full-resolution stage-1 probability `coarse`, and those whose probability is uncertain. Separable
-    max-pools, on `coarse`'s device."""
+    full-resolution stage-1 probability `coarse` (a (2 band + 1)-square around the pixel holds both car and
+    background), and those whose probability is uncertain; on `coarse`'s device."""
     x0, y0, x1, y1 = box
     inside = coarse[y0:y1, x0:x1]
-    car = (inside > 0.5).float()[None, None]
-    grow = _dilate(car, band)
-    shrink = 1 - _dilate(1 - car, band)
-    near = (grow > 0) & (shrink < 1)
+    car = inside > 0.5
+    cars, pixels = _square_sums(car, band), _square_sums(torch.ones_like(car), band)
+    near = (cars > 0) & (cars < pixels)
     unsure = (inside > UNCERTAIN) & (inside < 1 - UNCERTAIN)
     out = torch.zeros_like(coarse, dtype=torch.bool)
-    out[y0:y1, x0:x1] = near[0, 0] | unsure
+    out[y0:y1, x0:x1] = near | unsure
     return out
 
 
-def _dilate(x: torch.Tensor, r: int) -> torch.Tensor:
-    """Max over a (2r+1)-square, as two 1-D max-pools (2(2r+1) reads a pixel, not (2r+1)^2)."""
-    if r <= 0:
-        return x
-    x = F.max_pool2d(x, (1, 2 * r + 1), stride=1, padding=(0, r))
-    return F.max_pool2d(x, (2 * r + 1, 1), stride=1, padding=(r, 0))
+def _square_sums(x: torch.Tensor, r: int) -> torch.Tensor:
+    """The count of True pixels of a bool (H, W) map in the (2r+1)-square around each pixel, the square
+    clipped to the map: four reads of its summed-area table, whatever r (a max-pool of that size reads
+    every pixel of the square)."""
+    table = F.pad(x.to(torch.int32).cumsum(0).cumsum(1), (1, 0, 1, 0))  # table[i, j] = sum of x[:i, :j]
+    h, w = x.shape
+    top = (torch.arange(h, device=x.device) - r).clamp(0, h)
+    bottom = (torch.arange(h, device=x.device) + r + 1).clamp(0, h)
+    left = (torch.arange(w, device=x.device) - r).clamp(0, w)
+    right = (torch.arange(w, device=x.device) + r + 1).clamp(0, w)
+    rows_b, rows_t = table[bottom], table[top]
+    return rows_b[:, right] - rows_t[:, right] - rows_b[:, left] + rows_t[:, left]
 
 
 def occupied_cells(band: torch.Tensor, cell: int) -> torch.Tensor:

@@ -1,0 +1,162 @@
+"""The band refiner against the tiles, side by side (`stage2.refine: band | tiles`): both refiners trained
+for the same minutes on the same data over one stage 1, then on the validation cars: each mode's cascade
+Dice and stage 1's, the share of stage 1's wrong pixels inside the band, the pixels the refiner sees per
+photo, and stage 2's seconds per photo on this CPU in PyTorch and in onnxruntime.
+
+    .venv/bin/python benchmarks/bench_refine.py DATA OUT [minutes=2.5] [rounds=3] [overrides...]
+
+DATA is a Kaggle-layout folder (`carvana sample-data`'s cars, or the real samples linked at their
+512x512 scale); the overrides are dotted settings over pipelines/demo.yaml's, for both modes (e.g. the
+512-scale tiles and band). Stage 1 trains once in OUT/stage1-run; each mode in OUT/tiles and OUT/band
+(a rerun reuses what is there). Stage 2's seconds are the cascade's minus stage 1's on the same decoded
+photos and boxes, the modes and backends alternating call by call, median of `rounds`.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import statistics
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")  # before torch's first allocation, as every carvana command
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from common.config import Settings, load_config, save_config  # noqa: E402
+from common.data.images import read_image, read_mask  # noqa: E402
+from common.data.kaggle import index_split, split_by_car  # noqa: E402
+from common.model_source import open_source  # noqa: E402
+from common.onnx_export import OnnxNet, export  # noqa: E402
+from pipelines.cli import main as cli  # noqa: E402
+from pipelines.evaluate import Summary  # noqa: E402
+from stage1_lowres.box_cache import cached_boxes  # noqa: E402
+from stage1_lowres.coarse import Coarse  # noqa: E402
+from stage2_fullres.band import band_of  # noqa: E402
+from stage2_fullres.cascade import Cascade  # noqa: E402
+
+CPU = torch.device("cpu")
+DEMO = Path(__file__).resolve().parents[1] / "pipelines" / "demo.yaml"
+MODES = ("tiles", "band")
+H100_TILES_PER_S = 394  # the refiner on 1024 tiles, fp16, channels_last, one H100 (docs/benchmarks.md)
+REST_MS = 2.5  # a photo's other device work on an H100, a guess (benchmarks/gpu_check.py)
+
+
+def settings(data: Path, out: Path, minutes: float, overrides: list[str]) -> Settings:
+    return load_config(
+        DEMO,
+        [
+            f"data.root={data}",
+            f"output.dir={out / 'stage1-run'}",
+            f"stage1.max_minutes={minutes}",
+            f"stage2.max_minutes={minutes}",
+            "device=cpu",
+            *overrides,
+        ],
+    )
+
+
+def train(cfg: Settings, out: Path) -> dict[str, Settings]:
+    """Stage 1 and its boxes once, then each mode's refiner over them, evaluated: each mode's settings.
+    The commands run as a user runs them, each from the resolved settings written as its config file."""
+    if not (Path(cfg.output.dir) / "bboxes.csv").is_file():
+        for step in (["stage1", "train"], ["stage1", "predict"]):
+            run_command(step, cfg)
+    runs = {}
+    for mode in MODES:
+        run = cfg.updated({"output.dir": str(out / mode), "stage2.refine": mode})
+        folder = Path(run.output.dir)
+        if not (folder / "report" / "summary.json").is_file():
+            folder.mkdir(parents=True, exist_ok=True)
+            shutil.copytree(Path(cfg.output.dir) / "stage1", folder / "stage1", dirs_exist_ok=True)
+            shutil.copy(Path(cfg.output.dir) / "bboxes.csv", folder / "bboxes.csv")
+            for step in (["stage2", "train"], ["evaluate"]):
+                run_command(step, run)
+        runs[mode] = run
+    return runs
+
+
+def run_command(words: list[str], cfg: Settings) -> None:
+    config = Path(cfg.output.dir).with_suffix(".yaml")
+    save_config(cfg, config)
+    if cli([*words, "--config", str(config)]) != 0:
+        sys.exit(f"carvana {' '.join(words)} --config {config} failed")
+
+
+def measure(runs: dict[str, Settings], rounds: int) -> None:
+    cfg = runs["tiles"]
+    _, val = split_by_car(index_split(cfg.data.root), cfg.data.val_cars)
+    boxes = cached_boxes(cfg)
+    images = [torch.from_numpy(read_image(s.image)).permute(2, 0, 1) for s in val]
+    truths = [torch.from_numpy(read_mask(s.mask)) for s in val]
+    box = [boxes[s.img] for s in val]
+    source = open_source(cfg)
+    coarse = Coarse.load(source, cfg, CPU)
+    preds = coarse.predict(images, box)  # stage 1's probability and boxes, shared by both modes
+    band = runs["band"].stage2
+    wrong = [(p.coarse > 0.5) != t for p, t in zip(preds, truths, strict=True)]
+    inside = [
+        int((w & band_of(p.coarse, p.box, band.band)).sum()) / max(int(w.sum()), 1)
+        for w, p in zip(wrong, preds, strict=True)
+    ]
+    cascades, pixels = {}, {}
+    with torch.no_grad():
+        for mode, run in runs.items():
+            torch_cascade = Cascade.load(open_source(run), run, CPU)
+            side = run.stage2.patch if mode == "band" else run.stage2.tile
+            onnx = Path(run.output.dir) / "onnx"
+            onnx.mkdir(exist_ok=True)
+            export(torch_cascade.refiner, torch_cascade.refiner.args["in_channels"], side, onnx / "refiner.onnx")
+            ort = Cascade(torch_cascade.coarse, OnnxNet(onnx / "refiner.onnx"), run, CPU)
+            cascades[mode] = {"torch": torch_cascade, "onnxruntime": ort}
+            results = torch_cascade.predict(images[:1], box[:1]) + torch_cascade.predict(images[1:], box[1:])
+            pixels[mode] = statistics.mean(sum((w[2] - w[0]) * (w[3] - w[1]) for w in r.windows) for r in results)
+    seconds = {(m, b): [] for m in MODES for b in ("torch", "onnxruntime")} | {("stage 1", ""): []}
+    calls = [(m, b) for m in MODES for b in ("torch", "onnxruntime")] + [("stage 1", "")]
+    with torch.no_grad():
+        for r in range(rounds):
+            for mode, backend in calls[r % len(calls) :] + calls[: r % len(calls)]:  # the order rotated each round
+                predictor = coarse if mode == "stage 1" else cascades[mode][backend]
+                t = time.perf_counter()
+                for image, b in zip(images, box, strict=True):
+                    predictor.predict([image], [b])
+                seconds[(mode, backend)].append((time.perf_counter() - t) / len(images))
+    stage1 = statistics.median(seconds[("stage 1", "")])
+    summaries = {mode: Summary.read(run) for mode, run in runs.items()}
+    print(
+        f"\n{len(val)} validation photos {images[0].shape[2]}x{images[0].shape[1]}; stage 1 alone: Dice "
+        f"{summaries['tiles'].mean_dice_stage1:.4f}, {stage1 * 1000:.0f} ms a photo; stage 1's wrong pixels inside the "
+        f"band ({band.band} px): {np.mean(inside):.1%} (least {min(inside):.1%})"
+    )
+    head = ("refine", "cascade Dice", "px refined", "stage 2 ms torch", "onnxruntime", "H100 est. photos/s")
+    print(f"{head[0]:8} {head[1]:>12} {head[2]:>11} {head[3]:>17} {head[4]:>12} {head[5]:>19}")
+    base = {b: statistics.median(seconds[("tiles", b)]) - stage1 for b in ("torch", "onnxruntime")}
+    for mode in MODES:
+        ms = {b: statistics.median(seconds[(mode, b)]) - stage1 for b in ("torch", "onnxruntime")}
+        flip = 2 if runs[mode].predict.tta_flip else 1
+        estimate = 1000 / (1000 * flip * pixels[mode] / (H100_TILES_PER_S * 1024**2) + REST_MS)
+        print(
+            f"{mode:8} {summaries[mode].mean_dice_cascade:12.4f} {pixels[mode]:11,.0f} {ms['torch'] * 1000:10.0f} "
+            f"({ms['torch'] / base['torch']:4.0%}) {ms['onnxruntime'] * 1000:6.0f} "
+            f"({ms['onnxruntime'] / base['onnxruntime']:4.0%}) "
+            f"{estimate:19.0f}"
+        )
+    print("H100 photos/s: an estimate from the refined pixels at the refiner's measured tile rate, not a measurement")
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) < 2:
+        sys.exit(__doc__)
+    data, out = Path(argv[0]), Path(argv[1])
+    minutes = float(argv[2]) if len(argv) > 2 and "=" not in argv[2] else 2.5
+    rounds = int(argv[3]) if len(argv) > 3 and "=" not in argv[3] else 3
+    overrides = [a for a in argv[2:] if "=" in a]
+    cfg = settings(data, out, minutes, overrides)
+    measure(train(cfg, out), rounds)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
