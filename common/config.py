@@ -273,11 +273,12 @@ class Predict(Section):
         "passed on your card)",
     )
     compile: bool = setting(False, "torch.compile the nets: faster on a GPU after a compilation of a minute or so")
-    backend: Literal["torch", "onnxruntime"] = setting(
+    backend: Literal["torch", "onnxruntime", "auto"] = setting(
         "torch",
         "what runs the nets: torch; onnxruntime = a bundle's ONNX files (carvana bundle --onnx, then --model) on the "
-        "CPU, about 2x PyTorch's speed on a 2-core Xeon (docs/benchmarks.md); masks agree with torch's to within a "
-        "few pixels",
+        "CPU; auto = with such a bundle on the CPU, the faster of the two for its refiner, timed when it loads and "
+        "logged (which is faster depends on the CPU: docs/benchmarks.md); masks agree with torch's to within a few "
+        "pixels",
     )
     cluster: str = setting(
         "",

@@ -10,9 +10,10 @@ changed since refuses its task, naming the file, instead of predicting with othe
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import time
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Literal, Protocol
+from typing import TYPE_CHECKING, Literal, Protocol
 
 import pandas as pd
 import torch
@@ -20,7 +21,11 @@ from torch import nn
 
 from common.config import Settings
 from common.errors import CheckpointError, ConfigError
+from common.log import log
 from common.model import checkpoint_paths, checkpoints_hash, load_models, read_file
+
+if TYPE_CHECKING:
+    from common.bundle import Bundle
 
 NetName = Literal["stage1", "refiner"]
 STAGE = {"stage1": "stage1", "refiner": "stage2"}  # the training stage (and checkpoint setting) of each net
@@ -131,10 +136,44 @@ def open_source(cfg: Settings, model: str | Path | None = None, strict: bool = T
 
         if backend == "onnxruntime" and cfg.predict.compile:
             raise ConfigError("predict.backend=onnxruntime runs the ONNX files as they are: set predict.compile=false")
-        return read_bundle(model, backend)
-    if backend != "torch":
+        bundle = read_bundle(model, "torch" if backend == "auto" else backend)
+        return replace(bundle, backend=faster_backend(bundle, cfg)) if backend == "auto" else bundle
+    if backend == "onnxruntime":
         raise ConfigError(
             f"predict.backend={backend} runs the ONNX files of a bundle: make one with `carvana bundle --onnx` and "
             "predict with --model DIR (checkpoints run in torch)"
         )
     return Checkpoints(cfg, mask_threshold(cfg, strict))
+
+
+def faster_backend(bundle: Bundle, cfg: Settings, rounds: int = 3) -> str:
+    """`predict.backend=auto`: on a CPU, with a bundle made with `--onnx`, whichever of PyTorch (in the
+    precision prediction runs in) and onnxruntime runs the refiner on one window faster here, the two
+    alternating; else torch. Timed once, when the bundle loads; the choice is logged. The CPU decides it:
+    onnxruntime ran twice as fast on one 2-core Xeon and slower on a 2-core EPYC with native bf16
+    (docs/benchmarks.md)."""
+    from common.model import pick_device, precision_name
+    from common.prediction.step import predict_dtype, probabilities
+
+    device = pick_device(cfg.device)
+    if device.type != "cpu" or cfg.predict.compile or "refiner.onnx" not in bundle.manifest.files:
+        return "torch"
+    onnx = replace(bundle, backend="onnxruntime")
+    nets = {"torch": bundle.net("refiner", device), "onnxruntime": onnx.net("refiner", device)}
+    side = cfg.stage2.patch if cfg.stage2.refine == "band" else cfg.stage2.tile
+    x = torch.rand(1, bundle.manifest.nets["refiner"].args["in_channels"], side, side)
+    seconds: dict[str, list[float]] = {name: [] for name in nets}
+    with torch.no_grad():
+        for _ in range(rounds + 1):  # the first round warms each up
+            for name, net in nets.items():
+                t = time.perf_counter()
+                probabilities(net, x, device)
+                seconds[name].append(time.perf_counter() - t)
+    best = {name: min(s[1:]) for name, s in seconds.items()}
+    choice = min(best, key=best.get)
+    precision = precision_name(predict_dtype(device))
+    log.info(
+        f"predict.backend=auto: the refiner on a {side} px window takes {best['torch'] * 1000:.0f} ms in PyTorch "
+        f"({precision}) and {best['onnxruntime'] * 1000:.0f} ms in onnxruntime on this CPU; running {choice}"
+    )
+    return choice

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from helpers import serving
 from PIL import Image
 
@@ -176,3 +177,37 @@ def test_the_bundles_model_card_begins_with_the_metadata_a_model_hub_reads(folde
         RULES,
         ["carvana-image-masking-challenge"],
     )
+
+
+def test_backend_auto_runs_the_faster_of_pytorch_and_onnxruntime_for_the_refiner(folder, monkeypatch, capsys):
+    """predict.backend=auto times the refiner in both (stand-ins here, one of them slow) and runs the faster,
+    saying so; a bundle without ONNX files, or checkpoints, run PyTorch."""
+    import dataclasses
+    import time
+
+    from common.bundle import Bundle, read_bundle
+    from common.model_source import faster_backend, open_source
+
+    bundle = read_bundle(folder / "outputs" / "demo" / "bundle")
+    cfg = load_model(bundle.folder, device="cpu").cfg.updated({"predict.backend": "auto"})
+    assert open_source(cfg, bundle.folder).backend == "torch"  # made without --onnx
+    assert open_source(cfg).__class__.__name__ == "Checkpoints"
+    with_onnx = dataclasses.replace(
+        bundle, manifest=bundle.manifest.model_copy(update={"files": {**bundle.manifest.files, "refiner.onnx": "0"}})
+    )
+
+    class Net(torch.nn.Module):
+        def __init__(self, pause: float):
+            super().__init__()
+            self.pause = pause
+
+        def forward(self, x):
+            time.sleep(self.pause)
+            return x[:, :1]
+
+    for slow, expected in (("onnxruntime", "torch"), ("torch", "onnxruntime")):
+        monkeypatch.setattr(
+            Bundle, "net", lambda self, which, device, slow=slow: Net(0.05 if self.backend == slow else 0)
+        )
+        assert faster_backend(with_onnx, cfg) == expected
+        assert f"running {expected}" in capsys.readouterr().out
