@@ -149,16 +149,20 @@ async def read_body(request: Request) -> bytearray:
             f"busy: serve.max_uploads={s.max_uploads} uploads are arriving; retry",
             headers={"Retry-After": "1", **CLOSE},
         )
+
+    async def receive() -> bytearray:
+        body = bytearray()  # grown in place: no second copy of the whole body
+        async for chunk in request.stream():
+            if len(body) + len(chunk) > limit:  # a chunked upload, or one longer than it said: not read further
+                raise too_large
+            body += chunk
+        return body
+
     state.uploads += 1
     batcher.metrics.uploads.inc()
-    body = bytearray()  # grown in place: no second copy of the whole body
     try:
-        async with asyncio.timeout(s.read_timeout_s):
-            async for chunk in request.stream():
-                if len(body) + len(chunk) > limit:  # a chunked upload, or one longer than it said: not read further
-                    raise too_large
-                body += chunk
-    except TimeoutError:
+        return await asyncio.wait_for(receive(), s.read_timeout_s)
+    except asyncio.TimeoutError:
         raise HTTPException(
             408, f"the upload did not arrive within serve.read_timeout_s={s.read_timeout_s}", CLOSE
         ) from None
@@ -167,7 +171,6 @@ async def read_body(request: Request) -> bytearray:
     finally:
         state.uploads -= 1
         batcher.metrics.uploads.dec()
-    return body
 
 
 def ensure_ready(batcher: Batcher) -> None:
