@@ -110,25 +110,29 @@ class Model:
         `predict.batch_size` at a time through the device, the cuts made in a writer thread (a photo that
         cannot be read or cut out is its Failure, and the others go on)."""
         paths = [Path(p) for p in photos]
-        with self.lock:
-            results = self.cascade.run(paths)
         with CutQueue(paths) as cuts:
-            while (output := self._next(results)) is not None:
+            for output in self.outputs(paths):
                 cuts.write(output)
                 yield from cuts.ready()
         yield from cuts.ready()
 
+    def outputs(self, photos: list[Path], desc: str = "") -> Iterator[Output]:
+        """Each photo's output for a `CutWriter`, in order: its planes on the device, or its failure. Each
+        device step runs under the lock: other threads' calls run between steps. `desc`: a progress bar."""
+        with self.lock:
+            results = self.cascade.run(photos, desc=desc)
+        while (output := self._next(results)) is not None:
+            yield output
+
     def _next(self, results: Iterator[tuple[int, Result]]) -> Output | None:
-        """The next photo's output, its device work done under the lock: other threads' calls run between steps."""
+        """The next photo's output, its device work done under the lock."""
         with self.lock:
             i, result = next(results, (None, None))
             if i is None:
                 return None
-            return (
-                Output(i, result)
-                if isinstance(result, Failure)
-                else Output(i, result, *cut_planes(result, self.threshold))
-            )
+            if isinstance(result, Failure):
+                return Output(i, result)
+            return Output(i, result, *cut_planes(result, self.threshold))
 
     def rle(self, cut: Cut) -> str:
         """The Kaggle submission string of the cut's mask (row-major runs, 1-based)."""

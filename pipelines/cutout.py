@@ -27,15 +27,12 @@ from pathlib import Path
 import pandas as pd
 
 from common.config import Settings, depends, digest
-from common.data.images import read_image
 from common.errors import ConfigError, Failure
 from common.io import write_bytes, write_csv, write_text
 from common.log import log
-from common.model import pick_device
 from common.model_source import ModelSource
-from common.prediction.writer import OnHostOutput, Output, PredictionWriter
-from pipelines.picture import Cut, Picture, cut_planes, render
-from stage2_fullres.cascade import Cascade
+from pipelines.api import CutWriter, Model
+from pipelines.picture import Cut, Picture, render
 
 SUFFIXES = {".jpg", ".jpeg", ".png", ".webp"}
 RECORD = ".carvana-cutout.json"  # in --out: what made each photo's files
@@ -108,19 +105,20 @@ def pictures(alpha: str = "soft", clean_edges: bool = True, composite: str | Non
     return files
 
 
-class CutoutWriter(PredictionWriter):
-    """Each photo's pictures, rendered and written (atomically) in the writer thread. The photo is
-    decoded again there, on the host, instead of copying the decoded image back from the device."""
+class CutoutWriter(CutWriter):
+    """Each photo's pictures rendered and written (atomically) in the writer thread; its failure, a row
+    for errors.csv."""
 
     def __init__(self, photos: list[Path], out: Path, files: dict[str, Picture]):
-        super().__init__("cutout-writer")
-        self.photos, self.out, self.files = photos, out, files
+        super().__init__("cutout-writer", photos)
+        self.out, self.files, self.errors = out, files, []
 
-    def write_on_host(self, output: OnHostOutput) -> None:
-        photo, result = self.photos[output.index], output.result
-        cut = Cut(read_image(photo), output.mask, output.alpha, result.box, result.found)
+    def on_cut(self, index: int, photo: Path, result: Cut | Failure) -> None:
+        if isinstance(result, Failure):
+            self.errors.append({"photo": str(photo), "stage": result.stage, "reason": str(result)})
+            return
         for suffix, picture in self.files.items():
-            write_bytes(self.out / f"{photo.stem}{suffix}", render(cut, picture))
+            write_bytes(self.out / f"{photo.stem}{suffix}", render(result, picture))
 
 
 def recipe(cfg: Settings, source: ModelSource, files: dict[str, Picture]) -> dict:
@@ -170,15 +168,13 @@ def cutout(inputs: list[str], out: str, cfg: Settings, source: ModelSource, file
     if todo:  # their records go first: a run stopped midway leaves no record saying a half-redone photo is done
         record = {name: key for name, key in record.items() if name not in {p.stem for p in todo}}
         write_text(out / RECORD, json.dumps(record, indent=1, sort_keys=True))
-        cascade = Cascade.load(source, cfg, pick_device(cfg.device))
-        started = time.monotonic()  # the nets loaded: from here to the last file written
+        model = Model(cfg, source)  # the cascade the Python API runs, its nets loaded here
+        model.cascade  # noqa: B018
+        started = time.monotonic()  # from here to the last file written
         with CutoutWriter(todo, out, files) as writer:
-            for i, result in cascade.run(todo, desc="cutout"):
-                if isinstance(result, Failure):
-                    errors.append({"photo": str(todo[i]), "stage": result.stage, "reason": str(result)})
-                else:  # made on the device; only the bool mask and the uint8 alpha travel
-                    writer.write(Output(i, result, *cut_planes(result, source.threshold)))
-        seconds = time.monotonic() - started
+            for output in model.outputs(todo, desc="cutout"):  # made on the device; only the mask and the alpha travel
+                writer.write(output)
+        errors, seconds = writer.errors, time.monotonic() - started
         failed = {row["photo"] for row in errors}
         record.update({p.stem: made[p] for p in todo if str(p) not in failed})
         write_text(out / RECORD, json.dumps(record, indent=1, sort_keys=True))
