@@ -16,17 +16,17 @@ import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Any
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from torch import nn
 
-from common.config import DEPENDS, Settings, Training, setting_value, shown
+from common.config import DEPENDS, Settings, setting_value, shown
 from common.errors import CheckpointError, ConfigError
 from common.io import atomic_path, write_text
 from common.log import log
-from common.model import UNet
+from common.model import NetArgs, UNet
 
 FORMAT = 1
 MANIFEST = "bundle.json"
@@ -42,27 +42,6 @@ FIXED = sorted(
 )
 INPUT = "RGB, uint8 divided by 255, no mean or std; the refiner also takes stage 1's probability when coarse_channel"
 MAX_MANIFEST = 1 << 20  # bytes of bundle.json: a few kB are written
-
-
-def _as_declared(name: str) -> Any:
-    """A UNet argument typed and bounded as the training setting of the same name (common/config.py)."""
-    f = Training.model_fields[name]
-    return Annotated[(f.annotation, *f.metadata)]
-
-
-Depth, Width, Dropout = (_as_declared(name) for name in ("depth", "width", "dropout"))
-
-
-class NetArgs(BaseModel):
-    """A UNet's constructor arguments as bundle.json gives them, checked before any net is built
-    (`depth: 1000000` would take hours to build before any other check)."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
-    in_channels: Literal[3, 4]  # RGB, and stage 1's probability for a refiner with coarse_channel
-    depth: Depth
-    width: Width
-    dropout: Dropout
-    prior_skip: bool
 
 
 class NetSpec(BaseModel):
@@ -96,13 +75,19 @@ def sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def header(net: nn.Module) -> dict[str, str]:
+    """What a weight file's `__metadata__` says of its net, for a tool that reads only the header: the
+    framework, the architecture and its arguments (strings, as safetensors keeps them)."""
+    return {"format": "pt", "architecture": type(net).__name__, "args": json.dumps(net.args, sort_keys=True)}
+
+
 def save_net(net: nn.Module, path: Path) -> None:
-    """The net's weights as safetensors, atomically."""
+    """The net's weights as safetensors, with `header` as its metadata, atomically."""
     from safetensors.torch import save_file
 
     state = {k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}
     with atomic_path(path) as tmp:
-        save_file(state, str(tmp))
+        save_file(state, str(tmp), metadata=header(net))
 
 
 @dataclass(frozen=True)
@@ -268,6 +253,7 @@ def _check_fit(path: Path, which: str, net: NetSpec) -> None:
     try:
         with safe_open(str(path), framework="pt") as f:
             found = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+            meta = f.metadata() or {}
     except (SafetensorError, OSError) as e:
         raise CheckpointError(f"{path}: not safetensors ({e})") from None
     if found != wanted:
@@ -275,6 +261,13 @@ def _check_fit(path: Path, which: str, net: NetSpec) -> None:
         raise CheckpointError(
             f"{path}: the weights do not fit {which}'s architecture {net.args} ({len(odd)} tensors differ, e.g. "
             f"{odd[0]}: {found.get(odd[0])} in the file, {wanted.get(odd[0])} wanted)"
+        )
+    said = {"format": "pt", "architecture": net.architecture, "args": json.dumps(dict(net.args), sort_keys=True)}
+    odd = next((k for k in said if meta.get(k) != said[k]), None)  # other keys a tool may add are let be
+    if odd is not None:
+        raise CheckpointError(
+            f"{path}: its header's metadata says {odd}={shown(meta.get(odd))}, {MANIFEST} says {shown(said[odd])}; "
+            "one of them was edited, or the bundle is older than this carvana: make it again with `carvana bundle`"
         )
 
 

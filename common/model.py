@@ -10,9 +10,11 @@ import io
 import pickle
 import re
 from pathlib import Path
+from typing import Annotated, Any, Literal
 
 import torch
 import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, ValidationError
 from torch import nn
 
 from common.config import Settings, Training
@@ -85,6 +87,27 @@ class UNet(nn.Module):
             x = dec(torch.cat([x, skip], 1))
         out = self.head(x)[..., :h, :w]
         return out if prior is None else out + prior
+
+
+def _as_declared(name: str) -> Any:
+    """A UNet argument typed and bounded as the training setting of the same name (common/config.py)."""
+    f = Training.model_fields[name]
+    return Annotated[(f.annotation, *f.metadata)]
+
+
+Depth, Width, Dropout = (_as_declared(name) for name in ("depth", "width", "dropout"))
+
+
+class NetArgs(BaseModel):
+    """A UNet's constructor arguments as a bundle or a checkpoint gives them, checked before any net is built
+    (`depth: 1000000` would take hours to build before any other check)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+    in_channels: Literal[3, 4]  # RGB, and stage 1's probability for a refiner with coarse_channel
+    depth: Depth
+    width: Width
+    dropout: Dropout
+    prior_skip: bool
 
 
 def build_model(settings: Training, in_channels: int, prior_skip: bool = False, seed: int = 0) -> nn.Module:
@@ -230,6 +253,13 @@ def load_model(
 ) -> tuple[nn.Module, dict]:
     """Rebuild the net a checkpoint was trained with, in eval mode."""
     ckpt = load_checkpoint(path, device, expect, data)
+    try:  # bounded before building: a hand-made `depth: 1000000` would build for hours
+        NetArgs.model_validate(ckpt["model_args"])
+    except ValidationError as e:
+        first = e.errors()[0]
+        raise CheckpointError(
+            f"{path}: its net's {'.'.join(map(str, first['loc']))} is out of what this project builds ({first['msg']})"
+        ) from None
     model = UNet(**ckpt["model_args"]).to(device)
     model.load_state_dict(ckpt["model"])
     return model.eval(), ckpt

@@ -40,6 +40,12 @@ def test_the_bundle_describes_its_nets_data_and_figures(bundled):
         manifest["validation"]["source"] == "carvana evaluate" and 0 <= manifest["validation"]["mean_dice_cascade"] <= 1
     )
     assert manifest["training_data"]["kind"] == "synthetic"
+    from safetensors import safe_open
+
+    for spec in manifest["nets"].values():  # what a tool reading only a weight file's header learns of its net
+        with safe_open(bundle / spec["file"], framework="pt") as f:
+            meta = f.metadata()
+        assert (meta["format"], meta["architecture"], json.loads(meta["args"])) == ("pt", "UNet", spec["args"])
     card = (bundle / "README.md").read_text()
     assert "synthetic cars only" in card and "mean_dice_cascade" in card
 
@@ -109,6 +115,21 @@ def _outside(b: Path) -> Path:
     return b / "bundle.json"
 
 
+def _relabelled(b: Path) -> Path:
+    """The refiner's weights as they are, its header's metadata saying another width (the sha256 made to agree)."""
+    import hashlib
+
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(b / "refiner.safetensors")
+    manifest = json.loads((b / "bundle.json").read_text())
+    args = manifest["nets"]["refiner"]["args"] | {"width": 8}
+    save_file(tensors, b / "refiner.safetensors", {"format": "pt", "architecture": "UNet", "args": json.dumps(args)})
+    manifest["files"]["refiner.safetensors"] = hashlib.sha256((b / "refiner.safetensors").read_bytes()).hexdigest()
+    (b / "bundle.json").write_text(json.dumps(manifest))
+    return b / "refiner.safetensors"
+
+
 @pytest.mark.parametrize(
     "spoil, says",
     [
@@ -118,6 +139,7 @@ def _outside(b: Path) -> Path:
         (_misfit, "do not fit"),
         (_foreign, "UNet nets only"),
         (_outside, "not a file name"),
+        (_relabelled, "its header's metadata says args="),
     ],
 )
 def test_a_spoilt_bundle_is_refused_in_one_line_naming_the_file(bundled, tmp_path, spoil, says, capsys):

@@ -772,3 +772,14 @@ def test_hostile_the_dask_docs_say_who_can_run_code_on_the_workers():
     run code on the workers, and how to close that (TLS, a trusted network)."""
     text = (ROOT / "docs" / "distributed.md").read_text()
     assert "run code on" in text and "TLS" in text and "trusted network" in text
+
+
+def test_hostile_checkpoint_of_an_absurd_net_is_refused_before_it_is_built(tiny_run, tmp_path, capsys):
+    """A hand-made checkpoint whose net has a million levels: refused from its arguments in one line, exit
+    2, before anything is built (building it would take hours)."""
+    torch.save({"model_args": {"in_channels": 3, "depth": 1_000_000, "width": 16, "dropout": 0.0, "prior_skip": False},
+                "model": {}, "config": {"stage1": {"size": 64}}}, tmp_path / "absurd.pt")  # fmt: skip
+    args = ["stage1", "predict", f"data.root={tiny_run.data.root}", f"output.dir={tmp_path / 'out'}", "device=cpu"]
+    assert cli([*args, "stage1.size=64", f"stage1.checkpoint={tmp_path / 'absurd.pt'}"]) == 2
+    line = _one_line(capsys.readouterr().err)
+    assert str(tmp_path / "absurd.pt") in line and "depth" in line, line
