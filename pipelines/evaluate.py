@@ -211,7 +211,7 @@ def save(cfg: Settings, ev: Evaluation) -> Summary:
         float(metrics.edge_dice_cascade.mean()),
         EDGE_RADIUS,
         float(metrics.box_coverage.min()),
-        int(len(cut)),
+        int((metrics.car_pixels_outside_box > 0).sum()),
         cut.img.tolist(),
         worst.img.tolist(),
     )
