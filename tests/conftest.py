@@ -4,6 +4,7 @@ import os
 from pathlib import Path
 
 import pytest
+from helpers import copy_run, tiny_config
 from hypothesis import settings
 
 # Property tests draw the same examples on every run (CI, `make test`): derandomized, no example
@@ -24,47 +25,13 @@ def real_samples() -> Path:
 
 @pytest.fixture(scope="session")
 def sample_root(tmp_path_factory) -> Path:
-    """A small synthetic data set shared by the tests: 3 training cars, 1 test car."""
-    from common.data.synth import write_sample_data
+    """A small synthetic data set shared by the tests, written as a user writes one (`carvana sample-data`):
+    3 training cars, 1 test car."""
+    from pipelines.cli import main as cli
 
-    return write_sample_data(tmp_path_factory.mktemp("sample"), cars=3, test_cars=1, seed=1, jobs=2)
-
-
-TINY = [
-    "data.val_cars=1",
-    "stage1.size=64",
-    "stage1.epochs=2",
-    "stage1.depth=3",
-    "stage1.width=4",
-    "stage1.batch_size=8",
-    "stage1.workers=1",
-    "stage2.epochs=1",
-    "stage2.depth=3",
-    "stage2.width=4",
-    "stage2.crop=128",
-    "stage2.batch_size=4",
-    "stage2.val_images=1",
-    "stage2.workers=0",
-    "predict.batch_size=2",
-    "device=cpu",
-    "stage2.tile=512",
-    "stage2.min_overlap=32",
-]  # 512 tiles hug a ~700 px tall box: half the CPU time of 1024
-
-
-def tiny_config(root, out, *more):
-    from common.config import load_config
-
-    return load_config(None, [f"data.root={root}", f"output.dir={out}", *TINY, *more])
-
-
-def copy_run(cfg: dict, out: Path) -> dict:
-    """A copy of a run folder and its config pointing at the copy: a test that writes into a run
-    works on its own copy, never on a fixture other tests read."""
-    import shutil
-
-    shutil.copytree(cfg.output.dir, out)
-    return cfg.updated({"output.dir": str(out)})
+    out = tmp_path_factory.mktemp("sample")
+    assert cli(["sample-data", "--out", str(out), "--cars", "3", "--test-cars", "1", "--seed", "1"]) == 0
+    return out
 
 
 @pytest.fixture(scope="session")
@@ -79,7 +46,8 @@ def evaluated(tiny_run, tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tiny_run(sample_root, tmp_path_factory):
-    """Both stages trained for a moment on the shared sample data, plus the stage-1 cache."""
+    """Both stages trained for a moment on the shared sample data (stage 1 enough to outline the cars),
+    plus the stage-1 cache."""
     from common.model_source import open_source
     from stage1_lowres import predict as s1_predict
     from stage1_lowres import train as s1_train

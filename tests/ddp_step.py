@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from test_trainer import CONFIG, Blobs, _settings, _validator  # noqa: E402
+from helpers import CONFIG, Blobs, blob_settings, blob_validator  # noqa: E402
 
 from common.model import UNet  # noqa: E402
 from common.training import distributed  # noqa: E402
@@ -22,8 +22,8 @@ shard = TensorBatches(
 )
 torch.manual_seed(0)
 model = UNet(3, 3, 8)
-settings = _settings(
+settings = blob_settings(
     epochs=1, optimizer="sgd", momentum=0.0, lr=0.5, schedule="constant", batch_size=4, precision="fp32"
 )  # compared at 1e-5 with an fp32 step in the test
-train(Run(settings, out / "run", CONFIG, device, ranks), model, shard, _validator(data))
+train(Run(settings, out / "run", CONFIG, device, ranks), model, shard, blob_validator(data))
 torch.save({k: v.detach() for k, v in model.state_dict().items()}, out / f"rank{ranks.rank}.pt")

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import serving
+from helpers import ROOT, photos_of, running
 from PIL import Image
 
 from common.config import save_config
@@ -22,7 +22,7 @@ from common.errors import ConfigError, Failure, ImageReadError
 from pipelines import CutoutFailed, Model, load_model
 from pipelines.cli import main as cli
 
-DOCS = Path(__file__).resolve().parents[1] / "docs" / "python.md"
+DOCS = ROOT / "docs" / "python.md"
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +46,7 @@ def folder(tiny_run, tmp_path_factory) -> Path:
         )
         == 0
     )
-    photos = sorted(Path(tiny_run.data.root, "test").glob("*.jpg"))
+    photos = photos_of(tiny_run)
     shutil.copy(photos[0], root / "car.jpg")
     (root / "my_photos").mkdir()
     for photo in photos[1:4]:
@@ -98,7 +98,7 @@ def test_a_notebook_users_work_gives_the_masks_of_the_cli_and_the_server(folder,
             np.asarray(Image.open(tmp_path / "cli" / f"{photo.stem}.png")), np.asarray(cut.rgba)
         )
 
-    with serving(model.cfg.updated({"serve.max_wait_ms": 0}), model.source) as url:
+    with running(model.cfg.updated({"serve.max_wait_ms": 0}), model.source) as (url, _):
         for photo in good:
             request = urllib.request.Request(url + "/v1/segment", photo.read_bytes(), {"Content-Type": "image/jpeg"})
             with urllib.request.urlopen(request, timeout=120) as answer:

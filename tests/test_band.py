@@ -96,7 +96,7 @@ def test_a_band_too_large_for_the_patch_settings_is_refused_naming_them():
 
 
 def _cascade(*more):
-    from conftest import tiny_config
+    from helpers import tiny_config
 
     from common.model import UNet
     from stage1_lowres.coarse import Coarse

@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import tiny_config
+from helpers import closed_port, tiny_config, tiny_nets
 
 from common.model_source import open_source
 from pipelines.cli import main as cli
@@ -23,12 +23,10 @@ OUTPUTS = ["bboxes.csv", "stage1_submission.csv.gz", "submission.csv.gz"]
 
 
 def _config(tiny_run, out, *more):
-    src = tiny_run.output.dir
     return tiny_config(
         tiny_run.data.root,
         out,
-        f"stage1.checkpoint={src}/stage1/best.pt",
-        f"stage2.checkpoint={src}/stage2/best.pt",
+        *tiny_nets(tiny_run),
         "predict.chunk=8",
         "data.limit_test=8",
         *more,
@@ -126,22 +124,21 @@ def test_a_cluster_started_with_the_dask_commands_gives_the_bytes_of_a_local_run
 
 
 def test_unreachable_scheduler_is_one_line_exit_1_and_nothing_is_written(tiny_run, tmp_path, capsys):
+    """A scheduler address on which nothing listens (a port this test holds, so nothing else can take it)."""
     out = tmp_path / "out"
     src = tiny_run.output.dir
-    code = cli(
-        [
-            "stage2",
-            "predict",
-            f"data.root={tiny_run.data.root}",
-            f"output.dir={out}",
-            f"bboxes.path={src}/bboxes.csv",
-            f"stage2.checkpoint={src}/stage2/best.pt",
-            f"stage1.checkpoint={src}/stage1/best.pt",
-            "stage1.size=64",
-            "predict.cluster=tcp://127.0.0.1:9",
-            "device=cpu",
-        ]
-    )
+    with closed_port() as port:
+        code = cli(
+            [
+                "stage2",
+                "predict",
+                f"data.root={tiny_run.data.root}",
+                f"output.dir={out}",
+                f"bboxes.path={src}/bboxes.csv",
+                *tiny_nets(tiny_run),
+                f"predict.cluster=tcp://127.0.0.1:{port}",
+            ]
+        )
     err = capsys.readouterr().err.strip()
     assert code == 1 and "cannot reach the Dask scheduler" in err and len(err.splitlines()) == 1, err
     assert not out.exists()

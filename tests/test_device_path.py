@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_config
+from helpers import tiny_config
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from common.metrics import dice, dice_counts, sweep_counts, sweep_dice

@@ -8,8 +8,7 @@ from pathlib import Path
 
 import pandas as pd
 import torch
-from conftest import TINY
-from test_trainer import Blobs
+from helpers import ROOT, TINY, Blobs
 from torch.utils.data import DistributedSampler
 
 from common.model import UNet
@@ -20,7 +19,7 @@ HERE = Path(__file__).parent
 
 
 def _torchrun(args, **kw):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(HERE.parent)}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     return subprocess.run([*TORCHRUN, *args], capture_output=True, text=True, env=env, timeout=600, **kw)
 
 
@@ -103,18 +102,35 @@ def test_torchrun_stage1_train_writes_one_loadable_checkpoint(sample_root, tmp_p
     assert list(pd.read_csv(out / "stage1" / "history.csv").epoch) == [1, 2, 3]
 
 
+def test_torchrun_stage2_train_stops_every_rank_after_the_step_rank_0s_clock_ends(tiny_run, tmp_path):
+    """`carvana stage2 train` on two ranks with a budget of 1.5 s, on clocks the test sets
+    (tests/ddp_budget.py): rank 0's moves 1 s a step, rank 1's says the budget is spent from the start.
+    Both ranks stop after the same step, rank 0's third (2 s spent): 3 steps of 4 crops on each rank, not 1
+    (rank 1's clock) or 4 (the epoch's end), and the job ends with one epoch written."""
+    src, out = tiny_run.output.dir, tmp_path / "out"
+    stage1 = [f"stage1.checkpoint={src}/stage1/best.pt", f"bboxes.path={src}/bboxes.csv"]  # the tiny run's boxes
+    budget = ["stage2.epochs=5", "stage2.max_minutes=0.025", "stage2.precision=fp32"]
+    args = ["stage2", "train", f"data.root={tiny_run.data.root}", f"output.dir={out}", *TINY, *stage1, *budget]
+    proc = _torchrun([str(HERE / "ddp_budget.py"), *args])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "2 ranks" in proc.stdout and "time budget of 0.025 min spent; stopping after epoch 1" in proc.stdout
+    history = pd.read_csv(out / "stage2" / "history.csv")
+    assert history.images.tolist() == [2 * 3 * 4]
+
+
 def test_a_ddp_run_ends_its_process_group_before_the_process_exits(tmp_path):
     """Each rank destroys its process group at exit (NCCL warns, and may drop queued work, when the group
     is left to its destructor). A handler registered before joining runs after the project's own and
     prints whether a group is still there."""
     script = tmp_path / "join.py"
     script.write_text(
-        "import atexit, torch.distributed as dist\n"
+        "import atexit, sys, torch.distributed as dist\n"
         "from common.training import distributed\n"
-        "atexit.register(lambda: print('group at exit:', dist.is_initialized(), flush=True))\n"
+        "say = lambda line: sys.stdout.write(line + '\\n') and sys.stdout.flush()  # one write: ranks share the pipe\n"
+        "atexit.register(lambda: say(f'group at exit: {dist.is_initialized()}'))\n"
         "ranks, device = distributed.init('cpu')\n"
         "distributed.barrier()\n"
-        "print('joined', ranks.rank, dist.is_initialized(), flush=True)\n"
+        "say(f'joined {ranks.rank} {dist.is_initialized()}')\n"
     )
     proc = _torchrun([str(script)])
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -7,7 +7,6 @@ its limits and leaves nothing behind, and the server keeps answering its probes 
 from __future__ import annotations
 
 import base64
-import contextlib
 import io
 import json
 import os
@@ -16,8 +15,6 @@ import select
 import shutil
 import signal
 import socket
-import subprocess
-import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -26,31 +23,28 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import TINY
+from helpers import (
+    ROOT,
+    TINY,
+    busy,
+    call,
+    held_step,
+    photos_of,
+    port_of,
+    read_answer,
+    running,
+    serve_process,
+    tiny_nets,
+    until,
+)
 from PIL import Image
 
-from common.config import load_config, save_config
+from common.config import load_config
 from common.errors import CheckpointError, ConfigError
 from pipelines.cli import main as cli
 
-ROOT = Path(__file__).resolve().parents[1]
 KEY_ENV = "CARVANA_HOSTILE_KEY"
 KEY = {"X-API-Key": "hostile-test-key"}
-
-
-def _photos(cfg) -> list[Path]:
-    return sorted(Path(cfg.data.root, "test").glob("*.jpg"))
-
-
-def _nets(cfg) -> list[str]:
-    run = cfg.output.dir
-    return [
-        f"stage1.checkpoint={run}/stage1/best.pt",
-        f"stage2.checkpoint={run}/stage2/best.pt",
-        "stage1.size=64",
-        "stage2.tile=512",
-        "device=cpu",
-    ]
 
 
 def _one_line(err: str) -> str:
@@ -85,7 +79,14 @@ def test_hostile_checkpoint_that_would_run_code_is_refused_and_never_runs(tiny_r
     if command == "stage1 predict":
         args = ["stage1", "predict", *base, f"stage1.checkpoint={evil}"]
     elif command == "bundle":
-        args = ["bundle", "--out", str(tmp_path / "bundle"), *base, *_nets(tiny_run)[:2], f"stage1.checkpoint={evil}"]
+        args = [
+            "bundle",
+            "--out",
+            str(tmp_path / "bundle"),
+            *base,
+            *tiny_nets(tiny_run)[:2],
+            f"stage1.checkpoint={evil}",
+        ]
     else:
         (out / "stage1").mkdir(parents=True)
         shutil.copy(evil, out / "stage1" / "last.pt")
@@ -137,84 +138,26 @@ class Prober:
         self.thread.join(60)
 
     def _probe(self) -> None:
-        from test_serve import _call
-
         while not self.stop.is_set():
             started = time.monotonic()
-            status = _call(self.url + "/v2/health/live")[0]
+            status = call(self.url + "/v2/health/live")[0]
             self.slowest = max(self.slowest, time.monotonic() - started)
             self.answered += status == 200
             time.sleep(0.02)
 
 
-@contextlib.contextmanager
-def serving(cfg, tmp_path: Path, *overrides: str):
-    """`carvana serve` in a process of its own (its memory measured apart from the test's), on a port it
-    chose; yields (its URL, the process) once it is healthy."""
-    from test_serve import _serving_at, _wait_healthy
-
-    save_config(cfg, tmp_path / "tiny.yaml")
-    server = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "pipelines",
-            "serve",
-            "--port",
-            "0",
-            "--config",
-            str(tmp_path / "tiny.yaml"),
-            *overrides,
-        ],
-        cwd=ROOT,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
-    )
-    try:
-        url = _serving_at(server)
-        _wait_healthy(url)
-        yield url, server
-    finally:
-        server.kill()
-        server.wait(60)
-
-
 @pytest.fixture(scope="module")
 def process(tiny_run, tmp_path_factory):
     """One real server with the default limits, for the tests that measure its memory."""
-    with serving(tiny_run, tmp_path_factory.mktemp("hostile-server")) as served:
+    with serve_process(tiny_run, tmp_path_factory.mktemp("hostile-server")) as served:
         yield served
-
-
-def _port(url: str) -> int:
-    return int(url.rsplit(":", 1)[1])
-
-
-def _answer(sock: socket.socket) -> tuple[int, dict, bytes]:
-    """(status, headers, body) of an HTTP answer read from the socket (its body by Content-Length)."""
-    sock.setblocking(True)
-    sock.settimeout(60)
-    data = b""
-    while b"\r\n\r\n" not in data:
-        chunk = sock.recv(65536)
-        assert chunk, f"the connection closed without an answer: {data!r}"
-        data += chunk
-    head, body = data.split(b"\r\n\r\n", 1)
-    lines = head.decode("latin-1").split("\r\n")
-    headers = {k.strip().lower(): v.strip() for k, v in (line.split(":", 1) for line in lines[1:])}
-    while len(body) < int(headers.get("content-length", 0)):
-        chunk = sock.recv(65536)
-        assert chunk, "the connection closed mid-answer"
-        body += chunk
-    return int(lines[0].split()[1]), headers, body
 
 
 def _chunked_upload(url: str, path: str, most: int) -> tuple[int, tuple[int, dict, bytes]]:
     """A chunked upload with no length, sent 1 MB at a time until the server answers (or `most` bytes):
     the bytes sent by then, and the answer."""
     piece = b"100000\r\n" + b"\0" * 0x100000 + b"\r\n"
-    with socket.create_connection(("127.0.0.1", _port(url))) as sock:
+    with socket.create_connection(("127.0.0.1", port_of(url))) as sock:
         sock.sendall(
             f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: image/jpeg\r\n"
             "Transfer-Encoding: chunked\r\n\r\n".encode()
@@ -233,7 +176,7 @@ def _chunked_upload(url: str, path: str, most: int) -> tuple[int, tuple[int, dic
             except (BrokenPipeError, ConnectionResetError):
                 break
             sent, pending = sent + n, pending[n:]
-        return sent, _answer(sock)
+        return sent, read_answer(sock)
 
 
 def test_hostile_v2_body_of_empty_objects_is_refused_while_the_server_stays_live_and_small(process):
@@ -241,13 +184,12 @@ def test_hostile_v2_body_of_empty_objects_is_refused_while_the_server_stays_live
     parsed as it was, tens of bytes of memory per byte and seconds on the event loop. It is refused (400)
     from a count of its JSON values; meanwhile every liveness probe is answered within a second, and the
     server's peak memory grows by little more than the body's own copies."""
-    from test_serve import _call
 
     url, server = process
     body = b'{"inputs": [' + b"{}," * 20_000_000 + b"{}]}"
     before = _peak_reset(server.pid)
     with Prober(url) as prober:
-        status, _, answer = _call(url + "/v2/models/carvana/infer", body, "application/json")
+        status, _, answer = call(url + "/v2/models/carvana/infer", body, "application/json")
     assert status == 400 and "JSON values" in json.loads(answer)["error"], answer
     assert prober.answered >= 1 and prober.slowest < 1.0, (prober.answered, prober.slowest)
     assert _peak_growth(server.pid, before) < 2 * len(body), _peak_growth(server.pid, before)
@@ -271,15 +213,14 @@ def test_hostile_chunked_upload_with_no_length_is_cut_at_the_limit(process):
 def test_hostile_sigterm_does_not_wait_for_a_stuck_upload_past_the_drain_timeout(tiny_run, tmp_path):
     """A client that starts an upload and never finishes it holds a request open; SIGTERM lets it run
     for serve.shutdown_timeout_s, then the server closes it, says so and exits 0 (it waited forever)."""
-    from test_serve import _call, _until
 
-    with serving(tiny_run, tmp_path, "serve.shutdown_timeout_s=1", "serve.read_timeout_s=600") as (url, server):
-        with socket.create_connection(("127.0.0.1", _port(url))) as stuck:
+    with serve_process(tiny_run, tmp_path, "serve.shutdown_timeout_s=1", "serve.read_timeout_s=600") as (url, server):
+        with socket.create_connection(("127.0.0.1", port_of(url))) as stuck:
             stuck.sendall(
                 b"POST /v1/cutout HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: image/jpeg\r\n"
                 b"Transfer-Encoding: chunked\r\n\r\n10\r\n" + b"\0" * 16 + b"\r\n"
             )
-            _until(lambda: "carvana_uploads_arriving 1.0" in _call(url + "/metrics")[2].decode())
+            until(lambda: "carvana_uploads_arriving 1.0" in call(url + "/metrics")[2].decode())
             server.send_signal(signal.SIGTERM)
             assert server.wait(60) == 0
         assert "cut off" in server.stdout.read().decode()
@@ -291,7 +232,6 @@ def test_hostile_sigterm_does_not_wait_for_a_stuck_upload_past_the_drain_timeout
 @pytest.fixture(scope="module")
 def guarded(tiny_run):
     """A server with a key, allowed hosts, short reads and one upload at a time: (its URL, the app)."""
-    from test_serve import running
 
     os.environ[KEY_ENV] = KEY["X-API-Key"]
     cfg = tiny_run.updated(
@@ -323,7 +263,7 @@ def test_hostile_headers_sent_a_byte_at_a_time_do_not_hold_a_connection(guarded)
     """A client that never finishes its request's headers (slowloris) is cut off after
     serve.read_timeout_s (2 s here); uvicorn alone waits for them forever."""
     url, _ = guarded
-    with socket.create_connection(("127.0.0.1", _port(url))) as sock:
+    with socket.create_connection(("127.0.0.1", port_of(url))) as sock:
         sock.sendall(b"POST /v2/models/carvana/infer HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: ")
         assert _closed_within(sock, 60) == b""
 
@@ -331,10 +271,9 @@ def test_hostile_headers_sent_a_byte_at_a_time_do_not_hold_a_connection(guarded)
 def test_hostile_an_upload_that_stops_arriving_gets_408_and_frees_its_place(guarded, tiny_run):
     """A chunked upload that stops midway: 408 with `Connection: close` after serve.read_timeout_s, and
     the one upload place (serve.max_uploads=1) is free again."""
-    from test_serve import _call
 
     url, _ = guarded
-    with socket.create_connection(("127.0.0.1", _port(url))) as sock:
+    with socket.create_connection(("127.0.0.1", port_of(url))) as sock:
         sock.sendall(
             b"POST /v1/segment HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: image/jpeg\r\nX-API-Key: "
             + KEY["X-API-Key"].encode()
@@ -342,46 +281,44 @@ def test_hostile_an_upload_that_stops_arriving_gets_408_and_frees_its_place(guar
             + b"\0" * 16
             + b"\r\n"
         )
-        status, headers, answer = _answer(sock)
+        status, headers, answer = read_answer(sock)
     assert status == 408 and headers["connection"] == "close" and "serve.read_timeout_s=2" in answer.decode()
-    assert _call(url + "/v1/segment", _photos(tiny_run)[0].read_bytes(), "image/jpeg", KEY)[0] == 200
+    assert call(url + "/v1/segment", photos_of(tiny_run)[0].read_bytes(), "image/jpeg", KEY)[0] == 200
 
 
 def test_hostile_uploads_beyond_the_limit_get_503_before_a_byte_is_read(guarded, tiny_run):
     """While serve.max_uploads (1 here) uploads are arriving, another gets 503 with Retry-After and
     `Connection: close` at once, the probes still answer, and once the first is done the next is taken."""
-    from test_serve import _call, _until
 
     url, app = guarded
     batcher = app.state.batcher
     short = batcher.s
     batcher.s = short.model_copy(update={"read_timeout_s": 600})  # the held upload stays held while the test looks
     try:
-        with socket.create_connection(("127.0.0.1", _port(url))) as held:
+        with socket.create_connection(("127.0.0.1", port_of(url))) as held:
             held.sendall(
                 b"POST /v1/segment HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: image/jpeg\r\nX-API-Key: "
                 + KEY["X-API-Key"].encode()
                 + b"\r\nContent-Length: 1000\r\n\r\n"
                 + b"\0" * 10
             )
-            _until(lambda: "carvana_uploads_arriving 1.0" in _call(url + "/metrics")[2].decode())
+            until(lambda: "carvana_uploads_arriving 1.0" in call(url + "/metrics")[2].decode())
             # a small body, sent with the headers in one write: the answer comes before any of it is read
-            status, headers, answer = _call(url + "/v1/segment", b"\0" * 100, "image/jpeg", KEY)
+            status, headers, answer = call(url + "/v1/segment", b"\0" * 100, "image/jpeg", KEY)
             assert status == 503 and headers["Retry-After"] == "1" and headers["Connection"] == "close"
             assert "serve.max_uploads=1" in json.loads(answer)["error"]
-            assert _call(url + "/v2/health/live")[0] == 200
+            assert call(url + "/v2/health/live")[0] == 200
             held.sendall(b"\0" * 990)
-            assert _answer(held)[0] == 400  # not a photo: but it was read
+            assert read_answer(held)[0] == 400  # not a photo: but it was read
     finally:
         batcher.s = short
-    assert _call(url + "/v1/segment", _photos(tiny_run)[0].read_bytes(), "image/jpeg", KEY)[0] == 200
+    assert call(url + "/v1/segment", photos_of(tiny_run)[0].read_bytes(), "image/jpeg", KEY)[0] == 200
 
 
 def test_hostile_every_route_that_takes_a_photo_needs_the_key_and_the_docs_say_which(guarded):
     """Each POST operation the API declares (those of the protected routers, wherever they are added)
     answers 401 without the key; the probes, metadata, metrics and the page answer without it; the key's
     setting names every protected route (it named /v1 only, while /v2's infer was protected too)."""
-    from test_serve import _call
 
     from common.config import FIELDS
 
@@ -390,11 +327,11 @@ def test_hostile_every_route_that_takes_a_photo_needs_the_key_and_the_docs_say_w
     assert {"/v1/cutout", "/v1/segment", "/v2/models/{name}/infer"} <= set(posts)
     doc = FIELDS["serve.api_key_env"].description
     for path in posts:
-        status, _, answer = _call(url + path.replace("{name}", "carvana"), b"\0", "application/octet-stream")
+        status, _, answer = call(url + path.replace("{name}", "carvana"), b"\0", "application/octet-stream")
         assert status == 401 and "API key" in json.loads(answer)["error"], path
         assert path.replace("{name}", "NAME") in doc, path
     for path in ("/", "/healthz", "/metrics", "/v2", "/v2/health/live", "/v2/health/ready", "/v2/models/carvana"):
-        assert _call(url + path)[0] == 200, path
+        assert call(url + path)[0] == 200, path
     assert all(probe in doc for probe in ("/healthz", "/v2/health", "/metrics"))
 
 
@@ -420,17 +357,15 @@ def test_hostile_binding_beyond_loopback_without_a_key_warns(tiny_run, monkeypat
 def test_hostile_a_host_not_allowed_is_refused(guarded):
     """With serve.allowed_hosts, a request whose Host header names another (a page's name rebound to this
     server's address) gets 400; an allowed name is answered."""
-    from test_serve import _call
 
     url, _ = guarded
-    assert _call(url + "/v2/health/live", headers={"Host": "attacker.example"})[0] == 400
-    assert _call(url + "/v2/health/live", headers={"Host": "localhost"})[0] == 200
+    assert call(url + "/v2/health/live", headers={"Host": "attacker.example"})[0] == 400
+    assert call(url + "/v2/health/live", headers={"Host": "localhost"})[0] == 200
 
 
 def test_hostile_v2_refuses_a_content_type_a_web_page_can_send_unasked(guarded, tiny_run):
     """A form or text/plain (what a page may POST to another origin without a preflight) gets 415;
     JSON is answered."""
-    from test_serve import _call
 
     url, _ = guarded
     request = json.dumps(
@@ -440,15 +375,15 @@ def test_hostile_v2_refuses_a_content_type_a_web_page_can_send_unasked(guarded, 
                     "name": "image",
                     "shape": [1],
                     "datatype": "BYTES",
-                    "data": [base64.b64encode(_photos(tiny_run)[0].read_bytes()).decode()],
+                    "data": [base64.b64encode(photos_of(tiny_run)[0].read_bytes()).decode()],
                 }
             ]
         }
     ).encode()
     for kind in ("text/plain", "application/x-www-form-urlencoded", "multipart/form-data; boundary=x"):
-        status, _, answer = _call(url + "/v2/models/carvana/infer", request, kind, KEY)
+        status, _, answer = call(url + "/v2/models/carvana/infer", request, kind, KEY)
         assert status == 415 and "application/json" in json.loads(answer)["error"], kind
-    assert _call(url + "/v2/models/carvana/infer", request, "application/json; charset=utf-8", KEY)[0] == 200
+    assert call(url + "/v2/models/carvana/infer", request, "application/json; charset=utf-8", KEY)[0] == 200
 
 
 def _png(width: int, height: int) -> bytes:
@@ -460,14 +395,13 @@ def _png(width: int, height: int) -> bytes:
 def test_hostile_the_default_pixel_limit_takes_real_photos_and_refuses_a_blank_giant(guarded):
     """serve.max_pixels (40 M by default) passes an 8K frame (33.2 M) and a 12 MP phone photo by their
     headers; a blank 10000x10000 PNG (100 M pixels in a few kB, 300 MB decoded) is 413 before decoding."""
-    from test_serve import _call
 
     from common.data.images import open_photo
     from pipelines.serve.http import FORMATS
 
     limit = load_config().serve.max_pixels
     url, _ = guarded
-    status, _, answer = _call(url + "/v1/cutout", _png(10000, 10000), "image/png", KEY)
+    status, _, answer = call(url + "/v1/cutout", _png(10000, 10000), "image/png", KEY)
     assert status == 413 and f"serve.max_pixels={limit}" in json.loads(answer)["error"], answer
     for width, height in ((7680, 4320), (4000, 3000)):
         assert open_photo(_png(width, height), "upload", FORMATS, limit).size == (width, height)
@@ -476,28 +410,26 @@ def test_hostile_the_default_pixel_limit_takes_real_photos_and_refuses_a_blank_g
 def test_hostile_a_large_mask_goes_out_as_binary_data_only(guarded):
     """/v2's mask as JSON is a number per pixel: for a photo over 2048 x 2048 pixels it is refused (400,
     before decoding) naming the binary data extension; asked as binary data, the header check passes."""
-    from test_serve import _call
 
     url, _ = guarded
     buf = io.BytesIO()
     Image.new("RGB", (2100, 2100)).save(buf, format="JPEG")
     image = {"name": "image", "shape": [1], "datatype": "BYTES", "data": [base64.b64encode(buf.getvalue()).decode()]}
     request = json.dumps({"inputs": [image], "outputs": [{"name": "mask"}]}).encode()
-    status, _, answer = _call(url + "/v2/models/carvana/infer", request, "application/json", KEY)
+    status, _, answer = call(url + "/v2/models/carvana/infer", request, "application/json", KEY)
     assert status == 400 and "binary_data" in json.loads(answer)["error"], answer
 
 
 def test_hostile_a_phone_photo_in_mpo_is_taken_like_any_jpeg(guarded, tiny_run):
     """Phones save JPEGs with more pictures after the photo (MPO): the server cuts them out as `cutout`
     does (it answered 415)."""
-    from test_serve import _call
 
-    photo = Image.open(_photos(tiny_run)[0]).resize((480, 320))
+    photo = Image.open(photos_of(tiny_run)[0]).resize((480, 320))
     buf = io.BytesIO()
     photo.save(buf, format="MPO", save_all=True, append_images=[photo.resize((120, 80))])
     assert Image.open(io.BytesIO(buf.getvalue())).format == "MPO"
     url, _ = guarded
-    status, _, answer = _call(url + "/v1/segment", buf.getvalue(), "image/jpeg", KEY)
+    status, _, answer = call(url + "/v1/segment", buf.getvalue(), "image/jpeg", KEY)
     assert status == 200 and (json.loads(answer)["width"], json.loads(answer)["height"]) == (480, 320), answer
 
 
@@ -512,15 +444,14 @@ def test_hostile_answers_carry_no_path_stack_or_address(tiny_run, tmp_path, monk
     """Nets that failed to load (here with a path in the error) are 503 on /healthz, the probes and a
     request, saying so without the path; a photo PIL cannot identify is 400 without PIL's
     `<_io.BytesIO object at 0x...>`; a long query value is echoed cut short."""
-    from test_serve import _call, _until, running
 
     from pipelines.serve import batcher
 
     url, _ = guarded
-    status, _, answer = _call(url + "/v1/cutout", b"GIF89a and then nothing", "image/jpeg", KEY)
+    status, _, answer = call(url + "/v1/cutout", b"GIF89a and then nothing", "image/jpeg", KEY)
     assert status == 400 and "not an image" in json.loads(answer)["error"]
     _no_leak(answer, tmp_path)
-    status, _, answer = _call(url + "/v1/cutout?output=" + "x" * 5000, b"\0", "image/jpeg", KEY)
+    status, _, answer = call(url + "/v1/cutout?output=" + "x" * 5000, b"\0", "image/jpeg", KEY)
     assert status == 400 and len(answer) < 400, answer
 
     def broken(*args):
@@ -528,9 +459,9 @@ def test_hostile_answers_carry_no_path_stack_or_address(tiny_run, tmp_path, monk
 
     monkeypatch.setattr(batcher.Cascade, "load", broken)
     with running(tiny_run, healthy=False) as (url, _):
-        _until(lambda: _call(url + "/healthz")[0] == 503 and b"failed" in _call(url + "/healthz")[2])
+        until(lambda: call(url + "/healthz")[0] == 503 and b"failed" in call(url + "/healthz")[2])
         for path, body in (("/healthz", None), ("/v2/health/ready", None), ("/v1/segment", b"\0")):
-            status, _, answer = _call(url + path, body, "image/jpeg" if body else "")
+            status, _, answer = call(url + path, body, "image/jpeg" if body else "")
             assert status == 503 and "CheckpointError" in answer.decode(), answer
             _no_leak(answer, tmp_path)
 
@@ -538,30 +469,24 @@ def test_hostile_answers_carry_no_path_stack_or_address(tiny_run, tmp_path, monk
 def test_hostile_pixels_in_flight_are_bounded_before_decoding(tiny_run, monkeypatch):
     """With the device step held on one photo and serve.max_pixels_in_flight room for one, a second photo
     gets 503 with Retry-After from its header alone: it is never decoded. The first is then answered."""
-    from test_serve import _busy, _call, _until, running
 
     from pipelines.serve import http
 
     decoded = []
     real_decoded = http.decoded
     monkeypatch.setattr(http, "decoded", lambda *a: decoded.append(1) or real_decoded(*a))
-    data = _photos(tiny_run)[0].read_bytes()
+    data = photos_of(tiny_run)[0].read_bytes()
     room = 3_000_000  # one 1918x1280 photo (2.5 M pixels), not two
     cfg = tiny_run.updated({"serve.max_pixels": room, "serve.max_pixels_in_flight": room, "serve.max_wait_ms": 0})
-    release = threading.Event()
-    with running(cfg) as (url, app):
-        batcher = app.state.batcher
-        real = batcher._predict
-        batcher._predict = lambda *a: release.wait(60) and real(*a)
-        with ThreadPoolExecutor(1) as pool:
-            first = pool.submit(_call, url + "/v1/segment", data, "image/jpeg")
-            _until(lambda: _busy(url))
-            status, headers, answer = _call(url + "/v1/segment", data, "image/jpeg")
-            assert status == 503 and headers["Retry-After"] == "1", answer
-            assert "serve.max_pixels_in_flight=3000000" in json.loads(answer)["error"]
-            assert len(decoded) == 1  # the first photo only
-            release.set()
-            assert first.result()[0] == 200
+    with running(cfg) as (url, app), held_step(app.state.batcher) as release, ThreadPoolExecutor(1) as pool:
+        first = pool.submit(call, url + "/v1/segment", data, "image/jpeg")
+        until(lambda: busy(url))
+        status, headers, answer = call(url + "/v1/segment", data, "image/jpeg")
+        assert status == 503 and headers["Retry-After"] == "1", answer
+        assert "serve.max_pixels_in_flight=3000000" in json.loads(answer)["error"]
+        assert len(decoded) == 1  # the first photo only
+        release.set()
+        assert first.result()[0] == 200
 
 
 # ---- bundles -------------------------------------------------------------------------------------------------
@@ -600,7 +525,7 @@ def _cutout_with(bundle: Path, tiny_run, tmp_path: Path, *more: str) -> int:
     return cli(
         [
             "cutout",
-            str(_photos(tiny_run)[0]),
+            str(photos_of(tiny_run)[0]),
             "--out",
             str(tmp_path / "out"),
             "--model",
@@ -686,7 +611,7 @@ def small_photos(tiny_run, tmp_path) -> Path:
     """A folder of two small photos of test cars: car.jpg and other.png."""
     folder = tmp_path / "photos"
     folder.mkdir()
-    src = _photos(tiny_run)
+    src = photos_of(tiny_run)
     Image.open(src[0]).resize((320, 214)).save(folder / "car.jpg")
     Image.open(src[-1]).resize((320, 214)).save(folder / "other.png")
     return folder
@@ -697,7 +622,7 @@ def test_hostile_cutout_never_overwrites_a_photo(tiny_run, small_photos, capsys)
     or --out the very folder searched: refused in one line, exit 2, every photo as it was."""
     before = {p: p.read_bytes() for p in small_photos.glob("*.*g")}
     for photos in ([str(small_photos / "other.png")], [str(small_photos)]):
-        assert cli(["cutout", *photos, "--out", str(small_photos), *_nets(tiny_run)]) == 2
+        assert cli(["cutout", *photos, "--out", str(small_photos), *tiny_nets(tiny_run)]) == 2
         line = _one_line(capsys.readouterr().err)
         assert "other.png would overwrite the photo" in line or "is the folder of photos" in line, line
         assert {p: p.read_bytes() for p in small_photos.glob("*.*g")} == before
@@ -708,7 +633,7 @@ def test_hostile_cutout_refuses_two_photos_that_would_write_one_file(tiny_run, s
     in one line naming both, before anything is written."""
     shutil.copy(small_photos / "car.jpg", small_photos / "car_mask.jpg")
     out = tmp_path / "out"
-    assert cli(["cutout", str(small_photos), "--out", str(out), *_nets(tiny_run)]) == 2
+    assert cli(["cutout", str(small_photos), "--out", str(out), *tiny_nets(tiny_run)]) == 2
     line = _one_line(capsys.readouterr().err)
     assert "car.jpg" in line and "car_mask.jpg" in line and "car_mask.png" in line, line
     assert not out.exists() or not list(out.glob("*.png"))
@@ -725,16 +650,16 @@ def test_hostile_cutout_redoes_files_made_by_other_nets_or_settings(tiny_run, sm
         assert cli([*base, *more]) == 0
         return capsys.readouterr().out
 
-    assert "1 photos to do" in run(*_nets(tiny_run))
+    assert "1 photos to do" in run(*tiny_nets(tiny_run))
     soft = np.asarray(Image.open(out / "car.png"))[..., 3]
-    assert "0 photos to do" in run(*_nets(tiny_run))
-    assert "1 photos to do" in run(*_nets(tiny_run), "--alpha", "hard")
+    assert "0 photos to do" in run(*tiny_nets(tiny_run))
+    assert "1 photos to do" in run(*tiny_nets(tiny_run), "--alpha", "hard")
     hard = np.asarray(Image.open(out / "car.png"))[..., 3]
     assert set(np.unique(hard)) <= {0, 255} and not np.array_equal(soft, hard)
     other = tmp_path / "other.pt"  # the same weights in another file: other nets as far as anyone can tell
     checkpoint = torch.load(Path(tiny_run.output.dir, "stage2", "best.pt"), weights_only=True)
     torch.save({**checkpoint, "note": "copied"}, other)
-    nets = [*_nets(tiny_run)[:1], f"stage2.checkpoint={other}", *_nets(tiny_run)[2:]]
+    nets = [*tiny_nets(tiny_run)[:1], f"stage2.checkpoint={other}", *tiny_nets(tiny_run)[2:]]
     assert "1 photos to do" in run(*nets, "--alpha", "hard")
     assert "0 photos to do" in run(*nets, "--alpha", "hard")
 

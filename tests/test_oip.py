@@ -9,20 +9,18 @@ import asyncio
 import base64
 import io
 import json
-import re
 import signal
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import busy, call, held_step, hold_warm_up, metric, photos_of, refused, running, until, wait_healthy
 from PIL import Image
 
 httpclient = pytest.importorskip("tritonclient.http", reason="tritonclient is not installed (pip install '.[test]')")
 pytest.importorskip("fastapi", reason="the serve extra is not installed (pip install '.[serve]')")
 
-from test_serve import _busy, _call, _until, _wait_healthy, hold_warm_up, running  # noqa: E402
 from tritonclient.utils import InferenceServerException  # noqa: E402
 
 from common.data.rle import rle_decode  # noqa: E402
@@ -42,7 +40,7 @@ def served(tiny_run):
 
 @pytest.fixture(scope="module")
 def photo(tiny_run) -> bytes:
-    return sorted(Path(tiny_run.data.root, "test").glob("*.jpg"))[0].read_bytes()
+    return photos_of(tiny_run)[0].read_bytes()
 
 
 def _client(url: str):
@@ -60,14 +58,6 @@ def _json_request(data: bytes, **more) -> bytes:
     """An inference request in plain JSON: the photo as a base64 string."""
     image = {"name": "image", "shape": [1], "datatype": "BYTES", "data": [base64.b64encode(data).decode()]}
     return json.dumps({"inputs": [image], **more}).encode()
-
-
-def _refused(url: str) -> bool:
-    try:
-        _call(url + "/v2/health/live")
-        return False
-    except OSError:
-        return True
 
 
 def _asgi_status(app, path: str) -> int:
@@ -126,7 +116,7 @@ def test_the_mask_is_v1_segments_and_the_cutouts_alpha_is_the_mask(served, photo
     """The same photo through /v1/segment, the binary data extension (tritonclient) and plain JSON:
     one mask, 0/1; the rgba output a PNG whose alpha >= 128 is that mask."""
     url, _ = served
-    status, _, answer = _call(url + "/v1/segment", photo, "image/jpeg")
+    status, _, answer = call(url + "/v1/segment", photo, "image/jpeg")
     segment = json.loads(answer)
     assert status == 200
     truth = rle_decode(segment["rle_mask"], (segment["height"], segment["width"]))
@@ -148,7 +138,7 @@ def test_the_mask_is_v1_segments_and_the_cutouts_alpha_is_the_mask(served, photo
     assert cutout.format == "PNG" and cutout.mode == "RGBA" and cutout.size == (segment["width"], segment["height"])
     assert np.array_equal(np.asarray(cutout)[..., 3] >= 128, truth)
 
-    status, headers, answer = _call(
+    status, headers, answer = call(
         url + INFER, _json_request(photo, outputs=[{"name": "mask"}, {"name": "rgba"}]), "application/json"
     )
     outputs = {output["name"]: output for output in json.loads(answer)["outputs"]}
@@ -206,9 +196,9 @@ def test_malformed_requests_get_400_with_the_protocols_error_body_and_the_server
         (head, {"Inference-Header-Content-Length": str(len(head) + 1)}, "but the body has"),
         (head, {"Inference-Header-Content-Length": "many"}, "Inference-Header-Content-Length=many"),
     ]:
-        status, _, answer = _call(url + INFER, body, "application/json", headers)
+        status, _, answer = call(url + INFER, body, "application/json", headers)
         assert (status, words in json.loads(answer)["error"]) == (400, True), answer
-    status, _, answer = _call(url + "/v2/models/bicycle/infer", _json_request(photo), "application/json")
+    status, _, answer = call(url + "/v2/models/bicycle/infer", _json_request(photo), "application/json")
     assert status == 404 and "unknown model 'bicycle'" in json.loads(answer)["error"]
     assert (
         client.infer("carvana", [_image(photo)]).as_numpy("mask").ndim == 2
@@ -218,12 +208,7 @@ def test_malformed_requests_get_400_with_the_protocols_error_body_and_the_server
 
 def _infer_count(url: str, status: str) -> float:
     """/metrics' count of /v2 inference requests answered with `status` (0 before the first)."""
-    found = re.search(
-        r'^carvana_requests_total\{endpoint="/v2/models/\{name\}/infer",status="%s"\} (\S+)$' % status,
-        _call(url + "/metrics")[2].decode(),
-        re.M,
-    )
-    return float(found.group(1)) if found else 0.0
+    return metric(url, 'carvana_requests_total{endpoint="/v2/models/{name}/infer",status="%s"}' % status)
 
 
 def test_infer_needs_the_api_key_and_the_probes_do_not(tiny_run, monkeypatch):
@@ -245,7 +230,6 @@ def test_ready_only_from_the_warm_up_to_the_drain(tiny_run, photo, monkeypatch):
     flight, held in its device step, is answered 200. uvicorn closes the listening socket at its next
     tick, so no probe can connect after that; the app, asked directly, says 503."""
     warming, warm = hold_warm_up(monkeypatch)
-    step = threading.Event()
     cfg = tiny_run.updated({"serve.max_wait_ms": 0})
     app, sock = create_app(cfg, open_source(cfg)), listen("127.0.0.1", 0)
     server = Server(server_config(app))
@@ -255,29 +239,21 @@ def test_ready_only_from_the_warm_up_to_the_drain(tiny_run, photo, monkeypatch):
     try:
         assert warming.wait(120)
         assert client.is_server_live() and not client.is_server_ready() and not client.is_model_ready("carvana")
-        status, headers, answer = _call(url + "/v2/health/ready")
+        status, headers, answer = call(url + "/v2/health/ready")
         assert status == 503 and "not loaded yet" in json.loads(answer)["error"]
-        status, headers, answer = _call(url + INFER, _json_request(photo), "application/json")
+        status, headers, answer = call(url + INFER, _json_request(photo), "application/json")
         assert status == 503 and headers["Retry-After"] and "not loaded yet" in json.loads(answer)["error"]
         warm.set()
-        _wait_healthy(url)
+        wait_healthy(url)
         assert client.is_server_ready()
 
-        batcher = app.state.batcher
-        real_predict = batcher._predict
-
-        def held_predict(*a):
-            assert step.wait(60), "the test never released the device step"
-            return real_predict(*a)
-
-        batcher._predict = held_predict
-        with ThreadPoolExecutor(1) as pool:
-            flight = pool.submit(_call, url + INFER, _json_request(photo), "application/json")
-            _until(lambda: _busy(url))  # in the device step
+        with held_step(app.state.batcher) as release, ThreadPoolExecutor(1) as pool:
+            flight = pool.submit(call, url + INFER, _json_request(photo), "application/json")
+            until(lambda: busy(url))  # in the device step
             server.handle_exit(signal.SIGTERM, None)
             assert _asgi_status(app, "/v2/health/ready") == 503 and _asgi_status(app, "/v2/health/live") == 200
-            _until(lambda: _refused(url))
-            step.set()
+            until(lambda: refused(url))
+            release.set()
             status, _, answer = flight.result()
         outputs = json.loads(answer)["outputs"]
         assert status == 200 and [output["name"] for output in outputs] == ["mask"]  # no outputs named: the mask alone
@@ -286,6 +262,5 @@ def test_ready_only_from_the_warm_up_to_the_drain(tiny_run, photo, monkeypatch):
         assert not thread.is_alive()
     finally:
         warm.set()
-        step.set()
         server.should_exit = True
         thread.join(60)

@@ -4,11 +4,10 @@ out of a wheel while the tests (run from the source tree) still pass."""
 from __future__ import annotations
 
 import configparser
-from pathlib import Path
 
+from helpers import ROOT
 from setuptools import find_packages
 
-ROOT = Path(__file__).resolve().parents[1]
 LAYERS = ("common", "stage1_lowres", "stage2_fullres", "pipelines")
 
 

@@ -9,11 +9,11 @@ import shlex
 from pathlib import Path
 
 import pytest
+from helpers import ROOT
 
 from common.config import load_config
 from pipelines.cli import parse
 
-ROOT = Path(__file__).resolve().parents[1]
 MODULES = {"pipelines": [], "stage1_lowres": ["stage1"], "stage2_fullres": ["stage2"]}
 PAGES = [ROOT / "README.md", ROOT / "CHANGELOG.md", *sorted((ROOT / "docs").rglob("*.md"))]
 

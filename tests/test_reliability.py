@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import tiny_config
+from helpers import tiny_config, tiny_nets
 from PIL import Image
 
 from common.data.kaggle import index_split
@@ -110,8 +110,7 @@ def test_unreadable_test_images_do_not_stop_prediction(tiny_run, tmp_path):
     cfg = tiny_config(
         root,
         out,
-        f"stage1.checkpoint={tiny_run.output.dir}/stage1/best.pt",
-        f"stage2.checkpoint={tiny_run.output.dir}/stage2/best.pt",
+        *tiny_nets(tiny_run),
         "data.limit_test=4",
     )
     assert s1_predict.main(cfg, open_source(cfg)) == 1  # scripts notice
@@ -180,15 +179,9 @@ def _predict_args(tiny_run, out, *more, images=4):
         f"output.dir={out}",
         f"data.root={tiny_run.data.root}",
         f"bboxes.path={src}/bboxes.csv",
-        f"stage1.checkpoint={src}/stage1/best.pt",
-        f"stage2.checkpoint={src}/stage2/best.pt",
+        *tiny_nets(tiny_run),
         "predict.chunk=1",
         f"data.limit_test={images}",
-        "stage2.depth=3",
-        "stage2.width=4",
-        "stage2.tile=512",
-        "stage1.size=64",
-        "device=cpu",
         *more,
     ]
 

@@ -8,7 +8,7 @@ import shutil
 import subprocess
 
 import pytest
-from conftest import copy_run
+from helpers import copy_run
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
 FLAGS = [

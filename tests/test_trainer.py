@@ -3,15 +3,11 @@ import math
 import pandas as pd
 import pytest
 import torch
+from helpers import CONFIG, Blobs, blob_settings, blob_validator
 
-from common.config import load_config
 from common.errors import CheckpointError
 from common.model import UNet, load_checkpoint, load_model
-from common.training.batches import TensorBatches
 from common.training.trainer import Run, plot_history, train, validator
-from stage1_lowres.train import coarse_predictions
-
-CONFIG = load_config(None, ["output.dir=elsewhere"])  # what a checkpoint records
 
 
 @pytest.fixture(autouse=True)
@@ -21,41 +17,10 @@ def _seeded():
     torch.manual_seed(0)
 
 
-class Blobs(TensorBatches):
-    """Bright squares on noise, as uint8 images; `tensors` is their float view, `truths` the validator's masks."""
-
-    def __init__(self, n=16, size=32, seed=0, batch_size=4):
-        g = torch.Generator().manual_seed(seed)
-        y = torch.zeros(n, 1, size, size)
-        for i in range(n):
-            r, c = torch.randint(4, size - 12, (2,), generator=g)
-            y[i, :, r : r + 10, c : c + 10] = 1
-        x = ((torch.rand(n, 3, size, size, generator=g) * 0.3 + y * 0.5) * 255).round().byte()
-        super().__init__(x, y.byte(), batch_size, torch.device("cpu"))
-        self.truths, self.tensors = list(y[:, 0].bool()), (x.float() / 255, y)
-
-
-def _blobs(n=16):
-    return Blobs(n)
-
-
-def _settings(**kw):
-    s = {"depth": 3, "width": 8, "batch_size": 4, "workers": 0, "augment": "none", "lr": 3e-3} | kw
-    return load_config(None).updated({f"stage1.{k}": v for k, v in s.items()}).stage1
-
-
-def _validator(data):
-    """Stage 1's validation over these images: `Coarse` predicts, the shared validator scores."""
-    cfg = CONFIG.updated(
-        {"stage1.size": data.images.shape[-1], "predict.batch_size": 4}
-    )  # 16 images a validation batch
-    return validator(coarse_predictions(data.images, cfg, torch.device("cpu")), data.truths, 0.5)
-
-
 def test_loss_falls_and_outputs_are_written(tmp_path):
-    data = _blobs()
+    data = Blobs()
     history = train(
-        Run(_settings(epochs=6), tmp_path, CONFIG, torch.device("cpu")), UNet(3, 3, 8), data, _validator(data)
+        Run(blob_settings(epochs=6), tmp_path, CONFIG, torch.device("cpu")), UNet(3, 3, 8), data, blob_validator(data)
     )
     assert history[-1]["train_loss"] < 0.6 * history[0]["train_loss"]
     assert history[-1]["val_dice"] > history[0]["val_dice"]
@@ -70,22 +35,24 @@ def test_loss_falls_and_outputs_are_written(tmp_path):
 
 
 def test_resume_continues_exactly(tmp_path):
-    data = _blobs()
+    data = Blobs()
     cpu = torch.device("cpu")
-    s = _settings(
+    s = blob_settings(
         schedule="constant", precision="fp32"
     )  # not auto: the two runs could time bf16 against fp32 differently
     full = train(
-        Run(s.model_copy(update={"epochs": 4}), tmp_path / "a", CONFIG, cpu), UNet(3, 3, 8), data, _validator(data)
+        Run(s.model_copy(update={"epochs": 4}), tmp_path / "a", CONFIG, cpu), UNet(3, 3, 8), data, blob_validator(data)
     )
-    train(Run(s.model_copy(update={"epochs": 2}), tmp_path / "b", CONFIG, cpu), UNet(3, 3, 8), data, _validator(data))
+    train(
+        Run(s.model_copy(update={"epochs": 2}), tmp_path / "b", CONFIG, cpu), UNet(3, 3, 8), data, blob_validator(data)
+    )
     stopped = load_checkpoint(tmp_path / "b" / "last.pt", cpu)
     assert stopped["epoch"] == 2 and stopped["optimizer"]["state"]
     resumed = train(
         Run(s.model_copy(update={"epochs": 4, "resume": True}), tmp_path / "b", CONFIG, cpu),
         UNet(3, 3, 8),
         data,
-        _validator(data),
+        blob_validator(data),
     )
     assert [h["epoch"] for h in resumed] == [1, 2, 3, 4]
     assert [round(h["train_loss"], 5) for h in resumed] == [round(h["train_loss"], 5) for h in full]
@@ -97,9 +64,9 @@ def test_a_run_saved_without_loss_scaling_resumes_with_it_and_back(tmp_path, cap
     is ignored by a run without scaling. A CPU GradScaler stands in for the card's (the same class)."""
     from common.training.trainer import _resume, build_optimizer
 
-    data, cpu = _blobs(8), torch.device("cpu")
-    s = _settings(epochs=1, precision="bf16")  # bf16 where this CPU has it, else fp32: no loss scale either way
-    train(Run(s, tmp_path, CONFIG, cpu), UNet(3, 3, 8), data, _validator(data))
+    data, cpu = Blobs(8), torch.device("cpu")
+    s = blob_settings(epochs=1, precision="bf16")  # bf16 where this CPU has it, else fp32: no loss scale either way
+    train(Run(s, tmp_path, CONFIG, cpu), UNet(3, 3, 8), data, blob_validator(data))
     saved = load_checkpoint(tmp_path / "last.pt", cpu)
     assert saved["scaler"] == {}
     model = UNet(3, 3, 8)
@@ -117,41 +84,62 @@ def test_a_run_saved_without_loss_scaling_resumes_with_it_and_back(tmp_path, cap
 
 
 def test_adam_beta2_setting_reaches_the_optimizer_and_its_checkpoint(tmp_path):
-    data = _blobs()
+    data = Blobs()
     train(
-        Run(_settings(epochs=1, beta2=0.99, precision="fp32"), tmp_path, CONFIG, torch.device("cpu")),
+        Run(blob_settings(epochs=1, beta2=0.99, precision="fp32"), tmp_path, CONFIG, torch.device("cpu")),
         UNet(3, 3, 8),
         data,
-        _validator(data),
+        blob_validator(data),
     )
     group = load_checkpoint(tmp_path / "last.pt", torch.device("cpu"))["optimizer"]["param_groups"][0]
     assert tuple(group["betas"]) == (0.9, 0.99)
 
 
-def test_max_minutes_stops_in_time_and_keeps_best(tmp_path):
-    data = _blobs()
-    history = train(
-        Run(_settings(epochs=1000, max_minutes=0.05), tmp_path, CONFIG, torch.device("cpu")),
-        UNet(3, 3, 8),
-        data,
-        _validator(data),
-    )
-    assert 1 <= len(history) < 1000  # stopped by the budget, not by the epoch count
+def test_max_minutes_stops_in_time_and_keeps_best(tmp_path, monkeypatch):
+    """On a clock the test sets (each optimizer step 1 s, each validation 2 s) and a budget of 15 s: epochs 1
+    and 2 whole (4 steps each, 12 s with their validations), then epoch 3 stops after its 3rd step, the
+    first at which 14 s spent and the 2 s of a validation would pass the budget; that epoch is validated
+    and saved, and best.pt holds the best of the three."""
+    from common.training import distributed, trainer
+
+    now, clock, agree = [0.0], trainer.Clock, distributed.step_agreement
+    monkeypatch.setattr(trainer, "Clock", lambda minutes: clock(minutes, lambda: now[0]))
+
+    def step(*args):  # the optimizer step's one sync point: 1 s of work done
+        decided = agree(*args)
+        now[0] += 1
+        return decided
+
+    monkeypatch.setattr(distributed, "step_agreement", step)
+    data = Blobs()
+    validate = blob_validator(data)
+
+    def validation(model):
+        now[0] += 2
+        return validate(model)
+
+    settings = blob_settings(epochs=1000, max_minutes=0.25, precision="fp32")
+    history = train(Run(settings, tmp_path, CONFIG, torch.device("cpu")), UNet(3, 3, 8), data, validation)
+    assert [h["images"] for h in history] == [16, 16, 12] and now[0] == 17
+    assert [h["seconds"] for h in history] == [6, 6, 5]  # on the run's clock
     saved = load_checkpoint(tmp_path / "best.pt", torch.device("cpu"))
     assert saved["best_dice"] == max(h["val_dice"] for h in history)
+    assert load_checkpoint(tmp_path / "last.pt", torch.device("cpu"))["epoch"] == 3
 
 
 def test_checkpoint_of_another_architecture_is_refused(tmp_path):
-    data = _blobs(n=4)
-    train(Run(_settings(epochs=1), tmp_path, CONFIG, torch.device("cpu")), UNet(3, 3, 8), data, _validator(data))
+    data = Blobs(n=4)
+    train(
+        Run(blob_settings(epochs=1), tmp_path, CONFIG, torch.device("cpu")), UNet(3, 3, 8), data, blob_validator(data)
+    )
     with pytest.raises(CheckpointError, match="trained with"):
         load_model(tmp_path / "last.pt", torch.device("cpu"), expect=UNet(3, 4, 8).args)
     with pytest.raises(CheckpointError, match="trained with"):
         train(
-            Run(_settings(epochs=2, resume=True), tmp_path, CONFIG, torch.device("cpu")),
+            Run(blob_settings(epochs=2, resume=True), tmp_path, CONFIG, torch.device("cpu")),
             UNet(3, 4, 8),
             data,
-            _validator(data),
+            blob_validator(data),
         )
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(CheckpointError, match="junk.pt.*not a checkpoint"):
@@ -161,8 +149,10 @@ def test_checkpoint_of_another_architecture_is_refused(tmp_path):
 def test_plot_command_redraws(tmp_path):
     from pipelines.cli import main
 
-    data = _blobs(n=4)
-    train(Run(_settings(epochs=1), tmp_path, CONFIG, torch.device("cpu")), UNet(3, 3, 8), data, _validator(data))
+    data = Blobs(n=4)
+    train(
+        Run(blob_settings(epochs=1), tmp_path, CONFIG, torch.device("cpu")), UNet(3, 3, 8), data, blob_validator(data)
+    )
     (tmp_path / "learning_curves.png").unlink()
     assert main(["plot", str(tmp_path)]) == 0 and (tmp_path / "learning_curves.png").is_file()
     assert plot_history(tmp_path).stat().st_size > 1000
@@ -174,8 +164,10 @@ def test_non_finite_steps_are_skipped_counted_and_never_reach_best(tmp_path, mon
     import common.training.trainer as trainer
     from common.training.losses import bce_dice_loss
 
-    data = _blobs()
-    train(Run(_settings(epochs=1), tmp_path, CONFIG, torch.device("cpu")), UNet(3, 3, 8), data, _validator(data))
+    data = Blobs()
+    train(
+        Run(blob_settings(epochs=1), tmp_path, CONFIG, torch.device("cpu")), UNet(3, 3, 8), data, blob_validator(data)
+    )
     calls = []
 
     def sometimes_nan(logits, target, edge_weight=0.0):
@@ -185,10 +177,10 @@ def test_non_finite_steps_are_skipped_counted_and_never_reach_best(tmp_path, mon
 
     monkeypatch.setattr(trainer, "bce_dice_loss", sometimes_nan)
     history = train(
-        Run(_settings(epochs=2, resume=True), tmp_path, CONFIG, torch.device("cpu")),
+        Run(blob_settings(epochs=2, resume=True), tmp_path, CONFIG, torch.device("cpu")),
         UNet(3, 3, 8),
         data,
-        _validator(data),
+        blob_validator(data),
     )
     assert history[-1]["skipped_steps"] == 2 and math.isfinite(history[-1]["train_loss"])
     assert all(
@@ -199,10 +191,10 @@ def test_non_finite_steps_are_skipped_counted_and_never_reach_best(tmp_path, mon
     calls.clear()
     before = {k: v.clone() for k, v in load_checkpoint(tmp_path / "last.pt", torch.device("cpu"))["model"].items()}
     accum = train(
-        Run(_settings(epochs=3, resume=True, accum=2), tmp_path, CONFIG, torch.device("cpu")),
+        Run(blob_settings(epochs=3, resume=True, accum=2), tmp_path, CONFIG, torch.device("cpu")),
         UNet(3, 3, 8),
         data,
-        _validator(data),
+        blob_validator(data),
     )
     assert accum[-1]["skipped_steps"] == 2  # 4 micro-steps, 2 optimizer steps, each with one NaN half
     after = load_checkpoint(tmp_path / "last.pt", torch.device("cpu"))["model"]
@@ -211,10 +203,10 @@ def test_non_finite_steps_are_skipped_counted_and_never_reach_best(tmp_path, mon
     monkeypatch.setattr(trainer, "bce_dice_loss", lambda logits, target, edge_weight=0.0: logits.sum() * math.nan)
     with pytest.raises(trainer.TrainingError, match="3 optimizer steps in a row had a non-finite loss"):
         train(
-            Run(_settings(epochs=4, resume=True, max_bad_steps=3), tmp_path, CONFIG, torch.device("cpu")),
+            Run(blob_settings(epochs=4, resume=True, max_bad_steps=3), tmp_path, CONFIG, torch.device("cpu")),
             UNet(3, 3, 8),
             data,
-            _validator(data),
+            blob_validator(data),
         )
     saved = load_checkpoint(tmp_path / "best.pt", torch.device("cpu"))
     assert math.isfinite(saved["best_dice"]) and all(torch.isfinite(p).all() for p in saved["model"].values())
@@ -234,10 +226,10 @@ def test_epochs_auto_fits_the_schedule_to_the_budget_and_resume_keeps_the_count(
     assert trainer.planned_epochs(clock, 2, 6.0) == 2 and clock.late()
 
     monkeypatch.setattr(trainer, "planned_epochs", lambda *a: 3)
-    data = _blobs()
-    s = _settings(epochs="auto", max_minutes=10.0, precision="fp32")  # fp32: the two runs below compare bit for bit
+    data = Blobs()
+    s = blob_settings(epochs="auto", max_minutes=10.0, precision="fp32")  # fp32: the two runs below compare bit for bit
     torch.manual_seed(0)
-    history = train(Run(s, tmp_path / "a", CONFIG, torch.device("cpu")), UNet(3, 3, 8), data, _validator(data))
+    history = train(Run(s, tmp_path / "a", CONFIG, torch.device("cpu")), UNet(3, 3, 8), data, blob_validator(data))
     assert [h["planned_epochs"] for h in history] == [3, 3, 3]
     # the peak until the count is fixed after epoch 2, then the cosine's end, not a cut-off half
     assert [round(h["lr"] / s.lr, 4) for h in history] == [1.0, 1.0, 0.25]
@@ -246,7 +238,7 @@ def test_epochs_auto_fits_the_schedule_to_the_budget_and_resume_keeps_the_count(
     # that fixed the same count after epoch 2 trains alike
     monkeypatch.setattr(trainer, "planned_epochs", lambda clock, done, *a: 7 if done == 1 else 3)
     torch.manual_seed(0)
-    rerun = train(Run(s, tmp_path / "a2", CONFIG, torch.device("cpu")), UNet(3, 3, 8), data, _validator(data))
+    rerun = train(Run(s, tmp_path / "a2", CONFIG, torch.device("cpu")), UNet(3, 3, 8), data, blob_validator(data))
     assert [h["planned_epochs"] for h in rerun] == [7, 3, 3]
     assert [(h["lr"], h["train_loss"], h["val_dice"]) for h in rerun] == [
         (h["lr"], h["train_loss"], h["val_dice"]) for h in history
@@ -266,14 +258,14 @@ def test_epochs_auto_fits_the_schedule_to_the_budget_and_resume_keeps_the_count(
 
     monkeypatch.setattr(trainer, "save_epoch", save_then_die_after_epoch_2)
     with pytest.raises(Killed):
-        train(Run(s, tmp_path / "b", CONFIG, torch.device("cpu")), UNet(3, 3, 8), data, _validator(data))
+        train(Run(s, tmp_path / "b", CONFIG, torch.device("cpu")), UNet(3, 3, 8), data, blob_validator(data))
     monkeypatch.setattr(trainer, "save_epoch", save_epoch)
     monkeypatch.setattr(trainer, "planned_epochs", lambda *a: pytest.fail("a resumed run must keep its recorded count"))
     resumed = train(
         Run(s.model_copy(update={"resume": True}), tmp_path / "b", CONFIG, torch.device("cpu")),
         UNet(3, 3, 8),
         data,
-        _validator(data),
+        blob_validator(data),
     )
     assert [h["epoch"] for h in resumed] == [1, 2, 3] and [h["lr"] for h in resumed] == [h["lr"] for h in history]
 
@@ -306,17 +298,22 @@ def test_cpu_precision_auto_trains_in_bf16_only_when_clearly_faster_and_resume_k
 
     monkeypatch.setattr(model, "cpu_has_bf16", lambda: True)
     monkeypatch.setattr(trainer, "step_seconds", lambda model, s, dtypes: {torch.bfloat16: bf16_seconds, None: 1.0})
-    data, cpu = _blobs(), torch.device("cpu")
-    history = train(Run(_settings(epochs=1), tmp_path, CONFIG, cpu), UNet(3, 3, 8), data, _validator(data))
+    data, cpu = Blobs(), torch.device("cpu")
+    history = train(Run(blob_settings(epochs=1), tmp_path, CONFIG, cpu), UNet(3, 3, 8), data, blob_validator(data))
     assert history[0]["precision"] == picked and f"training in {picked}" in capsys.readouterr().out
     assert pd.read_csv(tmp_path / "history.csv").precision.tolist() == [picked]
     monkeypatch.setattr(
         trainer, "step_seconds", lambda *a: pytest.fail("a resumed run must keep its recorded precision")
     )
-    resumed = train(Run(_settings(epochs=2, resume=True), tmp_path, CONFIG, cpu), UNet(3, 3, 8), data, _validator(data))
+    resumed = train(
+        Run(blob_settings(epochs=2, resume=True), tmp_path, CONFIG, cpu), UNet(3, 3, 8), data, blob_validator(data)
+    )
     assert [h["precision"] for h in resumed] == [picked, picked]
     explicit = train(
-        Run(_settings(epochs=1, precision="bf16"), tmp_path / "b", CONFIG, cpu), UNet(3, 3, 8), data, _validator(data)
+        Run(blob_settings(epochs=1, precision="bf16"), tmp_path / "b", CONFIG, cpu),
+        UNet(3, 3, 8),
+        data,
+        blob_validator(data),
     )
     assert explicit[0]["precision"] == "bf16"
 
@@ -328,7 +325,7 @@ def test_timing_the_precision_leaves_the_weights_and_the_random_stream_alone():
 
     model = UNet(3, 3, 8)
     before, rng = {k: v.clone() for k, v in model.state_dict().items()}, torch.random.get_rng_state()
-    assert all(t > 0 for t in step_seconds(model, _settings(size=32), (torch.bfloat16, None)).values())
+    assert all(t > 0 for t in step_seconds(model, blob_settings(size=32), (torch.bfloat16, None)).values())
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert torch.equal(torch.random.get_rng_state(), rng) and all(p.grad is None for p in model.parameters())
 
@@ -342,7 +339,7 @@ def test_the_loop_reads_the_device_once_per_optimizer_step(monkeypatch):
     agree = distributed.step_agreement
     monkeypatch.setattr(distributed, "step_agreement", lambda *a: reads.append(1) or agree(*a))
     model = UNet(3, 3, 8)
-    s = _settings(accum=2, augment="full")
+    s = blob_settings(accum=2, augment="full")
     opt = trainer.build_optimizer(model, s)
     scaler = torch.amp.GradScaler("cuda", enabled=False)
 
