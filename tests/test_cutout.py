@@ -5,12 +5,12 @@ rest; a rerun skips finished photos."""
 from __future__ import annotations
 
 import shutil
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 import torch
+from helpers import photos_of, tiny_nets
 from PIL import Image
 
 from common.data.images import ORIENTATION, image_size, read_image
@@ -21,27 +21,19 @@ from pipelines.matting import foreground
 
 
 def test_cutout_of_any_photos(tiny_run, tmp_path, capsys):
-    src = sorted(Path(tiny_run.data.root, "test").glob("*.jpg"))
+    """A JPEG with an upper-case suffix, a portrait PNG in a folder below, the same pixels as a lossless
+    WebP, and no photo: the masks, cutouts and composites of the three photos, the WebP's the PNG's; the
+    soft edge in the car's own colour unless `cutout.clean_edges=false`; the broken file listed."""
+    src = photos_of(tiny_run)
     photos = tmp_path / "photos"
     (photos / "more").mkdir(parents=True)
     shutil.copy(src[0], photos / "My Car.JPG")
     Image.open(src[1]).rotate(90, expand=True).resize((600, 900)).save(photos / "more" / "portrait.png")  # portrait PNG
+    portrait = Image.open(photos / "more" / "portrait.png")
+    portrait.save(photos / "more" / "lossless.webp", lossless=True)  # the same pixels as WebP
     (photos / "broken.jpg").write_bytes(b"not a photo")
     out = tmp_path / "out"
-    run = tiny_run.output.dir
-    args = [
-        "cutout",
-        str(photos),
-        "--out",
-        str(out),
-        "--composite",
-        "white",
-        f"stage1.checkpoint={run}/stage1/best.pt",
-        f"stage2.checkpoint={run}/stage2/best.pt",
-        "stage1.size=64",
-        "stage2.tile=512",
-        "device=cpu",
-    ]
+    args = ["cutout", str(photos), "--out", str(out), "--composite", "white", *tiny_nets(tiny_run)]
     assert cli(args) == 1  # the broken photo, after finishing the others
     for stem, size in (("My Car", (1918, 1280)), ("portrait", (600, 900))):
         mask = np.asarray(Image.open(out / f"{stem}_mask.png"))
@@ -52,7 +44,7 @@ def test_cutout_of_any_photos(tiny_run, tmp_path, capsys):
             == Image.open(out / f"{stem}_on_white.jpg").size
             == size
         )
-        assert set(np.unique(mask)) <= {0, 255} and rgba.mode == "RGBA"
+        assert set(np.unique(mask)) == {0, 255} and rgba.mode == "RGBA"
         alpha = np.asarray(rgba)[..., 3]
         np.testing.assert_array_equal(alpha >= 128, mask == 255)  # the soft edge thresholds to the mask exactly
         assert 0 < np.mean((alpha > 0) & (alpha < 255)) < 0.05  # semi-transparent only along the edge
@@ -62,48 +54,41 @@ def test_cutout_of_any_photos(tiny_run, tmp_path, capsys):
         np.testing.assert_array_equal(np.asarray(rgba)[..., :3], clean)
         solid = (alpha == 0) | (alpha == 255)
         np.testing.assert_array_equal(clean[solid], read_image(photo)[solid])
+        assert (clean != read_image(photo))[~solid].any()  # the soft edge recoloured
+    for name in ("{}.png", "{}_mask.png", "{}_on_white.jpg"):  # the WebP of portrait.png's pixels
+        webp, png = (np.asarray(Image.open(out / name.format(stem))) for stem in ("lossless", "portrait"))
+        np.testing.assert_array_equal(webp, png)
     errors = pd.read_csv(out / "errors.csv")
     assert errors.photo.str.endswith("broken.jpg").tolist() == [True] and "not a readable image" in errors.reason[0]
     assert errors.stage.tolist() == ["read"]
     assert not list(out.glob(".*.tmp"))
     capsys.readouterr()
     assert cli(args) == 1
-    assert "1 photos to do, 2 already done" in capsys.readouterr().out
+    assert "1 photos to do, 3 already done" in capsys.readouterr().out
     hard = tmp_path / "hard"
     assert cli([*args[:1], str(photos / "My Car.JPG"), "--out", str(hard), "--alpha", "hard", *args[4:]]) == 0
     np.testing.assert_array_equal(
         np.asarray(Image.open(hard / "My Car.png"))[..., 3], np.asarray(Image.open(hard / "My Car_mask.png"))
     )
+    portrait, plain = photos / "more" / "portrait.png", tmp_path / "plain"
+    assert cli([*args[:1], str(portrait), "--out", str(plain), *args[4:], "cutout.clean_edges=false"]) == 0
+    unclean = np.asarray(Image.open(plain / "portrait.png"))
+    np.testing.assert_array_equal(unclean[..., :3], read_image(portrait))  # the photo's own colours, edge too
+    np.testing.assert_array_equal(unclean[..., 3], np.asarray(Image.open(out / "portrait.png"))[..., 3])
 
 
 def test_a_photo_the_tiles_cannot_cover_is_its_own_failure_and_the_others_are_cut_out(tiny_run, tmp_path, capsys):
     """64 px tiles overlapping by 32 would cut a 1918x1280 photo's car box into over a thousand tiles:
     that photo is a row of errors.csv naming the settings, the small photo beside it is cut out, the
     command exits 1 (a failure during the work), not 2 (the settings are fine for other photos)."""
-    src = sorted(Path(tiny_run.data.root, "test").glob("*.jpg"))
+    src = photos_of(tiny_run)
     photos = tmp_path / "photos"
     photos.mkdir()
     shutil.copy(src[0], photos / "large.jpg")
     Image.open(src[1]).resize((120, 80)).save(photos / "small.png")
-    run = tiny_run.output.dir
     out = tmp_path / "out"
-    assert (
-        cli(
-            [
-                "cutout",
-                str(photos),
-                "--out",
-                str(out),
-                f"stage1.checkpoint={run}/stage1/best.pt",
-                f"stage2.checkpoint={run}/stage2/best.pt",
-                "stage1.size=64",
-                "stage2.tile=64",
-                "stage2.min_overlap=32",
-                "device=cpu",
-            ]
-        )
-        == 1
-    )
+    tiles = ["stage2.tile=64", "stage2.min_overlap=32"]
+    assert cli(["cutout", str(photos), "--out", str(out), *tiny_nets(tiny_run), *tiles]) == 1
     errors = pd.read_csv(out / "errors.csv")
     assert errors.photo.tolist() == [str(photos / "large.jpg")] and errors.stage.tolist() == ["stage2"]
     assert "stage2.tile=64 with stage2.min_overlap=32" in errors.reason[0] and "raise stage2.tile" in errors.reason[0]
@@ -131,7 +116,7 @@ def test_soft_alpha_ramps_across_the_edge_and_thresholds_to_the_hard_mask(thresh
 def test_photos_are_read_as_shown_with_their_exif_orientation(tiny_run, tmp_path):
     """A phone photo stored sideways (EXIF orientation 6) is read turned upright, in every reader, and
     cut out the same as the same pixels stored upright."""
-    src = sorted(Path(tiny_run.data.root, "test").glob("*.jpg"))[0]
+    src = photos_of(tiny_run)[0]
     stored = Image.open(src).resize((400, 300))
     exif = Image.Exif()
     exif[ORIENTATION] = 6  # the viewer turns it 90 degrees clockwise
@@ -141,27 +126,8 @@ def test_photos_are_read_as_shown_with_their_exif_orientation(tiny_run, tmp_path
     np.testing.assert_array_equal(shown, np.rot90(read_image(tmp_path / "plain.jpg"), -1))
     assert image_size(tmp_path / "phone.jpg") == (300, 400)
     Image.fromarray(shown).save(tmp_path / "upright.png")
-    run = tiny_run.output.dir
-    nets = [
-        f"stage1.checkpoint={run}/stage1/best.pt",
-        f"stage2.checkpoint={run}/stage2/best.pt",
-        "stage1.size=64",
-        "stage2.tile=512",
-        "device=cpu",
-    ]
-    assert (
-        cli(
-            [
-                "cutout",
-                str(tmp_path / "phone.jpg"),
-                str(tmp_path / "upright.png"),
-                "--out",
-                str(tmp_path / "out"),
-                *nets,
-            ]
-        )
-        == 0
-    )
+    photos = [str(tmp_path / "phone.jpg"), str(tmp_path / "upright.png")]
+    assert cli(["cutout", *photos, "--out", str(tmp_path / "out"), *tiny_nets(tiny_run)]) == 0
     phone, upright = (np.asarray(Image.open(tmp_path / "out" / f"{n}.png")) for n in ("phone", "upright"))
     assert phone.shape == (400, 300, 4)
     np.testing.assert_array_equal(phone, upright)

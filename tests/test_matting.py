@@ -3,17 +3,13 @@ it was photographed on; the alpha, the opaque car and the transparent studio are
 
 from __future__ import annotations
 
-import io
-
 import numpy as np
-import pytest
 import torch
-from PIL import Image
 
 from common.prediction.step import Prediction
 from pipelines.matting import alpha as alpha_of
 from pipelines.matting import foreground
-from pipelines.picture import Cut, Picture, render
+from pipelines.picture import Cut, Picture
 
 
 def _studio_shot() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -64,13 +60,3 @@ def test_a_crop_is_the_crop_of_the_whole_picture_and_a_hard_alpha_changes_nothin
     np.testing.assert_array_equal(_cut(photo, alpha, box).pixels(Picture("rgba", crop=True)), whole[30:210, 40:290])
     hard = (alpha >= 128).to(torch.uint8) * 255
     assert foreground(photo, hard) is photo
-
-
-def test_the_servers_cutout_is_clean_unless_the_query_says_clean_edges_false():
-    pytest.importorskip("fastapi", reason="the serve extra is not installed (pip install '.[serve]')")
-    photo, alpha, _ = _studio_shot()
-    cut = _cut(photo, alpha)
-    for clean, colours in ((True, foreground(photo, alpha)), (False, photo)):
-        answer = np.asarray(Image.open(io.BytesIO(render(cut, Picture(clean_edges=clean), fast=True))))
-        np.testing.assert_array_equal(answer[..., :3], colours.numpy())
-        np.testing.assert_array_equal(answer[..., 3], alpha.numpy())

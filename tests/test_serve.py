@@ -4,169 +4,186 @@ queue 503; the API key; SIGTERM drains."""
 
 from __future__ import annotations
 
-import contextlib
+import base64
 import io
 import json
-import os
-import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
-import threading
 import time
-import urllib.error
-import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from xml.etree import ElementTree
 
 import numpy as np
 import pytest
+import torch
+from helpers import (
+    TINY,
+    busy,
+    call,
+    held_step,
+    hold_warm_up,
+    metric,
+    multipart,
+    photos_of,
+    port_of,
+    read_answer,
+    refused,
+    running,
+    serve_process,
+    tiny_nets,
+    until,
+    wait_healthy,
+)
 from PIL import Image
 
 pytest.importorskip("fastapi", reason="the serve extra is not installed (pip install '.[serve]')")
 
-from common.config import save_config  # noqa: E402
+from common.data.rle import rle_decode  # noqa: E402
 from common.errors import ConfigError  # noqa: E402
 from common.model_source import open_source  # noqa: E402
 from pipelines.cli import main as cli  # noqa: E402
+from pipelines.matting import foreground  # noqa: E402
 from pipelines.serve import create_app, listen  # noqa: E402
-from pipelines.serve.app import server_config  # noqa: E402
 
 
-@contextlib.contextmanager
-def running(cfg, healthy: bool = True):
-    """The app on uvicorn in a thread; yields its base URL and the app once /healthz says ok (or at
-    once, not `healthy`)."""
-    import uvicorn
-
-    app, sock = create_app(cfg, open_source(cfg)), listen("127.0.0.1", 0)  # a port of its own: nothing else can take it
-    server = uvicorn.Server(server_config(app))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    url = f"http://127.0.0.1:{sock.getsockname()[1]}"
-    if healthy:
-        _wait_healthy(url)
-    try:
-        yield url, app
-    finally:
-        server.should_exit = True
-        thread.join(60)
-
-
-def _wait_healthy(url: str, seconds: float = 120) -> None:
-    deadline = time.monotonic() + seconds  # a bound on start-up, not a measured speed
-    while time.monotonic() < deadline:
-        with contextlib.suppress(OSError):
-            if _call(url + "/healthz")[0] == 200:
-                return
-        time.sleep(0.1)
-    raise AssertionError(f"{url} did not become healthy")
-
-
-def _call(url: str, body: bytes | None = None, content_type: str = "", headers: dict | None = None):
-    """(status, headers, body) of a GET (no body) or POST."""
-    request = urllib.request.Request(
-        url, data=body, headers={**({"Content-Type": content_type} if content_type else {}), **(headers or {})}
-    )
-    try:
-        with urllib.request.urlopen(request, timeout=120) as answer:
-            return answer.status, answer.headers, answer.read()
-    except urllib.error.HTTPError as e:
-        return e.code, e.headers, e.read()
-
-
-def _multipart(field: str, data: bytes, name: str = "photo.jpg") -> tuple[bytes, str]:
-    boundary = "carvanaboundary"
-    body = (
-        (
-            f'--{boundary}\r\nContent-Disposition: form-data; name="{field}"; filename="{name}"\r\n'
-            f"Content-Type: application/octet-stream\r\n\r\n"
-        ).encode()
-        + data
-        + f"\r\n--{boundary}--\r\n".encode()
-    )
-    return body, f"multipart/form-data; boundary={boundary}"
-
-
-def _mean_batch(url: str) -> float:
-    text = _call(url + "/metrics")[2].decode()
-    values = {
-        line.split()[0]: float(line.split()[1]) for line in text.splitlines() if line.startswith("carvana_batch_size_")
-    }
-    return values["carvana_batch_size_sum"] / values["carvana_batch_size_count"]
+def _picture(answer: bytes) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(answer)))
 
 
 @pytest.fixture(scope="module")
 def photos(tiny_run, tmp_path_factory):
     """Three test photos and `carvana cutout`'s hard masks of them."""
     folder = tmp_path_factory.mktemp("serve")
-    paths = sorted(Path(tiny_run.data.root, "test").glob("*.jpg"))[:3]
-    run = tiny_run.output.dir
-    assert (
-        cli(
-            [
-                "cutout",
-                *map(str, paths),
-                "--out",
-                str(folder / "cut"),
-                "--alpha",
-                "hard",
-                f"stage1.checkpoint={run}/stage1/best.pt",
-                f"stage2.checkpoint={run}/stage2/best.pt",
-                "stage1.size=64",
-                "stage2.tile=512",
-                "device=cpu",
-            ]
-        )
-        == 0
-    )
+    paths = photos_of(tiny_run)[:3]
+    assert cli(["cutout", *map(str, paths), "--out", str(folder / "cut"), "--alpha", "hard", *tiny_nets(tiny_run)]) == 0
     return [(p.read_bytes(), np.asarray(Image.open(folder / "cut" / f"{p.stem}_mask.png"))) for p in paths]
 
 
+@pytest.fixture(scope="module")
+def served(tiny_run):
+    """One server for the checks that leave it as it was: (its URL, the app)."""
+    with running(tiny_run.updated({"serve.max_wait_ms": 0})) as served:
+        yield served
+
+
 def test_concurrent_requests_are_batched_and_answered_as_cutout_answers(tiny_run, photos):
-    cfg = tiny_run.updated({"serve.max_wait_ms": 500, "serve.max_batch": 4})  # 8 requests: more than one batch
-    with running(cfg) as (url, _):
+    """While the device step holds the first photo, seven more arrive: they go through in batches of
+    serve.max_batch (4, then 3), each answered with `carvana cutout`'s mask; a composite is the cutout over
+    the colour asked for."""
+    cfg = tiny_run.updated({"serve.max_wait_ms": 500, "serve.max_batch": 4})
 
-        def ask(k: int):
-            data, mask = photos[k % len(photos)]
-            body, kind = _multipart("image", data) if k % 2 else (data, "image/jpeg")  # both ways of sending
-            status, headers, answer = _call(url + "/v1/cutout?output=mask&alpha=hard", body, kind)
-            assert status == 200, answer
-            return np.asarray(Image.open(io.BytesIO(answer))), mask, headers
+    def ask(k: int):
+        data, mask = photos[k % len(photos)]
+        body, kind = multipart("image", data) if k % 2 else (data, "image/jpeg")  # both ways of sending
+        status, _, answer = call(url + "/v1/cutout?output=mask&alpha=hard", body, kind)
+        assert status == 200, answer
+        return _picture(answer), mask
 
-        with ThreadPoolExecutor(8) as pool:
-            answers = list(pool.map(ask, range(8)))
-        for got, mask, headers in answers:
+    with running(cfg) as (url, app), held_step(app.state.batcher) as release, ThreadPoolExecutor(8) as pool:
+        first = pool.submit(ask, 0)
+        until(lambda: busy(url))  # alone in the held step
+        rest = [pool.submit(ask, k) for k in range(1, 8)]
+        until(lambda: app.state.batcher.queue.qsize() == 7)
+        release.set()
+        answers = [first.result(), *(f.result() for f in rest)]
+        assert (metric(url, "carvana_batch_size_count"), metric(url, "carvana_batch_size_sum")) == (3, 8)
+        for got, mask in answers:
             # the same pixels through the same predictor; batched with other photos, bf16 convolutions
             # may round a few pixels on the threshold the other way (6 of 2.4 million seen), no more
-            assert got.shape == mask.shape and np.mean(got != mask) < 1e-5
-            x0, y0, x1, y1 = map(int, headers["X-Car-Box"].split(","))
-            assert 0 <= x0 < x1 <= mask.shape[1] and 0 <= y0 < y1 <= mask.shape[0]
-        assert _mean_batch(url) > 1
+            assert got.shape == mask.shape and 0 < mask.mean() < 255 and np.mean(got != mask) < 1e-5
 
         data, mask = photos[0]
-        status, _, answer = _call(url + "/v1/segment", data, "image/jpeg")
+        status, _, answer = call(url + "/v1/segment", data, "image/jpeg")
         seg = json.loads(answer)
         assert status == 200 and (seg["width"], seg["height"]) == (mask.shape[1], mask.shape[0])
-        from common.data.rle import rle_decode
-
         assert np.mean(rle_decode(seg["rle_mask"], mask.shape) != (mask == 255)) < 1e-5
-        status, headers, answer = _call(url + "/v1/cutout?output=rgba&crop=true&format=webp", data, "image/jpeg")
+        status, headers, answer = call(url + "/v1/cutout?output=rgba&crop=true&format=webp", data, "image/jpeg")
         x0, y0, x1, y1 = map(int, headers["X-Car-Box"].split(","))
         cropped = Image.open(io.BytesIO(answer))
         assert status == 200 and cropped.mode == "RGBA" and cropped.size == (x1 - x0, y1 - y0)
-        status, _, answer = _call(
-            url + "/v1/cutout?output=composite&background=%2300ff00&format=jpeg", data, "image/jpeg"
+        rgba = _picture(call(url + "/v1/cutout?output=rgba", data, "image/jpeg")[2]).astype(float)
+        status, _, answer = call(
+            url + "/v1/cutout?output=composite&background=%2300ff00&format=png", data, "image/jpeg"
         )
+        alpha = rgba[..., 3:] / 255
+        on_green = rgba[..., :3] * alpha + np.array([0, 255, 0]) * (1 - alpha)  # straight alpha over the colour
+        assert status == 200 and np.abs(_picture(answer) - on_green).max() <= 0.5 + 1e-6
+        status, _, answer = call(url + "/v1/cutout?output=composite&format=jpeg", data, "image/jpeg")
         assert status == 200 and Image.open(io.BytesIO(answer)).format == "JPEG"
-        page = _call(url + "/")[2].decode()
+        page = call(url + "/")[2].decode()
         assert "/v1/cutout" in page and "http://" not in page and "https://" not in page  # works offline
-        metrics = _call(url + "/metrics")[2].decode()
-        assert (
-            'carvana_requests_total{endpoint="/v1/cutout",status="200"}' in metrics and "carvana_queue_depth" in metrics
-        )
+        assert metric(url, 'carvana_requests_total{endpoint="/v1/cutout",status="200"}') == 12
+
+
+def test_the_answers_say_the_cars_box_whether_stage_1_found_it_and_the_seconds(served, photos, monkeypatch):
+    """X-Car-Box and /v1/segment's box hold the car's mask and lie inside the photo; X-Car-Found and
+    `found` say whether stage 1 saw a car (where it sees none, the box is the whole photo); X-Seconds is
+    the server's time for the request, within what the client waited for it."""
+    from stage1_lowres.coarse import Coarse
+
+    url, _ = served
+    data, mask = photos[0]
+    height, width = mask.shape
+    ys, xs = np.nonzero(mask)
+    started = time.monotonic()
+    status, headers, _ = call(url + "/v1/cutout?output=mask", data, "image/jpeg")
+    waited = time.monotonic() - started
+    box = [int(v) for v in headers["X-Car-Box"].split(",")]
+    x0, y0, x1, y1 = box
+    assert status == 200 and headers["X-Car-Found"] == "1" and 0 < float(headers["X-Seconds"]) <= waited
+    assert 0 <= x0 <= xs.min() and xs.max() < x1 <= width and 0 <= y0 <= ys.min() and ys.max() < y1 <= height
+    assert (x1 - x0) * (y1 - y0) < 0.8 * width * height  # the car's box, not the whole photo
+    segment = json.loads(call(url + "/v1/segment", data, "image/jpeg")[2])
+    assert (segment["box"], segment["found"]) == (box, True)
+
+    monkeypatch.setattr(Coarse, "probs", lambda self, images: torch.zeros(len(images), self.size, self.size))
+    status, headers, _ = call(url + "/v1/cutout?output=mask", data, "image/jpeg")
+    assert (status, headers["X-Car-Found"], headers["X-Car-Box"]) == (200, "0", f"0,0,{width},{height}")
+    segment = json.loads(call(url + "/v1/segment", data, "image/jpeg")[2])
+    assert (segment["box"], segment["found"]) == ([0, 0, width, height], False)
+
+
+def test_clean_edges_false_in_the_query_leaves_the_photos_own_colours(served, photos):
+    """By default the soft edge of /v1/cutout's RGBA carries the car's own colour (clean edges); with
+    `clean_edges=false` every pixel keeps the photo's colour. The alpha is the same either way."""
+    url, _ = served
+    data = photos[0][0]
+    photo = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
+    clean = _picture(call(url + "/v1/cutout?output=rgba", data, "image/jpeg")[2])
+    plain = _picture(call(url + "/v1/cutout?output=rgba&clean_edges=false", data, "image/jpeg")[2])
+    alpha = clean[..., 3]
+    soft = (alpha > 0) & (alpha < 255)
+    assert soft.sum() > 1000
+    np.testing.assert_array_equal(plain[..., 3], alpha)
+    np.testing.assert_array_equal(plain[..., :3], photo)
+    np.testing.assert_array_equal(clean[..., :3], foreground(torch.from_numpy(photo), torch.from_numpy(alpha)).numpy())
+    assert (clean[..., :3][soft] != photo[soft]).any(axis=-1).mean() > 0.5
+
+
+def test_a_webp_photo_is_cut_out_as_the_png_of_its_pixels_on_v1_and_v2(served, photos):
+    """A lossless WebP upload, to /v1/segment, /v1/cutout and /v2's infer: the mask of the same pixels
+    sent as PNG."""
+    url, _ = served
+    rgb = Image.open(io.BytesIO(photos[0][0])).convert("RGB")
+    sent = {}
+    for fmt, options in (("PNG", {}), ("WEBP", {"lossless": True})):
+        buf = io.BytesIO()
+        rgb.save(buf, format=fmt, **options)
+        sent[fmt] = buf.getvalue()
+    png, webp = (json.loads(call(url + "/v1/segment", sent[f], f"image/{f.lower()}")[2]) for f in ("PNG", "WEBP"))
+    mask = rle_decode(png["rle_mask"], (png["height"], png["width"]))
+    assert webp.pop("seconds") > 0 and png.pop("seconds") > 0 and webp == png and 0 < mask.mean() < 1
+    status, _, answer = call(url + "/v1/cutout?output=mask", sent["WEBP"], "image/webp")
+    assert status == 200 and np.array_equal(_picture(answer) >= 128, mask)  # the soft alpha: >= 128 is the mask
+    image = {"name": "image", "shape": [1], "datatype": "BYTES", "data": [base64.b64encode(sent["WEBP"]).decode()]}
+    request = json.dumps({"inputs": [image], "outputs": [{"name": "mask"}]}).encode()
+    status, _, answer = call(url + "/v2/models/carvana/infer", request, "application/json")
+    (output,) = json.loads(answer)["outputs"]
+    assert status == 200 and output["shape"] == list(mask.shape) and np.array_equal(output["data"], mask.ravel())
 
 
 def test_bad_input_gets_a_4xx_naming_the_problem_and_the_server_keeps_serving(tiny_run, photos):
@@ -183,44 +200,27 @@ def test_bad_input_gets_a_4xx_naming_the_problem_and_the_server_keeps_serving(ti
         ((gif.getvalue(), "image/gif"), 415, "GIF is not supported"),
         ((b"x" * 2_500_000, "image/jpeg"), 413, "serve.max_bytes"),  # read (a body may add a third), then refused
         ((bomb.getvalue(), "image/png"), 413, "serve.max_pixels"),
-        (_multipart("photo", data), 400, "missing the multipart field 'image'"),
+        (multipart("photo", data), 400, "missing the multipart field 'image'"),
         ((data, "text/plain"), 415, "Content-Type"),
     ]
     with running(cfg) as (url, _):
         for (body, kind), status, words in cases:
-            got, _, answer = _call(url + "/v1/cutout", body, kind)
+            got, _, answer = call(url + "/v1/cutout", body, kind)
             assert (got, words in json.loads(answer)["error"]) == (status, True), answer
-        got, _, answer = _call(url + "/v1/cutout?output=sideways", data, "image/jpeg")
+        got, _, answer = call(url + "/v1/cutout?output=sideways", data, "image/jpeg")
         assert got == 400 and "output=sideways" in json.loads(answer)["error"]
-        assert _call(url + "/v1/cutout", data, "image/jpeg")[0] == 200  # still serving
+        assert call(url + "/v1/cutout", data, "image/jpeg")[0] == 200  # still serving
 
 
 def test_a_photo_the_tiles_cannot_cover_gets_422_naming_the_settings(tiny_run, photos):
-    """64 px tiles overlapping by 32 would cut the photo's car box into over a thousand tiles: that
+    """64 px tiles overlapping by 32 would cut the photo's car box into hundreds of tiles: that
     photo's failure, answered 422 with the reason, and the server goes on."""
     with running(tiny_run.updated({"stage2.tile": 64, "stage2.min_overlap": 32})) as (url, _):
         for endpoint in ("/v1/cutout", "/v1/segment"):
-            status, _, answer = _call(url + endpoint, photos[0][0], "image/jpeg")
+            status, _, answer = call(url + endpoint, photos[0][0], "image/jpeg")
             error = json.loads(answer)["error"]
             assert status == 422 and error.startswith("upload: stage2.tile=64 with stage2.min_overlap=32"), error
-        assert _call(url + "/healthz")[0] == 200
-
-
-def hold_warm_up(monkeypatch) -> tuple[threading.Event, threading.Event]:
-    """Every server's warm-up held until the test sets the second event (the first says it has begun),
-    as a compilation holds it for tens of seconds."""
-    from pipelines.serve import Batcher
-
-    warming, release = threading.Event(), threading.Event()
-    real = Batcher.warm_up
-
-    def held(self, cascade):
-        warming.set()
-        release.wait(120)
-        real(self, cascade)
-
-    monkeypatch.setattr(Batcher, "warm_up", held)
-    return warming, release
+        assert call(url + "/healthz")[0] == 200
 
 
 def test_the_server_answers_not_ready_until_its_nets_are_warmed_up(tiny_run, photos, monkeypatch):
@@ -230,46 +230,39 @@ def test_the_server_answers_not_ready_until_its_nets_are_warmed_up(tiny_run, pho
     data = photos[0][0]
     with running(tiny_run, healthy=False) as (url, _):
         assert warming.wait(120)
-        status, _, answer = _call(url + "/healthz")
+        status, _, answer = call(url + "/healthz")
         assert status == 503 and json.loads(answer)["status"] == "loading"
-        status, headers, answer = _call(url + "/v1/segment", data, "image/jpeg")
+        status, headers, answer = call(url + "/v1/segment", data, "image/jpeg")
         assert status == 503 and headers["Retry-After"] and "not loaded yet" in json.loads(answer)["error"]
         release.set()
-        _wait_healthy(url)
-        assert _call(url + "/v1/segment", data, "image/jpeg")[0] == 200
+        wait_healthy(url)
+        assert call(url + "/v1/segment", data, "image/jpeg")[0] == 200
 
 
 def test_a_full_queue_gets_503_with_retry_after(tiny_run, photos):
-    """The device step is held (a stand-in that waits for the test), so the queue fills for sure."""
+    """The device step is held by the test, so the queue fills for sure."""
     cfg = tiny_run.updated({"serve.max_queue": 1, "serve.max_batch": 1, "serve.max_wait_ms": 0})
-    release = threading.Event()
     data = photos[0][0]
-    with running(cfg) as (url, app):
+    with running(cfg) as (url, app), held_step(app.state.batcher) as release, ThreadPoolExecutor(2) as pool:
         batcher = app.state.batcher
-        real = batcher._predict
-        batcher._predict = lambda *a: release.wait(60) and real(*a)
-        with ThreadPoolExecutor(2) as pool:
-            first = pool.submit(_call, url + "/v1/cutout", data, "image/jpeg")  # taken by the held device step
-            _until(lambda: batcher.queue.qsize() == 0 and _busy(url))
-            second = pool.submit(_call, url + "/v1/cutout", data, "image/jpeg")  # waits in the queue of one
-            _until(lambda: batcher.queue.qsize() == 1)
-            status, headers, answer = _call(url + "/v1/cutout", data, "image/jpeg")
-            assert status == 503 and headers["Retry-After"] == "1" and "serve.max_queue" in json.loads(answer)["error"]
-            release.set()
-            assert first.result()[0] == 200 and second.result()[0] == 200
+        first = pool.submit(call, url + "/v1/cutout", data, "image/jpeg")  # taken by the held device step
+        until(lambda: batcher.queue.qsize() == 0 and busy(url))
+        second = pool.submit(call, url + "/v1/cutout", data, "image/jpeg")  # waits in the queue of one
+        until(lambda: batcher.queue.qsize() == 1)
+        status, headers, answer = call(url + "/v1/cutout", data, "image/jpeg")
+        assert status == 503 and headers["Retry-After"] == "1" and "serve.max_queue" in json.loads(answer)["error"]
+        release.set()
+        assert first.result()[0] == 200 and second.result()[0] == 200
 
 
 def test_a_request_not_answered_in_time_gets_504(tiny_run, photos):
-    release = threading.Event()
     data = photos[0][0]
-    with running(tiny_run.updated({"serve.timeout_s": 1, "serve.max_wait_ms": 0})) as (url, app):
-        batcher = app.state.batcher
-        real = batcher._predict
-        batcher._predict = lambda *a: release.wait(60) and real(*a)  # the device step held past the timeout
-        status, _, answer = _call(url + "/v1/cutout", data, "image/jpeg")
+    cfg = tiny_run.updated({"serve.timeout_s": 1, "serve.max_wait_ms": 0})
+    with running(cfg) as (url, app), held_step(app.state.batcher) as release:  # held past the timeout
+        status, _, answer = call(url + "/v1/cutout", data, "image/jpeg")
         assert status == 504 and "serve.timeout_s=1" in json.loads(answer)["error"]
         release.set()
-        assert _call(url + "/healthz")[0] == 200  # still serving (a real step may take longer than 1 s on a CPU)
+        assert call(url + "/healthz")[0] == 200  # still serving (a real step may take longer than 1 s on a CPU)
 
 
 def test_a_failed_device_step_gets_500_naming_the_error_and_the_server_keeps_serving(tiny_run, photos):
@@ -284,38 +277,26 @@ def test_a_failed_device_step_gets_500_naming_the_error_and_the_server_keeps_ser
             raise RuntimeError("CUDA out of memory")
 
         batcher._predict = out_of_memory
-        status, headers, answer = _call(url + "/v1/segment", data, "image/jpeg")
+        status, headers, answer = call(url + "/v1/segment", data, "image/jpeg")
         error = json.loads(answer)["error"]
         assert (
             status == 500 and error.startswith("internal error ") and "CUDA" not in error
         )  # the details only in the log
-        assert 'carvana_requests_total{endpoint="/v1/segment",status="500"} 1.0' in _call(url + "/metrics")[2].decode()
+        assert metric(url, 'carvana_requests_total{endpoint="/v1/segment",status="500"}') == 1
         batcher._predict = real
-        assert _call(url + "/v1/segment", data, "image/jpeg")[0] == 200
-
-
-def _busy(url: str) -> bool:
-    text = _call(url + "/metrics")[2].decode()
-    return "carvana_batch_size_count 1.0" in text
-
-
-def _until(condition, seconds: float = 60) -> None:
-    deadline = time.monotonic() + seconds
-    while not condition():
-        assert time.monotonic() < deadline, "the server never reached the expected state"
-        time.sleep(0.02)
+        assert call(url + "/v1/segment", data, "image/jpeg")[0] == 200
 
 
 def test_the_api_key_is_required_when_configured(tiny_run, photos, monkeypatch):
     monkeypatch.setenv("CARVANA_TEST_KEY", "s3cret")
     data = photos[0][0]
     with running(tiny_run.updated({"serve.api_key_env": "CARVANA_TEST_KEY"})) as (url, _):
-        status, _, answer = _call(url + "/v1/cutout", data, "image/jpeg")
+        status, _, answer = call(url + "/v1/cutout", data, "image/jpeg")
         assert status == 401 and "API key" in json.loads(answer)["error"]
-        assert _call(url + "/v1/cutout", data, "image/jpeg", {"X-API-Key": "wrong"})[0] == 401
-        assert _call(url + "/v1/cutout", data, "image/jpeg", {"X-API-Key": "s3cret"})[0] == 200
-        assert _call(url + "/v1/segment", data, "image/jpeg", {"Authorization": "Bearer s3cret"})[0] == 200
-        assert _call(url + "/healthz")[0] == 200  # health checks need no key
+        assert call(url + "/v1/cutout", data, "image/jpeg", {"X-API-Key": "wrong"})[0] == 401
+        assert call(url + "/v1/cutout", data, "image/jpeg", {"X-API-Key": "s3cret"})[0] == 200
+        assert call(url + "/v1/segment", data, "image/jpeg", {"Authorization": "Bearer s3cret"})[0] == 200
+        assert call(url + "/healthz")[0] == 200  # health checks need no key
     monkeypatch.delenv("CARVANA_TEST_KEY")
     with pytest.raises(ConfigError, match="CARVANA_TEST_KEY"):
         create_app(tiny_run.updated({"serve.api_key_env": "CARVANA_TEST_KEY"}), open_source(tiny_run))
@@ -324,8 +305,6 @@ def test_the_api_key_is_required_when_configured(tiny_run, photos, monkeypatch):
 def test_the_server_listens_where_it_is_told_on_a_port_of_its_own():
     """--host 127.0.0.1, "" (every IPv4 interface) and ::1 (where this machine has IPv6); --port 0
     gets a free port, which the socket reports."""
-    import socket
-
     hosts = {"127.0.0.1": socket.AF_INET, "": socket.AF_INET}
     try:
         socket.create_server(("::1", 0), family=socket.AF_INET6).close()
@@ -337,50 +316,41 @@ def test_the_server_listens_where_it_is_told_on_a_port_of_its_own():
             assert sock.family == family and sock.getsockname()[1] > 0, host
 
 
-def _serving_at(server: subprocess.Popen) -> str:
-    """The address `carvana serve` says it listens on, in its first line (with --port 0, the port it got)."""
-    for line in server.stdout:
-        found = re.search(rb"serve: (http://[^/\s]+)/", line)
-        if found:
-            return found[1].decode()
-    raise AssertionError("the server ended before saying where it listens")
+@pytest.fixture(scope="module")
+def sedan(tiny_run, tmp_path_factory) -> Path:
+    """A bundle of the tiny run named `sedan`."""
+    folder = tmp_path_factory.mktemp("sedan") / "bundle"
+    args = ["bundle", "--out", str(folder), "--name", "sedan", *TINY]
+    assert cli([*args, f"data.root={tiny_run.data.root}", f"output.dir={tiny_run.output.dir}"]) == 0
+    return folder
 
 
-def test_sigterm_lets_the_request_in_flight_finish_and_exits_0(tiny_run, photos, tmp_path):
-    """A real `carvana serve` on a port of its own choosing (--port 0): a request waits in the batcher
-    (max_wait_ms 3 s) when SIGTERM arrives; it is answered, new connections are refused, the process exits 0."""
-    save_config(tiny_run, tmp_path / "tiny.yaml")
-    args = [
-        sys.executable,
-        "-m",
-        "pipelines",
-        "serve",
-        "--port",
-        "0",
-        "--config",
-        str(tmp_path / "tiny.yaml"),
-        "serve.max_wait_ms=3000",
-    ]
-    server = subprocess.Popen(
-        args,
-        cwd=Path(__file__).resolve().parents[1],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
-    )
-    try:
-        url = _serving_at(server)
-        _wait_healthy(url)
-        with ThreadPoolExecutor(1) as pool:
-            flight = pool.submit(_call, url + "/v1/cutout", photos[0][0], "image/jpeg")
-            _until(lambda: "carvana_queue_depth 1.0" in _call(url + "/metrics")[2].decode())  # in the batcher
+def test_serve_model_names_the_model_after_the_bundle_and_sigterm_drains_then_exits_0(
+    tiny_run, sedan, photos, tmp_path
+):
+    """`carvana serve --model BUNDLE --port 0`, a real process: /v2 serves the model under the bundle's
+    name. A request is still uploading when SIGTERM arrives: while it is in flight new connections are
+    refused; it is then answered, and the process says so and exits 0."""
+    data = photos[0][0]
+    with serve_process(tiny_run, tmp_path, "--model", str(sedan)) as (url, server):
+        assert call(url + "/v2/models/sedan/ready")[0] == 200
+        assert json.loads(call(url + "/v2/models/sedan")[2])["name"] == "sedan"
+        assert call(url + "/v2/models/carvana/ready")[0] == 404
+        with socket.create_connection(("127.0.0.1", port_of(url))) as upload:
+            upload.sendall(
+                f"POST /v1/cutout?output=mask HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: image/jpeg\r\n"
+                f"Content-Length: {len(data)}\r\n\r\n".encode()
+                + data[: len(data) // 2]
+            )
+            until(lambda: metric(url, "carvana_uploads_arriving") == 1)  # the server is reading it
             server.send_signal(signal.SIGTERM)
-            assert flight.result()[0] == 200
-        assert server.wait(60) == 0, server.stdout.read().decode()
-        with pytest.raises(OSError):
-            _call(url + "/healthz")
-    finally:
-        server.kill()
+            until(lambda: refused(url))
+            assert server.poll() is None  # draining: the upload holds it
+            upload.sendall(data[len(data) // 2 :])
+            status, headers, answer = read_answer(upload)
+        assert status == 200 and headers["x-car-found"] == "1" and _picture(answer).shape == photos[0][1].shape
+        assert server.wait(60) == 0
+        assert "every request it accepted was answered" in server.stdout.read().decode()
 
 
 def test_the_api_is_as_its_openapi_document_says_under_schemathesis(tiny_run, tmp_path):
@@ -428,33 +398,3 @@ def test_the_api_is_as_its_openapi_document_says_under_schemathesis(tiny_run, tm
         if case.find("skipped") is None
     }
     assert {"POST /v1/cutout", "POST /v1/segment", "GET /healthz", "GET /metrics", "GET /"} <= tested, tested
-
-
-CHROMEDRIVER = shutil.which("chromedriver")
-
-
-@pytest.mark.skipif(
-    CHROMEDRIVER is None, reason="Chromium's driver is not installed (apt-get install chromium chromium-driver)"
-)
-def test_the_page_cuts_out_an_uploaded_photo_in_chromium(tiny_run, photos, tmp_path):
-    """The page in headless Chromium (selenium): pick a photo, its cutout appears beside it."""
-    webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed (pip install selenium)")
-    from selenium.webdriver.common.by import By
-    from selenium.webdriver.support.ui import WebDriverWait
-
-    photo = tmp_path / "car.jpg"
-    photo.write_bytes(photos[0][0])
-    options = webdriver.ChromeOptions()
-    for flag in ("--headless", "--no-sandbox", "--disable-gpu"):
-        options.add_argument(flag)
-    with running(tiny_run) as (url, _):
-        browser = webdriver.Chrome(service=webdriver.ChromeService(CHROMEDRIVER), options=options)
-        try:
-            browser.get(url + "/")
-            browser.find_element(By.ID, "pick").send_keys(str(photo))
-            WebDriverWait(browser, 120).until(lambda b: b.find_elements(By.CSS_SELECTOR, "img.checker"))
-            cutout = browser.find_element(By.CSS_SELECTOR, "img.checker")
-            assert browser.execute_script("return arguments[0].complete && arguments[0].naturalWidth", cutout) == 1918
-            assert browser.find_element(By.PARTIAL_LINK_TEXT, "download car.png")
-        finally:
-            browser.quit()
