@@ -71,10 +71,22 @@ def test_each_side_grows_by_its_own_margin_within_the_image(corners, margin):
 
 @settings(max_examples=200, deadline=None)
 @given(st.integers(0, 100), st.integers(0, 2**32 - 1))
-def test_jittered_box_is_valid(amount, seed):
-    rng = np.random.default_rng(seed)
-    x0, y0, x1, y1 = jitter_box((10, 20, 60, 50), amount, rng, 80, 70)
+def test_a_jittered_box_moves_each_side_by_at_most_the_amount_and_stays_a_box_in_the_image(amount, seed):
+    box = (10, 20, 60, 50)
+    jittered = jitter_box(box, amount, np.random.default_rng(seed), 80, 70)
+    x0, y0, x1, y1 = jittered
     assert 0 <= x0 < x1 <= 80 and 0 <= y0 < y1 <= 70
+    assert all(abs(side - was) <= amount for side, was in zip(jittered, box, strict=True)), jittered
+
+
+def test_a_jittered_box_moves_every_side_both_ways_and_no_jitter_keeps_it():
+    """Over many draws each side takes every offset within the amount (as a uniform draw does); amount 0
+    is the box itself."""
+    rng = np.random.default_rng(0)
+    box = (100, 200, 600, 500)
+    offsets = np.array([jitter_box(box, 5, rng, 800, 700) for _ in range(2000)]) - box
+    assert all(set(side) == set(range(-5, 6)) for side in offsets.T)
+    assert jitter_box(box, 0, rng, 800, 700) == box
 
 
 def test_windowed_upsample_equals_the_full_one():

@@ -8,9 +8,10 @@ import json
 import shutil
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import torch
-from conftest import copy_run
+from helpers import copy_run
 
 from common.config import save_config
 from pipelines.cli import main as cli
@@ -18,27 +19,37 @@ from pipelines.cli import main as cli
 
 @pytest.fixture(scope="module")
 def bundled(evaluated, tmp_path_factory):
-    """(the run's config file, the bundle's folder) of a copy of the evaluated tiny run."""
+    """(the run's config file, the bundle's folder) of a copy of the evaluated tiny run whose mask threshold
+    is evaluate's best (predict.threshold: auto), its sweep's best moved to 0.35 (the tiny nets' is 0.5,
+    which a bundle would carry without `auto` too)."""
     folder = tmp_path_factory.mktemp("bundled")
-    run = copy_run(evaluated[0], folder / "run")
+    run = copy_run(evaluated[0], folder / "run").updated({"predict.threshold": "auto"})
+    sweep_csv = folder / "run" / "report" / "threshold_sweep.csv"
+    sweep = pd.read_csv(sweep_csv)
+    sweep.loc[sweep.threshold.round(2) == 0.35, "dice_cascade"] = sweep.dice_cascade.max() + 0.001
+    sweep.to_csv(sweep_csv, index=False)
     config = folder / "run.yaml"
     save_config(run, config)
     assert cli(["bundle", "--config", str(config), "--out", str(folder / "bundle"), "--onnx"]) == 0
     return config, folder / "bundle"
 
 
-def test_the_bundle_describes_its_nets_data_and_figures(bundled):
-    """bundle.json and the model card say what the nets are, what they learned, how well; with --onnx
-    the ONNX files sit beside the weights, their sha256 listed (common/onnx_export.py is tested
+def test_the_bundle_describes_its_nets_data_and_figures(bundled, evaluated):
+    """bundle.json and the model card say what the nets are, what they learned, how well (the means of
+    evaluate's per-image figures) and the mask threshold the run predicts with (its sweep's best); with
+    --onnx the ONNX files sit beside the weights, their sha256 listed (common/onnx_export.py is tested
     against PyTorch in tests/test_onnx.py)."""
     _, bundle = bundled
     manifest = json.loads((bundle / "bundle.json").read_text())
     assert manifest["format"] == 1 and manifest["name"] == "carvana"
     assert set(manifest["files"]) == {"stage1.safetensors", "refiner.safetensors", "stage1.onnx", "refiner.onnx"}
     assert manifest["nets"]["refiner"]["args"]["in_channels"] == 4 and manifest["prediction"]["stage2.tile"] == 512
-    assert (
-        manifest["validation"]["source"] == "carvana evaluate" and 0 <= manifest["validation"]["mean_dice_cascade"] <= 1
-    )
+    metrics = pd.read_csv(Path(evaluated[0].output.dir) / "report" / "metrics.csv")
+    figures = manifest["validation"]
+    assert figures["source"] == "carvana evaluate" and figures["images"] == len(metrics) == 16
+    for figure in ("dice_stage1", "dice_cascade", "edge_dice_cascade"):
+        assert figures[f"mean_{figure}"] == pytest.approx(metrics[figure].mean(), abs=1e-12), figure
+    assert manifest["threshold"] == 0.35  # the sweep's best
     assert manifest["training_data"]["kind"] == "synthetic"
     from safetensors import safe_open
 
@@ -157,8 +168,8 @@ def test_a_spoilt_bundle_is_refused_in_one_line_naming_the_file(bundled, tmp_pat
 
 
 def test_onnxruntime_runs_the_bundles_onnx_files_and_checkpoints_are_refused_it(bundled, tmp_path, capsys):
-    """predict.backend=onnxruntime with a bundle made with --onnx: the masks of torch's, to within a
-    few pixels (fp32 in onnxruntime, bf16 or fp32 in torch); with checkpoints: one line, exit 2."""
+    """predict.backend=onnxruntime with a bundle made with --onnx: the masks of torch's but for a few of
+    the car's edge pixels (fp32 in onnxruntime, bf16 or fp32 in torch); with checkpoints: one line, exit 2."""
     import numpy as np
     from PIL import Image
 
@@ -185,7 +196,8 @@ def test_onnxruntime_runs_the_bundles_onnx_files_and_checkpoints_are_refused_it(
             == 0
         )
         masks[backend] = np.asarray(Image.open(out / f"{photo.stem}_mask.png"))
-    assert masks["torch"].any() and np.mean(masks["torch"] != masks["onnxruntime"]) < 1e-4
+    car = np.mean(masks["torch"] > 0)
+    assert 0.01 < car < 0.99 and np.mean(masks["torch"] != masks["onnxruntime"]) < 0.005 * car  # edge pixels
     capsys.readouterr()
     assert (
         cli(
