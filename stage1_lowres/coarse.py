@@ -3,8 +3,8 @@ probability upsampled to full resolution, and the car box from it.
 
 Prediction feeds stage 1 from the one full-resolution decode of each image, resized on the device
 (antialiased bilinear). Training decodes at reduced size with the JPEG decoder (`read_image` with a
-size); the two differ by less than JPEG noise, and tests/test_cascade.py measures that boxes and
-masks agree.
+size); the two differ a little (the more, the smaller stage1.size), and tests/test_cascade.py measures
+how well their masks agree.
 """
 
 from __future__ import annotations

@@ -72,15 +72,19 @@ def old_predict(
     flip: bool = False,
     margin: int = 32,
     threshold: float = 0.5,
+    coarse: np.ndarray | None = None,
 ) -> dict:
     """One image as the project predicted before the streaming `Cascade`: a full decode for the tiles,
-    a second, reduced-size (JPEG draft) decode for stage 1, tiles and stitching in numpy."""
+    a second, reduced-size (JPEG draft) decode for stage 1, tiles and stitching in numpy. `coarse`: the
+    full-resolution stage-1 probability the refiner takes instead of this path's own (to compare the
+    refine paths alone)."""
     image = read_image(path)
     height, width = image.shape[:2]
     small = _probs(stage1, read_image(path, size=(size, size))[None], 1)[0]
-    coarse = F.interpolate(
-        torch.from_numpy(small)[None, None], size=(height, width), mode="bilinear", align_corners=False
-    )[0, 0].numpy()
+    if coarse is None:
+        coarse = F.interpolate(
+            torch.from_numpy(small)[None, None], size=(height, width), mode="bilinear", align_corners=False
+        )[0, 0].numpy()
     box = box or box_from_probability(small, width, height, margin, threshold) or (0, 0, width, height)
     out = {"image": image, "small": small, "coarse": coarse, "box": box, "prob": None}
     if refiner is not None:

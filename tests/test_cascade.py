@@ -8,13 +8,12 @@ import contextlib
 import io
 import threading
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import pytest
 import reference
 import torch
-from conftest import tiny_config
+from helpers import photos_of, tiny_config
 from PIL import Image
 
 from common.data.chunks import Chunk, ChunkStore
@@ -54,36 +53,45 @@ def _nets(run_cfg):
 
 
 def _agreement(run_cfg, paths, boxes, flip=False):
-    """Per-image Dice between the old path's masks and the Cascade's: (stage 1, cascade) lists."""
+    """Per-image Dice between the old path's masks and the Cascade's, each of the old path's masks holding
+    car and background (two empty masks have Dice 1): (stage 1's, the refine path's on the same stage-1
+    probability) lists. Stage 1 sees each photo through another decoding in each path (a JPEG draft decode
+    at reduced size, the full decode resized on the device), so its masks differ a little; the refine
+    paths, given one probability, differ only by rounding."""
     stage1, refiner = _nets(run_cfg)
     cfg = tiny_config(run_cfg.data.root, run_cfg.output.dir, f"predict.tta_flip={flip}", "predict.workers=0")
     cascade = Cascade(Coarse(stage1, cfg, CPU), refiner, cfg, CPU)
     s1, s2 = [], []
     for i, pred in cascade.run(paths, boxes):
-        old = reference.old_predict(
+        settings = {"flip": flip, "batch": cfg.predict.batch_size, "tile": cfg.stage2.tile}
+        old = reference.old_predict(stage1, None, paths[i], cfg.stage1.size, boxes[i], **settings)
+        refined = reference.old_predict(
             stage1,
             refiner,
             paths[i],
             cfg.stage1.size,
             boxes[i],
-            flip=flip,
-            batch=cfg.predict.batch_size,
-            tile=cfg.stage2.tile,
             min_overlap=cfg.stage2.min_overlap,
+            coarse=pred.coarse.numpy(),
+            **settings,
         )
+        for mask in (old["coarse"] > 0.5, refined["prob"] > 0.5):
+            assert 0.01 < mask.mean() < 0.99, (paths[i], mask.mean())
         s1.append(dice(pred.coarse.numpy() > 0.5, old["coarse"] > 0.5))
-        s2.append(dice(pred.prob.numpy() > 0.5, old["prob"] > 0.5))
+        s2.append(dice(pred.prob.numpy() > 0.5, refined["prob"] > 0.5))
     return s1, s2
 
 
 def test_cascade_masks_match_the_old_per_image_path(tiny_run):
-    """One decode and a device resize for stage 1, tiles of several images per pass: image by image
-    the masks match the old path (two decodes, numpy tiles) to Dice >= 0.9995."""
+    """One decode and a device resize for stage 1, tiles of several images per pass: image by image,
+    given the same stage-1 probability, the cascade's masks match the old path's (numpy tiles and
+    stitching) to Dice >= 0.9999; stage 1's, from the two decodes of sharp-edged synthetic cars, to 0.97 at
+    the tests' 64 px (one pixel there is 30 at full resolution)."""
     boxes = cached_boxes(tiny_run)
-    paths = sorted(Path(tiny_run.data.root, "test").glob("*.jpg"))[:3]
+    paths = photos_of(tiny_run)[:3]
     s1, s2 = _agreement(tiny_run, paths, [boxes[p.name] for p in paths], flip=True)
     print(f"Dice new vs old path: stage 1 min {min(s1):.5f}, cascade min {min(s2):.5f}")
-    assert min(s2) >= 0.9995 and min(s1) >= 0.9995
+    assert min(s2) >= 0.9999 and min(s1) >= 0.97
 
 
 def test_cascade_matches_the_old_path_on_real_photos(tiny_run, real_samples):
@@ -91,7 +99,7 @@ def test_cascade_matches_the_old_path_on_real_photos(tiny_run, real_samples):
     box = (60, 300, 1860, 1100)
     s1, s2 = _agreement(tiny_run, paths, [box] * len(paths))
     print(f"real photos, Dice new vs old path: stage 1 min {min(s1):.5f}, cascade min {min(s2):.5f}")
-    assert min(s2) >= 0.9995 and min(s1) >= 0.9995
+    assert min(s2) >= 0.9999 and min(s1) >= 0.99
 
 
 @pytest.mark.parametrize(
@@ -168,7 +176,7 @@ def test_jpeg_bytes_path_decodes_on_the_device_and_falls_back(tiny_run, tmp_path
             out.append(torch.from_numpy(np.array(im.convert("RGB"))).permute(2, 0, 1).to(device))
         return out
 
-    paths = sorted(Path(tiny_run.data.root, "test").glob("*.jpg"))[:3]
+    paths = photos_of(tiny_run)[:3]
     bad, gray = tmp_path / "bad.jpg", tmp_path / "gray.jpg"
     bad.write_bytes(paths[0].read_bytes()[:5000])
     Image.open(paths[1]).convert("L").save(gray)
@@ -191,7 +199,7 @@ def test_jpeg_bytes_path_decodes_on_the_device_and_falls_back(tiny_run, tmp_path
 def test_static_batches_for_compile_do_not_change_results(tiny_run):
     """With predict.compile, partial batches are padded to one shape; the padding must not leak."""
     stage1, refiner = _nets(tiny_run)
-    paths = sorted(Path(tiny_run.data.root, "test").glob("*.jpg"))[:1]
+    paths = photos_of(tiny_run)[:1]
     box = [cached_boxes(tiny_run)[paths[0].name]]
     cfg = tiny_config("unused", "unused", "predict.batch_size=3", "predict.tta_flip=true", "predict.workers=0")
     cascade = Cascade(Coarse(stage1, cfg, CPU), refiner, cfg, CPU)

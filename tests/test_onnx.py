@@ -27,6 +27,7 @@ def _assert_agree(net: torch.nn.Module, onnx_net: OnnxNet, x: torch.Tensor) -> N
     """Probabilities within 1e-3 and masks (> 0.5) equal on at least 99.99% of the pixels."""
     want, got = torch.sigmoid(net(x)), torch.sigmoid(onnx_net(x))
     assert got.shape == want.shape == (len(x), 1, *x.shape[-2:])
+    assert 0.01 < (want > 0.5).double().mean() < 0.99  # masks with an outline to agree on
     worst, same = (got - want).abs().max().item(), ((got > 0.5) == (want > 0.5)).double().mean().item()
     print(f"batch {len(x)}: max |p_onnx - p_torch| {worst:.2e}, masks agree on {same:.6%}")
     assert worst <= 1e-3 and same >= 0.9999
@@ -75,4 +76,5 @@ def test_exported_nets_match_pytorch_on_real_photos(tiny_run, real_samples, tmp_
     ]
     same = (masks[0] == masks[1]).double().mean().item()
     print(f"Cascade with onnxruntime nets: masks agree with PyTorch's on {same:.6%}")
+    assert 0.01 < masks[0].double().mean() < 0.99  # a car's outline to agree on, not an empty or a full mask
     assert same >= 0.999
