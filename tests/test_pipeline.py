@@ -1,6 +1,8 @@
-"""`carvana run`: resume after a kill, steps skipped when done, reruns limited to what changed, --force;
-the bundle it writes cuts photos out with the README's line."""
+"""`carvana run`: the data generated as `make demo` generates it, resume after a kill, steps skipped when
+done, reruns limited to what changed, --force, `predict.threshold=auto`; the bundle it writes cuts photos
+out with the README's line."""
 
+import json
 import re
 import shlex
 import signal
@@ -8,9 +10,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
+import pandas as pd
 import pytest
+import torch
 import yaml
-from conftest import TINY
+from helpers import TINY
+
+from common.data.rle import rle_decode
 
 CLI = [sys.executable, "-m", "pipelines", "run"]
 FAULTS = [sys.executable, str(Path(__file__).with_name("faults.py"))]  # a command stopped at an exact point
@@ -25,18 +32,35 @@ def _states(stdout: str) -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def resumed(sample_root, tmp_path_factory):
-    """A fresh `carvana run` killed by SIGKILL right after stage 2's first epoch is saved (sent by
-    tests/faults.py, not a race), then run again to the end: (its command, its folder, the killed
-    process, whether stage 2's last.pt was on disk after the kill, the rerun's stdout)."""
+def resumed(tmp_path_factory):
+    """A fresh `carvana run` that generates its data (as `make demo` does: sample.cars and a data.root
+    without train/), killed by SIGKILL right after stage 2's first epoch is saved (sent by tests/faults.py,
+    not a race), then run again to the end: (its command, its folder, the killed process, whether stage
+    2's last.pt was on disk after the kill, the rerun's stdout)."""
     tmp = tmp_path_factory.mktemp("pipeline")
     config = tmp / "p.yaml"
-    config.write_text(yaml.safe_dump({"data": {"root": str(sample_root)}, "output": {"dir": str(tmp / "out")}}))
+    sample = {"cars": 3, "test_cars": 1, "seed": 1}  # the shared sample data's (tests/conftest.py)
+    config.write_text(
+        yaml.safe_dump({"data": {"root": str(tmp / "data")}, "sample": sample, "output": {"dir": str(tmp / "out")}})
+    )
     args = [*CLI, str(config), *TINY, "stage2.epochs=2", "data.limit_test=2"]
     killed = subprocess.run([*FAULTS, "--at", "stage2.epoch:1", "--", *args[3:]], capture_output=True, text=True)
     saved = (tmp / "out" / "stage2" / "last.pt").is_file()
     rerun = subprocess.run(args, capture_output=True, text=True, check=True).stdout
     return args, tmp / "out", killed, saved, rerun
+
+
+def test_carvana_run_generates_the_data_carvana_sample_data_writes(resumed, sample_root):
+    """The run's first step wrote, file for file, what `carvana sample-data` writes with the same counts
+    and seed (the shared sample data, tests/conftest.py); the rerun found it and left it."""
+    _, out, killed, _, rerun = resumed
+    assert _states(killed.stdout)["sample_data"] == "[run]" and _states(rerun)["sample_data"] == "[skip]"
+
+    def files(root: Path) -> dict:
+        return {p.relative_to(root): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+    generated = files(out.parent / "data")
+    assert len(generated) == 4 * 16 + 3 * 16 + 4 and generated == files(sample_root)
 
 
 def test_killed_pipeline_resumes_training_from_its_checkpoint(resumed):
@@ -50,10 +74,10 @@ def test_killed_pipeline_resumes_training_from_its_checkpoint(resumed):
     assert (out / "submission.csv.gz").is_file()
 
 
-def test_pipeline_caches_steps(resumed, sample_root, tmp_path):
+def test_pipeline_caches_steps(resumed, tmp_path):
     args, out, killed, _, rerun = resumed
     # every step ran once: the killed run's up to stage 2's training, the rest in the rerun
-    assert set(_states(killed.stdout).values()) == {"[run]"} and len(_states(killed.stdout)) == 3
+    assert set(_states(killed.stdout).values()) == {"[run]"} and len(_states(killed.stdout)) == 4
     assert [s for s, state in _states(rerun).items() if state == "[run]"] == [
         "stage2_train",
         "evaluate",
@@ -63,10 +87,10 @@ def test_pipeline_caches_steps(resumed, sample_root, tmp_path):
     assert "validation Dice" in rerun and "stage 1 alone" in rerun and "cascade" in rerun
     assert (out / "report" / "index.html").stat().st_size > 10_000
     assert (out / "config.yaml").is_file()
-    _readme_cutout(out / "bundle", sorted((sample_root / "test").glob("*.jpg"))[:1], tmp_path / "cutouts")
+    _readme_cutout(out / "bundle", sorted((out.parent / "data" / "test").glob("*.jpg"))[:1], tmp_path / "cutouts")
 
     again = subprocess.run(args, capture_output=True, text=True, check=True).stdout
-    assert set(_states(again).values()) == {"[skip]"} and len(_states(again)) == 6
+    assert set(_states(again).values()) == {"[skip]"} and len(_states(again)) == 7
 
     changed = subprocess.run([*args, "stage2.blend=mean"], capture_output=True, text=True, check=True).stdout
     states = _states(changed)
@@ -85,6 +109,50 @@ def test_pipeline_caches_steps(resumed, sample_root, tmp_path):
         == states["stage2_predict"]
         == "[skip]"
     )
+
+    # predict.threshold=auto: the submission's masks are the cascade's probability above the threshold of the
+    # best mean validation Dice in evaluate's sweep, so evaluate runs first; the nets are not retrained
+    auto = subprocess.run(
+        [*args, "stage2.blend=mean", "predict.threshold=auto"], capture_output=True, text=True, check=True
+    ).stdout
+    assert [s for s, state in _states(auto).items() if state == "[run]"] == ["evaluate", "stage2_predict", "bundle"]
+    sweep = pd.read_csv(out / "report" / "threshold_sweep.csv")
+    best = float(sweep.threshold[sweep.dice_cascade.idxmax()])
+    probs = _fresh_probabilities(out)
+    submission = pd.read_csv(out / "submission.csv.gz", dtype=str, keep_default_na=False)
+    assert list(submission.img) == list(probs) and len(probs) == 2
+    for img, rle in zip(submission.img, submission.rle_mask, strict=True):
+        mask = rle_decode(rle, probs[img].shape)
+        assert 0 < mask.mean() < 1
+        np.testing.assert_array_equal(mask, probs[img] > best)
+    assert json.loads((out / "bundle" / "bundle.json").read_text())["threshold"] == best
+    # the tiny nets' best is 0.5, which any threshold setting could give: a sweep whose best is 0.35, and
+    # stage 2 predicted again (evaluate's outputs are there and current): its masks follow the sweep
+    sweep.loc[sweep.threshold.round(2) == 0.35, "dice_cascade"] = sweep.dice_cascade.max() + 0.001
+    sweep.to_csv(out / "report" / "threshold_sweep.csv", index=False)
+    again = [*args, "stage2.blend=mean", "predict.threshold=auto", "--force", "stage2_predict"]
+    states = _states(subprocess.run(again, capture_output=True, text=True, check=True).stdout)
+    assert [s for s, state in states.items() if state == "[run]"] == ["stage2_predict"]
+    submission = pd.read_csv(out / "submission.csv.gz", dtype=str, keep_default_na=False)
+    for img, rle in zip(submission.img, submission.rle_mask, strict=True):
+        np.testing.assert_array_equal(rle_decode(rle, probs[img].shape), probs[img] > np.float32(0.35))
+    assert any(not np.array_equal(probs[img] > 0.35, probs[img] > best) for img in probs)
+
+
+def _fresh_probabilities(out: Path) -> dict[str, np.ndarray]:
+    """The cascade's probability of each test image of the run, predicted anew from its nets, config and
+    cached boxes, in the submission's order."""
+    from common.config import load_config
+    from common.model_source import open_source
+    from stage2_fullres.cascade import Cascade
+
+    cfg = load_config(out / "config.yaml")
+    boxes = pd.read_csv(out / "bboxes.csv").set_index("img")
+    names = pd.read_csv(Path(cfg.data.root) / "sample_submission.csv").img[: cfg.data.limit_test].tolist()
+    cascade = Cascade.load(open_source(cfg, strict=False), cfg, torch.device("cpu"))
+    paths = [Path(cfg.data.root) / "test" / name for name in names]
+    found = cascade.run(paths, [tuple(int(v) for v in boxes.loc[name, ["x0", "y0", "x1", "y1"]]) for name in names])
+    return {names[i]: pred.prob.numpy() for i, pred in found}
 
 
 def _readme_cutout(bundle: Path, photos: list[Path], out: Path) -> None:
