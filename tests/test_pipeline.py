@@ -2,7 +2,9 @@
 done, reruns limited to what changed, --force, `predict.threshold=auto`; the bundle it writes cuts photos
 out with the README's line."""
 
+import contextlib
 import json
+import os
 import re
 import shlex
 import signal
@@ -44,10 +46,23 @@ def resumed(tmp_path_factory):
         yaml.safe_dump({"data": {"root": str(tmp / "data")}, "sample": sample, "output": {"dir": str(tmp / "out")}})
     )
     args = [*CLI, str(config), *TINY, "stage2.epochs=2", "data.limit_test=2"]
-    killed = subprocess.run([*FAULTS, "--at", "stage2.epoch:1", "--", *args[3:]], capture_output=True, text=True)
+    killed = _killed([*FAULTS, "--at", "stage2.epoch:1", "--", *args[3:]], tmp)
     saved = (tmp / "out" / "stage2" / "last.pt").is_file()
     rerun = subprocess.run(args, capture_output=True, text=True, check=True).stdout
     return args, tmp / "out", killed, saved, rerun
+
+
+def _killed(command: list[str], folder: Path) -> subprocess.CompletedProcess:
+    """`command`, killed by tests/faults.py, run as a job of its own; once it is dead, what is left of its
+    job is killed too, as a terminal kills a job (the worker processes that generated the data idle for
+    minutes, and would hold a pipe to the test open)."""
+    out, err = folder / "killed.out", folder / "killed.err"
+    with out.open("w") as stdout, err.open("w") as stderr:
+        job = subprocess.Popen(command, stdout=stdout, stderr=stderr, text=True, start_new_session=True)
+        job.wait(600)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(job.pid, signal.SIGKILL)
+    return subprocess.CompletedProcess(command, job.returncode, out.read_text(), err.read_text())
 
 
 def test_carvana_run_generates_the_data_carvana_sample_data_writes(resumed, sample_root):

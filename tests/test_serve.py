@@ -174,7 +174,9 @@ def test_a_webp_photo_is_cut_out_as_the_png_of_its_pixels_on_v1_and_v2(served, p
         buf = io.BytesIO()
         rgb.save(buf, format=fmt, **options)
         sent[fmt] = buf.getvalue()
-    png, webp = (json.loads(call(url + "/v1/segment", sent[f], f"image/{f.lower()}")[2]) for f in ("PNG", "WEBP"))
+    answers = [call(url + "/v1/segment", sent[f], f"image/{f.lower()}") for f in ("PNG", "WEBP")]
+    assert [status for status, _, _ in answers] == [200, 200], answers[1][2]
+    png, webp = (json.loads(answer) for _, _, answer in answers)
     mask = rle_decode(png["rle_mask"], (png["height"], png["width"]))
     assert webp.pop("seconds") > 0 and png.pop("seconds") > 0 and webp == png and 0 < mask.mean() < 1
     status, _, answer = call(url + "/v1/cutout?output=mask", sent["WEBP"], "image/webp")
