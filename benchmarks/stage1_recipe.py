@@ -26,7 +26,7 @@ import torch
 from common.config import load_config
 from common.data.kaggle import index_split, split_by_car
 from common.metrics import dice
-from common.model import UNet, amp_dtype, autocast, load_model, prepare
+from common.model import UNet, amp_dtype, autocast, load_net, prepare
 from common.training.batches import Pair, scan_pairs
 from common.training.distributed import Ranks
 from common.training.losses import bce_dice_loss, edge_band
@@ -90,7 +90,7 @@ def score(paths: list[str]) -> None:
         "|\n|---|---|---|---|---|"
     )
     for path in paths:
-        model, ckpt = load_model(path, CPU)
+        model, ckpt = load_net(path, CPU)
         size = ckpt["config"]["stage1"]["size"]
         means, wrong, near = [], 0, [0, 0]
         for flip in (False, True):

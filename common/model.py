@@ -248,7 +248,7 @@ def load_checkpoint(
     return ckpt
 
 
-def load_model(
+def load_net(
     path: str | Path, device: torch.device, expect: dict | None = None, data: bytes | None = None
 ) -> tuple[nn.Module, dict]:
     """Rebuild the net a checkpoint was trained with, in eval mode."""
@@ -297,9 +297,9 @@ class Ensemble(nn.Module):
         return torch.logit(prob, eps=1e-6)
 
 
-def load_models(paths: list[Path], device: torch.device, blobs: list[bytes]) -> tuple[nn.Module, list[dict]]:
+def load_nets(paths: list[Path], device: torch.device, blobs: list[bytes]) -> tuple[nn.Module, list[dict]]:
     """One net, or the ensemble of several with the same inputs, from the checkpoints' bytes; and their checkpoints."""
-    loaded = [load_model(p, device, data=data) for p, data in zip(paths, blobs, strict=True)]
+    loaded = [load_net(p, device, data=data) for p, data in zip(paths, blobs, strict=True)]
     first = loaded[0][1]
     for path, (_, ckpt) in zip(paths[1:], loaded[1:], strict=True):
         if ckpt["model_args"]["in_channels"] != first["model_args"]["in_channels"]:

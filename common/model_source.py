@@ -22,7 +22,7 @@ from torch import nn
 from common.config import Settings
 from common.errors import CheckpointError, ConfigError
 from common.log import log
-from common.model import checkpoint_paths, checkpoints_hash, load_models, read_file
+from common.model import checkpoint_paths, checkpoints_hash, load_nets, read_file
 
 if TYPE_CHECKING:
     from common.bundle import Bundle
@@ -105,7 +105,7 @@ class Checkpoints:
                 f"{', '.join(map(str, paths))}: changed since this run hashed it (another training wrote it?); rerun "
                 "the command"
             )
-        model, ckpts = load_models(paths, device, blobs)
+        model, ckpts = load_nets(paths, device, blobs)
         if which == "stage1":
             for path, ckpt in zip(paths, ckpts, strict=True):
                 size = ckpt["config"]["stage1"]["size"]

@@ -19,7 +19,7 @@ from PIL import Image
 from common.data.chunks import Chunk, ChunkStore
 from common.errors import DataError, Failure
 from common.metrics import dice
-from common.model import UNet, load_model
+from common.model import UNet, load_net
 from common.model_source import open_source
 from common.prediction.writer import ChunkWriter, Output
 from stage1_lowres.box_cache import cached_boxes
@@ -49,7 +49,7 @@ class Numbered:
 
 def _nets(run_cfg):
     out = run_cfg.output.dir
-    return load_model(f"{out}/stage1/best.pt", CPU)[0], load_model(f"{out}/stage2/best.pt", CPU)[0]
+    return load_net(f"{out}/stage1/best.pt", CPU)[0], load_net(f"{out}/stage2/best.pt", CPU)[0]
 
 
 def _agreement(run_cfg, paths, boxes, flip=False):

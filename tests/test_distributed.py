@@ -77,9 +77,9 @@ def test_torchrun_stage1_train_writes_one_loadable_checkpoint(sample_root, tmp_p
     assert proc.stdout.count("stage1 done") == 1 and "2 ranks" in proc.stdout  # rank 0 alone prints
     history = pd.read_csv(out / "stage1" / "history.csv")
     assert list(history.epoch) == [1, 2] and (history.images == 2 * (36 // 2 // 8) * 8).all()  # each rank its own shard
-    from common.model import load_model
+    from common.model import load_net
 
-    model, ckpt = load_model(out / "stage1" / "best.pt", torch.device("cpu"))
+    model, ckpt = load_net(out / "stage1" / "best.pt", torch.device("cpu"))
     assert ckpt["epoch"] in (1, 2) and sorted(p.name for p in (out / "stage1").iterdir() if p.suffix == ".pt") == [
         "best.pt",
         "last.pt",

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from common.data.images import read_image
-from common.model import load_model, prepare
+from common.model import load_net, prepare
 from common.onnx_export import OnnxNet, export
 from stage1_lowres.coarse import Coarse, to_stage1_input, upsample
 from stage2_fullres.cascade import Cascade
@@ -37,8 +37,8 @@ def test_exported_nets_match_pytorch_on_real_photos(tiny_run, real_samples, tmp_
     """Stage 1 on whole photos and the refiner on tiles of their car boxes with the coarse channel, at
     batch sizes 1 and 3 from one file each; the refiner as prediction holds it (channels_last weights)."""
     out, size, tile = Path(tiny_run.output.dir), tiny_run.stage1.size, tiny_run.stage2.tile
-    stage1 = load_model(out / "stage1" / "best.pt", CPU)[0]
-    refiner = prepare(load_model(out / "stage2" / "best.pt", CPU)[0], CPU)
+    stage1 = load_net(out / "stage1" / "best.pt", CPU)[0]
+    refiner = prepare(load_net(out / "stage2" / "best.pt", CPU)[0], CPU)
     channels = refiner.args["in_channels"]
     export(stage1, 3, size, tmp_path / "stage1.onnx")
     export(refiner, channels, tile, tmp_path / "refiner.onnx")

@@ -6,7 +6,7 @@ import torch
 from helpers import CONFIG, Blobs, blob_settings, blob_validator
 
 from common.errors import CheckpointError
-from common.model import UNet, load_checkpoint, load_model
+from common.model import UNet, load_checkpoint, load_net
 from common.training.trainer import Run, plot_history, train, validator
 
 
@@ -133,7 +133,7 @@ def test_checkpoint_of_another_architecture_is_refused(tmp_path):
         Run(blob_settings(epochs=1), tmp_path, CONFIG, torch.device("cpu")), UNet(3, 3, 8), data, blob_validator(data)
     )
     with pytest.raises(CheckpointError, match="trained with"):
-        load_model(tmp_path / "last.pt", torch.device("cpu"), expect=UNet(3, 4, 8).args)
+        load_net(tmp_path / "last.pt", torch.device("cpu"), expect=UNet(3, 4, 8).args)
     with pytest.raises(CheckpointError, match="trained with"):
         train(
             Run(blob_settings(epochs=2, resume=True), tmp_path, CONFIG, torch.device("cpu")),
@@ -143,7 +143,7 @@ def test_checkpoint_of_another_architecture_is_refused(tmp_path):
         )
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(CheckpointError, match="junk.pt.*not a checkpoint"):
-        load_model(tmp_path / "junk.pt", torch.device("cpu"))
+        load_net(tmp_path / "junk.pt", torch.device("cpu"))
 
 
 def test_plot_command_redraws(tmp_path):
