@@ -95,6 +95,7 @@ from stage1_lowres import predict as s1_predict
 from stage1_lowres import train as s1_train
 from stage2_fullres import train as s2_train
 from stage2_fullres.cascade import Cascade
+from stage2_fullres.tiles import refined_pixels
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLES = ROOT.parent / "shared" / "carvana_samples"
@@ -723,7 +724,7 @@ def band_speed(ctx: Context) -> dict:
         once()
         results, seconds = bench_predict.timed(DEVICE, once)
         done = [r for r in results if not isinstance(r, Failure)]
-        pixels = [sum((w[2] - w[0]) * (w[3] - w[1]) for w in r.windows) for r in done]
+        pixels = [refined_pixels(r.windows) for r in done]
         row[refine] = {
             "ms_per_photo": round(1000 * seconds / len(images), 2),
             "refined_pixels_per_photo": int(np.mean(pixels)) if pixels else 0,

@@ -137,7 +137,7 @@ class Bundle:
         default = Settings()
         differ = [
             f"{k}={v} (the config: {setting_value(cfg, k)})"
-            for k, v in fixed.items()
+            for k, v in {**fixed, "predict.threshold": self.threshold}.items()
             if setting_value(cfg, k) not in (v, setting_value(default, k))
         ]  # set by the user, to another value
         if differ:

@@ -146,34 +146,51 @@ def open_source(cfg: Settings, model: str | Path | None = None, strict: bool = T
     return Checkpoints(cfg, mask_threshold(cfg, strict))
 
 
-def faster_backend(bundle: Bundle, cfg: Settings, rounds: int = 3) -> str:
-    """`predict.backend=auto`: on a CPU, with a bundle made with `--onnx`, whichever of PyTorch (in the
-    precision prediction runs in) and onnxruntime runs the refiner on one window faster here, the two
-    alternating; else torch. Timed once, when the bundle loads; the choice is logged. The CPU decides it:
-    onnxruntime ran twice as fast on one 2-core Xeon and slower on a 2-core EPYC with native bf16
-    (docs/benchmarks.md)."""
-    from common.model import pick_device, precision_name
+ONNX_MARGIN = 0.9  # onnxruntime is chosen when it takes under 90% of PyTorch's time: timing noise rarely flips it
+
+
+def faster_backend(bundle: Bundle, cfg: Settings, rounds: int = 2) -> str:
+    """`predict.backend=auto`: on a CPU, with a bundle made with `--onnx` and no Dask cluster, whichever of
+    PyTorch (as prediction runs it: channels_last, its precision) and onnxruntime runs the refiner faster
+    on one tile's pixels (one tile, or the patches that hold as many) at the bundle's window size, the two
+    alternating; else torch. Timed once, when the bundle loads; the choice is logged. The CPU decides it
+    (docs/experiments/2026-12-06-band-refiner.md): on one 2-core Xeon onnxruntime took half PyTorch's time,
+    on a 2-core EPYC with native bf16 more than PyTorch's. A timing that fails runs torch, saying why."""
+    from common.model import pick_device, precision_name, prepare
     from common.prediction.step import predict_dtype, probabilities
 
     device = pick_device(cfg.device)
-    if device.type != "cpu" or cfg.predict.compile or "refiner.onnx" not in bundle.manifest.files:
+    onnx = "refiner.onnx" in bundle.manifest.files
+    if device.type != "cpu" or cfg.predict.compile or cfg.predict.cluster or not onnx:
+        return "torch"  # a cluster's workers are other machines (and may have GPUs)
+    s = cfg.updated(bundle.manifest.prediction).stage2  # the window size the ONNX file was exported at
+    n = (s.tile // s.window) ** 2  # one tile's pixels
+    x = torch.rand(n, bundle.manifest.nets["refiner"].args["in_channels"], s.window, s.window)
+    seconds: dict[str, list[float]] = {"torch": [], "onnxruntime": []}
+    try:
+        nets = {
+            "torch": prepare(bundle.net("refiner", device), device),
+            "onnxruntime": replace(bundle, backend="onnxruntime").net("refiner", device),
+        }
+        with torch.no_grad():
+            for _ in range(rounds + 1):  # the first round warms each up
+                for name, net in nets.items():
+                    t = time.perf_counter()
+                    probabilities(net, x, device)
+                    seconds[name].append(time.perf_counter() - t)
+    except Exception as e:  # auto must not stop a command that torch can run (onnxruntime's errors have no one type)
+        log.warning(f"predict.backend=auto: timing onnxruntime failed ({type(e).__name__}: {e}); running torch")
         return "torch"
-    onnx = replace(bundle, backend="onnxruntime")
-    nets = {"torch": bundle.net("refiner", device), "onnxruntime": onnx.net("refiner", device)}
-    side = cfg.stage2.patch if cfg.stage2.refine == "band" else cfg.stage2.tile
-    x = torch.rand(1, bundle.manifest.nets["refiner"].args["in_channels"], side, side)
-    seconds: dict[str, list[float]] = {name: [] for name in nets}
-    with torch.no_grad():
-        for _ in range(rounds + 1):  # the first round warms each up
-            for name, net in nets.items():
-                t = time.perf_counter()
-                probabilities(net, x, device)
-                seconds[name].append(time.perf_counter() - t)
-    best = {name: min(s[1:]) for name, s in seconds.items()}
-    choice = min(best, key=best.get)
-    precision = precision_name(predict_dtype(device))
+    best = {name: min(times[1:]) for name, times in seconds.items()}
+    choice = quicker(best)
     log.info(
-        f"predict.backend=auto: the refiner on a {side} px window takes {best['torch'] * 1000:.0f} ms in PyTorch "
-        f"({precision}) and {best['onnxruntime'] * 1000:.0f} ms in onnxruntime on this CPU; running {choice}"
+        f"predict.backend=auto: the refiner on {n} window(s) of {s.window} px takes {best['torch'] * 1000:.0f} ms in "
+        f"PyTorch ({precision_name(predict_dtype(device))}) and {best['onnxruntime'] * 1000:.0f} ms in onnxruntime on "
+        f"this CPU; running {choice}"
     )
     return choice
+
+
+def quicker(seconds: dict[str, float]) -> str:
+    """The backend `auto` runs, from each one's seconds: onnxruntime only when clearly faster (ONNX_MARGIN)."""
+    return "onnxruntime" if seconds["onnxruntime"] < ONNX_MARGIN * seconds["torch"] else "torch"

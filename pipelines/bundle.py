@@ -27,7 +27,7 @@ def make_bundle(cfg: Settings, source: ModelSource, out: Path, name: str = "carv
     card, then bundle.json."""
     nets = {
         "stage1": (source.net("stage1", CPU), cfg.stage1.size),
-        "refiner": (source.net("refiner", CPU), cfg.stage2.patch if cfg.stage2.refine == "band" else cfg.stage2.tile),
+        "refiner": (source.net("refiner", CPU), cfg.stage2.window),
     }
     for which, (net, _) in nets.items():
         if isinstance(net, Ensemble):

@@ -21,8 +21,8 @@ import torch
 import torch.nn.functional as F
 
 from common.boxes import Box
+from stage2_fullres.tiles import Window, clamp_start
 
-Window = tuple[int, int, int, int]  # x0, y0, x1, y1; x1/y1 exclusive
 UNCERTAIN = 0.1  # a probability within 0.5 +- (0.5 - UNCERTAIN) is in the band wherever it lies
 # Patches planned for one image at most: a car's outline needs a few dozen at the defaults; thousands
 # come from a stage 1 that sees noise everywhere, and would hold gigabytes of patches in memory
@@ -47,7 +47,7 @@ def band_of(coarse: torch.Tensor, box: Box, band: int) -> torch.Tensor:
     x0, y0, x1, y1 = box
     inside = coarse[y0:y1, x0:x1]
     car = inside > 0.5
-    cars, pixels = _square_sums(car, band), _square_sums(torch.ones_like(car), band)
+    cars, pixels = _square_sums(car, band)
     near = (cars > 0) & (cars < pixels)
     unsure = (inside > UNCERTAIN) & (inside < 1 - UNCERTAIN)
     out = torch.zeros_like(coarse, dtype=torch.bool)
@@ -55,18 +55,19 @@ def band_of(coarse: torch.Tensor, box: Box, band: int) -> torch.Tensor:
     return out
 
 
-def _square_sums(x: torch.Tensor, r: int) -> torch.Tensor:
-    """The count of True pixels of a bool (H, W) map in the (2r+1)-square around each pixel, the square
-    clipped to the map: four reads of its summed-area table, whatever r (a max-pool of that size reads
-    every pixel of the square)."""
-    table = F.pad(x.to(torch.int32).cumsum(0).cumsum(1), (1, 0, 1, 0))  # table[i, j] = sum of x[:i, :j]
+def _square_sums(x: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """For each pixel of a bool (H, W) map, the count of True pixels in the (2r+1)-square around it and
+    the pixels of that square, clipped to the map: four reads of a summed-area table, whatever r (a
+    max-pool of that size reads every pixel of the square)."""
+    table = F.pad(x.cumsum(0).cumsum(1), (1, 0, 1, 0))  # table[i, j] = sum of x[:i, :j] (int64: cumsum's)
     h, w = x.shape
     top = (torch.arange(h, device=x.device) - r).clamp(0, h)
     bottom = (torch.arange(h, device=x.device) + r + 1).clamp(0, h)
     left = (torch.arange(w, device=x.device) - r).clamp(0, w)
     right = (torch.arange(w, device=x.device) + r + 1).clamp(0, w)
     rows_b, rows_t = table[bottom], table[top]
-    return rows_b[:, right] - rows_t[:, right] - rows_b[:, left] + rows_t[:, left]
+    counts = rows_b[:, right] - rows_t[:, right] - rows_b[:, left] + rows_t[:, left]
+    return counts, (bottom - top)[:, None] * (right - left)[None, :]
 
 
 def occupied_cells(band: torch.Tensor, cell: int) -> torch.Tensor:
@@ -90,7 +91,7 @@ def plan_patches(occupied: np.ndarray, width: int, height: int, patch: int, cont
     cores: dict[Window, list[Window]] = {}
     for r, c in zip(*np.nonzero(occupied), strict=True):
         core = (int(c) * cell, int(r) * cell, min((int(c) + 1) * cell, width), min((int(r) + 1) * cell, height))
-        x, y = _start(core[0] - context, width, patch), _start(core[1] - context, height, patch)
+        x, y = clamp_start(core[0] - context, width, patch), clamp_start(core[1] - context, height, patch)
         cores.setdefault((x, y, x + patch, y + patch), []).append(core)
     if len(cores) > MAX_PATCHES:
         raise TooManyPatches(
@@ -99,31 +100,6 @@ def plan_patches(occupied: np.ndarray, width: int, height: int, patch: int, cont
             "raise stage2.patch or lower stage2.band"
         )
     return [Patch(window, tuple(kept)) for window, kept in cores.items()]
-
-
-def _start(want: int, length: int, patch: int) -> int:
-    """Where a window that wants to start at `want` starts: inside [0, length) when the patch fits."""
-    return 0 if length <= patch else min(max(want, 0), length - patch)
-
-
-def lower_bound(band: np.ndarray, cell: int) -> int:
-    """A number of cell-sized squares no cover of `band` can do with fewer than: band pixels picked
-    greedily at Chebyshev distance >= `cell` from each other, which no single square can hold two of.
-    The grid's patches are at most FACTOR times it: every band pixel lies within `cell` of a picked one,
-    so the band fits in squares of 2 * cell - 1 around them, each meeting at most 3 x 3 cells."""
-    picked: list[tuple[int, int]] = []
-    for y, x in zip(*np.nonzero(band), strict=True):
-        if all(max(abs(y - py), abs(x - px)) >= cell for py, px in picked):
-            picked.append((int(y), int(x)))
-    return len(picked)
-
-
-FACTOR = 9  # patches planned, at most, per square of `lower_bound`
-
-
-def refined_pixels(patches: list[Patch]) -> int:
-    """The refiner's work for a plan, in pixels."""
-    return sum((w[2] - w[0]) * (w[3] - w[1]) for w, _ in patches)
 
 
 def patches_per_pass(batch_size: int, tile: int, patch: int) -> int:

@@ -16,7 +16,7 @@ from torch import nn
 from common.boxes import Box
 from common.config import Settings
 from common.errors import Failure
-from common.model import prepare
+from common.model import batch_buckets, prepare
 from common.model_source import ModelSource
 from common.prediction.step import Prediction, Predictor, Result, probabilities
 from common.prediction.transfer import to_host_all
@@ -51,6 +51,7 @@ class Cascade(Predictor):
         self.per_pass = (
             band.patches_per_pass(self.batch_size, self.tile, self.patch) if self.refine_band else self.batch_size
         )
+        self.buckets = batch_buckets(device, cfg.predict.compile, self.per_pass)  # the refiner's padded shapes
 
     @classmethod
     def load(cls, source: ModelSource, cfg: Settings, device: torch.device, need_stage1: bool = True) -> Cascade:
@@ -63,7 +64,8 @@ class Cascade(Predictor):
     @torch.no_grad()
     def predict(self, images: list[torch.Tensor], boxes: list[Box | None]) -> list[Result]:
         """uint8 (3, H, W) images on the device and their boxes (None: from stage 1) -> predictions, or
-        a `Failure` for an image the tile settings cannot cover (`TooManyTiles`)."""
+        a `Failure` for an image the tile settings cannot cover (`TooManyTiles`) or whose band would need too
+        many patches (`band.TooManyPatches`)."""
         if self.coarse is not None:
             preds = self.coarse.predict(images, boxes)
         else:  # every box given, no coarse channel: stage 1 is not needed

@@ -16,7 +16,7 @@ import torch
 
 from common.boxes import Box
 
-Window = tuple[int, int, int, int]
+Window = tuple[int, int, int, int]  # x0, y0, x1, y1; x1/y1 exclusive
 
 
 # Windows planned for one image at most: a real photo needs 1-6 and a 12000x8000 one 117; more comes from
@@ -30,6 +30,17 @@ class TooManyTiles(ValueError):
     turns it into that image's `Failure`."""
 
 
+def clamp_start(want: int, length: int, side: int) -> int:
+    """Where a window of `side` px that wants to start at `want` starts: inside [0, length) where it fits,
+    else at 0 (the image is reflect-padded to it)."""
+    return min(max(want, 0), max(length - side, 0))
+
+
+def refined_pixels(windows: list[Window] | tuple[Window, ...]) -> int:
+    """The refiner's work for one image, in pixels: what its windows hold."""
+    return sum((x1 - x0) * (y1 - y0) for x0, y0, x1, y1 in windows)
+
+
 def plan_axis(lo: int, hi: int, length: int, tile: int, min_overlap: int) -> list[int]:
     """Fewest window starts covering [lo, hi) with consecutive overlaps of at least `min_overlap`."""
     if not 0 <= min_overlap < tile:
@@ -38,7 +49,7 @@ def plan_axis(lo: int, hi: int, length: int, tile: int, min_overlap: int) -> lis
         return [0]
     span = hi - lo
     if span <= tile:
-        return [min(max((lo + hi - tile) // 2, 0), length - tile)]
+        return [clamp_start((lo + hi - tile) // 2, length, tile)]
     n = 1 + math.ceil((span - tile) / (tile - min_overlap))
     return [lo + round(i * (span - tile) / (n - 1)) for i in range(n)]
 

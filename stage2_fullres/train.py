@@ -43,9 +43,11 @@ OUTLINE_SHARE = 0.75  # refine=band: crops centred on an outline; the rest anywh
 
 
 def outline_points(mask: np.ndarray) -> np.ndarray:
-    """(n, 2) y, x of the pixels where a bool mask changes from one pixel to the next, down or across."""
+    """(n, 2) float y, x of the outline of a bool mask, in pixel-edge coordinates: the middle of each edge
+    between two pixels that differ, down or across (so a mask at 1/k of the size gives points at the
+    same place once multiplied by k)."""
     down, across = np.nonzero(mask[1:] != mask[:-1]), np.nonzero(mask[:, 1:] != mask[:, :-1])
-    return np.concatenate([np.stack(down, 1), np.stack(across, 1)])
+    return np.concatenate([np.stack(down, 1) + (1, 0.5), np.stack(across, 1) + (0.5, 1)])
 
 
 class CropDataset(Dataset):
@@ -108,7 +110,7 @@ class CropDataset(Dataset):
         found = [outline_points(truth)]
         if small is not None:
             scale = np.array([height / small.shape[0], width / small.shape[1]])
-            found.append((outline_points(small >= 128) * scale).astype(np.int64))
+            found.append(outline_points(small >= 128) * scale)  # the byte 128 is the first above 0.5
         return [points for points in found if len(points)]
 
 

@@ -13,7 +13,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from helpers import ROOT, photos_of, running
 from PIL import Image
 
@@ -179,35 +178,17 @@ def test_the_bundles_model_card_begins_with_the_metadata_a_model_hub_reads(folde
     )
 
 
-def test_backend_auto_runs_the_faster_of_pytorch_and_onnxruntime_for_the_refiner(folder, monkeypatch, capsys):
-    """predict.backend=auto times the refiner in both (stand-ins here, one of them slow) and runs the faster,
-    saying so; a bundle without ONNX files, or checkpoints, run PyTorch."""
-    import dataclasses
-    import time
-
-    from common.bundle import Bundle, read_bundle
-    from common.model_source import faster_backend, open_source
+def test_backend_auto_runs_onnxruntime_only_where_it_is_clearly_faster(folder):
+    """predict.backend=auto: a bundle without ONNX files, or checkpoints, run PyTorch; with ONNX files the
+    measured times decide, and a near tie keeps PyTorch (so timing noise rarely flips a resumed run's
+    choice, and with it its chunk key). tests/test_bundle.py times a real bundle's two refiners."""
+    from common.bundle import read_bundle
+    from common.model_source import open_source, quicker
 
     bundle = read_bundle(folder / "outputs" / "demo" / "bundle")
     cfg = load_model(bundle.folder, device="cpu").cfg.updated({"predict.backend": "auto"})
     assert open_source(cfg, bundle.folder).backend == "torch"  # made without --onnx
     assert open_source(cfg).__class__.__name__ == "Checkpoints"
-    with_onnx = dataclasses.replace(
-        bundle, manifest=bundle.manifest.model_copy(update={"files": {**bundle.manifest.files, "refiner.onnx": "0"}})
-    )
-
-    class Net(torch.nn.Module):
-        def __init__(self, pause: float):
-            super().__init__()
-            self.pause = pause
-
-        def forward(self, x):
-            time.sleep(self.pause)
-            return x[:, :1]
-
-    for slow, expected in (("onnxruntime", "torch"), ("torch", "onnxruntime")):
-        monkeypatch.setattr(
-            Bundle, "net", lambda self, which, device, slow=slow: Net(0.05 if self.backend == slow else 0)
-        )
-        assert faster_backend(with_onnx, cfg) == expected
-        assert f"running {expected}" in capsys.readouterr().out
+    assert quicker({"torch": 1.0, "onnxruntime": 0.5}) == "onnxruntime"
+    assert quicker({"torch": 0.5, "onnxruntime": 1.0}) == "torch"
+    assert quicker({"torch": 1.0, "onnxruntime": 0.95}) == "torch"

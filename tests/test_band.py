@@ -3,22 +3,30 @@ patches that cover it, property-tested against direct computations."""
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from stage2_fullres.band import (
-    FACTOR,
-    MAX_PATCHES,
-    TooManyPatches,
-    band_of,
-    core_of,
-    lower_bound,
-    occupied_cells,
-    plan_patches,
-)
+from stage2_fullres.band import MAX_PATCHES, TooManyPatches, band_of, core_of, occupied_cells, plan_patches
+
+
+def lower_bound(band: np.ndarray, cell: int) -> int:
+    """A number of cell-sized squares no cover of `band` can do with fewer than: band pixels picked
+    greedily at Chebyshev distance >= `cell` from each other, which no single square can hold two of.
+    The grid's patches are at most FACTOR times it: every band pixel lies within `cell` of a picked one,
+    so the band fits in squares of 2 * cell - 1 around them, each meeting at most 3 x 3 cells."""
+    picked: list[tuple[int, int]] = []
+    for y, x in zip(*np.nonzero(band), strict=True):
+        if all(max(abs(y - py), abs(x - px)) >= cell for py, px in picked):
+            picked.append((int(y), int(x)))
+    return len(picked)
+
+
+FACTOR = 9  # patches planned, at most, per square of `lower_bound`
 
 
 @st.composite
@@ -95,7 +103,7 @@ def test_a_band_too_large_for_the_patch_settings_is_refused_naming_them():
         plan_patches(occupied, 400, 400, 16, 4)
 
 
-def _cascade(*more):
+def _cascade(*more, stage1=None, refiner=None):
     from helpers import tiny_config
 
     from common.model import UNet
@@ -104,7 +112,8 @@ def _cascade(*more):
 
     cfg = tiny_config("unused", "unused", "stage1.size=32", "stage2.refine=band", *more)
     torch.manual_seed(0)
-    return Cascade(Coarse(UNet(3, 2, 4).eval(), cfg, CPU), UNet(4, 3, 4, prior_skip=True).eval(), cfg, CPU)
+    stage1, refiner = stage1 or UNet(3, 2, 4).eval(), refiner or UNet(4, 3, 4, prior_skip=True).eval()
+    return Cascade(Coarse(stage1, cfg, CPU), refiner, cfg, CPU)
 
 
 CPU = torch.device("cpu")
@@ -129,6 +138,34 @@ def test_an_untrained_band_refiner_gives_back_stage_1_inside_the_box_and_nothing
     assert band.any() and pred.windows and all(w[2] - w[0] == 32 for w in pred.windows)
 
 
+def test_the_refiners_probability_replaces_stage_1s_on_the_band_and_nowhere_else():
+    """Stage 1 sure of a car in the middle, a refiner that says 0.7 everywhere: inside the box the answer
+    is 0.7 exactly on the band's pixels and stage 1's probability on the others."""
+
+    class Square(torch.nn.Module):  # stage 1: a car in the middle of its 32 px input
+        args = {"in_channels": 3}
+
+        def forward(self, x):
+            logits = torch.full((len(x), 1, *x.shape[-2:]), -10.0)
+            logits[..., 8:24, 8:24] = 10.0
+            return logits
+
+    class Says07(torch.nn.Module):
+        def forward(self, x):
+            return torch.full((len(x), 1, *x.shape[-2:]), math.log(0.7 / 0.3))
+
+    cascade = _cascade("stage2.band=4", "stage2.patch=32", "stage2.context=8", stage1=Square(), refiner=Says07())
+    image = torch.randint(0, 256, (3, 90, 150), dtype=torch.uint8)
+    box = (5, 10, 140, 85)
+    pred = cascade.predict([image], [box])[0]
+    x0, y0, x1, y1 = box
+    band = band_of(pred.coarse, box, 4)[y0:y1, x0:x1]
+    inside, coarse = pred.prob[y0:y1, x0:x1], pred.coarse[y0:y1, x0:x1]
+    assert band.any() and (~band).any()
+    torch.testing.assert_close(inside[band], torch.full_like(inside[band], 0.7))
+    torch.testing.assert_close(inside[~band], coarse[~band])
+
+
 def test_a_photo_without_an_outline_is_stage_1s_answer_and_a_band_too_large_fails_that_photo_alone():
     from common.errors import Failure
 
@@ -150,3 +187,20 @@ def test_a_photo_without_an_outline_is_stage_1s_answer_and_a_band_too_large_fail
     results = noisy.predict([big, image], [(0, 0, 512, 512), (0, 0, 80, 60)])
     assert isinstance(results[0], Failure) and "patches" in results[0].reason and results[0].stage == "stage2"
     assert results[1].prob.shape == (60, 80)
+
+
+def test_band_training_crops_centre_on_the_outline_at_full_resolution_from_stage_1s_small_mask():
+    """Training with the band centres crops on outline points; stage 1's come from its small mask, scaled:
+    a rectangle at a quarter of the size gives points on the full-size rectangle's edges, as the full-size
+    mask's own do."""
+    from stage2_fullres.train import outline_points
+
+    small = np.zeros((10, 12), bool)
+    small[3:7, 2:9] = True
+    big = np.kron(small, np.ones((4, 4), bool))  # rows 12..27, columns 8..35
+    for points in (outline_points(small) * 4, outline_points(big)):
+        y, x = points[:, 0], points[:, 1]
+        on_row = np.isin(y, (12, 28)) & (x >= 8) & (x <= 36)
+        on_column = np.isin(x, (8, 36)) & (y >= 12) & (y <= 28)
+        assert (on_row | on_column).all()
+        assert {12.0, 28.0} <= set(y) and {8.0, 36.0} <= set(x)  # all four sides

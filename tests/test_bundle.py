@@ -215,3 +215,23 @@ def test_onnxruntime_runs_the_bundles_onnx_files_and_checkpoints_are_refused_it(
     )
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "carvana bundle --onnx" in err, err
+
+
+def test_backend_auto_times_a_band_bundles_refiner_at_its_patch_size_and_cuts_out(bundled, tmp_path, capsys):
+    """predict.backend=auto with a bundle made with --onnx for the band: both refiners timed on patches of
+    the bundle's size (its ONNX file takes no other), whatever the user's settings say, then the faster
+    one cuts a photo out."""
+    from pipelines import load_model
+
+    config, _ = bundled
+    band = tmp_path / "band"
+    words = ["stage2.refine=band", "stage2.patch=64", "stage2.context=8"]
+    assert cli(["bundle", "--config", str(config), "--out", str(band), "--onnx", *words]) == 0
+    assert json.loads((band / "bundle.json").read_text())["prediction"]["stage2.patch"] == 64
+    capsys.readouterr()
+    model = load_model(band, device="cpu", backend="auto")  # the user's settings: tiles of 1024
+    said = capsys.readouterr().out
+    assert "of 64 px takes" in said and ("running torch" in said or "running onnxruntime" in said), said
+    photo = next((Path(json.loads((band / "bundle.json").read_text())["training_data"]["root"]) / "test").glob("*.jpg"))
+    cut = model.cutout(photo)
+    assert 0 < cut.mask.mean() < 1

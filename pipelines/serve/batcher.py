@@ -15,11 +15,12 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Iterator
 
 import numpy as np
+import torch
 
 from common.config import Settings
 from common.errors import Failure
 from common.log import log
-from common.model import pick_device, use_device
+from common.model import batch_buckets, pick_device, use_device
 from common.model_source import ModelSource
 from common.prediction.step import Prediction
 from common.prediction.transfer import from_host, to_host_all
@@ -99,14 +100,22 @@ class Batcher:
             log.warning(f"serve: cannot load the nets: {type(e).__name__}: {e}")
 
     def warm_up(self, cascade: Cascade) -> None:
-        """A device step on blank photos for each batch size the nets are padded to (`Cascade.buckets`:
-        one tile a photo) before the server says it is ready: it compiles the nets (predict.compile: tens
-        of seconds) and lets cuDNN pick its kernels for each padded shape, so the first clients do not
-        wait for it and time out."""
+        """A device step on blank photos for each batch size the nets are padded to (`batch_buckets`: one
+        tile a photo) before the server says it is ready: it compiles the nets (predict.compile: tens of
+        seconds) and lets cuDNN pick its kernels for each padded shape, so the first clients do not wait
+        for it and time out. A blank photo has no outline: with the band, the refiner's patch shapes
+        (`Cascade.buckets`) are warmed up on their own."""
         log.info(f"serve: warming up on {cascade.device}")
         blank = np.full((cascade.tile, cascade.tile, 3), 128, np.uint8)
-        for photos in cascade.buckets or (1,):
+        for photos in batch_buckets(cascade.device, self.cfg.predict.compile, cascade.batch_size) or (1,):
             self._predict(cascade, [blank] * photos)
+        if cascade.refine_band:
+            for n in cascade.buckets:  # empty on a CPU: nothing is padded there
+                side = cascade.patch
+                rgb = torch.zeros(n, 3, side, side, dtype=torch.uint8, device=cascade.device)
+                prior = torch.zeros(n, 1, side, side, device=cascade.device) if cascade.coarse_channel else None
+                with torch.no_grad():
+                    cascade.refine(rgb, prior)
 
     def stop(self) -> None:
         self.stopping.set()
