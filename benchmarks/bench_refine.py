@@ -1,7 +1,8 @@
 """The band refiner against the tiles, side by side (`stage2.refine: band | tiles`): both refiners trained
 for the same minutes on the same data over one stage 1, then on the validation cars: each mode's cascade
 Dice and stage 1's, the share of stage 1's wrong pixels inside the band, the pixels the refiner sees per
-photo, and stage 2's seconds per photo on this CPU in PyTorch and in onnxruntime.
+photo, stage 2's seconds per photo on this CPU in PyTorch and in onnxruntime, and how much of each photo's
+mask the two backends agree on.
 
     .venv/bin/python benchmarks/bench_refine.py DATA OUT [minutes=2.5] [rounds=3] [overrides...] [--also=P/C/B...]
 
@@ -38,6 +39,7 @@ from stage1_lowres.box_cache import cached_boxes  # noqa: E402
 from stage1_lowres.coarse import Coarse  # noqa: E402
 from stage2_fullres.band import band_of  # noqa: E402
 from stage2_fullres.cascade import Cascade  # noqa: E402
+from stage2_fullres.tiles import refined_pixels  # noqa: E402
 
 CPU = torch.device("cpu")
 DEMO = Path(__file__).resolve().parents[1] / "pipelines" / "demo.yaml"
@@ -110,21 +112,24 @@ def measure(modes: dict[str, Settings], rounds: int) -> None:
     preds = coarse.predict(images, box)  # stage 1's probability and boxes, shared by every mode
     wrong = [(p.coarse > 0.5) != t for p, t in zip(preds, truths, strict=True)]
     stage1_dice = statistics.mean(dice(p.coarse > 0.5, t) for p, t in zip(preds, truths, strict=True))
-    cascades, pixels, scores, inside = {}, {}, {}, {}
+    cascades, pixels, scores, inside, agree = {}, {}, {}, {}, {}
     with torch.no_grad():
         for mode, run in modes.items():
             torch_cascade = Cascade.load(open_source(run), run, CPU)
-            side = run.stage2.patch if run.stage2.refine == "band" else run.stage2.tile
+            side = run.stage2.window
             onnx = Path(run.output.dir) / f"onnx-{side}"
             onnx.mkdir(exist_ok=True)
             export(torch_cascade.refiner, torch_cascade.refiner.args["in_channels"], side, onnx / "refiner.onnx")
             ort = Cascade(torch_cascade.coarse, OnnxNet(onnx / "refiner.onnx"), run, CPU)
             cascades[mode] = {"torch": torch_cascade, "onnxruntime": ort}
             results = [torch_cascade.predict([image], [b])[0] for image, b in zip(images, box, strict=True)]
-            pixels[mode] = statistics.mean(sum((w[2] - w[0]) * (w[3] - w[1]) for w in r.windows) for r in results)
-            scores[mode] = statistics.mean(
-                dice(r.mask(open_source(run).threshold), t) for r, t in zip(results, truths, strict=True)
+            threshold = open_source(run).threshold
+            agree[mode] = statistics.mean(  # each photo's pixels where onnxruntime's mask is PyTorch's
+                float((ort.predict([image], [b])[0].mask(threshold) == r.mask(threshold)).float().mean())
+                for image, b, r in zip(images, box, results, strict=True)
             )
+            pixels[mode] = statistics.mean(refined_pixels(r.windows) for r in results)
+            scores[mode] = statistics.mean(dice(r.mask(threshold), t) for r, t in zip(results, truths, strict=True))
             if run.stage2.refine == "band":
                 inside[mode] = statistics.mean(
                     int((w & band_of(p.coarse, p.box, run.stage2.band)).sum()) / max(int(w.sum()), 1)
@@ -154,8 +159,11 @@ def measure(modes: dict[str, Settings], rounds: int) -> None:
         "stage 2 ms torch",
         "onnxruntime",
         "H100 photos/s (est.)",
+        "onnx = torch",
     )
-    print(f"{head[0]:18} {head[1]:>7} {head[2]:>16} {head[3]:>11} {head[4]:>16} {head[5]:>12} {head[6]:>20}")
+    print(
+        f"{head[0]:18} {head[1]:>7} {head[2]:>16} {head[3]:>11} {head[4]:>16} {head[5]:>12} {head[6]:>20} {head[7]:>12}"
+    )
     base = {b: statistics.median(seconds[("tiles", b)]) - stage1 for b in ("torch", "onnxruntime")}
     for mode, run in modes.items():
         ms = {b: statistics.median(seconds[(mode, b)]) - stage1 for b in ("torch", "onnxruntime")}
@@ -165,9 +173,10 @@ def measure(modes: dict[str, Settings], rounds: int) -> None:
         print(
             f"{mode:18} {scores[mode]:7.4f} {share:>16} {pixels[mode]:11,.0f} {ms['torch'] * 1000:9.0f} "
             f"({ms['torch'] / base['torch']:4.0%}) {ms['onnxruntime'] * 1000:5.0f} "
-            f"({ms['onnxruntime'] / base['onnxruntime']:4.0%}) {estimate:20.0f}"
+            f"({ms['onnxruntime'] / base['onnxruntime']:4.0%}) {estimate:20.0f} {agree[mode]:12.3%}"
         )
     print("H100 photos/s: an estimate from the refined pixels at the refiner's measured tile rate, not a measurement")
+    print("onnx = torch: the share of each photo's pixels where onnxruntime's mask is PyTorch's, the mean over photos")
 
 
 def main(argv: list[str]) -> None:

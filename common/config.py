@@ -210,9 +210,9 @@ class Stage2(Training):
         le=256,
         affects=("masks",),
     )
-    patch: int = setting(128, "refine=band: side of the refiner's square patches", ge=16, le=4096, affects=("masks",))
+    patch: int = setting(96, "refine=band: side of the refiner's square patches", ge=16, le=4096, affects=("masks",))
     context: int = setting(
-        16,
+        8,
         "refine=band: pixels along each patch's edges that are context only; its centre, patch - 2 x context, is kept",
         ge=0,
         le=2048,
@@ -244,6 +244,11 @@ class Stage2(Training):
     )
     val_images: int = setting(0, "validate on this many held-out images per epoch; 0 = all", ge=0, affects=("model",))
 
+    @property
+    def window(self) -> int:
+        """Side of the refiner's square input: a patch of the band, else a tile (an ONNX file is exported at it)."""
+        return self.patch if self.refine == "band" else self.tile
+
 
 class Bboxes(Section):
     path: str = setting("", "a bboxes.csv from another run; empty = <output.dir>/bboxes.csv")
@@ -264,7 +269,8 @@ class Predict(Section):
     workers: number_or_auto(int, ge=0, le=64) = setting(
         "auto",
         "reader processes decoding ahead of the device; 0 = in the main process; auto: 0 on a CPU (the fastest "
-        "there), on a GPU the cores but one, shared by the visible GPUs",
+        "there), on a GPU the cores but one, shared by the visible GPUs; at most 128 photos read ahead in all (a "
+        "batch of 8: 16 processes)",
     )
     decode: Literal["pil", "nvjpeg"] = setting(
         "pil",
@@ -276,9 +282,10 @@ class Predict(Section):
     backend: Literal["torch", "onnxruntime", "auto"] = setting(
         "torch",
         "what runs the nets: torch; onnxruntime = a bundle's ONNX files (carvana bundle --onnx, then --model) on the "
-        "CPU; auto = with such a bundle on the CPU, the faster of the two for its refiner, timed when it loads and "
-        "logged (which is faster depends on the CPU: docs/benchmarks.md); masks agree with torch's to within a few "
-        "pixels",
+        "CPU; auto = with such a bundle on the CPU and no cluster, onnxruntime where it runs the refiner in under 90% "
+        "of torch's time, timed when the bundle loads and logged (the CPU decides: docs/benchmarks.md); the backend "
+        "is part of a prediction's chunk key, so name it for a long run you may resume; masks agreed with torch's on "
+        "99.3-100% of the pixels (docs/experiments/2026-12-06-band-refiner.md)",
     )
     cluster: str = setting(
         "",
