@@ -204,3 +204,24 @@ def test_band_training_crops_centre_on_the_outline_at_full_resolution_from_stage
         on_column = np.isin(x, (8, 36)) & (y >= 12) & (y <= 28)
         assert (on_row | on_column).all()
         assert {12.0, 28.0} <= set(y) and {8.0, 36.0} <= set(x)  # all four sides
+
+
+def test_band_training_spends_most_crops_on_the_outline(sample_root, tmp_path):
+    """With the band, training crops centre on the car's outline three times in four, so most of them hold
+    car and background; with tiles a crop centres anywhere in the box and fewer do."""
+    from common.config import load_config
+    from common.data.kaggle import index_split
+    from common.training.batches import scan_pairs
+    from stage2_fullres.train import CropDataset
+
+    pairs, _ = scan_pairs(index_split(sample_root)[::4], keep=False)
+    boxes = {p.sample.img: p.box for p in pairs}
+    share = {}
+    for mode in ("tiles", "band"):
+        words = [f"stage2.refine={mode}", "stage2.crop=64", "stage2.crops_per_image=4", "stage2.coarse_channel=false"]
+        s = load_config(None, words).stage2
+        crops = CropDataset(pairs, boxes, s, None, tmp_path / mode)
+        masks = torch.cat([crops[i, epoch][1] for i in range(len(pairs)) for epoch in range(4)])
+        share[mode] = float(((masks.amax((1, 2, 3)) == 1) & (masks.amin((1, 2, 3)) == 0)).float().mean())
+    # three in four on the outline, the rest as with tiles: about 0.75 + 0.25 x tiles' share
+    assert len(pairs) >= 8 and share["band"] >= 0.75 and share["band"] - share["tiles"] >= 0.3, share

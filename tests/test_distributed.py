@@ -61,18 +61,8 @@ def test_gradients_are_averaged_over_ranks(tmp_path):
 
 def test_torchrun_stage1_train_writes_one_loadable_checkpoint(sample_root, tmp_path):
     out = tmp_path / "out"
-    proc = _torchrun(
-        [
-            "-m",
-            "stage1_lowres",
-            "train",
-            f"data.root={sample_root}",
-            f"output.dir={out}",
-            *TINY,
-            "stage1.epochs=2",
-            "stage1.max_minutes=5",
-        ]
-    )
+    stage1_train = ["-m", "stage1_lowres", "train", f"data.root={sample_root}", f"output.dir={out}", *TINY]
+    proc = _torchrun([*stage1_train, "stage1.epochs=2", "stage1.max_minutes=5"])
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count("stage1 done") == 1 and "2 ranks" in proc.stdout  # rank 0 alone prints
     history = pd.read_csv(out / "stage1" / "history.csv")
@@ -85,18 +75,7 @@ def test_torchrun_stage1_train_writes_one_loadable_checkpoint(sample_root, tmp_p
         "last.pt",
     ]
     # resume under torchrun: one more epoch from last.pt
-    proc = _torchrun(
-        [
-            "-m",
-            "stage1_lowres",
-            "train",
-            f"data.root={sample_root}",
-            f"output.dir={out}",
-            *TINY,
-            "stage1.epochs=3",
-            "stage1.resume=true",
-        ]
-    )
+    proc = _torchrun([*stage1_train, "stage1.epochs=3", "stage1.resume=true"])
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "resuming" in proc.stdout and "after epoch 2" in proc.stdout
     assert list(pd.read_csv(out / "stage1" / "history.csv").epoch) == [1, 2, 3]
