@@ -270,7 +270,7 @@ class Predict(Section):
         "auto",
         "reader processes decoding ahead of the device; 0 = in the main process; auto: 0 on a CPU (the fastest "
         "there), on a GPU the cores but one, shared by the visible GPUs; at most 128 photos read ahead in all (a "
-        "batch of 8: 16 processes)",
+        "batch of 8: 16 processes), or one batch where a batch is larger",
     )
     decode: Literal["pil", "nvjpeg"] = setting(
         "pil",

@@ -164,7 +164,7 @@ def faster_backend(bundle: Bundle, cfg: Settings, rounds: int = 2) -> str:
     if device.type != "cpu" or cfg.predict.compile or cfg.predict.cluster or not onnx:
         return "torch"  # a cluster's workers are other machines (and may have GPUs)
     s = cfg.updated(bundle.manifest.prediction).stage2  # the window size the ONNX file was exported at
-    n = (s.tile // s.window) ** 2  # one tile's pixels
+    n = max(1, (s.tile // s.window) ** 2)  # one tile's pixels
     x = torch.rand(n, bundle.manifest.nets["refiner"].args["in_channels"], s.window, s.window)
     seconds: dict[str, list[float]] = {"torch": [], "onnxruntime": []}
     try:
@@ -179,7 +179,7 @@ def faster_backend(bundle: Bundle, cfg: Settings, rounds: int = 2) -> str:
                     probabilities(net, x, device)
                     seconds[name].append(time.perf_counter() - t)
     except Exception as e:  # auto must not stop a command that torch can run (onnxruntime's errors have no one type)
-        log.warning(f"predict.backend=auto: timing onnxruntime failed ({type(e).__name__}: {e}); running torch")
+        log.warning(f"predict.backend=auto: timing the refiner failed ({type(e).__name__}: {e}); running torch")
         return "torch"
     best = {name: min(times[1:]) for name, times in seconds.items()}
     choice = quicker(best)

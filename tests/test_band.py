@@ -225,3 +225,22 @@ def test_band_training_spends_most_crops_on_the_outline(sample_root, tmp_path):
         share[mode] = float(((masks.amax((1, 2, 3)) == 1) & (masks.amin((1, 2, 3)) == 0)).float().mean())
     # three in four on the outline, the rest as with tiles: about 0.75 + 0.25 x tiles' share
     assert len(pairs) >= 8 and share["band"] >= 0.75 and share["band"] - share["tiles"] >= 0.3, share
+
+
+def test_the_servers_warm_up_runs_the_band_refiner_at_each_padded_patch_count():
+    """A blank warm-up photo has no outline, so with the band the server warms the refiner up on its own,
+    once for each patch count its calls are padded to (here 3, as on a GPU), with the coarse channel."""
+    from types import SimpleNamespace
+
+    from pipelines.serve.batcher import Batcher
+
+    cascade = _cascade("stage2.band=4", "stage2.patch=32", "stage2.context=8")
+    cascade.buckets = (3,)  # what batch_buckets gives on CUDA or when compiled; none on a CPU
+    shapes, photos = [], []
+    refiner = cascade.refiner
+    cascade.refiner = lambda x: shapes.append(tuple(x.shape)) or refiner(x)
+    batcher = SimpleNamespace(
+        cfg=SimpleNamespace(predict=SimpleNamespace(compile=False)), _predict=lambda c, blank: photos.append(len(blank))
+    )
+    Batcher.warm_up(batcher, cascade)
+    assert photos == [1] and shapes == [(3, 4, 32, 32)]

@@ -217,10 +217,13 @@ def test_onnxruntime_runs_the_bundles_onnx_files_and_checkpoints_are_refused_it(
     assert len(err.splitlines()) == 1 and "carvana bundle --onnx" in err, err
 
 
-def test_backend_auto_times_a_band_bundles_refiner_at_its_patch_size_and_cuts_out(bundled, tmp_path, capsys):
+def test_backend_auto_times_a_band_bundles_refiner_at_its_patch_size_and_cuts_out(
+    bundled, tmp_path, capsys, monkeypatch
+):
     """predict.backend=auto with a bundle made with --onnx for the band: both refiners timed on patches of
-    the bundle's size (its ONNX file takes no other), whatever the user's settings say, then the faster
-    one cuts a photo out."""
+    the bundle's size (its ONNX file takes no other), whatever the user's settings say; the backend the
+    times pick runs, and cuts a photo out."""
+    import common.model_source
     from pipelines import load_model
 
     config, _ = bundled
@@ -228,10 +231,14 @@ def test_backend_auto_times_a_band_bundles_refiner_at_its_patch_size_and_cuts_ou
     words = ["stage2.refine=band", "stage2.patch=64", "stage2.context=8"]
     assert cli(["bundle", "--config", str(config), "--out", str(band), "--onnx", *words]) == 0
     assert json.loads((band / "bundle.json").read_text())["prediction"]["stage2.patch"] == 64
+    timed = []
+    monkeypatch.setattr(common.model_source, "quicker", lambda seconds: timed.append(seconds) or "onnxruntime")
     capsys.readouterr()
     model = load_model(band, device="cpu", backend="auto")  # the user's settings: tiles of 1024
     said = capsys.readouterr().out
-    assert "of 64 px takes" in said and ("running torch" in said or "running onnxruntime" in said), said
+    assert "of 64 px takes" in said and "running onnxruntime" in said, said
+    assert len(timed) == 1 and set(timed[0]) == {"torch", "onnxruntime"} and min(timed[0].values()) > 0
+    assert model.source.backend == "onnxruntime"
     photo = next((Path(json.loads((band / "bundle.json").read_text())["training_data"]["root"]) / "test").glob("*.jpg"))
     cut = model.cutout(photo)
     assert 0 < cut.mask.mean() < 1
