@@ -215,9 +215,16 @@ def read_bundle(folder: str | Path, backend: str = "torch") -> Bundle:
                 f"{path}: nets.{which}.args.{where}={shown(first.get('input'))}: {first['msg']}"
             ) from None
     try:  # the settings it fixes, within the bounds their declarations give (stage2.tile sizes tensors)
-        Settings().updated(manifest.prediction)
+        fixed = Settings().updated(manifest.prediction)
     except ConfigError as e:
         raise CheckpointError(f"{path}: prediction: {e}") from None
+    channels = {"stage1": 3, "refiner": 4 if fixed.stage2.coarse_channel else 3}
+    for which, net in manifest.nets.items():
+        if net.args["in_channels"] != channels[which]:
+            raise CheckpointError(
+                f"{path}: nets.{which} takes {net.args['in_channels']} input channels, its settings give it "
+                f"{channels[which]} (stage2.coarse_channel={fixed.stage2.coarse_channel})"
+            )
     for name, digest in manifest.files.items():
         file = folder / name
         if not file.is_file():

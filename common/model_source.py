@@ -62,14 +62,14 @@ def mask_threshold(cfg: Settings, strict: bool = True) -> float:
     if value != "auto":
         return float(value)
     path = sweep_path(cfg)
-    if not path.is_file():
+    sweep = pd.read_csv(path) if path.is_file() else None
+    if sweep is None or sweep.dice_cascade.isna().all():  # none yet, or one evaluate made before a refiner existed
         if strict:
             raise ConfigError(
-                f"predict.threshold=auto uses the best threshold of `carvana evaluate`, and {path} does not exist yet: "
-                "run `carvana evaluate` with the same config first, or set a number"
+                f"predict.threshold=auto uses the best threshold of `carvana evaluate`, and {path} holds no cascade's "
+                "sweep yet: run `carvana evaluate` with the same config first (after stage 2), or set a number"
             )
         return 0.5
-    sweep = pd.read_csv(path)
     return float(sweep.threshold[sweep.dice_cascade.idxmax()])
 
 

@@ -26,7 +26,8 @@ def as_tensors(pairs: list[Pair]) -> tuple[torch.Tensor, torch.Tensor]:
 def coarse_predictions(images: torch.Tensor, cfg: Settings, device: torch.device):
     """Validation's predictions: the decoded uint8 (N, 3, size, size) images through `Coarse`, stage 1's
     predict step (without flip TTA), four prediction batches at a time."""
-    cfg, batch_size = cfg.updated({"predict.tta_flip": False}), cfg.predict.batch_size * 4
+    batch_size = min(cfg.predict.batch_size * 4, 256)  # as a setting too: on a GPU calls are split at its buckets
+    cfg = cfg.updated({"predict.tta_flip": False, "predict.batch_size": batch_size})
 
     def predict(model) -> Iterator[tuple[int, torch.Tensor]]:
         coarse = Coarse(model, cfg, device)

@@ -141,6 +141,13 @@ def _relabelled(b: Path) -> Path:
     return b / "refiner.safetensors"
 
 
+def _without_coarse_channel(b):
+    manifest = json.loads((b / "bundle.json").read_text())
+    manifest["prediction"]["stage2.coarse_channel"] = False  # the refiner still takes stage 1's channel
+    (b / "bundle.json").write_text(json.dumps(manifest))
+    return b / "bundle.json"
+
+
 @pytest.mark.parametrize(
     "spoil, says",
     [
@@ -151,6 +158,7 @@ def _relabelled(b: Path) -> Path:
         (_foreign, "UNet nets only"),
         (_outside, "not a file name"),
         (_relabelled, "its header's metadata says args="),
+        (_without_coarse_channel, "takes 4 input channels, its settings give it 3"),
     ],
 )
 def test_a_spoilt_bundle_is_refused_in_one_line_naming_the_file(bundled, tmp_path, spoil, says, capsys):

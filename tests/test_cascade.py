@@ -381,6 +381,35 @@ def test_a_failed_row_never_lets_the_rows_after_it_fill_its_chunk(tmp_path):
     assert store.done() == set()
 
 
+def test_a_queued_item_keeps_no_full_resolution_map_alive(tmp_path):
+    """While items wait for the writer thread, their predictions' full-resolution maps (stage 1's and the
+    cascade's probability) are already freed: a queue of them holds only the planes on their way."""
+    import gc
+    import weakref
+
+    from common.prediction.step import Prediction
+
+    names = ["0.jpg", "1.jpg"]
+    store = ChunkStore(tmp_path, "k", ["img"], 2, names)
+    release = threading.Event()
+
+    def row(output):
+        release.wait(10)
+        return Numbered(names[output.index])
+
+    with ChunkWriter(store, store.todo(names), row) as writer:
+        maps = []
+        for i in range(2):
+            coarse, prob = torch.rand(64, 96), torch.rand(64, 96)
+            maps += [weakref.ref(coarse), weakref.ref(prob)]
+            writer.write(Output(i, Prediction(96, 64, (0, 0, 96, 64), True, coarse, prob), prob > 0.5))
+            del coarse, prob
+        gc.collect()
+        alive = [m() is not None for m in maps]
+        release.set()
+    assert not any(alive) and store.done() == {0}
+
+
 def test_stage2_needs_the_stage1_boxes_first(tiny_run, tmp_path):
     cfg = tiny_config(tiny_run.data.root, tmp_path / "fresh")
     with pytest.raises(DataError, match="run `carvana stage1 predict`"):

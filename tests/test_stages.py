@@ -234,6 +234,12 @@ def test_threshold_auto_takes_the_best_of_the_evaluate_sweep(tmp_path):
         mask_threshold(cfg)
     assert mask_threshold(cfg, strict=False) == 0.5  # training and evaluation itself, before any sweep
     (tmp_path / "out" / "report").mkdir(parents=True)
+    pd.DataFrame(  # an evaluate run before stage 2 had a net: no cascade's figures, as no sweep
+        {"threshold": [0.3, 0.35], "dice_stage1": [0.99, 0.98], "dice_cascade": [float("nan")] * 2}
+    ).to_csv(tmp_path / "out" / "report" / "threshold_sweep.csv", index=False)
+    with pytest.raises(ConfigError, match="run `carvana evaluate` with the same config first"):
+        mask_threshold(cfg)
+    assert mask_threshold(cfg, strict=False) == 0.5
     pd.DataFrame(
         {"threshold": [0.3, 0.35, 0.4], "dice_stage1": [0.99, 0.98, 0.97], "dice_cascade": [0.995, 0.997, 0.996]}
     ).to_csv(tmp_path / "out" / "report" / "threshold_sweep.csv", index=False)

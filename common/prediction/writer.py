@@ -62,23 +62,22 @@ class PredictionWriter:
         """Queue the next item; its planes start their way to the host here."""
         planes = [t for t in (output.mask, output.alpha) if t is not None]
         wait = to_host_all(planes) if planes else None
-        result = output.result
-        if isinstance(result, Prediction):
-            result = replace(result, coarse=None, prob=None)
-        self.pending.append(self.pool.submit(self._on_host, output, result, wait))
+        if isinstance(output.result, Prediction):  # the queue keeps no full-resolution map alive
+            output = replace(output, result=replace(output.result, coarse=None, prob=None))
+        self.pending.append(self.pool.submit(self._on_host, output, wait))
         while self.pending and self.pending[0].done():
             self.pending.popleft().result()  # raise a writer error here, in the caller's thread
         while len(self.pending) > QUEUED:
             self.pending.popleft().result()
 
-    def _on_host(self, output: Output, result: Result, wait: Callable[[], list[np.ndarray]] | None) -> None:
+    def _on_host(self, output: Output, wait: Callable[[], list[np.ndarray]] | None) -> None:
         if self.broken:
             return
         try:
             arrays = iter(wait() if wait is not None else [])
             mask = next(arrays) if output.mask is not None else None
             alpha = next(arrays) if output.alpha is not None else None
-            self.write_on_host(OnHostOutput(output.index, result, mask, alpha))
+            self.write_on_host(OnHostOutput(output.index, output.result, mask, alpha))
         except BaseException:
             self.broken = True
             raise
