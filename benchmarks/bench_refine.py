@@ -27,6 +27,7 @@ from pathlib import Path
 os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")  # before torch's first allocation, as every carvana command
 
 import torch  # noqa: E402
+from gpu_check import photos_per_s  # noqa: E402
 
 from common.config import Settings, load_config, save_config  # noqa: E402
 from common.data.images import read_image, read_mask  # noqa: E402
@@ -44,8 +45,6 @@ from stage2_fullres.tiles import refined_pixels  # noqa: E402
 CPU = torch.device("cpu")
 DEMO = Path(__file__).resolve().parents[1] / "pipelines" / "demo.yaml"
 MODES = ("tiles", "band")
-H100_TILES_PER_S = 394  # the refiner on 1024 tiles, fp16, channels_last, one H100 (docs/benchmarks.md)
-REST_MS = 2.5  # a photo's other device work on an H100, a guess (benchmarks/gpu_check.py)
 
 
 def settings(data: Path, out: Path, minutes: float, overrides: list[str]) -> Settings:
@@ -168,7 +167,7 @@ def measure(modes: dict[str, Settings], rounds: int) -> None:
     for mode, run in modes.items():
         ms = {b: statistics.median(seconds[(mode, b)]) - stage1 for b in ("torch", "onnxruntime")}
         flip = 2 if run.predict.tta_flip else 1
-        estimate = 1000 / (1000 * flip * pixels[mode] / (H100_TILES_PER_S * 1024**2) + REST_MS)
+        estimate = photos_per_s(False, flip * pixels[mode] / 1024**2)  # the refined pixels as 1024 tiles
         share = f"{inside[mode]:.1%}" if mode in inside else "-"
         print(
             f"{mode:18} {scores[mode]:7.4f} {share:>16} {pixels[mode]:11,.0f} {ms['torch'] * 1000:9.0f} "

@@ -759,12 +759,12 @@ def train_speed(ctx: Context, compile: bool = False) -> dict:
 # --- the parts, their estimates and what they need
 
 
-def photos_per_s(compiled: bool) -> float:
-    """Estimated photos/s of `stage2 predict` on one H100 with pipeline.yaml's settings: a photo's two 1024
-    tiles, four refiner inputs with flip TTA, at the refiner's measured rate, plus REST_MS of other device
-    work. Eager 4/394 s = 10.2 ms + 2.5: 79/s, the refiner 80% of the device's time; compiled 4/840 s =
-    4.8 ms + 2.5: 138/s (150/s if the rest, stage 1 included, compiles as much faster)."""
-    return 1000 / (4000 / (TILES_PER_S_COMPILED if compiled else TILES_PER_S) + REST_MS)
+def photos_per_s(compiled: bool, tiles: float = 4) -> float:
+    """Estimated photos/s of `stage2 predict` on one H100: a photo's `tiles` 1024x1024 refiner inputs (with
+    pipeline.yaml's settings two tiles, four with flip TTA) at the refiner's measured rate, plus REST_MS of
+    other device work. Eager 4/394 s = 10.2 ms + 2.5: 79/s, the refiner 80% of the device's time; compiled
+    4/840 s = 4.8 ms + 2.5: 138/s (150/s if the rest, stage 1 included, compiles as much faster)."""
+    return 1000 / (1000 * tiles / (TILES_PER_S_COMPILED if compiled else TILES_PER_S) + REST_MS)
 
 
 def estimate(name: str, ctx: Context) -> float:

@@ -66,6 +66,11 @@ class Manifest(BaseModel):
     validation: dict[str, Any]  # the run's figures and where they come from
     training_data: dict[str, Any]  # kind (synthetic | photos), root, cars
 
+    @property
+    def synthetic(self) -> bool:
+        """Trained on `carvana sample-data`'s synthetic cars only: for trying the commands, not for real photos."""
+        return self.training_data.get("kind") == "synthetic"
+
 
 def sha256(path: Path) -> str:
     h = hashlib.sha256()
@@ -75,10 +80,10 @@ def sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def header(net: nn.Module) -> dict[str, str]:
+def header(architecture: str, args: dict) -> dict[str, str]:
     """What a weight file's `__metadata__` says of its net, for a tool that reads only the header: the
     framework, the architecture and its arguments (strings, as safetensors keeps them)."""
-    return {"format": "pt", "architecture": type(net).__name__, "args": json.dumps(net.args, sort_keys=True)}
+    return {"format": "pt", "architecture": architecture, "args": json.dumps(dict(args), sort_keys=True)}
 
 
 def save_net(net: nn.Module, path: Path) -> None:
@@ -87,7 +92,7 @@ def save_net(net: nn.Module, path: Path) -> None:
 
     state = {k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}
     with atomic_path(path) as tmp:
-        save_file(state, str(tmp), metadata=header(net))
+        save_file(state, str(tmp), metadata=header(type(net).__name__, net.args))
 
 
 @dataclass(frozen=True)
@@ -109,8 +114,7 @@ class Bundle:
 
     @property
     def synthetic(self) -> bool:
-        """Trained on `carvana sample-data`'s synthetic cars only: for trying the commands, not for real photos."""
-        return self.manifest.training_data.get("kind") == "synthetic"
+        return self.manifest.synthetic
 
     def has(self, net: str) -> bool:
         return net in self.manifest.nets
@@ -250,13 +254,8 @@ def _check_fit(path: Path, which: str, net: NetSpec) -> None:
     """The weights' names and shapes (from the file's header: nothing loaded) against the architecture's."""
     from safetensors import SafetensorError, safe_open
 
-    try:
-        with torch.device("meta"):  # shapes only: no memory, no initialisation work
-            wanted = {k: tuple(v.shape) for k, v in UNet(**net.args).state_dict().items()}
-    except Exception as e:  # wrong names (TypeError) or values (ValueError, RuntimeError) alike
-        raise CheckpointError(
-            f"{path.parent / MANIFEST}: {which}'s arguments {net.args} are not a UNet's ({e})"
-        ) from None
+    with torch.device("meta"):  # shapes only: no memory, no initialisation work (the arguments: NetArgs's bounds)
+        wanted = {k: tuple(v.shape) for k, v in UNet(**net.args).state_dict().items()}
     try:
         with safe_open(str(path), framework="pt") as f:
             found = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
@@ -269,7 +268,7 @@ def _check_fit(path: Path, which: str, net: NetSpec) -> None:
             f"{path}: the weights do not fit {which}'s architecture {net.args} ({len(odd)} tensors differ, e.g. "
             f"{odd[0]}: {found.get(odd[0])} in the file, {wanted.get(odd[0])} wanted)"
         )
-    said = {"format": "pt", "architecture": net.architecture, "args": json.dumps(dict(net.args), sort_keys=True)}
+    said = header(net.architecture, net.args)
     odd = next((k for k in said if meta.get(k) != said[k]), None)  # other keys a tool may add are let be
     if odd is not None:
         raise CheckpointError(

@@ -26,19 +26,17 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from common.config import FIELDS, Settings, load_config
-from common.data.images import decode_photo, read_image
+from common.data.images import PHOTO_FORMATS, decode_photo, read_image
 from common.data.rle import rle_encode
 from common.errors import CarvanaError, ConfigError, Failure, ImageReadError
 from common.model import pick_device
 from common.model_source import ModelSource, open_source
 from common.prediction.step import Result
-from common.prediction.transfer import from_host, to_host_all
 from common.prediction.writer import OnHostOutput, Output, PredictionWriter
-from pipelines.picture import Cut, cut_planes
+from pipelines.picture import Cut, cut_photos, cut_planes
 from stage2_fullres.cascade import Cascade
 
 Photo = str | os.PathLike | bytes | Image.Image | np.ndarray
-FORMATS = ("JPEG", "MPO", "PNG", "WEBP")  # what a photo given as bytes may be, as the server takes
 
 
 class CutoutFailed(CarvanaError):
@@ -98,12 +96,10 @@ class Model:
         """One photo's cut-out; ImageReadError for what is not a photo, CutoutFailed for one the cascade cannot cut."""
         rgb = as_rgb(photo, self.cfg.serve.max_pixels)
         with self.lock:
-            cascade = self.cascade
-            result = cascade.predict([from_host(rgb, cascade.device).permute(2, 0, 1)], [None])[0]
-            if isinstance(result, Failure):
-                raise CutoutFailed(result.named(_name(photo)))
-            mask, alpha = to_host_all(list(cut_planes(result, self.threshold)))()
-        return Cut(rgb, mask, alpha, result.box, result.found)
+            cut = cut_photos(self.cascade, [rgb], self.threshold)[0]
+        if isinstance(cut, Failure):
+            raise CutoutFailed(cut.named(_name(photo)))
+        return cut
 
     def predict(self, photos: Iterable[str | os.PathLike]) -> Iterator[tuple[str, Cut | Failure]]:
         """(photo, its Cut or Failure) for each photo file, in order, streamed: read ahead by the reader,
@@ -185,7 +181,7 @@ def as_rgb(photo: Photo, max_pixels: int) -> np.ndarray:
     if isinstance(photo, Image.Image):
         return np.array(ImageOps.exif_transpose(photo).convert("RGB"))
     if isinstance(photo, bytes):
-        return decode_photo(photo, "bytes", FORMATS, max_pixels)
+        return decode_photo(photo, "bytes", PHOTO_FORMATS, max_pixels)
     if isinstance(photo, (str, os.PathLike)):
         return read_image(photo)
     raise ImageReadError(type(photo).__name__, "a photo is a path, bytes, a PIL image or an (H, W, 3) uint8 array")

@@ -118,13 +118,12 @@ def front_matter(m: Manifest) -> dict:
     """The model card's metadata as a model hub reads it: licence, library, task, data set and the
     validation figures (a `model-index`). Weights trained on the Kaggle photos carry the competition's
     terms; the synthetic cars are the project's own, under its licence."""
-    synthetic = m.training_data["kind"] == "synthetic"
     licence = (
         {"license": "mit"}
-        if synthetic
+        if m.synthetic
         else {"license": "other", "license_name": f"{KAGGLE}-rules", "license_link": RULES}
     )
-    dataset = "carvana-sample-data" if synthetic else KAGGLE
+    dataset = "carvana-sample-data" if m.synthetic else KAGGLE
     onnx = ["onnx"] if any(f.endswith(".onnx") for f in m.files) else []
     metrics = [{"type": "dice", "name": FIGURES[k], "value": v} for k, v in m.validation.items() if k in FIGURES]
     return licence | {
@@ -151,13 +150,12 @@ def front_matter(m: Manifest) -> dict:
 def model_card(m: Manifest) -> str:
     """README.md of the bundle: what the nets are, what they learned, how well, and what they are not for."""
     data = m.training_data
-    synthetic = data["kind"] == "synthetic"
     figures = "\n".join(f"- {k}: {v:.4f}" if isinstance(v, float) else f"- {k}: {v}" for k, v in m.validation.items())
     limits = (
         "**Trained on synthetic cars only** (`carvana sample-data`): the nets have never seen a photo. Use this "
         "bundle to try the commands; on real photos it finds windows, lights and wheels, not the car. For real photos "
         "train with `pipelines/pipeline.yaml` on the Kaggle Carvana data, then run `carvana bundle`."
-        if synthetic
+        if m.synthetic
         else "Trained on studio photos of cars on a turntable (the Kaggle Carvana layout): photos far from that "
         "(street scenes, several cars, heavy occlusion) are outside what it learned."
     )

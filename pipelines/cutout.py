@@ -41,10 +41,10 @@ RECORD = ".carvana-cutout.json"  # in --out: what made each photo's files
 def find_photos(inputs: list[str], out: Path) -> list[Path]:
     """Files as given, folders searched (recursively) for photos, leaving out `out` (--out) where it lies
     inside one; `out` being a searched folder itself is an error (its cutouts would be read as photos)."""
-    photos = []
+    photos, written = [], out.resolve()
     for item in map(Path, inputs):
         if item.is_dir():
-            if item.resolve() == out.resolve():
+            if item.resolve() == written:
                 raise ConfigError(
                     f"--out {out} is the folder of photos {item}: its cutouts would be read as photos next time; "
                     "choose another --out"
@@ -52,9 +52,7 @@ def find_photos(inputs: list[str], out: Path) -> list[Path]:
             photos += sorted(
                 p
                 for p in item.rglob("*")
-                if p.suffix.lower() in SUFFIXES
-                and not p.name.startswith(".")
-                and out.resolve() not in p.resolve().parents
+                if p.suffix.lower() in SUFFIXES and not p.name.startswith(".") and written not in p.resolve().parents
             )
         elif item.exists() or item.suffix.lower() in SUFFIXES:
             photos.append(item)  # a missing or unreadable file becomes a row of errors.csv
@@ -166,7 +164,8 @@ def cutout(inputs: list[str], out: str, cfg: Settings, source: ModelSource, file
     log.info(f"cutout: {len(todo)} photos to do, {len(photos) - len(todo)} already done")
     errors, seconds = [], 0.0
     if todo:  # their records go first: a run stopped midway leaves no record saying a half-redone photo is done
-        record = {name: key for name, key in record.items() if name not in {p.stem for p in todo}}
+        redone = {p.stem for p in todo}
+        record = {name: key for name, key in record.items() if name not in redone}
         write_text(out / RECORD, json.dumps(record, indent=1, sort_keys=True))
         model = Model(cfg, source)  # the cascade the Python API runs, its nets loaded here
         model.cascade  # noqa: B018

@@ -20,15 +20,13 @@ STRIDE = 8  # the wide pass reads every 8th pixel each way: its means change lit
 TILE = 16  # the narrow pass works on the 16x16 tiles that hold soft pixels, not on the whole photo
 
 
-def alpha(pred: Prediction, threshold: float, soft: bool = True, band: int = EDGE_BAND) -> torch.Tensor:
-    """uint8 (H, W) alpha of a prediction, on its device: 255 on the mask (`Prediction.mask`), 0 off it.
-    Soft: within `band` pixels of the mask's boundary it ramps with the probability, 128-255 on the
+def alpha(pred: Prediction, threshold: float, band: int = EDGE_BAND) -> torch.Tensor:
+    """uint8 (H, W) soft alpha of a prediction, on its device: 255 on the mask (`Prediction.mask`), 0 off it;
+    within `band` pixels of the mask's boundary it ramps with the probability, 128-255 on the
     mask and 0-127 off it, so alpha >= 128 is exactly the mask; away from the band noise in the
     probability never makes the body or the studio see-through."""
     mask = pred.mask(threshold)
     m = mask[None, None].float()
-    if not soft:
-        return m[0, 0].to(torch.uint8) * 255
     grown = F.max_pool2d(m, 2 * band + 1, stride=1, padding=band)[0, 0] > 0
     shrunk = -F.max_pool2d(-m, 2 * band + 1, stride=1, padding=band)[0, 0] > 0  # erosion; the border pads ignored
     p = pred.prob.float().clamp(0, 1)

@@ -14,9 +14,11 @@ import torch
 from PIL import Image, ImageColor
 
 from common.boxes import Box
-from common.errors import ConfigError
+from common.errors import ConfigError, Failure
 from common.prediction.step import Prediction
+from common.prediction.transfer import from_host, to_host_all
 from pipelines.matting import alpha, composite_on, foreground
+from stage2_fullres.cascade import Cascade
 
 Kind = Literal["rgba", "mask", "composite"]
 Edge = Literal["soft", "hard"]
@@ -103,8 +105,8 @@ class Cut:
 
 
 def render(cut: Cut, picture: Picture, fast: bool = False) -> bytes:
-    """The picture encoded. `fast`: PNG at zlib level 1 (3x faster, larger: for HTTP answers); files keep PIL's
-    default level."""
+    """The picture encoded. `fast`: PNG at zlib level 1 (faster, larger: for HTTP answers;
+    docs/experiments/2026-12-serve-memory.md); files keep PIL's default level."""
     buf = io.BytesIO()
     options = {"quality": 92} if picture.format != "png" else {"compress_level": 1} if fast else {}
     Image.fromarray(cut.pixels(picture)).save(buf, format=picture.format.upper(), **options)
@@ -114,3 +116,16 @@ def render(cut: Cut, picture: Picture, fast: bool = False) -> bytes:
 def cut_planes(pred: Prediction, threshold: float) -> tuple[torch.Tensor, torch.Tensor]:
     """The planes a `Cut` is made of, on the device: the bool mask and the uint8 soft alpha."""
     return pred.mask(threshold), alpha(pred, threshold)
+
+
+def cut_photos(cascade: Cascade, photos: list[np.ndarray], threshold: float) -> list[Cut | Failure]:
+    """One device step for photos on the host: the cascade's mask and soft alpha of each made on the
+    device; only they come back, as bool and uint8, all in one copy awaited once (the step's one host
+    sync besides stage 1's for the boxes)."""
+    results = cascade.predict([from_host(rgb, cascade.device).permute(2, 0, 1) for rgb in photos], [None] * len(photos))
+    done = [r for r in results if isinstance(r, Prediction)]
+    planes = iter(to_host_all([plane for r in done for plane in cut_planes(r, threshold)])())
+    return [
+        r if isinstance(r, Failure) else Cut(rgb, next(planes), next(planes), r.box, r.found)
+        for rgb, r in zip(photos, results, strict=True)
+    ]

@@ -26,7 +26,7 @@ from common.training.trainer import Run, fit, validator
 from stage1_lowres.box_cache import cached_boxes
 from stage1_lowres.coarse import Coarse, upsample
 from stage2_fullres.cascade import Cascade, needs_stage1
-from stage2_fullres.tiles import cut_tiles
+from stage2_fullres.tiles import clamp_start, cut_tiles
 
 
 def crop_window(box: Box, crop: int, width: int, height: int, rng: np.random.Generator) -> tuple[int, int]:
@@ -34,9 +34,7 @@ def crop_window(box: Box, crop: int, width: int, height: int, rng: np.random.Gen
     where it fits."""
     x0, y0, x1, y1 = box
     cx, cy = rng.integers(x0, x1), rng.integers(y0, y1)
-    left = int(min(max(cx - crop // 2, 0), max(width - crop, 0)))
-    top = int(min(max(cy - crop // 2, 0), max(height - crop, 0)))
-    return left, top
+    return int(clamp_start(cx - crop // 2, width, crop)), int(clamp_start(cy - crop // 2, height, crop))
 
 
 OUTLINE_SHARE = 0.75  # refine=band: crops centred on an outline; the rest anywhere in the box, as for tiles

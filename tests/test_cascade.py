@@ -41,7 +41,6 @@ class Numbered:
 
     img: str
     n: int = 0
-    error: str = ""
 
     def record(self) -> dict:
         return {"img": self.img, "n": self.n}

@@ -18,6 +18,7 @@ from common.prediction.step import Prediction
 from pipelines.cli import main as cli
 from pipelines.matting import alpha as alpha_of
 from pipelines.matting import foreground
+from pipelines.picture import Cut
 
 
 def test_cutout_of_any_photos(tiny_run, tmp_path, capsys):
@@ -108,7 +109,8 @@ def test_soft_alpha_ramps_across_the_edge_and_thresholds_to_the_hard_mask(thresh
     assert alpha.dtype == torch.uint8
     assert (alpha[r < 30] == 255).all() and (alpha[(r > 50) & (prob < threshold)] == 0).all()
     assert torch.equal(alpha >= 128, pred.mask(threshold))
-    assert torch.equal(alpha_of(pred, threshold, soft=False) == 255, pred.mask(threshold))  # hard: the mask itself
+    cut = Cut(np.zeros((120, 160, 3), np.uint8), pred.mask(threshold).numpy(), alpha.numpy(), pred.box, True)
+    assert np.array_equal(cut.alpha_of("hard") == 255, pred.mask(threshold).numpy())  # hard: the mask itself
     row = alpha[60, 80:].int()  # from the centre outwards
     assert (row[1:] <= row[:-1]).all() and len(set(row.tolist()) - {0, 255}) >= 2  # monotone, with a ramp
 

@@ -396,8 +396,8 @@ def test_hostile_the_default_pixel_limit_takes_real_photos_and_refuses_a_blank_g
     """serve.max_pixels (40 M by default) passes an 8K frame (33.2 M) and a 12 MP phone photo by their
     headers; a blank 10000x10000 PNG (100 M pixels in a few kB, 300 MB decoded) is 413 before decoding."""
 
+    from common.data.images import PHOTO_FORMATS as FORMATS
     from common.data.images import open_photo
-    from pipelines.serve.http import FORMATS
 
     limit = load_config().serve.max_pixels
     url, _ = guarded

@@ -25,8 +25,6 @@ from common.log import log
 class Row(Protocol):
     """A row of a chunk file: a small dataclass of its command's (`CoarseRow`, `MaskRow`)."""
 
-    error: str  # why the image has no prediction; "" for one that has
-
     def record(self) -> dict:
         """The row as the file holds it, column by column."""
 

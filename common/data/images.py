@@ -61,6 +61,7 @@ def read_image(path: str | os.PathLike, size: Size | None = None) -> np.ndarray:
 
 # a phone's MPO is a JPEG with more pictures after the first (depth maps, previews): its first is the photo
 SAME_AS = {"MPO": "JPEG"}
+PHOTO_FORMATS = ("JPEG", "PNG", "WEBP")  # what an uploaded photo (or one given as bytes) may be
 
 
 def open_photo(
@@ -94,7 +95,7 @@ def decoded(im: Image.Image, name: str) -> np.ndarray:
     except Image.DecompressionBombError:
         raise TooLarge(name, "more pixels than PIL decodes (a decompression bomb)") from None
     except (OSError, SyntaxError, ValueError) as e:
-        raise ImageReadError(name, f"not a readable image ({_address_free(e)})") from None
+        raise ImageReadError(name, f"not a readable image ({address_free(e)})") from None
 
 
 def decode_photo(data: bytes, name: str, formats: tuple[str, ...], max_pixels: int) -> np.ndarray:
@@ -102,9 +103,10 @@ def decode_photo(data: bytes, name: str, formats: tuple[str, ...], max_pixels: i
     return decoded(open_photo(data, name, formats, max_pixels), name)
 
 
-def _address_free(e: Exception) -> str:
-    """A decoder's message without the repr of an in-memory file (`<_io.BytesIO object at 0x...>`)."""
-    return re.sub(r"<[^<>]* at 0x[0-9a-fA-F]+>", "the upload", str(e))
+def address_free(text: object, instead: str = "the upload") -> str:
+    """A message without the repr of an in-memory object (`<_io.BytesIO object at 0x...>`): no address
+    reaches a client."""
+    return re.sub(r"<[^<>]* at 0x[0-9a-fA-F]+>", instead, str(text))
 
 
 def image_size(path: str | os.PathLike) -> Size:

@@ -455,9 +455,9 @@ def _resume(last: Path, model: nn.Module, opt, scaler, device: torch.device) -> 
     ckpt = load_checkpoint(last, device, expect=model.args)
     model.load_state_dict(ckpt["model"])
     opt.load_state_dict(ckpt["optimizer"])
-    if ckpt["scaler"] or not scaler.is_enabled():
+    if ckpt["scaler"]:  # a disabled scaler ignores the state it is given
         scaler.load_state_dict(ckpt["scaler"])
-    else:  # saved without loss scaling (bf16, fp32), resumed with it (fp16: a card without bf16)
+    elif scaler.is_enabled():  # saved without loss scaling (bf16, fp32), resumed with it (fp16: a card without bf16)
         log.info(f"{last}: no loss scale saved (trained without fp16); fp16 starts from the default scale")
     log.info(f"resuming {last} after epoch {ckpt['epoch']} (best val Dice {ckpt['best_dice']:.4f})")
     return ckpt["epoch"], ckpt["best_dice"], ckpt["history"]

@@ -22,9 +22,7 @@ from common.errors import Failure
 from common.log import log
 from common.model import batch_buckets, pick_device, use_device
 from common.model_source import ModelSource
-from common.prediction.step import Prediction
-from common.prediction.transfer import from_host, to_host_all
-from pipelines.picture import Cut, cut_planes
+from pipelines.picture import Cut, cut_photos
 from pipelines.serve.metrics import Metrics
 from stage2_fullres.cascade import Cascade
 
@@ -180,17 +178,8 @@ class Batcher:
                 step.submit(_malloc_trim, 0)  # on the step's thread, ahead of the next step; the loop does not wait
 
     def _predict(self, cascade: Cascade, photos: list[np.ndarray]) -> list[Cut | Failure]:
-        """One device step for the batch: the cascade's mask and soft alpha made on the device; only
-        they come back, as bool and uint8, all in one copy awaited once (the step's one host sync
-        besides stage 1's for the boxes)."""
-        results = cascade.predict(
-            [from_host(rgb, cascade.device).permute(2, 0, 1) for rgb in photos], [None] * len(photos)
-        )
-        done = [r for r in results if isinstance(r, Prediction)]
-        planes = iter(to_host_all([plane for r in done for plane in cut_planes(r, self.threshold)])())
+        """One device step for the batch (`cut_photos`), a failure named as the upload it is."""
         return [
-            result.named("upload")
-            if isinstance(result, Failure)
-            else Cut(rgb, next(planes), next(planes), result.box, result.found)
-            for rgb, result in zip(photos, results, strict=True)
+            cut.named("upload") if isinstance(cut, Failure) else cut
+            for cut in cut_photos(cascade, photos, self.threshold)
         ]

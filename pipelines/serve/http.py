@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hmac
-import re
 import uuid
 from typing import Callable, Iterator, TypeVar, Union
 
@@ -25,13 +24,12 @@ from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from common.config import Serve, shown
-from common.data.images import decoded, open_photo
+from common.data.images import PHOTO_FORMATS, address_free, decoded, open_photo
 from common.errors import Failure, ImageReadError, TooLarge, UnsupportedImage
 from common.log import log
 from pipelines.picture import Cut
 from pipelines.serve.batcher import Batcher, Busy
 
-FORMATS = ("JPEG", "PNG", "WEBP")  # an MPO (a phone's JPEG with more pictures after the photo) is a JPEG
 ENVELOPE = 64 * 1024  # bytes a request may add around a photo: a multipart form's headers, the JSON of /v2
 CLOSE = {"Connection": "close"}  # an answer given before the body was read: the rest of it is not read either
 T = TypeVar("T")
@@ -66,7 +64,7 @@ def errors(*codes: int) -> dict:
 def said(text: str, limit: int = 500) -> str:
     """An error message as a client gets it: no object address (a library's repr of an in-memory file)
     and no more than `limit` characters."""
-    text = re.sub(r"<[^<>]* at 0x[0-9a-fA-F]+>", "an object", str(text))
+    text = address_free(text, "an object")
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
@@ -203,7 +201,7 @@ async def open_upload(batcher: Batcher, data: Bytes) -> Image.Image:
     if len(data) > s.max_bytes:  # a photo out of a multipart form or base64 JSON: its envelope had room beside it
         raise HTTPException(413, f"photo of {len(data)} bytes is larger than serve.max_bytes={s.max_bytes}")
     with _as_http():
-        return await batcher.on_host(open_photo, data, "upload", FORMATS, s.max_pixels)
+        return await batcher.on_host(open_photo, data, "upload", PHOTO_FORMATS, s.max_pixels)
 
 
 async def cut_photo(batcher: Batcher, photo: Image.Image, answer: Callable[[Cut], T]) -> T:
