@@ -146,6 +146,22 @@ def port_of(url: str) -> int:
     return int(url.rsplit(":", 1)[1])
 
 
+def upload_started(url: str, path: str, framing: str, start: bytes = b"", headers: dict | None = None) -> socket.socket:
+    """A raw connection that has sent a photo upload's request head (`framing`: its Content-Length or
+    Transfer-Encoding header) and the `start` of its body: the test sends the rest, or never does, and reads
+    the answer with `read_answer`."""
+    sock = socket.create_connection(("127.0.0.1", port_of(url)))
+    more = "".join(f"{name}: {value}\r\n" for name, value in (headers or {}).items())
+    sock.sendall(
+        f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: image/jpeg\r\n{more}{framing}\r\n\r\n".encode()
+        + start
+    )
+    return sock
+
+
+CHUNK_UNENDED = b"10\r\n" + b"\0" * 16 + b"\r\n"  # a chunked body's first 16-byte chunk, and nothing after it
+
+
 def read_answer(sock: socket.socket) -> tuple[int, dict, bytes]:
     """(status, headers by their lower-case names, body) of an HTTP answer read from a raw socket (its body
     by Content-Length)."""

@@ -8,12 +8,11 @@ import json
 import re
 import shutil
 import threading
-import urllib.request
 from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import ROOT, photos_of, running
+from helpers import ROOT, call, photos_of, running
 from PIL import Image
 
 from common.config import save_config
@@ -99,9 +98,8 @@ def test_a_notebook_users_work_gives_the_masks_of_the_cli_and_the_server(folder,
 
     with running(model.cfg.updated({"serve.max_wait_ms": 0}), model.source) as (url, _):
         for photo in good:
-            request = urllib.request.Request(url + "/v1/segment", photo.read_bytes(), {"Content-Type": "image/jpeg"})
-            with urllib.request.urlopen(request, timeout=120) as answer:
-                assert json.loads(answer.read())["rle_mask"] == model.rle(streamed[str(photo)])
+            status, _, answer = call(url + "/v1/segment", photo.read_bytes(), "image/jpeg")
+            assert status == 200 and json.loads(answer)["rle_mask"] == model.rle(streamed[str(photo)])
 
 
 def test_settings_given_as_keywords_are_checked_like_a_configs(folder):

@@ -11,9 +11,9 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
-from helpers import copy_run
+from helpers import copy_run, photos_of
 
-from common.config import save_config
+from common.config import load_config, save_config
 from pipelines.cli import main as cli
 
 
@@ -32,6 +32,12 @@ def bundled(evaluated, tmp_path_factory):
     save_config(run, config)
     assert cli(["bundle", "--config", str(config), "--out", str(folder / "bundle"), "--onnx"]) == 0
     return config, folder / "bundle"
+
+
+def _photos(bundle: Path) -> list[Path]:
+    """The test photos of the data the bundle's nets were trained on."""
+    root = json.loads((bundle / "bundle.json").read_text())["training_data"]["root"]
+    return photos_of(load_config(None, [f"data.root={root}"]))
 
 
 def test_the_bundle_describes_its_nets_data_and_figures(bundled, evaluated):
@@ -71,9 +77,7 @@ def test_stage2_predict_and_cutout_with_the_bundle_give_the_runs_bytes(bundled, 
     assert cli(["stage2", "predict", "--config", str(config), "--model", str(bundle), "data.limit_test=3"]) == 0
     assert (out / "submission.csv.gz").read_bytes() == from_run
 
-    photos = sorted(
-        (Path(json.loads((bundle / "bundle.json").read_text())["training_data"]["root"]) / "test").glob("*.jpg")
-    )[:2]
+    photos = _photos(bundle)[:2]
     monkeypatch.undo()
     assert cli(["cutout", *map(str, photos), "--out", str(tmp_path / "run"), "--config", str(config)]) == 0
     capsys.readouterr()
@@ -166,9 +170,7 @@ def test_a_spoilt_bundle_is_refused_in_one_line_naming_the_file(bundled, tmp_pat
     copy = tmp_path / "bundle"
     shutil.copytree(bundle, copy)
     culprit = spoil(copy)
-    photo = next(
-        (Path(json.loads((bundle / "bundle.json").read_text())["training_data"]["root"]) / "test").glob("*.jpg")
-    )
+    photo = _photos(bundle)[0]
     assert cli(["cutout", str(photo), "--out", str(tmp_path / "out"), "--model", str(copy), "device=cpu"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and str(culprit) in err and says in err, err
@@ -182,9 +184,7 @@ def test_onnxruntime_runs_the_bundles_onnx_files_and_checkpoints_are_refused_it(
     from PIL import Image
 
     config, bundle = bundled
-    photo = next(
-        (Path(json.loads((bundle / "bundle.json").read_text())["training_data"]["root"]) / "test").glob("*.jpg")
-    )
+    photo = _photos(bundle)[0]
     masks = {}
     for backend in ("torch", "onnxruntime"):
         out = tmp_path / backend
@@ -247,6 +247,6 @@ def test_backend_auto_times_a_band_bundles_refiner_at_its_patch_size_and_cuts_ou
     assert "of 64 px takes" in said and "running onnxruntime" in said, said
     assert len(timed) == 1 and set(timed[0]) == {"torch", "onnxruntime"} and min(timed[0].values()) > 0
     assert model.source.backend == "onnxruntime"
-    photo = next((Path(json.loads((band / "bundle.json").read_text())["training_data"]["root"]) / "test").glob("*.jpg"))
+    photo = _photos(band)[0]
     cut = model.cutout(photo)
     assert 0 < cut.mask.mean() < 1

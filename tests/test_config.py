@@ -150,6 +150,8 @@ def test_overrides_parse_before_or_after_config_and_junk_is_refused(capsys):
             "stage2.min_overlap=513 must be at most half of stage2.tile=1024 (512): tiles start",
         ),
         ("predict.cluster=host:8786", "'predict.cluster' must be empty, local:N or a scheduler address"),
+        ("stage2.context=46", "stage2.context=46 leaves stage2.patch=96 a centre of 4 px"),
+        ("serve.max_pixels=200000000", "serve.max_pixels=200000000 must be at most serve.max_pixels_in_flight="),
     ],
 )
 def test_settings_with_fixed_values_fail_when_the_config_loads(override, message):

@@ -24,6 +24,7 @@ import numpy as np
 import pytest
 import torch
 from helpers import (
+    CHUNK_UNENDED,
     ROOT,
     TINY,
     busy,
@@ -36,6 +37,7 @@ from helpers import (
     serve_process,
     tiny_nets,
     until,
+    upload_started,
 )
 from PIL import Image
 
@@ -157,11 +159,7 @@ def _chunked_upload(url: str, path: str, most: int) -> tuple[int, tuple[int, dic
     """A chunked upload with no length, sent 1 MB at a time until the server answers (or `most` bytes):
     the bytes sent by then, and the answer."""
     piece = b"100000\r\n" + b"\0" * 0x100000 + b"\r\n"
-    with socket.create_connection(("127.0.0.1", port_of(url))) as sock:
-        sock.sendall(
-            f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: image/jpeg\r\n"
-            "Transfer-Encoding: chunked\r\n\r\n".encode()
-        )
+    with upload_started(url, path, "Transfer-Encoding: chunked") as sock:
         sock.setblocking(False)
         sent, pending = 0, memoryview(b"")
         while sent < most:
@@ -215,11 +213,7 @@ def test_hostile_sigterm_does_not_wait_for_a_stuck_upload_past_the_drain_timeout
     for serve.shutdown_timeout_s, then the server closes it, says so and exits 0 (it waited forever)."""
 
     with serve_process(tiny_run, tmp_path, "serve.shutdown_timeout_s=1", "serve.read_timeout_s=600") as (url, server):
-        with socket.create_connection(("127.0.0.1", port_of(url))) as stuck:
-            stuck.sendall(
-                b"POST /v1/cutout HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: image/jpeg\r\n"
-                b"Transfer-Encoding: chunked\r\n\r\n10\r\n" + b"\0" * 16 + b"\r\n"
-            )
+        with upload_started(url, "/v1/cutout", "Transfer-Encoding: chunked", CHUNK_UNENDED):
             until(lambda: "carvana_uploads_arriving 1.0" in call(url + "/metrics")[2].decode())
             server.send_signal(signal.SIGTERM)
             assert server.wait(60) == 0
@@ -273,14 +267,7 @@ def test_hostile_an_upload_that_stops_arriving_gets_408_and_frees_its_place(guar
     the one upload place (serve.max_uploads=1) is free again."""
 
     url, _ = guarded
-    with socket.create_connection(("127.0.0.1", port_of(url))) as sock:
-        sock.sendall(
-            b"POST /v1/segment HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: image/jpeg\r\nX-API-Key: "
-            + KEY["X-API-Key"].encode()
-            + b"\r\nTransfer-Encoding: chunked\r\n\r\n10\r\n"
-            + b"\0" * 16
-            + b"\r\n"
-        )
+    with upload_started(url, "/v1/segment", "Transfer-Encoding: chunked", CHUNK_UNENDED, KEY) as sock:
         status, headers, answer = read_answer(sock)
     assert status == 408 and headers["connection"] == "close" and "serve.read_timeout_s=2" in answer.decode()
     assert call(url + "/v1/segment", photos_of(tiny_run)[0].read_bytes(), "image/jpeg", KEY)[0] == 200
@@ -295,13 +282,7 @@ def test_hostile_uploads_beyond_the_limit_get_503_before_a_byte_is_read(guarded,
     short = batcher.s
     batcher.s = short.model_copy(update={"read_timeout_s": 600})  # the held upload stays held while the test looks
     try:
-        with socket.create_connection(("127.0.0.1", port_of(url))) as held:
-            held.sendall(
-                b"POST /v1/segment HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: image/jpeg\r\nX-API-Key: "
-                + KEY["X-API-Key"].encode()
-                + b"\r\nContent-Length: 1000\r\n\r\n"
-                + b"\0" * 10
-            )
+        with upload_started(url, "/v1/segment", "Content-Length: 1000", b"\0" * 10, KEY) as held:
             until(lambda: "carvana_uploads_arriving 1.0" in call(url + "/metrics")[2].decode())
             # a small body, sent with the headers in one write: the answer comes before any of it is read
             status, headers, answer = call(url + "/v1/segment", b"\0" * 100, "image/jpeg", KEY)
@@ -409,7 +390,7 @@ def test_hostile_the_default_pixel_limit_takes_real_photos_and_refuses_a_blank_g
 
 def test_hostile_a_large_mask_goes_out_as_binary_data_only(guarded):
     """/v2's mask as JSON is a number per pixel: for a photo over 2048 x 2048 pixels it is refused (400,
-    before decoding) naming the binary data extension; asked as binary data, the header check passes."""
+    before decoding) naming the binary data extension."""
 
     url, _ = guarded
     buf = io.BytesIO()

@@ -10,7 +10,7 @@ import urllib.request
 
 import numpy as np
 import pytest
-from helpers import NEEDS_CHROMIUM, chromium, photos_of, running
+from helpers import NEEDS_CHROMIUM, call, chromium, photos_of, running
 from PIL import Image
 
 PIXELS = """const img = arguments[0], canvas = document.createElement("canvas");
@@ -50,17 +50,15 @@ def test_the_page_offers_the_picture_choices_and_fits_the_window(tiny_run, tmp_p
             assert browser.execute_script(INSIDE, result) and browser.execute_script(INSIDE, link), (output, width)
             # the page asked for what its choices say: its picture is the server's answer to that query
             query = urllib.parse.urlencode({"output": output, "background": colour or "#ffffff"})
-            request = urllib.request.Request(
-                f"{url}/v1/cutout?{query}", photo.read_bytes(), {"Content-Type": "image/jpeg"}
-            )
-            with urllib.request.urlopen(request, timeout=120) as answer:
-                direct = np.asarray(Image.open(io.BytesIO(answer.read())).convert("RGBA"))
+            status, _, answer = call(f"{url}/v1/cutout?{query}", photo.read_bytes(), "image/jpeg")
+            assert status == 200, answer
+            direct = np.asarray(Image.open(io.BytesIO(answer)).convert("RGBA"))
             ys, xs = np.nonzero(direct[..., 3] == 255)  # the car (every pixel of a composite)
             for x, y in ((0, 0), (xs[len(xs) // 2], ys[len(ys) // 2]), (1917, 1279)):
-                shown = browser.execute_script(PIXELS, result, int(x), int(y))
+                pixel = browser.execute_script(PIXELS, result, int(x), int(y))
                 # a canvas keeps no colour under alpha 0: there the alpha alone
                 expected = direct[y, x].tolist() if direct[y, x, 3] else [0, 0, 0, 0]
-                assert shown == expected, (output, x, y)
+                assert pixel == expected, (output, x, y)
             assert direct[0, 0, 3] == 0 or output == "composite"  # the page showed background and car
         assert browser.execute_script(
             "return document.documentElement.scrollWidth <= window.innerWidth"

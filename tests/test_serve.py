@@ -29,13 +29,13 @@ from helpers import (
     metric,
     multipart,
     photos_of,
-    port_of,
     read_answer,
     refused,
     running,
     serve_process,
     tiny_nets,
     until,
+    upload_started,
     wait_healthy,
 )
 from PIL import Image
@@ -338,12 +338,9 @@ def test_serve_model_names_the_model_after_the_bundle_and_sigterm_drains_then_ex
         assert call(url + "/v2/models/sedan/ready")[0] == 200
         assert json.loads(call(url + "/v2/models/sedan")[2])["name"] == "sedan"
         assert call(url + "/v2/models/carvana/ready")[0] == 404
-        with socket.create_connection(("127.0.0.1", port_of(url))) as upload:
-            upload.sendall(
-                f"POST /v1/cutout?output=mask HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: image/jpeg\r\n"
-                f"Content-Length: {len(data)}\r\n\r\n".encode()
-                + data[: len(data) // 2]
-            )
+        with upload_started(
+            url, "/v1/cutout?output=mask", f"Content-Length: {len(data)}", data[: len(data) // 2]
+        ) as upload:
             until(lambda: metric(url, "carvana_uploads_arriving") == 1)  # the server is reading it
             server.send_signal(signal.SIGTERM)
             until(lambda: refused(url))
