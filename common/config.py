@@ -285,7 +285,7 @@ class Predict(Section):
         "CPU; auto = with such a bundle on the CPU and no cluster, onnxruntime where it runs the refiner in under 90% "
         "of torch's time, timed when the bundle loads and logged (the CPU decides: docs/benchmarks.md); the backend "
         "is part of a prediction's chunk key, so name it for a long run you may resume; masks agreed with torch's on "
-        "99.3-100% of the pixels (docs/experiments/2026-12-06-band-refiner.md)",
+        "99.97% of the pixels or more (docs/experiments/2026-12-06-band-refiner.md)",
     )
     cluster: str = setting(
         "",
